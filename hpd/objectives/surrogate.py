@@ -1,0 +1,335 @@
+"""The one routine that turns an objective's token weights into a loss.
+
+    L = -(1/N) sum_t sum_{v in S_t} sg(w_t(v)) log q(v | x<t)
+
+It does, once for every objective: masking (labels `-100`, and tokens outside the shared
+vocabulary), normalization by a global token count `N` (`num_tokens`, so gradient accumulation and
+world size never change the loss scale), float32 arithmetic, the student sample `y_hat` of HPD
+(inverse-CDF sampling from one seeded uniform per position, so chunking never changes the draw),
+the statistics the trainer logs, and chunking.
+
+Two paths share all of that and differ only in how the gradient is obtained:
+
+- `objective_loss` (the reference): student logits `(B, T, V)` in, autograd through
+  `log_softmax` for the gradient.
+- `chunked_objective_loss` (the memory-lean path): final hidden states `(B, T, H)` and the LM head
+  `(V, H)` in; logits are computed for `chunk_size` positions at a time and the gradient of the
+  surrogate with respect to them is written in closed form, `dL/dz = (q sum_v w(v) - w) / tau`, and
+  pushed straight into the hidden states and the head. No `(B, T, V)` tensor ever exists.
+
+The teacher may be given as logits `(B, T, V)`, as a `HeadTeacher` (its hidden states and LM
+head: chunked alike, so neither model's full logits exist), or, for one-hot objectives, as a
+`GatheredTeacher` holding log-probabilities at a few tokens per position.
+
+    >>> import torch
+    >>> from hpd.objectives import get_objective, HeadTeacher
+    >>> h = torch.randn(2, 8, 16, requires_grad=True); W = torch.randn(50, 16, requires_grad=True)
+    >>> teacher = HeadTeacher(torch.randn(2, 8, 16), torch.randn(50, 16))
+    >>> labels = torch.randint(0, 50, (2, 8))
+    >>> out = get_objective("fkl").chunked(h, W, teacher, labels, chunk_size=4)
+    >>> out.loss.backward(); W.grad.shape
+    torch.Size([50, 16])
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from hpd.errors import HPDError
+from hpd.objectives.base import IGNORE_INDEX, Objective, ObjectiveOutput, TeacherChunk, TokenWeights, kl, upcast
+
+DEFAULT_CHUNK_SIZE = 1024
+
+
+@dataclass
+class GatheredTeacher:
+    """Teacher log-probabilities gathered at a few tokens per position.
+
+    tokens:   `(B, T, K)` token ids (for `sft`/`orkl`: the labels; for `hpd`: labels and samples).
+    logprobs: `(B, T, K)` the teacher's log-probabilities of those tokens, at the loss temperature.
+    """
+
+    tokens: Tensor
+    logprobs: Tensor
+
+
+@dataclass
+class HeadTeacher:
+    """A teacher given by its final hidden states and LM head, so its logits can be chunked too.
+
+    hidden: `(B, T, H)` final (normed) hidden states; weight: `(V, H)`; bias: `(V,)` or None.
+    """
+
+    hidden: Tensor
+    weight: Tensor
+    bias: Tensor | None = None
+
+
+def resolve_shared_vocab(student_size: int, teacher_size: int, tokenizer_size: int | None = None) -> int:
+    """The vocabulary both models share.
+
+    Equal sizes are shared as they are. Sizes that differ only by trailing padding rows (both at
+    least the tokenizer's length) share the smaller one. Anything else is a tokenizer mismatch.
+    """
+    if student_size == teacher_size:
+        return student_size
+    if tokenizer_size is not None and tokenizer_size <= min(student_size, teacher_size):
+        return min(student_size, teacher_size)
+    known = "" if tokenizer_size is None else f", tokenizer {tokenizer_size}"
+    raise HPDError(
+        f"teacher and student vocabularies differ: student {student_size} rows, teacher {teacher_size} rows{known}. "
+        "Logit-level distillation needs one tokenizer; sizes may differ only by padding rows past the tokenizer's length"
+    )
+
+
+class _Stats:
+    """Running sums, counts and extremes of per-position statistics, kept on device."""
+
+    def __init__(self):
+        self.sums: dict[str, Tensor] = {}
+        self.counts: dict[str, Tensor] = {}
+        self.mins: dict[str, Tensor] = {}
+        self.maxs: dict[str, Tensor] = {}
+
+    def add(self, name: str, values: Tensor, extreme: bool = False) -> None:
+        values = upcast(values.detach())
+        valid = ~values.isnan()
+        s, c = values.nansum(), valid.sum()
+        self.sums[name] = self.sums[name] + s if name in self.sums else s
+        self.counts[name] = self.counts[name] + c if name in self.counts else c
+        if extreme:
+            inf = torch.full_like(values, float("inf"))
+            lo = torch.where(valid, values, inf).min() if values.numel() else inf.new_tensor(float("inf"))
+            hi = torch.where(valid, values, -inf).max() if values.numel() else inf.new_tensor(float("-inf"))
+            self.mins[name] = torch.minimum(self.mins[name], lo) if name in self.mins else lo
+            self.maxs[name] = torch.maximum(self.maxs[name], hi) if name in self.maxs else hi
+
+
+def _inverse_cdf_sample(logq: Tensor, u: Tensor) -> Tensor:
+    """One draw per row of `logq (C, V)` from uniforms `u (C,)`, as `(C,)` token ids."""
+    cdf = logq.exp().cumsum(-1)
+    target = (u.to(cdf.dtype) * cdf[:, -1]).unsqueeze(1).contiguous()
+    return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=logq.shape[1] - 1)
+
+
+class _Plan:
+    """Everything the two paths share for one batch: active positions, teacher rows, samples, stats."""
+
+    def __init__(self, obj: Objective, teacher, labels: Tensor, student_vocab: int, *, sampled_tokens, generator,
+                 num_tokens, vocab_size, diagnostics, device):
+        if labels.dim() != 2:
+            raise HPDError(f"labels must be (B, T), got shape {tuple(labels.shape)}")
+        B, T = labels.shape
+        self.obj, self.tau = obj, float(obj.temperature)
+        if teacher is None and obj.needs_teacher:
+            raise HPDError(f"objective '{obj.name}' needs a teacher; only 'sft' runs without one")
+        teacher_vocab = None
+        if isinstance(teacher, Tensor):
+            teacher_vocab = teacher.shape[-1]
+            if teacher.shape[:2] != labels.shape:
+                raise HPDError(f"teacher logits {tuple(teacher.shape)} do not match labels {tuple(labels.shape)}")
+        elif isinstance(teacher, HeadTeacher):
+            teacher_vocab = teacher.weight.shape[0]
+        if vocab_size is None:
+            if teacher_vocab is not None and teacher_vocab != student_vocab:
+                resolve_shared_vocab(student_vocab, teacher_vocab)  # raises with both sizes
+            vocab_size = student_vocab
+        elif vocab_size > student_vocab or (teacher_vocab is not None and vocab_size > teacher_vocab):
+            raise HPDError(f"vocab_size={vocab_size} exceeds the student ({student_vocab}) or teacher ({teacher_vocab}) vocabulary")
+        self.V = vocab_size
+
+        flat = labels.reshape(-1).to(device)
+        active = (flat != IGNORE_INDEX) & (flat >= 0) & (flat < self.V)
+        self.sample: Tensor | None = None
+        self.uniform: Tensor | None = None
+        pair = obj.support == "pair"
+        if pair and sampled_tokens is not None:
+            if sampled_tokens.shape != labels.shape:
+                raise HPDError(f"sampled_tokens {tuple(sampled_tokens.shape)} must match labels {tuple(labels.shape)}")
+            flat_sample = sampled_tokens.reshape(-1).to(device)
+            active &= (flat_sample >= 0) & (flat_sample < self.V)
+        self.pos = active.nonzero().squeeze(1)  # (N,)
+        self.N = self.pos.numel()
+        self.labels = flat[self.pos]
+        if pair:
+            if sampled_tokens is not None:
+                self.sample = flat_sample[self.pos]
+            elif isinstance(teacher, GatheredTeacher):
+                raise HPDError("hpd with a GatheredTeacher needs sampled_tokens: the teacher must be gathered at them")
+            else:
+                gen_device = generator.device if generator is not None else device
+                self.uniform = torch.rand(self.N, generator=generator, device=gen_device, dtype=torch.float64).to(device)
+
+        self.teacher = teacher
+        self._teacher_head = None
+        if isinstance(teacher, HeadTeacher):
+            w = upcast(teacher.weight.detach()[: self.V])
+            b = None if teacher.bias is None else upcast(teacher.bias.detach()[: self.V])
+            self._teacher_head = (teacher.hidden.detach().reshape(B * T, -1), w, b)
+        self.denom = torch.as_tensor(self.N if num_tokens is None else num_tokens, dtype=torch.float32, device=device).clamp_min(1)
+        self.diagnostics = diagnostics
+        self.stats = _Stats()
+        self.value_sum = torch.zeros((), dtype=torch.float32, device=device)
+
+    @torch.no_grad()
+    def teacher_chunk(self, pos: Tensor) -> TeacherChunk | None:
+        t = self.teacher
+        if t is None:
+            return None
+        if isinstance(t, GatheredTeacher):
+            K = t.tokens.shape[-1]
+            return TeacherChunk(upcast(t.logprobs.reshape(-1, K)[pos]), t.tokens.reshape(-1, K)[pos])
+        if isinstance(t, HeadTeacher):
+            hid, w, b = self._teacher_head
+            h = upcast(hid[pos])
+            z = torch.addmm(b, h, w.T) if b is not None else h @ w.T
+        else:
+            z = upcast(t.detach().reshape(-1, t.shape[-1])[pos, : self.V])
+        if self.tau != 1.0:
+            z = z / self.tau
+        return TeacherChunk(torch.log_softmax(z, -1))
+
+    @torch.no_grad()
+    def terms(self, logq: Tensor, sl: slice) -> TokenWeights:
+        """Token weights at the active positions `sl`, from the detached `logq (C, V)`; records stats."""
+        y = self.labels[sl]
+        sample = None
+        if self.obj.support == "pair":
+            sample = self.sample[sl] if self.sample is not None else _inverse_cdf_sample(logq, self.uniform[sl])
+        teacher = self.teacher_chunk(self.pos[sl])
+        tw = self.obj.weights(logq, teacher, y, sample)
+        self.value_sum = self.value_sum + tw.value.sum()  # promotes to float64 when the inputs are
+        st = self.stats
+        st.add("ce", -logq.gather(1, y[:, None]).squeeze(1))
+        if self.diagnostics and teacher is not None and teacher.is_full:
+            logp = teacher.logp
+            st.add("agreement", (logq.argmax(-1) == logp.argmax(-1)).float())
+            st.add("kl", kl(logp, logq))
+            st.add("entropy", -(logq.exp() * logq).sum(-1))
+        for name, values in tw.stats.items():
+            st.add(name, values, extreme=name in self.obj.extremes)
+        return tw
+
+    def output(self, loss: Tensor) -> ObjectiveOutput:
+        st = self.stats
+        return ObjectiveOutput(
+            loss=loss,
+            value=(self.value_sum / self.denom).detach(),
+            num_active=torch.tensor(self.N, dtype=torch.int64),
+            sums=st.sums, counts=st.counts, mins=st.mins, maxs=st.maxs,
+        )
+
+
+def _picked(logq: Tensor, tw: TokenWeights) -> Tensor:
+    """`log q` at the objective's token set: `(C, V)` or `(C, K)`."""
+    return logq if tw.tokens is None else logq.gather(1, tw.tokens)
+
+
+def objective_loss(obj: Objective, student_logits: Tensor, teacher, labels: Tensor, *, sampled_tokens: Tensor | None = None,
+                   generator: torch.Generator | None = None, num_tokens: int | Tensor | None = None,
+                   vocab_size: int | None = None, diagnostics: bool = True) -> ObjectiveOutput:
+    """The reference path: loss of `obj` from aligned student logits.
+
+    student_logits: `(B, T, V_s)`, position t predicts `labels[:, t]`.
+    teacher:        logits `(B, T, V_t)`, a `HeadTeacher`, a `GatheredTeacher`, or None (sft).
+    labels:         `(B, T)` sequence tokens, `-100` where ignored.
+    sampled_tokens: `(B, T)` HPD's `y_hat`; if None it is drawn from the student with `generator`.
+    num_tokens:     the global count of active tokens to normalize by (default: this batch's).
+    vocab_size:     shared vocabulary size when the models' sizes differ by padding rows.
+    diagnostics:    also report teacher-student agreement, KL(p||q) and student entropy.
+    """
+    B, T, Vs = student_logits.shape
+    plan = _Plan(obj, teacher, labels, Vs, sampled_tokens=sampled_tokens, generator=generator, num_tokens=num_tokens,
+                 vocab_size=vocab_size, diagnostics=diagnostics, device=student_logits.device)
+    z = upcast(student_logits.reshape(B * T, Vs)[plan.pos, : plan.V])
+    if plan.tau != 1.0:
+        z = z / plan.tau
+    logq = torch.log_softmax(z, -1)
+    tw = plan.terms(logq.detach(), slice(0, plan.N))
+    loss = -(tw.weights * _picked(logq, tw)).sum() / plan.denom
+    return plan.output(loss)
+
+
+class _ChunkedSurrogate(torch.autograd.Function):
+    """Surrogate loss from active hidden states `(N, H)` and an LM head `(V_s, H)`, chunk by chunk.
+
+    The forward pass computes the gradients too (the surrogate's gradient with respect to the
+    logits is closed-form), so only `(chunk, V)` logits exist at a time; backward scales them.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, plan: _Plan, chunk_size: int) -> Tensor:
+        V, tau = plan.V, plan.tau
+        W = upcast(weight[:V])
+        b = None if bias is None else upcast(bias[:V])
+        dt = W.dtype
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_h = torch.zeros(hidden.shape, dtype=dt, device=hidden.device) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=dt, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=dt, device=bias.device) if need_b else None
+        total = torch.zeros((), dtype=dt, device=hidden.device)
+        for start in range(0, plan.N, chunk_size):
+            sl = slice(start, min(start + chunk_size, plan.N))
+            h = hidden[sl].to(dt)
+            z = torch.addmm(b, h, W.T) if b is not None else h @ W.T
+            if tau != 1.0:
+                z.div_(tau)
+            logq = torch.log_softmax(z, -1)
+            del z
+            tw = plan.terms(logq, sl)
+            total -= (tw.weights * _picked(logq, tw)).sum()
+            g = logq.exp_()  # reuse the buffer: q
+            g.mul_(tw.weights.sum(-1, keepdim=True))
+            if tw.tokens is None:
+                g.sub_(tw.weights)
+            else:
+                g.scatter_add_(1, tw.tokens, -tw.weights)
+            if tau != 1.0:
+                g.div_(tau)
+            if need_h:
+                grad_h[sl] = g @ W
+            if need_w:
+                grad_w[:V].addmm_(g.T, h)
+            if need_b:
+                grad_b[:V] += g.sum(0)
+            del g, logq
+        ctx.save_for_backward(*(t if t is not None else torch.empty(0) for t in (grad_h, grad_w, grad_b)))
+        ctx.denom = plan.denom
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        ctx.present = (need_h, need_w, need_b)
+        return total / plan.denom
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        scale = grad_out / ctx.denom
+        grads = []
+        for g, dtype, present in zip(ctx.saved_tensors, ctx.dtypes, ctx.present):
+            grads.append((g * scale).to(dtype) if present else None)
+        return (*grads, None, None)
+
+
+def chunked_objective_loss(obj: Objective, hidden: Tensor, lm_head_weight: Tensor, teacher, labels: Tensor, *,
+                           lm_head_bias: Tensor | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                           sampled_tokens: Tensor | None = None, generator: torch.Generator | None = None,
+                           num_tokens: int | Tensor | None = None, vocab_size: int | None = None,
+                           diagnostics: bool = True) -> ObjectiveOutput:
+    """The memory-lean path: same loss and gradients as `objective_loss(obj, hidden @ W.T + b, ...)`.
+
+    hidden:         `(B, T, H)` the student's final hidden states (gradients flow into them).
+    lm_head_weight: `(V_s, H)` the student's LM head; lm_head_bias: `(V_s,)` or None.
+    chunk_size:     active positions per chunk; peak extra memory is about a few `(chunk_size, V)`
+                    float32 buffers.
+    Other arguments as in `objective_loss`.
+    """
+    if chunk_size < 1:
+        raise HPDError(f"chunk_size must be >= 1, got {chunk_size}")
+    B, T, H = hidden.shape
+    plan = _Plan(obj, teacher, labels, lm_head_weight.shape[0], sampled_tokens=sampled_tokens, generator=generator,
+                 num_tokens=num_tokens, vocab_size=vocab_size, diagnostics=diagnostics, device=hidden.device)
+    active_hidden = hidden.reshape(B * T, H)[plan.pos]
+    loss = _ChunkedSurrogate.apply(active_hidden, lm_head_weight, lm_head_bias, plan, chunk_size)
+    return plan.output(loss)
