@@ -1,0 +1,270 @@
+"""The ``hpd`` command line: train, plot, generate, config.
+
+    hpd config --out my.yaml                       # a commented default config to edit
+    hpd train my.yaml optim.lr=3e-4 max_steps=20   # train; key=value overrides any config key
+    hpd train --help                               # every config key, its type, default, range
+    hpd plot runs/hpd runs/sft --out plots/        # training-dynamics figures, runs overlaid
+    hpd generate --model runs/hpd/final --prompts p.jsonl --out gen.jsonl
+
+From Python (what the tests do):
+
+    >>> from typer.testing import CliRunner
+    >>> from hpd.cli import app
+    >>> result = CliRunner().invoke(app, ["config"])
+    >>> result.exit_code, "optim:" in result.stdout
+    (0, True)
+
+User errors (`HPDError`) print ``error: <message>`` on stderr and exit with status 2, without a
+traceback; anything else is a bug and keeps its traceback. Heavy modules (torch, transformers,
+the trainer) are imported inside the commands so that ``hpd --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator, List, Optional
+
+import click
+import typer
+from typer.core import TyperCommand
+
+from hpd.config import config_help, load_config, save_config
+from hpd.errors import HPDError
+
+__all__ = ["app", "main"]
+
+# Plain click formatting (rich_markup_mode=None): rich would re-flow the config reference of
+# `hpd train --help` into one unreadable paragraph.
+app = typer.Typer(
+    name="hpd",
+    help="Knowledge distillation for Hugging Face causal LMs: HPD and the classic objectives.",
+    rich_markup_mode=None,
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,  # locals may hold tensors with millions of values
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
+
+
+class _RawEpilogCommand(TyperCommand):
+    """A command whose epilog is printed verbatim (click would re-wrap its paragraphs)."""
+
+    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        if self.epilog:
+            formatter.write_paragraph()
+            formatter.write(self.epilog.rstrip() + "\n")
+
+
+@contextlib.contextmanager
+def _user_errors() -> Iterator[None]:
+    """Turn an HPDError into `error: ...` on stderr and exit status 2 (no traceback)."""
+    try:
+        yield
+    except HPDError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(code=2) from None
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    """Write via a temp file in the same directory + rename: never a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# --------------------------------------------------------------------------------------------
+# hpd train
+# --------------------------------------------------------------------------------------------
+
+
+@app.command(cls=_RawEpilogCommand, epilog=config_help())
+def train(
+    config: Path = typer.Argument(..., metavar="CONFIG", help="YAML config file (`hpd config --out FILE` writes one)."),
+    overrides: Optional[List[str]] = typer.Argument(
+        None, metavar="KEY=VALUE", help="key=value overrides, e.g. optim.lr=3e-4 max_steps=20 data.eval=null."
+    ),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Print the resolved config (file + overrides) and exit."
+    ),
+) -> None:
+    """Train a student by distillation as described by CONFIG, with KEY=VALUE overrides.
+
+    The run directory (output_dir) receives config.yaml, metrics.jsonl, checkpoints and the final
+    model. Every config key is listed below.
+    """
+    with _user_errors():
+        cfg = load_config(config, overrides or [])
+        if dry_run:
+            typer.echo(cfg.to_yaml(), nl=False)
+            return
+        from hpd.trainer import train as run_training  # heavy: torch, transformers, accelerate
+
+        run_dir = run_training(cfg)
+        typer.echo(f"run finished: {run_dir}")
+
+
+# --------------------------------------------------------------------------------------------
+# hpd plot
+# --------------------------------------------------------------------------------------------
+
+
+@app.command()
+def plot(
+    run_dirs: List[Path] = typer.Argument(..., metavar="RUN_DIR", help="Run directories (each with metrics.jsonl)."),
+    out: Optional[Path] = typer.Option(
+        None, "--out", "-o", metavar="DIR", help="Output directory [default: RUN_DIR/plots, or ./plots for several runs]."
+    ),
+    smooth: float = typer.Option(
+        0.0, "--smooth", metavar="F", min=0.0, max=0.99, help="EMA smoothing of train curves in [0, 0.99] (raw shown faintly)."
+    ),
+) -> None:
+    """Plot training dynamics (loss, agreement, KL, entropy, ...) of one or more runs."""
+    with _user_errors():
+        from hpd.plots import plot_runs
+
+        written = plot_runs(run_dirs, out, smoothing=smooth)
+        for path in written:
+            typer.echo(str(path))
+
+
+# --------------------------------------------------------------------------------------------
+# hpd generate
+# --------------------------------------------------------------------------------------------
+
+
+def _output_row(example: Any, completion: str) -> dict[str, Any]:
+    """The input row (prompt or chat messages, plus its other fields) with the completion.
+
+    Chat prompts are written as `messages` ending with the generated assistant turn, so the file
+    loads back with `hpd.data.load_examples` as training data (e.g. teacher generations).
+    """
+    row = dict(getattr(example, "extra", None) or {})
+    if isinstance(example.prompt, list):
+        row["messages"] = list(example.prompt) + [{"role": "assistant", "content": completion}]
+    else:
+        row["prompt"] = example.prompt
+    row["completion"] = completion
+    return row
+
+
+@app.command()
+def generate(
+    model: str = typer.Option(..., "--model", "-m", metavar="PATH", help="HF model directory, .gguf file, or 'tiny'."),
+    prompts: Path = typer.Option(..., "--prompts", "-p", metavar="FILE.jsonl", help="JSONL with a prompt or messages per row."),
+    out: Path = typer.Option(..., "--out", "-o", metavar="FILE.jsonl", help="Output JSONL: each input row plus 'completion'."),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", metavar="N", min=1, help="Maximum new tokens."),
+    temperature: float = typer.Option(1.0, "--temperature", metavar="T", min=0.0, help="Sampling temperature (0 = greedy)."),
+    top_p: float = typer.Option(1.0, "--top-p", metavar="P", min=0.0, max=1.0, help="Nucleus sampling top-p, in (0, 1]."),
+    top_k: int = typer.Option(0, "--top-k", metavar="K", min=0, help="Top-k sampling (0 = off)."),
+    batch_size: int = typer.Option(8, "--batch-size", metavar="B", min=1, help="Prompts per generation batch."),
+    seed: int = typer.Option(0, "--seed", metavar="S", help="Sampling seed (batch i uses seed + i)."),
+    chat_template: str = typer.Option(
+        "auto", "--chat-template", metavar="MODE", help="auto | on | none: apply the tokenizer's chat template."
+    ),
+    dtype: str = typer.Option("float32", "--dtype", metavar="DTYPE", help="float32 | bfloat16 | float16 | auto."),
+    trust_remote_code: bool = typer.Option(
+        False, "--trust-remote-code", help="Allow model code shipped with the checkpoint to run."
+    ),
+) -> None:
+    """Generate a completion for every prompt of a JSONL file with a model."""
+    with _user_errors():
+        if top_p <= 0:
+            raise HPDError(f"--top-p must be in (0, 1], got {top_p}")
+        if chat_template not in ("auto", "on", "none"):
+            raise HPDError(f"--chat-template must be auto, on or none, got {chat_template!r}")
+        if dtype not in ("float32", "bfloat16", "float16", "auto"):
+            raise HPDError(f"--dtype must be float32, bfloat16, float16 or auto, got {dtype!r}")
+        if not prompts.is_file():
+            raise HPDError(f"prompts file '{prompts}' not found: pass a JSONL file with --prompts")
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        from hpd.data import load_examples
+        from hpd.models import load_model
+        from hpd.rollout import generate_text
+
+        examples, _stats = load_examples(str(prompts), require_completion=False)
+        lm, tokenizer = load_model(model, dtype=dtype, trust_remote_code=trust_remote_code)
+        lm.eval()
+        rows: list[dict[str, Any]] = []
+        progress = Progress(
+            TextColumn("generating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            console=Console(stderr=True),  # stdout stays clean for piping
+        )
+        with progress:
+            task = progress.add_task("generate", total=len(examples))
+            # One call per batch so the bar moves; each batch gets its own seed (seed + i) so
+            # batches do not repeat the same random stream.
+            for i, start in enumerate(range(0, len(examples), batch_size)):
+                batch = examples[start : start + batch_size]
+                texts = generate_text(
+                    lm,
+                    tokenizer,
+                    [ex.prompt for ex in batch],
+                    chat_template=chat_template,
+                    max_new_tokens=max_new_tokens,
+                    temperature=temperature,
+                    top_p=top_p,
+                    top_k=top_k,
+                    batch_size=batch_size,
+                    seed=seed + i,
+                )
+                rows += [_output_row(ex, text) for ex, text in zip(batch, texts)]
+                progress.advance(task, len(batch))
+        _atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        typer.echo(f"wrote {len(rows)} completions to {out}")
+
+
+# --------------------------------------------------------------------------------------------
+# hpd config
+# --------------------------------------------------------------------------------------------
+
+
+@app.command("config")
+def config_cmd(
+    out: Optional[Path] = typer.Option(None, "--out", "-o", metavar="FILE", help="Write to this file instead of stdout."),
+    force: bool = typer.Option(False, "--force", help="Overwrite --out if it exists."),
+) -> None:
+    """Print the default config as commented YAML: a starting point to copy and edit."""
+    with _user_errors():
+        cfg = load_config(None)
+        if out is None:
+            typer.echo(cfg.to_yaml(comments=True), nl=False)
+            return
+        if out.exists() and not force:
+            raise HPDError(f"'{out}' already exists: choose another --out or add --force")
+        save_config(cfg, out, comments=True)
+        typer.echo(f"wrote {out}")
+
+
+# --------------------------------------------------------------------------------------------
+# Later commands (eval, demo, bench) register here with @app.command(); keep the same pattern:
+# heavy imports inside the command, `with _user_errors():` around the body.
+# --------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    """Console-script entry point (`hpd`)."""
+    try:
+        app()
+    except HPDError as e:  # raised outside a command body (e.g. while building the CLI)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,848 @@
+"""Typed run configuration: flat dataclasses, YAML files and ``key=value`` overrides.
+
+A run is described by one `Config`: a few top-level fields plus one flat section per concern
+(`student`, `teacher`, `data`, `objective`, `regime`, `optim`, `log`, `save`). Every field carries
+its help text and its allowed values in the dataclass field metadata, so one generic `validate()`
+checks everything and `config_help()` documents everything from the same source (it is what
+`hpd train --help` prints).
+
+    >>> from hpd.config import load_config
+    >>> cfg = load_config(None, ["optim.lr=3e-4", "max_steps=20", "data.eval=null"])
+    >>> cfg.optim.lr, cfg.max_steps, cfg.data.eval
+    (0.0003, 20, None)
+    >>> load_config(None, ["optim.lrr=1"])
+    Traceback (most recent call last):
+    ...
+    hpd.errors.HPDError: unknown config key 'optim.lrr' (in override 'optim.lrr=1'); did you mean 'optim.lr'? `hpd train --help` lists every key
+
+Values from YAML files and overrides are converted to the field's type (an int is accepted for a
+float field, ``'1e-3'`` is read as a float, ``null``/``none`` means None for optional fields) and a
+wrong type, a value out of range or an unknown choice raises `HPDError` naming the dotted key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import tempfile
+import textwrap
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import yaml
+
+from hpd.errors import HPDError
+
+__all__ = [
+    "Config",
+    "ModelConfig",
+    "TeacherConfig",
+    "DataConfig",
+    "ObjectiveConfig",
+    "RegimeConfig",
+    "OptimConfig",
+    "LogConfig",
+    "SaveConfig",
+    "OBJECTIVE_NAMES",
+    "field_",
+    "validate",
+    "load_config",
+    "config_from_dict",
+    "config_to_dict",
+    "save_config",
+    "config_help",
+    "iter_fields",
+]
+
+# Kept here (not imported from hpd.objectives) so that reading a config never imports torch.
+OBJECTIVE_NAMES = ("sft", "fkl", "rkl", "jsd", "skl", "srkl", "tvd", "akl", "todi", "orkl", "hpd")
+
+_CHECK_KEYS = {"choices", "min", "max", "min_exclusive", "max_exclusive", "nonempty"}
+
+
+def field_(default: Any, help: str, **checks: Any) -> Any:
+    """A dataclass field with its help text and checks in the metadata.
+
+    checks: ``choices=[...]``, ``min=x``, ``max=y``, ``min_exclusive=True`` / ``max_exclusive=True``
+    (make the bound strict), ``nonempty=True`` (strings). None values of optional fields skip them.
+    """
+    unknown = set(checks) - _CHECK_KEYS
+    if unknown:  # a typo in a check would otherwise silently disable it
+        raise TypeError(f"unknown field checks {sorted(unknown)}; allowed: {sorted(_CHECK_KEYS)}")
+    return field(default=default, metadata={"help": help, **checks})
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    """The student model."""
+
+    path: str = field_(
+        "tiny",
+        "A Hugging Face model directory, a .gguf file, or 'tiny' for a random-init tiny Llama "
+        "with the byte-level tokenizer (sized by the tiny_* fields).",
+        nonempty=True,
+    )
+    dtype: str = field_(
+        "float32",
+        "Weight dtype to load the model in; 'auto' uses the checkpoint's own dtype.",
+        choices=["float32", "bfloat16", "float16", "auto"],
+    )
+    trust_remote_code: bool = field_(
+        False, "Allow model code shipped with the checkpoint to run (off for safety)."
+    )
+    tiny_layers: int = field_(2, "Layers of the 'tiny' model.", min=1)
+    tiny_hidden: int = field_(64, "Hidden size of the 'tiny' model (divisible by tiny_heads).", min=1)
+    tiny_heads: int = field_(4, "Attention heads of the 'tiny' model.", min=1)
+    tiny_intermediate: int = field_(128, "MLP intermediate size of the 'tiny' model.", min=1)
+    tiny_max_positions: int = field_(1024, "Maximum sequence length of the 'tiny' model.", min=8)
+    init_seed: int | None = field_(
+        None, "Seed of the 'tiny' model's random initialisation; null = the top-level seed."
+    )
+
+
+@dataclass
+class TeacherConfig(ModelConfig):
+    """The teacher model (frozen)."""
+
+    path: str = field_(
+        "tiny",
+        "A Hugging Face model directory, a .gguf file, 'tiny' for a random-init tiny Llama with "
+        "the byte-level tokenizer, or 'none' (allowed only with objective.name=sft).",
+        nonempty=True,
+    )
+    tiny_layers: int = field_(4, "Layers of the 'tiny' model.", min=1)
+    tiny_hidden: int = field_(
+        128, "Hidden size of the 'tiny' model (divisible by tiny_heads).", min=1
+    )
+    tiny_heads: int = field_(4, "Attention heads of the 'tiny' model.", min=1)
+    tiny_intermediate: int = field_(256, "MLP intermediate size of the 'tiny' model.", min=1)
+
+
+@dataclass
+class DataConfig:
+    """Training and evaluation data (JSONL with prompt/completion or chat messages)."""
+
+    train: str = field_(
+        "examples/tiny.jsonl", "Training data: a JSONL file (one example per line).", nonempty=True
+    )
+    eval: str | None = field_(
+        None, "Evaluation data (JSONL); null = none, or a split of train (see eval_fraction)."
+    )
+    prompt_field: str = field_("prompt", "Row key holding the prompt text.", nonempty=True)
+    completion_field: str = field_(
+        "completion", "Row key holding the reference completion.", nonempty=True
+    )
+    messages_field: str = field_(
+        "messages", "Row key holding a chat (list of {role, content} messages).", nonempty=True
+    )
+    max_length: int = field_(
+        512, "Maximum tokens per sequence (prompt + completion); longer ones are truncated.", min=8
+    )
+    chat_template: str = field_(
+        "auto",
+        "Apply the tokenizer's chat template: auto = when the tokenizer has one, on = always "
+        "(error if missing), none = never (plain text).",
+        choices=["auto", "on", "none"],
+    )
+    on_bad_row: str = field_(
+        "error",
+        "What to do with a malformed data row: error = stop with its line number, skip = drop it "
+        "and count it.",
+        choices=["error", "skip"],
+    )
+    eval_fraction: float = field_(
+        0.0,
+        "Fraction of train held out for evaluation when data.eval is null (0 = no split).",
+        min=0.0,
+        max=0.5,
+    )
+
+
+@dataclass
+class ObjectiveConfig:
+    """The distillation objective (see the objectives note for the mathematics)."""
+
+    name: str = field_(
+        "hpd",
+        "Objective: sft (cross-entropy), fkl/rkl (forward/reverse KL), jsd, skl/srkl (skew KLs), "
+        "tvd, akl (adaptive KL), todi, orkl (on-policy sampled reverse KL), hpd (Hybrid Policy "
+        "Distillation).",
+        choices=list(OBJECTIVE_NAMES),
+    )
+    beta: float = field_(
+        0.5, "jsd mixture weight beta (0 = forward KL, 1 = reverse KL).", min=0.0, max=1.0
+    )
+    todi_beta: float = field_(
+        1.0, "todi sigmoid sharpness beta.", min=0.0, min_exclusive=True
+    )
+    alpha: float = field_(
+        0.1, "skl/srkl skew alpha.", min=0.0, max=1.0, max_exclusive=True
+    )
+    mu: float = field_(
+        0.5,
+        "akl head mass mu: the head holds the top teacher tokens up to this cumulative mass.",
+        min=0.0,
+        max=1.0,
+        min_exclusive=True,
+    )
+    temperature: float = field_(
+        1.0,
+        "Loss temperature tau: both distributions are softmax(logits / tau). Distinct from "
+        "regime.temperature (rollout sampling).",
+        min=0.0,
+        min_exclusive=True,
+    )
+    chunk_size: int = field_(
+        1024,
+        "Positions per chunk of the memory-lean loss, so (B, T, V) logits are never held at once; "
+        "0 = unchunked.",
+        min=0,
+    )
+
+
+@dataclass
+class RegimeConfig:
+    """Where the response tokens come from (the data regime)."""
+
+    name: str = field_(
+        "dataset",
+        "dataset = the data's completions, teacher = cached teacher generations, student = "
+        "on-policy student rollouts, mixed = student with probability mixed_lambda per step.",
+        choices=["dataset", "teacher", "student", "mixed"],
+    )
+    mixed_lambda: float = field_(
+        0.5,
+        "mixed: probability that an optimizer step uses student rollouts.",
+        min=0.0,
+        max=1.0,
+    )
+    off_policy: str = field_(
+        "dataset",
+        "mixed: the source used on the steps that do not use student rollouts.",
+        choices=["dataset", "teacher"],
+    )
+    max_new_tokens: int = field_(64, "Maximum new tokens per rollout/generation.", min=1)
+    temperature: float = field_(
+        1.0,
+        "Rollout sampling temperature (0 = greedy). Distinct from objective.temperature.",
+        min=0.0,
+    )
+    top_p: float = field_(
+        1.0, "Rollout nucleus sampling top-p.", min=0.0, max=1.0, min_exclusive=True
+    )
+    top_k: int = field_(0, "Rollout top-k sampling (0 = off).", min=0)
+    teacher_cache: str | None = field_(
+        None,
+        "Directory of cached teacher generations; null = OUTPUT_DIR/../teacher_generations, "
+        "keyed by a hash of the teacher and the data.",
+    )
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer, schedule and batching."""
+
+    lr: float = field_(1e-3, "Peak learning rate (AdamW).", min=0.0, min_exclusive=True)
+    weight_decay: float = field_(0.0, "AdamW weight decay.", min=0.0)
+    adam_beta1: float = field_(0.9, "AdamW beta1.", min=0.0, max=1.0, max_exclusive=True)
+    adam_beta2: float = field_(0.999, "AdamW beta2.", min=0.0, max=1.0, max_exclusive=True)
+    warmup_ratio: float = field_(
+        0.1, "Fraction of max_steps spent in linear warmup.", min=0.0, max=1.0
+    )
+    schedule: str = field_(
+        "cosine", "Learning-rate decay after warmup.", choices=["cosine", "linear", "constant"]
+    )
+    min_lr_ratio: float = field_(
+        0.0, "Final learning rate as a fraction of lr (cosine/linear).", min=0.0, max=1.0
+    )
+    batch_size: int = field_(8, "Sequences per micro-batch, per process.", min=1)
+    grad_accum: int = field_(1, "Micro-batches accumulated per optimizer step.", min=1)
+    max_grad_norm: float = field_(1.0, "Gradient-norm clipping threshold (0 = off).", min=0.0)
+    mixed_precision: str = field_(
+        "no", "Autocast precision of the forward passes.", choices=["no", "bf16", "fp16"]
+    )
+    max_bad_steps: int = field_(
+        5, "Consecutive steps with a NaN/inf loss or gradient (skipped) before the run stops.", min=1
+    )
+
+
+@dataclass
+class LogConfig:
+    """Logging and evaluation cadence."""
+
+    every: int = field_(1, "Optimizer steps between train-metric lines in metrics.jsonl.", min=1)
+    eval_every: int = field_(0, "Steps between evaluations (0 = only at the end).", min=0)
+    eval_batches: int = field_(4, "Batches per evaluation.", min=1)
+    tensorboard: str = field_(
+        "auto",
+        "TensorBoard logs: auto = when tensorboard is installed, on = required, off = never.",
+        choices=["auto", "on", "off"],
+    )
+    progress: bool = field_(True, "Show a progress bar.")
+    diagnostics_every: int = field_(
+        1,
+        "Steps between full-distribution diagnostics (agreement, KL, entropy), which cost a "
+        "teacher/student pass over the vocabulary.",
+        min=1,
+    )
+
+
+@dataclass
+class SaveConfig:
+    """Checkpointing."""
+
+    every: int = field_(0, "Steps between checkpoints (0 = only the final one).", min=0)
+    keep_last: int = field_(2, "Checkpoints kept (older ones are deleted).", min=1)
+
+
+@dataclass
+class Config:
+    """Top level."""
+
+    output_dir: str = field_(
+        "runs/hpd",
+        "Run directory: checkpoints, metrics.jsonl, config.yaml and the final model.",
+        nonempty=True,
+    )
+    max_steps: int = field_(100, "Optimizer steps to train.", min=1)
+    seed: int = field_(0, "Seed of every random choice (data order, samples, regime draws).")
+    resume: str = field_(
+        "auto",
+        "auto = continue from the latest checkpoint in output_dir if there is one, never = start "
+        "fresh (error if output_dir already holds checkpoints), or a checkpoint directory path.",
+        nonempty=True,
+    )
+    student: ModelConfig = field(default_factory=ModelConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    regime: RegimeConfig = field(default_factory=RegimeConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    save: SaveConfig = field(default_factory=SaveConfig)
+
+    def validate(self) -> "Config":
+        """Check every field and the cross-field rules; raise HPDError. Returns self."""
+        validate(self)
+        return self
+
+    def to_yaml(self, comments: bool = False) -> str:
+        """The config as YAML (``comments=True`` adds each field's help as a comment)."""
+        return _to_yaml(self, comments=comments)
+
+
+# --------------------------------------------------------------------------------------------
+# Introspection
+# --------------------------------------------------------------------------------------------
+
+_NONE_WORDS = {"null", "none", "~", ""}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    # Annotations are strings (from __future__ import annotations); resolve them once per class.
+    return typing.get_type_hints(cls)
+
+
+def _is_section(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _split_optional(tp: Any) -> tuple[Any, bool]:
+    """(inner type, is_optional) for `X | None` / `Optional[X]`; (tp, False) otherwise."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1 and len(typing.get_args(tp)) == 2:
+            return args[0], True
+    return tp, False
+
+
+def _sections() -> dict[str, type]:
+    return {f.name: t for f, t in _top_fields() if _is_section(t)}
+
+
+def _top_fields() -> list[tuple[dataclasses.Field, Any]]:
+    hints = _hints(Config)
+    return [(f, hints[f.name]) for f in dataclasses.fields(Config)]
+
+
+def iter_fields(cfg: Config | None = None) -> Iterator[tuple[str, dataclasses.Field, Any, Any]]:
+    """Yield ``(dotted_key, field, type, value)`` for every leaf field, in declaration order.
+
+    With ``cfg=None`` the values are the defaults.
+    """
+    cfg = Config() if cfg is None else cfg
+    for f, tp in _top_fields():
+        value = getattr(cfg, f.name)
+        if _is_section(tp):
+            sub_hints = _hints(tp)
+            for sf in dataclasses.fields(tp):
+                yield f"{f.name}.{sf.name}", sf, sub_hints[sf.name], getattr(value, sf.name)
+        else:
+            yield f.name, f, tp, value
+
+
+def _all_keys() -> list[str]:
+    return [k for k, *_ in iter_fields()]
+
+
+def _type_name(tp: Any) -> str:
+    inner, optional = _split_optional(tp)
+    name = getattr(inner, "__name__", str(inner))
+    return f"{name} | None" if optional else name
+
+
+def _describe_checks(meta: dict[str, Any]) -> str:
+    """'(0, 1]', '>= 1', 'one of a|b' ... for help texts and error messages."""
+    if "choices" in meta:
+        return "one of " + "|".join(str(c) for c in meta["choices"])
+    lo, hi = meta.get("min"), meta.get("max")
+    lo_x, hi_x = meta.get("min_exclusive", False), meta.get("max_exclusive", False)
+    if lo is not None and hi is not None:
+        return f"{'(' if lo_x else '['}{lo:g}, {hi:g}{')' if hi_x else ']'}"
+    if lo is not None:
+        return f"{'>' if lo_x else '>='} {lo:g}"
+    if hi is not None:
+        return f"{'<' if hi_x else '<='} {hi:g}"
+    return ""
+
+
+def _suggest(word: str, options: Iterable[str]) -> str | None:
+    """The closest option to a misspelt word, or None."""
+    options = list(options)
+    leaf = word.rsplit(".", 1)[-1]
+    # A right key in the wrong place (`lr:` at top level) is a common slip: match the leaf name.
+    same_leaf = [o for o in options if o.rsplit(".", 1)[-1] == leaf]
+    if len(same_leaf) >= 1 and word not in options:
+        return same_leaf[0]
+    close = difflib.get_close_matches(word, options, n=1, cutoff=0.6)
+    if close:
+        return close[0]
+    by_leaf = {o.rsplit(".", 1)[-1]: o for o in options}
+    close = difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.75)
+    return by_leaf[close[0]] if close else None
+
+
+# --------------------------------------------------------------------------------------------
+# Conversion of YAML / override values to field types
+# --------------------------------------------------------------------------------------------
+
+
+def _type_error(key: str, tp: Any, value: Any) -> HPDError:
+    inner, optional = _split_optional(tp)
+    article = {int: "an int", float: "a float", bool: "a bool (true/false)", str: "a string"}
+    what = article.get(inner, getattr(inner, "__name__", str(inner)))
+    if optional:
+        what += " or null"
+    return HPDError(f"{key}: expected {what}, got {value!r}")
+
+
+def _coerce(key: str, tp: Any, value: Any, raw: str | None = None) -> Any:
+    """Convert a YAML-parsed `value` (or the override's `raw` text) to the field type `tp`."""
+    inner, optional = _split_optional(tp)
+    # 'none' is a word only for optional fields: teacher.path=none stays the string 'none'.
+    if value is None or (optional and isinstance(value, str) and value.strip().lower() in _NONE_WORDS):
+        if optional:
+            return None
+        raise _type_error(key, tp, value)
+
+    if inner is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            word = value.strip().lower()
+            if word in ("true", "yes", "on", "1"):
+                return True
+            if word in ("false", "no", "off", "0"):
+                return False
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise _type_error(key, tp, value)
+
+    if inner is int:
+        if isinstance(value, bool):  # bool is an int subclass; True is never a step count
+            raise _type_error(key, tp, value)
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                try:  # '1e3' -> 1000 (YAML 1.1 reads exponent-without-dot as a string)
+                    number = float(value.strip())
+                except ValueError:
+                    raise _type_error(key, tp, value) from None
+                if math.isfinite(number) and number.is_integer():
+                    return int(number)
+        raise _type_error(key, tp, value)
+
+    if inner is float:
+        if isinstance(value, bool):
+            raise _type_error(key, tp, value)
+        if isinstance(value, (int, float)):
+            number = float(value)
+        elif isinstance(value, str):
+            try:
+                number = float(value.strip())  # YAML 1.1 reads 1e-3 (no dot) as a string
+            except ValueError:
+                raise _type_error(key, tp, value) from None
+        else:
+            raise _type_error(key, tp, value)
+        if not math.isfinite(number):
+            raise HPDError(f"{key}: expected a finite float, got {value!r}")
+        return number
+
+    if inner is str:
+        if raw is not None:
+            # Overrides: take the text as typed (`output_dir=2024` stays '2024', `tensorboard=off`
+            # stays 'off'), unless it was quoted on purpose.
+            text = raw.strip()
+            if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+                return text[1:-1]
+            return text
+        if isinstance(value, str):
+            return value
+        if isinstance(value, bool):
+            # YAML 1.1 reads unquoted on/off/yes/no as booleans (`tensorboard: off`,
+            # `mixed_precision: no`): map them back to the word when it is one of the choices.
+            choices = _field_meta(key).get("choices", [])
+            words = ("on", "yes", "true") if value else ("off", "no", "false")
+            for word in words:
+                if word in choices:
+                    return word
+            raise HPDError(
+                f"{key}: expected a string, got {value!r} (YAML reads unquoted yes/no/on/off as "
+                f"booleans: quote the value)"
+            )
+        if isinstance(value, (int, float)):
+            return str(value)
+        raise _type_error(key, tp, value)
+
+    raise _type_error(key, tp, value)  # pragma: no cover - only the types above are used
+
+
+def _field_meta(key: str) -> dict[str, Any]:
+    for k, f, _tp, _v in iter_fields():
+        if k == key:
+            return dict(f.metadata)
+    return {}
+
+
+# --------------------------------------------------------------------------------------------
+# Setting values
+# --------------------------------------------------------------------------------------------
+
+
+def _unknown_key(key: str, where: str) -> HPDError:
+    hint = _suggest(key, _all_keys())
+    msg = f"unknown config key {key!r}{where}"
+    if hint:
+        msg += f"; did you mean {hint!r}?"
+    return HPDError(msg + " `hpd train --help` lists every key")
+
+
+def _set(cfg: Config, key: str, value: Any, *, raw: str | None = None, where: str = "") -> None:
+    """Set the dotted `key` of `cfg` to `value`, converted to the field's type."""
+    parts = key.split(".")
+    sections = _sections()
+    top_hints = _hints(Config)
+    if len(parts) == 1:
+        name = parts[0]
+        if name in sections:
+            example = f"{name}.{dataclasses.fields(sections[name])[0].name}"
+            raise HPDError(
+                f"{name!r} is a section, not a value{where}: set its keys one by one, "
+                f"e.g. {example}=..."
+            )
+        if name not in top_hints:
+            raise _unknown_key(key, where)
+        setattr(cfg, name, _coerce(key, top_hints[name], value, raw))
+        return
+    if len(parts) == 2 and parts[0] in sections:
+        section_cls = sections[parts[0]]
+        sub_hints = _hints(section_cls)
+        if parts[1] in sub_hints:
+            setattr(getattr(cfg, parts[0]), parts[1], _coerce(key, sub_hints[parts[1]], value, raw))
+            return
+    raise _unknown_key(key, where)
+
+
+def _flatten(d: Any, where: str) -> list[tuple[str, Any]]:
+    """Nested mapping -> [(dotted_key, value)]; sections must be mappings."""
+    if d is None:
+        return []
+    if not isinstance(d, dict):
+        raise HPDError(
+            f"config{where} must be a mapping of keys to values (like `max_steps: 20`), "
+            f"got {type(d).__name__}"
+        )
+    sections = _sections()
+    items: list[tuple[str, Any]] = []
+    for k, v in d.items():
+        k = str(k)
+        if k in sections:
+            if v is None:
+                continue  # an empty section (`optim:`) keeps the defaults
+            if not isinstance(v, dict):
+                raise HPDError(
+                    f"{k}: expected a mapping of {k}.* keys "
+                    f"(e.g. `{k}:` then indented `key: value` lines), got {v!r}{where}"
+                )
+            for sk, sv in v.items():
+                if isinstance(sv, dict):
+                    raise _unknown_key(f"{k}.{sk}.{next(iter(sv), '')}".rstrip("."), where)
+                items.append((f"{k}.{sk}", sv))
+        elif isinstance(v, dict):
+            raise _unknown_key(k, where)
+        else:
+            items.append((k, v))
+    return items
+
+
+# --------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------
+
+
+def _has_type(value: Any, inner: Any) -> bool:
+    if inner is float:  # an int is a fine float; a bool is never a number here
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if inner is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, inner)
+
+
+def _check_field(key: str, f: dataclasses.Field, tp: Any, value: Any) -> str | None:
+    """One field's problem (a message), or None."""
+    meta = f.metadata
+    inner, optional = _split_optional(tp)
+    if value is None:
+        return None if optional else f"{key}: must be set, got null"
+    # Catch wrong types set from Python (cfg.optim.lr = "x"), which YAML loading already converts.
+    if not _has_type(value, inner):
+        return str(_type_error(key, tp, value))
+    if meta.get("nonempty") and isinstance(value, str) and not value.strip():
+        return f"{key}: must not be empty"
+    if "choices" in meta and value not in meta["choices"]:
+        hint = _suggest(str(value), [str(c) for c in meta["choices"]])
+        msg = f"{key}: must be {_describe_checks(meta)}, got {value!r}"
+        return msg + (f" (did you mean {hint!r}?)" if hint else "")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, float) and not math.isfinite(value):
+            return f"{key}: must be a finite number, got {value!r}"
+        lo, hi = meta.get("min"), meta.get("max")
+        bad = (
+            lo is not None and (value <= lo if meta.get("min_exclusive") else value < lo)
+        ) or (hi is not None and (value >= hi if meta.get("max_exclusive") else value > hi))
+        if bad:
+            return f"{key}: must be {_describe_checks(meta)}, got {value!r}"
+    return None
+
+
+def _cross_checks(cfg: Config) -> list[str]:
+    """Rules that involve more than one field."""
+    problems: list[str] = []
+    no_teacher = cfg.teacher.path.strip().lower() == "none"
+    if no_teacher and cfg.objective.name != "sft":
+        problems.append(
+            f"teacher.path: 'none' is allowed only with objective.name=sft "
+            f"(objective.name is {cfg.objective.name!r}); name a teacher model or use sft"
+        )
+    if no_teacher and (
+        cfg.regime.name == "teacher"
+        or (cfg.regime.name == "mixed" and cfg.regime.off_policy == "teacher")
+    ):
+        problems.append(
+            "regime: teacher generations need a teacher, but teacher.path is 'none'; "
+            "name a teacher model or use regime.name=dataset"
+        )
+    for section in ("student", "teacher"):
+        model: ModelConfig = getattr(cfg, section)
+        if model.path == "tiny" and model.tiny_hidden % model.tiny_heads:
+            problems.append(
+                f"{section}.tiny_hidden ({model.tiny_hidden}) must be divisible by "
+                f"{section}.tiny_heads ({model.tiny_heads})"
+            )
+    if cfg.data.eval is not None and cfg.data.eval_fraction > 0:
+        problems.append(
+            f"data.eval_fraction ({cfg.data.eval_fraction}) splits train only when data.eval is "
+            f"null, but data.eval is {cfg.data.eval!r}; set one of them"
+        )
+    return problems
+
+
+def validate(cfg: Config) -> Config:
+    """Check every field against its metadata, plus the cross-field rules.
+
+    Raises HPDError listing every problem (each names its dotted key). Returns `cfg`.
+    """
+    if not isinstance(cfg, Config):
+        raise TypeError(f"validate() expects a Config, got {type(cfg).__name__}")
+    problems: list[str] = []
+    for f, tp in _top_fields():
+        if _is_section(tp) and not isinstance(getattr(cfg, f.name), tp):
+            problems.append(f"{f.name}: expected a {tp.__name__}, got {getattr(cfg, f.name)!r}")
+    if problems:
+        raise HPDError("; ".join(problems))
+    for key, f, tp, value in iter_fields(cfg):
+        problem = _check_field(key, f, tp, value)
+        if problem:
+            problems.append(problem)
+    if not problems:  # cross checks assume well-typed fields
+        problems += _cross_checks(cfg)
+    if len(problems) == 1:
+        raise HPDError(problems[0])
+    if problems:
+        raise HPDError(f"{len(problems)} config problems:\n  " + "\n  ".join(problems))
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------
+# Loading and saving
+# --------------------------------------------------------------------------------------------
+
+
+def _parse_override(text: str) -> tuple[str, Any, str]:
+    if "=" not in text:
+        raise HPDError(
+            f"override {text!r} must look like key=value, e.g. optim.lr=3e-4 or max_steps=20"
+        )
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise HPDError(f"override {text!r} has no key before '=', e.g. optim.lr=3e-4")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw  # not valid YAML on its own (e.g. 'a: b'): let the field type decide
+    return key, value, raw
+
+
+def _apply(cfg: Config, d: Any, where: str) -> Config:
+    for key, value in _flatten(d, where):
+        _set(cfg, key, value, where=where)
+    return cfg
+
+
+def config_from_dict(d: dict[str, Any] | None, overrides: Iterable[str] = ()) -> Config:
+    """Build and validate a Config from a (nested or dotted-key) mapping plus overrides."""
+    cfg = _apply(Config(), d, "")
+    for text in overrides:
+        key, value, raw = _parse_override(text)
+        _set(cfg, key, value, raw=raw, where=f" (in override {text!r})")
+    return validate(cfg)
+
+
+def load_config(path: str | os.PathLike[str] | None, overrides: Iterable[str] = ()) -> Config:
+    """Read a YAML config file (None = defaults), apply ``key=value`` overrides, validate.
+
+    Raises HPDError for a missing/malformed file, an unknown key (with the closest valid key),
+    a value of the wrong type, out of range or not among the choices.
+    """
+    cfg = Config()
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise HPDError(
+                f"config file '{p}' not found; pass the path of a YAML file "
+                f"(`hpd config --out {p}` writes a default one)"
+            )
+        try:
+            data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            raise HPDError(f"config file '{p}' is not valid YAML: {e}") from None
+        _apply(cfg, data, f" (in {p})")
+    for text in overrides:
+        key, value, raw = _parse_override(text)
+        _set(cfg, key, value, raw=raw, where=f" (in override {text!r})")
+    return validate(cfg)
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    """The config as a nested dict of plain values (sections -> dicts)."""
+    return dataclasses.asdict(cfg)
+
+
+def _yaml_scalar(value: Any) -> str:
+    # Dump inside a flow list so YAML quotes what needs quoting ('on', '1e-3' strings...) and no
+    # document-end marker is added; then strip the brackets.
+    text = yaml.safe_dump([value], default_flow_style=True, width=10_000).strip()
+    return text[1:-1]
+
+
+def _to_yaml(cfg: Config, comments: bool = False) -> str:
+    if not comments:
+        return yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=False)
+    lines = [
+        "# hpd run config. Every key is optional (defaults shown); override any with key=value,",
+        "# e.g. `hpd train this.yaml optim.lr=3e-4 max_steps=20`. `hpd train --help` explains all.",
+    ]
+    current_section = None
+    for key, f, _tp, value in iter_fields(cfg):
+        section, _, leaf = key.rpartition(".")
+        if section and section != current_section:
+            current_section = section
+            lines += ["", f"{section}:  # {_sections()[section].__doc__.strip()}"]
+        indent = "  " if section else ""
+        checks = _describe_checks(f.metadata)
+        comment = f.metadata["help"] + (f" ({checks})" if checks else "")
+        lines += textwrap.wrap(
+            comment, width=96, initial_indent=f"{indent}# ", subsequent_indent=f"{indent}#   "
+        )
+        lines.append(f"{indent}{leaf}: {_yaml_scalar(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def save_config(cfg: Config, path: str | os.PathLike[str], comments: bool = False) -> Path:
+    """Write the config as YAML atomically (temp file + rename: never a half-written file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(_to_yaml(cfg, comments=comments))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def config_help(width: int = 88) -> str:
+    """A plain-text reference of every config key: dotted key, type, default, allowed values, help.
+
+    Printed by `hpd train --help`; line breaks are meant to be kept as they are.
+    """
+    lines = [
+        "Config keys (YAML file sections, or key=value overrides such as optim.lr=3e-4 or",
+        "max_steps=20; null/none sets an optional key to None):",
+    ]
+    current = None
+    for key, f, tp, value in iter_fields():
+        section = key.rpartition(".")[0] or "top level"
+        if section != current:
+            current = section
+            if section == "top level":
+                lines += ["", "top level:"]
+            else:
+                doc = _sections()[section].__doc__.strip().rstrip(".")
+                lines += ["", f"{section}:  {doc}"]
+        checks = _describe_checks(f.metadata)
+        default = "null" if value is None else _yaml_scalar(value)
+        head = f"  {key}  ({_type_name(tp)}, default {default}{'; ' + checks if checks else ''})"
+        lines.append(head)
+        lines += textwrap.wrap(
+            f.metadata["help"], width=width, initial_indent="      ", subsequent_indent="      "
+        )
+    return "\n".join(lines)

@@ -1,0 +1,346 @@
+"""Load, build and save the student and teacher models; vocabulary alignment; LM-head access.
+
+Models come from three places: `"tiny"` (a random Llama built from a config, with the byte
+tokenizer of `hpd.tokenizer`; nothing is downloaded), a local Hugging Face directory, or a GGUF
+file (needs `pip install gguf`). Models go out as plain HF directories, written atomically.
+`lm_head_of` and `final_hidden_states` let the losses compute logits chunk by chunk instead of
+holding a (B, T, V) tensor.
+
+    >>> import torch
+    >>> from hpd.models import load_model, lm_head_of, final_hidden_states, shared_vocab_size
+    >>> model, tok = load_model("tiny", tiny={"num_layers": 1, "hidden_size": 32})
+    >>> model.config.vocab_size, len(tok)  # rounded up to a multiple of 8
+    (264, 263)
+    >>> ids = torch.tensor([tok.encode("hello")]); mask = torch.ones_like(ids)
+    >>> h_BTH = final_hidden_states(model, ids, mask)
+    >>> W_VH, b_V = lm_head_of(model)
+    >>> torch.allclose(h_BTH @ W_VH.T, model(input_ids=ids, attention_mask=mask).logits, atol=1e-5)
+    True
+    >>> shared_vocab_size(model, model, tok)
+    264
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from hpd.errors import HPDError
+from hpd.objectives import resolve_shared_vocab
+
+_DTYPES: dict[str, torch.dtype | str] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "auto": "auto",
+}
+
+_TINY_KEYS = (
+    "num_layers",
+    "hidden_size",
+    "num_heads",
+    "num_kv_heads",
+    "intermediate_size",
+    "max_positions",
+)
+
+
+def _resolve_dtype(dtype: str | torch.dtype) -> torch.dtype | str:
+    """Map a user dtype name to a torch dtype (or the string "auto")."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise HPDError(
+            f"unknown dtype {dtype!r}: use one of float32, bfloat16, float16, auto"
+        ) from None
+
+
+def build_tiny_model(
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    num_layers: int = 2,
+    hidden_size: int = 64,
+    num_heads: int = 4,
+    num_kv_heads: int | None = None,
+    intermediate_size: int | None = None,
+    max_positions: int = 1024,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> LlamaForCausalLM:
+    """A randomly initialised Llama sized for tests; the same seed gives identical weights.
+
+    The vocabulary is `len(tokenizer)` rounded up to a multiple of 8, so the embedding and LM head
+    have padding rows past the tokenizer, as many released models do.
+    """
+    if hidden_size % num_heads != 0:
+        raise HPDError(
+            f"tiny model: hidden_size {hidden_size} is not divisible by num_heads {num_heads}: "
+            "choose sizes with hidden_size % num_heads == 0"
+        )
+    kv_heads = num_kv_heads if num_kv_heads is not None else num_heads
+    if num_heads % kv_heads != 0:
+        raise HPDError(
+            f"tiny model: num_heads {num_heads} is not a multiple of num_kv_heads {kv_heads}: "
+            "choose num_kv_heads dividing num_heads"
+        )
+    vocab_size = -(-len(tokenizer) // 8) * 8
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size or 4 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=max_positions,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    # Seed inside a forked RNG so building a model does not disturb the caller's random stream.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    return model.to(dtype)
+
+
+def load_model(
+    path: str,
+    *,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    dtype: str | torch.dtype = "float32",
+    trust_remote_code: bool = False,
+    tiny: dict[str, Any] | None = None,
+    seed: int = 0,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load `(model, tokenizer)` from "tiny", a local HF directory, or a `.gguf` file.
+
+    Nothing is downloaded: a path that is not on disk is an error. The tokenizer gets a pad token
+    (its eos) when it has none, since batching needs one.
+    """
+    torch_dtype = _resolve_dtype(dtype)
+    if path == "tiny":
+        from hpd.tokenizer import byte_tokenizer
+
+        unknown = sorted(set(tiny or {}) - set(_TINY_KEYS))
+        if unknown:
+            raise HPDError(
+                f"unknown tiny-model option(s) {unknown}: allowed are {list(_TINY_KEYS)}"
+            )
+        tokenizer = tokenizer if tokenizer is not None else byte_tokenizer()
+        model_dtype = torch.float32 if torch_dtype == "auto" else torch_dtype
+        model = build_tiny_model(tokenizer, seed=seed, dtype=model_dtype, **(tiny or {}))
+    else:
+        p = Path(path)
+        if not p.exists():
+            raise HPDError(
+                f"model path '{path}' does not exist: pass a local Hugging Face model directory, "
+                "a .gguf file, or 'tiny' (models are never downloaded)"
+            )
+        if p.is_file() and p.suffix.lower() == ".gguf":
+            model, loaded_tok = _load_gguf(p, torch_dtype)
+        elif p.is_dir():
+            if not (p / "config.json").is_file():
+                raise HPDError(
+                    f"'{path}' is not a Hugging Face model directory (no config.json): pass the "
+                    "directory that save_pretrained wrote"
+                )
+            model = AutoModelForCausalLM.from_pretrained(
+                str(p), local_files_only=True, trust_remote_code=trust_remote_code, dtype=torch_dtype
+            )
+            loaded_tok = None
+            if tokenizer is None:
+                loaded_tok = AutoTokenizer.from_pretrained(
+                    str(p), local_files_only=True, trust_remote_code=trust_remote_code
+                )
+        else:
+            raise HPDError(
+                f"model path '{path}' is neither a model directory nor a .gguf file: pass a "
+                "Hugging Face model directory, a .gguf file, or 'tiny'"
+            )
+        tokenizer = tokenizer if tokenizer is not None else loaded_tok
+    assert tokenizer is not None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def _load_gguf(
+    file: Path, dtype: torch.dtype | str
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a GGUF file through transformers' GGUF support, dequantized into a plain model."""
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        raise HPDError(
+            f"loading '{file}' needs the gguf package: pip install gguf (or pip install 'hpd[gguf]')"
+        ) from None
+    directory, name = str(file.parent), file.name
+    # Without a dtype transformers picks the file's own (float32 for quantized files).
+    kwargs: dict[str, Any] = {} if dtype == "auto" else {"dtype": dtype}
+    try:
+        from transformers import GgufConfig
+    except ImportError:  # transformers < 5 always dequantizes GGUF weights
+        pass
+    else:
+        # transformers 5 keeps quantized weights packed when the `kernels` package is present;
+        # distillation needs plain trainable, saveable tensors, so unpack them at load time.
+        kwargs["quantization_config"] = GgufConfig(dequantize=True)
+    loaded = AutoModelForCausalLM.from_pretrained(
+        directory, gguf_file=name, local_files_only=True, **kwargs
+    )
+    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name, local_files_only=True)
+    return _without_quantizer(loaded), tokenizer
+
+
+def _without_quantizer(model: PreTrainedModel) -> PreTrainedModel:
+    """Return `model` rebuilt without the GGUF quantizer that transformers attaches.
+
+    A model loaded from GGUF refuses `save_pretrained` while the quantizer is attached, although
+    its weights are already plain dequantized tensors; copying them into a fresh model from the
+    same config (minus `quantization_config`) gives a model that saves as a normal HF directory.
+    """
+    if getattr(model, "hf_quantizer", None) is None:
+        return model
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    # Built on the meta device to skip a random init that would be overwritten anyway.
+    with torch.device("meta"):
+        fresh = type(model)(config)
+    fresh.load_state_dict(model.state_dict(), assign=True, strict=False)
+    # Non-persistent buffers (rotary inv_freq) are not in the state dict: take them over too.
+    for name, buffer in model.named_buffers():
+        owner_name, _, attr = name.rpartition(".")
+        owner = fresh.get_submodule(owner_name) if owner_name else fresh
+        if getattr(owner, attr).is_meta:
+            owner._buffers[attr] = buffer
+    if getattr(config, "tie_word_embeddings", False):
+        fresh.tie_weights()
+    still_meta = [n for n, p in fresh.named_parameters() if p.is_meta]
+    if still_meta:
+        raise HPDError(
+            f"could not rebuild {type(model).__name__} without its quantizer: no weights for "
+            f"{still_meta[:3]}; load the model as a Hugging Face directory instead"
+        )
+    fresh.generation_config = model.generation_config
+    return fresh.train(model.training)
+
+
+def shared_vocab_size(
+    student: PreTrainedModel,
+    teacher: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase | None,
+) -> int:
+    """The number of leading vocabulary rows both models' LM heads share.
+
+    Equal sizes give that size; sizes that differ only by trailing padding rows (both at least
+    `len(tokenizer)`) give the smaller; anything else means the models do not share a vocabulary.
+    """
+    return resolve_shared_vocab(
+        _vocab_rows(student), _vocab_rows(teacher), len(tokenizer) if tokenizer is not None else None
+    )
+
+
+def _vocab_rows(model: PreTrainedModel) -> int:
+    """Rows of the LM head, i.e. the width of the logits (may exceed `config.vocab_size`)."""
+    head = model.get_output_embeddings()
+    if head is not None and getattr(head, "weight", None) is not None:
+        return int(head.weight.shape[0])
+    return int(model.config.vocab_size)
+
+
+def save_model(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, out_dir: str | os.PathLike
+) -> Path:
+    """Write `model` (safetensors + config) and `tokenizer` to `out_dir` atomically.
+
+    Everything is written into a temporary sibling directory first and renamed into place, so a
+    crash leaves either the old directory or the new one, never a half-written mix. Returns the
+    final path.
+    """
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise HPDError(f"cannot save a model to '{out}': it exists and is a file; pick a directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    token = uuid.uuid4().hex[:8]
+    tmp = out.parent / f".{out.name}.tmp-{token}"
+    old = out.parent / f".{out.name}.old-{token}"
+    try:
+        _without_quantizer(model).save_pretrained(str(tmp))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        # os.replace cannot overwrite a non-empty directory: move the old one aside first and
+        # delete it only once the new one is in place.
+        if out.exists():
+            os.replace(out, old)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not out.exists():
+            os.replace(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    return out
+
+
+def lm_head_of(model: PreTrainedModel) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The output projection: weight (V, H) and bias (V,) or None; logits = h @ W.T + b."""
+    head = model.get_output_embeddings()
+    if not isinstance(head, nn.Linear):
+        raise HPDError(
+            f"{type(model).__name__} has no linear LM head (got {type(head).__name__}): "
+            "use a causal LM whose get_output_embeddings() is an nn.Linear"
+        )
+    return head.weight, head.bias
+
+
+def _decoder_of(model: PreTrainedModel) -> nn.Module:
+    """The transformer body under the LM head (`model.model` for Llama-family models)."""
+    get_decoder = getattr(model, "get_decoder", None)
+    if callable(get_decoder):
+        decoder = get_decoder()
+        if decoder is not None and decoder is not model:
+            return decoder
+    if getattr(model, "model", None) is not None:
+        return model.model
+    base = getattr(model, "base_model", None)
+    if base is not None and base is not model:
+        return base
+    raise HPDError(
+        f"cannot find the decoder of {type(model).__name__}: expected a causal LM with "
+        "get_decoder(), .model or .base_model"
+    )
+
+
+def final_hidden_states(
+    model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+) -> torch.Tensor:
+    """Final (normed) hidden states (B, T, H) of `input_ids` (B, T), without computing logits.
+
+    `lm_head_of(model)` maps them to the logits `model(...)` would return, so a loss can project
+    a chunk of positions at a time.
+    """
+    out = _decoder_of(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
