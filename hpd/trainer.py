@@ -1,0 +1,566 @@
+"""`hpd train`: distill a teacher into a student, on one CPU or under `accelerate`.
+
+One optimizer step, top to bottom:
+
+    checkpoint / evaluate when due
+    regime of this step (dataset | teacher | student, or a seeded draw for mixed)
+    this process's micro-batches: prompts + response tokens (student rollouts generated here)
+    global count N of active tokens over all micro-batches and processes
+    per micro-batch: teacher forward (no grad) -> student forward + objective (chunked) -> backward
+    clip, skip the step if the loss or gradient is not finite, optimizer + scheduler step
+    log: loss terms, objective metrics, agreement / KL / entropy, grad norm, lr, tokens/s
+
+Everything random is a pure function of (seed, step, micro-batch, rank) or of a state saved in the
+checkpoint, so a killed run resumed from its last checkpoint ends with the weights an
+uninterrupted run would have.
+
+    >>> from hpd.config import load_config
+    >>> from hpd.trainer import train
+    >>> cfg = load_config("configs/tiny.yaml", ["output_dir=/tmp/hpd-doc", "max_steps=2", "log.progress=false"])
+    >>> run_dir = train(cfg)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from hpd.checkpoint import (
+    load_rng_state, load_student_weights, load_trainer_state, resolve_resume, save_checkpoint,
+)
+from hpd.config import Config, load_config, save_config
+from hpd.data import EncodedExample, EpochSampler, build_batch, encode_dataset, load_examples
+from hpd.errors import HPDError
+from hpd.models import final_hidden_states, lm_head_of, load_model, save_model, shared_vocab_size
+from hpd.objectives import IGNORE_INDEX, HeadTeacher, Objective, ObjectiveOutput, get_objective
+from hpd.regimes import SamplingSettings, derive_seed, rollout, step_regime, teacher_generations
+
+
+# --------------------------------------------------------------------------------------------
+# The distillation step as a module, so DDP/FSDP wrap the student forward *and* the loss.
+# --------------------------------------------------------------------------------------------
+
+
+class DistillationLoss(nn.Module):
+    """Student forward + objective for one micro-batch.
+
+    The loss is computed inside `forward` so that data-parallel wrappers see every use of the
+    student's parameters (the LM head is used by the chunked loss, not by the decoder).
+    """
+
+    def __init__(self, student: nn.Module, objective: Objective, *, chunk_size: int, vocab_size: int | None):
+        super().__init__()
+        self.student = student
+        self.objective = objective
+        self.chunk_size = chunk_size
+        self.vocab_size = vocab_size
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, teacher: Any, *,
+                num_tokens: torch.Tensor, generator: torch.Generator | None, diagnostics: bool) -> dict[str, Any]:
+        """input_ids, attention_mask, labels: `(B, T)`; teacher: logits `(B, T, V)`, HeadTeacher or None."""
+        kw = dict(generator=generator, num_tokens=num_tokens, vocab_size=self.vocab_size, diagnostics=diagnostics)
+        if self.chunk_size > 0:
+            hidden = final_hidden_states(self.student, input_ids, attention_mask)
+            weight, bias = lm_head_of(self.student)
+            out = self.objective.chunked(hidden, weight, teacher, labels, lm_head_bias=bias, chunk_size=self.chunk_size, **kw)
+        else:
+            logits = self.student(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+            out = self.objective(logits, teacher, labels, **kw)
+        return {"loss": out.loss, "output": out}
+
+
+@torch.no_grad()
+def teacher_view(teacher: nn.Module | None, input_ids: torch.Tensor, attention_mask: torch.Tensor, chunked: bool):
+    """What the objective reads of the teacher: its hidden states and head (chunked), or its logits."""
+    if teacher is None:
+        return None
+    if chunked:
+        weight, bias = lm_head_of(teacher)
+        return HeadTeacher(final_hidden_states(teacher, input_ids, attention_mask), weight, bias)
+    return teacher(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+
+# --------------------------------------------------------------------------------------------
+# Set-up: everything is loaded and checked before the run directory is touched.
+# --------------------------------------------------------------------------------------------
+
+
+def objective_from_config(cfg: Config) -> Objective:
+    o = cfg.objective
+    params = {"temperature": o.temperature}
+    if o.name == "jsd":
+        params["beta"] = o.beta
+    elif o.name == "todi":
+        params["beta"] = o.todi_beta
+    elif o.name in ("skl", "srkl"):
+        params["alpha"] = o.alpha
+    elif o.name == "akl":
+        params["mu"] = o.mu
+    return get_objective(o.name, **params)
+
+
+def _tiny_kwargs(m) -> dict[str, int]:
+    return dict(num_layers=m.tiny_layers, hidden_size=m.tiny_hidden, num_heads=m.tiny_heads,
+                intermediate_size=m.tiny_intermediate, max_positions=m.tiny_max_positions)
+
+
+def load_models(cfg: Config):
+    """(student, teacher or None, tokenizer, shared vocabulary size)."""
+    teacher, tokenizer = None, None
+    if cfg.teacher.path.strip().lower() != "none":
+        seed = cfg.teacher.init_seed if cfg.teacher.init_seed is not None else derive_seed(cfg.seed, "teacher") % 2**31
+        teacher, tokenizer = load_model(cfg.teacher.path, dtype=cfg.teacher.dtype, trust_remote_code=cfg.teacher.trust_remote_code,
+                                        tiny=_tiny_kwargs(cfg.teacher) if cfg.teacher.path == "tiny" else None, seed=seed)
+    seed = cfg.student.init_seed if cfg.student.init_seed is not None else cfg.seed
+    student, s_tok = load_model(cfg.student.path, tokenizer=tokenizer if cfg.student.path == "tiny" else None,
+                                dtype=cfg.student.dtype, trust_remote_code=cfg.student.trust_remote_code,
+                                tiny=_tiny_kwargs(cfg.student) if cfg.student.path == "tiny" else None, seed=seed)
+    vocab_size = None
+    if teacher is not None:
+        if s_tok is not tokenizer and s_tok.get_vocab() != tokenizer.get_vocab():
+            raise HPDError(
+                f"the student's tokenizer ({len(s_tok)} tokens, {cfg.student.path}) differs from the teacher's "
+                f"({len(tokenizer)} tokens, {cfg.teacher.path}): logit distillation needs one tokenizer"
+            )
+        vocab_size = shared_vocab_size(student, teacher, s_tok)
+        teacher.requires_grad_(False).eval()
+    return student, teacher, s_tok, vocab_size
+
+
+def load_data(cfg: Config, tokenizer) -> tuple[list[EncodedExample], list[EncodedExample], dict[str, Any]]:
+    """Encoded train and eval examples, and the counts worth logging (rows, skipped, truncated)."""
+    d = cfg.data
+    kw = dict(prompt_field=d.prompt_field, completion_field=d.completion_field, messages_field=d.messages_field,
+              on_bad_row=d.on_bad_row)
+    examples, stats = load_examples(d.train, **kw)
+    train = encode_dataset(examples, tokenizer, max_length=d.max_length, chat_template=d.chat_template, stats=stats)
+    info = {"train_rows": stats.rows, "train_skipped": stats.skipped, "train_truncated": stats.truncated,
+            "skip_reasons": stats.skip_reasons[:5]}
+    evals: list[EncodedExample] = []
+    if d.eval:
+        ex, es = load_examples(d.eval, **kw)
+        evals = encode_dataset(ex, tokenizer, max_length=d.max_length, chat_template=d.chat_template, stats=es)
+        info.update(eval_rows=es.rows, eval_skipped=es.skipped, eval_truncated=es.truncated)
+    elif d.eval_fraction > 0:
+        g = torch.Generator().manual_seed(derive_seed(cfg.seed, "eval-split"))
+        order = torch.randperm(len(train), generator=g).tolist()
+        n_eval = max(1, int(round(len(train) * d.eval_fraction)))
+        if n_eval >= len(train):
+            raise HPDError(f"data.eval_fraction={d.eval_fraction} leaves no training rows out of {len(train)}")
+        evals = [train[i] for i in order[:n_eval]]
+        train = [train[i] for i in sorted(order[n_eval:])]
+        info.update(eval_rows=len(evals))
+    return train, evals, info
+
+
+def _lr_lambda(cfg: Config):
+    o, total = cfg.optim, cfg.max_steps
+    warmup = int(round(o.warmup_ratio * total))
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total - warmup)
+        if o.schedule == "constant":
+            decay = 1.0
+        elif o.schedule == "linear":
+            decay = 1.0 - progress
+        else:
+            decay = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return o.min_lr_ratio + (1.0 - o.min_lr_ratio) * decay
+
+    return f
+
+
+def make_optimizer(cfg: Config, student: nn.Module):
+    decay, no_decay = [], []
+    for p in student.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=(cfg.optim.adam_beta1, cfg.optim.adam_beta2))
+    # The scheduler is stepped by hand once per optimizer step (accelerate's wrapper would step it
+    # once per process).
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
+    return opt, sched
+
+
+# --------------------------------------------------------------------------------------------
+# Logging
+# --------------------------------------------------------------------------------------------
+
+
+class MetricsLog:
+    """metrics.jsonl (one JSON object per line) and, when available, TensorBoard."""
+
+    def __init__(self, run_dir: Path, mode: str, enabled: bool, resume_step: int | None):
+        self.path = run_dir / "metrics.jsonl"
+        self.enabled = enabled
+        self.tb = None
+        if not enabled:
+            return
+        if resume_step is not None and self.path.exists():
+            # Lines written after the checkpoint by the killed run are replaced by the resumed run's.
+            kept = []
+            for line in self.path.read_text().splitlines():
+                try:
+                    rec = json.loads(line)
+                    # The resumed run evaluates again at its first step: drop that evaluation.
+                    if rec.get("step", 0) < resume_step or (rec.get("step") == resume_step and rec.get("type") != "eval"):
+                        kept.append(line)
+                except json.JSONDecodeError:
+                    pass  # a line cut by the kill
+            self.path.write_text("".join(k + "\n" for k in kept))
+        if mode != "off":
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+            except ImportError:
+                if mode == "on":
+                    raise HPDError("log.tensorboard=on but tensorboard is not installed: pip install tensorboard") from None
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        with self.path.open("a") as f:
+            f.write(json.dumps(clean) + "\n")
+        if self.tb is not None and "step" in record:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "step" and math.isfinite(v):
+                    self.tb.add_scalar(f"{record.get('type', 'train')}/{k}", v, record["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def global_metrics(outputs: list[ObjectiveOutput], accelerator) -> dict[str, float]:
+    """Token-weighted metrics over this step's micro-batches on every process."""
+    local: dict[str, list[float]] = {}
+    for o in outputs:
+        for name in o.sums:
+            e = local.setdefault(name, [0.0, 0.0, math.inf, -math.inf, 0.0])  # sum, count, min, max, extreme?
+            e[0] += float(o.sums[name])
+            e[1] += float(o.counts[name])
+            if name in o.mins:
+                e[2] = min(e[2], float(o.mins[name]))
+                e[3] = max(e[3], float(o.maxs[name]))
+                e[4] = 1.0
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        merged: dict[str, list[float]] = {}
+        for part in gather_object([local]):
+            for name, e in part.items():
+                m = merged.setdefault(name, [0.0, 0.0, math.inf, -math.inf, 0.0])
+                m[0] += e[0]; m[1] += e[1]; m[2] = min(m[2], e[2]); m[3] = max(m[3], e[3]); m[4] = max(m[4], e[4])
+        local = merged
+    out: dict[str, float] = {}
+    for name, (s, c, lo, hi, extreme) in local.items():
+        mean = s / c if c > 0 else math.nan
+        if extreme:
+            out[f"{name}_mean"], out[f"{name}_min"], out[f"{name}_max"] = mean, lo if c else math.nan, hi if c else math.nan
+        else:
+            out[name] = mean
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Batch:
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+
+
+class Trainer:
+    """Holds the run's state; `run()` trains to `max_steps`. Use `train(cfg)`."""
+
+    def __init__(self, cfg: Config):
+        from accelerate import Accelerator
+
+        from transformers.utils import logging as hf_logging
+
+        self.cfg = cfg.validate()
+        hf_logging.disable_progress_bar()  # ours is the one progress bar
+        self.acc = Accelerator(mixed_precision=cfg.optim.mixed_precision)
+        self.is_main = self.acc.is_main_process
+        self.rank, self.world = self.acc.process_index, self.acc.num_processes
+        self.run_dir = Path(cfg.output_dir)
+        self.resume_from = resolve_resume(cfg.resume, self.run_dir)
+
+        # Everything a user can get wrong is checked here, before anything is written.
+        student, teacher, self.tokenizer, self.vocab_size = load_models(cfg)
+        self.train_data, self.eval_data, self.data_info = load_data(cfg, self.tokenizer)
+        self.objective = objective_from_config(cfg)
+        if teacher is None and self.objective.needs_teacher:
+            raise HPDError(f"objective '{cfg.objective.name}' needs a teacher: set teacher.path")
+        self.pad_id = self.tokenizer.pad_token_id
+        self.sampling = SamplingSettings(cfg.regime.max_new_tokens, cfg.regime.temperature, cfg.regime.top_p,
+                                         cfg.regime.top_k, batch_size=max(cfg.optim.batch_size, 1))
+
+        device = self.acc.device
+        self.teacher = teacher.to(device) if teacher is not None else None
+        self.student = student
+        self.module = DistillationLoss(student, self.objective, chunk_size=cfg.objective.chunk_size, vocab_size=self.vocab_size)
+        optimizer, self.scheduler = make_optimizer(cfg, student)
+        self.module, self.optimizer = self.acc.prepare(self.module, optimizer)
+        self.sampler = EpochSampler(len(self.train_data), cfg.optim.batch_size, seed=cfg.seed,
+                                    num_replicas=self.world, rank=self.rank)
+        self.step = 0
+        self.bad_in_row = 0
+        self.teacher_completions: list[list[int]] | None = None
+
+    # ---- helpers ----
+
+    def log(self, msg: str) -> None:
+        if self.is_main:
+            print(f"[hpd] {msg}", flush=True)
+
+    @property
+    def unwrapped(self) -> nn.Module:
+        return self.acc.unwrap_model(self.module).student
+
+    def _needs_teacher_generations(self) -> bool:
+        r = self.cfg.regime
+        return r.name == "teacher" or (r.name == "mixed" and r.off_policy == "teacher" and r.mixed_lambda < 1)
+
+    def _prepare_teacher_generations(self) -> None:
+        cache = Path(self.cfg.regime.teacher_cache) if self.cfg.regime.teacher_cache else self.run_dir.parent / "teacher_generations"
+        self.teacher_completions, path = teacher_generations(
+            self.teacher, self.tokenizer, [e.prompt_ids for e in self.train_data], self.sampling, seed=self.cfg.seed,
+            max_length=self.cfg.data.max_length, cache_dir=cache, is_main=self.is_main,
+            barrier=self.acc.wait_for_everyone, log=self.log)
+        self.data_info["teacher_generations"] = str(path)
+
+    def _batch(self, prompts: list[list[int]], completions: list[list[int]]) -> _Batch:
+        b = build_batch(prompts, completions, pad_id=self.pad_id)
+        labels = b["labels"]
+        if self.vocab_size is not None:
+            labels = labels.masked_fill(labels >= self.vocab_size, IGNORE_INDEX)
+        dev = self.acc.device
+        return _Batch(b["input_ids"].to(dev), b["attention_mask"].to(dev), labels.to(dev))
+
+    def _micro_batches(self, regime: str) -> list[_Batch]:
+        batches = []
+        for micro in range(self.cfg.optim.grad_accum):
+            idx = next(self.sampler)
+            prompts = [self.train_data[i].prompt_ids for i in idx]
+            if regime == "dataset":
+                completions = [self.train_data[i].completion_ids for i in idx]
+            elif regime == "teacher":
+                completions = [self.teacher_completions[i] for i in idx]
+            else:  # student
+                seed = derive_seed(self.cfg.seed, self.step, micro, self.rank, "rollout")
+                completions = rollout(self.unwrapped, self.tokenizer, prompts, self.sampling, seed=seed,
+                                      max_length=self.cfg.data.max_length)
+            batches.append(self._batch(prompts, completions))
+        return batches
+
+    def _generator(self, micro: int, salt: str = "sample") -> torch.Generator:
+        dev = self.acc.device
+        g = torch.Generator(device=dev) if dev.type != "mps" else torch.Generator()
+        return g.manual_seed(derive_seed(self.cfg.seed, self.step, micro, self.rank, salt))
+
+    # ---- checkpoints ----
+
+    def save(self) -> Path:
+        cfg = self.cfg
+        sd = self.acc.get_state_dict(self.module)  # gathers FSDP shards
+        student_sd = {k[len("student."):]: v for k, v in sd.items() if k.startswith("student.")} if sd is not None else None
+
+        def write_main(tmp: Path) -> None:
+            self.unwrapped.save_pretrained(str(tmp / "model"), state_dict=student_sd)
+            self.tokenizer.save_pretrained(str(tmp / "model"))
+            torch.save({"step": self.step, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                        "sampler": self.sampler.state_dict(), "bad_in_row": self.bad_in_row, "world": self.world},
+                       tmp / "trainer_state.pt")
+            save_config(cfg, tmp / "config.yaml")
+
+        return save_checkpoint(self.run_dir, self.step, rank=self.rank, is_main=self.is_main,
+                               barrier=self.acc.wait_for_everyone, write_main=write_main, keep_last=cfg.save.keep_last)
+
+    def restore(self, ckpt: Path) -> None:
+        state = load_trainer_state(ckpt)
+        if state.get("world", 1) != self.world:
+            raise HPDError(f"checkpoint {ckpt} was written by {state.get('world')} processes, this run has {self.world}: "
+                           "resume with the same number of processes")
+        load_student_weights(self.unwrapped, ckpt)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.step, self.bad_in_row = state["step"], state["bad_in_row"]
+        load_rng_state(ckpt, self.rank)
+
+    # ---- evaluation ----
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """The objective and diagnostics on held-out examples (their reference completions)."""
+        cfg = self.cfg
+        if not self.eval_data:
+            return {}
+        self.module.eval()
+        bs = cfg.optim.batch_size
+        shard = self.eval_data[self.rank::self.world][: bs * cfg.log.eval_batches]
+        outputs, loss_sum = [], 0.0
+        batches = [self._batch([e.prompt_ids for e in shard[i:i + bs]], [e.completion_ids for e in shard[i:i + bs]])
+                   for i in range(0, len(shard), bs)]
+        n_active = self.acc.reduce(torch.tensor(float(sum(int((b.labels != IGNORE_INDEX).sum()) for b in batches)),
+                                                device=self.acc.device), "sum")
+        for i, b in enumerate(batches):
+            with self.acc.autocast():
+                teach = teacher_view(self.teacher, b.input_ids, b.attention_mask, cfg.objective.chunk_size > 0)
+                res = self.module(b.input_ids, b.attention_mask, b.labels, teach, num_tokens=n_active,
+                                  generator=self._generator(i, "eval"), diagnostics=True)
+            outputs.append(res["output"])
+            loss_sum += float(res["output"].value)
+        self.module.train()
+        metrics = global_metrics(outputs, self.acc)
+        value = float(self.acc.reduce(torch.tensor(loss_sum, device=self.acc.device), "sum"))
+        return {"value": value, **metrics}
+
+    # ---- the loop ----
+
+    def run(self) -> Path:
+        cfg, acc = self.cfg, self.acc
+        if self.resume_from is not None:
+            self.restore(self.resume_from)
+            self.log(f"resumed from {self.resume_from} at step {self.step}")
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+        acc.wait_for_everyone()
+        if self._needs_teacher_generations():
+            self._prepare_teacher_generations()
+        metrics_log = MetricsLog(self.run_dir, cfg.log.tensorboard, self.is_main,
+                                 self.step if self.resume_from is not None else None)
+        if self.resume_from is None:
+            metrics_log.write({"type": "info", "step": 0, "world_size": self.world, **self.data_info,
+                               "student_parameters": sum(p.numel() for p in self.unwrapped.parameters()),
+                               "teacher_parameters": sum(p.numel() for p in self.teacher.parameters()) if self.teacher else 0})
+        self.log(f"training {cfg.objective.name} ({cfg.regime.name} regime) for {cfg.max_steps} steps; "
+                 f"{len(self.train_data)} training examples; run dir {self.run_dir}")
+        progress = None
+        if self.is_main and cfg.log.progress:
+            from tqdm.auto import tqdm
+
+            progress = tqdm(total=cfg.max_steps, initial=self.step, desc=f"hpd {cfg.objective.name}", unit="step",
+                            dynamic_ncols=True)
+        try:
+            while self.step < cfg.max_steps:
+                if cfg.log.eval_every and self.step % cfg.log.eval_every == 0:
+                    metrics_log.write({"type": "eval", "step": self.step, **self.evaluate()})
+                record = self.train_step()
+                self.step += 1
+                if record is not None and (self.step % cfg.log.every == 0 or self.step == cfg.max_steps):
+                    metrics_log.write(record)
+                if progress is not None:
+                    progress.update(1)
+                    if record is not None:
+                        progress.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
+                if cfg.save.every and self.step % cfg.save.every == 0 and self.step < cfg.max_steps:
+                    self.save()
+        finally:
+            if progress is not None:
+                progress.close()
+        if self.eval_data:
+            metrics_log.write({"type": "eval", "step": self.step, **self.evaluate()})
+        self.save()
+        if self.is_main:
+            save_model(self.unwrapped, self.tokenizer, self.run_dir / "final")
+        acc.wait_for_everyone()
+        metrics_log.close()
+        self.log(f"done: student at {self.run_dir / 'final'}, metrics in {self.run_dir / 'metrics.jsonl'}")
+        return self.run_dir
+
+    def train_step(self) -> dict[str, Any] | None:
+        cfg, acc = self.cfg, self.acc
+        t0 = time.perf_counter()
+        regime = step_regime(cfg.regime.name, cfg.regime.mixed_lambda, cfg.regime.off_policy, seed=cfg.seed, step=self.step)
+        batches = self._micro_batches(regime)
+        local_tokens = torch.tensor(float(sum(int((b.labels != IGNORE_INDEX).sum()) for b in batches)), device=acc.device)
+        num_tokens = acc.reduce(local_tokens, "sum") if self.world > 1 else local_tokens
+        diagnostics = self.step % cfg.log.diagnostics_every == 0
+        chunked = cfg.objective.chunk_size > 0
+        outputs: list[ObjectiveOutput] = []
+        loss_sum = torch.zeros((), device=acc.device)
+        value_sum = torch.zeros((), device=acc.device)
+        for micro, b in enumerate(batches):
+            last = micro == len(batches) - 1
+            with (nullcontext() if last else acc.no_sync(self.module)), acc.autocast():
+                teach = teacher_view(self.teacher, b.input_ids, b.attention_mask, chunked)
+                res = self.module(b.input_ids, b.attention_mask, b.labels, teach, num_tokens=num_tokens,
+                                  generator=self._generator(micro), diagnostics=diagnostics)
+                # DDP averages gradients over processes; the loss is already a share of the global
+                # token mean, so scale it back up to keep the gradient of the global mean.
+                acc.backward(res["loss"] * self.world)
+            outputs.append(res["output"])
+            loss_sum += res["loss"].detach()
+            value_sum += res["output"].value
+        max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else float("inf")
+        grad_norm = acc.clip_grad_norm_(self.unwrapped.parameters(), max_norm)
+        totals = torch.stack([loss_sum, value_sum])
+        if self.world > 1:
+            totals = acc.reduce(totals, "sum")
+        loss, value, gnorm = float(totals[0]), float(totals[1]), float(grad_norm)
+        if not (math.isfinite(loss) and math.isfinite(gnorm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.bad_in_row += 1
+            what = "loss" if not math.isfinite(loss) else "gradient norm"
+            self.log(f"step {self.step + 1}: non-finite {what} ({loss if what == 'loss' else gnorm}); step skipped "
+                     f"({self.bad_in_row} in a row)")
+            if self.bad_in_row >= cfg.optim.max_bad_steps:
+                from hpd.checkpoint import latest_checkpoint
+
+                last = latest_checkpoint(self.run_dir)
+                raise HPDError(
+                    f"stopped at step {self.step + 1}: {self.bad_in_row} steps in a row had a non-finite {what} "
+                    f"(optim.max_bad_steps={cfg.optim.max_bad_steps}). Last good checkpoint: "
+                    f"{last if last else 'none (save.every=0)'}. Try a lower optim.lr, optim.max_grad_norm, or "
+                    "objective.temperature, and check the data")
+            return {"type": "skip", "step": self.step + 1, "reason": f"non-finite {what}", "regime": regime}
+        self.bad_in_row = 0
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        dt = time.perf_counter() - t0
+        record = {"type": "train", "step": self.step + 1, "loss": loss, "value": value, "lr": lr, "grad_norm": gnorm,
+                  "regime": regime, "tokens": float(num_tokens), "tokens_per_s": float(num_tokens) / dt, "step_time_s": dt,
+                  "epoch": self.sampler.epoch + self.sampler.position / self.sampler.num_examples}
+        if (self.step + 1) % cfg.log.every == 0 or self.step + 1 == cfg.max_steps:
+            record.update(global_metrics(outputs, acc))
+        return record
+
+
+def train(config: Config | dict | str | os.PathLike) -> Path:
+    """Train as the config says; returns the run directory (its `final/` holds the student).
+
+    `config` is a `Config`, a dict of the YAML structure, or the path of a YAML file.
+    """
+    if isinstance(config, (str, os.PathLike)):
+        config = load_config(str(config))
+    elif isinstance(config, dict):
+        from hpd.config import config_from_dict
+
+        config = config_from_dict(config)
+    return Trainer(config).run()
+
+
+__all__ = ["DistillationLoss", "Trainer", "train"]
