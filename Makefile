@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The CPU build of PyTorch unless CUDA is present (an unpinned torch would pull a multi-GB CUDA build).
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch" || echo "torch==2.13.0")
 
-.PHONY: install demo test test-slow bench-objectives clean
+.PHONY: install demo test test-slow bench-objectives readme clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -30,3 +30,6 @@ bench-objectives: install
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+readme: install
+	$(BIN)/python scripts/update_readme.py
