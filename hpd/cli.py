@@ -111,7 +111,8 @@ def train(
         from hpd.trainer import train as run_training  # heavy: torch, transformers, accelerate
 
         run_dir = run_training(cfg)
-        typer.echo(f"run finished: {run_dir}")
+        if os.environ.get("RANK", "0") == "0":  # one line, not one per process
+            typer.echo(f"run finished: {run_dir}")
 
 
 # --------------------------------------------------------------------------------------------
