@@ -208,7 +208,11 @@ class MetricsLog:
         self.tb = None
         if not enabled:
             return
-        if resume_step is not None and self.path.exists():
+        if resume_step is None and self.path.exists():
+            # A fresh start (e.g. a rerun of a run killed before its first checkpoint): the old
+            # lines describe steps that will be trained again, so they go.
+            self.path.write_text("")
+        elif resume_step is not None and self.path.exists():
             # Lines written after the checkpoint by the killed run are replaced by the resumed run's.
             kept = []
             for line in self.path.read_text().splitlines():
@@ -298,13 +302,20 @@ class Trainer:
 
         self.cfg = cfg.validate()
         hf_logging.disable_progress_bar()  # ours is the one progress bar
-        self.acc = Accelerator(mixed_precision=cfg.optim.mixed_precision)
+        # Without a GPU, cpu=True is what makes accelerate use torch.distributed (gloo) across the
+        # processes that `accelerate launch` started; otherwise each would train alone.
+        self.acc = Accelerator(mixed_precision=cfg.optim.mixed_precision, cpu=not torch.cuda.is_available())
         self.is_main = self.acc.is_main_process
         self.rank, self.world = self.acc.process_index, self.acc.num_processes
         self.run_dir = Path(cfg.output_dir)
         self.resume_from = resolve_resume(cfg.resume, self.run_dir)
 
         # Everything a user can get wrong is checked here, before anything is written.
+        if cfg.log.tensorboard == "on":
+            try:
+                from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+            except ImportError:
+                raise HPDError("log.tensorboard=on but tensorboard is not installed: pip install tensorboard") from None
         student, teacher, self.tokenizer, self.vocab_size = load_models(cfg)
         self.train_data, self.eval_data, self.data_info = load_data(cfg, self.tokenizer)
         self.objective = objective_from_config(cfg)
@@ -468,7 +479,9 @@ class Trainer:
                     metrics_log.write({"type": "eval", "step": self.step, **self.evaluate()})
                 record = self.train_step()
                 self.step += 1
-                if record is not None and (self.step % cfg.log.every == 0 or self.step == cfg.max_steps):
+                # A skipped step is always logged, whatever log.every says.
+                if record is not None and (record["type"] == "skip" or self.step % cfg.log.every == 0
+                                           or self.step == cfg.max_steps):
                     metrics_log.write(record)
                 if progress is not None:
                     progress.update(1)
@@ -532,7 +545,8 @@ class Trainer:
                 raise HPDError(
                     f"stopped at step {self.step + 1}: {self.bad_in_row} steps in a row had a non-finite {what} "
                     f"(optim.max_bad_steps={cfg.optim.max_bad_steps}). Last good checkpoint: "
-                    f"{last if last else 'none (save.every=0)'}. Try a lower optim.lr, optim.max_grad_norm, or "
+                    f"{last if last else ('none yet' if cfg.save.every else 'none (save.every=0)')}. "
+                    "Try a lower optim.lr, optim.max_grad_norm, or "
                     "objective.temperature, and check the data")
             return {"type": "skip", "step": self.step + 1, "reason": f"non-finite {what}", "regime": regime}
         self.bad_in_row = 0

@@ -1,0 +1,76 @@
+"""Shared fixtures: the repository root and a tiny teacher trained once per session."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# The tiny teacher: configs/tiny-teacher.yaml made smaller (it trains in a couple of seconds).
+# It has the students' default size but its own initialisation (student.init_seed), so no
+# student starts out as a copy of the teacher's random init.
+TEACHER_OVERRIDES = [
+    "max_steps=120",
+    "student.tiny_layers=2",
+    "student.tiny_hidden=64",
+    "student.tiny_intermediate=128",
+    "student.init_seed=1234",
+    "data.max_length=48",
+    "data.eval_fraction=0.125",  # the same held-out rows as the students (same seed)
+    "optim.batch_size=16",
+    "log.every=1",
+    "log.progress=false",
+    "log.tensorboard=off",
+    "save.every=0",
+]
+
+
+@contextlib.contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """Run torch on one thread inside the block.
+
+    Tiny models gain nothing from intra-op threads, and on a small machine shared with other jobs
+    two spinning OpenMP threads per process make a run tens of times slower.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    """The repository root: config and data paths in configs/*.yaml are relative to it."""
+    return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory, repo_root) -> Path:
+    """`final/` of a tiny teacher trained with SFT (teacher.path=none) on examples/tiny.jsonl.
+
+    Checked to be far better than a random model on the held-out rows, so that distilling from it
+    is meaningful.
+    """
+    from hpd.config import load_config
+    from hpd.trainer import train
+
+    run_dir = tmp_path_factory.mktemp("teacher") / "run"
+    with pytest.MonkeyPatch.context() as mp, one_torch_thread():
+        mp.chdir(repo_root)
+        train(load_config("configs/tiny-teacher.yaml", [f"output_dir={run_dir}", *TEACHER_OVERRIDES]))
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    evals = [r for r in map(json.loads, lines) if r["type"] == "eval"]
+    ce = evals[-1]["ce"]
+    random_ce = math.log(263)  # a uniform guess over the byte tokenizer
+    assert ce < 0.4 * random_ce, f"the tiny teacher did not learn: held-out ce {ce:.3f} (random {random_ce:.3f})"
+    return run_dir / "final"
