@@ -335,6 +335,9 @@ class Trainer:
                                     num_replicas=self.world, rank=self.rank)
         self.step = 0
         self.bad_in_row = 0
+        # Cumulative costs, kept across resumes: training wall time, tokens through the teacher's
+        # forward (for the objective, not for logging diagnostics), tokens sampled from the student.
+        self.totals = {"elapsed_s": 0.0, "teacher_tokens_total": 0.0, "generated_tokens_total": 0.0}
         self.teacher_completions: list[list[int]] | None = None
 
     # ---- helpers ----
@@ -380,6 +383,7 @@ class Trainer:
                 seed = derive_seed(self.cfg.seed, self.step, micro, self.rank, "rollout")
                 completions = rollout(self.unwrapped, self.tokenizer, prompts, self.sampling, seed=seed,
                                       max_length=self.cfg.data.max_length)
+                self._generated += sum(len(c) for c in completions)
             batches.append(self._batch(prompts, completions))
         return batches
 
@@ -399,7 +403,8 @@ class Trainer:
             self.unwrapped.save_pretrained(str(tmp / "model"), state_dict=student_sd)
             self.tokenizer.save_pretrained(str(tmp / "model"))
             torch.save({"step": self.step, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                        "sampler": self.sampler.state_dict(), "bad_in_row": self.bad_in_row, "world": self.world},
+                        "sampler": self.sampler.state_dict(), "bad_in_row": self.bad_in_row, "world": self.world,
+                        "totals": self.totals},
                        tmp / "trainer_state.pt")
             save_config(cfg, tmp / "config.yaml")
 
@@ -416,6 +421,7 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state_dict(state["sampler"])
         self.step, self.bad_in_row = state["step"], state["bad_in_row"]
+        self.totals.update(state.get("totals", {}))
         load_rng_state(ckpt, self.rank)
 
     # ---- evaluation ----
@@ -506,6 +512,7 @@ class Trainer:
         cfg, acc = self.cfg, self.acc
         t0 = time.perf_counter()
         regime = step_regime(cfg.regime.name, cfg.regime.mixed_lambda, cfg.regime.off_policy, seed=cfg.seed, step=self.step)
+        self._generated = 0
         batches = self._micro_batches(regime)
         local_tokens = torch.tensor(float(sum(int((b.labels != IGNORE_INDEX).sum()) for b in batches)), device=acc.device)
         num_tokens = acc.reduce(local_tokens, "sum") if self.world > 1 else local_tokens
@@ -514,10 +521,13 @@ class Trainer:
         outputs: list[ObjectiveOutput] = []
         loss_sum = torch.zeros((), device=acc.device)
         value_sum = torch.zeros((), device=acc.device)
+        # sft needs the teacher only for the logged diagnostics: skip its forward otherwise.
+        use_teacher = self.teacher is not None and (self.objective.needs_teacher or diagnostics)
+        teacher_tokens = sum(int(b.attention_mask.sum()) for b in batches) if self.objective.needs_teacher else 0
         for micro, b in enumerate(batches):
             last = micro == len(batches) - 1
             with (nullcontext() if last else acc.no_sync(self.module)), acc.autocast():
-                teach = teacher_view(self.teacher, b.input_ids, b.attention_mask, chunked)
+                teach = teacher_view(self.teacher, b.input_ids, b.attention_mask, chunked) if use_teacher else None
                 res = self.module(b.input_ids, b.attention_mask, b.labels, teach, num_tokens=num_tokens,
                                   generator=self._generator(micro), diagnostics=diagnostics)
                 # DDP averages gradients over processes; the loss is already a share of the global
@@ -528,10 +538,13 @@ class Trainer:
             value_sum += res["output"].value
         max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else float("inf")
         grad_norm = acc.clip_grad_norm_(self.unwrapped.parameters(), max_norm)
-        totals = torch.stack([loss_sum, value_sum])
+        costs = torch.tensor([float(teacher_tokens), float(self._generated)], device=acc.device)
+        totals = torch.cat([torch.stack([loss_sum, value_sum]).float(), costs])
         if self.world > 1:
             totals = acc.reduce(totals, "sum")
         loss, value, gnorm = float(totals[0]), float(totals[1]), float(grad_norm)
+        self.totals["teacher_tokens_total"] += float(totals[2])
+        self.totals["generated_tokens_total"] += float(totals[3])
         if not (math.isfinite(loss) and math.isfinite(gnorm)):
             self.optimizer.zero_grad(set_to_none=True)
             self.bad_in_row += 1
@@ -548,16 +561,18 @@ class Trainer:
                     f"{last if last else ('none yet' if cfg.save.every else 'none (save.every=0)')}. "
                     "Try a lower optim.lr, optim.max_grad_norm, or "
                     "objective.temperature, and check the data")
-            return {"type": "skip", "step": self.step + 1, "reason": f"non-finite {what}", "regime": regime}
+            self.totals["elapsed_s"] += time.perf_counter() - t0
+            return {"type": "skip", "step": self.step + 1, "reason": f"non-finite {what}", "regime": regime, **self.totals}
         self.bad_in_row = 0
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         dt = time.perf_counter() - t0
+        self.totals["elapsed_s"] += dt
         record = {"type": "train", "step": self.step + 1, "loss": loss, "value": value, "lr": lr, "grad_norm": gnorm,
                   "regime": regime, "tokens": float(num_tokens), "tokens_per_s": float(num_tokens) / dt, "step_time_s": dt,
-                  "epoch": self.sampler.epoch + self.sampler.position / self.sampler.num_examples}
+                  "epoch": self.sampler.epoch + self.sampler.position / self.sampler.num_examples, **self.totals}
         if (self.step + 1) % cfg.log.every == 0 or self.step + 1 == cfg.max_steps:
             record.update(global_metrics(outputs, acc))
         return record
