@@ -95,7 +95,8 @@ def test_corrupted_completions_fail(name, items_200):
 
 @pytest.mark.parametrize("steps", [1, 2, 5])
 def test_math_steps_set_the_chain_length_and_values_stay_small(steps):
-    items = MathTask(steps=steps).generate("train", 100, seed=1)
+    task = MathTask(steps=steps)
+    items = task.generate("train", 100, seed=1)
     for item in items:
         assert item.prompt.count(",") == steps
         chain = re.findall(r"(\d+)([-+*/])(\d+)=(\d+)\.", item.reference)
@@ -106,7 +107,8 @@ def test_math_steps_set_the_chain_length_and_values_stay_small(steps):
             value = {"+": value + int(b), "-": value - int(b), "*": value * int(b),
                      "/": value // int(b)}[op]
             assert op != "/" or int(a) % int(b) == 0  # exact division only
-            assert int(result) == value and 0 <= value <= 99
+            assert int(result) == value and 0 <= value <= task.max_value
+            assert op not in "+-" or int(b) <= 20  # the default max_operand
         assert item.answer == str(value) and item.reference.endswith(f"Answer: {value}")
 
 

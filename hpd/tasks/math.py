@@ -28,7 +28,6 @@ from hpd.errors import HPDError
 from hpd.tasks.base import Task, TaskItem
 
 # Operand ranges: single digits keep the arithmetic within what a tiny model can learn.
-ADD_RANGE = range(1, 10)
 MUL_RANGE = range(2, 6)
 START_RANGE = range(1, 21)
 MAX_STEPS = 12
@@ -83,28 +82,35 @@ def _numeric_equal(completion: str, reference_answer: str) -> bool:
 
 
 class MathTask(Task):
-    """Arithmetic chains; `steps` (number of operations) sets the difficulty."""
+    """Arithmetic chains; `steps` (number of operations) sets the difficulty.
+
+    The default (4 steps, values up to 999, add/minus operands up to 20) is hard enough that the
+    bundled teacher stays clearly imperfect on it: multi-digit carries over a long chain.
+    """
 
     name = "math"
 
-    def __init__(self, steps: int = 3, max_value: int = 99) -> None:
+    def __init__(self, steps: int = 4, max_value: int = 999, max_operand: int = 20) -> None:
         if not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
             raise HPDError(f"math: steps must be an integer in 1..{MAX_STEPS}, got {steps!r}")
         if not isinstance(max_value, int) or max_value < 20:
             raise HPDError(f"math: max_value must be an integer >= 20, got {max_value!r}")
+        if not isinstance(max_operand, int) or not 9 <= max_operand <= max_value:
+            raise HPDError(f"math: max_operand must be an integer in 9..max_value, got {max_operand!r}")
         self.steps = steps
         self.max_value = max_value
+        self.add_range = range(1, max_operand + 1)
         # "12*2=24. " is about 9 bytes per step, "Answer: 21" about 10; generous slack.
-        self.max_new_tokens = 12 * steps + 24
+        self.max_new_tokens = 16 * steps + 24
 
     @property
     def params(self) -> dict[str, Any]:
-        return {"steps": self.steps, "max_value": self.max_value}
+        return {"steps": self.steps, "max_value": self.max_value, "max_operand": len(self.add_range)}
 
     def _moves(self, v: int) -> list[tuple[str, str, int, int]]:
         """Every legal (words, symbol, operand, result) from value v, all results in range."""
         moves = []
-        for k in ADD_RANGE:
+        for k in self.add_range:
             if v + k <= self.max_value:
                 moves.append((f"add {k}", "+", k, v + k))
             if v - k >= 0:
