@@ -18,6 +18,8 @@ from hpd.objectives import (
 )
 
 D = torch.float64
+# The tests read values of differentiable losses with float(); that is what they mean to do.
+pytestmark = pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad")
 VOCAB_OBJECTIVES = ["fkl", "rkl", "jsd", "skl", "srkl", "tvd", "akl", "todi"]
 
 
