@@ -452,3 +452,16 @@ def test_resolve_shared_vocab():
         resolve_shared_vocab(100, 120, tokenizer_size=110)
     with pytest.raises(HPDError, match="student 100 rows, teacher 120 rows"):
         resolve_shared_vocab(100, 120)
+
+
+@pytest.mark.parametrize("name", ["fkl", "hpd"])
+def test_loss_is_full_precision_inside_autocast(name):
+    """Under a bf16 autocast (mixed-precision training) the loss still runs in float32, exactly."""
+    h, W, _, th, tW, y = _head_case(bias=False, dtype=torch.float32)
+    obj = get_objective(name)
+    ref = obj.chunked(h, W, HeadTeacher(th, tW), y, chunk_size=4, generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = obj.chunked(h, W, HeadTeacher(th, tW), y, chunk_size=4, generator=torch.Generator().manual_seed(0))
+        plain = obj(h @ W.T, th @ tW.T, y, generator=torch.Generator().manual_seed(0))
+    assert out.loss.dtype == torch.float32 and float(out.loss) == float(ref.loss)
+    assert plain.loss.dtype == torch.float32

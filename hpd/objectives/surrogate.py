@@ -224,6 +224,11 @@ class _Plan:
         )
 
 
+def _full_precision(device: torch.device):
+    """Losses are computed in float32 (or float64) even inside a bf16/fp16 autocast region."""
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
 def _picked(logq: Tensor, tw: TokenWeights) -> Tensor:
     """`log q` at the objective's token set: `(C, V)` or `(C, K)`."""
     return logq if tw.tokens is None else logq.gather(1, tw.tokens)
@@ -243,14 +248,15 @@ def objective_loss(obj: Objective, student_logits: Tensor, teacher, labels: Tens
     diagnostics:    also report teacher-student agreement, KL(p||q) and student entropy.
     """
     B, T, Vs = student_logits.shape
-    plan = _Plan(obj, teacher, labels, Vs, sampled_tokens=sampled_tokens, generator=generator, num_tokens=num_tokens,
-                 vocab_size=vocab_size, diagnostics=diagnostics, device=student_logits.device)
-    z = upcast(student_logits.reshape(B * T, Vs)[plan.pos, : plan.V])
-    if plan.tau != 1.0:
-        z = z / plan.tau
-    logq = torch.log_softmax(z, -1)
-    tw = plan.terms(logq.detach(), slice(0, plan.N))
-    loss = -(tw.weights * _picked(logq, tw)).sum() / plan.denom
+    with _full_precision(student_logits.device):
+        plan = _Plan(obj, teacher, labels, Vs, sampled_tokens=sampled_tokens, generator=generator, num_tokens=num_tokens,
+                     vocab_size=vocab_size, diagnostics=diagnostics, device=student_logits.device)
+        z = upcast(student_logits.reshape(B * T, Vs)[plan.pos, : plan.V])
+        if plan.tau != 1.0:
+            z = z / plan.tau
+        logq = torch.log_softmax(z, -1)
+        tw = plan.terms(logq.detach(), slice(0, plan.N))
+        loss = -(tw.weights * _picked(logq, tw)).sum() / plan.denom
     return plan.output(loss)
 
 
@@ -328,8 +334,9 @@ def chunked_objective_loss(obj: Objective, hidden: Tensor, lm_head_weight: Tenso
     if chunk_size < 1:
         raise HPDError(f"chunk_size must be >= 1, got {chunk_size}")
     B, T, H = hidden.shape
-    plan = _Plan(obj, teacher, labels, lm_head_weight.shape[0], sampled_tokens=sampled_tokens, generator=generator,
-                 num_tokens=num_tokens, vocab_size=vocab_size, diagnostics=diagnostics, device=hidden.device)
-    active_hidden = hidden.reshape(B * T, H)[plan.pos]
-    loss = _ChunkedSurrogate.apply(active_hidden, lm_head_weight, lm_head_bias, plan, chunk_size)
+    with _full_precision(hidden.device):
+        plan = _Plan(obj, teacher, labels, lm_head_weight.shape[0], sampled_tokens=sampled_tokens, generator=generator,
+                     num_tokens=num_tokens, vocab_size=vocab_size, diagnostics=diagnostics, device=hidden.device)
+        active_hidden = hidden.reshape(B * T, H)[plan.pos]
+        loss = _ChunkedSurrogate.apply(active_hidden, lm_head_weight, lm_head_bias, plan, chunk_size)
     return plan.output(loss)
