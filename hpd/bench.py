@@ -11,8 +11,9 @@ Each run keeps its directory under `OUT/runs/`, so an interrupted benchmark resu
 runs are skipped, unfinished ones resume from their checkpoint, evaluations are cached in
 `OUT/runs/<run>/bench.json`.
 
-    hpd bench --out runs/bench                   # the full table (about an hour on 2 cores)
+    hpd bench --out runs/bench                   # the full table (about 90 minutes on 2 cores)
     hpd bench --smoke --out /tmp/bench-smoke     # a small setting (CI)
+    hpd bench --methods sft,hpd --seeds 0 --set optim.lr=1e-2 --out runs/bench-lr1e-2   # one knob changed
 """
 
 from __future__ import annotations
@@ -49,10 +50,11 @@ class BenchSettings:
     teacher: Path = BUNDLED_TEACHER
     methods: list[str] = field(default_factory=lambda: list(METHODS))
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    steps: int = 300
+    steps: int = 500
     n_eval: int = 100
     train_per_task: int = 4000
     jobs: int = 2
+    overrides: list[str] = field(default_factory=list)  # applied to every run, after the method's own
 
 
 def _slug(label: str) -> str:
@@ -79,6 +81,7 @@ def summarize_run(run_dir: Path, eval_results: dict) -> dict:
     return {
         "eval": eval_results,
         "wall_s": last.get("elapsed_s"),
+        "cpu_s": last.get("cpu_s"),
         "teacher_tokens": last.get("teacher_tokens_total"),
         "generated_tokens": last.get("generated_tokens_total"),
         "spikes": loss_spikes(kl),
@@ -95,17 +98,17 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
 
 
 def format_table(summary: dict[str, list[dict]]) -> str:
-    cols = [*TASKS, "mean acc", "std (seeds)", "wall s", "teacher fwd tok", "student gen tok", "spikes", "agreement"]
+    cols = ["seeds", *TASKS, "mean acc", "std (seeds)", "wall s", "CPU s", "teacher fwd tok", "student gen tok", "spikes", "agreement"]
     lines = ["| method | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
     for label, runs in summary.items():
-        cells = []
+        cells = [str(len(runs))]
         for t in TASKS:
             m, s = _mean_std([100 * r["eval"][t]["accuracy"] for r in runs])
             cells.append(f"{m:.1f} ± {s:.1f}")
         means = [100 * statistics.fmean(r["eval"][t]["accuracy"] for t in TASKS) for r in runs]
         m, s = _mean_std(means)
         cells += [f"{m:.1f}", f"{s:.1f}"]
-        for key, fmt in (("wall_s", "{:.0f}"), ("teacher_tokens", "{:.2e}"), ("generated_tokens", "{:.2e}"),
+        for key, fmt in (("wall_s", "{:.0f}"), ("cpu_s", "{:.0f}"), ("teacher_tokens", "{:.2e}"), ("generated_tokens", "{:.2e}"),
                          ("spikes", "{:.1f}"), ("final_agreement", "{:.3f}")):
             v, _ = _mean_std([r.get(key) for r in runs])
             cells.append("-" if v != v else fmt.format(v))
@@ -131,7 +134,7 @@ def run_bench(s: BenchSettings) -> Path:
         objective, extra = METHODS[label]
         for seed in s.seeds:
             run_dir = out / "runs" / f"{_slug(label)}-s{seed}"
-            extra_all = [*extra, f"regime.teacher_cache={out / 'teacher_generations'}"]
+            extra_all = [*extra, f"regime.teacher_cache={out / 'teacher_generations'}", *s.overrides]
             cfgs.append(student_config(run_dir, s.teacher, train, eval_, objective=objective, steps=s.steps, seed=seed,
                                        extra=extra_all))
             runs.append((label, seed, run_dir))
@@ -151,7 +154,8 @@ def run_bench(s: BenchSettings) -> Path:
     table = format_table(summary)
     plot_runs([d for _, seed, d in runs if seed == s.seeds[0]], out / "plots")
     header = (f"hpd bench: {len(s.methods)} methods x seeds {s.seeds}, {s.steps} steps, batch 32, default student, "
-              f"teacher {s.teacher}; held-out accuracy (%) on {s.n_eval} problems per task, mean ± std over seeds")
+              f"teacher {s.teacher}{', overrides ' + ' '.join(s.overrides) if s.overrides else ''}; "
+              f"held-out accuracy (%) on {s.n_eval} problems per task, mean ± std over seeds")
     (out / "results.md").write_text(f"{header}\n\n{table}\n")
     (out / "results.json").write_text(json.dumps(summary, indent=2))
     print(header)

@@ -299,7 +299,7 @@ def data_cmd(
 @app.command("demo")
 def demo_cmd(
     out: Path = typer.Option(Path("runs/demo"), "--out", "-o", metavar="DIR", help="Where the runs, table and plots go."),
-    steps: int = typer.Option(400, "--steps", metavar="N", min=1, help="Optimizer steps per student."),
+    steps: int = typer.Option(1000, "--steps", metavar="N", min=1, help="Optimizer steps per student."),
     n: int = typer.Option(100, "--n", metavar="N", min=1, help="Held-out problems per task."),
     teacher: Optional[Path] = typer.Option(None, "--teacher", metavar="DIR", help="Teacher [default: the bundled one]."),
     seed: int = typer.Option(0, "--seed", metavar="S", help="Seed of data, initialisation and sampling."),
@@ -318,11 +318,14 @@ def bench_cmd(
     methods: Optional[str] = typer.Option(None, "--methods", metavar="LIST",
                                           help="Comma-separated method labels [default: all]; see hpd.bench.METHODS."),
     seeds: str = typer.Option("0,1,2", "--seeds", metavar="LIST", help="Comma-separated seeds."),
-    steps: int = typer.Option(300, "--steps", metavar="N", min=1, help="Optimizer steps per run."),
+    steps: int = typer.Option(500, "--steps", metavar="N", min=1, help="Optimizer steps per run."),
     n: int = typer.Option(100, "--n", metavar="N", min=1, help="Held-out problems per task."),
     teacher: Optional[Path] = typer.Option(None, "--teacher", metavar="DIR", help="Teacher [default: the bundled one]."),
     jobs: int = typer.Option(2, "--jobs", metavar="J", min=1, help="Runs trained at once."),
     smoke: bool = typer.Option(False, "--smoke", help="A small setting: sft and hpd, one seed, 4 steps, 6 problems."),
+    overrides: Optional[list[str]] = typer.Option(None, "--set", metavar="KEY=VALUE",
+                                                  help="A config override applied to every run (repeatable), "
+                                                       "e.g. --set optim.lr=1e-2; use a separate --out."),
 ) -> None:
     """Compare objectives and regimes on the bundled tasks at equal steps and batch size."""
     with _user_errors():
@@ -332,7 +335,7 @@ def bench_cmd(
         chosen = [m.strip() for m in methods.split(",")] if methods else list(METHODS)
         seed_list = [int(x) for x in seeds.split(",") if x.strip()]
         s = BenchSettings(out_dir=out, teacher=teacher or BUNDLED_TEACHER, methods=chosen, seeds=seed_list,
-                          steps=steps, n_eval=n, jobs=jobs)
+                          steps=steps, n_eval=n, jobs=jobs, overrides=list(overrides or []))
         if smoke:
             s.methods, s.seeds, s.steps, s.n_eval, s.train_per_task = SMOKE_METHODS, [0], 4, 6, 50
         run_bench(s)

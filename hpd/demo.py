@@ -44,7 +44,7 @@ STUDENT_OVERRIDES = [
 class DemoSettings:
     out_dir: Path = Path("runs/demo")
     teacher: Path = BUNDLED_TEACHER
-    steps: int = 400
+    steps: int = 1000
     n_eval: int = 100
     train_per_task: int = 4000
     seed: int = 0

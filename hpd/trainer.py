@@ -337,7 +337,9 @@ class Trainer:
         self.bad_in_row = 0
         # Cumulative costs, kept across resumes: training wall time, tokens through the teacher's
         # forward (for the objective, not for logging diagnostics), tokens sampled from the student.
-        self.totals = {"elapsed_s": 0.0, "teacher_tokens_total": 0.0, "generated_tokens_total": 0.0}
+        # Cumulative over resumes. cpu_s (this process's CPU time) is the cost figure that stays
+        # comparable when other jobs share the cores; elapsed_s is wall time.
+        self.totals = {"elapsed_s": 0.0, "cpu_s": 0.0, "teacher_tokens_total": 0.0, "generated_tokens_total": 0.0}
         self.teacher_completions: list[list[int]] | None = None
 
     # ---- helpers ----
@@ -510,7 +512,7 @@ class Trainer:
 
     def train_step(self) -> dict[str, Any] | None:
         cfg, acc = self.cfg, self.acc
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         regime = step_regime(cfg.regime.name, cfg.regime.mixed_lambda, cfg.regime.off_policy, seed=cfg.seed, step=self.step)
         self._generated = 0
         batches = self._micro_batches(regime)
@@ -562,6 +564,7 @@ class Trainer:
                     "Try a lower optim.lr, optim.max_grad_norm, or "
                     "objective.temperature, and check the data")
             self.totals["elapsed_s"] += time.perf_counter() - t0
+            self.totals["cpu_s"] += time.process_time() - c0
             return {"type": "skip", "step": self.step + 1, "reason": f"non-finite {what}", "regime": regime, **self.totals}
         self.bad_in_row = 0
         lr = self.scheduler.get_last_lr()[0]
@@ -570,6 +573,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         dt = time.perf_counter() - t0
         self.totals["elapsed_s"] += dt
+        self.totals["cpu_s"] += time.process_time() - c0
         record = {"type": "train", "step": self.step + 1, "loss": loss, "value": value, "lr": lr, "grad_norm": gnorm,
                   "regime": regime, "tokens": float(num_tokens), "tokens_per_s": float(num_tokens) / dt, "step_time_s": dt,
                   "epoch": self.sampler.epoch + self.sampler.position / self.sampler.num_examples, **self.totals}

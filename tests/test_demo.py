@@ -42,7 +42,7 @@ def test_demo_without_teacher_says_how_to_build_one(tmp_path):
 def test_bench_smoke(tmp_path, repo_root, monkeypatch):
     monkeypatch.chdir(repo_root)
     out = run_bench(BenchSettings(out_dir=tmp_path / "bench", methods=["sft", "hpd", "orkl (on-policy)"], seeds=[0],
-                                  steps=3, n_eval=3, train_per_task=20))
+                                  steps=3, n_eval=3, train_per_task=20, overrides=["optim.lr=0.002"]))
     summary = json.loads((out / "results.json").read_text())
     assert set(summary) == {"sft", "hpd", "orkl (on-policy)"}
     table = (out / "results.md").read_text()
@@ -52,6 +52,15 @@ def test_bench_smoke(tmp_path, repo_root, monkeypatch):
     assert summary["orkl (on-policy)"][0]["generated_tokens"] > 0
     assert summary["hpd"][0]["generated_tokens"] == 0
     assert summary["sft"][0]["teacher_tokens"] == 0 < summary["hpd"][0]["teacher_tokens"]
+    # CPU time is recorded beside wall time (the cost figure that survives shared cores).
+    assert all(0 < r[0]["cpu_s"] for r in summary.values())
+    assert "| seeds |" in table and "| CPU s |" in table
+    # --set overrides reach every run, after the method's own settings.
+    import yaml
+
+    for run in (out / "runs").glob("*-s0"):
+        assert yaml.safe_load((run / "config.yaml").read_text())["optim"]["lr"] == 0.002
+    assert "overrides optim.lr=0.002" in table
 
 
 def test_bench_rejects_unknown_methods(tmp_path):
