@@ -78,11 +78,11 @@ def teacher_fingerprint(path: str | os.PathLike) -> str:
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
-    """A hash of a tokenizer's vocabulary, special tokens and chat template."""
-    h = hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
-    h.update(json.dumps([tokenizer.pad_token, tokenizer.bos_token, tokenizer.eos_token,
-                         getattr(tokenizer, "chat_template", None)]).encode())
-    return h.hexdigest()[:24]
+    """A hash of a tokenizer's vocabulary (token -> id): what logit distillation needs to share.
+
+    Templates and special-token choices change the sequences, which the sequence hashes catch.
+    """
+    return hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()[:24]
 
 
 def _response_span(prompt_ids: Sequence[int], completion_ids: Sequence[int]) -> tuple[int, int]:

@@ -42,8 +42,8 @@ from hpd.data import EncodedExample, EpochSampler, build_batch, encode_file
 from hpd.errors import HPDError
 from hpd.models import _vocab_rows, final_hidden_states, lm_head_of, load_model, save_model, shared_vocab_size
 from hpd.objectives import IGNORE_INDEX, HeadTeacher, Objective, ObjectiveOutput, get_objective, resolve_shared_vocab
-from hpd.teacher_cache import TeacherCache
 from hpd.regimes import SamplingSettings, derive_seed, rollout, step_regime, teacher_generations
+from hpd.teacher_cache import TeacherCache
 
 
 # --------------------------------------------------------------------------------------------
