@@ -294,7 +294,8 @@ class TeacherCache:
         self.offsets = np.load(self.path / "offsets.npy")
         self.starts = np.load(self.path / "starts.npy")
         self.hashes = np.load(self.path / "hashes.npy")
-        self._row_of = {int(h): i for i, h in enumerate(self.hashes)}
+        self._order = np.argsort(self.hashes, kind="stable")  # lookups by binary search, first copy wins
+        self._sorted = self.hashes[self._order]
         self._shards = []
         for sh in self.manifest["shards"]:
             d = self.path / sh["dir"]
@@ -322,12 +323,12 @@ class TeacherCache:
 
         data: the run's `data` config section, compared with the cache's to name the difference.
         """
-        rows, missing = [], []
-        for i, e in enumerate(examples):
-            r = self._row_of.get(sequence_hash(e.prompt_ids, e.completion_ids))
-            (missing if r is None else rows).append(i if r is None else r)
-        if not missing:
-            return rows
+        wanted = np.asarray([sequence_hash(e.prompt_ids, e.completion_ids) for e in examples], dtype=np.int64)
+        at = np.searchsorted(self._sorted, wanted).clip(max=max(len(self._sorted) - 1, 0))
+        found = (self._sorted[at] == wanted) if len(self._sorted) else np.zeros(len(wanted), dtype=bool)
+        if found.all():
+            return self._order[at].tolist()
+        missing = np.flatnonzero(~found).tolist()
         diffs = []
         if data is not None:
             cached = self.manifest["data"]["settings"]
