@@ -125,6 +125,8 @@ def build_teacher_cache(teacher: str | os.PathLike, data_files: Sequence[str | o
                        f"shard_positions={shard_positions} (>= 1), temperature={temperature} (> 0)")
     if not data_files:
         raise HPDError("no data files to cache: pass --data FILE (the run's data.train, and data.eval if it has one)")
+    if not Path(teacher).exists():
+        raise HPDError(f"teacher '{teacher}' does not exist: pass a Hugging Face model directory or a .gguf file")
     out = Path(out)
     if out.exists() and not overwrite:
         raise HPDError(f"'{out}' already exists: choose another --out, or pass --force to replace it")
