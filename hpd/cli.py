@@ -1,10 +1,11 @@
-"""The ``hpd`` command line: train, plot, generate, config.
+"""The ``hpd`` command line: train, plot, generate, config, cache-teacher, eval, data, demo, bench.
 
     hpd config --out my.yaml                       # a commented default config to edit
     hpd train my.yaml optim.lr=3e-4 max_steps=20   # train; key=value overrides any config key
     hpd train --help                               # every config key, its type, default, range
     hpd plot runs/hpd runs/sft --out plots/        # training-dynamics figures, runs overlaid
     hpd generate --model runs/hpd/final --prompts p.jsonl --out gen.jsonl
+    hpd cache-teacher --teacher DIR --data train.jsonl --out cache/   # then: hpd train ... teacher.cache=cache/
 
 From Python (what the tests do):
 
@@ -339,6 +340,53 @@ def bench_cmd(
         if smoke:
             s.methods, s.seeds, s.steps, s.n_eval, s.train_per_task = SMOKE_METHODS, [0], 4, 6, 50
         run_bench(s)
+
+
+@app.command("cache-teacher")
+def cache_teacher_cmd(
+    out: Path = typer.Option(..., "--out", "-o", metavar="CACHE", help="The cache directory to write."),
+    teacher: Optional[str] = typer.Option(None, "--teacher", metavar="DIR",
+                                          help="Teacher: HF model directory or .gguf file [default: the config's teacher.path]."),
+    data: Optional[List[Path]] = typer.Option(None, "--data", metavar="FILE",
+                                              help="Data file; repeat for several (train and eval) "
+                                                   "[default: the config's data.train and data.eval]."),
+    config: Optional[Path] = typer.Option(None, "--config", metavar="RUN.yaml",
+                                          help="Run config whose data settings (fields, max_length, chat_template) and "
+                                               "objective.temperature the cache must match [default: the defaults]."),
+    top_k: int = typer.Option(32, "--top-k", metavar="K", min=0, help="Teacher tokens kept per position (0 = only the sequence token)."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", metavar="T",
+                                                help="Loss temperature [default: the config's objective.temperature]."),
+    max_length: Optional[int] = typer.Option(None, "--max-length", metavar="N", min=8,
+                                             help="data.max_length [default: the config's]."),
+    dtype: str = typer.Option("float16", "--dtype", metavar="DTYPE", help="Top-K log-probability storage: float16 | float32."),
+    vocab_size: Optional[int] = typer.Option(None, "--vocab-size", metavar="V", min=1,
+                                             help="Vocabulary to normalize over [default: the teacher's LM-head rows]."),
+    batch_size: int = typer.Option(16, "--batch-size", metavar="B", min=1, help="Sequences per teacher forward."),
+    force: bool = typer.Option(False, "--force", help="Replace CACHE if it exists."),
+) -> None:
+    """Run the teacher once over the training sequences and store what training reads of it.
+
+    Per response position: the teacher's log-probability of the sequence token and its top-K tokens
+    with their log-probabilities, in memory-mapped shards. Train with teacher.cache=CACHE (the
+    teacher is then never loaded); the run's sequences must be in the cache.
+    """
+    with _user_errors():
+        cfg = load_config(config, [f"data.max_length={max_length}"] if max_length is not None else [])
+        teacher = teacher or (cfg.teacher.path if config is not None else None)
+        if not teacher or teacher in ("tiny", "none"):
+            raise HPDError("name the teacher: --teacher DIR (a Hugging Face model directory or a .gguf file)")
+        files = [str(f) for f in data] if data else ([cfg.data.train] + ([cfg.data.eval] if cfg.data.eval else [])
+                                                    if config is not None else [])
+        if not files:
+            raise HPDError("name the data: --data FILE (repeat for the eval file), or --config RUN.yaml")
+        from hpd.teacher_cache import build_teacher_cache
+
+        path = build_teacher_cache(teacher, files, out, top_k=top_k, data=cfg.data,
+                                   temperature=temperature if temperature is not None else cfg.objective.temperature,
+                                   dtype=dtype, vocab_size=vocab_size, batch_size=batch_size, overwrite=force,
+                                   teacher_dtype=cfg.teacher.dtype, trust_remote_code=cfg.teacher.trust_remote_code,
+                                   log=lambda m: typer.echo(m, err=True))
+        typer.echo(str(path))
 
 
 # --------------------------------------------------------------------------------------------

@@ -126,6 +126,12 @@ class TeacherConfig(ModelConfig):
     )
     tiny_heads: int = field_(4, "Attention heads of the 'tiny' model.", min=1)
     tiny_intermediate: int = field_(256, "MLP intermediate size of the 'tiny' model.", min=1)
+    cache: str | None = field_(
+        None,
+        "A teacher cache built by `hpd cache-teacher` over this run's data: the teacher is never "
+        "loaded, its log-probabilities are read from the cache (exact at the sequence token, top-K "
+        "plus a tail bucket elsewhere). Only with regime.name=dataset; null = run the teacher.",
+    )
 
 
 @dataclass
@@ -654,10 +660,16 @@ def _cross_checks(cfg: Config) -> list[str]:
     """Rules that involve more than one field."""
     problems: list[str] = []
     no_teacher = cfg.teacher.path.strip().lower() == "none"
-    if no_teacher and cfg.objective.name != "sft":
+    if cfg.teacher.cache is not None and cfg.regime.name != "dataset":
+        problems.append(
+            f"teacher.cache holds the teacher on the data's sequences only, but regime.name is "
+            f"{cfg.regime.name!r} (new sequences need the teacher itself): use regime.name=dataset, "
+            f"or set teacher.cache=null"
+        )
+    if no_teacher and cfg.objective.name != "sft" and cfg.teacher.cache is None:
         problems.append(
             f"teacher.path: 'none' is allowed only with objective.name=sft "
-            f"(objective.name is {cfg.objective.name!r}); name a teacher model or use sft"
+            f"(objective.name is {cfg.objective.name!r}); name a teacher model, set teacher.cache, or use sft"
         )
     if no_teacher and (
         cfg.regime.name == "teacher"

@@ -609,6 +609,20 @@ def encode_dataset(
     return out
 
 
+def encode_file(path: str, tokenizer: Any, settings: Any) -> tuple[list[EncodedExample], LoadStats]:
+    """A data file loaded and tokenized exactly as training does (the one place for that).
+
+    settings: the `data` config section (`hpd.config.DataConfig`): its row fields, `on_bad_row`,
+    `max_length` and `chat_template` are used. Training and the teacher cache both call this, so
+    the cache holds the very sequences a run trains on.
+    """
+    examples, stats = load_examples(path, prompt_field=settings.prompt_field, completion_field=settings.completion_field,
+                                    messages_field=settings.messages_field, on_bad_row=settings.on_bad_row)
+    encoded = encode_dataset(examples, tokenizer, max_length=settings.max_length, chat_template=settings.chat_template,
+                             stats=stats)
+    return encoded, stats
+
+
 # --------------------------------------------------------------------------------------------
 # Token ids -> tensors
 # --------------------------------------------------------------------------------------------

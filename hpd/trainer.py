@@ -38,11 +38,12 @@ from hpd.checkpoint import (
     load_rng_state, load_student_weights, load_trainer_state, resolve_resume, save_checkpoint,
 )
 from hpd.config import Config, load_config, save_config
-from hpd.data import EncodedExample, EpochSampler, build_batch, encode_dataset, load_examples
+from hpd.data import EncodedExample, EpochSampler, build_batch, encode_file
 from hpd.errors import HPDError
-from hpd.models import final_hidden_states, lm_head_of, load_model, save_model, shared_vocab_size
-from hpd.objectives import IGNORE_INDEX, HeadTeacher, Objective, ObjectiveOutput, get_objective
+from hpd.models import _vocab_rows, final_hidden_states, lm_head_of, load_model, save_model, shared_vocab_size
+from hpd.objectives import IGNORE_INDEX, HeadTeacher, Objective, ObjectiveOutput, get_objective, resolve_shared_vocab
 from hpd.regimes import SamplingSettings, derive_seed, rollout, step_regime, teacher_generations
+from hpd.teacher_cache import TeacherCache
 
 
 # --------------------------------------------------------------------------------------------
@@ -113,10 +114,16 @@ def _tiny_kwargs(m) -> dict[str, int]:
                 intermediate_size=m.tiny_intermediate, max_positions=m.tiny_max_positions)
 
 
-def load_models(cfg: Config):
-    """(student, teacher or None, tokenizer, shared vocabulary size)."""
+def load_models(cfg: Config, cache: TeacherCache | None = None):
+    """(student, teacher or None, tokenizer, shared vocabulary size).
+
+    With a teacher `cache` the teacher is not loaded: a tiny student takes the cache's tokenizer,
+    and the vocabulary is the one the cache is normalized over.
+    """
     teacher, tokenizer = None, None
-    if cfg.teacher.path.strip().lower() != "none":
+    if cache is not None:
+        tokenizer = cache.tokenizer() if cfg.student.path == "tiny" else None
+    elif cfg.teacher.path.strip().lower() != "none":
         seed = cfg.teacher.init_seed if cfg.teacher.init_seed is not None else derive_seed(cfg.seed, "teacher") % 2**31
         teacher, tokenizer = load_model(cfg.teacher.path, dtype=cfg.teacher.dtype, trust_remote_code=cfg.teacher.trust_remote_code,
                                         tiny=_tiny_kwargs(cfg.teacher) if cfg.teacher.path == "tiny" else None, seed=seed)
@@ -125,6 +132,15 @@ def load_models(cfg: Config):
                                 dtype=cfg.student.dtype, trust_remote_code=cfg.student.trust_remote_code,
                                 tiny=_tiny_kwargs(cfg.student) if cfg.student.path == "tiny" else None, seed=seed)
     vocab_size = None
+    if cache is not None:
+        cache.check_run(tokenizer=s_tok if s_tok is not tokenizer else None,
+                        teacher_path=cfg.teacher.path if cfg.teacher.path not in ("tiny", "none") else None)
+        rows = _vocab_rows(student)
+        shared = resolve_shared_vocab(rows, cache.vocab_size, len(s_tok)) if rows != cache.vocab_size else rows
+        if shared != cache.vocab_size:
+            raise HPDError(f"the teacher cache is normalized over {cache.vocab_size} tokens but the student shares "
+                           f"{shared} with it: rebuild the cache with --vocab-size {shared}")
+        vocab_size = cache.vocab_size
     if teacher is not None:
         if s_tok is not tokenizer and s_tok.get_vocab() != tokenizer.get_vocab():
             raise HPDError(
@@ -139,16 +155,12 @@ def load_models(cfg: Config):
 def load_data(cfg: Config, tokenizer) -> tuple[list[EncodedExample], list[EncodedExample], dict[str, Any]]:
     """Encoded train and eval examples, and the counts worth logging (rows, skipped, truncated)."""
     d = cfg.data
-    kw = dict(prompt_field=d.prompt_field, completion_field=d.completion_field, messages_field=d.messages_field,
-              on_bad_row=d.on_bad_row)
-    examples, stats = load_examples(d.train, **kw)
-    train = encode_dataset(examples, tokenizer, max_length=d.max_length, chat_template=d.chat_template, stats=stats)
+    train, stats = encode_file(d.train, tokenizer, d)
     info = {"train_rows": stats.rows, "train_skipped": stats.skipped, "train_truncated": stats.truncated,
             "skip_reasons": stats.skip_reasons[:5]}
     evals: list[EncodedExample] = []
     if d.eval:
-        ex, es = load_examples(d.eval, **kw)
-        evals = encode_dataset(ex, tokenizer, max_length=d.max_length, chat_template=d.chat_template, stats=es)
+        evals, es = encode_file(d.eval, tokenizer, d)
         info.update(eval_rows=es.rows, eval_skipped=es.skipped, eval_truncated=es.truncated)
     elif d.eval_fraction > 0:
         g = torch.Generator().manual_seed(derive_seed(cfg.seed, "eval-split"))
@@ -290,6 +302,7 @@ class _Batch:
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     labels: torch.Tensor
+    cache_rows: list[int] | None = None  # the teacher-cache rows of its sequences (with teacher.cache)
 
 
 class Trainer:
@@ -316,10 +329,20 @@ class Trainer:
                 from torch.utils.tensorboard import SummaryWriter  # noqa: F401
             except ImportError:
                 raise HPDError("log.tensorboard=on but tensorboard is not installed: pip install tensorboard") from None
-        student, teacher, self.tokenizer, self.vocab_size = load_models(cfg)
+        # A teacher cache replaces the teacher: it is checked against this run's data, tokenizer,
+        # temperature and objective here, and the teacher model is never built.
+        self.cache = TeacherCache(cfg.teacher.cache) if cfg.teacher.cache else None
+        student, teacher, self.tokenizer, self.vocab_size = load_models(cfg, self.cache)
         self.train_data, self.eval_data, self.data_info = load_data(cfg, self.tokenizer)
         self.objective = objective_from_config(cfg)
-        if teacher is None and self.objective.needs_teacher:
+        self.train_rows = self.eval_rows = None
+        if self.cache is not None:
+            self.cache.check_run(temperature=self.objective.temperature, support=self.objective.support,
+                                 objective=self.objective.name)
+            self.train_rows = self.cache.rows_of(self.train_data, "training", cfg.data)
+            self.eval_rows = self.cache.rows_of(self.eval_data, "evaluation", cfg.data) if self.eval_data else []
+            self.data_info["teacher_cache"] = str(self.cache.path)
+        elif teacher is None and self.objective.needs_teacher:
             raise HPDError(f"objective '{cfg.objective.name}' needs a teacher: set teacher.path")
         self.pad_id = self.tokenizer.pad_token_id
         self.sampling = SamplingSettings(cfg.regime.max_new_tokens, cfg.regime.temperature, cfg.regime.top_p,
@@ -344,6 +367,10 @@ class Trainer:
 
     # ---- helpers ----
 
+    @property
+    def has_teacher(self) -> bool:
+        return self.teacher is not None or self.cache is not None
+
     def log(self, msg: str) -> None:
         if self.is_main:
             print(f"[hpd] {msg}", flush=True)
@@ -364,21 +391,34 @@ class Trainer:
             barrier=self.acc.wait_for_everyone, log=self.log)
         self.data_info["teacher_generations"] = str(path)
 
-    def _batch(self, prompts: list[list[int]], completions: list[list[int]]) -> _Batch:
+    def _batch(self, prompts: list[list[int]], completions: list[list[int]], cache_rows: list[int] | None = None) -> _Batch:
         b = build_batch(prompts, completions, pad_id=self.pad_id)
         labels = b["labels"]
         if self.vocab_size is not None:
             labels = labels.masked_fill(labels >= self.vocab_size, IGNORE_INDEX)
         dev = self.acc.device
-        return _Batch(b["input_ids"].to(dev), b["attention_mask"].to(dev), labels.to(dev))
+        return _Batch(b["input_ids"].to(dev), b["attention_mask"].to(dev), labels.to(dev), cache_rows)
+
+    def _teacher_view(self, b: _Batch, chunked: bool):
+        """What the objective reads of the teacher for batch `b`: from the cache, or a forward pass."""
+        if self.cache is not None:
+            t = self.cache.teacher(b.cache_rows, b.labels.cpu())
+            dev = self.acc.device
+            if dev.type != "cpu":
+                t = type(t)(t.label_logprobs.to(dev), t.tokens.to(dev), t.logprobs.to(dev), t.tail.to(dev),
+                            t.vocab_size, t.temperature)
+            return t
+        return teacher_view(self.teacher, b.input_ids, b.attention_mask, chunked)
 
     def _micro_batches(self, regime: str) -> list[_Batch]:
         batches = []
         for micro in range(self.cfg.optim.grad_accum):
             idx = next(self.sampler)
             prompts = [self.train_data[i].prompt_ids for i in idx]
+            rows = None
             if regime == "dataset":
                 completions = [self.train_data[i].completion_ids for i in idx]
+                rows = [self.train_rows[i] for i in idx] if self.train_rows is not None else None
             elif regime == "teacher":
                 completions = [self.teacher_completions[i] for i in idx]
             else:  # student
@@ -386,7 +426,7 @@ class Trainer:
                 completions = rollout(self.unwrapped, self.tokenizer, prompts, self.sampling, seed=seed,
                                       max_length=self.cfg.data.max_length)
                 self._generated += sum(len(c) for c in completions)
-            batches.append(self._batch(prompts, completions))
+            batches.append(self._batch(prompts, completions, rows))
         return batches
 
     def _generator(self, micro: int, salt: str = "sample") -> torch.Generator:
@@ -436,15 +476,18 @@ class Trainer:
             return {}
         self.module.eval()
         bs = cfg.optim.batch_size
-        shard = self.eval_data[self.rank::self.world][: bs * cfg.log.eval_batches]
+        ids = list(range(len(self.eval_data)))[self.rank::self.world][: bs * cfg.log.eval_batches]
+        shard = [self.eval_data[i] for i in ids]
+        rows = [self.eval_rows[i] for i in ids] if self.eval_rows is not None else None
         outputs, loss_sum = [], 0.0
-        batches = [self._batch([e.prompt_ids for e in shard[i:i + bs]], [e.completion_ids for e in shard[i:i + bs]])
+        batches = [self._batch([e.prompt_ids for e in shard[i:i + bs]], [e.completion_ids for e in shard[i:i + bs]],
+                               rows[i:i + bs] if rows is not None else None)
                    for i in range(0, len(shard), bs)]
         n_active = self.acc.reduce(torch.tensor(float(sum(int((b.labels != IGNORE_INDEX).sum()) for b in batches)),
                                                 device=self.acc.device), "sum")
         for i, b in enumerate(batches):
             with self.acc.autocast():
-                teach = teacher_view(self.teacher, b.input_ids, b.attention_mask, cfg.objective.chunk_size > 0)
+                teach = self._teacher_view(b, cfg.objective.chunk_size > 0) if self.has_teacher else None
                 res = self.module(b.input_ids, b.attention_mask, b.labels, teach, num_tokens=n_active,
                                   generator=self._generator(i, "eval"), diagnostics=True)
             outputs.append(res["output"])
@@ -524,12 +567,14 @@ class Trainer:
         loss_sum = torch.zeros((), device=acc.device)
         value_sum = torch.zeros((), device=acc.device)
         # sft needs the teacher only for the logged diagnostics: skip its forward otherwise.
-        use_teacher = self.teacher is not None and (self.objective.needs_teacher or diagnostics)
-        teacher_tokens = sum(int(b.attention_mask.sum()) for b in batches) if self.objective.needs_teacher else 0
+        use_teacher = self.has_teacher and (self.objective.needs_teacher or diagnostics)
+        # Tokens through a teacher forward: none with a cache (it was paid for once, when built).
+        teacher_tokens = (sum(int(b.attention_mask.sum()) for b in batches)
+                          if self.objective.needs_teacher and self.cache is None else 0)
         for micro, b in enumerate(batches):
             last = micro == len(batches) - 1
             with (nullcontext() if last else acc.no_sync(self.module)), acc.autocast():
-                teach = teacher_view(self.teacher, b.input_ids, b.attention_mask, chunked) if use_teacher else None
+                teach = self._teacher_view(b, chunked) if use_teacher else None
                 res = self.module(b.input_ids, b.attention_mask, b.labels, teach, num_tokens=num_tokens,
                                   generator=self._generator(micro), diagnostics=diagnostics)
                 # DDP averages gradients over processes; the loss is already a share of the global

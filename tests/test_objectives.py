@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from hpd.errors import HPDError
 from hpd.objectives import (
-    OBJECTIVES, GatheredTeacher, HeadTeacher, get_objective, reduce_metrics, resolve_shared_vocab,
+    OBJECTIVES, GatheredTeacher, HeadTeacher, TopKTeacher, get_objective, reduce_metrics, resolve_shared_vocab,
 )
 
 D = torch.float64
@@ -465,3 +465,119 @@ def test_loss_is_full_precision_inside_autocast(name):
         plain = obj(h @ W.T, th @ tW.T, y, generator=torch.Generator().manual_seed(0))
     assert out.loss.dtype == torch.float32 and float(out.loss) == float(ref.loss)
     assert plain.loss.dtype == torch.float32
+
+
+# --- cached top-K teachers ----------------------------------------------------------------------
+
+def topk_teacher(t, y, K, temperature=1.0):
+    """What a teacher cache holds, from teacher logits `t (B, T, V)`: exact label log-prob, top-K, tail."""
+    logp = torch.log_softmax(t / temperature, -1)
+    vals, ids = logp.topk(K, -1)
+    tail = logp.scatter(-1, ids, float("-inf")).logsumexp(-1)
+    label = logp.gather(-1, y.clamp_min(0)[..., None]).squeeze(-1)
+    return TopKTeacher(label, ids, vals, tail, t.shape[-1], temperature)
+
+
+def _kwargs(name):
+    return {"generator": torch.Generator().manual_seed(5)} if name == "hpd" else {}
+
+
+@pytest.mark.parametrize("name", sorted(OBJECTIVES))
+@pytest.mark.parametrize("K", ["V", "V-1"])
+def test_complete_topk_teacher_equals_the_online_teacher(name, K):
+    """K = V holds the whole distribution; K = V - 1 leaves one token in the tail bucket, which is
+    then exact too: both give the online teacher's loss and gradient, on both paths."""
+    h, W, b, th, tW, y = _head_case()
+    V = W.shape[0]
+    obj = get_objective(name, temperature=1.5) if name != "sft" else get_objective(name)
+    cached = topk_teacher(th @ tW.T, y, V if K == "V" else V - 1, temperature=obj.temperature)
+    ref = obj(h @ W.T + b, th @ tW.T, y, **_kwargs(name))
+    g_ref = torch.autograd.grad(ref.loss, (h, W, b))
+    for out in (obj(h @ W.T + b, cached, y, **_kwargs(name)),
+                obj.chunked(h, W, cached, y, lm_head_bias=b, chunk_size=4, **_kwargs(name))):
+        assert float(out.loss) == pytest.approx(float(ref.loss), rel=1e-9, abs=1e-12)
+        assert float(out.value) == pytest.approx(float(ref.value), rel=1e-9, abs=1e-12)
+        for a, c in zip(torch.autograd.grad(out.loss, (h, W, b)), g_ref):
+            torch.testing.assert_close(a, c, atol=1e-9, rtol=1e-7)
+
+
+@pytest.mark.parametrize("name,params", [
+    ("fkl", {}), ("rkl", {}), ("jsd", {}), ("jsd", {"beta": 0.1}), ("skl", {}), ("srkl", {"alpha": 0.5}),
+    ("tvd", {}), ("akl", {}), ("akl", {"mu": 0.9}), ("todi", {}),
+])
+def test_bucketed_objective_gradient_equals_autograd_of_the_bucketed_closed_form(name, params):
+    """K top tokens plus one tail bucket: the loss's gradient is that of the divergence between the
+    K + 1-category teacher and student, the tail weight spread as w_v = w_tail q_v / q_tail."""
+    s, t, y = make_batch(V=13)
+    K = 4
+    cached = topk_teacher(t, y, K)
+    out = get_objective(name, **params)(s, cached, y)
+    # The K + 1-category distributions, from probabilities (autograd flows through the student's).
+    q = torch.softmax(s, -1)
+    top_q = q.gather(-1, cached.tokens)
+    q_b = torch.cat([top_q, (1 - top_q.sum(-1, keepdim=True))], -1)
+    p_b = torch.cat([cached.logprobs.exp(), cached.tail.exp()[..., None]], -1)
+    ref = closed_form(name, q_b.log(), p_b.log(), y, **params)
+    assert float(out.value) == pytest.approx(float(ref.detach()), rel=1e-9, abs=1e-12)
+    torch.testing.assert_close(grad_of(out.loss, s), grad_of(ref, s), atol=1e-8, rtol=1e-7)
+    # ... and the chunked path agrees.
+    h, W, b, th, tW, y2 = _head_case()
+    cached2 = topk_teacher(th @ tW.T, y2, K)
+    obj = get_objective(name, **params)
+    a = obj(h @ W.T + b, cached2, y2)
+    c = obj.chunked(h, W, cached2, y2, lm_head_bias=b, chunk_size=3)
+    assert float(c.loss) == pytest.approx(float(a.loss), rel=1e-10, abs=1e-12)
+    for ga, gc in zip(torch.autograd.grad(a.loss, (h, W, b)), torch.autograd.grad(c.loss, (h, W, b))):
+        torch.testing.assert_close(gc, ga, atol=1e-10, rtol=1e-8)
+
+
+@pytest.mark.parametrize("K", [0, 3])
+def test_one_hot_objectives_read_the_cache_exactly_at_the_sequence_token(K):
+    s, t, y = make_batch()
+    cached = topk_teacher(t, y, K)
+    for name in ("sft", "orkl"):
+        ref, out = get_objective(name)(s, t, y), get_objective(name)(s, cached, y)
+        assert float(out.loss) == pytest.approx(float(ref.loss), rel=1e-12)
+        torch.testing.assert_close(grad_of(out.loss, s), grad_of(ref.loss, s))
+
+
+def test_hpd_reads_y_hat_from_the_topk_or_estimates_it_from_the_tail():
+    s, t, y = make_batch(B=4, T=8, V=11)
+    V, K = 11, 3
+    cached = topk_teacher(t, y, K)
+    logp = torch.log_softmax(t, -1)
+    y_hat = torch.randint(0, V, y.shape, generator=torch.Generator().manual_seed(1))
+    in_top = (cached.tokens == y_hat[..., None]).any(-1)
+    assert in_top.any() and (~in_top).any()  # both cases occur
+    # The expected teacher value at y_hat: exact in the top-K or at y, else tail / (V - K).
+    exact = logp.gather(-1, y_hat[..., None]).squeeze(-1)
+    estimate = cached.tail - math.log(V - K)
+    t_hat = torch.where(in_top | (y_hat == y), exact, estimate)
+    y_safe = y.clamp_min(0)
+    gathered = GatheredTeacher(torch.stack([y_safe, y_hat], -1), torch.stack([logp.gather(-1, y_safe[..., None]).squeeze(-1), t_hat], -1))
+    obj = get_objective("hpd")
+    ref, out = obj(s, gathered, y, sampled_tokens=y_hat), obj(s, cached, y, sampled_tokens=y_hat)
+    assert float(out.loss) == pytest.approx(float(ref.loss), rel=1e-12)
+    assert float(out.value) == pytest.approx(float(ref.value), rel=1e-12)
+    torch.testing.assert_close(grad_of(out.loss, s), grad_of(ref.loss, s))
+    active = y != -100
+    assert out.metrics["frac_sample_outside_topk"] == pytest.approx(float((~in_top)[active].float().mean()))
+    # The estimate is not the exact value (so the test above would see a wrong branch).
+    assert not torch.allclose(estimate[~in_top], exact[~in_top])
+
+
+def test_topk_teacher_diagnostics_and_errors():
+    s, t, y = make_batch()
+    V = t.shape[-1]
+    cached = topk_teacher(t, y, 4)
+    m = get_objective("fkl")(s, cached, y).metrics
+    full = get_objective("fkl")(s, t, y).metrics
+    assert m["agreement"] == pytest.approx(full["agreement"]) and m["entropy"] == pytest.approx(full["entropy"])
+    assert 0 < m["kl_topk"] <= full["kl"] + 1e-12  # coarser buckets: a lower bound of the KL
+    with pytest.raises(HPDError, match="temperature 1, the objective uses 2: rebuild the cache with --temperature 2"):
+        get_objective("sft", temperature=2.0)(s, cached, y)
+    for name in ("fkl", "hpd"):
+        with pytest.raises(HPDError, match="holds no top-K tokens: rebuild it with --top-k"):
+            get_objective(name)(s, topk_teacher(t, y, 0), y)
+    with pytest.raises(HPDError, match=f"normalized over {V} tokens, the loss over {V - 1}"):
+        get_objective("sft")(s, cached, y, vocab_size=V - 1)

@@ -23,7 +23,8 @@ from hpd.objectives.divergences import (
 )
 from hpd.objectives.sampled import SFT, HybridPolicy, OnPolicyReverseKL
 from hpd.objectives.surrogate import (
-    DEFAULT_CHUNK_SIZE, GatheredTeacher, HeadTeacher, chunked_objective_loss, objective_loss, resolve_shared_vocab,
+    DEFAULT_CHUNK_SIZE, GatheredTeacher, HeadTeacher, TopKTeacher, chunked_objective_loss, objective_loss,
+    resolve_shared_vocab,
 )
 
 OBJECTIVES: dict[str, type[Objective]] = {
@@ -54,6 +55,6 @@ def describe_objectives() -> str:
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE", "GatheredTeacher", "HeadTeacher", "IGNORE_INDEX", "OBJECTIVES", "Objective", "ObjectiveOutput",
-    "Param", "TeacherChunk", "TokenWeights", "chunked_objective_loss", "describe_objectives", "get_objective",
+    "Param", "TeacherChunk", "TokenWeights", "TopKTeacher", "chunked_objective_loss", "describe_objectives", "get_objective",
     "objective_loss", "reduce_metrics", "resolve_shared_vocab",
 ]

@@ -75,40 +75,98 @@ TEMPERATURE = Param(1.0, "loss temperature: both distributions are softmax(logit
 
 
 class TeacherChunk:
-    """The teacher's log-probabilities at C active positions: full `(C, V)` or sparse `(C, K)`.
+    """The teacher's log-probabilities at C active positions: full `(C, V)`, sparse `(C, K)`, or top-K.
 
     Sparse teachers hold log-probabilities only at some tokens (`tokens (C, K)`), which is all a
     one-hot objective needs; asking a sparse teacher for a token it does not hold is an error.
+
+    A top-K teacher (from a teacher cache) is sparse with, in addition, `tail (C,)`: the log of
+    the teacher's mass outside its top-K tokens, which are the last `num_topk` columns of
+    `tokens` (earlier columns hold exact values at other tokens, e.g. the sequence token). A token
+    it does not hold gets the tail mass spread evenly over the `vocab_size - num_topk` tokens
+    outside the top-K, and full-vocabulary objectives see it as K + 1 categories (`buckets`).
     """
 
-    def __init__(self, logp: Tensor, tokens: Tensor | None = None):
+    def __init__(self, logp: Tensor, tokens: Tensor | None = None, *, tail: Tensor | None = None, num_topk: int = 0,
+                 vocab_size: int | None = None):
         self.logp = logp  # (C, V) when tokens is None, else (C, K)
         self.tokens = tokens  # (C, K) or None
+        self.tail = tail  # (C,) log teacher mass outside the top-K, or None
+        self.num_topk = num_topk
+        self.vocab_size = vocab_size
+        if tail is not None and (tokens is None or not 0 < num_topk <= tokens.shape[1] or vocab_size is None
+                                 or num_topk >= vocab_size):
+            raise HPDError("a top-K teacher chunk needs tokens, 0 < num_topk <= their columns, and num_topk < vocab_size")
 
     @property
     def is_full(self) -> bool:
         return self.tokens is None
+
+    @property
+    def is_topk(self) -> bool:
+        return self.tail is not None
 
     def full(self, objective: str) -> Tensor:
         """Teacher log-probabilities over the whole vocabulary, `(C, V)`."""
         if self.tokens is not None:
             raise HPDError(
                 f"objective '{objective}' needs the teacher's full distribution, but the teacher was given as "
-                "log-probabilities gathered at a few tokens; pass teacher logits (B, T, V) or a HeadTeacher"
+                "log-probabilities gathered at a few tokens; pass teacher logits (B, T, V), a HeadTeacher, or a "
+                "teacher cache with top-K log-probabilities (hpd cache-teacher --top-k K)"
             )
         return self.logp
+
+    def buckets(self, objective: str) -> tuple[Tensor, Tensor]:
+        """The teacher as K + 1 categories: top-K ids `(C, K)` and log-probabilities `(C, K + 1)`.
+
+        The last category is the tail bucket (every token outside the top-K). The log-probabilities
+        are renormalized, so low-precision storage still gives a distribution.
+        """
+        if self.tail is None:
+            self.full(objective)  # raises, saying what is missing
+        K = self.num_topk
+        logp = torch.cat([upcast(self.logp[:, -K:]), upcast(self.tail)[:, None]], 1)
+        return self.tokens[:, -K:], torch.log_softmax(logp, -1)
+
+    def outside_topk(self, tokens: Tensor) -> Tensor:
+        """`(C,)` bool: `tokens (C,)` is not among the teacher's top-K (top-K teachers only)."""
+        return ~(self.tokens[:, -self.num_topk:] == tokens[:, None]).any(1)
 
     def at(self, tokens: Tensor) -> Tensor:
         """Teacher log-probabilities of `tokens (C,)`, as `(C,)`."""
         if self.tokens is None:
             return self.logp.gather(1, tokens[:, None]).squeeze(1)
         hit = self.tokens == tokens[:, None]  # (C, K)
-        if not bool(hit.any(1).all()):
-            raise HPDError(
-                "the teacher's log-probabilities were gathered at other tokens than the objective needs: "
-                "gather them at the labels (and, for hpd, at sampled_tokens too)"
-            )
-        return (self.logp * hit).sum(1) / hit.sum(1)
+        found = hit.any(1)
+        # The first column holding the token: exact values come before approximate top-K ones.
+        value = self.logp.gather(1, hit.to(torch.uint8).argmax(1, keepdim=True)).squeeze(1)
+        if self.tail is None:
+            if not bool(found.all()):
+                raise HPDError(
+                    "the teacher's log-probabilities were gathered at other tokens than the objective needs: "
+                    "gather them at the labels (and, for hpd, at sampled_tokens too)"
+                )
+            return value
+        # Outside the top-K: the tail mass spread evenly over the tokens it holds.
+        estimate = self.tail - math.log(self.vocab_size - self.num_topk)
+        return torch.where(found, value, estimate.to(value.dtype))
+
+
+def bucket_logq(logq: Tensor, ids: Tensor) -> Tensor:
+    """The student as K + 1 categories: `logq (C, V)` at `ids (C, K)` plus the rest, `(C, K + 1)`."""
+    tail = logq.scatter(1, ids, float("-inf")).logsumexp(-1)
+    return torch.cat([logq.gather(1, ids), tail[:, None]], 1)
+
+
+def unbucket_weights(w_b: Tensor, logq: Tensor, ids: Tensor, logq_b: Tensor) -> Tensor:
+    """Vocabulary weights `(C, V)` from weights over K + 1 categories `w_b (C, K + 1)`.
+
+    A top-K token keeps its weight; the tail bucket's weight is shared in proportion to the
+    student, `w_v = w_tail q_v / q_tail`, which gives `-sum_v w_v log q_v` exactly the gradient of
+    `-w_tail log q_tail` (since `d log q_tail = sum_{v in tail} (q_v / q_tail) d log q_v`).
+    """
+    w = torch.exp(logq - logq_b[:, -1:]) * w_b[:, -1:]
+    return w.scatter_(1, ids, w_b[:, :-1])
 
 
 @dataclass

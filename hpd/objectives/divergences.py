@@ -4,7 +4,8 @@ Each one reads the teacher's whole distribution `p` and the student's `q` at a c
 and returns its divergence per position and detached weights `w(v) = -q(v) dD/dq(v)` over the
 vocabulary (the identity of `shared/spec/objectives.md`), so that the shared surrogate
 `-(1/N) sum_v sg(w(v)) log q(v)` has exactly the gradient of the divergence. Weights may differ
-from that formula by a per-position multiple of `q(v)`, which changes nothing.
+from that formula by a per-position multiple of `q(v)`, which changes nothing. With a cached
+top-K teacher they work on K + 1 categories (the top-K tokens and one tail bucket).
 
     >>> import torch
     >>> from hpd.objectives import get_objective
@@ -21,15 +22,23 @@ import math
 import torch
 from torch import Tensor
 
-from hpd.objectives.base import Objective, Param, TeacherChunk, TokenWeights, kl, xlogx_ratio
+from hpd.objectives.base import (
+    Objective, Param, TeacherChunk, TokenWeights, bucket_logq, kl, unbucket_weights, xlogx_ratio,
+)
 
 
 class _VocabObjective(Objective):
     support = "vocab"
 
     def weights(self, logq: Tensor, teacher: TeacherChunk | None, labels: Tensor, sample: Tensor | None) -> TokenWeights:
-        logp = teacher.full(self.name)
-        w, value = self.divergence(logq, logp)
+        if teacher.is_topk:
+            # A cached top-K teacher: the divergence over K + 1 categories (the top-K tokens and
+            # one tail bucket), its tail weight shared back over the vocabulary.
+            ids, logp_b = teacher.buckets(self.name)
+            logq_b = bucket_logq(logq, ids)
+            w_b, value = self.divergence(logq_b, logp_b)
+            return TokenWeights(weights=unbucket_weights(w_b, logq, ids, logq_b), tokens=None, value=value)
+        w, value = self.divergence(logq, teacher.full(self.name))
         return TokenWeights(weights=w, tokens=None, value=value)
 
     def divergence(self, logq: Tensor, logp: Tensor) -> tuple[Tensor, Tensor]:

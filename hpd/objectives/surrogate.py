@@ -18,8 +18,10 @@ Two paths share all of that and differ only in how the gradient is obtained:
   pushed straight into the hidden states and the head. No `(B, T, V)` tensor ever exists.
 
 The teacher may be given as logits `(B, T, V)`, as a `HeadTeacher` (its hidden states and LM
-head: chunked alike, so neither model's full logits exist), or, for one-hot objectives, as a
-`GatheredTeacher` holding log-probabilities at a few tokens per position.
+head: chunked alike, so neither model's full logits exist), for one-hot objectives as a
+`GatheredTeacher` holding log-probabilities at a few tokens per position, or as a `TopKTeacher`
+read from a teacher cache (`hpd.teacher_cache`): exact at the sequence token, top-K plus one tail
+bucket elsewhere.
 
     >>> import torch
     >>> from hpd.objectives import get_objective, HeadTeacher
@@ -40,7 +42,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from hpd.errors import HPDError
-from hpd.objectives.base import IGNORE_INDEX, Objective, ObjectiveOutput, TeacherChunk, TokenWeights, kl, upcast
+from hpd.objectives.base import (
+    IGNORE_INDEX, Objective, ObjectiveOutput, TeacherChunk, TokenWeights, bucket_logq, kl, upcast,
+)
 
 DEFAULT_CHUNK_SIZE = 1024
 
@@ -55,6 +59,31 @@ class GatheredTeacher:
 
     tokens: Tensor
     logprobs: Tensor
+
+
+@dataclass
+class TopKTeacher:
+    """A teacher read from a cache: exact at the sequence token, top-K tokens plus a tail elsewhere.
+
+    label_logprobs: `(B, T)` the teacher's log-probability of `labels[:, t]` (unread where ignored).
+    tokens:         `(B, T, K)` int64 ids of the teacher's top-K tokens (K may be 0: one-hot only).
+    logprobs:       `(B, T, K)` their log-probabilities.
+    tail:           `(B, T)` log of the teacher's mass outside the top-K.
+    vocab_size:     the vocabulary the log-probabilities are normalized over.
+    temperature:    the loss temperature they were computed at (must be the objective's).
+
+    One-hot objectives (`sft`, `orkl`) are exact; `hpd` reads the teacher at its sample `y_hat`
+    from the top-K, else estimates it as `tail - log(V - K)` (the tail mass spread evenly) and logs
+    `frac_sample_outside_topk`; full-vocabulary objectives work over the K top tokens plus one tail
+    bucket. With K = V the teacher is complete and every objective is exact.
+    """
+
+    label_logprobs: Tensor
+    tokens: Tensor
+    logprobs: Tensor
+    tail: Tensor
+    vocab_size: int
+    temperature: float = 1.0
 
 
 @dataclass
@@ -134,6 +163,15 @@ class _Plan:
                 raise HPDError(f"teacher logits {tuple(teacher.shape)} do not match labels {tuple(labels.shape)}")
         elif isinstance(teacher, HeadTeacher):
             teacher_vocab = teacher.weight.shape[0]
+        elif isinstance(teacher, TopKTeacher):
+            teacher_vocab = teacher.vocab_size
+            K = teacher.tokens.shape[-1]
+            if abs(teacher.temperature - self.tau) > 1e-12:
+                raise HPDError(f"the cached teacher was computed at temperature {teacher.temperature:g}, the objective "
+                               f"uses {self.tau:g}: rebuild the cache with --temperature {self.tau:g}")
+            if K == 0 and obj.support != "token":
+                raise HPDError(f"objective '{obj.name}' reads the teacher beyond the sequence token, but the teacher "
+                               "cache holds no top-K tokens: rebuild it with --top-k K (e.g. 32)")
         if vocab_size is None:
             if teacher_vocab is not None and teacher_vocab != student_vocab:
                 resolve_shared_vocab(student_vocab, teacher_vocab)  # raises with both sizes
@@ -141,6 +179,9 @@ class _Plan:
         elif vocab_size > student_vocab or (teacher_vocab is not None and vocab_size > teacher_vocab):
             raise HPDError(f"vocab_size={vocab_size} exceeds the student ({student_vocab}) or teacher ({teacher_vocab}) vocabulary")
         self.V = vocab_size
+        if isinstance(teacher, TopKTeacher) and self.V != teacher.vocab_size:
+            raise HPDError(f"the cached teacher is normalized over {teacher.vocab_size} tokens, the loss over {self.V}: "
+                           f"rebuild the cache with --vocab-size {self.V}")
 
         flat = labels.reshape(-1).to(device)
         active = (flat != IGNORE_INDEX) & (flat >= 0) & (flat < self.V)
@@ -176,10 +217,23 @@ class _Plan:
         self.value_sum = torch.zeros((), dtype=torch.float32, device=device)
 
     @torch.no_grad()
-    def teacher_chunk(self, pos: Tensor) -> TeacherChunk | None:
+    def teacher_chunk(self, pos: Tensor, labels: Tensor) -> TeacherChunk | None:
+        """The teacher at positions `pos (C,)` whose sequence tokens are `labels (C,)`."""
         t = self.teacher
         if t is None:
             return None
+        if isinstance(t, TopKTeacher):
+            K = t.tokens.shape[-1]
+            label_logp = upcast(t.label_logprobs.reshape(-1)[pos])[:, None]
+            n = t.label_logprobs.numel()
+            ids, logp = t.tokens.reshape(n, K)[pos], upcast(t.logprobs.reshape(n, K)[pos])
+            if K >= self.V:  # the whole distribution
+                full = torch.empty_like(logp).scatter_(1, ids, logp)
+                return TeacherChunk(full.scatter_(1, labels[:, None], label_logp))
+            tokens, logp = torch.cat([labels[:, None], ids], 1), torch.cat([label_logp, logp], 1)
+            if K == 0:
+                return TeacherChunk(logp, tokens)
+            return TeacherChunk(logp, tokens, tail=upcast(t.tail.reshape(-1)[pos]), num_topk=K, vocab_size=self.V)
         if isinstance(t, GatheredTeacher):
             K = t.tokens.shape[-1]
             return TeacherChunk(upcast(t.logprobs.reshape(-1, K)[pos]), t.tokens.reshape(-1, K)[pos])
@@ -200,7 +254,7 @@ class _Plan:
         sample = None
         if self.obj.support == "pair":
             sample = self.sample[sl] if self.sample is not None else _inverse_cdf_sample(logq, self.uniform[sl])
-        teacher = self.teacher_chunk(self.pos[sl])
+        teacher = self.teacher_chunk(self.pos[sl], y)
         tw = self.obj.weights(logq, teacher, y, sample)
         self.value_sum = self.value_sum + tw.value.sum()  # promotes to float64 when the inputs are
         st = self.stats
@@ -210,6 +264,15 @@ class _Plan:
             st.add("agreement", (logq.argmax(-1) == logp.argmax(-1)).float())
             st.add("kl", kl(logp, logq))
             st.add("entropy", -(logq.exp() * logq).sum(-1))
+        elif self.diagnostics and teacher is not None and teacher.is_topk:
+            ids, logp_b = teacher.buckets(self.obj.name)
+            top1 = ids.gather(1, logp_b[:, :-1].argmax(1, keepdim=True)).squeeze(1)
+            st.add("agreement", (logq.argmax(-1) == top1).float())
+            # KL over the K + 1 buckets: a lower bound of the full KL, hence its own name.
+            st.add("kl_topk", kl(logp_b, bucket_logq(logq, ids)))
+            st.add("entropy", -(logq.exp() * logq).sum(-1))
+        if sample is not None and teacher is not None and teacher.is_topk:
+            st.add("frac_sample_outside_topk", teacher.outside_topk(sample).float())
         for name, values in tw.stats.items():
             st.add(name, values, extreme=name in self.obj.extremes)
         return tw

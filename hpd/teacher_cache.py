@@ -1,0 +1,397 @@
+"""A cached teacher: run the teacher once over the training sequences, train without it.
+
+`build_teacher_cache` (`hpd cache-teacher`) tokenizes the data exactly as training does
+(`hpd.data.encode_file`), runs the teacher over every sequence once and stores, at each response
+position (where the sequence has a label):
+
+- the teacher's log-probability of the sequence token (float32: one-hot objectives are exact),
+- its top-K token ids (uint16 when the vocabulary fits, else int32) and their log-probabilities
+  (float16 by default; `dtype="float32"` for exactness),
+- the log of its mass outside the top-K (float32),
+
+all at the loss temperature, in memory-mapped `.npy` shards, with a manifest holding a fingerprint
+of every sequence (a hash of its token ids), of the teacher's weights and of the tokenizer, K, the
+vocabulary size, and the bytes per token. The cache is written to a temporary directory renamed
+into place. A run with `teacher.cache=CACHE` never loads the teacher: `TeacherCache` maps each
+training example to its cached rows by the hash of its token ids (so a mismatch of data, tokenizer,
+max_length or template is found before training, and says what differs) and hands the objective a
+`hpd.objectives.TopKTeacher` per batch.
+
+    >>> from hpd.config import DataConfig
+    >>> from hpd.teacher_cache import TeacherCache, build_teacher_cache
+    >>> out = build_teacher_cache("hpd/assets/teacher", ["examples/tiny.jsonl"], "/tmp/hpd-doc-cache",
+    ...                           top_k=8, data=DataConfig(max_length=64), overwrite=True, log=None)
+    >>> cache = TeacherCache(out)
+    >>> cache.top_k, cache.manifest["bytes_per_token"]
+    (8, 40)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from hpd.errors import HPDError
+
+FORMAT = "hpd-teacher-cache-1"
+_DATA_KEYS = ("prompt_field", "completion_field", "messages_field", "on_bad_row", "max_length", "chat_template")
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
+LOGP_DTYPES = {"float16": np.float16, "float32": np.float32}
+
+
+# --------------------------------------------------------------------------------------------
+# Fingerprints
+# --------------------------------------------------------------------------------------------
+
+
+def sequence_hash(prompt_ids: Sequence[int], completion_ids: Sequence[int]) -> int:
+    """A 63-bit hash of one example's token ids (the prompt/completion split included)."""
+    h = hashlib.blake2b(digest_size=8)
+    h.update(np.asarray([len(prompt_ids)], dtype=np.int64).tobytes())
+    h.update(np.asarray(list(prompt_ids) + list(completion_ids), dtype=np.int64).tobytes())
+    return int.from_bytes(h.digest(), "little") & ((1 << 63) - 1)
+
+
+def teacher_fingerprint(path: str | os.PathLike) -> str:
+    """sha256 of a teacher's weight files (and config.json), read from disk without loading it."""
+    p = Path(path)
+    files = [p] if p.is_file() else sorted(f for f in p.iterdir() if f.suffix in _WEIGHT_SUFFIXES or f.name == "config.json")
+    if not files:
+        raise HPDError(f"no weight files in '{p}': pass a Hugging Face model directory or a .gguf file")
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode())
+        with f.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                h.update(block)
+    return h.hexdigest()[:24]
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A hash of a tokenizer's vocabulary (token -> id): what logit distillation needs to share.
+
+    Templates and special-token choices change the sequences, which the sequence hashes catch.
+    """
+    return hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()[:24]
+
+
+def _response_span(prompt_ids: Sequence[int], completion_ids: Sequence[int]) -> tuple[int, int]:
+    """(first position, number of positions) that carry a label in `hpd.data.build_batch`."""
+    start = max(len(prompt_ids) - 1, 0)
+    return start, max(len(prompt_ids) + len(completion_ids) - 1 - start, 0)
+
+
+# --------------------------------------------------------------------------------------------
+# Building
+# --------------------------------------------------------------------------------------------
+
+
+def build_teacher_cache(teacher: str | os.PathLike, data_files: Sequence[str | os.PathLike], out: str | os.PathLike, *,
+                        top_k: int = 32, data: Any = None, temperature: float = 1.0, dtype: str = "float16",
+                        vocab_size: int | None = None, batch_size: int = 16, teacher_dtype: str = "float32",
+                        shard_positions: int = 1 << 22, chunk_size: int = 1024, overwrite: bool = False,
+                        trust_remote_code: bool = False, log: Callable[[str], None] | None = print) -> Path:
+    """Run `teacher` once over every sequence of `data_files`; write the cache to `out`; return it.
+
+    data:            the `data` config section (`hpd.config.DataConfig`) whose fields say how the
+                     files are read and tokenized; default: `DataConfig()`. Use the run's own.
+    top_k:           teacher tokens kept per position, besides the sequence token (0 = only it:
+                     enough for sft/orkl). Capped at the vocabulary size.
+    temperature:     the loss temperature (`objective.temperature`) of the runs that will read it.
+    dtype:           storage of the top-K log-probabilities: float16 (default) or float32.
+    vocab_size:      the vocabulary to normalize over (default: the teacher's LM-head rows; set it
+                     to the shared size when the student's head has fewer padding rows).
+    shard_positions: positions per shard file (shards hold whole examples).
+    """
+    from hpd.config import DataConfig
+    from hpd.data import build_batch, encode_file
+    from hpd.models import final_hidden_states, lm_head_of, load_model
+
+    data = data if data is not None else DataConfig()
+    if dtype not in LOGP_DTYPES:
+        raise HPDError(f"cache dtype must be one of {', '.join(LOGP_DTYPES)}, got {dtype!r}")
+    if top_k < 0 or batch_size < 1 or shard_positions < 1 or not (temperature > 0 and math.isfinite(temperature)):
+        raise HPDError(f"bad cache settings: top_k={top_k} (>= 0), batch_size={batch_size} (>= 1), "
+                       f"shard_positions={shard_positions} (>= 1), temperature={temperature} (> 0)")
+    if not data_files:
+        raise HPDError("no data files to cache: pass --data FILE (the run's data.train, and data.eval if it has one)")
+    if not Path(teacher).exists():
+        raise HPDError(f"teacher '{teacher}' does not exist: pass a Hugging Face model directory or a .gguf file")
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise HPDError(f"'{out}' already exists: choose another --out, or pass --force to replace it")
+    t0 = time.perf_counter()
+    model, tokenizer = load_model(str(teacher), dtype=teacher_dtype, trust_remote_code=trust_remote_code)
+    model.eval().requires_grad_(False)
+    weight, bias = lm_head_of(model)
+    V = int(vocab_size) if vocab_size is not None else int(weight.shape[0])
+    if not 0 < V <= weight.shape[0]:
+        raise HPDError(f"vocab_size={V} must be in [1, {weight.shape[0]}] (the teacher's LM-head rows)")
+    K = min(top_k, V)
+    W = weight.detach()[:V].float()
+    b = None if bias is None else bias.detach()[:V].float()
+
+    examples, files = [], []
+    for f in data_files:
+        enc, stats = encode_file(str(f), tokenizer, data)
+        files.append({"path": str(f), "examples": len(enc), "rows": stats.rows, "skipped": stats.skipped,
+                      "truncated": stats.truncated})
+        examples += enc
+    spans = [_response_span(e.prompt_ids, e.completion_ids) for e in examples]
+    counts = np.asarray([n for _, n in spans], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    hashes = np.asarray([sequence_hash(e.prompt_ids, e.completion_ids) for e in examples], dtype=np.int64)
+    total = int(offsets[-1])
+
+    # Shards: consecutive examples up to shard_positions positions each (at least one example).
+    shard_starts = [0]
+    for i in range(1, len(examples)):
+        if offsets[i] - offsets[shard_starts[-1]] + counts[i] > shard_positions:
+            shard_starts.append(i)
+    shard_bounds = [(s, e) for s, e in zip(shard_starts, shard_starts[1:] + [len(examples)])]
+
+    token = uuid.uuid4().hex[:8]
+    tmp = out.parent / f".{out.name}.tmp-{token}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    id_dtype = np.uint16 if V <= 1 << 16 else np.int32
+    try:
+        tmp.mkdir()
+        shards = []
+        for j, (s, e) in enumerate(shard_bounds):
+            d = tmp / f"shard-{j:05d}"
+            d.mkdir()
+            P = int(offsets[e] - offsets[s])
+            arrays = {
+                "label_logp": np.lib.format.open_memmap(d / "label_logp.npy", "w+", np.float32, (P,)),
+                "tail_logp": np.lib.format.open_memmap(d / "tail_logp.npy", "w+", np.float32, (P,)),
+                "topk_ids": np.lib.format.open_memmap(d / "topk_ids.npy", "w+", id_dtype, (P, K)),
+                "topk_logp": np.lib.format.open_memmap(d / "topk_logp.npy", "w+", LOGP_DTYPES[dtype], (P, K)),
+            }
+            shards.append({"dir": d.name, "first_example": s, "end_example": e, "first_position": int(offsets[s]),
+                           "positions": P, "arrays": arrays})
+        shard_of = np.zeros(len(examples), dtype=np.int64)
+        for j, (s, e) in enumerate(shard_bounds):
+            shard_of[s:e] = j
+
+        # Longest first, so batches pad little; every example's rows go where its offsets say.
+        order = sorted(range(len(examples)), key=lambda i: -(len(examples[i].prompt_ids) + len(examples[i].completion_ids)))
+        pad_id = tokenizer.pad_token_id
+        done = 0
+        with torch.inference_mode():
+            for start in range(0, len(order), batch_size):
+                idx = [i for i in order[start:start + batch_size] if counts[i] > 0]
+                if not idx:
+                    continue
+                batch = build_batch([examples[i].prompt_ids for i in idx], [examples[i].completion_ids for i in idx],
+                                    pad_id=pad_id)
+                hidden = final_hidden_states(model, batch["input_ids"], batch["attention_mask"])  # (B, T, H)
+                sel = torch.cat([torch.arange(spans[i][0], spans[i][0] + spans[i][1]) + r * hidden.shape[1]
+                                 for r, i in enumerate(idx)])
+                h = hidden.reshape(-1, hidden.shape[-1])[sel]  # (N, H): the response positions, in order
+                labels = batch["input_ids"].reshape(-1)[sel + 1]  # (N,) the sequence tokens they predict
+                label_lp, tail_lp, ids, lp = [], [], [], []
+                for c in range(0, h.shape[0], chunk_size):
+                    z = h[c:c + chunk_size].float() @ W.T
+                    if b is not None:
+                        z += b
+                    logp = torch.log_softmax(z / temperature, -1)  # (C, V)
+                    y = labels[c:c + chunk_size]
+                    inside = y < V
+                    label_lp.append(torch.where(inside, logp.gather(1, y.clamp(max=V - 1)[:, None]).squeeze(1), 0.0))
+                    vals, top = logp.topk(K, -1)
+                    tail_lp.append(logp.scatter(1, top, float("-inf")).logsumexp(-1))
+                    ids.append(top)
+                    lp.append(vals)
+                label_lp, tail_lp = torch.cat(label_lp).numpy(), torch.cat(tail_lp).numpy()
+                ids, lp = torch.cat(ids).numpy(), torch.cat(lp).numpy()
+                at = 0
+                for i in idx:
+                    sh = shards[shard_of[i]]
+                    lo = int(offsets[i]) - sh["first_position"]
+                    n = int(counts[i])
+                    a = sh["arrays"]
+                    a["label_logp"][lo:lo + n] = label_lp[at:at + n]
+                    a["tail_logp"][lo:lo + n] = tail_lp[at:at + n]
+                    a["topk_ids"][lo:lo + n] = ids[at:at + n].astype(id_dtype)
+                    a["topk_logp"][lo:lo + n] = lp[at:at + n].astype(LOGP_DTYPES[dtype])
+                    at += n
+                done += len(idx)
+                if log is not None and (start // batch_size) % 50 == 0:
+                    log(f"teacher cache: {done}/{len(examples)} sequences")
+        for sh in shards:
+            for arr in sh.pop("arrays").values():
+                arr.flush()
+        np.save(tmp / "offsets.npy", offsets)
+        np.save(tmp / "hashes.npy", hashes)
+        np.save(tmp / "starts.npy", np.asarray([s for s, _ in spans], dtype=np.int64))
+        tokenizer.save_pretrained(str(tmp / "tokenizer"))
+        data_bytes = sum(f.stat().st_size for f in tmp.glob("shard-*/*.npy"))
+        manifest = {
+            "format": FORMAT,
+            "top_k": K,
+            "vocab_size": V,
+            "temperature": float(temperature),
+            "logp_dtype": dtype,
+            "id_dtype": np.dtype(id_dtype).name,
+            "teacher": {"path": str(Path(teacher).resolve()), "fingerprint": teacher_fingerprint(teacher),
+                        "dtype": teacher_dtype},
+            "tokenizer": tokenizer_fingerprint(tokenizer),
+            "data": {"files": files, "settings": {k: getattr(data, k) for k in _DATA_KEYS}},
+            "examples": len(examples),
+            "positions": total,
+            "sequences": hashlib.sha256(hashes.tobytes()).hexdigest()[:24],
+            "shards": shards,
+            "bytes": data_bytes,
+            # Per cached position: label and tail log-probs (float32) plus K ids and K log-probs.
+            "bytes_per_token": 8 + K * (np.dtype(id_dtype).itemsize + np.dtype(LOGP_DTYPES[dtype]).itemsize),
+            "build_seconds": round(time.perf_counter() - t0, 3),
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        old = out.parent / f".{out.name}.old-{token}"
+        if out.exists():
+            os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if log is not None:
+        log(f"teacher cache: {len(examples)} sequences, {total} positions, top-{K}, "
+            f"{manifest['bytes_per_token']} bytes per token ({data_bytes / 2**20:.1f} MiB) in "
+            f"{manifest['build_seconds']:.1f} s -> {out}")
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------
+
+
+class TeacherCache:
+    """A built cache, memory-mapped: maps examples to their rows and batches to `TopKTeacher`s."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        mf = self.path / "manifest.json"
+        if not mf.is_file():
+            raise HPDError(f"teacher.cache '{self.path}' is not a teacher cache (no manifest.json): build one with "
+                           "`hpd cache-teacher --teacher DIR --data FILE --out CACHE`")
+        self.manifest = json.loads(mf.read_text())
+        if self.manifest.get("format") != FORMAT:
+            raise HPDError(f"teacher cache '{self.path}' has format {self.manifest.get('format')!r}, this hpd reads "
+                           f"{FORMAT!r}: rebuild it with `hpd cache-teacher`")
+        self.top_k = int(self.manifest["top_k"])
+        self.vocab_size = int(self.manifest["vocab_size"])
+        self.temperature = float(self.manifest["temperature"])
+        self.offsets = np.load(self.path / "offsets.npy")
+        self.starts = np.load(self.path / "starts.npy")
+        self.hashes = np.load(self.path / "hashes.npy")
+        self._order = np.argsort(self.hashes, kind="stable")  # lookups by binary search, first copy wins
+        self._sorted = self.hashes[self._order]
+        self._shards = []
+        for sh in self.manifest["shards"]:
+            d = self.path / sh["dir"]
+            arrays = {k: np.load(d / f"{k}.npy", mmap_mode="r") for k in ("label_logp", "tail_logp", "topk_ids", "topk_logp")}
+            self._shards.append((sh["first_example"], sh["end_example"], sh["first_position"], arrays))
+        self._shard_ends = np.asarray([e for _, e, _, _ in self._shards], dtype=np.int64)
+
+    def tokenizer(self):
+        """The teacher's tokenizer, saved with the cache (for students that have none of their own)."""
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(self.path / "tokenizer"), local_files_only=True)
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        return tok
+
+    def describe(self) -> str:
+        m = self.manifest
+        files = ", ".join(f["path"] for f in m["data"]["files"])
+        settings = ", ".join(f"{k}={v}" for k, v in m["data"]["settings"].items())
+        return f"built from {files} with {settings}, teacher {m['teacher']['path']}"
+
+    def rows_of(self, examples: Sequence[Any], what: str, data: Any = None) -> list[int]:
+        """The cache row of every encoded example; HPDError saying what differs when some are missing.
+
+        data: the run's `data` config section, compared with the cache's to name the difference.
+        """
+        wanted = np.asarray([sequence_hash(e.prompt_ids, e.completion_ids) for e in examples], dtype=np.int64)
+        at = np.searchsorted(self._sorted, wanted).clip(max=max(len(self._sorted) - 1, 0))
+        found = (self._sorted[at] == wanted) if len(self._sorted) else np.zeros(len(wanted), dtype=bool)
+        if found.all():
+            return self._order[at].tolist()
+        missing = np.flatnonzero(~found).tolist()
+        diffs = []
+        if data is not None:
+            cached = self.manifest["data"]["settings"]
+            diffs = [f"{k}: cache {cached[k]!r}, run {getattr(data, k)!r}" for k in _DATA_KEYS
+                     if k in cached and cached[k] != getattr(data, k)]
+        example = examples[missing[0]]
+        raise HPDError(
+            f"teacher cache '{self.path}' does not hold {len(missing)} of the {len(examples)} {what} sequences "
+            f"(first: {example.source}); the cache was {self.describe()}"
+            + (f"; settings that differ: {'; '.join(diffs)}" if diffs else "; the data or the tokenizer differ")
+            + ". Rebuild it for this run: hpd cache-teacher --teacher DIR --data FILE [--data EVAL] --out CACHE "
+              "with the run's data settings (--config RUN.yaml takes them from the run config)"
+        )
+
+    def check_run(self, *, tokenizer=None, teacher_path: str | None = None, temperature: float | None = None,
+                  support: str | None = None, objective: str = "") -> None:
+        """Errors for a run the cache cannot serve: another teacher, tokenizer, temperature, or K = 0."""
+        m = self.manifest
+        if tokenizer is not None and tokenizer_fingerprint(tokenizer) != m["tokenizer"]:
+            raise HPDError(f"the student's tokenizer differs from the one the teacher cache '{self.path}' was built "
+                           f"with ({m['teacher']['path']}): logit distillation needs one tokenizer")
+        if teacher_path is not None and Path(teacher_path).exists():
+            if teacher_fingerprint(teacher_path) != m["teacher"]["fingerprint"]:
+                raise HPDError(f"teacher.path '{teacher_path}' is not the teacher the cache '{self.path}' was built from "
+                               f"({m['teacher']['path']}, weights changed or another model): rebuild the cache with "
+                               "`hpd cache-teacher --teacher DIR ...`, or point teacher.path at that teacher")
+        if temperature is not None and abs(temperature - self.temperature) > 1e-12:
+            raise HPDError(f"the teacher cache '{self.path}' was built at temperature {self.temperature:g}, "
+                           f"objective.temperature is {temperature:g}: rebuild it with --temperature {temperature:g}")
+        if support in ("pair", "vocab") and self.top_k == 0:
+            raise HPDError(f"objective '{objective}' reads the teacher beyond the sequence token, but the teacher cache "
+                           f"'{self.path}' holds no top-K tokens: rebuild it with --top-k K (e.g. 32)")
+
+    def teacher(self, rows: Sequence[int], labels: torch.Tensor):
+        """The cached teacher of a batch: `rows` (B,) cache rows of its sequences, `labels (B, T)`.
+
+        Returns a `TopKTeacher` of `(B, T)` / `(B, T, K)` tensors on the CPU.
+        """
+        from hpd.objectives import IGNORE_INDEX, TopKTeacher
+
+        B, T = labels.shape
+        K = self.top_k
+        label_lp = torch.zeros(B, T)
+        tail = torch.zeros(B, T)
+        ids = torch.zeros(B, T, K, dtype=torch.long)
+        lp = torch.zeros(B, T, K)
+        for b, r in enumerate(rows):
+            j = int(np.searchsorted(self._shard_ends, r, side="right"))
+            first_ex, _, first_pos, a = self._shards[j]
+            lo = int(self.offsets[r]) - first_pos
+            n = int(self.offsets[r + 1] - self.offsets[r])
+            s = int(self.starts[r])
+            if s + n > T or bool((labels[b, :s] != IGNORE_INDEX).any()) or bool((labels[b, s + n:] != IGNORE_INDEX).any()):
+                raise HPDError(f"batch row {b} does not have the response positions of cache row {r}: the batch was "
+                               "not built from the cached sequences")
+            label_lp[b, s:s + n] = torch.from_numpy(np.array(a["label_logp"][lo:lo + n]))
+            tail[b, s:s + n] = torch.from_numpy(np.array(a["tail_logp"][lo:lo + n]))
+            if K:
+                ids[b, s:s + n] = torch.from_numpy(np.asarray(a["topk_ids"][lo:lo + n]).astype(np.int64))
+                lp[b, s:s + n] = torch.from_numpy(np.asarray(a["topk_logp"][lo:lo + n]).astype(np.float32))
+        return TopKTeacher(label_lp, ids, lp, tail, self.vocab_size, self.temperature)
+
+
+__all__ = ["FORMAT", "TeacherCache", "build_teacher_cache", "sequence_hash", "teacher_fingerprint", "tokenizer_fingerprint"]
