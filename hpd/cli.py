@@ -338,7 +338,7 @@ def config_cmd(
 def eval_cmd(
     model: str = typer.Option(..., "--model", "-m", metavar="PATH", help="HF model directory, .gguf file, or 'tiny'."),
     task: List[str] = typer.Option(..., "--task", "-t", metavar="NAME",
-                                   help="math | code | dialogue, with parameters as math:steps=4; repeat for several."),
+                                   help="math | code | dialogue | capitals, with parameters as math:steps=4; repeat for several."),
     n: int = typer.Option(200, "--n", metavar="N", min=1, help="Held-out problems per task."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", metavar="FILE.jsonl",
                                        help="Per-example outputs [default: MODEL_DIR/eval-TASK.jsonl]."),
