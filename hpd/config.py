@@ -41,6 +41,7 @@ from hpd.errors import HPDError
 __all__ = [
     "Config",
     "ModelConfig",
+    "StudentConfig",
     "TeacherConfig",
     "DataConfig",
     "ObjectiveConfig",
@@ -107,6 +108,26 @@ class ModelConfig:
     tiny_max_positions: int = field_(1024, "Maximum sequence length of the 'tiny' model.", min=8)
     init_seed: int | None = field_(
         None, "Seed of the 'tiny' model's random initialisation; null = the top-level seed."
+    )
+
+
+@dataclass
+class StudentConfig(ModelConfig):
+    """The student model (trained)."""
+
+    path: str = field_(
+        "tiny",
+        "A Hugging Face model directory, a .gguf file, 'tiny' for a random-init tiny Llama with "
+        "the byte-level tokenizer (sized by the tiny_* fields), or 'teacher' together with "
+        "init_from_teacher.",
+        nonempty=True,
+    )
+    init_from_teacher: str | None = field_(
+        None,
+        "Build the student from the teacher, keeping a subset of its layers (plus embeddings, "
+        "norms and LM head): every:K (layers 0, K, 2K, ...), spread:N (N layers evenly spaced, "
+        "first and last kept) or a list like 0,3,7; null = load student.path.",
+        nonempty=True,
     )
 
 
@@ -275,7 +296,10 @@ class OptimConfig:
     grad_accum: int = field_(1, "Micro-batches accumulated per optimizer step.", min=1)
     max_grad_norm: float = field_(1.0, "Gradient-norm clipping threshold (0 = off).", min=0.0)
     mixed_precision: str = field_(
-        "no", "Autocast precision of the forward passes.", choices=["no", "bf16", "fp16"]
+        "no",
+        "Autocast precision of the forward passes; auto = bf16 on a CUDA GPU that supports it, "
+        "no otherwise (a recipe that runs on CPU and GPU alike).",
+        choices=["no", "bf16", "fp16", "auto"],
     )
     max_bad_steps: int = field_(
         5, "Consecutive steps with a NaN/inf loss or gradient (skipped) before the run stops.", min=1
@@ -328,7 +352,7 @@ class Config:
         "fresh (error if output_dir already holds checkpoints), or a checkpoint directory path.",
         nonempty=True,
     )
-    student: ModelConfig = field(default_factory=ModelConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     data: DataConfig = field(default_factory=DataConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
@@ -678,6 +702,29 @@ def _cross_checks(cfg: Config) -> list[str]:
         problems.append(
             "regime: teacher generations need a teacher, but teacher.path is 'none'; "
             "name a teacher model or use regime.name=dataset"
+        )
+    init = cfg.student.init_from_teacher
+    if init is not None and no_teacher:
+        problems.append(
+            f"student.init_from_teacher ({init!r}) builds the student from the teacher, but "
+            "teacher.path is 'none'; name a teacher model or set student.init_from_teacher=null"
+        )
+    if init is not None and cfg.teacher.cache is not None:
+        problems.append(
+            f"student.init_from_teacher ({init!r}) needs the teacher's weights, but with teacher.cache "
+            "set the teacher is never loaded: build the student once (a run with max_steps=0, or "
+            "hpd.models.init_from_teacher) and pass its directory as student.path"
+        )
+    if init is not None and cfg.student.path not in ("tiny", "teacher"):
+        problems.append(
+            f"student.path ({cfg.student.path!r}) and student.init_from_teacher ({init!r}) both "
+            "say where the student comes from: set student.path=teacher, or "
+            "student.init_from_teacher=null to load student.path"
+        )
+    if init is None and cfg.student.path == "teacher":
+        problems.append(
+            "student.path=teacher needs student.init_from_teacher, the teacher layers to keep "
+            "(e.g. every:3, spread:10, or 0,5,9)"
         )
     for section in ("student", "teacher"):
         model: ModelConfig = getattr(cfg, section)

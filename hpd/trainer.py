@@ -40,7 +40,9 @@ from hpd.checkpoint import (
 from hpd.config import Config, load_config, save_config
 from hpd.data import EncodedExample, EpochSampler, build_batch, encode_file
 from hpd.errors import HPDError
-from hpd.models import _vocab_rows, final_hidden_states, lm_head_of, load_model, save_model, shared_vocab_size
+from hpd.models import (
+    _vocab_rows, final_hidden_states, init_from_teacher, lm_head_of, load_model, save_model, shared_vocab_size,
+)
 from hpd.objectives import IGNORE_INDEX, HeadTeacher, Objective, ObjectiveOutput, get_objective, resolve_shared_vocab
 from hpd.regimes import SamplingSettings, derive_seed, rollout, step_regime, teacher_generations
 from hpd.teacher_cache import TeacherCache
@@ -95,6 +97,24 @@ def teacher_view(teacher: nn.Module | None, input_ids: torch.Tensor, attention_m
 # --------------------------------------------------------------------------------------------
 
 
+def resolve_mixed_precision(name: str) -> str:
+    """optim.mixed_precision with `auto` resolved: bf16 on a CUDA GPU with bf16 support, else no."""
+    if name != "auto":
+        return name
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this process so far in MiB: GPU memory allocated on CUDA, else peak RSS."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+    import sys
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / (2**20 if sys.platform == "darwin" else 2**10)
+
+
 def objective_from_config(cfg: Config) -> Objective:
     o = cfg.objective
     params = {"temperature": o.temperature}
@@ -128,9 +148,12 @@ def load_models(cfg: Config, cache: TeacherCache | None = None):
         teacher, tokenizer = load_model(cfg.teacher.path, dtype=cfg.teacher.dtype, trust_remote_code=cfg.teacher.trust_remote_code,
                                         tiny=_tiny_kwargs(cfg.teacher) if cfg.teacher.path == "tiny" else None, seed=seed)
     seed = cfg.student.init_seed if cfg.student.init_seed is not None else cfg.seed
-    student, s_tok = load_model(cfg.student.path, tokenizer=tokenizer if cfg.student.path == "tiny" else None,
-                                dtype=cfg.student.dtype, trust_remote_code=cfg.student.trust_remote_code,
-                                tiny=_tiny_kwargs(cfg.student) if cfg.student.path == "tiny" else None, seed=seed)
+    if cfg.student.init_from_teacher is not None:
+        student, s_tok = init_from_teacher(teacher, cfg.student.init_from_teacher, dtype=cfg.student.dtype), tokenizer
+    else:
+        student, s_tok = load_model(cfg.student.path, tokenizer=tokenizer if cfg.student.path == "tiny" else None,
+                                    dtype=cfg.student.dtype, trust_remote_code=cfg.student.trust_remote_code,
+                                    tiny=_tiny_kwargs(cfg.student) if cfg.student.path == "tiny" else None, seed=seed)
     vocab_size = None
     if cache is not None:
         cache.check_run(tokenizer=s_tok if s_tok is not tokenizer else None,
@@ -317,7 +340,8 @@ class Trainer:
         hf_logging.disable_progress_bar()  # ours is the one progress bar
         # Without a GPU, cpu=True is what makes accelerate use torch.distributed (gloo) across the
         # processes that `accelerate launch` started; otherwise each would train alone.
-        self.acc = Accelerator(mixed_precision=cfg.optim.mixed_precision, cpu=not torch.cuda.is_available())
+        self.acc = Accelerator(mixed_precision=resolve_mixed_precision(cfg.optim.mixed_precision),
+                               cpu=not torch.cuda.is_available())
         self.is_main = self.acc.is_main_process
         self.rank, self.world = self.acc.process_index, self.acc.num_processes
         self.run_dir = Path(cfg.output_dir)
@@ -621,6 +645,7 @@ class Trainer:
         self.totals["cpu_s"] += time.process_time() - c0
         record = {"type": "train", "step": self.step + 1, "loss": loss, "value": value, "lr": lr, "grad_norm": gnorm,
                   "regime": regime, "tokens": float(num_tokens), "tokens_per_s": float(num_tokens) / dt, "step_time_s": dt,
+                  "peak_mem_mb": peak_memory_mb(acc.device),
                   "epoch": self.sampler.epoch + self.sampler.position / self.sampler.num_examples, **self.totals}
         if (self.step + 1) % cfg.log.every == 0 or self.step + 1 == cfg.max_steps:
             record.update(global_metrics(outputs, acc))

@@ -23,7 +23,8 @@ from hpd.tasks import (
 )
 from hpd.tasks.dialogue import NAMES
 
-ALL_TASKS = sorted(TASKS)
+# capitals (for real pretrained models) has a small fixed prompt space: see its own tests below.
+ALL_TASKS = sorted(set(TASKS) - {"capitals"})
 
 
 @pytest.fixture(scope="module")
@@ -367,3 +368,34 @@ def test_items_fit_a_tiny_byte_model():
         for item in task.generate("train", 300, seed=0):
             assert len(item.prompt.encode()) <= 90, item.prompt
             assert len(item.reference.encode()) <= task.max_new_tokens - 4, item.reference
+
+
+# ---- capitals (world knowledge, for real pretrained models) --------------------------------
+
+
+def test_capitals_references_pass_and_wrong_or_echoed_answers_fail():
+    from hpd.tasks.capitals import CAPITALS
+
+    task = get_task("capitals")
+    items = task.generate("test", 60, seed=0)
+    assert len({i.prompt for i in items}) == 60 and all(split_of(i.prompt) == "test" for i in items)
+    assert task.verify_batch(items, [i.reference for i in items]) == [True] * 60
+    for item in items:
+        other = next(c for c in CAPITALS.values() if c != item.answer)
+        assert not task.verify(item, f"The capital of {item.meta['country']} is {other}.")
+        assert not task.verify(item, item.prompt)  # echoing the question names no capital
+        assert not task.verify(item, f"{other} or maybe {item.answer}")  # the first capital named counts
+        assert task.verify(item, f"It is {item.answer.upper()}!")  # case does not matter
+        assert not task.verify(item, "")
+
+
+def test_capitals_aliases_and_no_country_contains_its_capital():
+    from hpd.tasks.capitals import CAPITALS, first_capital
+
+    task = get_task("capitals")
+    kyiv = next(i for i in task.generate("train", 300, seed=0) + task.generate("test", 60, seed=0)
+                if i.answer == "Kyiv")
+    assert task.verify(kyiv, "Kiev is the capital.")
+    assert first_capital("Parisian food") is None  # whole words only
+    # no question names a capital by itself (Tunisia does not count as Tunis), so echoes fail
+    assert all(first_capital(f"What is the capital of {country}?") is None for country in CAPITALS)

@@ -3,14 +3,15 @@
 `math` (arithmetic chains with a written chain of thought; long generation), `code` (one-line
 Python functions run against hidden tests in a sandbox; short generation) and `dialogue`
 (instructions with checkable constraints; short generation). Items are small enough for
-byte-level models of 0.1-2M parameters. `get_task("math", steps=4)` or `get_task("math:steps=4")`
+byte-level models of 0.1-2M parameters. `capitals` (capital cities; world knowledge) is for real
+pretrained models such as SmolLM2-135M-Instruct. `get_task("math", steps=4)` or `get_task("math:steps=4")`
 builds one; `mixed_dataset` draws a shuffled mix; `write_jsonl` writes training rows
 `{"prompt", "completion", "task", "answer"}` that `hpd.data` loads.
 
     >>> import os, tempfile
     >>> from hpd.tasks import TASKS, get_task, mixed_dataset, write_jsonl
     >>> sorted(TASKS)
-    ['code', 'dialogue', 'math']
+    ['capitals', 'code', 'dialogue', 'math']
     >>> items = mixed_dataset({"math": 3, "dialogue": 2}, split="train", seed=0)
     >>> len(items), sorted({i.meta["task"] for i in items})
     (5, ['dialogue', 'math'])
@@ -28,6 +29,7 @@ from typing import Any
 
 from hpd.errors import HPDError
 from hpd.tasks.base import SPLITS, Task, TaskItem, split_of
+from hpd.tasks.capitals import CapitalsTask
 from hpd.tasks.code import CodeTask
 from hpd.tasks.dialogue import DialogueTask
 from hpd.tasks.math import MathTask, verify_free_form
@@ -36,10 +38,11 @@ TASKS: dict[str, type[Task]] = {
     MathTask.name: MathTask,
     CodeTask.name: CodeTask,
     DialogueTask.name: DialogueTask,
+    CapitalsTask.name: CapitalsTask,
 }
 
 __all__ = [
-    "SPLITS", "TASKS", "CodeTask", "DialogueTask", "MathTask", "Task", "TaskItem", "get_task",
+    "SPLITS", "TASKS", "CapitalsTask", "CodeTask", "DialogueTask", "MathTask", "Task", "TaskItem", "get_task",
     "mixed_dataset", "parse_task_spec", "split_of", "verify_free_form", "write_jsonl",
 ]
 
