@@ -37,7 +37,7 @@ METHODS: dict[str, tuple[str, list[str]]] = {
     "akl": ("akl", []),
     "todi": ("todi", []),
     "orkl (on-policy)": ("orkl", ["regime.name=student"]),
-    "gkd (jsd, mixed 0.5)": ("jsd", ["objective.beta=0.5", "regime.name=mixed", "regime.mixed_lambda=0.5"]),
+    "gkd (jsd mixed 0.5)": ("jsd", ["objective.beta=0.5", "regime.name=mixed", "regime.mixed_lambda=0.5"]),
     "hpd": ("hpd", []),
     "hpd (teacher data)": ("hpd", ["regime.name=teacher"]),
 }

@@ -66,7 +66,9 @@ def test_bench_smoke(tmp_path, repo_root, monkeypatch):
 def test_bench_rejects_unknown_methods(tmp_path):
     with pytest.raises(HPDError, match="unknown bench method"):
         run_bench(BenchSettings(out_dir=tmp_path, methods=["nope"]))
-    assert "gkd (jsd, mixed 0.5)" in METHODS
+    assert "gkd (jsd mixed 0.5)" in METHODS
+    # `hpd bench --methods` is a comma-separated list: no label may contain a comma.
+    assert not [m for m in METHODS if "," in m]
 
 
 def test_loss_spikes():
