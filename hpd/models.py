@@ -271,6 +271,26 @@ def _vocab_rows(model: PreTrainedModel) -> int:
     return int(model.config.vocab_size)
 
 
+def is_peft_model(model: nn.Module) -> bool:
+    """Whether `model` is a peft model (e.g. a LoRA student)."""
+    return callable(getattr(model, "merge_and_unload", None)) and hasattr(model, "peft_config")
+
+
+def apply_lora(model: PreTrainedModel, *, rank: int, alpha: float, dropout: float = 0.0) -> nn.Module:
+    """Wrap `model` with LoRA adapters (rank `rank`) on every linear layer of its decoder.
+
+    The base weights are frozen; only the adapters train. The adapters start at zero, so the
+    wrapped model computes what `model` did.
+    """
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise HPDError("student.lora_rank > 0 needs peft: pip install peft (or pip install 'hpd[lora]')") from None
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules="all-linear",
+                        task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
 def save_model(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, out_dir: str | os.PathLike
 ) -> Path:
@@ -287,6 +307,11 @@ def save_model(
     token = uuid.uuid4().hex[:8]
     tmp = out.parent / f".{out.name}.tmp-{token}"
     old = out.parent / f".{out.name}.old-{token}"
+    if is_peft_model(model):
+        # A plain HF directory out, whatever trained inside: the adapters merged into a copy.
+        import copy
+
+        model = copy.deepcopy(model).merge_and_unload()
     try:
         _without_quantizer(model).save_pretrained(str(tmp))
         if tokenizer is not None:

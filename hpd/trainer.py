@@ -38,11 +38,12 @@ from hpd.checkpoint import (
     load_rng_state, load_student_weights, load_trainer_state, resolve_resume, save_checkpoint,
 )
 from hpd.config import Config, load_config, save_config
-from hpd.data import EncodedExample, EpochSampler, build_batch, encode_dataset, load_examples
+from hpd.data import EncodedExample, EpochSampler, build_batch, encode_dataset, encode_self_distillation, load_examples
 from hpd.errors import HPDError
-from hpd.models import final_hidden_states, lm_head_of, load_model, save_model, shared_vocab_size
-from hpd.objectives import IGNORE_INDEX, HeadTeacher, Objective, ObjectiveOutput, get_objective
+from hpd.models import apply_lora, final_hidden_states, lm_head_of, load_model, save_model, shared_vocab_size
+from hpd.objectives import IGNORE_INDEX, Objective, ObjectiveOutput, get_objective
 from hpd.regimes import SamplingSettings, derive_seed, rollout, step_regime, teacher_generations
+from hpd.teachers import SelfTeacher, aligned_positions, prompt_ending_mismatches, teacher_view
 
 
 # --------------------------------------------------------------------------------------------
@@ -78,17 +79,6 @@ class DistillationLoss(nn.Module):
         return {"loss": out.loss, "output": out}
 
 
-@torch.no_grad()
-def teacher_view(teacher: nn.Module | None, input_ids: torch.Tensor, attention_mask: torch.Tensor, chunked: bool):
-    """What the objective reads of the teacher: its hidden states and head (chunked), or its logits."""
-    if teacher is None:
-        return None
-    if chunked:
-        weight, bias = lm_head_of(teacher)
-        return HeadTeacher(final_hidden_states(teacher, input_ids, attention_mask), weight, bias)
-    return teacher(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-
-
 # --------------------------------------------------------------------------------------------
 # Set-up: everything is loaded and checked before the run directory is touched.
 # --------------------------------------------------------------------------------------------
@@ -114,7 +104,11 @@ def _tiny_kwargs(m) -> dict[str, int]:
 
 
 def load_models(cfg: Config):
-    """(student, teacher or None, tokenizer, shared vocabulary size)."""
+    """(student, teacher or None, tokenizer, shared vocabulary size).
+
+    The student is wrapped with LoRA adapters when `student.lora_rank > 0`. With `regime.name=self`
+    there is no teacher model: the student is its own teacher (`hpd.teachers.SelfTeacher`).
+    """
     teacher, tokenizer = None, None
     if cfg.teacher.path.strip().lower() != "none":
         seed = cfg.teacher.init_seed if cfg.teacher.init_seed is not None else derive_seed(cfg.seed, "teacher") % 2**31
@@ -133,6 +127,9 @@ def load_models(cfg: Config):
             )
         vocab_size = shared_vocab_size(student, teacher, s_tok)
         teacher.requires_grad_(False).eval()
+    if cfg.student.lora_rank > 0:
+        student = apply_lora(student, rank=cfg.student.lora_rank, alpha=cfg.student.lora_alpha,
+                             dropout=cfg.student.lora_dropout)
     return student, teacher, s_tok, vocab_size
 
 
@@ -141,14 +138,28 @@ def load_data(cfg: Config, tokenizer) -> tuple[list[EncodedExample], list[Encode
     d = cfg.data
     kw = dict(prompt_field=d.prompt_field, completion_field=d.completion_field, messages_field=d.messages_field,
               on_bad_row=d.on_bad_row)
+    if cfg.regime.name == "self":
+        # (question, privileged text) rows: the completion field is optional, the privileged one is not.
+        kw["require_completion"] = False
+        o = cfg.opsd
+
+        def encode(examples, stats):
+            return encode_self_distillation(examples, tokenizer, privileged_field=o.privileged_field,
+                                            teacher_template=o.teacher_template, completion_field=d.completion_field,
+                                            max_length=d.max_length, chat_template=d.chat_template,
+                                            on_bad_row=d.on_bad_row, stats=stats)
+    else:
+        def encode(examples, stats):
+            return encode_dataset(examples, tokenizer, max_length=d.max_length, chat_template=d.chat_template, stats=stats)
+
     examples, stats = load_examples(d.train, **kw)
-    train = encode_dataset(examples, tokenizer, max_length=d.max_length, chat_template=d.chat_template, stats=stats)
+    train = encode(examples, stats)
     info = {"train_rows": stats.rows, "train_skipped": stats.skipped, "train_truncated": stats.truncated,
             "skip_reasons": stats.skip_reasons[:5]}
     evals: list[EncodedExample] = []
     if d.eval:
         ex, es = load_examples(d.eval, **kw)
-        evals = encode_dataset(ex, tokenizer, max_length=d.max_length, chat_template=d.chat_template, stats=es)
+        evals = encode(ex, es)
         info.update(eval_rows=es.rows, eval_skipped=es.skipped, eval_truncated=es.truncated)
     elif d.eval_fraction > 0:
         g = torch.Generator().manual_seed(derive_seed(cfg.seed, "eval-split"))
@@ -287,9 +298,15 @@ def global_metrics(outputs: list[ObjectiveOutput], accelerator) -> dict[str, flo
 
 @dataclass
 class _Batch:
+    """A micro-batch `(B, T)`; for self-distillation also the teacher's sequences `(B, T')` and the
+    teacher position aligned with each student position `(B, T)`."""
+
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     labels: torch.Tensor
+    teacher_ids: torch.Tensor | None = None
+    teacher_mask: torch.Tensor | None = None
+    teacher_index: torch.Tensor | None = None
 
 
 class Trainer:
@@ -319,7 +336,8 @@ class Trainer:
         student, teacher, self.tokenizer, self.vocab_size = load_models(cfg)
         self.train_data, self.eval_data, self.data_info = load_data(cfg, self.tokenizer)
         self.objective = objective_from_config(cfg)
-        if teacher is None and self.objective.needs_teacher:
+        self.self_distill = cfg.regime.name == "self"
+        if teacher is None and self.objective.needs_teacher and not self.self_distill:
             raise HPDError(f"objective '{cfg.objective.name}' needs a teacher: set teacher.path")
         self.pad_id = self.tokenizer.pad_token_id
         self.sampling = SamplingSettings(cfg.regime.max_new_tokens, cfg.regime.temperature, cfg.regime.top_p,
@@ -331,6 +349,10 @@ class Trainer:
         self.module = DistillationLoss(student, self.objective, chunk_size=cfg.objective.chunk_size, vocab_size=self.vocab_size)
         optimizer, self.scheduler = make_optimizer(cfg, student)
         self.module, self.optimizer = self.acc.prepare(self.module, optimizer)
+        self.self_teacher = (SelfTeacher(self.unwrapped, cfg.opsd.teacher_weights, cfg.opsd.ema_decay)
+                             if self.self_distill else None)
+        if self.self_distill:
+            self._check_prompt_endings()
         self.sampler = EpochSampler(len(self.train_data), cfg.optim.batch_size, seed=cfg.seed,
                                     num_replicas=self.world, rank=self.rank)
         self.step = 0
@@ -362,30 +384,61 @@ class Trainer:
             barrier=self.acc.wait_for_everyone, log=self.log)
         self.data_info["teacher_generations"] = str(path)
 
-    def _batch(self, prompts: list[list[int]], completions: list[list[int]]) -> _Batch:
+    def _check_prompt_endings(self) -> None:
+        """Warn when the teacher template makes the first response token follow another context."""
+        rows = self.train_data
+        bad = prompt_ending_mismatches([e.prompt_ids for e in rows], [e.teacher_prompt_ids for e in rows])
+        self.data_info["teacher_prompt_ending_mismatches"] = len(bad)
+        if bad:
+            e = rows[bad[0]]
+            self.log(f"warning: in {len(bad)} of {len(rows)} rows the teacher's prompt ends with another token than "
+                     f"the student's, so their first response token follows different contexts (e.g. {e.source}: "
+                     f"student ...{self.tokenizer.decode(e.prompt_ids[-12:])!r}, teacher "
+                     f"...{self.tokenizer.decode(e.teacher_prompt_ids[-12:])!r}); end opsd.teacher_template with {{prompt}}")
+
+    def _batch(self, prompts: list[list[int]], completions: list[list[int]],
+               teacher_prompts: list[list[int]] | None = None) -> _Batch:
         b = build_batch(prompts, completions, pad_id=self.pad_id)
         labels = b["labels"]
         if self.vocab_size is not None:
             labels = labels.masked_fill(labels >= self.vocab_size, IGNORE_INDEX)
         dev = self.acc.device
-        return _Batch(b["input_ids"].to(dev), b["attention_mask"].to(dev), labels.to(dev))
+        batch = _Batch(b["input_ids"].to(dev), b["attention_mask"].to(dev), labels.to(dev))
+        if teacher_prompts is not None:
+            # The teacher scores the same response after its own (privileged) prompt.
+            t = build_batch(teacher_prompts, completions, pad_id=self.pad_id)
+            index = aligned_positions(labels, t["labels"], [len(p) for p in prompts], [len(p) for p in teacher_prompts])
+            batch.teacher_ids, batch.teacher_mask = t["input_ids"].to(dev), t["attention_mask"].to(dev)
+            batch.teacher_index = index.to(dev)
+        return batch
+
+    def _examples_batch(self, examples: list[EncodedExample], completions: list[list[int]] | None = None) -> _Batch:
+        """Examples (with their reference completions, unless others are given) as a batch."""
+        completions = completions if completions is not None else [e.completion_ids for e in examples]
+        teacher_prompts = [e.teacher_prompt_ids for e in examples] if self.self_distill else None
+        return self._batch([e.prompt_ids for e in examples], completions, teacher_prompts)
 
     def _micro_batches(self, regime: str) -> list[_Batch]:
         batches = []
         for micro in range(self.cfg.optim.grad_accum):
             idx = next(self.sampler)
-            prompts = [self.train_data[i].prompt_ids for i in idx]
-            if regime == "dataset":
-                completions = [self.train_data[i].completion_ids for i in idx]
-            elif regime == "teacher":
+            examples = [self.train_data[i] for i in idx]
+            completions = None  # the data's
+            if regime == "teacher":
                 completions = [self.teacher_completions[i] for i in idx]
-            else:  # student
+            elif regime == "student" or (regime == "self" and self.cfg.opsd.response == "rollout"):
                 seed = derive_seed(self.cfg.seed, self.step, micro, self.rank, "rollout")
-                completions = rollout(self.unwrapped, self.tokenizer, prompts, self.sampling, seed=seed,
-                                      max_length=self.cfg.data.max_length)
+                completions = rollout(self.unwrapped, self.tokenizer, [e.prompt_ids for e in examples], self.sampling,
+                                      seed=seed, max_length=self.cfg.data.max_length)
                 self._generated += sum(len(c) for c in completions)
-            batches.append(self._batch(prompts, completions))
+            batches.append(self._examples_batch(examples, completions))
         return batches
+
+    def _teacher_view(self, b: _Batch, chunked: bool):
+        """The teacher's view of a micro-batch: the teacher model's, or the privileged self-teacher's."""
+        if self.self_teacher is not None:
+            return self.self_teacher.view(b.teacher_ids, b.teacher_mask, chunked, b.teacher_index)
+        return teacher_view(self.teacher, b.input_ids, b.attention_mask, chunked)
 
     def _generator(self, micro: int, salt: str = "sample") -> torch.Generator:
         dev = self.acc.device
@@ -404,7 +457,8 @@ class Trainer:
             self.tokenizer.save_pretrained(str(tmp / "model"))
             torch.save({"step": self.step, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                         "sampler": self.sampler.state_dict(), "bad_in_row": self.bad_in_row, "world": self.world,
-                        "totals": self.totals},
+                        "totals": self.totals,
+                        "self_teacher": self.self_teacher.state_dict() if self.self_teacher is not None else None},
                        tmp / "trainer_state.pt")
             save_config(cfg, tmp / "config.yaml")
 
@@ -422,6 +476,8 @@ class Trainer:
         self.sampler.load_state_dict(state["sampler"])
         self.step, self.bad_in_row = state["step"], state["bad_in_row"]
         self.totals.update(state.get("totals", {}))
+        if self.self_teacher is not None:
+            self.self_teacher.load_state_dict(state.get("self_teacher") or {})
         load_rng_state(ckpt, self.rank)
 
     # ---- evaluation ----
@@ -436,13 +492,12 @@ class Trainer:
         bs = cfg.optim.batch_size
         shard = self.eval_data[self.rank::self.world][: bs * cfg.log.eval_batches]
         outputs, loss_sum = [], 0.0
-        batches = [self._batch([e.prompt_ids for e in shard[i:i + bs]], [e.completion_ids for e in shard[i:i + bs]])
-                   for i in range(0, len(shard), bs)]
+        batches = [self._examples_batch(shard[i:i + bs]) for i in range(0, len(shard), bs)]
         n_active = self.acc.reduce(torch.tensor(float(sum(int((b.labels != IGNORE_INDEX).sum()) for b in batches)),
                                                 device=self.acc.device), "sum")
         for i, b in enumerate(batches):
             with self.acc.autocast():
-                teach = teacher_view(self.teacher, b.input_ids, b.attention_mask, cfg.objective.chunk_size > 0)
+                teach = self._teacher_view(b, cfg.objective.chunk_size > 0)
                 res = self.module(b.input_ids, b.attention_mask, b.labels, teach, num_tokens=n_active,
                                   generator=self._generator(i, "eval"), diagnostics=True)
             outputs.append(res["output"])
@@ -470,7 +525,8 @@ class Trainer:
         if self.resume_from is None:
             metrics_log.write({"type": "info", "step": 0, "world_size": self.world, **self.data_info,
                                "student_parameters": sum(p.numel() for p in self.unwrapped.parameters()),
-                               "teacher_parameters": sum(p.numel() for p in self.teacher.parameters()) if self.teacher else 0})
+                               "teacher_parameters": sum(p.numel() for p in self.teacher.parameters()) if self.teacher else 0,
+                               "trainable_parameters": sum(p.numel() for p in self.unwrapped.parameters() if p.requires_grad)})
         self.log(f"training {cfg.objective.name} ({cfg.regime.name} regime) for {cfg.max_steps} steps; "
                  f"{len(self.train_data)} training examples; run dir {self.run_dir}")
         progress = None
@@ -522,12 +578,14 @@ class Trainer:
         loss_sum = torch.zeros((), device=acc.device)
         value_sum = torch.zeros((), device=acc.device)
         # sft needs the teacher only for the logged diagnostics: skip its forward otherwise.
-        use_teacher = self.teacher is not None and (self.objective.needs_teacher or diagnostics)
-        teacher_tokens = sum(int(b.attention_mask.sum()) for b in batches) if self.objective.needs_teacher else 0
+        has_teacher = self.teacher is not None or self.self_teacher is not None
+        use_teacher = has_teacher and (self.objective.needs_teacher or diagnostics)
+        teacher_tokens = (sum(int((b.teacher_mask if b.teacher_mask is not None else b.attention_mask).sum()) for b in batches)
+                          if self.objective.needs_teacher else 0)
         for micro, b in enumerate(batches):
             last = micro == len(batches) - 1
             with (nullcontext() if last else acc.no_sync(self.module)), acc.autocast():
-                teach = teacher_view(self.teacher, b.input_ids, b.attention_mask, chunked) if use_teacher else None
+                teach = self._teacher_view(b, chunked) if use_teacher else None
                 res = self.module(b.input_ids, b.attention_mask, b.labels, teach, num_tokens=num_tokens,
                                   generator=self._generator(micro), diagnostics=diagnostics)
                 # DDP averages gradients over processes; the loss is already a share of the global
@@ -568,6 +626,8 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.self_teacher is not None:
+            self.self_teacher.update()
         dt = time.perf_counter() - t0
         self.totals["elapsed_s"] += dt
         record = {"type": "train", "step": self.step + 1, "loss": loss, "value": value, "lr": lr, "grad_norm": gnorm,
