@@ -276,11 +276,12 @@ def is_peft_model(model: nn.Module) -> bool:
     return callable(getattr(model, "merge_and_unload", None)) and hasattr(model, "peft_config")
 
 
-def apply_lora(model: PreTrainedModel, *, rank: int, alpha: float, dropout: float = 0.0) -> nn.Module:
+def apply_lora(model: PreTrainedModel, *, rank: int, alpha: float, dropout: float = 0.0, seed: int = 0) -> nn.Module:
     """Wrap `model` with LoRA adapters (rank `rank`) on every linear layer of its decoder.
 
-    The base weights are frozen; only the adapters train. The adapters start at zero, so the
-    wrapped model computes what `model` did.
+    The base weights are frozen; only the adapters train. The adapters' product starts at zero, so
+    the wrapped model computes what `model` did; their random half is drawn from `seed` (in a
+    forked RNG), so the same seed gives the same adapters.
     """
     try:
         from peft import LoraConfig, get_peft_model
@@ -288,7 +289,13 @@ def apply_lora(model: PreTrainedModel, *, rank: int, alpha: float, dropout: floa
         raise HPDError("student.lora_rank > 0 needs peft: pip install peft (or pip install 'hpd[lora]')") from None
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules="all-linear",
                         task_type="CAUSAL_LM")
-    return get_peft_model(model, config)
+    import warnings
+
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        # peft 0.21 asks transformers 5 a deprecated question; nothing for a user to act on.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        torch.manual_seed(seed)
+        return get_peft_model(model, config)
 
 
 def save_model(

@@ -90,7 +90,8 @@ def aligned_positions(student_labels: Tensor, teacher_labels: Tensor, student_pr
     active = student_labels != IGNORE_INDEX
     index = torch.where(active, positions, torch.zeros_like(positions))
     if bool((index >= teacher_labels.shape[1]).any()) or bool((index < 0).any()):
-        raise HPDError("self-distillation: a student response position falls outside the teacher's sequence")
+        raise HPDError("self-distillation: teacher and student sequences do not line up: a student response position "
+                       "falls outside the teacher's sequence")
     gathered = teacher_labels.gather(1, index)
     bad = active & (gathered != student_labels)
     if bool(bad.any()) or int((teacher_labels != IGNORE_INDEX).sum()) != int(active.sum()):

@@ -129,7 +129,7 @@ def load_models(cfg: Config):
         teacher.requires_grad_(False).eval()
     if cfg.student.lora_rank > 0:
         student = apply_lora(student, rank=cfg.student.lora_rank, alpha=cfg.student.lora_alpha,
-                             dropout=cfg.student.lora_dropout)
+                             dropout=cfg.student.lora_dropout, seed=derive_seed(seed, "lora") % 2**31)
     return student, teacher, s_tok, vocab_size
 
 
