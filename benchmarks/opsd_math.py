@@ -107,7 +107,7 @@ def run_config(out: Path, label: str, steps: int, extra: list[str]):
         f"data.train={out / 'data' / 'train.jsonl'}", "data.max_length=256",
         "opsd.privileged_field=reference", "objective.chunk_size=0",
         "regime.max_new_tokens=96", "regime.temperature=1.0",
-        "optim.lr=3e-4", "optim.batch_size=16", "optim.warmup_ratio=0.05", "optim.schedule=constant",
+        "optim.lr=1e-3", "optim.batch_size=16", "optim.warmup_ratio=0.05", "optim.schedule=constant",
         "log.every=5", "log.diagnostics_every=5", "log.progress=false", "log.tensorboard=off",
         "save.every=50", "save.keep_last=1",
     ]
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
 
     lines = [
         f"Base model {base}: held-out accuracy {pct(before)}; the same model with the reference in its prompt "
-        f"(the privileged teacher) {pct(teacher)}. {a.steps} steps, batch 16, lr 3e-4, {a.n} held-out problems, greedy.",
+        f"(the privileged teacher) {pct(teacher)}. {a.steps} steps, batch 16, lr 1e-3, {a.n} held-out problems, greedy.",
         "",
         "| method | accuracy % before | accuracy % after (95% CI) | student tokens generated | teacher tokens scored | train wall s |",
         "|---|---:|---:|---:|---:|---:|",

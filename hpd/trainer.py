@@ -3,10 +3,13 @@
 One optimizer step, top to bottom:
 
     checkpoint / evaluate when due
-    regime of this step (dataset | teacher | student, or a seeded draw for mixed)
-    this process's micro-batches: prompts + response tokens (student rollouts generated here)
+    regime of this step (dataset | teacher | student | self, or a seeded draw for mixed)
+    this process's micro-batches: prompts + response tokens (student rollouts generated here);
+      for self-distillation also the teacher's privileged prompts + the same responses
     global count N of active tokens over all micro-batches and processes
-    per micro-batch: teacher forward (no grad) -> student forward + objective (chunked) -> backward
+    per micro-batch: teacher forward (no grad; for self: the student's own weights, frozen / ema / live,
+      on the privileged sequence, gathered at the aligned positions) -> student forward + objective
+      (chunked) -> backward
     clip, skip the step if the loss or gradient is not finite, optimizer + scheduler step
     log: loss terms, objective metrics, agreement / KL / entropy, grad norm, lr, tokens/s
 
@@ -349,6 +352,10 @@ class Trainer:
         self.module = DistillationLoss(student, self.objective, chunk_size=cfg.objective.chunk_size, vocab_size=self.vocab_size)
         optimizer, self.scheduler = make_optimizer(cfg, student)
         self.module, self.optimizer = self.acc.prepare(self.module, optimizer)
+        if self.self_distill and cfg.opsd.teacher_weights != "live" and "FSDP" in str(self.acc.distributed_type):
+            raise HPDError(f"regime.name=self with opsd.teacher_weights={cfg.opsd.teacher_weights} swaps the teacher's "
+                           "weights into the student, which FSDP's sharded parameters do not allow: use DDP or "
+                           "DeepSpeed, or opsd.teacher_weights=live")
         self.self_teacher = (SelfTeacher(self.unwrapped, cfg.opsd.teacher_weights, cfg.opsd.ema_decay)
                              if self.self_distill else None)
         if self.self_distill:
