@@ -10,7 +10,7 @@ batch and learning rate, by:
   `hpd` on the reference as the offline prefix (no generation), and `hpd`, `jsd`, `orkl` on the
   student's own rollouts.
 
-It prints (and writes to OUT/results.md) held-out greedy accuracy before and after with 95% Wilson
+It prints (and writes to OUT/results-STEPS.md) held-out greedy accuracy before and after with 95% Wilson
 intervals, the accuracy of the privileged teacher (the base model generating with the reference in
 its prompt), the student tokens generated, the teacher tokens scored and the training wall time.
 Everything is resumable: finished runs and evaluations are skipped when run again.
@@ -102,7 +102,7 @@ def cached_accuracy(model_dir: Path, key: str, **kw) -> dict[str, float]:
 
 def run_config(out: Path, label: str, steps: int, extra: list[str]):
     common = [
-        f"output_dir={out / 'runs' / _slug(label)}", f"max_steps={steps}", "seed=0",
+        f"output_dir={out / 'runs' / f'{_slug(label)}-{steps}'}", f"max_steps={steps}", "seed=0",
         f"student.path={out / 'base' / 'final'}", "student.dtype=float32", "teacher.path=none",
         f"data.train={out / 'data' / 'train.jsonl'}", "data.max_length=256",
         "opsd.privileged_field=reference", "objective.chunk_size=0",
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
         lines.append(f"| {label} | {100 * before['accuracy']:.1f} | {pct(after)} | {int(last['generated_tokens_total'])} | "
                      f"{int(last['teacher_tokens_total'])} | {last['elapsed_s']:.0f} |")
     text = "\n".join(lines)
-    (a.out / "results.md").write_text(text + "\n")
+    (a.out / f"results-{a.steps}.md").write_text(text + "\n")
     print(text)
 
 

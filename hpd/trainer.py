@@ -579,7 +579,8 @@ class Trainer:
         batches = self._micro_batches(regime)
         local_tokens = torch.tensor(float(sum(int((b.labels != IGNORE_INDEX).sum()) for b in batches)), device=acc.device)
         num_tokens = acc.reduce(local_tokens, "sum") if self.world > 1 else local_tokens
-        diagnostics = self.step % cfg.log.diagnostics_every == 0
+        # Counted like the logged steps (1-based), so that diagnostics_every = log.every puts them on every line.
+        diagnostics = (self.step + 1) % cfg.log.diagnostics_every == 0
         chunked = cfg.objective.chunk_size > 0
         outputs: list[ObjectiveOutput] = []
         loss_sum = torch.zeros((), device=acc.device)

@@ -360,3 +360,12 @@ def test_a_template_whose_ending_differs_warns(tmp_path, capsys):
                "opsd.teacher_template={prompt} (reference: {privileged})")
     assert _records(run, "info")[0]["teacher_prompt_ending_mismatches"] > 0
     assert "first response token follows different contexts" in capsys.readouterr().out
+
+
+@pytest.mark.usefixtures("_at_root")
+def test_diagnostics_land_on_the_logged_steps(tmp_path):
+    """log.every = log.diagnostics_every = 2: every logged line carries agreement / KL / entropy."""
+    run = _run(tmp_path / "run", "max_steps=4", "objective.name=hpd", "opsd.response=reference", "log.every=2",
+               "log.diagnostics_every=2", "save.every=0")
+    recs = _records(run)
+    assert [r["step"] for r in recs] == [2, 4] and all("kl" in r and "agreement" in r for r in recs)
