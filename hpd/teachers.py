@@ -41,7 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from hpd.errors import HPDError
-from hpd.models import final_hidden_states, lm_head_of
+from hpd.models import final_hidden_states, is_peft_model, lm_head_of
 from hpd.objectives import IGNORE_INDEX, HeadTeacher
 
 TEACHER_WEIGHTS = ("frozen", "ema", "live")
@@ -114,10 +114,6 @@ def prompt_ending_mismatches(student_prompts: Sequence[Sequence[int]], teacher_p
     return [i for i, (s, t) in enumerate(zip(student_prompts, teacher_prompts)) if not s or not t or s[-1] != t[-1]]
 
 
-def _is_peft(model: nn.Module) -> bool:
-    return callable(getattr(model, "disable_adapter", None)) and hasattr(model, "peft_config")
-
-
 class SelfTeacher:
     """The student as its own teacher, with `frozen`, `ema` or `live` weights (never a gradient).
 
@@ -130,7 +126,7 @@ class SelfTeacher:
         if weights not in TEACHER_WEIGHTS:
             raise HPDError(f"teacher weights must be one of {TEACHER_WEIGHTS}, got {weights!r}")
         self.student, self.weights, self.decay = student, weights, float(ema_decay)
-        self.lora_frozen = weights == "frozen" and _is_peft(student)
+        self.lora_frozen = weights == "frozen" and is_peft_model(student)
         self.params = {n: p for n, p in student.named_parameters() if p.requires_grad}
         # frozen (full weights) and ema keep a shadow of the trainable parameters; a frozen LoRA
         # student needs none (its base weights never change), nor does the live teacher.
