@@ -100,14 +100,15 @@ def cached_accuracy(model_dir: Path, key: str, **kw) -> dict[str, float]:
     return json.loads(path.read_text())
 
 
-def run_config(out: Path, label: str, steps: int, extra: list[str]):
+def run_config(out: Path, label: str, steps: int, extra: list[str], lr: float = 1e-3):
+    tag = f"{steps}" if lr == 1e-3 else f"{steps}-lr{lr:g}"
     common = [
-        f"output_dir={out / 'runs' / f'{_slug(label)}-{steps}'}", f"max_steps={steps}", "seed=0",
+        f"output_dir={out / 'runs' / f'{_slug(label)}-{tag}'}", f"max_steps={steps}", "seed=0",
         f"student.path={out / 'base' / 'final'}", "student.dtype=float32", "teacher.path=none",
         f"data.train={out / 'data' / 'train.jsonl'}", "data.max_length=256",
         "opsd.privileged_field=reference", "objective.chunk_size=0",
         "regime.max_new_tokens=96", "regime.temperature=1.0",
-        "optim.lr=1e-3", "optim.batch_size=16", "optim.warmup_ratio=0.05", "optim.schedule=constant",
+        f"optim.lr={lr}", "optim.batch_size=16", "optim.warmup_ratio=0.05", "optim.schedule=constant",
         "log.every=5", "log.diagnostics_every=5", "log.progress=false", "log.tensorboard=off",
         "save.every=50", "save.keep_last=1",
     ]
@@ -122,6 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated labels")
     ap.add_argument("--n", type=int, default=N_EVAL)
+    ap.add_argument("--lr", type=float, default=1e-3, help="learning rate of every method")
     a = ap.parse_args(argv)
     if a.what == "probe":
         for privileged in (False, True):
@@ -138,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
     run_configs([base_cfg], jobs=1, labels=["base"], threads_per_job=1)
     base = a.out / "base" / "final"
     labels = [m for m in a.methods.split(",") if m]
-    cfgs = [run_config(a.out, m, a.steps, METHODS[m]) for m in labels]
+    cfgs = [run_config(a.out, m, a.steps, METHODS[m], a.lr) for m in labels]
     run_configs(cfgs, jobs=1, labels=labels, threads_per_job=1)
 
     before = cached_accuracy(base, "plain")
@@ -149,19 +151,24 @@ def main(argv: list[str] | None = None) -> None:
 
     lines = [
         f"Base model {base}: held-out accuracy {pct(before)}; the same model with the reference in its prompt "
-        f"(the privileged teacher) {pct(teacher)}. {a.steps} steps, batch 16, lr 1e-3, {a.n} held-out problems, greedy.",
+        f"(the privileged teacher) {pct(teacher)}. {a.steps} steps, batch 16, lr {a.lr:g}, {a.n} held-out problems, greedy.",
         "",
-        "| method | accuracy % before | accuracy % after (95% CI) | student tokens generated | teacher tokens scored | train wall s |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| method | accuracy % before | accuracy % after (95% CI) | student tokens generated | teacher tokens scored "
+        "| train wall s | KL(teacher‖student) on the training responses, first → last |",
+        "|---|---:|---:|---:|---:|---:|---|",
     ]
     for label, cfg in zip(labels, cfgs):
         run_dir = Path(cfg.output_dir)
         after = cached_accuracy(run_dir / "final", "plain")
-        last = read_records(run_dir)[-1]
+        records = read_records(run_dir)
+        last = records[-1]
+        # Mean of the first and of the last 4 logged values (the privileged teacher's view; none for sft).
+        kls = [r["kl"] for r in records if r.get("kl") is not None]
+        kl = f"{sum(kls[:4]) / len(kls[:4]):.2f} → {sum(kls[-4:]) / len(kls[-4:]):.2f}" if kls else "-"
         lines.append(f"| {label} | {100 * before['accuracy']:.1f} | {pct(after)} | {int(last['generated_tokens_total'])} | "
-                     f"{int(last['teacher_tokens_total'])} | {last['elapsed_s']:.0f} |")
+                     f"{int(last['teacher_tokens_total'])} | {last['elapsed_s']:.0f} | {kl} |")
     text = "\n".join(lines)
-    (a.out / f"results-{a.steps}.md").write_text(text + "\n")
+    (a.out / f"results-{a.steps}{'' if a.lr == 1e-3 else f'-lr{a.lr:g}'}.md").write_text(text + "\n")
     print(text)
 
 
