@@ -137,6 +137,16 @@ def load_student_weights(model: torch.nn.Module, ckpt: Path) -> None:
     state: dict[str, torch.Tensor] = {}
     for f in files:
         state.update(load_file(str(f)))
+    from hpd.models import is_peft_model
+
+    if is_peft_model(model):  # a LoRA student's checkpoint holds its adapters only
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(model, state)
+        if result.unexpected_keys:
+            raise HPDError(f"checkpoint {ckpt} does not match the student's adapters (unexpected "
+                           f"{result.unexpected_keys[:5]}): resume with the student config it was saved with")
+        return
     missing, unexpected = model.load_state_dict(state, strict=False)
     # Tied weights (e.g. lm_head = embeddings) are saved once; anything else missing is an error.
     params = dict(model.named_parameters(remove_duplicate=False))

@@ -43,6 +43,7 @@ __all__ = [
     "ModelConfig",
     "StudentConfig",
     "TeacherConfig",
+    "OpsdConfig",
     "DataConfig",
     "ObjectiveConfig",
     "RegimeConfig",
@@ -129,6 +130,15 @@ class StudentConfig(ModelConfig):
         "first and last kept) or a list like 0,3,7; null = load student.path.",
         nonempty=True,
     )
+    lora_rank: int = field_(
+        0,
+        "LoRA rank of the student (needs peft): > 0 trains low-rank adapters on every linear layer "
+        "of the decoder instead of all weights; 0 = full fine-tuning. The final model is saved "
+        "with the adapters merged.",
+        min=0,
+    )
+    lora_alpha: float = field_(16.0, "LoRA scaling alpha (the update is scaled by alpha / rank).", min=0.0, min_exclusive=True)
+    lora_dropout: float = field_(0.0, "LoRA dropout on the adapters' input.", min=0.0, max=1.0, max_exclusive=True)
 
 
 @dataclass
@@ -138,7 +148,8 @@ class TeacherConfig(ModelConfig):
     path: str = field_(
         "tiny",
         "A Hugging Face model directory, a .gguf file, 'tiny' for a random-init tiny Llama with "
-        "the byte-level tokenizer, or 'none' (allowed only with objective.name=sft).",
+        "the byte-level tokenizer, or 'none' (with objective.name=sft, or with regime.name=self, "
+        "where the student is its own teacher).",
         nonempty=True,
     )
     tiny_layers: int = field_(4, "Layers of the 'tiny' model.", min=1)
@@ -244,8 +255,10 @@ class RegimeConfig:
     name: str = field_(
         "dataset",
         "dataset = the data's completions, teacher = cached teacher generations, student = "
-        "on-policy student rollouts, mixed = student with probability mixed_lambda per step.",
-        choices=["dataset", "teacher", "student", "mixed"],
+        "on-policy student rollouts, mixed = student with probability mixed_lambda per step, "
+        "self = on-policy self-distillation (the student, shown a privileged context, is its own "
+        "teacher; see the opsd section).",
+        choices=["dataset", "teacher", "student", "mixed", "self"],
     )
     mixed_lambda: float = field_(
         0.5,
@@ -272,6 +285,43 @@ class RegimeConfig:
         None,
         "Directory of cached teacher generations; null = OUTPUT_DIR/../teacher_generations, "
         "keyed by a hash of the teacher and the data.",
+    )
+
+
+@dataclass
+class OpsdConfig:
+    """On-policy self-distillation (regime.name=self): one model, the teacher sees privileged text"""
+
+    privileged_field: str = field_(
+        "reference",
+        "Row key holding the privileged text only the teacher sees (e.g. a verified reference "
+        "solution); it may be data.completion_field.",
+        nonempty=True,
+    )
+    teacher_template: str = field_(
+        "Reference solution: {privileged}\n\n{prompt}",
+        "The teacher's prompt: {privileged} is replaced by the privileged text, {prompt} by the "
+        "student's prompt (the last user message of a chat). End it with {prompt} so that both "
+        "contexts end alike before the response. Chat-templated like the student's prompt.",
+        nonempty=True,
+    )
+    teacher_weights: str = field_(
+        "frozen",
+        "The teacher's weights: frozen = the initial weights (with a LoRA student: the base model, "
+        "adapters disabled, no second copy), ema = an exponential moving average of the student, "
+        "live = the current weights (no gradient).",
+        choices=["frozen", "ema", "live"],
+    )
+    ema_decay: float = field_(
+        0.99, "ema: teacher <- decay * teacher + (1 - decay) * student after each step.",
+        min=0.0, max=1.0, max_exclusive=True,
+    )
+    response: str = field_(
+        "rollout",
+        "The response tokens the teacher scores: rollout = the student's own samples (on-policy, "
+        "sampled with the regime.* settings), reference = the privileged text itself as an "
+        "off-policy prefix (with hpd: its one-token approximate on-policy mode, no generation).",
+        choices=["rollout", "reference"],
     )
 
 
@@ -357,6 +407,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     regime: RegimeConfig = field(default_factory=RegimeConfig)
+    opsd: OpsdConfig = field(default_factory=OpsdConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     log: LogConfig = field(default_factory=LogConfig)
     save: SaveConfig = field(default_factory=SaveConfig)
@@ -684,17 +735,34 @@ def _cross_checks(cfg: Config) -> list[str]:
     """Rules that involve more than one field."""
     problems: list[str] = []
     no_teacher = cfg.teacher.path.strip().lower() == "none"
+    self_regime = cfg.regime.name == "self"
     if cfg.teacher.cache is not None and cfg.regime.name != "dataset":
         problems.append(
             f"teacher.cache holds the teacher on the data's sequences only, but regime.name is "
             f"{cfg.regime.name!r} (new sequences need the teacher itself): use regime.name=dataset, "
             f"or set teacher.cache=null"
         )
-    if no_teacher and cfg.objective.name != "sft" and cfg.teacher.cache is None:
+    if no_teacher and cfg.objective.name != "sft" and cfg.teacher.cache is None and not self_regime:
         problems.append(
-            f"teacher.path: 'none' is allowed only with objective.name=sft "
+            f"teacher.path: 'none' is allowed only with objective.name=sft, teacher.cache or regime.name=self "
             f"(objective.name is {cfg.objective.name!r}); name a teacher model, set teacher.cache, or use sft"
         )
+    if self_regime and not no_teacher:
+        problems.append(
+            f"regime.name=self: the student is its own teacher, but teacher.path is "
+            f"{cfg.teacher.path!r}; set teacher.path=none"
+        )
+    if self_regime and cfg.objective.name == "sft":
+        problems.append(
+            "regime.name=self with objective.name=sft: sft never reads the teacher; for SFT on "
+            "the reference solutions use regime.name=dataset with data.completion_field set to them"
+        )
+    template = cfg.opsd.teacher_template
+    for slot in ("{privileged}", "{prompt}"):
+        if self_regime and template.count(slot) != 1:
+            problems.append(
+                f"opsd.teacher_template must hold {slot} exactly once, got {template!r}"
+            )
     if no_teacher and (
         cfg.regime.name == "teacher"
         or (cfg.regime.name == "mixed" and cfg.regime.off_policy == "teacher")

@@ -434,12 +434,17 @@ def load_examples(
 
 @dataclass
 class EncodedExample:
-    """Token ids of one example: the prompt, then the completion (its text tokens + eos)."""
+    """Token ids of one example: the prompt, then the completion (its text tokens + eos).
+
+    `teacher_prompt_ids`: self-distillation only, the teacher's prompt (the privileged context
+    before the same instruction); the teacher scores the same completion after it.
+    """
 
     prompt_ids: list[int]
     completion_ids: list[int]
     truncated: bool
     source: str
+    teacher_prompt_ids: list[int] | None = None
 
 
 def _input_ids(encoded: Any) -> list[int]:
@@ -621,6 +626,81 @@ def encode_file(path: str, tokenizer: Any, settings: Any) -> tuple[list[EncodedE
     encoded = encode_dataset(examples, tokenizer, max_length=settings.max_length, chat_template=settings.chat_template,
                              stats=stats)
     return encoded, stats
+
+
+def privileged_prompt(prompt: str | list[dict], privileged: str, template: str) -> str | list[dict]:
+    """The teacher's prompt of self-distillation: `template` with `{privileged}` and `{prompt}` filled.
+
+    For chat messages the last user message is the one rewritten (the earlier turns stay). Plain
+    replacement, not `str.format`, so braces in the texts or the template are left alone.
+
+        >>> privileged_prompt("Add 2 and 3.", "2+3=5", "Reference: {privileged}\\n{prompt}")
+        'Reference: 2+3=5\\nAdd 2 and 3.'
+    """
+
+    def fill(text: str) -> str:
+        # One pass over the template, so a {prompt} inside the privileged text is not expanded.
+        head, _, tail = template.partition("{privileged}")
+        return head.replace("{prompt}", text) + privileged + tail.replace("{prompt}", text)
+
+    if isinstance(prompt, str):
+        return fill(prompt)
+    users = [i for i, m in enumerate(prompt) if m["role"] == "user"]
+    if not users:
+        raise HPDError("self-distillation needs a user message in the prompt to put the privileged text in")
+    out = [dict(m) for m in prompt]
+    out[users[-1]]["content"] = fill(out[users[-1]]["content"])
+    return out
+
+
+def encode_self_distillation(
+    examples: Sequence[Example],
+    tokenizer: Any,
+    *,
+    privileged_field: str,
+    teacher_template: str,
+    completion_field: str = "completion",
+    max_length: int,
+    chat_template: str = "auto",
+    on_bad_row: str = "error",
+    stats: LoadStats | None = None,
+) -> list[EncodedExample]:
+    """Encode (question, privileged text) rows for on-policy self-distillation.
+
+    The student's prompt is the question alone (as `encode_example` builds it); the teacher's is
+    `privileged_prompt(question, privileged, teacher_template)`, templated the same way. The
+    completion is the privileged text (+ eos): the response of the `reference` mode and of
+    evaluation. The student sequence is cut to `max_length` as usual; the teacher's prompt, to
+    `max_length` tokens at its start (its end holds the question and the generation prompt).
+    A row without the privileged field raises `HPDError` (or is skipped with `on_bad_row="skip"`).
+    """
+    _check_max_length(max_length)
+    use = _use_template(tokenizer, chat_template)
+    adds_bos = not use and _adds_bos(tokenizer)
+    out: list[EncodedExample] = []
+    for ex in examples:
+        text = ex.completion if privileged_field == completion_field else ex.extra.get(privileged_field)
+        if not isinstance(text, str) or not text.strip():
+            problem = (f"{ex.source}: field '{privileged_field}' (the privileged text of self-distillation, "
+                       f"opsd.privileged_field) is {'missing' if text is None else 'not a non-empty string'}")
+            if on_bad_row == "skip":
+                if stats is not None:
+                    stats.note_skip(problem)
+                continue
+            raise HPDError(problem + ". Fix the row, point opsd.privileged_field at the right key, or set "
+                           "data.on_bad_row=skip")
+        enc = _encode_example(Example(ex.prompt, text, ex.source, ex.extra), tokenizer, max_length, use, adds_bos)
+        teacher_prompt = privileged_prompt(ex.prompt, text, teacher_template)
+        teacher_ids = _encode_prompt(teacher_prompt, tokenizer, use, adds_bos)
+        if len(teacher_ids) > max_length:
+            teacher_ids, enc.truncated = teacher_ids[len(teacher_ids) - max_length:], True
+        enc.teacher_prompt_ids = teacher_ids
+        if enc.truncated and stats is not None:
+            stats.truncated += 1
+        out.append(enc)
+    if examples and not out:
+        raise HPDError(f"no row has the privileged field '{privileged_field}' (opsd.privileged_field)")
+    return out
 
 
 # --------------------------------------------------------------------------------------------

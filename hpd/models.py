@@ -272,6 +272,33 @@ def _vocab_rows(model: PreTrainedModel) -> int:
     return int(model.config.vocab_size)
 
 
+def is_peft_model(model: nn.Module) -> bool:
+    """Whether `model` is a peft model (e.g. a LoRA student)."""
+    return callable(getattr(model, "merge_and_unload", None)) and hasattr(model, "peft_config")
+
+
+def apply_lora(model: PreTrainedModel, *, rank: int, alpha: float, dropout: float = 0.0, seed: int = 0) -> nn.Module:
+    """Wrap `model` with LoRA adapters (rank `rank`) on every linear layer of its decoder.
+
+    The base weights are frozen; only the adapters train. The adapters' product starts at zero, so
+    the wrapped model computes what `model` did; their random half is drawn from `seed` (in a
+    forked RNG), so the same seed gives the same adapters.
+    """
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise HPDError("student.lora_rank > 0 needs peft: pip install peft (or pip install 'hpd[lora]')") from None
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules="all-linear",
+                        task_type="CAUSAL_LM")
+    import warnings
+
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        # peft 0.21 asks transformers 5 a deprecated question; nothing for a user to act on.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        torch.manual_seed(seed)
+        return get_peft_model(model, config)
+
+
 def save_model(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, out_dir: str | os.PathLike
 ) -> Path:
@@ -288,6 +315,11 @@ def save_model(
     token = uuid.uuid4().hex[:8]
     tmp = out.parent / f".{out.name}.tmp-{token}"
     old = out.parent / f".{out.name}.old-{token}"
+    if is_peft_model(model):
+        # A plain HF directory out, whatever trained inside: the adapters merged into a copy.
+        import copy
+
+        model = copy.deepcopy(model).merge_and_unload()
     try:
         _without_quantizer(model).save_pretrained(str(tmp))
         if tokenizer is not None:

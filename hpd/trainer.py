@@ -3,10 +3,13 @@
 One optimizer step, top to bottom:
 
     checkpoint / evaluate when due
-    regime of this step (dataset | teacher | student, or a seeded draw for mixed)
-    this process's micro-batches: prompts + response tokens (student rollouts generated here)
+    regime of this step (dataset | teacher | student | self, or a seeded draw for mixed)
+    this process's micro-batches: prompts + response tokens (student rollouts generated here);
+      for self-distillation also the teacher's privileged prompts + the same responses
     global count N of active tokens over all micro-batches and processes
-    per micro-batch: teacher forward (no grad) -> student forward + objective (chunked) -> backward
+    per micro-batch: teacher forward (no grad; for self: the student's own weights, frozen / ema / live,
+      on the privileged sequence, gathered at the aligned positions) -> student forward + objective
+      (chunked) -> backward
     clip, skip the step if the loss or gradient is not finite, optimizer + scheduler step
     log: loss terms, objective metrics, agreement / KL / entropy, grad norm, lr, tokens/s
 
@@ -38,14 +41,15 @@ from hpd.checkpoint import (
     load_rng_state, load_student_weights, load_trainer_state, resolve_resume, save_checkpoint,
 )
 from hpd.config import Config, load_config, save_config
-from hpd.data import EncodedExample, EpochSampler, build_batch, encode_file
+from hpd.data import EncodedExample, EpochSampler, build_batch, encode_file, encode_self_distillation, load_examples
 from hpd.errors import HPDError
 from hpd.models import (
-    _vocab_rows, final_hidden_states, init_from_teacher, lm_head_of, load_model, save_model, shared_vocab_size,
+    _vocab_rows, apply_lora, final_hidden_states, init_from_teacher, lm_head_of, load_model, save_model, shared_vocab_size,
 )
 from hpd.objectives import IGNORE_INDEX, HeadTeacher, Objective, ObjectiveOutput, get_objective, resolve_shared_vocab
 from hpd.regimes import SamplingSettings, derive_seed, rollout, step_regime, teacher_generations
 from hpd.teacher_cache import TeacherCache
+from hpd.teachers import SelfTeacher, aligned_positions, prompt_ending_mismatches, teacher_view
 
 
 # --------------------------------------------------------------------------------------------
@@ -79,17 +83,6 @@ class DistillationLoss(nn.Module):
             logits = self.student(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
             out = self.objective(logits, teacher, labels, **kw)
         return {"loss": out.loss, "output": out}
-
-
-@torch.no_grad()
-def teacher_view(teacher: nn.Module | None, input_ids: torch.Tensor, attention_mask: torch.Tensor, chunked: bool):
-    """What the objective reads of the teacher: its hidden states and head (chunked), or its logits."""
-    if teacher is None:
-        return None
-    if chunked:
-        weight, bias = lm_head_of(teacher)
-        return HeadTeacher(final_hidden_states(teacher, input_ids, attention_mask), weight, bias)
-    return teacher(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
 
 # --------------------------------------------------------------------------------------------
@@ -138,7 +131,9 @@ def load_models(cfg: Config, cache: TeacherCache | None = None):
     """(student, teacher or None, tokenizer, shared vocabulary size).
 
     With a teacher `cache` the teacher is not loaded: a tiny student takes the cache's tokenizer,
-    and the vocabulary is the one the cache is normalized over.
+    and the vocabulary is the one the cache is normalized over. The student is wrapped with LoRA
+    adapters when `student.lora_rank > 0`. With `regime.name=self` there is no teacher model: the
+    student is its own teacher (`hpd.teachers.SelfTeacher`).
     """
     teacher, tokenizer = None, None
     if cache is not None:
@@ -172,18 +167,37 @@ def load_models(cfg: Config, cache: TeacherCache | None = None):
             )
         vocab_size = shared_vocab_size(student, teacher, s_tok)
         teacher.requires_grad_(False).eval()
+    if cfg.student.lora_rank > 0:
+        student = apply_lora(student, rank=cfg.student.lora_rank, alpha=cfg.student.lora_alpha,
+                             dropout=cfg.student.lora_dropout, seed=derive_seed(seed, "lora") % 2**31)
     return student, teacher, s_tok, vocab_size
 
 
 def load_data(cfg: Config, tokenizer) -> tuple[list[EncodedExample], list[EncodedExample], dict[str, Any]]:
     """Encoded train and eval examples, and the counts worth logging (rows, skipped, truncated)."""
     d = cfg.data
-    train, stats = encode_file(d.train, tokenizer, d)
+    if cfg.regime.name == "self":
+        # (question, privileged text) rows: the completion field is optional, the privileged one is not.
+        kw = dict(prompt_field=d.prompt_field, completion_field=d.completion_field, messages_field=d.messages_field,
+                  on_bad_row=d.on_bad_row, require_completion=False)
+        o = cfg.opsd
+
+        def encode(path):
+            examples, stats = load_examples(path, **kw)
+            return encode_self_distillation(examples, tokenizer, privileged_field=o.privileged_field,
+                                            teacher_template=o.teacher_template, completion_field=d.completion_field,
+                                            max_length=d.max_length, chat_template=d.chat_template,
+                                            on_bad_row=d.on_bad_row, stats=stats), stats
+    else:
+        def encode(path):
+            return encode_file(path, tokenizer, d)
+
+    train, stats = encode(d.train)
     info = {"train_rows": stats.rows, "train_skipped": stats.skipped, "train_truncated": stats.truncated,
             "skip_reasons": stats.skip_reasons[:5]}
     evals: list[EncodedExample] = []
     if d.eval:
-        evals, es = encode_file(d.eval, tokenizer, d)
+        evals, es = encode(d.eval)
         info.update(eval_rows=es.rows, eval_skipped=es.skipped, eval_truncated=es.truncated)
     elif d.eval_fraction > 0:
         g = torch.Generator().manual_seed(derive_seed(cfg.seed, "eval-split"))
@@ -322,9 +336,15 @@ def global_metrics(outputs: list[ObjectiveOutput], accelerator) -> dict[str, flo
 
 @dataclass
 class _Batch:
+    """A micro-batch `(B, T)`; for self-distillation also the teacher's sequences `(B, T')` and the
+    teacher position aligned with each student position `(B, T)`."""
+
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     labels: torch.Tensor
+    teacher_ids: torch.Tensor | None = None  # regime self: the privileged teacher's sequences
+    teacher_mask: torch.Tensor | None = None
+    teacher_index: torch.Tensor | None = None
     cache_rows: list[int] | None = None  # the teacher-cache rows of its sequences (with teacher.cache)
 
 
@@ -359,6 +379,7 @@ class Trainer:
         student, teacher, self.tokenizer, self.vocab_size = load_models(cfg, self.cache)
         self.train_data, self.eval_data, self.data_info = load_data(cfg, self.tokenizer)
         self.objective = objective_from_config(cfg)
+        self.self_distill = cfg.regime.name == "self"
         self.train_rows = self.eval_rows = None
         if self.cache is not None:
             self.cache.check_run(temperature=self.objective.temperature, support=self.objective.support,
@@ -366,7 +387,7 @@ class Trainer:
             self.train_rows = self.cache.rows_of(self.train_data, "training", cfg.data)
             self.eval_rows = self.cache.rows_of(self.eval_data, "evaluation", cfg.data) if self.eval_data else []
             self.data_info["teacher_cache"] = str(self.cache.path)
-        elif teacher is None and self.objective.needs_teacher:
+        elif teacher is None and self.objective.needs_teacher and not self.self_distill:
             raise HPDError(f"objective '{cfg.objective.name}' needs a teacher: set teacher.path")
         self.pad_id = self.tokenizer.pad_token_id
         self.sampling = SamplingSettings(cfg.regime.max_new_tokens, cfg.regime.temperature, cfg.regime.top_p,
@@ -378,14 +399,22 @@ class Trainer:
         self.module = DistillationLoss(student, self.objective, chunk_size=cfg.objective.chunk_size, vocab_size=self.vocab_size)
         optimizer, self.scheduler = make_optimizer(cfg, student)
         self.module, self.optimizer = self.acc.prepare(self.module, optimizer)
+        if self.self_distill and cfg.opsd.teacher_weights != "live" and "FSDP" in str(self.acc.distributed_type):
+            raise HPDError(f"regime.name=self with opsd.teacher_weights={cfg.opsd.teacher_weights} swaps the teacher's "
+                           "weights into the student, which FSDP's sharded parameters do not allow: use DDP or "
+                           "DeepSpeed, or opsd.teacher_weights=live")
+        self.self_teacher = (SelfTeacher(self.unwrapped, cfg.opsd.teacher_weights, cfg.opsd.ema_decay)
+                             if self.self_distill else None)
+        if self.self_distill:
+            self._check_prompt_endings()
         self.sampler = EpochSampler(len(self.train_data), cfg.optim.batch_size, seed=cfg.seed,
                                     num_replicas=self.world, rank=self.rank)
         self.step = 0
         self.bad_in_row = 0
         # Cumulative costs, kept across resumes: training wall time, tokens through the teacher's
-        # forward (for the objective, not for logging diagnostics), tokens sampled from the student.
-        # Cumulative over resumes. cpu_s (this process's CPU time) is the cost figure that stays
-        # comparable when other jobs share the cores; elapsed_s is wall time.
+        # forward (for the objective, not for logging diagnostics), tokens sampled from the student,
+        # and cpu_s (this process's CPU time: the cost figure that stays comparable when other jobs
+        # share the cores).
         self.totals = {"elapsed_s": 0.0, "cpu_s": 0.0, "teacher_tokens_total": 0.0, "generated_tokens_total": 0.0}
         self.teacher_completions: list[list[int]] | None = None
 
@@ -393,7 +422,7 @@ class Trainer:
 
     @property
     def has_teacher(self) -> bool:
-        return self.teacher is not None or self.cache is not None
+        return self.teacher is not None or self.cache is not None or self.self_teacher is not None
 
     def log(self, msg: str) -> None:
         if self.is_main:
@@ -415,16 +444,62 @@ class Trainer:
             barrier=self.acc.wait_for_everyone, log=self.log)
         self.data_info["teacher_generations"] = str(path)
 
-    def _batch(self, prompts: list[list[int]], completions: list[list[int]], cache_rows: list[int] | None = None) -> _Batch:
+    def _check_prompt_endings(self) -> None:
+        """Warn when the teacher template makes the first response token follow another context."""
+        rows = self.train_data
+        bad = prompt_ending_mismatches([e.prompt_ids for e in rows], [e.teacher_prompt_ids for e in rows])
+        self.data_info["teacher_prompt_ending_mismatches"] = len(bad)
+        if bad:
+            e = rows[bad[0]]
+            self.log(f"warning: in {len(bad)} of {len(rows)} rows the teacher's prompt ends with another token than "
+                     f"the student's, so their first response token follows different contexts (e.g. {e.source}: "
+                     f"student ...{self.tokenizer.decode(e.prompt_ids[-12:])!r}, teacher "
+                     f"...{self.tokenizer.decode(e.teacher_prompt_ids[-12:])!r}); end opsd.teacher_template with {{prompt}}")
+
+    def _batch(self, prompts: list[list[int]], completions: list[list[int]],
+               teacher_prompts: list[list[int]] | None = None, cache_rows: list[int] | None = None) -> _Batch:
         b = build_batch(prompts, completions, pad_id=self.pad_id)
         labels = b["labels"]
         if self.vocab_size is not None:
             labels = labels.masked_fill(labels >= self.vocab_size, IGNORE_INDEX)
         dev = self.acc.device
-        return _Batch(b["input_ids"].to(dev), b["attention_mask"].to(dev), labels.to(dev), cache_rows)
+        batch = _Batch(b["input_ids"].to(dev), b["attention_mask"].to(dev), labels.to(dev), cache_rows=cache_rows)
+        if teacher_prompts is not None:
+            # The teacher scores the same response after its own (privileged) prompt.
+            t = build_batch(teacher_prompts, completions, pad_id=self.pad_id)
+            index = aligned_positions(labels, t["labels"], [len(p) for p in prompts], [len(p) for p in teacher_prompts])
+            batch.teacher_ids, batch.teacher_mask = t["input_ids"].to(dev), t["attention_mask"].to(dev)
+            batch.teacher_index = index.to(dev)
+        return batch
+
+    def _examples_batch(self, examples: list[EncodedExample], completions: list[list[int]] | None = None,
+                        cache_rows: list[int] | None = None) -> _Batch:
+        """Examples (with their reference completions, unless others are given) as a batch."""
+        completions = completions if completions is not None else [e.completion_ids for e in examples]
+        teacher_prompts = [e.teacher_prompt_ids for e in examples] if self.self_distill else None
+        return self._batch([e.prompt_ids for e in examples], completions, teacher_prompts, cache_rows)
+
+    def _micro_batches(self, regime: str) -> list[_Batch]:
+        batches = []
+        for micro in range(self.cfg.optim.grad_accum):
+            idx = next(self.sampler)
+            examples = [self.train_data[i] for i in idx]
+            completions, rows = None, None  # the data's
+            if regime == "dataset":
+                rows = [self.train_rows[i] for i in idx] if self.train_rows is not None else None
+            elif regime == "teacher":
+                completions = [self.teacher_completions[i] for i in idx]
+            elif regime == "student" or (regime == "self" and self.cfg.opsd.response == "rollout"):
+                seed = derive_seed(self.cfg.seed, self.step, micro, self.rank, "rollout")
+                completions = rollout(self.unwrapped, self.tokenizer, [e.prompt_ids for e in examples], self.sampling,
+                                      seed=seed, max_length=self.cfg.data.max_length)
+                self._generated += sum(len(c) for c in completions)
+            batches.append(self._examples_batch(examples, completions, rows))
+        return batches
 
     def _teacher_view(self, b: _Batch, chunked: bool):
-        """What the objective reads of the teacher for batch `b`: from the cache, or a forward pass."""
+        """What the objective reads of the teacher for batch `b`: from the cache, the privileged
+        self-teacher (regime self), or a forward pass of the teacher model."""
         if self.cache is not None:
             t = self.cache.teacher(b.cache_rows, b.labels.cpu())
             dev = self.acc.device
@@ -432,26 +507,9 @@ class Trainer:
                 t = type(t)(t.label_logprobs.to(dev), t.tokens.to(dev), t.logprobs.to(dev), t.tail.to(dev),
                             t.vocab_size, t.temperature)
             return t
+        if self.self_teacher is not None:
+            return self.self_teacher.view(b.teacher_ids, b.teacher_mask, chunked, b.teacher_index)
         return teacher_view(self.teacher, b.input_ids, b.attention_mask, chunked)
-
-    def _micro_batches(self, regime: str) -> list[_Batch]:
-        batches = []
-        for micro in range(self.cfg.optim.grad_accum):
-            idx = next(self.sampler)
-            prompts = [self.train_data[i].prompt_ids for i in idx]
-            rows = None
-            if regime == "dataset":
-                completions = [self.train_data[i].completion_ids for i in idx]
-                rows = [self.train_rows[i] for i in idx] if self.train_rows is not None else None
-            elif regime == "teacher":
-                completions = [self.teacher_completions[i] for i in idx]
-            else:  # student
-                seed = derive_seed(self.cfg.seed, self.step, micro, self.rank, "rollout")
-                completions = rollout(self.unwrapped, self.tokenizer, prompts, self.sampling, seed=seed,
-                                      max_length=self.cfg.data.max_length)
-                self._generated += sum(len(c) for c in completions)
-            batches.append(self._batch(prompts, completions, rows))
-        return batches
 
     def _generator(self, micro: int, salt: str = "sample") -> torch.Generator:
         dev = self.acc.device
@@ -470,7 +528,8 @@ class Trainer:
             self.tokenizer.save_pretrained(str(tmp / "model"))
             torch.save({"step": self.step, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                         "sampler": self.sampler.state_dict(), "bad_in_row": self.bad_in_row, "world": self.world,
-                        "totals": self.totals},
+                        "totals": self.totals,
+                        "self_teacher": self.self_teacher.state_dict() if self.self_teacher is not None else None},
                        tmp / "trainer_state.pt")
             save_config(cfg, tmp / "config.yaml")
 
@@ -488,6 +547,8 @@ class Trainer:
         self.sampler.load_state_dict(state["sampler"])
         self.step, self.bad_in_row = state["step"], state["bad_in_row"]
         self.totals.update(state.get("totals", {}))
+        if self.self_teacher is not None:
+            self.self_teacher.load_state_dict(state.get("self_teacher") or {})
         load_rng_state(ckpt, self.rank)
 
     # ---- evaluation ----
@@ -504,8 +565,7 @@ class Trainer:
         shard = [self.eval_data[i] for i in ids]
         rows = [self.eval_rows[i] for i in ids] if self.eval_rows is not None else None
         outputs, loss_sum = [], 0.0
-        batches = [self._batch([e.prompt_ids for e in shard[i:i + bs]], [e.completion_ids for e in shard[i:i + bs]],
-                               rows[i:i + bs] if rows is not None else None)
+        batches = [self._examples_batch(shard[i:i + bs], cache_rows=rows[i:i + bs] if rows is not None else None)
                    for i in range(0, len(shard), bs)]
         n_active = self.acc.reduce(torch.tensor(float(sum(int((b.labels != IGNORE_INDEX).sum()) for b in batches)),
                                                 device=self.acc.device), "sum")
@@ -539,7 +599,8 @@ class Trainer:
         if self.resume_from is None:
             metrics_log.write({"type": "info", "step": 0, "world_size": self.world, **self.data_info,
                                "student_parameters": sum(p.numel() for p in self.unwrapped.parameters()),
-                               "teacher_parameters": sum(p.numel() for p in self.teacher.parameters()) if self.teacher else 0})
+                               "teacher_parameters": sum(p.numel() for p in self.teacher.parameters()) if self.teacher else 0,
+                               "trainable_parameters": sum(p.numel() for p in self.unwrapped.parameters() if p.requires_grad)})
         self.log(f"training {cfg.objective.name} ({cfg.regime.name} regime) for {cfg.max_steps} steps; "
                  f"{len(self.train_data)} training examples; run dir {self.run_dir}")
         progress = None
@@ -585,7 +646,8 @@ class Trainer:
         batches = self._micro_batches(regime)
         local_tokens = torch.tensor(float(sum(int((b.labels != IGNORE_INDEX).sum()) for b in batches)), device=acc.device)
         num_tokens = acc.reduce(local_tokens, "sum") if self.world > 1 else local_tokens
-        diagnostics = self.step % cfg.log.diagnostics_every == 0
+        # Counted like the logged steps (1-based), so that diagnostics_every = log.every puts them on every line.
+        diagnostics = (self.step + 1) % cfg.log.diagnostics_every == 0
         chunked = cfg.objective.chunk_size > 0
         outputs: list[ObjectiveOutput] = []
         loss_sum = torch.zeros((), device=acc.device)
@@ -593,7 +655,7 @@ class Trainer:
         # sft needs the teacher only for the logged diagnostics: skip its forward otherwise.
         use_teacher = self.has_teacher and (self.objective.needs_teacher or diagnostics)
         # Tokens through a teacher forward: none with a cache (it was paid for once, when built).
-        teacher_tokens = (sum(int(b.attention_mask.sum()) for b in batches)
+        teacher_tokens = (sum(int((b.teacher_mask if b.teacher_mask is not None else b.attention_mask).sum()) for b in batches)
                           if self.objective.needs_teacher and self.cache is None else 0)
         for micro, b in enumerate(batches):
             last = micro == len(batches) - 1
@@ -640,6 +702,8 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.self_teacher is not None:
+            self.self_teacher.update()
         dt = time.perf_counter() - t0
         self.totals["elapsed_s"] += dt
         self.totals["cpu_s"] += time.process_time() - c0

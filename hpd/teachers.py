@@ -1,0 +1,182 @@
+"""Where the teacher's view comes from: a separate model, or the student itself (OPSD).
+
+On-policy self-distillation (OPSD, arXiv 2601.18734) needs no second model: the same network,
+shown a privileged context (a verified reference solution before the question), teaches its own
+version that sees the question alone, on the same response tokens. This module holds what that
+needs beyond the ordinary teacher:
+
+- `teacher_view`: the teacher's hidden states and LM head (or logits) that an objective reads,
+  optionally gathered from the teacher's own (longer) sequence at the positions that line up with
+  the student's;
+- `aligned_positions`: that gather index, checked: the teacher must predict exactly the student's
+  response tokens, position by position, or it is an error;
+- `prompt_ending_mismatches`: rows whose teacher prompt ends on another token than the student's,
+  so the first response token would follow different contexts (the trainer warns);
+- `SelfTeacher`: the teacher's weights: `frozen` (the initial weights; with a LoRA student the
+  base model with its adapters disabled, so no copy), `ema` (a moving average of the trainable
+  weights) or `live` (the current weights), all without gradient. A shadow copy of the trainable
+  parameters is swapped in for the teacher's forward pass (tensor references, not copies), so a
+  full fine-tune keeps one extra copy and a LoRA student only a copy of its adapters.
+
+    >>> import torch
+    >>> from hpd.models import load_model
+    >>> from hpd.teachers import SelfTeacher, aligned_positions
+    >>> model, tok = load_model("tiny", tiny={"num_layers": 1, "hidden_size": 32})
+    >>> teacher = SelfTeacher(model, "frozen")
+    >>> ids = torch.tensor([tok.encode("hello")]); mask = torch.ones_like(ids)
+    >>> before = teacher.view(ids, mask, chunked=False)
+    >>> with torch.no_grad():
+    ...     _ = [p.add_(1.0) for p in model.parameters()]   # the student moves on
+    >>> torch.equal(teacher.view(ids, mask, chunked=False), before)   # the frozen teacher does not
+    True
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from hpd.errors import HPDError
+from hpd.models import final_hidden_states, is_peft_model, lm_head_of
+from hpd.objectives import IGNORE_INDEX, HeadTeacher
+
+TEACHER_WEIGHTS = ("frozen", "ema", "live")
+
+
+def _gather_positions(x_BTD: Tensor, index_BT: Tensor) -> Tensor:
+    """`x[b, index[b, t]]` for every (b, t): `(B, T', D)` -> `(B, T, D)`."""
+    return x_BTD.gather(1, index_BT[:, :, None].expand(-1, -1, x_BTD.shape[-1]))
+
+
+@torch.no_grad()
+def teacher_view(teacher: nn.Module | None, input_ids: Tensor, attention_mask: Tensor, chunked: bool,
+                 index: Tensor | None = None):
+    """What the objective reads of the teacher: its hidden states and head (chunked), or its logits.
+
+    input_ids, attention_mask: `(B, T')` the teacher's sequences. index: `(B, T)` optional, the
+    teacher position aligned with each student position (see `aligned_positions`); the view is then
+    `(B, T, .)` like the student's. The head is detached, so it keeps the weights of this moment
+    even if the parameters are swapped or stepped afterwards.
+    """
+    if teacher is None:
+        return None
+    if chunked:
+        weight, bias = lm_head_of(teacher)
+        hidden = final_hidden_states(teacher, input_ids, attention_mask)
+        if index is not None:
+            hidden = _gather_positions(hidden, index)
+        return HeadTeacher(hidden, weight.detach(), None if bias is None else bias.detach())
+    logits = teacher(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    return logits if index is None else _gather_positions(logits, index)
+
+
+def aligned_positions(student_labels: Tensor, teacher_labels: Tensor, student_prompt_lengths: Sequence[int],
+                      teacher_prompt_lengths: Sequence[int]) -> Tensor:
+    """The teacher position predicting the same token as each student position, checked.
+
+    student_labels `(B, T)`, teacher_labels `(B, T')` (shifted labels, `-100` off the response),
+    prompt lengths per row. Returns `(B, T)` long: at an active student position t of row b,
+    `t + Pt_b - Ps_b`; 0 elsewhere. Raises `HPDError` when the teacher's labels at those positions
+    are not the student's (the sequences do not hold the same response at the same offsets).
+    """
+    B, T = student_labels.shape
+    shift = torch.as_tensor([t - s for s, t in zip(student_prompt_lengths, teacher_prompt_lengths)],
+                            dtype=torch.long, device=student_labels.device)
+    positions = torch.arange(T, device=student_labels.device)[None, :] + shift[:, None]
+    active = student_labels != IGNORE_INDEX
+    index = torch.where(active, positions, torch.zeros_like(positions))
+    if bool((index >= teacher_labels.shape[1]).any()) or bool((index < 0).any()):
+        raise HPDError("self-distillation: teacher and student sequences do not line up: a student response position "
+                       "falls outside the teacher's sequence")
+    gathered = teacher_labels.gather(1, index)
+    bad = active & (gathered != student_labels)
+    if bool(bad.any()) or int((teacher_labels != IGNORE_INDEX).sum()) != int(active.sum()):
+        row = int(bad.any(1).nonzero()[0]) if bool(bad.any()) else 0
+        raise HPDError(
+            f"self-distillation: teacher and student sequences do not line up (row {row}): the teacher must score "
+            "exactly the student's response tokens at the same response positions"
+        )
+    return index
+
+
+def prompt_ending_mismatches(student_prompts: Sequence[Sequence[int]], teacher_prompts: Sequence[Sequence[int]]) -> list[int]:
+    """Rows whose teacher prompt ends with another token than the student prompt.
+
+    There the first response token is predicted after different text in the two contexts (e.g. a
+    teacher template that does not end with `{prompt}`, or a tokenizer that merges the template's
+    last characters with the question's), so the teacher's first-token opinion is about another
+    context.
+    """
+    return [i for i, (s, t) in enumerate(zip(student_prompts, teacher_prompts)) if not s or not t or s[-1] != t[-1]]
+
+
+class SelfTeacher:
+    """The student as its own teacher, with `frozen`, `ema` or `live` weights (never a gradient).
+
+    `view(...)` runs the teacher's forward pass (eval mode, no grad) and returns `teacher_view`'s
+    result. `update()` moves the EMA after an optimizer step. `state_dict()` / `load_state_dict()`
+    carry the EMA through checkpoints (the frozen weights are the initial ones, rebuilt at load).
+    """
+
+    def __init__(self, student: nn.Module, weights: str = "frozen", ema_decay: float = 0.99):
+        if weights not in TEACHER_WEIGHTS:
+            raise HPDError(f"teacher weights must be one of {TEACHER_WEIGHTS}, got {weights!r}")
+        self.student, self.weights, self.decay = student, weights, float(ema_decay)
+        self.lora_frozen = weights == "frozen" and is_peft_model(student)
+        self.params = {n: p for n, p in student.named_parameters() if p.requires_grad}
+        # frozen (full weights) and ema keep a shadow of the trainable parameters; a frozen LoRA
+        # student needs none (its base weights never change), nor does the live teacher.
+        self.shadow: dict[str, Tensor] | None = None
+        if weights == "ema" or (weights == "frozen" and not self.lora_frozen):
+            self.shadow = {n: p.detach().clone() for n, p in self.params.items()}
+
+    @contextlib.contextmanager
+    def weights_in_place(self) -> Iterator[nn.Module]:
+        """The student module carrying the teacher's weights, in eval mode, inside the block."""
+        was_training = self.student.training
+        self.student.eval()
+        swapped: dict[str, Tensor] = {}
+        try:
+            if self.lora_frozen:
+                with self.student.disable_adapter():
+                    yield self.student
+                return
+            if self.shadow is not None:
+                for n, p in self.params.items():
+                    swapped[n], p.data = p.data, self.shadow[n]
+            yield self.student
+        finally:
+            for n, data in swapped.items():
+                self.params[n].data = data
+            self.student.train(was_training)
+
+    @torch.no_grad()
+    def view(self, input_ids: Tensor, attention_mask: Tensor, chunked: bool, index: Tensor | None = None):
+        with self.weights_in_place() as model:
+            return teacher_view(model, input_ids, attention_mask, chunked, index)
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """After an optimizer step: shadow <- decay * shadow + (1 - decay) * student (ema only)."""
+        if self.weights != "ema":
+            return
+        for n, p in self.params.items():
+            self.shadow[n].lerp_(p.detach(), 1.0 - self.decay)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"weights": self.weights, "shadow": self.shadow if self.weights == "ema" else None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("weights") != self.weights:
+            raise HPDError(f"the checkpoint's self-teacher has {state.get('weights')} weights, this run "
+                           f"{self.weights}: resume with the same opsd.teacher_weights")
+        if self.weights == "ema":
+            for n, t in state["shadow"].items():
+                self.shadow[n].copy_(t)
+
+
+__all__ = ["SelfTeacher", "TEACHER_WEIGHTS", "aligned_positions", "prompt_ending_mismatches", "teacher_view"]
