@@ -13,6 +13,7 @@ runs are skipped, unfinished ones resume from their checkpoint, evaluations are 
 
     hpd bench --out runs/bench                   # the full table (about 90 minutes on 2 cores)
     hpd bench --smoke --out /tmp/bench-smoke     # a small setting (CI)
+    hpd bench --out runs/bench --report          # the table of the runs finished so far (no training)
     hpd bench --methods sft,hpd --seeds 0 --set optim.lr=1e-2 --out runs/bench-lr1e-2   # one knob changed
 """
 
@@ -55,6 +56,7 @@ class BenchSettings:
     train_per_task: int = 4000
     jobs: int = 2
     overrides: list[str] = field(default_factory=list)  # applied to every run, after the method's own
+    report_only: bool = False  # no training: the table of the runs finished so far
 
 
 def _slug(label: str) -> str:
@@ -138,7 +140,12 @@ def run_bench(s: BenchSettings) -> Path:
             cfgs.append(student_config(run_dir, s.teacher, train, eval_, objective=objective, steps=s.steps, seed=seed,
                                        extra=extra_all))
             runs.append((label, seed, run_dir))
-    run_configs(cfgs, jobs=s.jobs, labels=[d.name for _, _, d in runs])
+    if s.report_only:
+        runs = [r for r in runs if (r[2] / "final" / "config.json").is_file()]
+        if not runs:
+            raise HPDError(f"no finished runs under {out / 'runs'} for these methods and seeds: run without --report first")
+    else:
+        run_configs(cfgs, jobs=s.jobs, labels=[d.name for _, _, d in runs])
 
     summary: dict[str, list[dict]] = {}
     for label, seed, run_dir in runs:
@@ -152,7 +159,7 @@ def run_bench(s: BenchSettings) -> Path:
         summary.setdefault(label, []).append(summarize_run(run_dir, ev))
 
     table = format_table(summary)
-    plot_runs([d for _, seed, d in runs if seed == s.seeds[0]], out / "plots")
+    plot_runs([d for _, seed, d in runs if seed == runs[0][1]], out / "plots")
     header = (f"hpd bench: {len(s.methods)} methods x seeds {s.seeds}, {s.steps} steps, batch 32, default student, "
               f"teacher {s.teacher}{', overrides ' + ' '.join(s.overrides) if s.overrides else ''}; "
               f"held-out accuracy (%) on {s.n_eval} problems per task, mean ± std over seeds")

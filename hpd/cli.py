@@ -404,6 +404,7 @@ def bench_cmd(
     teacher: Optional[Path] = typer.Option(None, "--teacher", metavar="DIR", help="Teacher [default: the bundled one]."),
     jobs: int = typer.Option(2, "--jobs", metavar="J", min=1, help="Runs trained at once."),
     smoke: bool = typer.Option(False, "--smoke", help="A small setting: sft and hpd, one seed, 4 steps, 6 problems."),
+    report: bool = typer.Option(False, "--report", help="No training: the table of the runs finished so far."),
     overrides: Optional[list[str]] = typer.Option(None, "--set", metavar="KEY=VALUE",
                                                   help="A config override applied to every run (repeatable), "
                                                        "e.g. --set optim.lr=1e-2; use a separate --out."),
@@ -416,7 +417,7 @@ def bench_cmd(
         chosen = [m.strip() for m in methods.split(",")] if methods else list(METHODS)
         seed_list = [int(x) for x in seeds.split(",") if x.strip()]
         s = BenchSettings(out_dir=out, teacher=teacher or BUNDLED_TEACHER, methods=chosen, seeds=seed_list,
-                          steps=steps, n_eval=n, jobs=jobs, overrides=list(overrides or []))
+                          steps=steps, n_eval=n, jobs=jobs, overrides=list(overrides or []), report_only=report)
         if smoke:
             s.methods, s.seeds, s.steps, s.n_eval, s.train_per_task = SMOKE_METHODS, [0], 4, 6, 50
         run_bench(s)

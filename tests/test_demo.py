@@ -61,6 +61,11 @@ def test_bench_smoke(tmp_path, repo_root, monkeypatch):
     for run in (out / "runs").glob("*-s0"):
         assert yaml.safe_load((run / "config.yaml").read_text())["optim"]["lr"] == 0.002
     assert "overrides optim.lr=0.002" in table
+    # --report tabulates the finished runs without training: a method never run is left out.
+    again = run_bench(BenchSettings(out_dir=tmp_path / "bench", methods=["sft", "fkl"], seeds=[0], steps=3, n_eval=3,
+                                    train_per_task=20, overrides=["optim.lr=0.002"], report_only=True))
+    assert set(json.loads((again / "results.json").read_text())) == {"sft"}
+    assert not (tmp_path / "bench" / "runs" / "fkl-s0").exists()
 
 
 def test_bench_rejects_unknown_methods(tmp_path):
