@@ -141,8 +141,11 @@ def _labels(run_dirs: Sequence[Path]) -> list[str]:
 
 
 def _draw(ax: Any, runs: Sequence[RunMetrics], labels: Sequence[str], quantity: str,
-          smoothing: float, colors: Sequence[str]) -> bool:
-    """Draw one quantity on `ax`; False when no run has data for it."""
+          smoothing: float, colors: Sequence[str], legend: str = "inside") -> bool:
+    """Draw one quantity on `ax`; False when no run has data for it.
+
+    legend: "inside" (on the axes), "outside" (to the right of them) or "none".
+    """
     drew = False
     for run, label, color in zip(runs, labels, colors):
         for kind in _KINDS:
@@ -164,7 +167,10 @@ def _draw(ax: Any, runs: Sequence[RunMetrics], labels: Sequence[str], quantity: 
         ax.set_xlabel("step")
         ax.set_ylabel(QUANTITIES.get(quantity, quantity))
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize="small")
+        if legend == "inside":
+            ax.legend(fontsize="small")
+        elif legend == "outside":
+            ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
     else:
         ax.text(0.5, 0.5, f"no {quantity} logged", ha="center", va="center",
                 transform=ax.transAxes, color="gray")
@@ -199,7 +205,9 @@ def plot_runs(
     Quantities no run logged get no file. Raises HPDError for a missing metrics.jsonl or when no
     run has any plottable metric yet.
     """
-    from matplotlib.figure import Figure  # imported here: only plotting needs matplotlib
+    import matplotlib  # imported here: only plotting needs matplotlib
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
 
     dirs = [Path(d) for d in run_dirs]
     if not dirs:
@@ -215,15 +223,19 @@ def plot_runs(
     out = Path(out_dir) if out_dir is not None else (dirs[0] / "plots" if len(dirs) == 1 else Path("plots"))
     out.mkdir(parents=True, exist_ok=True)
     labels = _labels(dirs)
-    palette = [f"C{i % 10}" for i in range(len(runs))]
+    # Beyond 10 runs the default cycle repeats colours: take a 20-colour map instead.
+    palette = [f"C{i % 10}" for i in range(len(runs))] if len(runs) <= 10 else \
+        [matplotlib.colormaps["tab20"](i % 20) for i in range(len(runs))]
+    # Many runs: legends beside the axes (single figures) or one shared legend (the 2x2 figure).
+    many = len(runs) > 3
 
     written: list[Path] = []
     for quantity in QUANTITIES:
         if not any(run.curve(kind, quantity)[0] for run in runs for kind in _KINDS):
             continue
-        fig = Figure(figsize=(7, 4.5))
+        fig = Figure(figsize=(9.5, 4.5) if many else (7, 4.5))
         ax = fig.add_subplot()
-        _draw(ax, runs, labels, quantity, smoothing, palette)
+        _draw(ax, runs, labels, quantity, smoothing, palette, "outside" if many else "inside")
         if quantity == "lr":
             ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
         fig.tight_layout()
@@ -232,8 +244,15 @@ def plot_runs(
     fig = Figure(figsize=(12, 8))
     axes = fig.subplots(2, 2).ravel()
     for ax, quantity in zip(axes, DYNAMICS):
-        _draw(ax, runs, labels, quantity, smoothing, palette)
-    fig.suptitle("training dynamics: " + ", ".join(labels))
+        _draw(ax, runs, labels, quantity, smoothing, palette, "none" if many else "inside")
+    if many:
+        handles = [Line2D([], [], color=c, linewidth=2, label=name) for c, name in zip(palette, labels)]
+        handles += [Line2D([], [], color="gray", linestyle="-", label="train"),
+                    Line2D([], [], color="gray", linestyle="--", marker="o", markersize=3, label="eval (held-out)")]
+        fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize="small")
+        fig.suptitle(f"training dynamics: {len(runs)} runs")
+    else:
+        fig.suptitle("training dynamics: " + ", ".join(labels))
     fig.tight_layout()
     written.append(_save(fig, out / "dynamics.png"))
     return written
