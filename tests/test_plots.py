@@ -139,3 +139,32 @@ def test_ema_is_bias_corrected():
 
 def test_dynamics_grid_covers_the_main_four():
     assert DYNAMICS == ("loss", "agreement", "kl", "entropy")
+
+
+def test_many_runs_get_distinct_colours_and_one_shared_legend(tmp_path, monkeypatch):
+    # A benchmark overlays a dozen runs: colours must not repeat and the 2x2 figure carries one
+    # legend (per-axes legends would cover the curves).
+    from matplotlib.figure import Figure
+
+    import matplotlib.axes
+
+    legends, colours = [], []
+    real_legend, real_plot = Figure.legend, matplotlib.axes.Axes.plot
+
+    def spy_plot(self, *args, **kwargs):
+        if "label" in kwargs:
+            colours.append((kwargs["label"].split(" (")[0], str(kwargs["color"])))
+        return real_plot(self, *args, **kwargs)
+
+    def spy_legend(self, *args, **kwargs):
+        legends.append(len(kwargs.get("handles", [])))
+        return real_legend(self, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", spy_plot)
+    monkeypatch.setattr(Figure, "legend", spy_legend)
+    dirs = [write_run(tmp_path / f"run{i:02d}") for i in range(12)]
+    written = plot_runs(dirs, tmp_path / "plots")
+    assert (tmp_path / "plots" / "dynamics.png") in written
+    by_run = dict(colours)
+    assert len(by_run) == 12 and len(set(by_run.values())) == 12
+    assert legends == [12 + 2]  # one figure legend: 12 runs + the train/eval line styles
