@@ -11,7 +11,7 @@ Each run keeps its directory under `OUT/runs/`, so an interrupted benchmark resu
 runs are skipped, unfinished ones resume from their checkpoint, evaluations are cached in
 `OUT/runs/<run>/bench.json`.
 
-    hpd bench --out runs/bench                   # the full table (about 90 minutes on 2 cores)
+    hpd bench --out runs/bench                   # the full table (about an hour on 2 free cores)
     hpd bench --smoke --out /tmp/bench-smoke     # a small setting (CI)
     hpd bench --out runs/bench --report          # the table of the runs finished so far (no training)
     hpd bench --methods sft,hpd --seeds 0 --set optim.lr=1e-2 --out runs/bench-lr1e-2   # one knob changed
