@@ -48,6 +48,13 @@ def one_torch_thread() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+@pytest.fixture(scope="module")
+def single_torch_thread() -> Iterator[None]:
+    """`one_torch_thread` for a whole test module: `pytestmark = pytest.mark.usefixtures(...)`."""
+    with one_torch_thread():
+        yield
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     """The repository root: config and data paths in configs/*.yaml are relative to it."""

@@ -23,12 +23,7 @@ REF = "7+5=12. 12*2=24. Answer: 24"
 QUESTION = "Start at 7, add 5, times 2."
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def tiny(seed: int = 0, tokenizer=None):

@@ -26,20 +26,13 @@ DATA = "examples/tiny.jsonl"
 MAX_LEN = 48
 FAST = ["data.max_length=48", "log.progress=false", "log.tensorboard=off", "log.every=1", "save.every=0",
         "log.eval_every=0"]
-pytestmark = pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad")
+pytestmark = [pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad"),
+              pytest.mark.usefixtures("single_torch_thread")]
 
 
 @pytest.fixture(autouse=True)
 def _at_repo_root(monkeypatch, repo_root):
     monkeypatch.chdir(repo_root)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -50,14 +50,9 @@ def _at_repo_root(monkeypatch, repo_root):
     monkeypatch.chdir(repo_root)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread here and in the subprocesses (OMP_NUM_THREADS), so that the runs stay fast
-    on a busy machine and the killed subprocess computes exactly as the in-process runs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# One torch thread, so that the runs stay fast on a busy machine and in-process runs compute
+# exactly as the (single-threaded) subprocess runs they are compared with.
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def subprocess_env() -> dict[str, str]:
