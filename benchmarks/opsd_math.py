@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from hpd.config import load_config  # noqa: E402
+from hpd.experiments import run_slug  # noqa: E402
 
 TASK = "math"  # the default: 4 steps, values up to 999
 TEMPLATE = load_config(None).opsd.teacher_template
@@ -43,10 +44,6 @@ METHODS: dict[str, list[str]] = {
     "opsd jsd (rollouts)": ["objective.name=jsd", "objective.beta=0.5", "regime.name=self"],
     "opsd orkl (rollouts)": ["objective.name=orkl", "regime.name=self"],
 }
-
-
-def _slug(label: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in label).strip("-").replace("--", "-")
 
 
 def write_data(out: Path) -> None:
@@ -103,7 +100,7 @@ def cached_accuracy(model_dir: Path, key: str, **kw) -> dict[str, float]:
 def run_config(out: Path, label: str, steps: int, extra: list[str], lr: float = 1e-3):
     tag = f"{steps}" if lr == 1e-3 else f"{steps}-lr{lr:g}"
     common = [
-        f"output_dir={out / 'runs' / f'{_slug(label)}-{tag}'}", f"max_steps={steps}", "seed=0",
+        f"output_dir={out / 'runs' / f'{run_slug(label)}-{tag}'}", f"max_steps={steps}", "seed=0",
         f"student.path={out / 'base' / 'final'}", "student.dtype=float32", "teacher.path=none",
         f"data.train={out / 'data' / 'train.jsonl'}", "data.max_length=256",
         "opsd.privileged_field=reference", "objective.chunk_size=0",

@@ -12,7 +12,6 @@ tokens/s and peak memory of the training steps (from metrics.jsonl).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -21,12 +20,8 @@ import torch
 
 from hpd.config import load_config
 from hpd.evaluate import evaluate_model
+from hpd.experiments import read_records
 from hpd.models import init_from_teacher, load_model
-
-
-def _records(run: Path) -> list[dict]:
-    path = run / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
 def _capitals(model, tok, n: int) -> str:
@@ -51,13 +46,14 @@ def main() -> None:
     teacher, tok = load_model(cfg.teacher.path)
     rows = [("teacher (30 layers)", _capitals(teacher, tok, args.n), None)]
     student0 = init_from_teacher(teacher, cfg.student.init_from_teacher)
-    first_eval = next((r for r in _records(runs / "hpd") if r.get("type") == "eval" and r.get("step") == 0), None)
+    hpd_evals = read_records(runs / "hpd", "eval") if (runs / "hpd" / "metrics.jsonl").is_file() else []
+    first_eval = next((r for r in hpd_evals if r.get("step") == 0), None)
     rows.append((f"initial student ({cfg.student.init_from_teacher}, {student0.config.num_hidden_layers} layers)",
                  _capitals(student0, tok, args.n), first_eval))
     del student0
     for m in methods:
         model, _ = load_model(str(runs / m / "final"))
-        last_eval = [r for r in _records(runs / m) if r.get("type") == "eval"][-1:]
+        last_eval = read_records(runs / m, "eval")[-1:]
         rows.append((f"{m} student", _capitals(model, tok, args.n), last_eval[0] if last_eval else None))
 
     print(f"| model | capitals (held-out, greedy; 95% CI) | held-out KL(p‖q) / token | held-out top-1 agreement |")
@@ -71,7 +67,7 @@ def main() -> None:
     print("| run | steps | train tokens/s (median over steps) | step time s (median) | peak RSS MiB | training wall time s |")
     print("|---|---|---|---|---|---|")
     for m in methods:
-        train = [r for r in _records(runs / m) if r.get("type") == "train"]
+        train = read_records(runs / m, "train")
         if not train:
             continue
         tps = statistics.median(r["tokens_per_s"] for r in train)

@@ -59,10 +59,6 @@ class BenchSettings:
     report_only: bool = False  # no training: the table of the runs finished so far
 
 
-def _slug(label: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in label).strip("-").replace("--", "-")
-
-
 def loss_spikes(kl: list[float], window: int = 10, factor: float = 1.5) -> int:
     """Logged steps whose KL exceeds `factor` x the median of the `window` before it."""
     spikes = 0
@@ -119,7 +115,7 @@ def format_table(summary: dict[str, list[dict]]) -> str:
 
 
 def run_bench(s: BenchSettings) -> Path:
-    from hpd.experiments import evaluate_on_tasks, read_records, run_configs
+    from hpd.experiments import evaluate_on_tasks, read_records, run_configs, run_slug
     from hpd.plots import plot_runs
 
     unknown = [m for m in s.methods if m not in METHODS]
@@ -135,7 +131,7 @@ def run_bench(s: BenchSettings) -> Path:
     for label in s.methods:
         objective, extra = METHODS[label]
         for seed in s.seeds:
-            run_dir = out / "runs" / f"{_slug(label)}-s{seed}"
+            run_dir = out / "runs" / f"{run_slug(label)}-s{seed}"
             extra_all = [*extra, f"regime.teacher_cache={out / 'teacher_generations'}", *s.overrides]
             cfgs.append(student_config(run_dir, s.teacher, train, eval_, objective=objective, steps=s.steps, seed=seed,
                                        extra=extra_all))

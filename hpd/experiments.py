@@ -45,6 +45,11 @@ def last_step(run_dir: Path) -> int:
     return step
 
 
+def run_slug(label: str) -> str:
+    """A method label as a directory name: `"gkd (jsd mixed 0.5)"` -> `"gkd-jsd-mixed-0-5"`."""
+    return "".join(c if c.isalnum() else "-" for c in label).strip("-").replace("--", "-")
+
+
 def read_records(run_dir: Path, kind: str = "train") -> list[dict[str, Any]]:
     out = []
     for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():

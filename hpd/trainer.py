@@ -501,12 +501,7 @@ class Trainer:
         """What the objective reads of the teacher for batch `b`: from the cache, the privileged
         self-teacher (regime self), or a forward pass of the teacher model."""
         if self.cache is not None:
-            t = self.cache.teacher(b.cache_rows, b.labels.cpu())
-            dev = self.acc.device
-            if dev.type != "cpu":
-                t = type(t)(t.label_logprobs.to(dev), t.tokens.to(dev), t.logprobs.to(dev), t.tail.to(dev),
-                            t.vocab_size, t.temperature)
-            return t
+            return self.cache.teacher(b.cache_rows, b.labels.cpu()).to(self.acc.device)
         if self.self_teacher is not None:
             return self.self_teacher.view(b.teacher_ids, b.teacher_mask, chunked, b.teacher_index)
         return teacher_view(self.teacher, b.input_ids, b.attention_mask, chunked)

@@ -35,7 +35,7 @@ bucket elsewhere.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -84,6 +84,11 @@ class TopKTeacher:
     tail: Tensor
     vocab_size: int
     temperature: float = 1.0
+
+    def to(self, device: torch.device | str) -> TopKTeacher:
+        """The same teacher with its tensors on `device` (no copy when they are there already)."""
+        return replace(self, label_logprobs=self.label_logprobs.to(device), tokens=self.tokens.to(device),
+                       logprobs=self.logprobs.to(device), tail=self.tail.to(device))
 
 
 @dataclass
