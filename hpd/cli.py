@@ -245,10 +245,15 @@ def generate(
                         fh.write(json.dumps({"key": key}) + "\n")
                     fh.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in new_rows))
                 progress.advance(task, len(batch))
-        _atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        # An empty answer has no token to train on, and training refuses such rows: leave them out
+        # of OUT (the partial file kept them, so that resuming counts batches right).
+        kept = [r for r in rows if str(r.get("completion", "")).strip()]
+        _atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
         _atomic_write_text(key_file, key + "\n")
         partial.unlink(missing_ok=True)
-        typer.echo(f"wrote {len(rows)} completions to {out}")
+        empty = len(rows) - len(kept)
+        typer.echo(f"wrote {len(kept)} completions to {out}"
+                   + (f" ({empty} empty ones left out: nothing to train on)" if empty else ""))
 
 
 def _generation_key(model: str, prompts: Path, settings: dict[str, Any]) -> str:

@@ -741,6 +741,9 @@ def _cross_checks(cfg: Config) -> list[str]:
             f"teacher.cache holds the teacher on the data's sequences only, but regime.name is "
             f"{cfg.regime.name!r} (new sequences need the teacher itself): use regime.name=dataset, "
             f"or set teacher.cache=null"
+            + (". For teacher-generated data with a cache, write it once with `hpd generate --model TEACHER "
+               "--prompts FILE --out GEN.jsonl`, cache it with `hpd cache-teacher --data GEN.jsonl`, and train "
+               "on GEN.jsonl with regime.name=dataset" if cfg.regime.name == "teacher" else "")
         )
     if no_teacher and cfg.objective.name != "sft" and cfg.teacher.cache is None and not self_regime:
         problems.append(

@@ -266,6 +266,7 @@ def test_resume_with_a_cache_equals_an_uninterrupted_run(teacher_dir, k8_cache, 
     (["data.train={other}"], r"does not hold (\d+) of the \1 training sequences .*data or the tokenizer differ"),
     (["objective.temperature=2"], r"built at temperature 1, objective.temperature is 2: rebuild it with --temperature 2"),
     (["regime.name=student"], r"teacher.cache holds the teacher on the data's sequences only.*regime.name=dataset"),
+    (["regime.name=teacher"], r"regime.name is 'teacher'.*hpd generate.*hpd cache-teacher --data GEN.jsonl"),
 ])
 def test_a_cache_that_does_not_fit_the_run_is_an_error_that_says_what_differs(extra, match, teacher_dir, k8_cache,
                                                                               tmp_path, repo_root):
@@ -313,3 +314,40 @@ def test_cache_teacher_command_builds_a_cache_the_trainer_reads(teacher_dir, tmp
     assert res.exit_code == 2 and "already exists" in res.output
     res = runner.invoke(app, ["cache-teacher", "--data", DATA, "--out", str(tmp_path / "x")])
     assert res.exit_code == 2 and "--teacher DIR" in res.output
+
+
+def test_teacher_generations_are_cached_with_generate_then_cache_teacher_then_trained_on(teacher_dir, tmp_path,
+                                                                                          monkeypatch):
+    """The README's recipe for the teacher regime's data with a cache: generate, cache, train (dataset)."""
+    from hpd.trainer import train
+
+    runner = CliRunner()
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"{a}+{a}="}) + "\n" for a in range(6)))
+    gen = tmp_path / "gen.jsonl"
+    res = runner.invoke(app, ["generate", "--model", str(teacher_dir), "--prompts", str(prompts), "--out", str(gen),
+                              "--max-new-tokens", "6", "--temperature", "1", "--seed", "3"])
+    assert res.exit_code == 0, res.output
+    n_rows = len(gen.read_text().splitlines())
+    assert n_rows >= 1
+    res = runner.invoke(app, ["cache-teacher", "--teacher", str(teacher_dir), "--data", str(gen), "--out",
+                              str(tmp_path / "cache"), "--top-k", "4", "--max-length", str(MAX_LEN)])
+    assert res.exit_code == 0, res.output
+    assert TeacherCache(tmp_path / "cache").manifest["examples"] == n_rows
+    _no_teacher_loading(monkeypatch)
+    run = train(_cfg(tmp_path / "run", teacher_dir, f"data.train={gen}", "data.eval=null", "objective.name=hpd",
+                     f"teacher.cache={tmp_path / 'cache'}", "max_steps=2", "optim.batch_size=2"))
+    assert (run / "final" / "config.json").is_file()
+
+
+def test_generate_leaves_empty_answers_out_and_says_so(tmp_path, monkeypatch):
+    import hpd.rollout
+
+    monkeypatch.setattr(hpd.rollout, "generate_text", lambda model, tok, prompts, **kw: ["", "4", "  "][: len(prompts)])
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("a", "2+2=", "c")))
+    out = tmp_path / "gen.jsonl"
+    res = CliRunner().invoke(app, ["generate", "--model", "tiny", "--prompts", str(prompts), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert [json.loads(line) for line in out.read_text().splitlines()] == [{"prompt": "2+2=", "completion": "4"}]
+    assert "wrote 1 completions" in res.stdout and "2 empty ones left out" in res.stdout
