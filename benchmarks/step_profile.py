@@ -44,8 +44,8 @@ REPLY = ("Sure! Here is a short answer. The main idea is simple: start small, ch
 METHODS = ("sft", "teacher fwd", "hpd", "hpd cached", "fkl")
 
 
-def recipe_configs(args) -> tuple[dict, Path]:
-    """Config per trained method (and the data file the cache is built over)."""
+def recipe_configs(args) -> dict:
+    """The run config of every trained method; builds the data, the cache (and the smollm2 student) once."""
     from hpd.config import load_config
     from hpd.demo import BUNDLED_TEACHER, student_config, write_task_data
 
@@ -99,7 +99,7 @@ def recipe_configs(args) -> tuple[dict, Path]:
         "hpd": cfg("hpd", "hpd"),
         "hpd cached": cfg("hpd-cached", "hpd", [f"teacher.cache={cache_dir}", *cached_extra]),
         "fkl": cfg("fkl", "fkl"),
-    }, cache_dir
+    }
 
 
 def main() -> None:
@@ -122,7 +122,7 @@ def main() -> None:
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     from hpd.trainer import Trainer
 
-    cfgs, cache_dir = recipe_configs(args)
+    cfgs = recipe_configs(args)
     trainers = {name: Trainer(c) for name, c in cfgs.items()}
     hpd = trainers["hpd"]
     # The teacher forward alone, on the batches the trainers draw: a sampler of its own, same seed.
