@@ -373,24 +373,29 @@ class TeacherCache:
 
         B, T = labels.shape
         K = self.top_k
-        label_lp = torch.zeros(B, T)
-        tail = torch.zeros(B, T)
-        ids = torch.zeros(B, T, K, dtype=torch.long)
-        lp = torch.zeros(B, T, K)
-        for b, r in enumerate(rows):
-            j = int(np.searchsorted(self._shard_ends, r, side="right"))
-            first_ex, _, first_pos, a = self._shards[j]
-            lo = int(self.offsets[r]) - first_pos
-            n = int(self.offsets[r + 1] - self.offsets[r])
-            s = int(self.starts[r])
-            if s + n > T or bool((labels[b, :s] != IGNORE_INDEX).any()) or bool((labels[b, s + n:] != IGNORE_INDEX).any()):
-                raise HPDError(f"batch row {b} does not have the response positions of cache row {r}: the batch was "
-                               "not built from the cached sequences")
-            label_lp[b, s:s + n] = torch.from_numpy(np.array(a["label_logp"][lo:lo + n]))
-            tail[b, s:s + n] = torch.from_numpy(np.array(a["tail_logp"][lo:lo + n]))
-            if K:
-                ids[b, s:s + n] = torch.from_numpy(np.asarray(a["topk_ids"][lo:lo + n]).astype(np.int64))
-                lp[b, s:s + n] = torch.from_numpy(np.asarray(a["topk_logp"][lo:lo + n]).astype(np.float32))
+        rows = np.asarray(rows, dtype=np.int64)
+        first, counts, starts = self.offsets[rows], self.offsets[rows + 1] - self.offsets[rows], self.starts[rows]
+        # Every cached position of the batch at once: its batch row, its column, its cache position.
+        row_of = np.repeat(np.arange(B), counts)
+        within = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+        col, src = starts[row_of] + within, first[row_of] + within
+        t = np.arange(T)
+        span = (t >= starts[:, None]) & (t < (starts + counts)[:, None])
+        bad = np.flatnonzero((starts + counts > T) | ((labels.cpu().numpy() != IGNORE_INDEX) & ~span).any(1))
+        if len(bad):
+            raise HPDError(f"batch row {bad[0]} does not have the response positions of cache row {rows[bad[0]]}: the "
+                           "batch was not built from the cached sequences")
+        label_lp, tail = torch.zeros(B, T), torch.zeros(B, T)
+        ids, lp = torch.zeros(B, T, K, dtype=torch.long), torch.zeros(B, T, K)
+        # Filled through numpy views: one copy from the memory map, with the dtype cast on the way.
+        out = {"label_logp": label_lp.numpy(), "tail_logp": tail.numpy(), "topk_ids": ids.numpy(), "topk_logp": lp.numpy()}
+        shard = np.searchsorted(self._shard_ends, rows, side="right")[row_of]
+        for j in np.unique(shard):
+            _, _, first_pos, a = self._shards[j]
+            at = shard == j
+            r, c, local = row_of[at], col[at], src[at] - first_pos
+            for name, dest in out.items():
+                dest[r, c] = a[name][local]
         return TopKTeacher(label_lp, ids, lp, tail, self.vocab_size, self.temperature)
 
 

@@ -302,13 +302,18 @@ def global_metrics(outputs: list[ObjectiveOutput], accelerator) -> dict[str, flo
     """Token-weighted metrics over this step's micro-batches on every process."""
     local: dict[str, list[float]] = {}
     for o in outputs:
+        # One host read per micro-batch for all of its statistics, not one per number.
+        keys = [(name, kind) for name in o.sums for kind in ("sums", "counts", "mins", "maxs") if name in getattr(o, kind)]
+        if not keys:
+            continue
+        values = dict(zip(keys, torch.stack([getattr(o, kind)[name].double() for name, kind in keys]).tolist()))
         for name in o.sums:
             e = local.setdefault(name, [0.0, 0.0, math.inf, -math.inf, 0.0])  # sum, count, min, max, extreme?
-            e[0] += float(o.sums[name])
-            e[1] += float(o.counts[name])
+            e[0] += values[name, "sums"]
+            e[1] += values[name, "counts"]
             if name in o.mins:
-                e[2] = min(e[2], float(o.mins[name]))
-                e[3] = max(e[3], float(o.maxs[name]))
+                e[2] = min(e[2], values[name, "mins"])
+                e[3] = max(e[3], values[name, "maxs"])
                 e[4] = 1.0
     if accelerator.num_processes > 1:
         from accelerate.utils import gather_object
@@ -342,6 +347,10 @@ class _Batch:
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     labels: torch.Tensor
+    # Read on the host (counts, cache rows) from these, never from the device tensors: no sync.
+    cpu_labels: torch.Tensor
+    num_active: int  # positions with a label
+    teacher_tokens: int  # tokens through the teacher's forward (its own sequences for regime self)
     teacher_ids: torch.Tensor | None = None  # regime self: the privileged teacher's sequences
     teacher_mask: torch.Tensor | None = None
     teacher_index: torch.Tensor | None = None
@@ -417,6 +426,7 @@ class Trainer:
         # share the cores).
         self.totals = {"elapsed_s": 0.0, "cpu_s": 0.0, "teacher_tokens_total": 0.0, "generated_tokens_total": 0.0}
         self.teacher_completions: list[list[int]] | None = None
+        self._gen: torch.Generator | None = None
 
     # ---- helpers ----
 
@@ -463,13 +473,16 @@ class Trainer:
         if self.vocab_size is not None:
             labels = labels.masked_fill(labels >= self.vocab_size, IGNORE_INDEX)
         dev = self.acc.device
-        batch = _Batch(b["input_ids"].to(dev), b["attention_mask"].to(dev), labels.to(dev), cache_rows=cache_rows)
+        batch = _Batch(b["input_ids"].to(dev), b["attention_mask"].to(dev), labels.to(dev), cpu_labels=labels,
+                       num_active=int((labels != IGNORE_INDEX).sum()), teacher_tokens=int(b["attention_mask"].sum()),
+                       cache_rows=cache_rows)
         if teacher_prompts is not None:
             # The teacher scores the same response after its own (privileged) prompt.
             t = build_batch(teacher_prompts, completions, pad_id=self.pad_id)
             index = aligned_positions(labels, t["labels"], [len(p) for p in prompts], [len(p) for p in teacher_prompts])
             batch.teacher_ids, batch.teacher_mask = t["input_ids"].to(dev), t["attention_mask"].to(dev)
             batch.teacher_index = index.to(dev)
+            batch.teacher_tokens = int(t["attention_mask"].sum())
         return batch
 
     def _examples_batch(self, examples: list[EncodedExample], completions: list[list[int]] | None = None,
@@ -497,19 +510,25 @@ class Trainer:
             batches.append(self._examples_batch(examples, completions, rows))
         return batches
 
-    def _teacher_view(self, b: _Batch, chunked: bool):
+    def _teacher_view(self, b: _Batch):
         """What the objective reads of the teacher for batch `b`: from the cache, the privileged
-        self-teacher (regime self), or a forward pass of the teacher model."""
+        self-teacher (regime self), or a forward pass of the teacher model.
+
+        A model teacher is always handed over as its hidden states and LM head (`HeadTeacher`),
+        chunked loss or not: the objective projects only the active positions, so no `(B, T, V)`
+        teacher logits are computed for prompt and padding positions."""
         if self.cache is not None:
-            return self.cache.teacher(b.cache_rows, b.labels.cpu()).to(self.acc.device)
+            return self.cache.teacher(b.cache_rows, b.cpu_labels).to(self.acc.device)
         if self.self_teacher is not None:
-            return self.self_teacher.view(b.teacher_ids, b.teacher_mask, chunked, b.teacher_index)
-        return teacher_view(self.teacher, b.input_ids, b.attention_mask, chunked)
+            return self.self_teacher.view(b.teacher_ids, b.teacher_mask, chunked=True, index=b.teacher_index)
+        return teacher_view(self.teacher, b.input_ids, b.attention_mask, chunked=True)
 
     def _generator(self, micro: int, salt: str = "sample") -> torch.Generator:
-        dev = self.acc.device
-        g = torch.Generator(device=dev) if dev.type != "mps" else torch.Generator()
-        return g.manual_seed(derive_seed(self.cfg.seed, self.step, micro, self.rank, salt))
+        """The generator of one micro-batch's draws: one object, re-seeded (a draw depends only on its seed)."""
+        if self._gen is None:
+            dev = self.acc.device
+            self._gen = torch.Generator(device=dev) if dev.type != "mps" else torch.Generator()
+        return self._gen.manual_seed(derive_seed(self.cfg.seed, self.step, micro, self.rank, salt))
 
     # ---- checkpoints ----
 
@@ -562,11 +581,10 @@ class Trainer:
         outputs, loss_sum = [], 0.0
         batches = [self._examples_batch(shard[i:i + bs], cache_rows=rows[i:i + bs] if rows is not None else None)
                    for i in range(0, len(shard), bs)]
-        n_active = self.acc.reduce(torch.tensor(float(sum(int((b.labels != IGNORE_INDEX).sum()) for b in batches)),
-                                                device=self.acc.device), "sum")
+        n_active = self.acc.reduce(torch.tensor(float(sum(b.num_active for b in batches)), device=self.acc.device), "sum")
         for i, b in enumerate(batches):
             with self.acc.autocast():
-                teach = self._teacher_view(b, cfg.objective.chunk_size > 0) if self.has_teacher else None
+                teach = self._teacher_view(b) if self.has_teacher else None
                 res = self.module(b.input_ids, b.attention_mask, b.labels, teach, num_tokens=n_active,
                                   generator=self._generator(i, "eval"), diagnostics=True)
             outputs.append(res["output"])
@@ -639,23 +657,21 @@ class Trainer:
         regime = step_regime(cfg.regime.name, cfg.regime.mixed_lambda, cfg.regime.off_policy, seed=cfg.seed, step=self.step)
         self._generated = 0
         batches = self._micro_batches(regime)
-        local_tokens = torch.tensor(float(sum(int((b.labels != IGNORE_INDEX).sum()) for b in batches)), device=acc.device)
+        local_tokens = torch.tensor(float(sum(b.num_active for b in batches)), device=acc.device)
         num_tokens = acc.reduce(local_tokens, "sum") if self.world > 1 else local_tokens
         # Counted like the logged steps (1-based), so that diagnostics_every = log.every puts them on every line.
         diagnostics = (self.step + 1) % cfg.log.diagnostics_every == 0
-        chunked = cfg.objective.chunk_size > 0
         outputs: list[ObjectiveOutput] = []
         loss_sum = torch.zeros((), device=acc.device)
         value_sum = torch.zeros((), device=acc.device)
         # sft needs the teacher only for the logged diagnostics: skip its forward otherwise.
         use_teacher = self.has_teacher and (self.objective.needs_teacher or diagnostics)
         # Tokens through a teacher forward: none with a cache (it was paid for once, when built).
-        teacher_tokens = (sum(int((b.teacher_mask if b.teacher_mask is not None else b.attention_mask).sum()) for b in batches)
-                          if self.objective.needs_teacher and self.cache is None else 0)
+        teacher_tokens = sum(b.teacher_tokens for b in batches) if self.objective.needs_teacher and self.cache is None else 0
         for micro, b in enumerate(batches):
             last = micro == len(batches) - 1
             with (nullcontext() if last else acc.no_sync(self.module)), acc.autocast():
-                teach = self._teacher_view(b, chunked) if use_teacher else None
+                teach = self._teacher_view(b) if use_teacher else None
                 res = self.module(b.input_ids, b.attention_mask, b.labels, teach, num_tokens=num_tokens,
                                   generator=self._generator(micro), diagnostics=diagnostics)
                 # DDP averages gradients over processes; the loss is already a share of the global

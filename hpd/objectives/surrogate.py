@@ -145,7 +145,7 @@ class _Stats:
 
 def _inverse_cdf_sample(logq: Tensor, u: Tensor) -> Tensor:
     """One draw per row of `logq (C, V)` from uniforms `u (C,)`, as `(C,)` token ids."""
-    cdf = logq.exp().cumsum(-1)
+    cdf = logq.exp().cumsum_(-1)
     target = (u.to(cdf.dtype) * cdf[:, -1]).unsqueeze(1).contiguous()
     return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=logq.shape[1] - 1)
 
@@ -249,7 +249,7 @@ class _Plan:
         else:
             z = upcast(t.detach().reshape(-1, t.shape[-1])[pos, : self.V])
         if self.tau != 1.0:
-            z = z / self.tau
+            z.div_(self.tau)  # z is this chunk's own tensor (a product or an indexed copy)
         return TeacherChunk(torch.log_softmax(z, -1))
 
     @torch.no_grad()
@@ -342,8 +342,12 @@ class _ChunkedSurrogate(torch.autograd.Function):
         b = None if bias is None else upcast(bias[:V])
         dt = W.dtype
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        grad_h = torch.zeros(hidden.shape, dtype=dt, device=hidden.device) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=dt, device=weight.device) if need_w else None
+        # grad_h rows and grad_w's first V rows are written (not accumulated) by the first chunk that
+        # reaches them, so neither (V, H) nor (N, H) buffer is zero-filled first.
+        grad_h = torch.empty(hidden.shape, dtype=dt, device=hidden.device) if need_h else None
+        grad_w = torch.empty(weight.shape, dtype=dt, device=weight.device) if need_w else None
+        if need_w and (plan.N == 0 or V < weight.shape[0]):
+            grad_w[V if plan.N else 0:].zero_()  # padding rows past the shared vocabulary get none
         grad_b = torch.zeros(bias.shape, dtype=dt, device=bias.device) if need_b else None
         total = torch.zeros((), dtype=dt, device=hidden.device)
         for start in range(0, plan.N, chunk_size):
@@ -365,24 +369,29 @@ class _ChunkedSurrogate(torch.autograd.Function):
             if tau != 1.0:
                 g.div_(tau)
             if need_h:
-                grad_h[sl] = g @ W
+                torch.mm(g, W, out=grad_h[sl])
             if need_w:
-                grad_w[:V].addmm_(g.T, h)
+                if start == 0:
+                    torch.mm(g.T, h, out=grad_w[:V])
+                else:
+                    grad_w[:V].addmm_(g.T, h)
             if need_b:
                 grad_b[:V] += g.sum(0)
             del g, logq
-        ctx.save_for_backward(*(t if t is not None else torch.empty(0) for t in (grad_h, grad_w, grad_b)))
+        # Kept on ctx rather than saved for backward: they are neither inputs nor outputs, and
+        # backward scales them in place instead of allocating (V, H)-sized copies.
+        ctx.grads = (grad_h, grad_w, grad_b)
         ctx.denom = plan.denom
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
-        ctx.present = (need_h, need_w, need_b)
         return total / plan.denom
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
+        if ctx.grads is None:
+            raise RuntimeError("the chunked surrogate's backward ran twice: its gradients were consumed by the first")
         scale = grad_out / ctx.denom
-        grads = []
-        for g, dtype, present in zip(ctx.saved_tensors, ctx.dtypes, ctx.present):
-            grads.append((g * scale).to(dtype) if present else None)
+        grads = [None if g is None else g.mul_(scale).to(dtype) for g, dtype in zip(ctx.grads, ctx.dtypes)]
+        ctx.grads = None
         return (*grads, None, None)
 
 
