@@ -16,7 +16,7 @@ targets: hpd / (sft + teacher fwd) <= 1.1 and hpd cached / sft <= 1.15.
     OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/step_profile.py --recipe bundled
     OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/step_profile.py --recipe bundled --profile
     OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/step_profile.py --recipe smollm2 \
-        --teacher-dir /work/wt-smol/models/smollm2 --steps 3 --warmup 1
+        --teacher-dir models/smollm2 --steps 3 --warmup 1
 
 `--recipe bundled`: the bundled teacher (`hpd/assets/teacher`) and the demo student
 (`hpd.demo.student_config`: batch 32, max_length 160, unchunked loss) on the three tasks' data.

@@ -236,7 +236,10 @@ def make_optimizer(cfg: Config, student: nn.Module):
         if p.requires_grad:
             (decay if p.dim() >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    opt = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=(cfg.optim.adam_beta1, cfg.optim.adam_beta2))
+    # The fused kernel does the update of all tensors in one pass (the per-tensor loop was ~15% of a
+    # SmolLM2 student's CPU step); it is what HF's Trainer uses by default too.
+    opt = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=(cfg.optim.adam_beta1, cfg.optim.adam_beta2),
+                            fused=cfg.optim.fused_adamw or None)
     # The scheduler is stepped by hand once per optimizer step (accelerate's wrapper would step it
     # once per process).
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
