@@ -30,7 +30,7 @@ Runs live in `OUT/<method>/` and are reused when finished (the accuracy of each 
 cached too), so an interrupted benchmark goes on where it stopped. Tables go to stdout and
 `OUT/results.md`, figures to `OUT/results.json`. TRL is needed only here:
 
-    pip install trl==1.16.0
+    pip install trl==1.16.0                   # or: pip install -e ".[bench]"
     OMP_NUM_THREADS=1 python benchmarks/vs_trl.py --out runs/vs-trl --steps 400 --n-eval 100
     OMP_NUM_THREADS=1 python benchmarks/vs_trl.py --out /tmp/vs-trl-smoke --steps 8 --per-task 64 --n-eval 5
 """
