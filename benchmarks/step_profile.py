@@ -80,12 +80,9 @@ def recipe_configs(args) -> dict:
         teacher = Path(args.teacher_dir)
         sft_extra = []  # the student is built from the teacher's layers; sft never runs its forward
         # A cached run never loads the teacher, so its student (the same layers) is built once here.
-        student_dir = out / "student-every3"
-        if not (student_dir / "config.json").is_file():
-            from hpd.models import init_from_teacher, load_model, save_model
+        from hpd.models import save_student_from_teacher
 
-            t_model, t_tok = load_model(str(teacher), dtype="float32")
-            save_model(init_from_teacher(t_model, "every:3", dtype="float32"), t_tok, student_dir)
+        student_dir = save_student_from_teacher(str(teacher), "every:3", out / "student-every3")
         cached_extra = [f"student.path={student_dir}", "student.init_from_teacher=null"]
     cache_dir = out / f"cache-k{args.top_k}"
     if not (cache_dir / "manifest.json").is_file():

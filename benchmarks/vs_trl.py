@@ -109,14 +109,10 @@ def method_config(args, method: str):
 def initial_student(args) -> None:
     """The real-model recipe's initial student, saved once as a plain HF directory."""
     from hpd.config import load_config
-    from hpd.models import save_model
-    from hpd.trainer import load_models
+    from hpd.models import save_student_from_teacher
 
-    if (args.out / "student0" / "config.json").is_file():
-        return
-    cfg = load_config(args.config, ["data.eval=null"])
-    student, _, tok, _ = load_models(cfg)
-    save_model(student, tok, args.out / "student0")
+    s = load_config(args.config).student
+    save_student_from_teacher(str(args.teacher), s.init_from_teacher, args.out / "student0", dtype=s.dtype)
 
 
 # ------------------------------------------------------------------------------------------

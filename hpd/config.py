@@ -787,8 +787,8 @@ def _cross_checks(cfg: Config) -> list[str]:
     if init is not None and cfg.teacher.cache is not None:
         problems.append(
             f"student.init_from_teacher ({init!r}) needs the teacher's weights, but with teacher.cache "
-            "set the teacher is never loaded: build the student once (a run with max_steps=0, or "
-            "hpd.models.init_from_teacher) and pass its directory as student.path"
+            "set the teacher is never loaded: build the student once with "
+            "hpd.models.save_student_from_teacher(TEACHER, LAYERS, DIR) and pass DIR as student.path"
         )
     if init is not None and cfg.student.path not in ("tiny", "teacher"):
         problems.append(

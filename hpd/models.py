@@ -547,3 +547,17 @@ def init_from_teacher(
         if target != "auto":
             student = student.to(target)
     return student.train(True)
+
+
+def save_student_from_teacher(teacher: str, layers: str | Sequence[int], out_dir: str | os.PathLike, *,
+                              dtype: str = "float32") -> Path:
+    """`init_from_teacher` once, written as a plain HF directory with the teacher's tokenizer.
+
+    For runs that must not load the teacher (`teacher.cache`): pass the directory as `student.path`.
+    A directory already holding a model is left as it is. Returns `out_dir`.
+    """
+    out = Path(out_dir)
+    if not (out / "config.json").is_file():
+        model, tokenizer = load_model(teacher, dtype=dtype)
+        save_model(init_from_teacher(model, layers, dtype=dtype), tokenizer, out)
+    return out

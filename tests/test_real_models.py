@@ -279,6 +279,21 @@ def test_vocab_padding_alignment_on_a_smollm2_shaped_pair():
 # ---- the recipe and its config fields --------------------------------------------------------
 
 
+def test_a_student_saved_from_the_teacher_is_the_one_init_from_teacher_builds(teacher, tmp_path):
+    from hpd.models import save_student_from_teacher
+
+    model, tok = teacher
+    teacher_dir = save_model(model, tok, tmp_path / "teacher")
+    out = save_student_from_teacher(str(teacher_dir), "every:2", tmp_path / "student")
+    saved, _ = load_model(str(out))
+    built = init_from_teacher(model, "every:2")
+    assert saved.config.num_hidden_layers == 3
+    assert all(torch.equal(a, b) for a, b in zip(saved.state_dict().values(), built.state_dict().values()))
+    mtime = (out / "config.json").stat().st_mtime_ns
+    save_student_from_teacher(str(teacher_dir), "every:3", out)  # an existing student is left as it is
+    assert (out / "config.json").stat().st_mtime_ns == mtime
+
+
 def test_smollm2_recipe_loads_and_builds_a_ten_layer_student():
     cfg = load_config("configs/smollm2-135m-to-10l.yaml")
     assert cfg.student.path == "teacher" and cfg.optim.mixed_precision == "auto"
@@ -289,7 +304,8 @@ def test_smollm2_recipe_loads_and_builds_a_ten_layer_student():
     "overrides, match",
     [(["student.init_from_teacher=every:2", "student.path=some/dir"], "both say where the student comes from"),
      (["student.path=teacher"], "needs student.init_from_teacher"),
-     (["student.init_from_teacher=every:2", "teacher.path=none", "objective.name=sft"], "teacher.path is 'none'")],
+     (["student.init_from_teacher=every:2", "teacher.path=none", "objective.name=sft"], "teacher.path is 'none'"),
+     (["student.init_from_teacher=every:2", "teacher.cache=some/cache"], "save_student_from_teacher")],
 )
 def test_init_from_teacher_config_errors(overrides, match):
     with pytest.raises(HPDError, match=match):
