@@ -400,31 +400,61 @@ def demo_cmd(
 
 @app.command("bench")
 def bench_cmd(
-    out: Path = typer.Option(Path("runs/bench"), "--out", "-o", metavar="DIR", help="Runs, table and plots."),
+    out: Path = typer.Option(Path("runs/bench"), "--out", "-o", metavar="DIR", help="Runs, tables and data."),
     methods: Optional[str] = typer.Option(None, "--methods", metavar="LIST",
-                                          help="Comma-separated method labels [default: all]; see hpd.bench.METHODS."),
-    seeds: str = typer.Option("0,1,2", "--seeds", metavar="LIST", help="Comma-separated seeds."),
-    steps: int = typer.Option(500, "--steps", metavar="N", min=1, help="Optimizer steps per run."),
-    n: int = typer.Option(100, "--n", metavar="N", min=1, help="Held-out problems per task."),
+                                          help="Comma-separated methods [default: sft,fkl,rkl,gkd,orkl,akl,todi,abkl,hpd]; "
+                                               "see hpd.bench.METHODS."),
+    starts: str = typer.Option("pretrained,scratch", "--starts", metavar="LIST",
+                               help="Student starts: scratch, pretrained[:NAME], pruned[:every:K] or a model directory."),
+    data: str = typer.Option("gold,traces,limited,longmath", "--data", metavar="LIST",
+                             help="Data conditions: gold, traces, limited, longmath."),
+    seeds: str = typer.Option("0,1,2", "--seeds", metavar="LIST", help="Comma-separated seeds (the first one runs the grid)."),
+    lr_grid: str = typer.Option("0.333,1,3", "--lr-grid", metavar="LIST", help="Learning rates tried, as multiples of the start's base rate."),
+    steps_scratch: int = typer.Option(300, "--steps-scratch", metavar="N", min=1, help="Optimizer steps from scratch."),
+    steps_pretrained: int = typer.Option(120, "--steps-pretrained", metavar="N", min=1,
+                                         help="Optimizer steps from a pretrained, pruned or given student."),
+    n: int = typer.Option(500, "--n", metavar="N", min=1, help="Test problems per task."),
+    n_val: int = typer.Option(100, "--n-val", metavar="N", min=1, help="Validation problems per task (from the training split)."),
     teacher: Optional[Path] = typer.Option(None, "--teacher", metavar="DIR", help="Teacher [default: the bundled one]."),
+    long_teacher: Optional[Path] = typer.Option(None, "--long-teacher", metavar="DIR", help="Teacher of the longmath condition."),
+    train: Optional[Path] = typer.Option(None, "--train", metavar="FILE", help="Your training rows (prompt, completion, answer...)."),
+    test: Optional[Path] = typer.Option(None, "--test", metavar="FILE", help="Your held-out rows (with --train)."),
+    student: Optional[str] = typer.Option(None, "--student", metavar="START", help="Your student (with --train): a model directory or a start."),
+    verifier: Optional[str] = typer.Option(None, "--verifier", metavar="SPEC", help="With --train: exact, math, task or MODULE:FUNCTION."),
+    answer_pattern: Optional[str] = typer.Option(None, "--answer-pattern", metavar="RE", help="Final-answer regex of the exact verifier."),
     jobs: int = typer.Option(2, "--jobs", metavar="J", min=1, help="Runs trained at once."),
-    smoke: bool = typer.Option(False, "--smoke", help="A small setting: sft and hpd, one seed, 4 steps, 6 problems."),
-    report: bool = typer.Option(False, "--report", help="No training: the table of the runs finished so far."),
+    smoke: bool = typer.Option(False, "--smoke", help="A small setting: sft and hpd, one seed, one rate, 4 steps, a few problems."),
+    report: bool = typer.Option(False, "--report", help="No training: the tables of the runs finished so far."),
     overrides: Optional[list[str]] = typer.Option(None, "--set", metavar="KEY=VALUE",
-                                                  help="A config override applied to every run (repeatable), "
-                                                       "e.g. --set optim.lr=1e-2; use a separate --out."),
+                                                  help="A config override applied to every run (repeatable); use a separate --out."),
 ) -> None:
-    """Compare objectives and regimes on the bundled tasks at equal steps and batch size."""
+    """Which objective should I use? Every method, learning rate tuned on validation, seeds, paired differences."""
     with _user_errors():
-        from hpd.bench import METHODS, SMOKE_METHODS, BenchSettings, run_bench
+        from hpd.bench import DEFAULT_METHODS, BenchSettings, run_bench
         from hpd.demo import BUNDLED_TEACHER
 
-        chosen = [m.strip() for m in methods.split(",")] if methods else list(METHODS)
-        seed_list = [int(x) for x in seeds.split(",") if x.strip()]
-        s = BenchSettings(out_dir=out, teacher=teacher or BUNDLED_TEACHER, methods=chosen, seeds=seed_list,
-                          steps=steps, n_eval=n, jobs=jobs, overrides=list(overrides or []), report_only=report)
+        def split(text: str) -> list[str]:
+            return [x.strip() for x in text.split(",") if x.strip()]
+
+        user = [train, test, verifier]
+        if any(x is not None for x in user) and not all(x is not None for x in user):
+            raise HPDError("a bench on your own task needs --train FILE, --test FILE and --verifier SPEC together")
+        try:
+            grid = [float(x) for x in split(lr_grid)]
+            seed_list = [int(x) for x in split(seeds)]
+        except ValueError:
+            raise HPDError(f"--lr-grid and --seeds take comma-separated numbers, got {lr_grid!r} and {seeds!r}") from None
+        s = BenchSettings(out_dir=out, teacher=teacher or BUNDLED_TEACHER, methods=split(methods) if methods else list(DEFAULT_METHODS),
+                          starts=split(starts), data=split(data), seeds=seed_list, lr_grid=grid, steps_scratch=steps_scratch,
+                          steps_pretrained=steps_pretrained, n_eval=n, n_val=n_val, long_teacher=long_teacher, jobs=jobs,
+                          overrides=list(overrides or []), report_only=report, user_train=train, user_test=test,
+                          user_student=student, verifier=verifier, answer_pattern=answer_pattern)
         if smoke:
-            s.methods, s.seeds, s.steps, s.n_eval, s.train_per_task = SMOKE_METHODS, [0], 4, 6, 50
+            s.methods, s.seeds, s.lr_grid = ["sft", "hpd"], [0], [1.0]
+            s.steps_scratch = s.steps_pretrained = 4
+            s.n_eval, s.n_val, s.n_curve, s.train_per_task, s.limited_per_task = 6, 4, 4, 50, 10
+            if train is None:
+                s.starts, s.data = ["pretrained"], ["gold"]
         run_bench(s)
 
 

@@ -102,6 +102,8 @@ class ModelConfig:
     trust_remote_code: bool = field_(
         False, "Allow model code shipped with the checkpoint to run (off for safety)."
     )
+    tiny_arch: str = field_("llama", "Architecture of the 'tiny' model (both use the byte-level tokenizer).",
+                            choices=["llama", "qwen2"])
     tiny_layers: int = field_(2, "Layers of the 'tiny' model.", min=1)
     tiny_hidden: int = field_(64, "Hidden size of the 'tiny' model (divisible by tiny_heads).", min=1)
     tiny_heads: int = field_(4, "Attention heads of the 'tiny' model.", min=1)

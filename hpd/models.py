@@ -54,6 +54,7 @@ _DTYPES: dict[str, torch.dtype | str] = {
 }
 
 _TINY_KEYS = (
+    "arch",
     "num_layers",
     "hidden_size",
     "num_heads",
@@ -75,9 +76,15 @@ def _resolve_dtype(dtype: str | torch.dtype) -> torch.dtype | str:
         ) from None
 
 
+# Architectures a tiny model can be built in: two Hugging Face families that share the byte-level
+# tokenizer, so students "of another family" can be distilled from the same teacher.
+TINY_ARCHS = ("llama", "qwen2")
+
+
 def build_tiny_model(
     tokenizer: PreTrainedTokenizerBase,
     *,
+    arch: str = "llama",
     num_layers: int = 2,
     hidden_size: int = 64,
     num_heads: int = 4,
@@ -86,8 +93,9 @@ def build_tiny_model(
     max_positions: int = 1024,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
-) -> LlamaForCausalLM:
-    """A randomly initialised Llama sized for tests; the same seed gives identical weights.
+) -> PreTrainedModel:
+    """A randomly initialised Llama (or Qwen2, `arch="qwen2"`) sized for tests; the same seed
+    gives identical weights.
 
     The vocabulary is `len(tokenizer)` rounded up to a multiple of 8, so the embedding and LM head
     have padding rows past the tokenizer, as many released models do.
@@ -103,8 +111,16 @@ def build_tiny_model(
             f"tiny model: num_heads {num_heads} is not a multiple of num_kv_heads {kv_heads}: "
             "choose num_kv_heads dividing num_heads"
         )
+    if arch not in TINY_ARCHS:
+        raise HPDError(f"tiny model: unknown arch {arch!r}: choose one of {', '.join(TINY_ARCHS)}")
     vocab_size = -(-len(tokenizer) // 8) * 8
-    config = LlamaConfig(
+    if arch == "qwen2":
+        from transformers import Qwen2Config, Qwen2ForCausalLM
+
+        config_cls, model_cls = Qwen2Config, Qwen2ForCausalLM
+    else:
+        config_cls, model_cls = LlamaConfig, LlamaForCausalLM
+    config = config_cls(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
         intermediate_size=intermediate_size or 4 * hidden_size,
@@ -120,7 +136,7 @@ def build_tiny_model(
     # Seed inside a forked RNG so building a model does not disturb the caller's random stream.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
+        model = model_cls(config)
     return model.to(dtype)
 
 

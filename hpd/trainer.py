@@ -123,7 +123,7 @@ def objective_from_config(cfg: Config) -> Objective:
 
 
 def _tiny_kwargs(m) -> dict[str, int]:
-    return dict(num_layers=m.tiny_layers, hidden_size=m.tiny_hidden, num_heads=m.tiny_heads,
+    return dict(arch=m.tiny_arch, num_layers=m.tiny_layers, hidden_size=m.tiny_hidden, num_heads=m.tiny_heads,
                 intermediate_size=m.tiny_intermediate, max_positions=m.tiny_max_positions)
 
 

@@ -104,6 +104,11 @@ def mixed_dataset(
     return items
 
 
+def item_row(item: TaskItem) -> dict[str, Any]:
+    """A problem as a data row: `{"prompt", "completion", "task", "answer"}` (the reference is the completion)."""
+    return {"prompt": item.prompt, "completion": item.reference, "task": item.meta.get("task", ""), "answer": item.answer}
+
+
 def write_jsonl(task_items: Iterable[TaskItem], path: str | os.PathLike[str]) -> int:
     """Write `{"prompt", "completion", "task", "answer"}` rows (the reference is the completion).
 
@@ -115,12 +120,7 @@ def write_jsonl(task_items: Iterable[TaskItem], path: str | os.PathLike[str]) ->
     rows = 0
     with open(path, "w", encoding="utf-8") as f:
         for item in task_items:
-            row = {
-                "prompt": item.prompt,
-                "completion": item.reference,
-                "task": item.meta.get("task", ""),
-                "answer": item.answer,
-            }
+            row = item_row(item)
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
             rows += 1
     return rows
