@@ -240,6 +240,15 @@ class ObjectiveConfig:
         min=0.0,
         min_exclusive=True,
     )
+    ce_weight: float = field_(
+        0.0,
+        "Weight of the cross-entropy on the data token: loss = ce_weight * CE + kd_weight * objective "
+        "(AKL/ToDi as their authors run them: ce_weight=1, kd_weight=0.1).",
+        min=0.0,
+    )
+    kd_weight: float = field_(
+        1.0, "Weight of the objective itself in that sum (at least one of the two > 0).", min=0.0
+    )
     chunk_size: int = field_(
         1024,
         "Positions per chunk of the memory-lean loss, so (B, T, V) logits are never held at once; "

@@ -110,7 +110,7 @@ def peak_memory_mb(device: torch.device) -> float:
 
 def objective_from_config(cfg: Config) -> Objective:
     o = cfg.objective
-    params = {"temperature": o.temperature}
+    params = {"temperature": o.temperature, "ce_weight": o.ce_weight, "kd_weight": o.kd_weight}
     if o.name == "jsd":
         params["beta"] = o.beta
     elif o.name == "todi":

@@ -581,3 +581,106 @@ def test_topk_teacher_diagnostics_and_errors():
             get_objective(name)(s, topk_teacher(t, y, 0), y)
     with pytest.raises(HPDError, match=f"normalized over {V} tokens, the loss over {V - 1}"):
         get_objective("sft")(s, cached, y, vocab_size=V - 1)
+
+
+# --- ce_weight * CE + kd_weight * objective ----------------------------------------------------
+
+def ce_reference(s, y):
+    """Mean cross-entropy of the sequence tokens over active positions, from probabilities."""
+    m = y != -100
+    q = torch.softmax(s, -1)
+    return -q.gather(-1, y.clamp_min(0)[..., None]).squeeze(-1)[m].log().sum() / m.sum()
+
+
+@pytest.mark.parametrize("name,params", [("fkl", {}), ("akl", {}), ("todi", {}), ("jsd", {"beta": 0.3}), ("tvd", {})])
+@pytest.mark.parametrize("ce_weight,kd_weight", [(1.0, 0.1), (0.3, 2.0), (0.0, 0.5)])
+def test_mixed_vocab_objective_is_the_weighted_sum(name, params, ce_weight, kd_weight):
+    """loss = ce_weight * CE + kd_weight * D: value and float64 gradient equal autograd of that sum."""
+    s, t, y = make_batch()
+    out = get_objective(name, ce_weight=ce_weight, kd_weight=kd_weight, **params)(s, t, y)
+    ce, kd = ce_reference(s, y), closed_form(name, s, t, y, **params)
+    ref = ce_weight * ce + kd_weight * kd
+    assert float(out.value) == pytest.approx(float(ref.detach()), rel=1e-9, abs=1e-12)
+    torch.testing.assert_close(grad_of(out.loss, s), grad_of(ref, s), atol=1e-6, rtol=1e-6)
+    m = out.metrics  # both terms are logged, unweighted
+    assert m["ce"] == pytest.approx(float(ce.detach()), rel=1e-9)
+    assert m["kd_term"] == pytest.approx(float(kd.detach()), rel=1e-9)
+
+
+def test_mixed_hpd_is_the_weighted_sum_of_ce_and_the_spec_formula():
+    s, t, y = make_batch(B=3, T=7, V=9, seed=3)
+    y_hat = torch.randint(0, 9, y.shape, generator=torch.Generator().manual_seed(5))
+    y_hat[0, 1] = y[0, 1]
+    out = get_objective("hpd", ce_weight=1.0, kd_weight=0.25)(s, t, y, sampled_tokens=y_hat)
+    hpd_loss, hpd_value = hpd_reference(s, t, y, y_hat)
+    ce = ce_reference(s, y)
+    assert float(out.value) == pytest.approx(float(ce) + 0.25 * hpd_value, rel=1e-9)
+    torch.testing.assert_close(grad_of(out.loss, s), grad_of(ce + 0.25 * hpd_loss, s), atol=1e-10, rtol=1e-8)
+    assert out.metrics["frac_A"] == get_objective("hpd")(s, t, y, sampled_tokens=y_hat).metrics["frac_A"]
+
+
+@pytest.mark.parametrize("name", ["fkl", "akl", "todi", "hpd", "orkl", "sft"])
+@pytest.mark.parametrize("chunked", [False, True])
+def test_ce_weight_1_kd_weight_0_is_sft(name, chunked):
+    h, W, b, th, tW, y = _head_case()
+    sft = get_objective("sft")
+    obj = get_objective(name, ce_weight=1.0, kd_weight=0.0)
+    if chunked:
+        ref = sft.chunked(h, W, None, y, lm_head_bias=b, chunk_size=4)
+        out = obj.chunked(h, W, HeadTeacher(th, tW), y, lm_head_bias=b, chunk_size=4, **_kwargs(name))
+    else:
+        ref = sft(h @ W.T + b, None, y)
+        out = obj(h @ W.T + b, th @ tW.T, y, **_kwargs(name))
+    assert abs(float(out.loss) - float(ref.loss)) <= 1e-12 and abs(float(out.value) - float(ref.value)) <= 1e-12
+    for a, c in zip(torch.autograd.grad(out.loss, (h, W, b)), torch.autograd.grad(ref.loss, (h, W, b))):
+        torch.testing.assert_close(a, c, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("name", sorted(OBJECTIVES))
+@pytest.mark.parametrize("teacher_kind", ["logits", "head", "topk"])
+def test_mixed_chunked_equals_unchunked_and_the_sum_of_the_pure_losses(name, teacher_kind):
+    """On both paths and with every kind of teacher: mixed loss = ce_weight * sft + kd_weight * pure."""
+    h, W, b, th, tW, y = _head_case()
+    logits = th @ tW.T
+    teacher = {"logits": logits, "head": HeadTeacher(th, tW), "topk": topk_teacher(logits, y, 5)}[teacher_kind]
+    pure, sft = get_objective(name), get_objective("sft")
+    mixed = get_objective(name, ce_weight=0.6, kd_weight=0.2)
+    ref = mixed(h @ W.T + b, logits if teacher_kind == "head" else teacher, y, **_kwargs(name))
+    out = mixed.chunked(h, W, teacher, y, lm_head_bias=b, chunk_size=3, **_kwargs(name))
+    parts = [o(h @ W.T + b, teacher if teacher_kind != "head" else logits, y, **_kwargs(name)) for o in (sft, pure)]
+    expected = 0.6 * parts[0].loss + 0.2 * parts[1].loss
+    g_expected = torch.autograd.grad(expected, (h, W, b))
+    for got in (ref, out):
+        assert float(got.loss) == pytest.approx(float(expected), rel=1e-10, abs=1e-12)
+        assert float(got.value) == pytest.approx(float(0.6 * parts[0].value + 0.2 * parts[1].value), rel=1e-9)
+        for a, c in zip(torch.autograd.grad(got.loss, (h, W, b)), g_expected):
+            torch.testing.assert_close(a, c, atol=1e-10, rtol=1e-8)
+
+
+def test_mixed_one_hot_objectives_with_a_gathered_teacher():
+    s, t, y = make_batch()
+    logp = torch.log_softmax(t, -1)
+    y_hat = torch.randint(0, t.shape[-1], y.shape, generator=torch.Generator().manual_seed(0))
+    tokens = torch.stack([y.clamp_min(0), y_hat], -1)
+    gathered = GatheredTeacher(tokens, logp.gather(-1, tokens))
+    for name in ["orkl", "hpd"]:
+        obj = get_objective(name, ce_weight=0.5, kd_weight=2.0)
+        full, sparse = obj(s, t, y, sampled_tokens=y_hat), obj(s, gathered, y, sampled_tokens=y_hat)
+        assert float(sparse.loss) == pytest.approx(float(full.loss), rel=1e-12)
+        torch.testing.assert_close(grad_of(sparse.loss, s), grad_of(full.loss, s))
+
+
+@pytest.mark.parametrize("params,match", [
+    ({"ce_weight": -1}, r"ce_weight=-1 is out of range; allowed: \[0, inf\)"),
+    ({"kd_weight": float("nan")}, r"kd_weight=nan is out of range"),
+    ({"ce_weight": 0, "kd_weight": 0}, r"ce_weight and kd_weight are both 0"),
+])
+def test_bad_mix_weights_say_what_is_allowed(params, match):
+    with pytest.raises(HPDError, match=match):
+        get_objective("fkl", **params)
+
+
+def test_the_default_mix_is_the_pure_objective():
+    obj = get_objective("akl")
+    assert (obj.ce_weight, obj.kd_weight, obj.mixed) == (0.0, 1.0, False) and repr(obj) == "AdaptiveKL(mu=0.5, temperature=1)"
+    assert repr(get_objective("akl", ce_weight=1, kd_weight=0.1)) == "AdaptiveKL(mu=0.5, temperature=1, ce_weight=1, kd_weight=0.1)"
