@@ -28,7 +28,7 @@ from hpd.errors import HPDError
 from hpd.regimes import step_regime
 from hpd.trainer import train
 
-OBJECTIVES = ("sft", "fkl", "rkl", "jsd", "skl", "srkl", "tvd", "akl", "todi", "orkl", "hpd")
+OBJECTIVES = ("sft", "fkl", "rkl", "jsd", "skl", "srkl", "tvd", "akl", "todi", "abkl", "orkl", "hpd")
 REGIMES = ("dataset", "teacher", "student", "mixed")
 
 # Small and fast: short sequences and rollouts, no progress bar, no TensorBoard.
