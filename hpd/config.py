@@ -51,6 +51,7 @@ __all__ = [
     "LogConfig",
     "SaveConfig",
     "OBJECTIVE_NAMES",
+    "OBJECTIVE_PARAM_FIELDS",
     "field_",
     "validate",
     "load_config",
@@ -62,7 +63,17 @@ __all__ = [
 ]
 
 # Kept here (not imported from hpd.objectives) so that reading a config never imports torch.
-OBJECTIVE_NAMES = ("sft", "fkl", "rkl", "jsd", "skl", "srkl", "tvd", "akl", "todi", "orkl", "hpd")
+OBJECTIVE_NAMES = ("sft", "fkl", "rkl", "jsd", "skl", "srkl", "tvd", "akl", "todi", "abkl", "orkl", "hpd")
+# Each objective's own parameters -> the ObjectiveConfig field that holds them (the trainer builds
+# objectives from this; temperature, ce_weight and kd_weight go to every objective).
+OBJECTIVE_PARAM_FIELDS: dict[str, dict[str, str]] = {
+    "jsd": {"beta": "beta"},
+    "skl": {"alpha": "alpha"},
+    "srkl": {"alpha": "alpha"},
+    "akl": {"mu": "mu"},
+    "todi": {"beta": "todi_beta"},
+    "abkl": {"alpha": "abkl_alpha", "beta": "abkl_beta"},
+}
 
 _CHECK_KEYS = {"choices", "min", "max", "min_exclusive", "max_exclusive", "nonempty"}
 
@@ -215,8 +226,8 @@ class ObjectiveConfig:
     name: str = field_(
         "hpd",
         "Objective: sft (cross-entropy), fkl/rkl (forward/reverse KL), jsd, skl/srkl (skew KLs), "
-        "tvd, akl (adaptive KL), todi, orkl (on-policy sampled reverse KL), hpd (Hybrid Policy "
-        "Distillation).",
+        "tvd, akl (adaptive KL), todi, abkl (alpha-beta divergence), orkl (on-policy sampled reverse "
+        "KL), hpd (Hybrid Policy Distillation).",
         choices=list(OBJECTIVE_NAMES),
     )
     beta: float = field_(
@@ -228,6 +239,10 @@ class ObjectiveConfig:
     alpha: float = field_(
         0.1, "skl/srkl skew alpha.", min=0.0, max=1.0, max_exclusive=True
     )
+    abkl_alpha: float = field_(
+        1.0, "abkl alpha (any real; alpha=1 with abkl_beta=0 is forward KL, alpha=0 with beta=1 reverse KL)."
+    )
+    abkl_beta: float = field_(1.0, "abkl beta (any real; alpha = beta = 1 is 1/2 sum (p - q)^2).")
     mu: float = field_(
         0.5,
         "akl head mass mu: the head holds the top teacher tokens up to this cumulative mass.",
@@ -241,6 +256,15 @@ class ObjectiveConfig:
         "regime.temperature (rollout sampling).",
         min=0.0,
         min_exclusive=True,
+    )
+    ce_weight: float = field_(
+        0.0,
+        "Weight of the cross-entropy on the data token: loss = ce_weight * CE + kd_weight * objective "
+        "(AKL/ToDi as their authors run them: ce_weight=1, kd_weight=0.1).",
+        min=0.0,
+    )
+    kd_weight: float = field_(
+        1.0, "Weight of the objective itself in that sum (at least one of the two > 0).", min=0.0
     )
     chunk_size: int = field_(
         1024,

@@ -18,7 +18,6 @@ a 95% Wilson interval and one record per item. `eval_cli` is what `hpd eval` run
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,31 +27,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from hpd.errors import HPDError
 from hpd.rollout import generate_text
+from hpd.stats import Z_95, wilson_interval  # noqa: F401  (re-exported: hpd.evaluate.wilson_interval)
 from hpd.tasks import Task, get_task
-
-Z_95 = 1.959963984540054  # two-sided 95% normal quantile
-
-
-def wilson_interval(correct: int, n: int, z: float = Z_95) -> tuple[float, float]:
-    """Wilson score interval for a binomial proportion `correct / n`.
-
-    Unlike the normal (Wald) interval it stays inside [0, 1] and is not empty at 0 or n correct,
-    which matters for the small evaluation sets and extreme accuracies of tiny models.
-    """
-    if n <= 0:
-        raise HPDError(f"the Wilson interval needs n >= 1 samples, got n={n}")
-    if not 0 <= correct <= n:
-        raise HPDError(f"correct must be in 0..n, got correct={correct}, n={n}")
-    p = correct / n
-    z2 = z * z
-    denom = 1.0 + z2 / n
-    center = (p + z2 / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / denom
-    # At 0 or n correct one bound is exactly 0 or 1; rounding would leave e.g. 3e-17 above 0.
-    low = 0.0 if correct == 0 else max(0.0, center - half)
-    high = 1.0 if correct == n else min(1.0, center + half)
-    return low, high
-
 
 @dataclass
 class EvalResult:

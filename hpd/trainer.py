@@ -40,7 +40,7 @@ from torch import nn
 from hpd.checkpoint import (
     load_rng_state, load_student_weights, load_trainer_state, resolve_resume, save_checkpoint,
 )
-from hpd.config import Config, load_config, save_config
+from hpd.config import OBJECTIVE_PARAM_FIELDS, Config, load_config, save_config
 from hpd.data import EncodedExample, EpochSampler, build_batch, encode_file, encode_self_distillation, load_examples
 from hpd.errors import HPDError
 from hpd.models import (
@@ -109,16 +109,10 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def objective_from_config(cfg: Config) -> Objective:
+    """The objective the config's `objective` section names, with its parameters and the CE mix."""
     o = cfg.objective
-    params = {"temperature": o.temperature}
-    if o.name == "jsd":
-        params["beta"] = o.beta
-    elif o.name == "todi":
-        params["beta"] = o.todi_beta
-    elif o.name in ("skl", "srkl"):
-        params["alpha"] = o.alpha
-    elif o.name == "akl":
-        params["mu"] = o.mu
+    params = {"temperature": o.temperature, "ce_weight": o.ce_weight, "kd_weight": o.kd_weight}
+    params.update({name: getattr(o, key) for name, key in OBJECTIVE_PARAM_FIELDS.get(o.name, {}).items()})
     return get_objective(o.name, **params)
 
 

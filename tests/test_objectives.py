@@ -20,7 +20,10 @@ from hpd.objectives import (
 D = torch.float64
 # The tests read values of differentiable losses with float(); that is what they mean to do.
 pytestmark = pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad")
-VOCAB_OBJECTIVES = ["fkl", "rkl", "jsd", "skl", "srkl", "tvd", "akl", "todi"]
+VOCAB_OBJECTIVES = ["fkl", "rkl", "jsd", "skl", "srkl", "tvd", "akl", "todi", "abkl"]
+# (alpha, beta) of abkl: the general case with either sign, and every limit (alpha, beta or alpha + beta -> 0).
+ABKL_PARAMS = [(1.0, 1.0), (0.5, 0.5), (2.0, -0.5), (-0.5, 1.5), (-0.3, -0.4), (1.0, 0.0), (0.3, 0.0), (0.0, 1.0),
+               (0.0, -0.6), (0.7, -0.7), (-1.2, 1.2), (0.0, 0.0)]
 
 
 def make_batch(B=3, T=6, V=13, seed=0, masked=((0, 0), (2, 5), (1, 2))):
@@ -82,9 +85,25 @@ def closed_form(name, s, t, y, **params):
         beta = params.get("beta", 1.0)
         a = torch.sigmoid(beta * (p.log() - q.log())).detach()
         per = (a * p * (p.log() - q.log()) + (1 - a) * q * (q.log() - p.log())).sum(-1)
+    elif name == "abkl":
+        per = abkl_rows(p, q, params.get("alpha", 1.0), params.get("beta", 1.0))
     else:
         raise KeyError(name)
     return per.sum() / m.sum()
+
+
+def abkl_rows(p, q, a, b):
+    """The alpha-beta divergence of the spec, case by case, for probability rows."""
+    if a != 0 and b != 0 and a + b != 0:
+        s = a + b
+        return -(p ** a * q ** b - a / s * p ** s - b / s * q ** s).sum(-1) / (a * b)
+    if a != 0 and b == 0:
+        return (p ** a * (p ** a / q ** a).log() - p ** a + q ** a).sum(-1) / a ** 2
+    if a == 0 and b != 0:
+        return (q ** b * (q ** b / p ** b).log() - q ** b + p ** b).sum(-1) / b ** 2
+    if a != 0:  # a = -b
+        return ((q ** a / p ** a).log() + (q ** a / p ** a) ** -1 - 1).sum(-1) / a ** 2
+    return 0.5 * ((q.log() - p.log()) ** 2).sum(-1)
 
 
 def hpd_reference(s, t, y, y_hat):
@@ -117,7 +136,20 @@ def grad_of(loss, x):
 # --- registry -----------------------------------------------------------------------------------
 
 def test_registry_lists_every_objective():
-    assert set(OBJECTIVES) == {"sft", "fkl", "rkl", "jsd", "skl", "srkl", "tvd", "akl", "todi", "orkl", "hpd"}
+    assert set(OBJECTIVES) == {"sft", "fkl", "rkl", "jsd", "skl", "srkl", "tvd", "akl", "todi", "abkl", "orkl", "hpd"}
+
+
+def test_every_objective_parameter_has_its_config_field():
+    from hpd.config import OBJECTIVE_NAMES, OBJECTIVE_PARAM_FIELDS, ObjectiveConfig
+
+    assert set(OBJECTIVE_NAMES) == set(OBJECTIVES)
+    fields = set(ObjectiveConfig.__dataclass_fields__)
+    for name, cls in OBJECTIVES.items():
+        mapping = OBJECTIVE_PARAM_FIELDS.get(name, {})
+        assert set(mapping) == set(cls.params), name
+        assert set(mapping.values()) <= fields, name
+        for param, key in mapping.items():  # the config's default is the objective's
+            assert ObjectiveConfig.__dataclass_fields__[key].default == cls.params[param].default, (name, param)
 
 
 def test_unknown_name_lists_allowed():
@@ -144,6 +176,7 @@ def test_bad_parameters_say_what_is_allowed(name, params, match):
     ("fkl", {}), ("rkl", {}), ("jsd", {}), ("jsd", {"beta": 0.1}), ("jsd", {"beta": 0.0}), ("jsd", {"beta": 1.0}),
     ("skl", {}), ("skl", {"alpha": 0.0}), ("skl", {"alpha": 0.7}), ("srkl", {}), ("srkl", {"alpha": 0.5}),
     ("tvd", {}), ("akl", {}), ("akl", {"mu": 0.9}), ("todi", {}), ("todi", {"beta": 3.0}),
+    *[("abkl", {"alpha": a, "beta": b}) for a, b in ABKL_PARAMS],
 ])
 def test_vocab_objective_gradient_equals_closed_form(name, params):
     s, t, y = make_batch()
@@ -503,7 +536,8 @@ def test_complete_topk_teacher_equals_the_online_teacher(name, K):
 
 @pytest.mark.parametrize("name,params", [
     ("fkl", {}), ("rkl", {}), ("jsd", {}), ("jsd", {"beta": 0.1}), ("skl", {}), ("srkl", {"alpha": 0.5}),
-    ("tvd", {}), ("akl", {}), ("akl", {"mu": 0.9}), ("todi", {}),
+    ("tvd", {}), ("akl", {}), ("akl", {"mu": 0.9}), ("todi", {}), ("abkl", {}), ("abkl", {"alpha": 0.5, "beta": -0.2}),
+    ("abkl", {"alpha": 0.0, "beta": 0.0}),
 ])
 def test_bucketed_objective_gradient_equals_autograd_of_the_bucketed_closed_form(name, params):
     """K top tokens plus one tail bucket: the loss's gradient is that of the divergence between the
@@ -581,3 +615,149 @@ def test_topk_teacher_diagnostics_and_errors():
             get_objective(name)(s, topk_teacher(t, y, 0), y)
     with pytest.raises(HPDError, match=f"normalized over {V} tokens, the loss over {V - 1}"):
         get_objective("sft")(s, cached, y, vocab_size=V - 1)
+
+
+# --- ce_weight * CE + kd_weight * objective ----------------------------------------------------
+
+def ce_reference(s, y):
+    """Mean cross-entropy of the sequence tokens over active positions, from probabilities."""
+    m = y != -100
+    q = torch.softmax(s, -1)
+    return -q.gather(-1, y.clamp_min(0)[..., None]).squeeze(-1)[m].log().sum() / m.sum()
+
+
+@pytest.mark.parametrize("name,params", [("fkl", {}), ("akl", {}), ("todi", {}), ("jsd", {"beta": 0.3}), ("tvd", {})])
+@pytest.mark.parametrize("ce_weight,kd_weight", [(1.0, 0.1), (0.3, 2.0), (0.0, 0.5)])
+def test_mixed_vocab_objective_is_the_weighted_sum(name, params, ce_weight, kd_weight):
+    """loss = ce_weight * CE + kd_weight * D: value and float64 gradient equal autograd of that sum."""
+    s, t, y = make_batch()
+    out = get_objective(name, ce_weight=ce_weight, kd_weight=kd_weight, **params)(s, t, y)
+    ce, kd = ce_reference(s, y), closed_form(name, s, t, y, **params)
+    ref = ce_weight * ce + kd_weight * kd
+    assert float(out.value) == pytest.approx(float(ref.detach()), rel=1e-9, abs=1e-12)
+    torch.testing.assert_close(grad_of(out.loss, s), grad_of(ref, s), atol=1e-6, rtol=1e-6)
+    m = out.metrics  # both terms are logged, unweighted
+    assert m["ce"] == pytest.approx(float(ce.detach()), rel=1e-9)
+    assert m["kd_term"] == pytest.approx(float(kd.detach()), rel=1e-9)
+
+
+def test_mixed_hpd_is_the_weighted_sum_of_ce_and_the_spec_formula():
+    s, t, y = make_batch(B=3, T=7, V=9, seed=3)
+    y_hat = torch.randint(0, 9, y.shape, generator=torch.Generator().manual_seed(5))
+    y_hat[0, 1] = y[0, 1]
+    out = get_objective("hpd", ce_weight=1.0, kd_weight=0.25)(s, t, y, sampled_tokens=y_hat)
+    hpd_loss, hpd_value = hpd_reference(s, t, y, y_hat)
+    ce = ce_reference(s, y)
+    assert float(out.value) == pytest.approx(float(ce) + 0.25 * hpd_value, rel=1e-9)
+    torch.testing.assert_close(grad_of(out.loss, s), grad_of(ce + 0.25 * hpd_loss, s), atol=1e-10, rtol=1e-8)
+    assert out.metrics["frac_A"] == get_objective("hpd")(s, t, y, sampled_tokens=y_hat).metrics["frac_A"]
+
+
+@pytest.mark.parametrize("name", ["fkl", "akl", "todi", "hpd", "orkl", "sft"])
+@pytest.mark.parametrize("chunked", [False, True])
+def test_ce_weight_1_kd_weight_0_is_sft(name, chunked):
+    h, W, b, th, tW, y = _head_case()
+    sft = get_objective("sft")
+    obj = get_objective(name, ce_weight=1.0, kd_weight=0.0)
+    if chunked:
+        ref = sft.chunked(h, W, None, y, lm_head_bias=b, chunk_size=4)
+        out = obj.chunked(h, W, HeadTeacher(th, tW), y, lm_head_bias=b, chunk_size=4, **_kwargs(name))
+    else:
+        ref = sft(h @ W.T + b, None, y)
+        out = obj(h @ W.T + b, th @ tW.T, y, **_kwargs(name))
+    assert abs(float(out.loss) - float(ref.loss)) <= 1e-12 and abs(float(out.value) - float(ref.value)) <= 1e-12
+    for a, c in zip(torch.autograd.grad(out.loss, (h, W, b)), torch.autograd.grad(ref.loss, (h, W, b))):
+        torch.testing.assert_close(a, c, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("name", sorted(OBJECTIVES))
+@pytest.mark.parametrize("teacher_kind", ["logits", "head", "topk"])
+def test_mixed_chunked_equals_unchunked_and_the_sum_of_the_pure_losses(name, teacher_kind):
+    """On both paths and with every kind of teacher: mixed loss = ce_weight * sft + kd_weight * pure."""
+    h, W, b, th, tW, y = _head_case()
+    logits = th @ tW.T
+    teacher = {"logits": logits, "head": HeadTeacher(th, tW), "topk": topk_teacher(logits, y, 5)}[teacher_kind]
+    pure, sft = get_objective(name), get_objective("sft")
+    mixed = get_objective(name, ce_weight=0.6, kd_weight=0.2)
+    ref = mixed(h @ W.T + b, logits if teacher_kind == "head" else teacher, y, **_kwargs(name))
+    out = mixed.chunked(h, W, teacher, y, lm_head_bias=b, chunk_size=3, **_kwargs(name))
+    parts = [o(h @ W.T + b, teacher if teacher_kind != "head" else logits, y, **_kwargs(name)) for o in (sft, pure)]
+    expected = 0.6 * parts[0].loss + 0.2 * parts[1].loss
+    g_expected = torch.autograd.grad(expected, (h, W, b))
+    for got in (ref, out):
+        assert float(got.loss) == pytest.approx(float(expected), rel=1e-10, abs=1e-12)
+        assert float(got.value) == pytest.approx(float(0.6 * parts[0].value + 0.2 * parts[1].value), rel=1e-9)
+        for a, c in zip(torch.autograd.grad(got.loss, (h, W, b)), g_expected):
+            torch.testing.assert_close(a, c, atol=1e-10, rtol=1e-8)
+
+
+def test_mixed_one_hot_objectives_with_a_gathered_teacher():
+    s, t, y = make_batch()
+    logp = torch.log_softmax(t, -1)
+    y_hat = torch.randint(0, t.shape[-1], y.shape, generator=torch.Generator().manual_seed(0))
+    tokens = torch.stack([y.clamp_min(0), y_hat], -1)
+    gathered = GatheredTeacher(tokens, logp.gather(-1, tokens))
+    for name in ["orkl", "hpd"]:
+        obj = get_objective(name, ce_weight=0.5, kd_weight=2.0)
+        full, sparse = obj(s, t, y, sampled_tokens=y_hat), obj(s, gathered, y, sampled_tokens=y_hat)
+        assert float(sparse.loss) == pytest.approx(float(full.loss), rel=1e-12)
+        torch.testing.assert_close(grad_of(sparse.loss, s), grad_of(full.loss, s))
+
+
+@pytest.mark.parametrize("params,match", [
+    ({"ce_weight": -1}, r"ce_weight=-1 is out of range; allowed: \[0, inf\)"),
+    ({"kd_weight": float("nan")}, r"kd_weight=nan is out of range"),
+    ({"ce_weight": 0, "kd_weight": 0}, r"ce_weight and kd_weight are both 0"),
+])
+def test_bad_mix_weights_say_what_is_allowed(params, match):
+    with pytest.raises(HPDError, match=match):
+        get_objective("fkl", **params)
+
+
+def test_the_default_mix_is_the_pure_objective():
+    obj = get_objective("akl")
+    assert (obj.ce_weight, obj.kd_weight, obj.mixed) == (0.0, 1.0, False) and repr(obj) == "AdaptiveKL(mu=0.5, temperature=1)"
+    assert repr(get_objective("akl", ce_weight=1, kd_weight=0.1)) == "AdaptiveKL(mu=0.5, temperature=1, ce_weight=1, kd_weight=0.1)"
+
+
+# --- abkl: the alpha-beta divergence and its limits -----------------------------------------------
+
+@pytest.mark.parametrize("params,other", [
+    ({"alpha": 1.0, "beta": 0.0}, "fkl"),  # KL(p || q)
+    ({"alpha": 0.0, "beta": 1.0}, "rkl"),  # KL(q || p)
+])
+def test_abkl_limits_are_forward_and_reverse_kl(params, other):
+    s, t, y = make_batch()
+    out, ref = get_objective("abkl", **params)(s, t, y), get_objective(other)(s, t, y)
+    assert float(out.value) == pytest.approx(float(ref.value), rel=1e-12)
+    torch.testing.assert_close(grad_of(out.loss, s), grad_of(ref.loss, s), atol=1e-12, rtol=1e-10)
+
+
+def test_abkl_at_alpha_beta_1_is_half_the_squared_distance():
+    s, t, y = make_batch()
+    m = y != -100
+    p, q = torch.softmax(t, -1)[m], torch.softmax(s, -1)[m]
+    ref = 0.5 * ((p - q) ** 2).sum() / m.sum()
+    out = get_objective("abkl")(s, t, y)
+    assert float(out.value) == pytest.approx(float(ref.detach()), rel=1e-12)
+    torch.testing.assert_close(grad_of(out.loss, s), grad_of(ref, s), atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("limit,near", [
+    ((1.0, 0.0), (1.0, 1e-5)), ((0.0, 1.0), (1e-5, 1.0)), ((0.7, -0.7), (0.7, -0.7 + 1e-5)),
+    ((0.0, 0.0), (1e-5, 1e-5)), ((0.0, -0.6), (-1e-5, -0.6)),
+])
+def test_abkl_is_continuous_at_its_limits(limit, near):
+    """The limit cases are the continuous extensions: a nearby general (alpha, beta) is close."""
+    s, t, y = make_batch()
+    out = get_objective("abkl", alpha=limit[0], beta=limit[1])(s, t, y)
+    close = get_objective("abkl", alpha=near[0], beta=near[1])(s, t, y)
+    assert float(close.value) == pytest.approx(float(out.value), rel=1e-3)
+    torch.testing.assert_close(grad_of(close.loss, s), grad_of(out.loss, s), atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("alpha,beta", ABKL_PARAMS)
+def test_abkl_is_zero_for_identical_distributions(alpha, beta):
+    s, _, y = make_batch()
+    out = get_objective("abkl", alpha=alpha, beta=beta)(s, s.detach().clone(), y)
+    assert abs(float(out.value)) < 1e-12 and grad_of(out.loss, s).abs().max() < 1e-12

@@ -28,7 +28,7 @@ from hpd.errors import HPDError
 from hpd.regimes import step_regime
 from hpd.trainer import train
 
-OBJECTIVES = ("sft", "fkl", "rkl", "jsd", "skl", "srkl", "tvd", "akl", "todi", "orkl", "hpd")
+OBJECTIVES = ("sft", "fkl", "rkl", "jsd", "skl", "srkl", "tvd", "akl", "todi", "abkl", "orkl", "hpd")
 REGIMES = ("dataset", "teacher", "student", "mixed")
 
 # Small and fast: short sequences and rollouts, no progress bar, no TensorBoard.
@@ -548,3 +548,28 @@ def test_mixed_regime_draws_are_logged_seeded_and_about_lambda(tiny_teacher, tmp
     draws = [step_regime("mixed", 0.3, "dataset", seed=3, step=k) for k in range(4000)]
     assert abs(draws.count("student") / 4000 - 0.3) < 0.03
     assert draws != [step_regime("mixed", 0.3, "dataset", seed=4, step=k) for k in range(4000)]
+
+
+def test_objective_from_config_passes_parameters_and_the_ce_mix():
+    from hpd.trainer import objective_from_config
+
+    cfg = load_config(None, ["objective.name=akl", "objective.mu=0.7", "objective.ce_weight=1", "objective.kd_weight=0.1"])
+    obj = objective_from_config(cfg)
+    assert (obj.name, obj.mu, obj.ce_weight, obj.kd_weight, obj.mixed) == ("akl", 0.7, 1.0, 0.1, True)
+    assert objective_from_config(load_config(None, [])).mixed is False
+
+
+def test_a_mixed_run_logs_both_terms_and_learns(tiny_teacher, tmp_path):
+    """akl at CE + 0.1 KD (its authors' recipe): the logged value is ce_weight * ce + kd_weight * kd_term."""
+    steps = 20
+    run_dir = train(config(tmp_path / "run", "objective.name=akl", "objective.ce_weight=1", "objective.kd_weight=0.1",
+                           f"max_steps={steps}", f"log.eval_every={steps}", teacher=tiny_teacher))
+    records = read_metrics(run_dir)
+    train_records = [r for r in records if r["type"] == "train"]
+    for r in train_records:
+        assert r["value"] == pytest.approx(r["ce"] + 0.1 * r["kd_term"], rel=1e-5)
+    evals = [r for r in records if r["type"] == "eval"]
+    assert evals[-1]["ce"] < evals[0]["ce"] - 0.5
+    with pytest.raises(HPDError, match="ce_weight and kd_weight are both 0"):
+        train(config(tmp_path / "zero", "objective.kd_weight=0", teacher=tiny_teacher))
+    assert not (tmp_path / "zero").exists()

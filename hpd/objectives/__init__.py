@@ -8,7 +8,7 @@ ever holding `(B, T, V)` logits. See `shared/spec/objectives.md` for the mathema
     >>> import torch
     >>> from hpd.objectives import get_objective, OBJECTIVES
     >>> sorted(OBJECTIVES)
-    ['akl', 'fkl', 'hpd', 'jsd', 'orkl', 'rkl', 'sft', 'skl', 'srkl', 'todi', 'tvd']
+    ['abkl', 'akl', 'fkl', 'hpd', 'jsd', 'orkl', 'rkl', 'sft', 'skl', 'srkl', 'todi', 'tvd']
     >>> obj = get_objective("skl", alpha=0.2)
     >>> out = obj(torch.randn(2, 3, 5, requires_grad=True), torch.randn(2, 3, 5), torch.zeros(2, 3, dtype=torch.long))
     >>> out.loss.backward()
@@ -19,7 +19,7 @@ from __future__ import annotations
 from hpd.errors import HPDError
 from hpd.objectives.base import IGNORE_INDEX, Objective, ObjectiveOutput, Param, TeacherChunk, TokenWeights, reduce_metrics
 from hpd.objectives.divergences import (
-    AdaptiveKL, ForwardKL, JensenShannon, ReverseKL, SkewForwardKL, SkewReverseKL, TokenwiseDivergence, TotalVariation,
+    AdaptiveKL, AlphaBetaDivergence, ForwardKL, JensenShannon, ReverseKL, SkewForwardKL, SkewReverseKL, TokenwiseDivergence, TotalVariation,
 )
 from hpd.objectives.sampled import SFT, HybridPolicy, OnPolicyReverseKL
 from hpd.objectives.surrogate import (
@@ -31,7 +31,7 @@ OBJECTIVES: dict[str, type[Objective]] = {
     cls.name: cls
     for cls in (
         SFT, ForwardKL, ReverseKL, JensenShannon, SkewForwardKL, SkewReverseKL, TotalVariation, AdaptiveKL,
-        TokenwiseDivergence, OnPolicyReverseKL, HybridPolicy,
+        TokenwiseDivergence, AlphaBetaDivergence, OnPolicyReverseKL, HybridPolicy,
     )
 }
 

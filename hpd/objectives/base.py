@@ -72,6 +72,11 @@ class Param:
 
 
 TEMPERATURE = Param(1.0, "loss temperature: both distributions are softmax(logits / temperature)", low=0.0, low_open=True)
+# Every objective's loss is ce_weight * CE(y) + kd_weight * (the objective); the defaults give the
+# pure objective. Classic KD and the AKL/ToDi authors' recipes train CE + 0.1 * divergence.
+CE_WEIGHT = Param(0.0, "weight of the cross-entropy on the sequence token y added to the objective", low=0.0)
+KD_WEIGHT = Param(1.0, "weight of the objective itself (the distillation term)", low=0.0)
+COMMON_PARAMS = {"temperature": TEMPERATURE, "ce_weight": CE_WEIGHT, "kd_weight": KD_WEIGHT}
 
 
 class TeacherChunk:
@@ -184,13 +189,34 @@ class TokenWeights:
     value: Tensor
     stats: dict[str, Tensor] = field(default_factory=dict)
 
+    def mixed_with_ce(self, labels: Tensor, ce: Tensor, ce_weight: float, kd_weight: float) -> TokenWeights:
+        """`ce_weight * CE(y) + kd_weight * (these weights)`: weights `ce_weight [v = y] + kd_weight w(v)`.
+
+        labels: `(C,)` the sequence tokens `y`; ce: `(C,)` their cross-entropy `-log q(y)`.
+        With `kd_weight = 0` the objective's weights are dropped, not multiplied by 0 (an infinite
+        weight would give NaN), so `ce_weight = 1, kd_weight = 0` is exactly `sft`.
+        """
+        ce_col = torch.full_like(ce, ce_weight)[:, None]  # (C, 1)
+        if kd_weight == 0.0:
+            return TokenWeights(weights=ce_col, tokens=labels[:, None], value=ce_weight * ce, stats=self.stats)
+        value = kd_weight * self.value + ce_weight * ce if ce_weight else kd_weight * self.value
+        w = self.weights * kd_weight
+        tokens = self.tokens
+        if ce_weight:
+            if tokens is None:  # vocabulary weights: add ce_weight at y
+                w = w.scatter_add_(1, labels[:, None], ce_col.to(w.dtype))
+            else:  # a sparse token set: y as one more column (a repeated token adds up in the surrogate)
+                w, tokens = torch.cat([ce_col.to(w.dtype), w], 1), torch.cat([labels[:, None], tokens], 1)
+        return TokenWeights(weights=w, tokens=tokens, value=value, stats=self.stats)
+
 
 @dataclass
 class ObjectiveOutput:
     """The result of an objective over a batch.
 
     loss:       `()` the differentiable surrogate `-(1/N) sum sg(w) log q`.
-    value:      `()` the objective's own value (detached), normalized like the loss.
+    value:      `()` the objective's own value (detached), normalized like the loss; for a mixed
+                objective `ce_weight * CE + kd_weight * D`.
     num_active: `()` number of active positions in this batch (int64).
     sums/counts/mins/maxs: per-statistic reductions kept as tensors, so reading them costs no host
         sync until `.metrics` is asked for.
@@ -254,6 +280,9 @@ class Objective:
     Calling an objective runs the unchunked reference path; `.chunked(...)` runs the memory-lean
     path from hidden states and the LM head. Both share `weights` and give the same loss and
     gradients.
+
+    Every objective also takes `temperature`, `ce_weight` and `kd_weight` (defaults 1, 0, 1): the
+    loss is `ce_weight * CE(y) + kd_weight * D`, e.g. `get_objective("akl", ce_weight=1, kd_weight=0.1)`.
     """
 
     name: ClassVar[str]
@@ -264,16 +293,25 @@ class Objective:
     summary: ClassVar[str] = ""
 
     def __init__(self, **params: float):
-        allowed = {**self.params, "temperature": TEMPERATURE}
+        allowed = {**self.params, **COMMON_PARAMS}
         unknown = sorted(set(params) - set(allowed))
         if unknown:
             listed = ", ".join(f"{k} in {p.describe()}" for k, p in allowed.items())
             raise HPDError(f"objective '{self.name}' has no parameter {', '.join(unknown)}; its parameters: {listed}")
         for key, spec in allowed.items():
             setattr(self, key, spec.check(self.name, key, params.get(key, spec.default)))
+        if self.ce_weight == 0 and self.kd_weight == 0:
+            raise HPDError(f"objective '{self.name}': ce_weight and kd_weight are both 0, so the loss is 0; "
+                           "set at least one > 0 (e.g. ce_weight=1, kd_weight=0.1)")
+
+    @property
+    def mixed(self) -> bool:
+        """Whether the loss adds cross-entropy or scales the objective (not the pure objective)."""
+        return (self.ce_weight, self.kd_weight) != (CE_WEIGHT.default, KD_WEIGHT.default)
 
     def __repr__(self) -> str:
-        args = ", ".join(f"{k}={getattr(self, k):g}" for k in [*self.params, "temperature"])
+        keys = [*self.params, "temperature", *(("ce_weight", "kd_weight") if self.mixed else ())]
+        args = ", ".join(f"{k}={getattr(self, k):g}" for k in keys)
         return f"{type(self).__name__}({args})"
 
     def weights(self, logq: Tensor, teacher: TeacherChunk | None, labels: Tensor, sample: Tensor | None) -> TokenWeights:

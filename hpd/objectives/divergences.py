@@ -1,4 +1,4 @@
-"""Full-vocabulary objectives: forward/reverse KL, JSD, skew KLs, TVD, AKL and ToDi.
+"""Full-vocabulary objectives: forward/reverse KL, JSD, skew KLs, TVD, AKL, ToDi and ABKL.
 
 Each one reads the teacher's whole distribution `p` and the student's `q` at a chunk of positions
 and returns its divergence per position and detached weights `w(v) = -q(v) dD/dq(v)` over the
@@ -154,3 +154,34 @@ class TokenwiseDivergence(_VocabObjective):
         q = logq.exp()
         w = a * logp.exp() + (1 - a) * q * (logp - logq - 1)
         return w, value
+
+
+class AlphaBetaDivergence(_VocabObjective):
+    name = "abkl"
+    summary = "alpha-beta divergence (ABKD): alpha=1, beta->0 is fkl; alpha->0, beta=1 is rkl"
+    params = {
+        "alpha": Param(1.0, "alpha-beta divergence alpha (any real; 0 is the continuous limit)"),
+        "beta": Param(1.0, "alpha-beta divergence beta (any real; 0 is the continuous limit)"),
+    }
+
+    def divergence(self, logq, logp):
+        a, b = self.alpha, self.beta
+        d = logp - logq  # log(p / q)
+        # D = -1/(a b) sum (p^a q^b - a/(a+b) p^(a+b) - b/(a+b) q^(a+b)) and its limits, each written
+        # as q^c times a function of d that is exactly 0 at d = 0 (expm1 keeps it precise near there
+        # and near the limits). The weight -q dD/dq = q^b (p^a - q^a) / a = q^(a+b) expm1(a d) / a
+        # for every a != 0, with the limit q^b d at a = 0.
+        w = torch.exp(b * logq) * d if a == 0 else torch.exp((a + b) * logq) * torch.expm1(a * d) / a
+        if a == 0 and b == 0:  # 1/2 (log p - log q)^2
+            per = 0.5 * d * d
+        elif a == 0:  # 1/b^2 (q^b log(q^b / p^b) - q^b + p^b)
+            per = torch.exp(b * logq) * (torch.expm1(b * d) - b * d) / (b * b)
+        elif b == 0:  # 1/a^2 (p^a log(p^a / q^a) - p^a + q^a), with 0 log 0 = 0
+            r = torch.exp(a * d)
+            per = torch.exp(a * logq) * (torch.where(r > 0, r * (a * d), torch.zeros_like(r)) - torch.expm1(a * d)) / (a * a)
+        elif a + b == 0:  # 1/a^2 ((p/q)^a - a log(p/q) - 1)
+            per = (torch.expm1(a * d) - a * d) / (a * a)
+        else:
+            s = a + b
+            per = -torch.exp(s * logq) * (torch.expm1(a * d) - a / s * torch.expm1(s * d)) / (a * b)
+        return w, per.sum(-1)

@@ -2,7 +2,8 @@
 
     L = -(1/N) sum_t sum_{v in S_t} sg(w_t(v)) log q(v | x<t)
 
-It does, once for every objective: masking (labels `-100`, and tokens outside the shared
+It does, once for every objective: the cross-entropy mix `ce_weight * CE(y) + kd_weight * D`
+(as token weights `ce_weight [v = y] + kd_weight w(v)`), masking (labels `-100`, and tokens outside the shared
 vocabulary), normalization by a global token count `N` (`num_tokens`, so gradient accumulation and
 world size never change the loss scale), float32 arithmetic, the student sample `y_hat` of HPD
 (inverse-CDF sampling from one seeded uniform per position, so chunking never changes the draw),
@@ -261,9 +262,13 @@ class _Plan:
             sample = self.sample[sl] if self.sample is not None else _inverse_cdf_sample(logq, self.uniform[sl])
         teacher = self.teacher_chunk(self.pos[sl], y)
         tw = self.obj.weights(logq, teacher, y, sample)
-        self.value_sum = self.value_sum + tw.value.sum()  # promotes to float64 when the inputs are
+        ce = -logq.gather(1, y[:, None]).squeeze(1)
         st = self.stats
-        st.add("ce", -logq.gather(1, y[:, None]).squeeze(1))
+        st.add("ce", ce)
+        st.add("kd_term", tw.value)  # the objective's own term: value = ce_weight * ce + kd_weight * kd_term
+        if self.obj.mixed:
+            tw = tw.mixed_with_ce(y, ce, self.obj.ce_weight, self.obj.kd_weight)
+        self.value_sum = self.value_sum + tw.value.sum()  # promotes to float64 when the inputs are
         if self.diagnostics and teacher is not None and teacher.is_full:
             logp = teacher.logp
             st.add("agreement", (logq.argmax(-1) == logp.argmax(-1)).float())
