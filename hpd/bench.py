@@ -53,6 +53,9 @@ from hpd.demo import BUNDLED_TEACHER, STUDENT_OVERRIDES, TASKS
 from hpd.errors import HPDError
 
 STUDENTS_DIR = Path(__file__).resolve().parent / "assets" / "students"
+LONG_TEACHER = Path(__file__).resolve().parent / "assets" / "long-teacher"
+# The long-generation condition's sequence lengths (prompts ~200 tokens, answers ~220).
+LONG_OVERRIDES = ("data.max_length=448", "regime.max_new_tokens=240", "student.tiny_max_positions=512")
 
 # label -> (objective, overrides). Baselines as their authors run them: AKL and ToDi as
 # CE + 0.1 KD (the HPD authors' example recipes), ABKL pure (alpha = beta = 1), GKD as the mixed
@@ -111,8 +114,8 @@ class BenchSettings:
     limited_per_task: int = 100
     writer: Path = STUDENTS_DIR / "writer"
     writer_temperature: float = 1.0
-    long_teacher: Path | None = None
-    long_steps: int = 24       # math steps of the long-generation condition
+    long_teacher: Path = LONG_TEACHER
+    long_steps: int = 20       # math steps of the long-generation condition
     jobs: int = 2
     overrides: list[str] = field(default_factory=list)  # applied to every run, after the method's own
     report_only: bool = False
@@ -137,6 +140,7 @@ class Condition:
     test: Path
     verifier: str
     note: str = ""
+    overrides: tuple[str, ...] = ()  # the condition's own settings (sequence lengths), after the start's
 
 
 @dataclass(frozen=True)
@@ -290,16 +294,25 @@ def build_conditions(s: BenchSettings) -> tuple[list[Condition], list[str]]:
         for data in s.data:
             name = f"{start.name}-{data}"
             if data == "longmath":
-                if s.long_teacher is None or not (Path(s.long_teacher) / "config.json").is_file():
-                    missing.append(f"{name}: no long-generation teacher (build it with "
-                                   "`bash scripts/build_long_teacher.sh`, then pass --long-teacher DIR)")
+                # Long answers need a teacher and a pretrained student trained for them.
+                if start_spec == "pretrained":
+                    try:
+                        start = replace(resolve_start("pretrained:llama-2x96-long", s), name="pretrained")
+                    except HPDError as e:
+                        missing.append(f"{name}: {e}")
+                        continue
+                if not (Path(s.long_teacher) / "config.json").is_file():
+                    missing.append(f"{name}: no long-generation teacher at {s.long_teacher} (build it with "
+                                   "`bash scripts/build_long_teacher.sh`, or pass --long-teacher DIR)")
                     continue
                 tasks = [f"math:steps={s.long_steps}"]
                 long_dir = data_dir / "longmath"
                 tr, va = _gold(long_dir, tasks, s)
                 conditions.append(Condition(name, start, data, Path(s.long_teacher), tr, va,
                                             _test(long_dir, tasks, s.n_eval, "longmath"), "task",
-                                            note=f"math with {s.long_steps} steps, gold references"))
+                                            note=f"math with {s.long_steps} steps (answers of about 220 tokens), gold references",
+                                            overrides=LONG_OVERRIDES))
+                start = resolve_start(start_spec, s)
                 continue
             if gold_train is None:
                 gold_train, gold_val = _gold(data_dir, list(TASKS), s)
@@ -334,7 +347,7 @@ def run_spec(cond: Condition, method: str, lr: float, seed: int, s: BenchSetting
     save = [f"save.every={max(steps // 4, 1)}", "save.keep_last=4"] if grid else [f"save.every={max(steps // 2, 1)}", "save.keep_last=1"]
     overrides = (f"output_dir={run_dir}", f"teacher.path={cond.teacher}", f"data.train={cond.train}", f"data.eval={cond.val}",
                  f"objective.name={objective}", f"max_steps={steps}", f"seed={seed}", f"log.eval_every={max(steps // 4, 1)}",
-                 "resume=auto", "log.progress=false", *TRAIN_SETTINGS, *cond.start.overrides, f"optim.lr={lr:g}", *save,
+                 "resume=auto", "log.progress=false", *TRAIN_SETTINGS, *cond.start.overrides, *cond.overrides, f"optim.lr={lr:g}", *save,
                  f"regime.teacher_cache={Path(s.out_dir) / 'teacher_generations' / cond.data}", *extra, *s.overrides)
     evals = (("test", str(cond.test)),) + ((("val", str(cond.val)),) if grid else ())
     return RunSpec(cond.name, method, lr, seed, run_dir, overrides, evals, curve)

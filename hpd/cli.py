@@ -385,17 +385,27 @@ def data_cmd(
 @app.command("demo")
 def demo_cmd(
     out: Path = typer.Option(Path("runs/demo"), "--out", "-o", metavar="DIR", help="Where the runs, table and plots go."),
-    steps: int = typer.Option(1000, "--steps", metavar="N", min=1, help="Optimizer steps per student."),
-    n: int = typer.Option(100, "--n", metavar="N", min=1, help="Held-out problems per task."),
+    steps: int = typer.Option(120, "--steps", metavar="N", min=1, help="Optimizer steps per student."),
+    n: int = typer.Option(500, "--n", metavar="N", min=1, help="Held-out problems per task."),
     teacher: Optional[Path] = typer.Option(None, "--teacher", metavar="DIR", help="Teacher [default: the bundled one]."),
-    seed: int = typer.Option(0, "--seed", metavar="S", help="Seed of data, initialisation and sampling."),
+    start: str = typer.Option("pretrained", "--start", metavar="START", help="Student start: pretrained[:NAME], scratch, pruned or a directory."),
+    baseline: Optional[str] = typer.Option(None, "--baseline", metavar="METHOD", help="The method HPD is compared with [default: the tuned table's best]."),
+    seeds: str = typer.Option("0,1", "--seeds", metavar="LIST", help="Comma-separated seeds."),
     jobs: int = typer.Option(2, "--jobs", metavar="J", min=1, help="Student runs trained at once."),
 ) -> None:
-    """Distill the bundled teacher into a small student with HPD and with SFT; compare on held-out tasks."""
+    """Distill the pretrained student with HPD and with the strongest baseline; the paired difference on held-out tasks."""
     with _user_errors():
-        from hpd.demo import BUNDLED_TEACHER, DemoSettings, run_demo
+        from hpd.bench import METHODS
+        from hpd.demo import BUNDLED_TEACHER, DEMO_BASELINE, DemoSettings, run_demo
 
-        run_demo(DemoSettings(out_dir=out, teacher=teacher or BUNDLED_TEACHER, steps=steps, n_eval=n, seed=seed, jobs=jobs))
+        if baseline is not None and baseline not in METHODS:
+            raise HPDError(f"unknown --baseline {baseline!r}; choose from: {', '.join(METHODS)}")
+        try:
+            seed_list = tuple(int(x) for x in seeds.split(",") if x.strip())
+        except ValueError:
+            raise HPDError(f"--seeds takes comma-separated integers, got {seeds!r}") from None
+        run_demo(DemoSettings(out_dir=out, teacher=teacher or BUNDLED_TEACHER, start=start, baseline=baseline or DEMO_BASELINE,
+                              steps=steps, n_eval=n, seeds=seed_list, jobs=jobs))
 
 
 @app.command("bench")
@@ -416,7 +426,7 @@ def bench_cmd(
     n: int = typer.Option(500, "--n", metavar="N", min=1, help="Test problems per task."),
     n_val: int = typer.Option(100, "--n-val", metavar="N", min=1, help="Validation problems per task (from the training split)."),
     teacher: Optional[Path] = typer.Option(None, "--teacher", metavar="DIR", help="Teacher [default: the bundled one]."),
-    long_teacher: Optional[Path] = typer.Option(None, "--long-teacher", metavar="DIR", help="Teacher of the longmath condition."),
+    long_teacher: Optional[Path] = typer.Option(None, "--long-teacher", metavar="DIR", help="Teacher of the longmath condition [default: the bundled one]."),
     train: Optional[Path] = typer.Option(None, "--train", metavar="FILE", help="Your training rows (prompt, completion, answer...)."),
     test: Optional[Path] = typer.Option(None, "--test", metavar="FILE", help="Your held-out rows (with --train)."),
     student: Optional[str] = typer.Option(None, "--student", metavar="START", help="Your student (with --train): a model directory or a start."),
@@ -430,7 +440,7 @@ def bench_cmd(
 ) -> None:
     """Which objective should I use? Every method, learning rate tuned on validation, seeds, paired differences."""
     with _user_errors():
-        from hpd.bench import DEFAULT_METHODS, BenchSettings, run_bench
+        from hpd.bench import DEFAULT_METHODS, LONG_TEACHER, BenchSettings, run_bench
         from hpd.demo import BUNDLED_TEACHER
 
         def split(text: str) -> list[str]:
@@ -446,7 +456,7 @@ def bench_cmd(
             raise HPDError(f"--lr-grid and --seeds take comma-separated numbers, got {lr_grid!r} and {seeds!r}") from None
         s = BenchSettings(out_dir=out, teacher=teacher or BUNDLED_TEACHER, methods=split(methods) if methods else list(DEFAULT_METHODS),
                           starts=split(starts), data=split(data), seeds=seed_list, lr_grid=grid, steps_scratch=steps_scratch,
-                          steps_pretrained=steps_pretrained, n_eval=n, n_val=n_val, long_teacher=long_teacher, jobs=jobs,
+                          steps_pretrained=steps_pretrained, n_eval=n, n_val=n_val, long_teacher=long_teacher or LONG_TEACHER, jobs=jobs,
                           overrides=list(overrides or []), report_only=report, user_train=train, user_test=test,
                           user_student=student, verifier=verifier, answer_pattern=answer_pattern)
         if smoke:

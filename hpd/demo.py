@@ -1,27 +1,30 @@
-"""`hpd demo` (`make demo`): the bundled teacher distilled into a small student, HPD against SFT.
+"""`hpd demo` (`make demo`): HPD against the strongest baseline, in the paper's setting.
+
+The paper distills into a *pretrained* student of the teacher's family. The demo does the same:
 
 1. loads the bundled teacher (`hpd/assets/teacher`, a 1.9M-parameter byte-level Llama trained by
-   `scripts/build_teacher.sh` on the three verifiable tasks);
-2. writes training problems with reference solutions (`hpd data`) and held-out problems;
-3. distills the default student (2 layers, hidden 96: about 7x fewer parameters) with `hpd` and,
-   at the same steps, batch and learning rate, with plain `sft` on the same data, both runs side by
-   side;
-4. evaluates the teacher and both students on held-out problems of every task (greedy decoding,
-   real verifiers), prints a table (accuracy per task with 95% intervals, wall time) and writes it
-   to `OUT/results.md`, the training-dynamics plots to `OUT/plots/`, the students to
-   `OUT/runs/{hpd,sft}/final/`.
+   `scripts/build_teacher.sh` on the three verifiable tasks) and the pretrained student
+   (`hpd/assets/students/llama-2x96`, 0.27M parameters, already doing the tasks partly; built by
+   `scripts/build_students.sh`);
+2. writes training problems with reference solutions and held-out problems;
+3. distills the student with `hpd` and with the strongest baseline of the tuned benchmark table
+   (`DEMO_BASELINE`), each at its tuned learning rate, on two seeds, runs side by side;
+4. scores the teacher, the initial student and every student on the same held-out problems (greedy
+   decoding, real verifiers), prints the table and the paired difference (baseline minus HPD) with
+   its 95% bootstrap interval, and writes `OUT/results.md`, plots in `OUT/plots/`, the students
+   under `OUT/runs/`.
 
-    hpd demo                       # runs/demo, about 6 minutes on 2 CPU cores
-    hpd demo --steps 20 --n 10     # a quick look
+    hpd demo                        # runs/demo, about 5 minutes on 2 CPU cores
+    hpd demo --steps 20 --n 20      # a quick look
 
-Runs already finished in OUT are reused, so a second `hpd demo` only evaluates.
+Runs already finished in OUT are reused, so a second `hpd demo` only prints.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from hpd.config import Config, load_config
@@ -40,14 +43,22 @@ STUDENT_OVERRIDES = [
 ]
 
 
+# The demo distills the pretrained student with HPD and with the strongest baseline of the tuned
+# benchmark table (benchmarks/RESULTS.md, start `pretrained`, data `gold`), each at its tuned rate.
+DEMO_BASELINE = "sft"
+DEMO_RATES = {"hpd": 1e-3, "sft": 1e-3}
+
+
 @dataclass
 class DemoSettings:
     out_dir: Path = Path("runs/demo")
     teacher: Path = BUNDLED_TEACHER
-    steps: int = 1000
-    n_eval: int = 100
+    start: str = "pretrained"
+    baseline: str = DEMO_BASELINE
+    steps: int = 120
+    n_eval: int = 500
+    seeds: tuple[int, ...] = (0, 1)
     train_per_task: int = 4000
-    seed: int = 0
     jobs: int = 2
 
 
@@ -84,7 +95,11 @@ def format_table(rows: list[dict]) -> str:
 
 
 def run_demo(s: DemoSettings) -> Path:
-    from hpd.experiments import evaluate_on_tasks, read_records, run_configs
+    """Distill the pretrained student with HPD and with the baseline (every seed, runs side by
+    side), score teacher, initial student and students on the same held-out problems, print the
+    table and the paired difference with its 95% interval."""
+    from hpd.bench import BenchSettings, Condition, _gold, _run_all, _test, resolve_start, run_spec, score_model
+    from hpd.bench_report import _paired, method_runs
     from hpd.plots import plot_runs
 
     if not (s.teacher / "config.json").is_file():
@@ -92,37 +107,77 @@ def run_demo(s: DemoSettings) -> Path:
                        "`bash scripts/build_teacher.sh`")
     out = Path(s.out_dir)
     t_start = time.perf_counter()
-    print(f"[demo] teacher: {s.teacher}")
-    train, eval_ = write_task_data(out, s.train_per_task, s.n_eval, s.seed)
-    print(f"[demo] data: {train} (train split), {eval_} (held-out); distilling with hpd and sft, {s.steps} steps each")
-    names = ["hpd", "sft"]
-    cfgs = [student_config(out / "runs" / n, s.teacher, train, eval_, objective=n, steps=s.steps, seed=s.seed) for n in names]
-    run_configs(cfgs, jobs=s.jobs, labels=names)
+    methods = ["hpd", s.baseline]
+    bs = BenchSettings(out_dir=out, teacher=s.teacher, methods=methods, seeds=list(s.seeds), lr_grid=[1.0],
+                       steps_pretrained=s.steps, steps_scratch=s.steps, n_eval=s.n_eval, n_val=max(1, min(100, s.n_eval)),
+                       train_per_task=s.train_per_task, jobs=s.jobs)
+    start = resolve_start(s.start, bs)
+    train, val = _gold(out / "data", list(TASKS), bs)
+    test = _test(out / "data", list(TASKS), s.n_eval, "tasks")
+    print(f"[demo] teacher {s.teacher}; student start {start.name}; distilling with {' and '.join(methods)} "
+          f"for {s.steps} steps, seeds {list(s.seeds)}", flush=True)
+    rows: list[dict] = []
+    specs = {}
+    for m in methods:
+        cond = Condition(f"{start.name}-gold", replace(start, lr=DEMO_RATES.get(m, start.lr)), "gold", s.teacher,
+                         train, val, test, "task", note="gold references")
+        specs[m] = (cond, [run_spec(cond, m, cond.start.lr, seed, bs) for seed in s.seeds])
+    _run_all([sp for _, sps in specs.values() for sp in sps], bs, "task")
 
-    rows = []
-    from hpd.models import load_model
-
-    for name, model_dir in [("teacher", s.teacher)] + [(f"student {n}", out / "runs" / n / "final") for n in names]:
-        print(f"[demo] evaluating {name} on {s.n_eval} held-out problems per task")
-        ev = evaluate_on_tasks(model_dir, list(TASKS), n=s.n_eval, seed=s.seed,
-                               out_dir=out / "eval" / name.replace(" ", "-"))
-        params = sum(p.numel() for p in load_model(str(model_dir))[0].parameters())
-        wall = None
-        if name.startswith("student"):
-            recs = read_records(out / "runs" / name.split()[1])
-            wall = recs[-1].get("elapsed_s") if recs else None
-        rows.append({"name": name, "params": params, "eval": ev, "wall_s": wall})
-
+    for name, model_dir in [("teacher", s.teacher), ("initial student", _start_model(start))]:
+        cache = out / "eval" / f"{name.replace(' ', '-')}.json"
+        if not cache.is_file() and model_dir is not None:
+            print(f"[demo] evaluating the {name}", flush=True)
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            cache.write_text(json.dumps(score_model(Path(model_dir), str(test), "task", None)))
+        if cache.is_file():
+            rows.append({"name": name, "runs": {0: json.loads(cache.read_text())}})
+    results = {m: method_runs(cond, m, cond.start.lr, bs) for m, (cond, _) in specs.items()}
+    for m in methods:
+        rows.append({"name": f"student {m}", "runs": results[m], "lr": specs[m][0].start.lr})
+    diff = _paired(results[s.baseline], results["hpd"])
     table = format_table(rows)
-    plots = plot_runs([out / "runs" / n for n in names], out / "plots")
+    plots = plot_runs([sp.run_dir for m in methods for sp in specs[m][1][:1]], out / "plots")
     total = time.perf_counter() - t_start
-    (out / "results.json").write_text(json.dumps(rows, indent=2))
+    summary = (f"{s.baseline} minus hpd, mean accuracy points over {len(s.seeds)} seed(s) x {3 * s.n_eval} problems "
+               f"with its 95% paired-bootstrap interval: {diff}")
+    (out / "results.json").write_text(json.dumps(
+        [{"name": r["name"], "eval": _per_task(r["runs"]), "seeds": len(r["runs"])} for r in rows] + [{"paired": diff}], indent=2))
     (out / "results.md").write_text(
-        f"# hpd demo\n\nTeacher {s.teacher}; students distilled for {s.steps} steps (batch 32) on the same data; "
-        f"held-out accuracy on {s.n_eval} problems per task (greedy), 95% Wilson intervals in brackets.\n\n{table}\n")
+        f"# hpd demo\n\nTeacher {s.teacher}; student start `{start.name}`; {s.steps} steps (batch 32) on the same gold data; "
+        f"held-out accuracy on {s.n_eval} problems per task (greedy), mean over seeds.\n\n{table}\n\n{summary}\n")
     print()
     print(table)
     print()
+    print(summary)
     print(f"[demo] done in {total:.0f} s. Table: {out / 'results.md'}; plots: {out / 'plots'} ({len(plots)} figures); "
-          f"students: {out / 'runs' / 'hpd' / 'final'}, {out / 'runs' / 'sft' / 'final'}")
+          f"students: {specs['hpd'][1][0].run_dir / 'final'}")
     return out
+
+
+def _start_model(start) -> Path | None:
+    for o in start.overrides:
+        if o.startswith("student.path=") and o != "student.path=teacher":
+            return Path(o.split("=", 1)[1])
+    return None
+
+
+def _per_task(runs: dict) -> dict[str, float]:
+    out: dict[str, list[float]] = {}
+    for r in runs.values():
+        for t in TASKS:
+            vs = [v for v, task in zip(r["verdicts"], r["tasks"]) if task == t]
+            if vs:
+                out.setdefault(t, []).append(sum(vs) / len(vs))
+    return {t: sum(v) / len(v) for t, v in out.items()}
+
+
+def format_table(rows: list[dict]) -> str:
+    head = "| model | seeds | " + " | ".join(TASKS) + " | mean |"
+    lines = [head, "|" + "---|" * (len(TASKS) + 3)]
+    for r in rows:
+        acc = _per_task(r["runs"])
+        cells = [f"{100 * acc[t]:.1f}%" if t in acc else "-" for t in TASKS]
+        mean = sum(acc.values()) / len(acc) if acc else float("nan")
+        lines.append(f"| {r['name']} | {len(r['runs'])} | " + " | ".join(cells) + f" | {100 * mean:.1f}% |")
+    return "\n".join(lines)

@@ -30,7 +30,7 @@ from hpd.tasks.base import Task, TaskItem
 # Operand ranges: single digits keep the arithmetic within what a tiny model can learn.
 MUL_RANGE = range(2, 6)
 START_RANGE = range(1, 21)
-MAX_STEPS = 12
+MAX_STEPS = 32  # long chains (16-32 steps) make answers of a few hundred tokens
 
 _ANSWER_RE = re.compile(r"answer\s*[:=]?\s*(-?\d+(?:\.\d+)?)", re.IGNORECASE)
 _NUMBER_RE = re.compile(r"-?\d+(?:\.\d+)?(?:/\d+)?")

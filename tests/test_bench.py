@@ -1,0 +1,170 @@
+"""`hpd bench`: the protocol (grid on validation, seeds, paired differences) end to end in fast
+settings, on the bundled tasks and on a user's own files with every verifier kind."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from hpd.bench import (
+    METHODS, BenchSettings, Condition, build_conditions, plan_grid, plan_tuned, resolve_start, run_bench, run_spec,
+    tuned_lr,
+)
+from hpd.bench_report import grad_norm_spread, loss_spikes
+from hpd.errors import HPDError
+
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
+
+
+def _fast(tmp_path, **kw) -> BenchSettings:
+    base = dict(out_dir=tmp_path / "bench", methods=["sft", "hpd"], seeds=[0], lr_grid=[1.0], steps_pretrained=3,
+                steps_scratch=3, n_eval=4, n_val=3, n_curve=2, train_per_task=20, limited_per_task=5,
+                starts=["pretrained"], data=["gold"], jobs=2)
+    base.update(kw)
+    return BenchSettings(**base)
+
+
+def test_bench_protocol_end_to_end(tmp_path):
+    s = _fast(tmp_path, seeds=[0, 1], lr_grid=[0.5, 1.0])
+    out = run_bench(s)
+    table = (out / "results.md").read_text()
+    assert "### pretrained-gold" in table and "Equal learning rate" in table and "Tuned" in table
+    for m in s.methods:
+        assert f"| {m} |" in table
+    assert "| hpd | " in table and "| ref |" in table  # the reference row of the paired column
+    assert "frac_A" in table  # HPD's diagnostics are reported
+    (cond,), _ = build_conditions(s)
+    # The grid ran seed 0 at both rates, scored on validation (carved from training problems) and test.
+    for mult in s.lr_grid:
+        run = run_spec(cond, "hpd", cond.start.lr * mult, 0, s).run_dir
+        val = json.loads((run / "eval-val.json").read_text())
+        test = json.loads((run / "eval-test.json").read_text())
+        assert len(val["verdicts"]) == 3 * s.n_val and len(test["verdicts"]) == 3 * s.n_eval
+        assert sorted(set(test["tasks"])) == ["code", "dialogue", "math"]
+    # Validation problems are training problems never trained on, and never test problems.
+    val_prompts = {json.loads(l)["prompt"] for l in cond.val.read_text().splitlines()}
+    train_prompts = {json.loads(l)["prompt"] for l in cond.train.read_text().splitlines()}
+    test_prompts = {json.loads(l)["prompt"] for l in cond.test.read_text().splitlines()}
+    assert not val_prompts & train_prompts and not val_prompts & test_prompts and not train_prompts & test_prompts
+    # Seed 1 ran at the base rate (equal-lr table) and, where the tuned rate differs, at that one.
+    assert (run_spec(cond, "sft", cond.start.lr, 1, s).run_dir / "eval-test.json").is_file()
+    for m in s.methods:
+        lr, accs = tuned_lr(cond, m, s)
+        assert set(accs) == {cond.start.lr * g for g in s.lr_grid}
+        assert accs[lr] == max(a for a in accs.values())
+        assert (run_spec(cond, m, lr, 1, s).run_dir / "eval-test.json").is_file()
+        # the efficiency curve of the tuned seed-0 run: every kept checkpoint scored
+        assert list(run_spec(cond, m, lr, 0, s).run_dir.glob("eval-curve-step*.json"))
+    # A second call trains nothing: every run and score is reused.
+    before = {p: p.stat().st_mtime for p in (out / "runs").rglob("metrics.jsonl")}
+    run_bench(s)
+    assert before == {p: p.stat().st_mtime for p in (out / "runs").rglob("metrics.jsonl")}
+    # --report on a method never run shows it with no seeds instead of inventing a number.
+    report = run_bench(_fast(tmp_path, seeds=[0, 1], lr_grid=[0.5, 1.0], methods=["fkl", "hpd"], report_only=True))
+    assert "| fkl | 0.001 | 0 |" in (report / "results.md").read_text()
+
+
+def test_tuned_rate_is_the_best_on_validation_ties_go_to_the_base_rate(tmp_path):
+    s = _fast(tmp_path, lr_grid=[1 / 3, 1.0, 3.0])
+    (cond,), _ = build_conditions(s)
+    accs = {1 / 3: 0.2, 1.0: 0.2, 3.0: 0.1}
+    for mult, acc in accs.items():
+        run = run_spec(cond, "hpd", cond.start.lr * mult, 0, s).run_dir
+        run.mkdir(parents=True)
+        (run / "eval-val.json").write_text(json.dumps({"accuracy": acc, "verdicts": [], "tasks": []}))
+    assert tuned_lr(cond, "hpd", s)[0] == cond.start.lr
+    (run_spec(cond, "hpd", cond.start.lr * 3.0, 0, s).run_dir / "eval-val.json").write_text(json.dumps({"accuracy": 0.5}))
+    assert tuned_lr(cond, "hpd", s)[0] == cond.start.lr * 3.0
+    # the tuned phase runs the other seeds at that rate and scores the seed-0 curve there
+    specs = plan_tuned(cond, _fast(tmp_path, lr_grid=[1 / 3, 1.0, 3.0], seeds=[0, 1], methods=["hpd"]))
+    assert {(sp.lr, sp.seed, sp.curve) for sp in specs} == {(cond.start.lr * 3.0, 0, True), (cond.start.lr * 3.0, 1, False)}
+    # the grid phase: every rate at seed 0, the base rate for the other seeds
+    grid = plan_grid(cond, _fast(tmp_path, lr_grid=[1 / 3, 1.0, 3.0], seeds=[0, 1], methods=["hpd"]))
+    assert sorted((round(sp.lr / cond.start.lr, 3), sp.seed) for sp in grid) == [(0.333, 0), (1.0, 0), (1.0, 1), (3.0, 0)]
+
+
+def test_data_conditions_traces_and_limited(tmp_path):
+    s = _fast(tmp_path, data=["gold", "traces", "limited"], train_per_task=12, limited_per_task=4)
+    conds, missing = build_conditions(s)
+    assert [c.data for c in conds] == ["gold", "traces", "limited"] and not missing
+    gold, traces, limited = conds
+    rows = lambda p: [json.loads(l) for l in p.read_text().splitlines()]  # noqa: E731
+    assert len(rows(gold.train)) == 36
+    lim = rows(limited.train)
+    assert {t: sum(r["task"] == t for r in lim) for t in ("math", "code", "dialogue")} == {"math": 4, "code": 4, "dialogue": 4}
+    # traces: the gold prompts with the writer's own sampled answers; the share wrong is measured
+    tr = rows(traces.train)
+    assert {r["prompt"] for r in tr} <= {r["prompt"] for r in rows(gold.train)}
+    stats = json.loads((traces.train.parent / "stats.json").read_text())
+    assert 0.0 <= stats["wrong"] <= 1.0 and "% wrong" in traces.note
+    assert any(r["completion"] != g["completion"] for r, g in zip(tr, rows(gold.train)))
+
+
+def test_starts(tmp_path):
+    s = _fast(tmp_path)
+    assert resolve_start("scratch", s).overrides[0].startswith("student.path=tiny")
+    assert resolve_start("pretrained", s).overrides == (f"student.path={resolve_start('pretrained:llama-2x96', s).overrides[0].split('=', 1)[1]}",)
+    assert resolve_start("pruned", s).overrides == ("student.path=teacher", "student.init_from_teacher=every:2")
+    with pytest.raises(HPDError, match="build_students.sh"):
+        resolve_start("pretrained:nope", s)
+    with pytest.raises(HPDError, match="unknown student start"):
+        resolve_start("sideways", s)
+
+
+def _user_files(tmp_path):
+    from hpd.tasks import get_task, item_row
+
+    task = get_task("math", steps=1)
+    train = [item_row(it) for it in task.generate("train", 40, seed=0)]
+    test = [item_row(it) for it in task.generate("test", 6, seed=0)]
+    for rows, name in ((train, "train.jsonl"), (test, "test.jsonl")):
+        (tmp_path / name).write_text("".join(json.dumps({k: r[k] for k in ("prompt", "completion", "answer")}) + "\n" for r in rows))
+    (tmp_path / "myverify.py").write_text(
+        "def check(row, completion):\n    return completion.strip().endswith(str(row['answer']))\n")
+    return tmp_path / "train.jsonl", tmp_path / "test.jsonl"
+
+
+@pytest.mark.parametrize("verifier", ["exact", "math", "MYFILE:check"])
+def test_bench_on_a_users_own_task(tmp_path, verifier):
+    train, test = _user_files(tmp_path)
+    verifier = verifier.replace("MYFILE", str(tmp_path / "myverify.py"))
+    s = _fast(tmp_path, methods=["hpd"], user_train=train, user_test=test, user_student="pretrained", verifier=verifier)
+    out = run_bench(s)
+    table = (out / "results.md").read_text()
+    assert "pretrained-user" in table and f"verifier `{verifier}`" in table
+    (cond,), _ = build_conditions(s)
+    ev = json.loads((run_spec(cond, "hpd", cond.start.lr, 0, s).run_dir / "eval-test.json").read_text())
+    assert len(ev["verdicts"]) == 6
+
+
+def test_bench_cli_errors(tmp_path):
+    train, test = _user_files(tmp_path)
+    hpd = [sys.executable, "-m", "hpd.cli", "bench", "--out", str(tmp_path / "b")]
+    bad = subprocess.run([*hpd, "--train", str(train), "--test", str(test), "--verifier", "exakt"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "exact" in bad.stderr and "Traceback" not in bad.stderr
+    assert not (tmp_path / "b" / "runs").exists()  # refused before any training
+    half = subprocess.run([*hpd, "--train", str(train)], capture_output=True, text=True)
+    assert half.returncode == 2 and "--test" in half.stderr
+
+
+def test_bench_rejects_unknown_methods_and_needs_the_reference(tmp_path):
+    with pytest.raises(HPDError, match="unknown bench method"):
+        run_bench(BenchSettings(out_dir=tmp_path, methods=["nope"]))
+    with pytest.raises(HPDError, match="include it"):
+        run_bench(BenchSettings(out_dir=tmp_path, methods=["sft"]))
+    # `hpd bench --methods` is a comma-separated list: no label may contain a comma.
+    assert not [m for m in METHODS if "," in m]
+    # the authors' recipes: AKL and ToDi as CE + 0.1 KD, ABKL pure
+    assert "objective.kd_weight=0.1" in METHODS["akl"][1] and "objective.ce_weight=1" in METHODS["todi"][1]
+    assert METHODS["abkl"] == ("abkl", [])
+
+
+def test_loss_spikes_and_grad_norm_spread():
+    assert loss_spikes([1.0] * 20) == 0
+    assert loss_spikes([1.0] * 12 + [2.0] + [1.0] * 5) == 1
+    assert loss_spikes([1.0] * 12 + [1.4]) == 0
+    assert grad_norm_spread([2.0] * 10) == 1.0
+    assert grad_norm_spread([1.0] * 9 + [5.0]) == pytest.approx(5.0)
