@@ -198,9 +198,9 @@ def _read_rows(path: Path) -> list[dict]:
 
 def _task_rows(tasks: list[str], split: str, per_task: int, seed: int) -> dict[str, list[dict]]:
     """Rows `{"prompt", "completion", "task", "answer", ...}` per task, as `hpd data` writes them."""
-    from hpd.tasks import get_task, item_row
+    from hpd.tasks import get_task, task_row
 
-    return {t: [item_row(it) for it in get_task(t).generate(split, per_task, seed=seed)] for t in tasks}
+    return {t: [task_row(it) for it in get_task(t).generate(split, per_task, seed=seed)] for t in tasks}
 
 
 def _mix(per_task: dict[str, list[dict]], seed: int) -> list[dict]:

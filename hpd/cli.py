@@ -336,33 +336,59 @@ def config_cmd(
 
 
 # --------------------------------------------------------------------------------------------
-# hpd eval / hpd data: the bundled verifiable tasks
+# hpd eval / hpd data: verifiable tasks, bundled or the user's own
 # --------------------------------------------------------------------------------------------
 
 
 @app.command("eval")
 def eval_cmd(
     model: str = typer.Option(..., "--model", "-m", metavar="PATH", help="HF model directory, .gguf file, or 'tiny'."),
-    task: List[str] = typer.Option(..., "--task", "-t", metavar="NAME",
-                                   help="math | code | dialogue | capitals, with parameters as math:steps=4; repeat for several."),
-    n: int = typer.Option(200, "--n", metavar="N", min=1, help="Held-out problems per task."),
+    task: Optional[List[str]] = typer.Option(None, "--task", "-t", metavar="NAME",
+                                             help="math | code | dialogue | capitals, with parameters as math:steps=4; repeat for several."),
+    data: Optional[Path] = typer.Option(None, "--data", "-d", metavar="FILE",
+                                        help="Your own problems instead of --task: rows with a prompt (JSONL, JSON, parquet, "
+                                             "or a saved dataset), checked by --verifier."),
+    verifier: Optional[str] = typer.Option(None, "--verifier", metavar="SPEC",
+                                           help="With --data: exact (final answer vs the row's answer), math (math-verify), "
+                                                "task (rows written by hpd data), or MODULE:FUNCTION / file.py:FUNCTION "
+                                                "taking (row, completion) -> bool."),
+    answer_pattern: Optional[str] = typer.Option(None, "--answer-pattern", metavar="RE",
+                                                 help="With --verifier exact: regex whose group is the answer, last "
+                                                      "match [default: what follows the last 'Answer:', else the last line]."),
+    n: Optional[int] = typer.Option(None, "--n", metavar="N", min=1,
+                                    help="Held-out problems per task [default: 200], or the first N rows of --data [default: all]."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", metavar="FILE.jsonl",
-                                       help="Per-example outputs [default: MODEL_DIR/eval-TASK.jsonl]."),
-    split: str = typer.Option("test", "--split", metavar="SPLIT", help="test (held-out) or train."),
-    seed: int = typer.Option(0, "--seed", metavar="S", help="Seed of the problem generator."),
+                                       help="Per-example outputs [default: MODEL_DIR/eval-TASK.jsonl, or "
+                                            "MODEL_DIR/eval-DATA-VERIFIER.jsonl]."),
+    split: str = typer.Option("test", "--split", metavar="SPLIT", help="test (held-out) or train (with --task)."),
+    seed: int = typer.Option(0, "--seed", metavar="S", help="Seed of the problem generator (with --task)."),
     batch_size: int = typer.Option(32, "--batch-size", metavar="B", min=1, help="Prompts per generation batch."),
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", metavar="N", min=1,
-                                                 help="Generation budget [default: the task's]."),
+                                                 help="Generation budget [default: the task's, or 256 for --data rows "
+                                                      "without a task]."),
 ) -> None:
-    """Accuracy of a model on held-out problems of verifiable tasks, with a 95% confidence interval."""
+    """Accuracy of a model on verifiable problems (a bundled --task, or --data FILE with a --verifier),
+    greedy decoding, with a 95% confidence interval and one record per problem."""
     with _user_errors():
+        if bool(task) == (data is not None):
+            raise HPDError("give either --task NAME (a bundled task) or --data FILE with --verifier SPEC")
+        if data is not None:
+            if verifier is None:
+                raise HPDError("--data needs --verifier: exact, math, task, or MODULE:FUNCTION")
+            from hpd.evaluate import eval_data_cli
+
+            eval_data_cli(model, str(data), verifier, answer_pattern=answer_pattern, n=n,
+                          out=None if out is None else str(out), batch_size=batch_size, max_new_tokens=max_new_tokens)
+            return
+        if verifier is not None or answer_pattern is not None:
+            raise HPDError("--verifier and --answer-pattern go with --data; a --task is checked by its own verifier")
         from hpd.evaluate import eval_cli
 
         if out is not None and len(task) > 1:
             raise HPDError("--out names one file: give one --task, or leave --out out to write MODEL_DIR/eval-TASK.jsonl")
         for name in task:
-            eval_cli(model, name, n=n, out=None if out is None else str(out), split=split, seed=seed,
-                     batch_size=batch_size, max_new_tokens=max_new_tokens)
+            eval_cli(model, name, n=200 if n is None else n, out=None if out is None else str(out), split=split,
+                     seed=seed, batch_size=batch_size, max_new_tokens=max_new_tokens)
 
 
 @app.command("data")

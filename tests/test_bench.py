@@ -115,11 +115,11 @@ def test_starts(tmp_path):
 
 
 def _user_files(tmp_path):
-    from hpd.tasks import get_task, item_row
+    from hpd.tasks import get_task, task_row
 
     task = get_task("math", steps=1)
-    train = [item_row(it) for it in task.generate("train", 40, seed=0)]
-    test = [item_row(it) for it in task.generate("test", 6, seed=0)]
+    train = [task_row(it) for it in task.generate("train", 40, seed=0)]
+    test = [task_row(it) for it in task.generate("test", 6, seed=0)]
     for rows, name in ((train, "train.jsonl"), (test, "test.jsonl")):
         (tmp_path / name).write_text("".join(json.dumps({k: r[k] for k in ("prompt", "completion", "answer")}) + "\n" for r in rows))
     (tmp_path / "myverify.py").write_text(

@@ -18,6 +18,7 @@ from hpd.tasks import (
     get_task,
     mixed_dataset,
     split_of,
+    task_item,
     verify_free_form,
     write_jsonl,
 )
@@ -356,8 +357,9 @@ def test_mixed_dataset_and_jsonl_rows(tmp_path):
     path = tmp_path / "sub" / "mix.jsonl"
     assert write_jsonl(mix, path) == 60
     rows = [json.loads(line) for line in path.read_text().splitlines()]
-    assert set(rows[0]) == {"prompt", "completion", "task", "answer"}
+    assert set(rows[0]) == {"prompt", "completion", "task", "answer", "meta"}
     assert [r["completion"] for r in rows] == [i.reference for i in mix]
+    assert [task_item(r) for r in rows] == mix  # the rows hold everything the verifiers need
     examples, _ = load_examples(str(path))
     assert [e.prompt for e in examples] == [i.prompt for i in mix]
 

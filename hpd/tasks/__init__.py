@@ -6,7 +6,9 @@ Python functions run against hidden tests in a sandbox; short generation) and `d
 byte-level models of 0.1-2M parameters. `capitals` (capital cities; world knowledge) is for real
 pretrained models such as SmolLM2-135M-Instruct. `get_task("math", steps=4)` or `get_task("math:steps=4")`
 builds one; `mixed_dataset` draws a shuffled mix; `write_jsonl` writes training rows
-`{"prompt", "completion", "task", "answer"}` that `hpd.data` loads.
+`{"prompt", "completion", "task", "answer", "meta"}` (`task_row`) that `hpd.data` loads and that
+`task_item` turns back into items, so a data file is all a task's verifier needs (`hpd eval
+--data FILE --verifier task`).
 
     >>> import os, tempfile
     >>> from hpd.tasks import TASKS, get_task, mixed_dataset, write_jsonl
@@ -17,6 +19,8 @@ builds one; `mixed_dataset` draws a shuffled mix; `write_jsonl` writes training 
     (5, ['dialogue', 'math'])
     >>> write_jsonl(items, os.path.join(tempfile.mkdtemp(), "mix.jsonl"))
     5
+    >>> task_item(task_row(items[0])) == items[0]
+    True
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ TASKS: dict[str, type[Task]] = {
 
 __all__ = [
     "SPLITS", "TASKS", "CapitalsTask", "CodeTask", "DialogueTask", "MathTask", "Task", "TaskItem", "get_task",
-    "mixed_dataset", "parse_task_spec", "split_of", "verify_free_form", "write_jsonl",
+    "mixed_dataset", "parse_task_spec", "split_of", "task_item", "task_row", "verify_free_form", "write_jsonl",
 ]
 
 
@@ -104,15 +108,28 @@ def mixed_dataset(
     return items
 
 
-def item_row(item: TaskItem) -> dict[str, Any]:
-    """A problem as a data row: `{"prompt", "completion", "task", "answer"}` (the reference is the completion)."""
-    return {"prompt": item.prompt, "completion": item.reference, "task": item.meta.get("task", ""), "answer": item.answer}
+def task_row(item: TaskItem) -> dict[str, Any]:
+    """The data row of an item: `{"prompt", "completion", "task", "answer", "meta"}`.
+
+    The reference is the completion; `meta` is the checker's data (hidden tests, constraint kind).
+    """
+    return {"prompt": item.prompt, "completion": item.reference, "task": item.meta.get("task", ""),
+            "answer": item.answer, "meta": item.meta}
+
+
+def task_item(row: Mapping[str, Any]) -> TaskItem:
+    """The item a row written by `task_row` holds (the inverse of `task_row`)."""
+    meta = row.get("meta")
+    if not isinstance(meta, Mapping):
+        raise HPDError("the row has no 'meta' object (the task's checker data that `hpd data` writes): "
+                       "write the file again with `hpd data`")
+    return TaskItem(str(row.get("prompt", "")), str(row.get("completion", "")), str(row.get("answer", "")), dict(meta))
 
 
 def write_jsonl(task_items: Iterable[TaskItem], path: str | os.PathLike[str]) -> int:
-    """Write `{"prompt", "completion", "task", "answer"}` rows (the reference is the completion).
+    """Write one `task_row` per item, as JSON lines; returns the number of rows written.
 
-    Returns the number of rows written; parent directories are created.
+    Parent directories are created.
     """
     parent = os.path.dirname(os.fspath(path))
     if parent:
@@ -120,7 +137,6 @@ def write_jsonl(task_items: Iterable[TaskItem], path: str | os.PathLike[str]) ->
     rows = 0
     with open(path, "w", encoding="utf-8") as f:
         for item in task_items:
-            row = item_row(item)
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.write(json.dumps(task_row(item), ensure_ascii=False) + "\n")
             rows += 1
     return rows
