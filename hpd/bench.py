@@ -431,17 +431,23 @@ def _run_all(specs: list[RunSpec], s: BenchSettings, verifier: str) -> None:
     if not todo:
         return
     t0 = time.perf_counter()
-    env_threads = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    os.environ.update(env_threads)
+
+    def report(i: int, sp: RunSpec, res: dict) -> None:
+        status = "failed: " + res["failed"] if "failed" in res else "done"
+        print(f"[bench] {i}/{len(todo)} {sp.condition} {sp.method} lr={sp.lr:.2g} seed={sp.seed}: {status} "
+              f"({time.perf_counter() - t0:.0f} s)", flush=True)
+
+    if s.jobs == 1:  # one at a time: in this process (no interpreter start-up per run)
+        for i, sp in enumerate(todo, 1):
+            report(i, sp, execute(sp, verifier, s.answer_pattern, s.n_curve))
+        return
+    os.environ.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"})
+    # Fresh single-threaded interpreters: a worker never carries one run's state into the next.
     ctx = mp.get_context("spawn")
     with cf.ProcessPoolExecutor(max_workers=s.jobs, mp_context=ctx, max_tasks_per_child=1) as pool:
         futures = {pool.submit(execute, sp, verifier, s.answer_pattern, s.n_curve): sp for sp in todo}
         for i, fut in enumerate(cf.as_completed(futures), 1):
-            sp = futures[fut]
-            res = fut.result()
-            status = "failed: " + res["failed"] if "failed" in res else "done"
-            print(f"[bench] {i}/{len(todo)} {sp.condition} {sp.method} lr={sp.lr:.2g} seed={sp.seed}: {status} "
-                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
+            report(i, futures[fut], fut.result())
 
 
 def _done(spec: RunSpec) -> bool:

@@ -26,6 +26,8 @@ import, a row without the field a verifier reads, a verifier that raises (naming
 
 from __future__ import annotations
 
+import json
+
 import difflib
 import importlib
 import importlib.util
@@ -156,12 +158,19 @@ class TaskVerifier(Verifier):
     def _task_of(self, row: Mapping[str, Any]):
         if self.task is not None:
             return self.task
-        name = str(row["task"])
-        if name not in self._tasks:
-            from hpd.tasks import get_task
+        from hpd.tasks import get_task
 
+        name = str(row["task"])
+        meta = row.get("meta") if isinstance(row.get("meta"), Mapping) else {}
+        if name not in self._tasks:
             self._tasks[name] = get_task(name)
-        return self._tasks[name]
+        # The task's own parameters recorded in the row (e.g. math's `steps`) set its generation
+        # budget: a 20-step chain needs far more tokens than the default 4-step one.
+        params = {k: meta[k] for k in self._tasks[name].params if k in meta}
+        key = f"{name}:{json.dumps(params, sort_keys=True)}" if params else name
+        if key not in self._tasks:
+            self._tasks[key] = get_task(name, **params)
+        return self._tasks[key]
 
     def check_rows(self, rows):
         super().check_rows(rows)

@@ -121,23 +121,35 @@ def _user_files(tmp_path):
     train = [task_row(it) for it in task.generate("train", 40, seed=0)]
     test = [task_row(it) for it in task.generate("test", 6, seed=0)]
     for rows, name in ((train, "train.jsonl"), (test, "test.jsonl")):
-        (tmp_path / name).write_text("".join(json.dumps({k: r[k] for k in ("prompt", "completion", "answer")}) + "\n" for r in rows))
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "myverify.py").write_text(
         "def check(row, completion):\n    return completion.strip().endswith(str(row['answer']))\n")
     return tmp_path / "train.jsonl", tmp_path / "test.jsonl"
 
 
-@pytest.mark.parametrize("verifier", ["exact", "math", "MYFILE:check"])
+@pytest.mark.parametrize("verifier", ["exact", "math", "task", "MYFILE:check"])
 def test_bench_on_a_users_own_task(tmp_path, verifier):
     train, test = _user_files(tmp_path)
     verifier = verifier.replace("MYFILE", str(tmp_path / "myverify.py"))
-    s = _fast(tmp_path, methods=["hpd"], user_train=train, user_test=test, user_student="pretrained", verifier=verifier)
+    s = _fast(tmp_path, methods=["hpd"], user_train=train, user_test=test, user_student="pretrained", verifier=verifier,
+              jobs=1)
     out = run_bench(s)
     table = (out / "results.md").read_text()
     assert "pretrained-user" in table and f"verifier `{verifier}`" in table
     (cond,), _ = build_conditions(s)
-    ev = json.loads((run_spec(cond, "hpd", cond.start.lr, 0, s).run_dir / "eval-test.json").read_text())
-    assert len(ev["verdicts"]) == 6
+    assert len(cond.val.read_text().splitlines()) == 3 and len(cond.train.read_text().splitlines()) == 37
+    run = run_spec(cond, "hpd", cond.start.lr, 0, s).run_dir
+    ev = json.loads((run / "eval-test.json").read_text())
+    assert len(ev["verdicts"]) == 6 and ev["accuracy"] == sum(ev["verdicts"]) / 6
+
+
+def test_bench_verifier_that_raises_is_a_clear_error(tmp_path):
+    train, test = _user_files(tmp_path)
+    (tmp_path / "broken.py").write_text("def check(row, completion):\n    raise KeyError('oops')\n")
+    s = _fast(tmp_path, methods=["hpd"], user_train=train, user_test=test, user_student="pretrained",
+              verifier=f"{tmp_path / 'broken.py'}:check", jobs=1)
+    with pytest.raises(HPDError, match="oops"):
+        run_bench(s)
 
 
 def test_bench_cli_errors(tmp_path):
@@ -167,4 +179,4 @@ def test_loss_spikes_and_grad_norm_spread():
     assert loss_spikes([1.0] * 12 + [2.0] + [1.0] * 5) == 1
     assert loss_spikes([1.0] * 12 + [1.4]) == 0
     assert grad_norm_spread([2.0] * 10) == 1.0
-    assert grad_norm_spread([1.0] * 9 + [5.0]) == pytest.approx(5.0)
+    assert grad_norm_spread([1.0] * 5 + [5.0] * 5) == pytest.approx(5.0 / 3.0)  # p90 5 over median 3
