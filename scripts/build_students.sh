@@ -37,6 +37,7 @@ build qwen2-2x96 qwen2 2 96 256 400
 build llama-3x128 llama 3 128 384 400
 build writer qwen2 3 128 384 250
 for name in llama-2x96 qwen2-2x96 llama-3x128 writer; do
-  $HPD eval --model "hpd/assets/students/$name" --task math --task code --task dialogue --n 300 --out "$OUT/eval-$name.jsonl" \
-    | tee "$OUT/eval-$name.txt"
+  for task in math code dialogue; do
+    $HPD eval --model "hpd/assets/students/$name" --task $task --n 300 --out "$OUT/eval-$name-$task.jsonl"
+  done | tee "$OUT/eval-$name.txt"
 done
