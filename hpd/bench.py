@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hpd.demo import BUNDLED_TEACHER, TASKS, student_config, write_task_data
+from hpd.demo import BUNDLED_TEACHER, TASKS, preflight_tasks, student_config, write_task_data
 from hpd.errors import HPDError
 
 # label -> (objective, extra overrides)
@@ -123,6 +123,7 @@ def run_bench(s: BenchSettings) -> Path:
         raise HPDError(f"unknown bench method(s) {unknown}; choose from: {', '.join(METHODS)}")
     if not (s.teacher / "config.json").is_file():
         raise HPDError(f"no teacher at {s.teacher}: pass --teacher DIR or run `bash scripts/build_teacher.sh`")
+    preflight_tasks()
     out = Path(s.out_dir)
     t0 = time.perf_counter()
     train, eval_ = write_task_data(out, s.train_per_task, s.n_eval, 0)
