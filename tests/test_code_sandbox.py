@@ -256,6 +256,10 @@ def test_correct_completions_still_score_true():
     task = CodeTask()
     items = task.generate("test", 50, seed=1)
     assert task.verify_batch(items, [i.reference for i in items]) == [True] * 50
+    # The standard library is there, read-only: a completion may import from it.
+    uses_stdlib = _def("import re, math, json, itertools, collections, functools, fractions, decimal\n"
+                       "return int(re.sub('[^0-9-]', '', str(x*2+1)) or 0) + math.floor(0.5)")
+    assert task.verify(_item(), uses_stdlib) is True
     assert task.sandbox_mode == "bubblewrap + seccomp"
 
 

