@@ -13,6 +13,10 @@ seconds, and CPU seconds of this process plus its children (the fork servers and
 sandboxed, bubblewrap). The script uses only the API that the task had before the OS sandbox, so
 it also measures older code: `PYTHONPATH=/path/to/old/checkout python benchmarks/code_sandbox.py`.
 
+A second table (with the OS sandbox only) splits the cost by layer: one fork server runs
+`--layer-jobs` trivial jobs plain, with the per-child seccomp filter, inside bubblewrap, and with
+both, in rotation; it gives the median CPU milliseconds per job the server reported.
+
     OMP_NUM_THREADS=1 python benchmarks/code_sandbox.py --n 200 --rounds 5
 """
 
@@ -60,10 +64,50 @@ def _measure(task: CodeTask, items: list, completions: list[str], rounds: int) -
     return statistics.median(walls), statistics.median(cpus), correct
 
 
+def _layers(jobs_n: int, rounds: int) -> None:
+    import json
+    import subprocess
+
+    from hpd.tasks import sandbox as sb
+
+    found = sb.isolation()
+    jobs = [{"src": "x*2+1", "var": "x", "inputs": list(range(8))}] * jobs_n
+
+    def cpu_ms_per_job(child_filter: bool, boxed: bool) -> float:
+        payload = json.dumps({"jobs": jobs, "timeout": 2, "memory": 256 << 20, "cpu": 2,
+                              "result_limit": sb.RESULT_LIMIT,
+                              "filter": found.child_filter.hex() if child_filter else None}).encode()
+        args, fds = ["-I", "-S", "-B", "-c", sb._SERVER], ()
+        if boxed:
+            r, w = os.pipe()
+            os.write(w, found.sandbox_filter)
+            os.close(w)
+            command, fds = found.command(args, r), (r,)
+        else:
+            command = [sb._interpreter(), *args]
+        out = subprocess.run(command, input=payload, capture_output=True, pass_fds=fds, check=True)
+        for fd in fds:
+            os.close(fd)
+        return json.loads(out.stdout.splitlines()[-1])["cpu_s"] / jobs_n * 1e3
+
+    variants = {"plain fork server": (False, False), "+ child seccomp filter": (True, False),
+                "in bubblewrap (+ its filter)": (False, True), "both (what verify runs)": (True, True)}
+    got: dict[str, list[float]] = {k: [] for k in variants}
+    for _ in range(rounds):
+        for name, (child_filter, boxed) in variants.items():
+            got[name].append(cpu_ms_per_job(child_filter, boxed))
+    print(f"\nper layer: {jobs_n} trivial jobs (8 inputs each) in one fork server, median of {rounds}\n")
+    print("| server | CPU ms per job |")
+    print("|---|---:|")
+    for name, values in got.items():
+        print(f"| {name} | {statistics.median(values):.2f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=200, help="completions per batch")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--layer-jobs", type=int, default=300, help="jobs per run of the per-layer table (0 = skip)")
     args = ap.parse_args()
 
     task = CodeTask()
@@ -81,6 +125,8 @@ def main() -> None:
     for name, completions in (("correct", [it.reference for it in items]), ("mixed", mixed)):
         wall, cpu, correct = _measure(task, items, completions, args.rounds)
         print(f"| {name} | {args.n / wall:.0f} | {wall:.3f} | {cpu:.3f} | {correct}/{args.n} |")
+    if args.layer_jobs and hasattr(task, "sandbox_mode"):
+        _layers(args.layer_jobs, args.rounds)
 
 
 if __name__ == "__main__":

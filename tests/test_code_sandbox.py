@@ -106,6 +106,8 @@ def test_the_filters_refuse_exec_fork_sockets_and_new_files():
         "setsid": "import os; os.setsid()",
         "kill": "import os; os.kill(1, 9)",
         "write to /": "open('/x', 'w')",
+        "sysv shared memory": "import ctypes; c = ctypes.CDLL(None, use_errno=True)\n"
+                              "    if c.shmget(0, 1 << 20, 0o1600) < 0: raise OSError(ctypes.get_errno(), 'shmget')",
     }
     jobs = [{"src": _def(f"try:\n    {src}\nexcept OSError as e:\n    return e.errno\nreturn 'done'"),
              "var": "x", "inputs": [0]} for src in probes.values()]

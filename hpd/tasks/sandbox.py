@@ -16,8 +16,8 @@ Layers, outermost first:
    interface but a loopback that is down. When the server exits, the PID namespace's init exits
    and the kernel kills whatever is left in it: nothing outlives a batch.
 2. A seccomp filter on the whole sandbox (passed to `bwrap --seccomp`) refuses sockets, ptrace,
-   mounts, new namespaces, device nodes and fifos (`mknod`), io_uring, bpf, perf events, keyrings
-   and module or kexec loading.
+   mounts, new namespaces, device nodes and fifos (`mknod`), System V IPC and message queues,
+   io_uring, bpf, perf events, keyrings and module or kexec loading.
 3. For each job the server forks a child, which sets its resource limits (address space
    `memory_mb`, CPU seconds, file size 0, 64 open files, 32 processes), loads a second seccomp
    filter (no `execve`, no `fork`/`vfork`/`clone` except of threads, no signals to other
@@ -214,6 +214,11 @@ SANDBOX_DENY = (
     "keyctl", "add_key", "request_key", "kexec_load", "kexec_file_load", "init_module",
     "finit_module", "delete_module", "reboot", "swapon", "swapoff", "acct", "quotactl", "syslog",
     "name_to_handle_at", "open_by_handle_at", "personality",
+    # System V IPC and POSIX message queues: they outlive the process that made them, so they
+    # would pass data from one completion to the next and hold memory no limit counts.
+    "shmget", "shmat", "shmctl", "shmdt", "msgget", "msgsnd", "msgrcv", "msgctl", "semget",
+    "semop", "semtimedop", "semctl", "mq_open", "mq_unlink", "mq_timedsend", "mq_timedreceive",
+    "mq_notify", "mq_getsetattr",
 )
 # Each completion's process, on top of the above.
 CHILD_DENY = (
