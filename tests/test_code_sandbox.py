@@ -14,6 +14,7 @@ import os
 import select
 import shlex
 import socket
+import subprocess
 import sys
 import time
 import uuid
@@ -228,6 +229,66 @@ return x*2+1
         time.sleep(0.1)
     assert control.exists()  # the control's sleepers did their work: long enough waited
     assert not marker.exists(), "a process started in the sandbox wrote after it ended"
+
+
+def _descendants(roots: set[int]) -> dict[int, bytes]:
+    """{pid: cmdline} of `roots` and every process below them."""
+    parent = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            parent[int(pid)] = int(stat.rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            pass
+    found, grew = set(roots) & set(parent), True
+    while grew:
+        more = {p for p, pp in parent.items() if pp in found} - found
+        found |= more
+        grew = bool(more)
+    return {p: _cmdline(p) for p in found}
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def test_killing_the_verifier_leaves_no_sandbox_behind(tmp_path):
+    """SIGKILL the process that runs verify_batch: bwrap, the server and its child go with it."""
+    script = tmp_path / "verify_forever.py"
+    script.write_text(
+        "import subprocess, sys\n"
+        "from hpd.tasks import sandbox\n"
+        "from hpd.tasks.code import CodeTask\n"
+        "class Spy(subprocess.Popen):  # print the pid of every bwrap started\n"
+        "    def __init__(self, *args, **kwargs):\n"
+        "        super().__init__(*args, **kwargs)\n"
+        "        print(self.pid, flush=True)\n"
+        "sandbox.subprocess = type(sys)('spy')\n"
+        "sandbox.subprocess.__dict__.update(subprocess.__dict__, Popen=Spy)\n"
+        "task = CodeTask(timeout_s=60, workers=1)\n"
+        "item = task.generate('test', 1, seed=0)[0]\n"
+        "task.verify(item, '__import__(\"time\").sleep(60)')\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, env=env)
+    try:
+        pids = [int(proc.stdout.readline()) for _ in range(2)]  # the check's bwrap, then the batch's
+        deadline = time.monotonic() + 20
+        tree = _descendants({pids[1]})
+        while len(tree) < 4 and time.monotonic() < deadline:  # bwrap, its init, server, child
+            time.sleep(0.1)
+            tree = _descendants({pids[1]})
+        assert len(tree) >= 4, tree
+    finally:
+        proc.kill()
+        proc.wait()
+    deadline = time.monotonic() + 5
+    while any(_cmdline(p) == c for p, c in tree.items()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [p for p, c in tree.items() if _cmdline(p) == c], "the sandbox outlived its parent"
 
 
 def test_fork_and_thread_bombs_are_bounded():
