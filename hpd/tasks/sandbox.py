@@ -368,7 +368,8 @@ def _detect() -> Isolation:
         outer, inner = _compile_filters()
     except Exception as e:  # ImportError, or pyseccomp's RuntimeError without libseccomp.so.2
         raise HPDError(f"code: libseccomp is missing, needed to sandbox generated code ({e}): "
-                       "pip install pyseccomp and apt install libseccomp2; " + UNSAFE_HINT) from None
+                       "pip install pyseccomp and apt install libseccomp2; "
+                       + UNSAFE_HINT) from None
     found = Isolation(bwrap, tuple(_binds()), outer, inner)
     # The probe: a correct function, and a fork and a socket that the filters must refuse.
     probe = [{"src": "x+1", "var": "x", "inputs": [1]},
@@ -500,7 +501,8 @@ class Sandbox:
         results: list[list[Any] | None] = [None] * len(jobs)
 
         def work(chunk: list[int]) -> None:
-            out, _, cpu_s = _serve(found, [jobs[i] for i in chunk], self.timeout_s, self.memory_mb, cwd)
+            mine = [jobs[i] for i in chunk]
+            out, _, cpu_s = _serve(found, mine, self.timeout_s, self.memory_mb, cwd)
             for i, r in zip(chunk, out):
                 results[i] = r
             # A server that died early (it should not) leaves jobs unanswered: give each of
