@@ -329,11 +329,12 @@ class Isolation:
     child_filter: bytes
 
     def command(self, python_args: list[str], seccomp_fd: int) -> list[str]:
+        # /tmp and /dev are mounted before the binds, so an interpreter under /tmp stays visible.
         return [
             self.bwrap, "--unshare-all", "--unshare-user", "--disable-userns", "--cap-drop", "ALL",
-            "--die-with-parent", "--new-session", "--clearenv", *self.binds,
-            "--dev", "/dev", "--remount-ro", "/dev", "--size", str(TMPFS_BYTES), "--tmpfs", "/tmp",
-            "--remount-ro", "/",
+            "--die-with-parent", "--new-session", "--clearenv",
+            "--size", str(TMPFS_BYTES), "--tmpfs", "/tmp", "--dev", "/dev", "--remount-ro", "/dev",
+            *self.binds, "--remount-ro", "/",
             "--chdir", "/tmp", "--seccomp", str(seccomp_fd), "--", _interpreter(), *python_args,
         ]
 
