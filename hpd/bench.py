@@ -49,7 +49,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from hpd.demo import BUNDLED_TEACHER, STUDENT_OVERRIDES, TASKS
+from hpd.demo import BUNDLED_TEACHER, STUDENT_OVERRIDES, TASKS, preflight_tasks
 from hpd.errors import HPDError
 
 STUDENTS_DIR = Path(__file__).resolve().parent / "assets" / "students"
@@ -515,6 +515,8 @@ def run_bench(s: BenchSettings) -> Path:
         from hpd.verifiers import get_verifier
 
         get_verifier(s.verifier, answer_pattern=s.answer_pattern)  # a bad spec fails before any training
+    else:
+        preflight_tasks()  # e.g. no sandbox for generated code: say so before training
     out = Path(s.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     conditions, missing = build_conditions(s)

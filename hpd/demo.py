@@ -94,6 +94,14 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def preflight_tasks() -> None:
+    """Fail before training if a task cannot be verified here (the code task needs its sandbox)."""
+    from hpd.tasks import get_task
+
+    for name in TASKS:
+        get_task(name).preflight()
+
+
 def run_demo(s: DemoSettings) -> Path:
     """Distill the pretrained student with HPD and with the baseline (every seed, runs side by
     side), score teacher, initial student and students on the same held-out problems, print the
@@ -105,6 +113,7 @@ def run_demo(s: DemoSettings) -> Path:
     if not (s.teacher / "config.json").is_file():
         raise HPDError(f"no teacher at {s.teacher}: pass --teacher DIR, or rebuild the bundled one with "
                        "`bash scripts/build_teacher.sh`")
+    preflight_tasks()
     out = Path(s.out_dir)
     t_start = time.perf_counter()
     methods = ["hpd", s.baseline]

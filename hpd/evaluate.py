@@ -147,6 +147,7 @@ def evaluate_model(
         raise HPDError(f"n must be at least 1 to evaluate, got {n}")
     task_obj = get_task(task) if isinstance(task, str) else task
     label = task if isinstance(task, str) else task_obj.name
+    task_obj.preflight()  # e.g. no sandbox for generated code: say so before generating
     rows = [task_row(item) for item in task_obj.generate(split, n, seed=seed)]
     return evaluate_rows(model, rows, TaskVerifier(task_obj), tokenizer=tokenizer, max_new_tokens=max_new_tokens,
                          batch_size=batch_size, temperature=temperature, seed=seed, label=label)
@@ -184,6 +185,7 @@ def eval_cli(
     from hpd.models import load_model
 
     task_obj = get_task(task)  # fail on a bad task name before the (slow) model load
+    task_obj.preflight()
     model, tokenizer = load_model(model_path)
     result = evaluate_model(
         model,

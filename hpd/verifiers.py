@@ -182,6 +182,8 @@ class TaskVerifier(Verifier):
                 self._task_of(row)
             except HPDError as e:
                 raise HPDError(f"verifier 'task': row {i} (0-based): {e}") from None
+        for task in {id(t): t for t in self._tasks.values()}.values():
+            task.preflight()  # e.g. the code task without its sandbox: say so before generating
 
     def max_new_tokens(self, row):
         return self._task_of(row).max_new_tokens

