@@ -103,8 +103,8 @@ class BenchSettings:
     data: list[str] = field(default_factory=lambda: list(DATA_CONDITIONS))
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     lr_grid: list[float] = field(default_factory=lambda: [1 / 3, 1.0, 3.0])  # multiples of the base rate
-    steps_scratch: int = 300
-    steps_pretrained: int = 120
+    steps_scratch: int = 500
+    steps_pretrained: int = 240
     lr_scratch: float = 3e-3
     lr_pretrained: float = 1e-3
     n_eval: int = 500          # test problems per task

@@ -411,7 +411,7 @@ def data_cmd(
 @app.command("demo")
 def demo_cmd(
     out: Path = typer.Option(Path("runs/demo"), "--out", "-o", metavar="DIR", help="Where the runs, table and plots go."),
-    steps: int = typer.Option(120, "--steps", metavar="N", min=1, help="Optimizer steps per student."),
+    steps: int = typer.Option(240, "--steps", metavar="N", min=1, help="Optimizer steps per student."),
     n: int = typer.Option(500, "--n", metavar="N", min=1, help="Held-out problems per task."),
     teacher: Optional[Path] = typer.Option(None, "--teacher", metavar="DIR", help="Teacher [default: the bundled one]."),
     start: str = typer.Option("pretrained", "--start", metavar="START", help="Student start: pretrained[:NAME], scratch, pruned or a directory."),
@@ -446,8 +446,8 @@ def bench_cmd(
                              help="Data conditions: gold, traces, limited, longmath."),
     seeds: str = typer.Option("0,1,2", "--seeds", metavar="LIST", help="Comma-separated seeds (the first one runs the grid)."),
     lr_grid: str = typer.Option("0.333,1,3", "--lr-grid", metavar="LIST", help="Learning rates tried, as multiples of the start's base rate."),
-    steps_scratch: int = typer.Option(300, "--steps-scratch", metavar="N", min=1, help="Optimizer steps from scratch."),
-    steps_pretrained: int = typer.Option(120, "--steps-pretrained", metavar="N", min=1,
+    steps_scratch: int = typer.Option(500, "--steps-scratch", metavar="N", min=1, help="Optimizer steps from scratch."),
+    steps_pretrained: int = typer.Option(240, "--steps-pretrained", metavar="N", min=1,
                                          help="Optimizer steps from a pretrained, pruned or given student."),
     n: int = typer.Option(500, "--n", metavar="N", min=1, help="Test problems per task."),
     n_val: int = typer.Option(100, "--n-val", metavar="N", min=1, help="Validation problems per task (from the training split)."),

@@ -55,7 +55,7 @@ class DemoSettings:
     teacher: Path = BUNDLED_TEACHER
     start: str = "pretrained"
     baseline: str = DEMO_BASELINE
-    steps: int = 120
+    steps: int = 240
     n_eval: int = 500
     seeds: tuple[int, ...] = (0, 1)
     train_per_task: int = 4000
