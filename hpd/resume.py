@@ -40,12 +40,17 @@ from hpd.errors import HPDError
 # directory holds the same generations). Evaluation settings are here too: evaluation reads no
 # training randomness (its draws have their own seeds), so it does not move the trajectory.
 RUN_NEUTRAL_KEYS = frozenset({
-    "output_dir", "resume", "resume_allow_changes", "max_steps",
+    "resume_allow_changes", "max_steps",
     "log.every", "log.eval_every", "log.eval_batches", "log.tensorboard", "log.progress", "log.diagnostics_every",
     "save.every", "save.keep_last",
     "optim.max_bad_steps",
     "regime.teacher_cache",
 })
+
+
+# Where the run lives and how it was pointed at its checkpoint: never compared (a run directory
+# may be moved or copied, and resume=auto / resume=PATH name the same continuation).
+NOT_COMPARED = frozenset({"output_dir", "resume"})
 
 
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -61,9 +66,9 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def config_changes(saved: dict[str, Any], cfg: Config) -> dict[str, tuple[Any, Any]]:
     """Dotted key -> (checkpoint's value, this run's value) for every key both know that differs.
 
-    A key one side lacks (a config of another hpd version) is not compared."""
+    A key one side lacks (a config of another hpd version) is not compared, nor NOT_COMPARED."""
     old, new = _flat(saved), _flat(config_to_dict(cfg))
-    return {k: (old[k], v) for k, v in new.items() if k in old and old[k] != v}
+    return {k: (old[k], v) for k, v in new.items() if k in old and old[k] != v and k not in NOT_COMPARED}
 
 
 def run_altering(changes: dict[str, tuple[Any, Any]]) -> dict[str, tuple[Any, Any]]:
