@@ -161,7 +161,8 @@ def _legacy_load(path: Path) -> Any:
     """A `.pt` file of an older hpd: weights_only unpickling, with the numpy types its RNG state holds."""
     from torch.serialization import safe_globals
 
-    reconstruct = getattr(getattr(np, "_core", np.core), "multiarray")._reconstruct
+    core = np._core if hasattr(np, "_core") else np.core  # numpy 2 / numpy 1
+    reconstruct = core.multiarray._reconstruct
     allow: list[Any] = [reconstruct, (reconstruct, "numpy.core.multiarray._reconstruct"), np.ndarray, np.dtype,
                         type(np.dtype(np.uint32))]
     try:

@@ -107,9 +107,15 @@ class RunDirLock:
         if not self.holder_file.exists():
             self._created.append(self.holder_file)
         tmp = self.path / f"{HOLDER_FILE}.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
-                                   "argv": sys.argv}), encoding="utf-8")
-        os.replace(tmp, self.holder_file)
+        try:
+            tmp.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
+                                       "argv": sys.argv}), encoding="utf-8")
+            os.replace(tmp, self.holder_file)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            self.release(cleanup=True)
+            raise HPDError(f"cannot write to output_dir '{self.path}' ({e.strerror}): free space or pick another "
+                           "output_dir") from None
         return stale
 
     def release(self, cleanup: bool = False) -> None:
