@@ -53,7 +53,8 @@ def check_output_dir(path: Path) -> None:
                        "system): pick another output_dir or fix its permissions")
 
 
-def _describe(holder: dict) -> str:
+def describe_holder(holder: dict) -> str:
+    """'pid N on HOST, started DATE' of a holder record."""
     started = holder.get("started")
     when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(started)) if isinstance(started, (int, float)) else "?"
     return f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}, started {when}"
@@ -100,7 +101,7 @@ class RunDirLock:
             holder = self._read_holder()
             self._created = []
             raise HPDError(f"output_dir '{self.path}' is in use by another hpd run "
-                           f"({_describe(holder) if holder else 'holder unknown'}): wait for it to end, or pick "
+                           f"({describe_holder(holder) if holder else 'holder unknown'}): wait for it to end, or pick "
                            "another output_dir") from None
         self._lock = lock
         stale = self._read_holder()  # still there: its run ended without releasing (killed)
@@ -136,6 +137,3 @@ class RunDirLock:
         finally:
             self._lock.release()
             self._lock = None
-
-    def describe_stale(self, holder: dict) -> str:
-        return _describe(holder)

@@ -50,7 +50,7 @@ from hpd.models import (
 from hpd.objectives import IGNORE_INDEX, HeadTeacher, Objective, ObjectiveOutput, get_objective, resolve_shared_vocab
 from hpd.regimes import SamplingSettings, derive_seed, rollout, step_regime, teacher_generations
 from hpd.resume import RUN_NEUTRAL_KEYS, check_changes, config_changes, record_history, saved_config, schedule_note
-from hpd.run_dir import RunDirLock
+from hpd.run_dir import RunDirLock, describe_holder
 from hpd.teacher_cache import TeacherCache
 from hpd.teachers import SelfTeacher, aligned_positions, prompt_ending_mismatches, teacher_view
 
@@ -400,7 +400,7 @@ class Trainer:
     def _setup(self, cfg: Config, stale: dict | None) -> None:
         if self.is_main:
             if stale is not None:
-                self.log(f"taking over {self.run_dir}: the run that held it ({self.lock.describe_stale(stale)}) ended "
+                self.log(f"taking over {self.run_dir}: the run that held it ({describe_holder(stale)}) ended "
                          "without releasing it (killed?)")
             removed = clean_leftovers(self.run_dir)
             if removed:
@@ -597,11 +597,14 @@ class Trainer:
         return save_checkpoint(self.run_dir, self.step, rank=self.rank, is_main=self.is_main,
                                barrier=self.acc.wait_for_everyone, write_main=write_main, keep_last=cfg.save.keep_last)
 
-    def _save_unless_diverging(self) -> None:
+    def _save_unless_diverging(self, final: bool = False) -> None:
         """Checkpoint now, unless the run is inside a run of non-finite steps: then the checkpoint
         waits for the next finite step, so that every checkpoint is one from before a bad streak."""
         if self.bad_in_row:
-            if not self._save_due:
+            if final:
+                self.log(f"warning: the run ends inside a run of non-finite steps ({self.bad_in_row} in a row): no final "
+                         "checkpoint; final/ holds the weights of the last finite step")
+            elif not self._save_due:
                 self.log(f"step {self.step}: no checkpoint inside a run of non-finite steps ({self.bad_in_row} in a "
                          "row); it is written after the next finite step")
             self._save_due = True
@@ -742,7 +745,7 @@ class Trainer:
                 progress.close()
         if self.eval_data:
             metrics_log.write({"type": "eval", "step": self.step, **self.evaluate()})
-        self._save_unless_diverging()
+        self._save_unless_diverging(final=True)
         if self.is_main:
             save_model(self.unwrapped, self.tokenizer, self.run_dir / "final")
         acc.wait_for_everyone()

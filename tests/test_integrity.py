@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import resource
 import shutil
 import signal
@@ -364,6 +365,8 @@ def test_an_unusable_output_dir_is_one_error_line(tmp_path, case):
     assert result.exit_code == 2 and "Traceback" not in result.output
     expected = "is a file, not a directory" if case == "is-a-file" else f"'{blocker}' is a file, not a directory"
     assert result.stderr.startswith(f"error: output_dir '{out}'") and expected in result.stderr
+    with pytest.raises(HPDError, match=re.escape(expected)):  # the Python API checks it too
+        train(cfg(out))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["blocker"] and blocker.read_text() == "a file\n"
 
 

@@ -571,3 +571,13 @@ def test_mixed_regime_draws_are_logged_seeded_and_about_lambda(tiny_teacher, tmp
     draws = [step_regime("mixed", 0.3, "dataset", seed=3, step=k) for k in range(4000)]
     assert abs(draws.count("student") / 4000 - 0.3) < 0.03
     assert draws != [step_regime("mixed", 0.3, "dataset", seed=4, step=k) for k in range(4000)]
+
+
+def test_a_run_ending_inside_a_streak_writes_final_but_no_final_checkpoint(monkeypatch, tiny_teacher, tmp_path, capsys):
+    from hpd.checkpoint import checkpoint_dirs
+
+    _poison_objective_from(monkeypatch, lambda step: step >= 7)  # steps 8 and 9 of 9
+    train(config(tmp_path / "run", "max_steps=9", "save.every=4", "optim.max_bad_steps=5", teacher=tiny_teacher))
+    assert [p.name for p in checkpoint_dirs(tmp_path / "run")] == ["step-00000004"]
+    assert "warning: the run ends inside a run of non-finite steps (2 in a row): no final checkpoint" in capsys.readouterr().out
+    assert all(torch.isfinite(t).all() for t in safetensors_of(tmp_path / "run" / "final").values())
