@@ -103,6 +103,10 @@ class RunDirLock:
             raise HPDError(f"output_dir '{self.path}' is in use by another hpd run "
                            f"({describe_holder(holder) if holder else 'holder unknown'}): wait for it to end, or pick "
                            "another output_dir") from None
+        except OSError as e:  # the lock file cannot be created (a full disk, a read-only mount)
+            self._remove_created()
+            raise HPDError(f"cannot create the lock file {lock_path} ({e.strerror}): free space or pick another "
+                           "output_dir") from None
         self._lock = lock
         stale = self._read_holder()  # still there: its run ended without releasing (killed)
         if not self.holder_file.exists():
@@ -126,14 +130,18 @@ class RunDirLock:
         try:
             self.holder_file.unlink(missing_ok=True)  # a holder file left behind means a killed run
             if cleanup:
-                for p in reversed(self._created):
-                    if p.is_dir():
-                        try:
-                            p.rmdir()  # only if empty: never anything else the run wrote
-                        except OSError:
-                            pass
-                    else:
-                        p.unlink(missing_ok=True)
+                self._remove_created()
         finally:
             self._lock.release()
             self._lock = None
+
+    def _remove_created(self) -> None:
+        for p in reversed(self._created):
+            try:
+                if p.is_dir():
+                    p.rmdir()  # only if empty: never anything else the run wrote
+                else:
+                    p.unlink(missing_ok=True)
+            except OSError:
+                pass
+        self._created = []
