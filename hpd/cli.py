@@ -110,6 +110,9 @@ def train(
         if dry_run:
             typer.echo(cfg.to_yaml(), nl=False)
             return
+        from hpd.run_dir import check_output_dir
+
+        check_output_dir(Path(cfg.output_dir))  # at once, before the heavy imports (the trainer checks again)
         from hpd.trainer import train as run_training  # heavy: torch, transformers, accelerate
 
         run_dir = run_training(cfg)

@@ -432,6 +432,12 @@ class Config:
         "fresh (error if output_dir already holds checkpoints), or a checkpoint directory path.",
         nonempty=True,
     )
+    resume_allow_changes: bool = field_(
+        False,
+        "Let resume continue a run whose config changed in keys that alter it (objective, lr, data, "
+        "seed, ...); the change is recorded in metrics.jsonl and config_history.jsonl. false = such "
+        "a resume is refused with the differing keys.",
+    )
     student: StudentConfig = field(default_factory=StudentConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -922,6 +928,11 @@ def load_config(path: str | os.PathLike[str] | None, overrides: Iterable[str] = 
             data = yaml.safe_load(p.read_text(encoding="utf-8"))
         except yaml.YAMLError as e:
             raise HPDError(f"config file '{p}' is not valid YAML: {e}") from None
+        if data is None:
+            raise HPDError(
+                f"config file '{p}' is empty (no settings): write the keys you want in it "
+                f"(`hpd config --out {p}` writes a default one)"
+            )
         _apply(cfg, data, f" (in {p})")
     for text in overrides:
         key, value, raw = _parse_override(text)

@@ -208,6 +208,14 @@ def _parse_row(
 _Located = tuple[str, str, Any]
 
 
+def _json_row_problem(text: str, e: json.JSONDecodeError) -> str:
+    """What is wrong with a JSONL row: cut at its end (the parser ran out of text), or invalid."""
+    if e.pos >= len(text.rstrip()) or e.msg.startswith("Unterminated string"):
+        return ("invalid JSON: the row is truncated (unterminated JSON: it ends before its closing "
+                "quote, bracket or brace; was the file cut?)")
+    return f"invalid JSON ({e.msg} at column {e.colno})"
+
+
 def _iter_jsonl(path: str) -> Iterator[_Located]:
     # Read bytes and decode line by line so that bad UTF-8 is reported (and skippable) per line.
     with open(path, "rb") as f:
@@ -225,7 +233,7 @@ def _iter_jsonl(path: str) -> Iterator[_Located]:
             try:
                 yield loc, src, json.loads(text)
             except json.JSONDecodeError as e:
-                yield loc, src, _RowError(f"invalid JSON ({e.msg} at column {e.colno})")
+                yield loc, src, _RowError(_json_row_problem(text, e))
 
 
 _JSON_WS = " \t\n\r"

@@ -22,6 +22,7 @@ holding a (B, T, V) tensor.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -148,12 +149,15 @@ def load_model(
     trust_remote_code: bool = False,
     tiny: dict[str, Any] | None = None,
     seed: int = 0,
+    role: str = "",
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load `(model, tokenizer)` from "tiny", a local HF directory, or a `.gguf` file.
 
     Nothing is downloaded: a path that is not on disk is an error. The tokenizer gets a pad token
-    (its eos) when it has none, since batching needs one.
+    (its eos) when it has none, since batching needs one; a pad id beyond the model's embedding
+    rows is an error. `role` ("student", "teacher") names the model in messages.
     """
+    who = f"{role} " if role else ""
     torch_dtype = _resolve_dtype(dtype)
     if path == "tiny":
         from hpd.tokenizer import byte_tokenizer
@@ -170,7 +174,7 @@ def load_model(
         p = Path(path)
         if not p.exists():
             raise HPDError(
-                f"model path '{path}' does not exist: pass a local Hugging Face model directory, "
+                f"{who}model path '{path}' does not exist: pass a local Hugging Face model directory, "
                 "a .gguf file, or 'tiny' (models are never downloaded)"
             )
         if p.is_file() and p.suffix.lower() == ".gguf":
@@ -181,6 +185,7 @@ def load_model(
                     f"'{path}' is not a Hugging Face model directory (no config.json): pass the "
                     "directory that save_pretrained wrote"
                 )
+            _check_config_pad_id(p, who)
             model = AutoModelForCausalLM.from_pretrained(
                 str(p), local_files_only=True, trust_remote_code=trust_remote_code, dtype=torch_dtype
             )
@@ -191,16 +196,38 @@ def load_model(
                 )
         else:
             raise HPDError(
-                f"model path '{path}' is neither a model directory nor a .gguf file: pass a "
+                f"{who}model path '{path}' is neither a model directory nor a .gguf file: pass a "
                 "Hugging Face model directory, a .gguf file, or 'tiny'"
             )
         tokenizer = tokenizer if tokenizer is not None else loaded_tok
     assert tokenizer is not None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    rows = model.get_input_embeddings().num_embeddings
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id >= rows:
+        raise HPDError(
+            f"the {who}model '{path}': its tokenizer's pad token {tokenizer.pad_token!r} has id "
+            f"{tokenizer.pad_token_id}, beyond the model's {rows} embedding rows: give the tokenizer a pad token "
+            f"with an id below {rows} (e.g. its eos token), or resize the model's embeddings"
+        )
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def _check_config_pad_id(model_dir: Path, who: str) -> None:
+    """A config.json whose pad_token_id lies beyond vocab_size (transformers fails with an AssertionError)."""
+    try:
+        conf = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # transformers reports an unreadable config itself
+    pad, vocab = conf.get("pad_token_id"), conf.get("vocab_size")
+    if isinstance(pad, int) and isinstance(vocab, int) and not -vocab <= pad < vocab:
+        raise HPDError(
+            f"the {who}model '{model_dir}': its config.json has pad_token_id {pad}, beyond its {vocab} embedding "
+            f"rows: set pad_token_id in {model_dir / 'config.json'} to an id below {vocab} (e.g. its eos_token_id) "
+            "or to null"
+        )
 
 
 def _load_gguf(

@@ -38,7 +38,8 @@ import torch
 from torch import nn
 
 from hpd.checkpoint import (
-    load_rng_state, load_student_weights, load_trainer_state, resolve_resume, save_checkpoint,
+    STATE, clean_leftovers, latest_checkpoint, load_rng_state, load_student_weights, load_trainer_state, resolve_resume,
+    save_checkpoint, save_state, space_error,
 )
 from hpd.config import OBJECTIVE_PARAM_FIELDS, Config, load_config, save_config
 from hpd.data import EncodedExample, EpochSampler, build_batch, encode_file, encode_self_distillation, load_examples
@@ -48,6 +49,8 @@ from hpd.models import (
 )
 from hpd.objectives import IGNORE_INDEX, HeadTeacher, Objective, ObjectiveOutput, get_objective, resolve_shared_vocab
 from hpd.regimes import SamplingSettings, derive_seed, rollout, step_regime, teacher_generations
+from hpd.resume import RUN_NEUTRAL_KEYS, check_changes, config_changes, record_history, saved_config, schedule_note
+from hpd.run_dir import RunDirLock, describe_holder
 from hpd.teacher_cache import TeacherCache
 from hpd.teachers import SelfTeacher, aligned_positions, prompt_ending_mismatches, teacher_view
 
@@ -135,14 +138,16 @@ def load_models(cfg: Config, cache: TeacherCache | None = None):
     elif cfg.teacher.path.strip().lower() != "none":
         seed = cfg.teacher.init_seed if cfg.teacher.init_seed is not None else derive_seed(cfg.seed, "teacher") % 2**31
         teacher, tokenizer = load_model(cfg.teacher.path, dtype=cfg.teacher.dtype, trust_remote_code=cfg.teacher.trust_remote_code,
-                                        tiny=_tiny_kwargs(cfg.teacher) if cfg.teacher.path == "tiny" else None, seed=seed)
+                                        tiny=_tiny_kwargs(cfg.teacher) if cfg.teacher.path == "tiny" else None, seed=seed,
+                                        role="teacher")
     seed = cfg.student.init_seed if cfg.student.init_seed is not None else cfg.seed
     if cfg.student.init_from_teacher is not None:
         student, s_tok = init_from_teacher(teacher, cfg.student.init_from_teacher, dtype=cfg.student.dtype), tokenizer
     else:
         student, s_tok = load_model(cfg.student.path, tokenizer=tokenizer if cfg.student.path == "tiny" else None,
                                     dtype=cfg.student.dtype, trust_remote_code=cfg.student.trust_remote_code,
-                                    tiny=_tiny_kwargs(cfg.student) if cfg.student.path == "tiny" else None, seed=seed)
+                                    tiny=_tiny_kwargs(cfg.student) if cfg.student.path == "tiny" else None, seed=seed,
+                                    role="student")
     vocab_size = None
     if cache is not None:
         cache.check_run(tokenizer=s_tok if s_tok is not tokenizer else None,
@@ -371,9 +376,47 @@ class Trainer:
         self.is_main = self.acc.is_main_process
         self.rank, self.world = self.acc.process_index, self.acc.num_processes
         self.run_dir = Path(cfg.output_dir)
-        self.resume_from = resolve_resume(cfg.resume, self.run_dir)
+        # One run per directory: the main process holds an OS lock on it until the run ends (or
+        # dies); a second run into it stops here with the holder's pid and start time.
+        self.lock = RunDirLock(self.run_dir) if self.is_main else None
+        stale = self.lock.acquire() if self.lock is not None else None
+        try:
+            self._setup(cfg, stale)
+        except BaseException:
+            self.close(cleanup=True)  # a run that never started leaves the directory as it found it
+            raise
 
-        # Everything a user can get wrong is checked here, before anything is written.
+    def close(self, cleanup: bool = False) -> None:
+        """Release the run directory (cleanup: also remove the lock files this run created)."""
+        if self.lock is not None:
+            self.lock.release(cleanup=cleanup)
+
+    def _setup(self, cfg: Config, stale: dict | None) -> None:
+        if self.is_main:
+            if stale is not None:
+                self.log(f"taking over {self.run_dir}: the run that held it ({describe_holder(stale)}) ended "
+                         "without releasing it (killed?)")
+            removed = clean_leftovers(self.run_dir)
+            if removed:
+                self.log(f"removed what an interrupted checkpoint write or prune left: {', '.join(removed)}")
+            self.resume_from = resolve_resume(cfg.resume, self.run_dir, warn=self.log)
+        self.acc.wait_for_everyone()
+        if not self.is_main:  # the main process has removed damaged checkpoints by now
+            self.resume_from = resolve_resume(cfg.resume, self.run_dir, warn=lambda _msg: None)
+        # A resume continues the run its checkpoint belongs to: a config that changes that run is
+        # refused unless resume_allow_changes=true (hpd.resume).
+        self._resume_state: dict[str, Any] | None = None
+        self._resume_changes: dict[str, tuple[Any, Any]] = {}
+        self._schedule_note: str | None = None
+        if self.resume_from is not None:
+            state = load_trainer_state(self.resume_from)
+            saved = saved_config(self.resume_from)
+            changes = config_changes(saved, cfg)
+            check_changes(changes, cfg, self.resume_from, state["step"])
+            self._resume_state, self._resume_changes = state, changes
+            self._schedule_note = schedule_note(saved, cfg, state["scheduler"].get("last_epoch", state["step"]))
+
+        # Everything a user can get wrong is checked here, before anything but the lock is written.
         if cfg.log.tensorboard == "on":
             try:
                 from torch.utils.tensorboard import SummaryWriter  # noqa: F401
@@ -424,6 +467,7 @@ class Trainer:
         self.totals = {"elapsed_s": 0.0, "cpu_s": 0.0, "teacher_tokens_total": 0.0, "generated_tokens_total": 0.0}
         self.teacher_completions: list[list[int]] | None = None
         self._gen: torch.Generator | None = None
+        self._save_due = False  # a checkpoint postponed out of a run of non-finite steps
 
     # ---- helpers ----
 
@@ -537,30 +581,57 @@ class Trainer:
         def write_main(tmp: Path) -> None:
             self.unwrapped.save_pretrained(str(tmp / "model"), state_dict=student_sd)
             self.tokenizer.save_pretrained(str(tmp / "model"))
-            torch.save({"step": self.step, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            save_state({"step": self.step, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                         "sampler": self.sampler.state_dict(), "bad_in_row": self.bad_in_row, "world": self.world,
                         "totals": self.totals,
                         "self_teacher": self.self_teacher.state_dict() if self.self_teacher is not None else None},
-                       tmp / "trainer_state.pt")
+                       tmp, STATE)
             save_config(cfg, tmp / "config.yaml")
 
         return save_checkpoint(self.run_dir, self.step, rank=self.rank, is_main=self.is_main,
                                barrier=self.acc.wait_for_everyone, write_main=write_main, keep_last=cfg.save.keep_last)
 
+    def _save_unless_diverging(self, final: bool = False) -> None:
+        """Checkpoint now, unless the run is inside a run of non-finite steps: then the checkpoint
+        waits for the next finite step, so that every checkpoint is one from before a bad streak."""
+        if self.bad_in_row:
+            if final:
+                self.log(f"warning: the run ends inside a run of non-finite steps ({self.bad_in_row} in a row): no final "
+                         "checkpoint; final/ holds the weights of the last finite step")
+            elif not self._save_due:
+                self.log(f"step {self.step}: no checkpoint inside a run of non-finite steps ({self.bad_in_row} in a "
+                         "row); it is written after the next finite step")
+            self._save_due = True
+            return
+        self._save_due = False
+        self.save()
+
     def restore(self, ckpt: Path) -> None:
-        state = load_trainer_state(ckpt)
+        state = self._resume_state if self._resume_state is not None else load_trainer_state(ckpt)
         if state.get("world", 1) != self.world:
             raise HPDError(f"checkpoint {ckpt} was written by {state.get('world')} processes, this run has {self.world}: "
                            "resume with the same number of processes")
         load_student_weights(self.unwrapped, ckpt)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if any(k == "max_steps" or k.startswith("optim.") for k in self._resume_changes):
+            self._apply_optim_config()
         self.sampler.load_state_dict(state["sampler"])
         self.step, self.bad_in_row = state["step"], state["bad_in_row"]
         self.totals.update(state.get("totals", {}))
         if self.self_teacher is not None:
             self.self_teacher.load_state_dict(state.get("self_teacher") or {})
         load_rng_state(ckpt, self.rank)
+
+    def _apply_optim_config(self) -> None:
+        """After a resume with a changed config: the optimizer takes this config's lr, weight decay
+        and betas (load_state_dict restored the checkpoint's), on the schedule over this max_steps."""
+        o, groups = self.cfg.optim, self.optimizer.param_groups
+        factor = _lr_lambda(self.cfg)(self.scheduler.last_epoch)
+        for group, decay in zip(groups, (o.weight_decay, 0.0)):  # the groups of make_optimizer
+            group.update(initial_lr=o.lr, lr=o.lr * factor, weight_decay=decay, betas=(o.adam_beta1, o.adam_beta2))
+        self.scheduler.base_lrs = [o.lr] * len(groups)
+        self.scheduler._last_lr = [g["lr"] for g in groups]
 
     # ---- evaluation ----
 
@@ -594,10 +665,31 @@ class Trainer:
     # ---- the loop ----
 
     def run(self) -> Path:
+        """Train to max_steps; the run directory is released at the end, whatever happens."""
+        try:
+            return self._run()
+        except HPDError:
+            raise
+        except Exception as e:
+            what = space_error(e)
+            if what is None:
+                raise
+            raise HPDError(f"{what} while writing to {self.run_dir}: free space or raise the limit, then rerun with "
+                           "resume=auto (it continues from the last complete checkpoint)") from None
+        finally:
+            self.close()
+
+    def _run(self) -> Path:
         cfg, acc = self.cfg, self.acc
         if self.resume_from is not None:
             self.restore(self.resume_from)
             self.log(f"resumed from {self.resume_from} at step {self.step}")
+            if self._schedule_note:
+                self.log(f"note: {self._schedule_note}")
+            altering = {k: v for k, v in self._resume_changes.items() if k not in RUN_NEUTRAL_KEYS}
+            if altering:
+                self.log("warning: resumed with a changed config (resume_allow_changes=true): " +
+                         ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in altering.items()))
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
@@ -606,6 +698,9 @@ class Trainer:
             self._prepare_teacher_generations()
         metrics_log = MetricsLog(self.run_dir, cfg.log.tensorboard, self.is_main,
                                  self.step if self.resume_from is not None else None)
+        if self._resume_changes and self.is_main:
+            metrics_log.write(record_history(self.run_dir, self.resume_from, self.step, self._resume_changes,
+                                             self._schedule_note))
         if self.resume_from is None:
             metrics_log.write({"type": "info", "step": 0, "world_size": self.world, **self.data_info,
                                "student_parameters": sum(p.numel() for p in self.unwrapped.parameters()),
@@ -613,6 +708,10 @@ class Trainer:
                                "trainable_parameters": sum(p.numel() for p in self.unwrapped.parameters() if p.requires_grad)})
         self.log(f"training {cfg.objective.name} ({cfg.regime.name} regime) for {cfg.max_steps} steps; "
                  f"{len(self.train_data)} training examples; run dir {self.run_dir}")
+        skipped = self.data_info.get("train_skipped", 0) + self.data_info.get("eval_skipped", 0)
+        if skipped:
+            reasons = self.data_info.get("skip_reasons") or ["?"]
+            self.log(f"skipped {skipped} malformed data rows (data.on_bad_row=skip), e.g. {reasons[0]}")
         progress = None
         if self.is_main and cfg.log.progress:
             from tqdm.auto import tqdm
@@ -633,14 +732,14 @@ class Trainer:
                     progress.update(1)
                     if record is not None:
                         progress.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
-                if cfg.save.every and self.step % cfg.save.every == 0 and self.step < cfg.max_steps:
-                    self.save()
+                if cfg.save.every and self.step < cfg.max_steps and (self.step % cfg.save.every == 0 or self._save_due):
+                    self._save_unless_diverging()
         finally:
             if progress is not None:
                 progress.close()
         if self.eval_data:
             metrics_log.write({"type": "eval", "step": self.step, **self.evaluate()})
-        self.save()
+        self._save_unless_diverging(final=True)
         if self.is_main:
             save_model(self.unwrapped, self.tokenizer, self.run_dir / "final")
         acc.wait_for_everyone()
@@ -693,9 +792,7 @@ class Trainer:
             self.log(f"step {self.step + 1}: non-finite {what} ({loss if what == 'loss' else gnorm}); step skipped "
                      f"({self.bad_in_row} in a row)")
             if self.bad_in_row >= cfg.optim.max_bad_steps:
-                from hpd.checkpoint import latest_checkpoint
-
-                last = latest_checkpoint(self.run_dir)
+                last = latest_checkpoint(self.run_dir)  # never one written inside this streak
                 raise HPDError(
                     f"stopped at step {self.step + 1}: {self.bad_in_row} steps in a row had a non-finite {what} "
                     f"(optim.max_bad_steps={cfg.optim.max_bad_steps}). Last good checkpoint: "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 
 import pytest
 import yaml
@@ -87,8 +88,14 @@ def test_yaml_file_sections_and_dotted_keys(tmp_path):
     assert cfg.log == Config().log  # an empty section keeps the defaults
 
 
-def test_empty_file_gives_defaults(tmp_path):
-    assert load_config(_write(tmp_path, "")) == Config()
+@pytest.mark.parametrize("text", ["", "\n", "# only a comment\n"])
+def test_empty_file_is_an_error_that_says_so(tmp_path, text):
+    # An empty file is more likely a mistake (a failed copy, the wrong file) than a request for the
+    # defaults, which `{}` or no file at all give.
+    path = _write(tmp_path, text)
+    with pytest.raises(HPDError, match=rf"config file '{re.escape(str(path))}' is empty \(no settings\)"):
+        load_config(path)
+    assert load_config(_write(tmp_path, "{}\n")) == Config()
 
 
 def test_yaml_booleans_for_word_choices_map_back(tmp_path):

@@ -486,3 +486,16 @@ def test_two_ranks_equal_one_rank_with_double_batch():
     assert r0.state_dict() == r1.state_dict() == one.state_dict()
     with pytest.raises(HPDError, match="rank"):
         EpochSampler(13, 3, num_replicas=2, rank=2)
+
+
+@pytest.mark.parametrize("cut", ['{"prompt": "p", "completion": "c"', '{"prompt": "p", "completion": "cut he',
+                                 '{"prompt": "p", "completion": ', '{"prompt": "p", '])
+def test_row_cut_at_its_end_is_reported_as_truncated(tmp_path, cut):
+    """A file cut mid-row (a copy that stopped, a full disk) says so, not 'invalid JSON at column 1'."""
+    path = tmp_path / "cut.jsonl"
+    path.write_text(GOOD + "\n" + GOOD + "\n" + cut)
+    with pytest.raises(HPDError, match=r"cut\.jsonl line 3: invalid JSON: the row is truncated \(unterminated JSON"):
+        load_examples(str(path))
+    path.write_text(GOOD + "\n" + '{"prompt": "p", x}' + "\n")  # broken inside: the position, not "truncated"
+    with pytest.raises(HPDError, match=r"line 2: invalid JSON \(Expecting property name .* at column 17\)"):
+        load_examples(str(path))

@@ -507,6 +507,29 @@ def test_bad_steps_before_any_checkpoint_say_so(monkeypatch, tiny_teacher, tmp_p
         train(cfg)
 
 
+def test_no_checkpoint_is_written_inside_a_run_of_non_finite_steps(monkeypatch, tiny_teacher, tmp_path, capsys):
+    """Steps 4-6 are non-finite: the checkpoints due at 4 and 6 wait for the next finite step (7)."""
+    from hpd.checkpoint import checkpoint_dirs
+
+    _poison_objective_from(monkeypatch, lambda step: 3 <= step <= 5)
+    cfg = config(tmp_path / "run", "max_steps=9", "save.every=2", "save.keep_last=10", "optim.max_bad_steps=5",
+                 teacher=tiny_teacher)
+    train(cfg)
+    assert [p.name for p in checkpoint_dirs(tmp_path / "run")] == [
+        "step-00000002", "step-00000007", "step-00000008", "step-00000009"]
+    assert ("step 4: no checkpoint inside a run of non-finite steps (1 in a row); it is written after the next "
+            "finite step") in capsys.readouterr().out
+
+
+def test_the_last_good_checkpoint_offered_is_from_before_the_streak(monkeypatch, tiny_teacher, tmp_path):
+    _poison_objective_from(monkeypatch, lambda step: step >= 3)  # from step 4 on; a checkpoint is due at 4
+    cfg = config(tmp_path / "run", "max_steps=20", "save.every=2", "optim.max_bad_steps=3", teacher=tiny_teacher)
+    with pytest.raises(HPDError, match=rf"stopped at step 6: .* Last good checkpoint: "
+                                       rf"{tmp_path / 'run' / 'checkpoints' / 'step-00000002'}\."):
+        train(cfg)
+    assert not (tmp_path / "run" / "checkpoints" / "step-00000004").exists()
+
+
 # --------------------------------------------------------------------------------------------
 # Regimes: teacher cache, mixed draws
 # --------------------------------------------------------------------------------------------
@@ -573,3 +596,13 @@ def test_a_mixed_run_logs_both_terms_and_learns(tiny_teacher, tmp_path):
     with pytest.raises(HPDError, match="ce_weight and kd_weight are both 0"):
         train(config(tmp_path / "zero", "objective.kd_weight=0", teacher=tiny_teacher))
     assert not (tmp_path / "zero").exists()
+
+
+def test_a_run_ending_inside_a_streak_writes_final_but_no_final_checkpoint(monkeypatch, tiny_teacher, tmp_path, capsys):
+    from hpd.checkpoint import checkpoint_dirs
+
+    _poison_objective_from(monkeypatch, lambda step: step >= 7)  # steps 8 and 9 of 9
+    train(config(tmp_path / "run", "max_steps=9", "save.every=4", "optim.max_bad_steps=5", teacher=tiny_teacher))
+    assert [p.name for p in checkpoint_dirs(tmp_path / "run")] == ["step-00000004"]
+    assert "warning: the run ends inside a run of non-finite steps (2 in a row): no final checkpoint" in capsys.readouterr().out
+    assert all(torch.isfinite(t).all() for t in safetensors_of(tmp_path / "run" / "final").values())
