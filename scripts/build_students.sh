@@ -10,7 +10,7 @@
 #   llama-2x96   the default student (2 layers, hidden 96, 0.27M parameters), Llama
 #   qwen2-2x96   the same size in another family (Qwen2)
 #   llama-3x128  a larger student (3 layers, hidden 128, 0.7M parameters)
-#   writer       a weaker model of another shape (Qwen2, 3 layers, hidden 128) that writes the
+#   writer       a model of another shape (Qwen2, 3 layers, hidden 128; 1000 steps) that writes the
 #                "traces of another model" data condition, its own mistakes kept
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -38,7 +38,7 @@ build() {  # name arch layers hidden intermediate steps
 build llama-2x96 llama 2 96 256 1000
 build qwen2-2x96 qwen2 2 96 256 1000
 build llama-3x128 llama 3 128 384 1000
-build writer qwen2 3 128 384 250
+build writer qwen2 3 128 384 1000
 for name in $WANT; do
   for task in math code dialogue; do
     $HPD eval --model "hpd/assets/students/$name" --task $task --n 300 --out "$OUT/eval-$name-$task.jsonl"
