@@ -210,12 +210,14 @@ def _mix(per_task: dict[str, list[dict]], seed: int) -> list[dict]:
 
 
 def _gold(data_dir: Path, tasks: list[str], s: BenchSettings) -> tuple[Path, Path]:
-    """Gold training rows and a validation split carved from the same training problems."""
+    """Gold training rows and validation rows. The validation problems come from the tasks' `val`
+    split: a slice of the training problem space (by prompt hash) that nothing the project builds
+    trains on, so a pretrained student has never seen them (carving them from the training rows
+    would reward a rate that keeps what the student memorized in pretraining)."""
     train, val = data_dir / "gold" / "train.jsonl", data_dir / "gold" / "val.jsonl"
     if not (train.is_file() and val.is_file()):
-        per_task = _task_rows(tasks, "train", s.train_per_task + s.n_val, seed=0)
-        _write_rows(_mix({t: rs[s.n_val:] for t, rs in per_task.items()}, 0), train)
-        _write_rows(_mix({t: rs[:s.n_val] for t, rs in per_task.items()}, 1), val)
+        _write_rows(_mix(_task_rows(tasks, "train", s.train_per_task, seed=0), 0), train)
+        _write_rows(_mix(_task_rows(tasks, "val", s.n_val, seed=0), 1), val)
     return train, val
 
 

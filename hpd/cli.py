@@ -363,7 +363,7 @@ def eval_cmd(
     out: Optional[Path] = typer.Option(None, "--out", "-o", metavar="FILE.jsonl",
                                        help="Per-example outputs [default: MODEL_DIR/eval-TASK.jsonl, or "
                                             "MODEL_DIR/eval-DATA-VERIFIER.jsonl]."),
-    split: str = typer.Option("test", "--split", metavar="SPLIT", help="test (held-out) or train (with --task)."),
+    split: str = typer.Option("test", "--split", metavar="SPLIT", help="test (held-out), val (validation) or train (with --task)."),
     seed: int = typer.Option(0, "--seed", metavar="S", help="Seed of the problem generator (with --task)."),
     batch_size: int = typer.Option(32, "--batch-size", metavar="B", min=1, help="Prompts per generation batch."),
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", metavar="N", min=1,
@@ -399,7 +399,7 @@ def data_cmd(
     tasks: str = typer.Argument(..., metavar="TASKS", help="Comma-separated task names, e.g. math,code,dialogue."),
     out: Path = typer.Option(..., "--out", "-o", metavar="FILE.jsonl", help="Where to write the rows."),
     n: int = typer.Option(1000, "--n", metavar="N", min=1, help="Rows per task."),
-    split: str = typer.Option("train", "--split", metavar="SPLIT", help="train or test (held-out; disjoint from train)."),
+    split: str = typer.Option("train", "--split", metavar="SPLIT", help="train, val (validation) or test (held-out); the three are disjoint."),
     seed: int = typer.Option(0, "--seed", metavar="S", help="Seed of the generators and of the shuffle."),
 ) -> None:
     """Write a shuffled mix of task problems with reference completions as training JSONL."""

@@ -49,6 +49,9 @@ def test_bench_protocol_end_to_end(tmp_path):
     train_prompts = {json.loads(l)["prompt"] for l in cond.train.read_text().splitlines()}
     test_prompts = {json.loads(l)["prompt"] for l in cond.test.read_text().splitlines()}
     assert not val_prompts & train_prompts and not val_prompts & test_prompts and not train_prompts & test_prompts
+    from hpd.tasks import split_of
+
+    assert {split_of(p) for p in val_prompts} == {"val"} and {split_of(p) for p in test_prompts} == {"test"}
     # Seed 1 ran at the base rate (equal-lr table) and, where the tuned rate differs, at that one.
     assert (run_spec(cond, "sft", cond.start.lr, 1, s).run_dir / "eval-test.json").is_file()
     for m in s.methods:

@@ -1,8 +1,9 @@
 """The `Task` contract: seeded generators of (prompt, reference) items plus a verifier.
 
 A task draws problems from a seeded `random.Random` (`Task.sample`); `Task.generate` turns draws
-into a split: each candidate goes to `train` or `test` by a hash of its prompt (so the two splits
-can never share a prompt, whatever the seeds), duplicates are dropped, and the same
+into a split: each candidate goes to `train`, `val` (10% of prompts, for choosing hyperparameters;
+a task with a small prompt space may have none) or `test` (20%) by a hash of its prompt (so the
+splits can never share a prompt, whatever the seeds), duplicates are dropped, and the same
 `(split, n, seed)` always gives the same list (and a shorter list is a prefix of a longer one).
 `Task.verify` scores one completion; `Task.verify_batch` scores many (the code task runs them in
 parallel sandboxes).
@@ -28,9 +29,12 @@ from typing import Any, ClassVar
 
 from hpd.errors import HPDError
 
-SPLITS: tuple[str, ...] = ("train", "test")
+SPLITS: tuple[str, ...] = ("train", "val", "test")
 # Share of the prompt space that belongs to the held-out split.
 TEST_FRACTION = 0.2
+# Share of the prompt space held out for validation (choosing learning rates in `hpd bench`): never
+# trained on by anything the project builds (teacher, shipped students), never a test problem.
+VAL_FRACTION = 0.1
 # When `generate` concludes the prompt space is exhausted: too many draws in all, or this many
 # draws in a row that gave nothing new.
 ATTEMPTS_PER_ITEM = 200
@@ -51,10 +55,11 @@ class TaskItem:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-def split_of(prompt: str) -> str:
+def split_of(prompt: str, val_fraction: float = VAL_FRACTION) -> str:
     """The split a prompt belongs to, from a hash of its text (stable across runs and machines)."""
     h = int.from_bytes(hashlib.sha256(prompt.encode("utf-8")).digest()[:8], "big")
-    return "test" if h / 2**64 < TEST_FRACTION else "train"
+    u = h / 2**64
+    return "test" if u < TEST_FRACTION else "val" if u < TEST_FRACTION + val_fraction else "train"
 
 
 class Task(ABC):
@@ -66,6 +71,8 @@ class Task(ABC):
 
     name: ClassVar[str] = ""
     max_new_tokens: int = 64
+    # The share of prompts kept for the `val` split (0: no validation split, all non-test is train).
+    val_fraction: ClassVar[float] = VAL_FRACTION
 
     @property
     def params(self) -> dict[str, Any]:
@@ -93,7 +100,7 @@ class Task(ABC):
         return [self.verify(i, c) for i, c in zip(items, completions)]
 
     def generate(self, split: str, n: int, seed: int = 0) -> list[TaskItem]:
-        """`n` distinct items of `split` ("train" or "test"), deterministic per (split, n, seed).
+        """`n` distinct items of `split` ("train", "val" or "test"), deterministic per (split, n, seed).
 
         Raises `HPDError` when the problem space of this split holds fewer than `n` prompts.
         """
@@ -118,7 +125,7 @@ class Task(ABC):
                     "(e.g. more steps or more kinds)"
                 )
             item = self.sample(rng)
-            if item.prompt in seen or split_of(item.prompt) != split:
+            if item.prompt in seen or split_of(item.prompt, self.val_fraction) != split:
                 misses += 1
                 continue
             misses = 0

@@ -92,6 +92,7 @@ class CapitalsTask(Task):
 
     name = "capitals"
     max_new_tokens = 24
+    val_fraction = 0.0  # a small prompt space (the world's countries): no validation split
 
     @property
     def params(self) -> dict[str, Any]:
