@@ -30,7 +30,6 @@ import math
 import os
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,12 +46,15 @@ from hpd.errors import HPDError
 from hpd.models import (
     _vocab_rows, apply_lora, final_hidden_states, init_from_teacher, lm_head_of, load_model, save_model, shared_vocab_size,
 )
-from hpd.objectives import IGNORE_INDEX, HeadTeacher, Objective, ObjectiveOutput, get_objective, resolve_shared_vocab
+from hpd.batches import MicroBatch, make_batch
+from hpd.objectives import Objective, ObjectiveOutput, TeacherView, get_objective, resolve_shared_vocab
 from hpd.regimes import SamplingSettings, derive_seed, rollout, step_regime, teacher_generations
 from hpd.resume import RUN_NEUTRAL_KEYS, check_changes, config_changes, record_history, saved_config, schedule_note
 from hpd.run_dir import RunDirLock, describe_holder
 from hpd.teacher_cache import TeacherCache
-from hpd.teachers import SelfTeacher, aligned_positions, prompt_ending_mismatches, teacher_view
+from hpd.teachers import (
+    CachedTeacher, ModelTeacher, OPSDTeacher, SelfTeacher, TeacherSource, prompt_ending_mismatches,
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -76,7 +78,7 @@ class DistillationLoss(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, teacher: Any, *,
                 num_tokens: torch.Tensor, generator: torch.Generator | None, diagnostics: bool) -> dict[str, Any]:
-        """input_ids, attention_mask, labels: `(B, T)`; teacher: logits `(B, T, V)`, HeadTeacher or None."""
+        """input_ids, attention_mask, labels: `(B, T)`; teacher: a `TeacherView` (or logits `(B, T, V)`) or None."""
         kw = dict(generator=generator, num_tokens=num_tokens, vocab_size=self.vocab_size, diagnostics=diagnostics)
         if self.chunk_size > 0:
             hidden = final_hidden_states(self.student, input_ids, attention_mask)
@@ -341,24 +343,6 @@ def global_metrics(outputs: list[ObjectiveOutput], accelerator) -> dict[str, flo
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass
-class _Batch:
-    """A micro-batch `(B, T)`; for self-distillation also the teacher's sequences `(B, T')` and the
-    teacher position aligned with each student position `(B, T)`."""
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    labels: torch.Tensor
-    # Read on the host (counts, cache rows) from these, never from the device tensors: no sync.
-    cpu_labels: torch.Tensor
-    num_active: int  # positions with a label
-    teacher_tokens: int  # tokens through the teacher's forward (its own sequences for regime self)
-    teacher_ids: torch.Tensor | None = None  # regime self: the privileged teacher's sequences
-    teacher_mask: torch.Tensor | None = None
-    teacher_index: torch.Tensor | None = None
-    cache_rows: list[int] | None = None  # the teacher-cache rows of its sequences (with teacher.cache)
-
-
 class Trainer:
     """Holds the run's state; `run()` trains to `max_steps`. Use `train(cfg)`."""
 
@@ -443,7 +427,7 @@ class Trainer:
                                          cfg.regime.top_k, batch_size=max(cfg.optim.batch_size, 1))
 
         device = self.acc.device
-        self.teacher = teacher.to(device) if teacher is not None else None
+        self.teacher = teacher.to(device) if teacher is not None else None  # also the generator of regime teacher
         self.student = student
         self.module = DistillationLoss(student, self.objective, chunk_size=cfg.objective.chunk_size, vocab_size=self.vocab_size)
         optimizer, self.scheduler = make_optimizer(cfg, student)
@@ -452,10 +436,16 @@ class Trainer:
             raise HPDError(f"regime.name=self with opsd.teacher_weights={cfg.opsd.teacher_weights} swaps the teacher's "
                            "weights into the student, which FSDP's sharded parameters do not allow: use DDP or "
                            "DeepSpeed, or opsd.teacher_weights=live")
-        self.self_teacher = (SelfTeacher(self.unwrapped, cfg.opsd.teacher_weights, cfg.opsd.ema_decay)
-                             if self.self_distill else None)
-        if self.self_distill:
+        # The one place that knows the kinds of teacher: the step below only asks the source.
+        self.teacher_source: TeacherSource | None = None
+        if self.cache is not None:
+            self.teacher_source = CachedTeacher(self.cache, {"train": self.train_rows, "eval": self.eval_rows}, device)
+        elif self.self_distill:
+            self.teacher_source = OPSDTeacher(SelfTeacher(self.unwrapped, cfg.opsd.teacher_weights, cfg.opsd.ema_decay),
+                                              self.pad_id, device)
             self._check_prompt_endings()
+        elif self.teacher is not None:
+            self.teacher_source = ModelTeacher(self.teacher)
         self.sampler = EpochSampler(len(self.train_data), cfg.optim.batch_size, seed=cfg.seed,
                                     num_replicas=self.world, rank=self.rank)
         self.step = 0
@@ -473,7 +463,7 @@ class Trainer:
 
     @property
     def has_teacher(self) -> bool:
-        return self.teacher is not None or self.cache is not None or self.self_teacher is not None
+        return self.teacher_source is not None
 
     def log(self, msg: str) -> None:
         if self.is_main:
@@ -507,62 +497,36 @@ class Trainer:
                      f"student ...{self.tokenizer.decode(e.prompt_ids[-12:])!r}, teacher "
                      f"...{self.tokenizer.decode(e.teacher_prompt_ids[-12:])!r}); end opsd.teacher_template with {{prompt}}")
 
-    def _batch(self, prompts: list[list[int]], completions: list[list[int]],
-               teacher_prompts: list[list[int]] | None = None, cache_rows: list[int] | None = None) -> _Batch:
-        b = build_batch(prompts, completions, pad_id=self.pad_id)
-        labels = b["labels"]
-        if self.vocab_size is not None:
-            labels = labels.masked_fill(labels >= self.vocab_size, IGNORE_INDEX)
-        dev = self.acc.device
-        batch = _Batch(b["input_ids"].to(dev), b["attention_mask"].to(dev), labels.to(dev), cpu_labels=labels,
-                       num_active=int((labels != IGNORE_INDEX).sum()), teacher_tokens=int(b["attention_mask"].sum()),
-                       cache_rows=cache_rows)
-        if teacher_prompts is not None:
-            # The teacher scores the same response after its own (privileged) prompt.
-            t = build_batch(teacher_prompts, completions, pad_id=self.pad_id)
-            index = aligned_positions(labels, t["labels"], [len(p) for p in prompts], [len(p) for p in teacher_prompts])
-            batch.teacher_ids, batch.teacher_mask = t["input_ids"].to(dev), t["attention_mask"].to(dev)
-            batch.teacher_index = index.to(dev)
-            batch.teacher_tokens = int(t["attention_mask"].sum())
+    def _examples_batch(self, examples: list[EncodedExample], indices: list[int], split: str,
+                        completions: list[list[int]] | None = None) -> MicroBatch:
+        """Examples `indices` of the `split` data (with their reference completions, unless others
+        are given) as a batch, with what the teacher source reads."""
+        completions = completions if completions is not None else [e.completion_ids for e in examples]
+        batch = make_batch([e.prompt_ids for e in examples], completions, pad_id=self.pad_id, vocab_size=self.vocab_size,
+                           device=self.acc.device)
+        if self.teacher_source is not None:
+            self.teacher_source.prepare(batch, examples, split, indices)
         return batch
 
-    def _examples_batch(self, examples: list[EncodedExample], completions: list[list[int]] | None = None,
-                        cache_rows: list[int] | None = None) -> _Batch:
-        """Examples (with their reference completions, unless others are given) as a batch."""
-        completions = completions if completions is not None else [e.completion_ids for e in examples]
-        teacher_prompts = [e.teacher_prompt_ids for e in examples] if self.self_distill else None
-        return self._batch([e.prompt_ids for e in examples], completions, teacher_prompts, cache_rows)
-
-    def _micro_batches(self, regime: str) -> list[_Batch]:
+    def _micro_batches(self, regime: str) -> list[MicroBatch]:
         batches = []
         for micro in range(self.cfg.optim.grad_accum):
             idx = next(self.sampler)
             examples = [self.train_data[i] for i in idx]
-            completions, rows = None, None  # the data's
-            if regime == "dataset":
-                rows = [self.train_rows[i] for i in idx] if self.train_rows is not None else None
-            elif regime == "teacher":
+            completions = None  # the data's
+            if regime == "teacher":
                 completions = [self.teacher_completions[i] for i in idx]
             elif regime == "student" or (regime == "self" and self.cfg.opsd.response == "rollout"):
                 seed = derive_seed(self.cfg.seed, self.step, micro, self.rank, "rollout")
                 completions = rollout(self.unwrapped, self.tokenizer, [e.prompt_ids for e in examples], self.sampling,
                                       seed=seed, max_length=self.cfg.data.max_length)
                 self._generated += sum(len(c) for c in completions)
-            batches.append(self._examples_batch(examples, completions, rows))
+            batches.append(self._examples_batch(examples, idx, "train", completions))
         return batches
 
-    def _teacher_view(self, b: _Batch):
-        """What the objective reads of the teacher for batch `b`: from the cache, the privileged
-        self-teacher (regime self), or a forward pass of the teacher model.
-
-        A model teacher is always handed over as its hidden states and LM head (`HeadTeacher`),
-        chunked loss or not: the objective projects only the active positions, so no `(B, T, V)`
-        teacher logits are computed for prompt and padding positions."""
-        if self.cache is not None:
-            return self.cache.teacher(b.cache_rows, b.cpu_labels).to(self.acc.device)
-        if self.self_teacher is not None:
-            return self.self_teacher.view(b.teacher_ids, b.teacher_mask, chunked=True, index=b.teacher_index)
-        return teacher_view(self.teacher, b.input_ids, b.attention_mask, chunked=True)
+    def _teacher_view(self, b: MicroBatch) -> TeacherView:
+        """What the objective reads of the teacher for batch `b` (the run's `TeacherSource`)."""
+        return self.teacher_source.view(b)
 
     def _generator(self, micro: int, salt: str = "sample") -> torch.Generator:
         """The generator of one micro-batch's draws: one object, re-seeded (a draw depends only on its seed)."""
@@ -584,7 +548,8 @@ class Trainer:
             save_state({"step": self.step, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                         "sampler": self.sampler.state_dict(), "bad_in_row": self.bad_in_row, "world": self.world,
                         "totals": self.totals,
-                        "self_teacher": self.self_teacher.state_dict() if self.self_teacher is not None else None},
+                        # The teacher source's state (the EMA of an OPSD teacher), under its historic key.
+                        "self_teacher": self.teacher_source.state_dict() if self.teacher_source is not None else None},
                        tmp, STATE)
             save_config(cfg, tmp / "config.yaml")
 
@@ -619,8 +584,8 @@ class Trainer:
         self.sampler.load_state_dict(state["sampler"])
         self.step, self.bad_in_row = state["step"], state["bad_in_row"]
         self.totals.update(state.get("totals", {}))
-        if self.self_teacher is not None:
-            self.self_teacher.load_state_dict(state.get("self_teacher") or {})
+        if self.teacher_source is not None:
+            self.teacher_source.load_state_dict(state.get("self_teacher"))
         load_rng_state(ckpt, self.rank)
 
     def _apply_optim_config(self) -> None:
@@ -645,10 +610,8 @@ class Trainer:
         bs = cfg.optim.batch_size
         ids = list(range(len(self.eval_data)))[self.rank::self.world][: bs * cfg.log.eval_batches]
         shard = [self.eval_data[i] for i in ids]
-        rows = [self.eval_rows[i] for i in ids] if self.eval_rows is not None else None
         outputs, loss_sum = [], 0.0
-        batches = [self._examples_batch(shard[i:i + bs], cache_rows=rows[i:i + bs] if rows is not None else None)
-                   for i in range(0, len(shard), bs)]
+        batches = [self._examples_batch(shard[i:i + bs], ids[i:i + bs], "eval") for i in range(0, len(shard), bs)]
         n_active = self.acc.reduce(torch.tensor(float(sum(b.num_active for b in batches)), device=self.acc.device), "sum")
         for i, b in enumerate(batches):
             with self.acc.autocast():
@@ -704,7 +667,7 @@ class Trainer:
         if self.resume_from is None:
             metrics_log.write({"type": "info", "step": 0, "world_size": self.world, **self.data_info,
                                "student_parameters": sum(p.numel() for p in self.unwrapped.parameters()),
-                               "teacher_parameters": sum(p.numel() for p in self.teacher.parameters()) if self.teacher else 0,
+                               "teacher_parameters": self.teacher_source.parameters if self.teacher_source else 0,
                                "trainable_parameters": sum(p.numel() for p in self.unwrapped.parameters() if p.requires_grad)})
         self.log(f"training {cfg.objective.name} ({cfg.regime.name} regime) for {cfg.max_steps} steps; "
                  f"{len(self.train_data)} training examples; run dir {self.run_dir}")
@@ -762,8 +725,8 @@ class Trainer:
         value_sum = torch.zeros((), device=acc.device)
         # sft needs the teacher only for the logged diagnostics: skip its forward otherwise.
         use_teacher = self.has_teacher and (self.objective.needs_teacher or diagnostics)
-        # Tokens through a teacher forward: none with a cache (it was paid for once, when built).
-        teacher_tokens = sum(b.teacher_tokens for b in batches) if self.objective.needs_teacher and self.cache is None else 0
+        # Tokens through a teacher forward (none with a cache: it was paid for once, when built).
+        teacher_tokens = sum(b.teacher_tokens for b in batches) if self.objective.needs_teacher else 0
         for micro, b in enumerate(batches):
             last = micro == len(batches) - 1
             with (nullcontext() if last else acc.no_sync(self.module)), acc.autocast():
@@ -807,8 +770,8 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if self.self_teacher is not None:
-            self.self_teacher.update()
+        if self.teacher_source is not None:
+            self.teacher_source.after_step()
         dt = time.perf_counter() - t0
         self.totals["elapsed_s"] += dt
         self.totals["cpu_s"] += time.process_time() - c0

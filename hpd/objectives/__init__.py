@@ -23,8 +23,8 @@ from hpd.objectives.divergences import (
 )
 from hpd.objectives.sampled import SFT, HybridPolicy, OnPolicyReverseKL
 from hpd.objectives.surrogate import (
-    DEFAULT_CHUNK_SIZE, GatheredTeacher, HeadTeacher, TopKTeacher, chunked_objective_loss, objective_loss,
-    resolve_shared_vocab,
+    DEFAULT_CHUNK_SIZE, GatheredTeacher, HeadTeacher, LogitsTeacher, TeacherView, TopKTeacher, as_teacher_view,
+    chunked_objective_loss, objective_loss, resolve_shared_vocab,
 )
 
 OBJECTIVES: dict[str, type[Objective]] = {
@@ -54,7 +54,7 @@ def describe_objectives() -> str:
 
 
 __all__ = [
-    "DEFAULT_CHUNK_SIZE", "GatheredTeacher", "HeadTeacher", "IGNORE_INDEX", "OBJECTIVES", "Objective", "ObjectiveOutput",
+    "DEFAULT_CHUNK_SIZE", "GatheredTeacher", "HeadTeacher", "IGNORE_INDEX", "LogitsTeacher", "TeacherView", "as_teacher_view", "OBJECTIVES", "Objective", "ObjectiveOutput",
     "Param", "TeacherChunk", "TokenWeights", "TopKTeacher", "chunked_objective_loss", "describe_objectives", "get_objective",
     "objective_loss", "reduce_metrics", "resolve_shared_vocab",
 ]
