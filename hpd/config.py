@@ -26,7 +26,6 @@ import dataclasses
 import difflib
 import math
 import os
-import tempfile
 import textwrap
 import types
 import typing
@@ -977,17 +976,9 @@ def _to_yaml(cfg: Config, comments: bool = False) -> str:
 
 def save_config(cfg: Config, path: str | os.PathLike[str], comments: bool = False) -> Path:
     """Write the config as YAML atomically (temp file + rename: never a half-written file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(_to_yaml(cfg, comments=comments))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    from hpd.files import atomic_write_text
+
+    return atomic_write_text(path, _to_yaml(cfg, comments=comments))
 
 
 def config_help(width: int = 88) -> str:

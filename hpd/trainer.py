@@ -3,15 +3,19 @@
 One optimizer step, top to bottom:
 
     checkpoint / evaluate when due
-    regime of this step (dataset | teacher | student | self, or a seeded draw for mixed)
-    this process's micro-batches: prompts + response tokens (student rollouts generated here);
-      for self-distillation also the teacher's privileged prompts + the same responses
+    responses: the run's `ResponseSource` (`hpd.regimes`: dataset | teacher | student | self |
+      mixed) names the step's regime and gives each micro-batch's completions (rollouts sampled
+      through a `hpd.rollout.GenerationBackend`)
+    this process's micro-batches (`hpd.batches.MicroBatch`), each prepared by the run's
+      `TeacherSource` (`hpd.teachers`: a teacher model, a top-K cache, or the OPSD self-teacher)
     global count N of active tokens over all micro-batches and processes
-    per micro-batch: teacher forward (no grad; for self: the student's own weights, frozen / ema / live,
-      on the privileged sequence, gathered at the aligned positions) -> student forward + objective
-      (chunked) -> backward
-    clip, skip the step if the loss or gradient is not finite, optimizer + scheduler step
+    per micro-batch: teacher view (no grad) -> student forward + objective (chunked) -> backward
+    clip, skip the step if the loss or gradient is not finite, optimizer + scheduler step, then
+      the sources' per-step hooks (generation backend weight sync, the self-teacher's EMA)
     log: loss terms, objective metrics, agreement / KL / entropy, grad norm, lr, tokens/s
+
+The step never asks which regime or which kind of teacher it runs: `_setup` builds the two
+sources from the config once.
 
 Everything random is a pure function of (seed, step, micro-batch, rank) or of a state saved in the
 checkpoint, so a killed run resumed from its last checkpoint ends with the weights an
@@ -41,14 +45,14 @@ from hpd.checkpoint import (
     save_checkpoint, save_state, space_error,
 )
 from hpd.config import OBJECTIVE_PARAM_FIELDS, Config, load_config, save_config
-from hpd.data import EncodedExample, EpochSampler, build_batch, encode_file, encode_self_distillation, load_examples
+from hpd.data import EncodedExample, EpochSampler, encode_file, encode_self_distillation, load_examples
 from hpd.errors import HPDError
 from hpd.models import (
     _vocab_rows, apply_lora, final_hidden_states, init_from_teacher, lm_head_of, load_model, save_model, shared_vocab_size,
 )
 from hpd.batches import MicroBatch, make_batch
 from hpd.objectives import Objective, ObjectiveOutput, TeacherView, get_objective, resolve_shared_vocab
-from hpd.regimes import SamplingSettings, derive_seed, rollout, step_regime, teacher_generations
+from hpd.regimes import ResponseSource, derive_seed, response_source
 from hpd.resume import RUN_NEUTRAL_KEYS, check_changes, config_changes, record_history, saved_config, schedule_note
 from hpd.run_dir import RunDirLock, describe_holder
 from hpd.teacher_cache import TeacherCache
@@ -423,11 +427,9 @@ class Trainer:
         elif teacher is None and self.objective.needs_teacher and not self.self_distill:
             raise HPDError(f"objective '{cfg.objective.name}' needs a teacher: set teacher.path")
         self.pad_id = self.tokenizer.pad_token_id
-        self.sampling = SamplingSettings(cfg.regime.max_new_tokens, cfg.regime.temperature, cfg.regime.top_p,
-                                         cfg.regime.top_k, batch_size=max(cfg.optim.batch_size, 1))
 
         device = self.acc.device
-        self.teacher = teacher.to(device) if teacher is not None else None  # also the generator of regime teacher
+        self.teacher = teacher.to(device) if teacher is not None else None
         self.student = student
         self.module = DistillationLoss(student, self.objective, chunk_size=cfg.objective.chunk_size, vocab_size=self.vocab_size)
         optimizer, self.scheduler = make_optimizer(cfg, student)
@@ -455,7 +457,12 @@ class Trainer:
         # and cpu_s (this process's CPU time: the cost figure that stays comparable when other jobs
         # share the cores).
         self.totals = {"elapsed_s": 0.0, "cpu_s": 0.0, "teacher_tokens_total": 0.0, "generated_tokens_total": 0.0}
-        self.teacher_completions: list[list[int]] | None = None
+        # Where each step's responses come from (the regime); the step only asks it.
+        generations = (Path(cfg.regime.teacher_cache) if cfg.regime.teacher_cache
+                       else self.run_dir.parent / "teacher_generations")
+        self.responses: ResponseSource = response_source(cfg, student=self.unwrapped, teacher=self.teacher,
+                                                         tokenizer=self.tokenizer, train_data=self.train_data,
+                                                         rank=self.rank, cache_dir=generations)
         self._gen: torch.Generator | None = None
         self._save_due = False  # a checkpoint postponed out of a run of non-finite steps
 
@@ -472,18 +479,6 @@ class Trainer:
     @property
     def unwrapped(self) -> nn.Module:
         return self.acc.unwrap_model(self.module).student
-
-    def _needs_teacher_generations(self) -> bool:
-        r = self.cfg.regime
-        return r.name == "teacher" or (r.name == "mixed" and r.off_policy == "teacher" and r.mixed_lambda < 1)
-
-    def _prepare_teacher_generations(self) -> None:
-        cache = Path(self.cfg.regime.teacher_cache) if self.cfg.regime.teacher_cache else self.run_dir.parent / "teacher_generations"
-        self.teacher_completions, path = teacher_generations(
-            self.teacher, self.tokenizer, [e.prompt_ids for e in self.train_data], self.sampling, seed=self.cfg.seed,
-            max_length=self.cfg.data.max_length, cache_dir=cache, is_main=self.is_main,
-            barrier=self.acc.wait_for_everyone, log=self.log)
-        self.data_info["teacher_generations"] = str(path)
 
     def _check_prompt_endings(self) -> None:
         """Warn when the teacher template makes the first response token follow another context."""
@@ -508,21 +503,16 @@ class Trainer:
             self.teacher_source.prepare(batch, examples, split, indices)
         return batch
 
-    def _micro_batches(self, regime: str) -> list[MicroBatch]:
-        batches = []
+    def _micro_batches(self) -> tuple[list[MicroBatch], int]:
+        """This step's micro-batches on this process, and the tokens sampled for them."""
+        batches, generated = [], 0
         for micro in range(self.cfg.optim.grad_accum):
             idx = next(self.sampler)
             examples = [self.train_data[i] for i in idx]
-            completions = None  # the data's
-            if regime == "teacher":
-                completions = [self.teacher_completions[i] for i in idx]
-            elif regime == "student" or (regime == "self" and self.cfg.opsd.response == "rollout"):
-                seed = derive_seed(self.cfg.seed, self.step, micro, self.rank, "rollout")
-                completions = rollout(self.unwrapped, self.tokenizer, [e.prompt_ids for e in examples], self.sampling,
-                                      seed=seed, max_length=self.cfg.data.max_length)
-                self._generated += sum(len(c) for c in completions)
+            completions, sampled = self.responses.completions(examples, idx, step=self.step, micro=micro)
+            generated += sampled
             batches.append(self._examples_batch(examples, idx, "train", completions))
-        return batches
+        return batches, generated
 
     def _teacher_view(self, b: MicroBatch) -> TeacherView:
         """What the objective reads of the teacher for batch `b` (the run's `TeacherSource`)."""
@@ -657,8 +647,7 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
         acc.wait_for_everyone()
-        if self._needs_teacher_generations():
-            self._prepare_teacher_generations()
+        self.data_info.update(self.responses.prepare(is_main=self.is_main, barrier=acc.wait_for_everyone, log=self.log))
         metrics_log = MetricsLog(self.run_dir, cfg.log.tensorboard, self.is_main,
                                  self.step if self.resume_from is not None else None)
         if self._resume_changes and self.is_main:
@@ -713,9 +702,8 @@ class Trainer:
     def train_step(self) -> dict[str, Any] | None:
         cfg, acc = self.cfg, self.acc
         t0, c0 = time.perf_counter(), time.process_time()
-        regime = step_regime(cfg.regime.name, cfg.regime.mixed_lambda, cfg.regime.off_policy, seed=cfg.seed, step=self.step)
-        self._generated = 0
-        batches = self._micro_batches(regime)
+        regime = self.responses.regime(self.step)
+        batches, generated = self._micro_batches()
         local_tokens = torch.tensor(float(sum(b.num_active for b in batches)), device=acc.device)
         num_tokens = acc.reduce(local_tokens, "sum") if self.world > 1 else local_tokens
         # Counted like the logged steps (1-based), so that diagnostics_every = log.every puts them on every line.
@@ -741,7 +729,7 @@ class Trainer:
             value_sum += res["output"].value
         max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else float("inf")
         grad_norm = acc.clip_grad_norm_(self.unwrapped.parameters(), max_norm)
-        costs = torch.tensor([float(teacher_tokens), float(self._generated)], device=acc.device)
+        costs = torch.tensor([float(teacher_tokens), float(generated)], device=acc.device)
         totals = torch.cat([torch.stack([loss_sum, value_sum]).float(), costs])
         if self.world > 1:
             totals = acc.reduce(totals, "sum")
@@ -770,6 +758,7 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.responses.after_optimizer_step(self.unwrapped)
         if self.teacher_source is not None:
             self.teacher_source.after_step()
         dt = time.perf_counter() - t0
