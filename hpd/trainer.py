@@ -44,14 +44,16 @@ from hpd.checkpoint import (
     STATE, clean_leftovers, latest_checkpoint, load_rng_state, load_student_weights, load_trainer_state, resolve_resume,
     save_checkpoint, save_state, space_error,
 )
-from hpd.config import OBJECTIVE_PARAM_FIELDS, Config, load_config, save_config
+from hpd.config import Config, load_config, save_config
 from hpd.data import EncodedExample, EpochSampler, encode_file, encode_self_distillation, load_examples
 from hpd.errors import HPDError
 from hpd.models import (
     _vocab_rows, apply_lora, final_hidden_states, init_from_teacher, lm_head_of, load_model, save_model, shared_vocab_size,
 )
 from hpd.batches import MicroBatch, make_batch
-from hpd.objectives import Objective, ObjectiveOutput, TeacherView, get_objective, resolve_shared_vocab
+from hpd.objectives import (
+    COMMON_PARAMS, Objective, ObjectiveOutput, TeacherView, objective_class, param_fields, resolve_shared_vocab,
+)
 from hpd.regimes import ResponseSource, derive_seed, response_source
 from hpd.resume import RUN_NEUTRAL_KEYS, check_changes, config_changes, record_history, saved_config, schedule_note
 from hpd.run_dir import RunDirLock, describe_holder
@@ -120,9 +122,11 @@ def peak_memory_mb(device: torch.device) -> float:
 def objective_from_config(cfg: Config) -> Objective:
     """The objective the config's `objective` section names, with its parameters and the CE mix."""
     o = cfg.objective
-    params = {"temperature": o.temperature, "ce_weight": o.ce_weight, "kd_weight": o.kd_weight}
-    params.update({name: getattr(o, key) for name, key in OBJECTIVE_PARAM_FIELDS.get(o.name, {}).items()})
-    return get_objective(o.name, **params)
+    cls = objective_class(o.name)
+    params = {name: getattr(o, name) for name in COMMON_PARAMS}
+    # A user's objective may declare parameters the config has no field for: they keep their defaults.
+    params.update({name: getattr(o, key) for name, key in param_fields(cls).items() if hasattr(o, key)})
+    return cls(**params)
 
 
 def _tiny_kwargs(m) -> dict[str, int]:

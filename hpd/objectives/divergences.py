@@ -145,7 +145,7 @@ class AdaptiveKL(_VocabObjective):
 class TokenwiseDivergence(_VocabObjective):
     name = "todi"
     summary = "ToDi: per-token mix of forward and reverse KL, a(v) = sigmoid(beta log(p/q))"
-    params = {"beta": Param(1.0, "sharpness of the per-token gate", 0.0, low_open=True)}
+    params = {"beta": Param(1.0, "sharpness of the per-token gate", 0.0, low_open=True, key="todi_beta")}
 
     def divergence(self, logq, logp):
         a = torch.sigmoid(self.beta * (logp - logq))
@@ -160,8 +160,10 @@ class AlphaBetaDivergence(_VocabObjective):
     name = "abkl"
     summary = "alpha-beta divergence (ABKD): alpha=1, beta->0 is fkl; alpha->0, beta=1 is rkl"
     params = {
-        "alpha": Param(1.0, "alpha-beta divergence alpha (any real; 0 is the continuous limit)"),
-        "beta": Param(1.0, "alpha-beta divergence beta (any real; 0 is the continuous limit)"),
+        "alpha": Param(1.0, "alpha-beta divergence alpha (any real; 0 is the continuous limit; alpha=1 with "
+                            "beta=0 is forward KL, alpha=0 with beta=1 reverse KL)", key="abkl_alpha"),
+        "beta": Param(1.0, "alpha-beta divergence beta (any real; 0 is the continuous limit; alpha = beta = 1 "
+                           "is 1/2 sum (p - q)^2)", key="abkl_beta"),
     }
 
     def divergence(self, logq, logp):
