@@ -43,7 +43,7 @@ from transformers import (
 
 from hpd.errors import HPDError
 from hpd.files import replace_dir
-from hpd.objectives import resolve_shared_vocab
+from hpd.vocab import resolve_shared_vocab
 
 _DTYPES: dict[str, torch.dtype | str] = {
     "float32": torch.float32,
@@ -304,11 +304,11 @@ def shared_vocab_size(
     `len(tokenizer)`) give the smaller; anything else means the models do not share a vocabulary.
     """
     return resolve_shared_vocab(
-        _vocab_rows(student), _vocab_rows(teacher), len(tokenizer) if tokenizer is not None else None
+        vocab_rows(student), vocab_rows(teacher), len(tokenizer) if tokenizer is not None else None
     )
 
 
-def _vocab_rows(model: PreTrainedModel) -> int:
+def vocab_rows(model: PreTrainedModel) -> int:
     """Rows of the LM head, i.e. the width of the logits (may exceed `config.vocab_size`)."""
     head = model.get_output_embeddings()
     if head is not None and getattr(head, "weight", None) is not None:

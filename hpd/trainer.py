@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from hpd.batches import MicroBatch, make_batch
 from hpd.checkpoint import (
     STATE, clean_leftovers, latest_checkpoint, load_rng_state, load_student_weights, load_trainer_state, resolve_resume,
     save_checkpoint, save_state, space_error,
@@ -48,11 +49,10 @@ from hpd.config import Config, load_config, save_config
 from hpd.data import EncodedExample, EpochSampler, encode_file, encode_self_distillation, load_examples
 from hpd.errors import HPDError
 from hpd.models import (
-    _vocab_rows, apply_lora, final_hidden_states, init_from_teacher, lm_head_of, load_model, save_model, shared_vocab_size,
+    apply_lora, final_hidden_states, init_from_teacher, lm_head_of, load_model, save_model, shared_vocab_size, vocab_rows,
 )
-from hpd.batches import MicroBatch, make_batch
 from hpd.objectives import (
-    COMMON_PARAMS, Objective, ObjectiveOutput, TeacherView, objective_class, param_fields, resolve_shared_vocab,
+    COMMON_PARAMS, Objective, ObjectiveOutput, TeacherView, objective_class, param_fields,
 )
 from hpd.regimes import ResponseSource, derive_seed, response_source
 from hpd.resume import RUN_NEUTRAL_KEYS, check_changes, config_changes, record_history, saved_config, schedule_note
@@ -61,6 +61,7 @@ from hpd.teacher_cache import TeacherCache
 from hpd.teachers import (
     CachedTeacher, ModelTeacher, OPSDTeacher, SelfTeacher, TeacherSource, prompt_ending_mismatches,
 )
+from hpd.vocab import resolve_shared_vocab
 
 
 # --------------------------------------------------------------------------------------------
@@ -162,7 +163,7 @@ def load_models(cfg: Config, cache: TeacherCache | None = None):
     if cache is not None:
         cache.check_run(tokenizer=s_tok if s_tok is not tokenizer else None,
                         teacher_path=cfg.teacher.path if cfg.teacher.path not in ("tiny", "none") else None)
-        rows = _vocab_rows(student)
+        rows = vocab_rows(student)
         shared = resolve_shared_vocab(rows, cache.vocab_size, len(s_tok)) if rows != cache.vocab_size else rows
         if shared != cache.vocab_size:
             raise HPDError(f"the teacher cache is normalized over {cache.vocab_size} tokens but the student shares "
@@ -220,7 +221,8 @@ def load_data(cfg: Config, tokenizer) -> tuple[list[EncodedExample], list[Encode
     return train, evals, info
 
 
-def _lr_lambda(cfg: Config):
+def lr_lambda(cfg: Config):
+    """The learning-rate factor of each step (0-based): linear warm-up, then the schedule to min_lr_ratio."""
     o, total = cfg.optim, cfg.max_steps
     warmup = int(round(o.warmup_ratio * total))
 
@@ -251,7 +253,7 @@ def make_optimizer(cfg: Config, student: nn.Module):
                             fused=cfg.optim.fused_adamw or None)
     # The scheduler is stepped by hand once per optimizer step (accelerate's wrapper would step it
     # once per process).
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     return opt, sched
 
 
@@ -586,7 +588,7 @@ class Trainer:
         """After a resume with a changed config: the optimizer takes this config's lr, weight decay
         and betas (load_state_dict restored the checkpoint's), on the schedule over this max_steps."""
         o, groups = self.cfg.optim, self.optimizer.param_groups
-        factor = _lr_lambda(self.cfg)(self.scheduler.last_epoch)
+        factor = lr_lambda(self.cfg)(self.scheduler.last_epoch)
         for group, decay in zip(groups, (o.weight_decay, 0.0)):  # the groups of make_optimizer
             group.update(initial_lr=o.lr, lr=o.lr * factor, weight_decay=decay, betas=(o.adam_beta1, o.adam_beta2))
         self.scheduler.base_lrs = [o.lr] * len(groups)

@@ -31,8 +31,9 @@ from hpd.objectives.divergences import (
 from hpd.objectives.sampled import SFT, HybridPolicy, OnPolicyReverseKL
 from hpd.objectives.surrogate import (
     DEFAULT_CHUNK_SIZE, GatheredTeacher, HeadTeacher, LogitsTeacher, TeacherView, TopKTeacher, as_teacher_view,
-    chunked_objective_loss, objective_loss, resolve_shared_vocab,
+    chunked_objective_loss, objective_loss,
 )
+from hpd.vocab import resolve_shared_vocab
 
 OBJECTIVES: dict[str, type[Objective]] = {
     cls.name: cls

@@ -42,6 +42,7 @@ import torch
 from torch import Tensor
 
 from hpd.errors import HPDError
+from hpd.vocab import resolve_shared_vocab
 from hpd.objectives.base import (
     IGNORE_INDEX, Objective, ObjectiveOutput, TeacherChunk, TokenWeights, bucket_logq, kl, upcast,
 )
@@ -215,23 +216,6 @@ def as_teacher_view(teacher) -> TeacherView | None:
         return LogitsTeacher(teacher)
     raise HPDError(f"a teacher must be logits (B, T, V) or a TeacherView (HeadTeacher, GatheredTeacher, TopKTeacher), "
                    f"got {type(teacher).__name__}")
-
-
-def resolve_shared_vocab(student_size: int, teacher_size: int, tokenizer_size: int | None = None) -> int:
-    """The vocabulary both models share.
-
-    Equal sizes are shared as they are. Sizes that differ only by trailing padding rows (both at
-    least the tokenizer's length) share the smaller one. Anything else is a tokenizer mismatch.
-    """
-    if student_size == teacher_size:
-        return student_size
-    if tokenizer_size is not None and tokenizer_size <= min(student_size, teacher_size):
-        return min(student_size, teacher_size)
-    known = "" if tokenizer_size is None else f", tokenizer {tokenizer_size}"
-    raise HPDError(
-        f"teacher and student vocabularies differ: student {student_size} rows, teacher {teacher_size} rows{known}. "
-        "Logit-level distillation needs one tokenizer; sizes may differ only by padding rows past the tokenizer's length"
-    )
 
 
 class _Stats:
