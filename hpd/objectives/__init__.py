@@ -6,7 +6,7 @@ user's own objective outside the package loads by import path (`objective.name=m
 `get_objective(name, **params)` returns an objective; calling it with aligned student logits
 `(B, T, V)`, a teacher and labels `(B, T)` returns an `ObjectiveOutput` (`.loss`, `.value`,
 `.metrics`). `.chunked(hidden, lm_head_weight, teacher, labels)` computes the same loss without
-ever holding `(B, T, V)` logits. See `shared/spec/objectives.md` for the mathematics.
+ever holding `(B, T, V)` logits. See `docs/objectives.md` for the mathematics.
 
     >>> import torch
     >>> from hpd.objectives import get_objective, OBJECTIVES

@@ -1,6 +1,6 @@
 """The building blocks of the unified token-weighted view of distillation.
 
-Every objective of `hpd` (see `shared/spec/objectives.md`) has a gradient of the form
+Every objective of `hpd` (see `docs/objectives.md`) has a gradient of the form
 
     grad L = -(1/N) sum_t sum_{v in S_t} w_t(v) grad log q(v | x<t)
 

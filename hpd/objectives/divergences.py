@@ -2,7 +2,7 @@
 
 Each one reads the teacher's whole distribution `p` and the student's `q` at a chunk of positions
 and returns its divergence per position and detached weights `w(v) = -q(v) dD/dq(v)` over the
-vocabulary (the identity of `shared/spec/objectives.md`), so that the shared surrogate
+vocabulary (the identity of `docs/objectives.md`), so that the shared surrogate
 `-(1/N) sum_v sg(w(v)) log q(v)` has exactly the gradient of the divergence. Weights may differ
 from that formula by a per-position multiple of `q(v)`, which changes nothing. With a cached
 top-K teacher they work on K + 1 categories (the top-K tokens and one tail bucket).
