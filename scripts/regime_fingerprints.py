@@ -9,7 +9,11 @@ the output before a change and compare after it:
     ... change the code ...
     PYTHONPATH=$PWD OMP_NUM_THREADS=1 python scripts/regime_fingerprints.py | diff /tmp/before.txt -
 
-`--only NAME ...` runs some cases. Runs on one torch thread; about a minute on a CPU.
+`--only NAME ...` runs some cases. Runs on one torch thread; about 15 s on a CPU.
+
+`scripts/regime_fingerprints.expected.txt` is the output recorded on main e36be8b (torch 2.13,
+CPU) before the refactor of issue 14, and checked after each of its steps. Bitwise results depend
+on the torch build and the hardware: on another machine, record a "before" there.
 """
 
 from __future__ import annotations
