@@ -129,7 +129,8 @@ def main() -> None:
 
     def teacher_forward() -> None:
         for _ in range(hpd.cfg.optim.grad_accum):
-            b = hpd._examples_batch([hpd.train_data[i] for i in next(sampler)])
+            idx = next(sampler)
+            b = hpd._examples_batch([hpd.train_data[i] for i in idx], idx, "train")
             with torch.inference_mode():
                 hpd.teacher(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False)
 

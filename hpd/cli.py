@@ -27,7 +27,6 @@ import contextlib
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator, List, Optional
 
@@ -70,19 +69,6 @@ def _user_errors() -> Iterator[None]:
     except HPDError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(code=2) from None
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temp file in the same directory + rename: never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # --------------------------------------------------------------------------------------------
@@ -200,9 +186,10 @@ def generate(
             raise HPDError(f"prompts file '{prompts}' not found: pass a JSONL file with --prompts")
         settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                         batch_size=batch_size, seed=seed, chat_template=chat_template, dtype=dtype)
-        key = _generation_key(model, prompts, settings)
-        key_file, partial = out.with_name(out.name + ".key"), out.with_name(out.name + ".partial")
-        if out.is_file() and key_file.is_file() and key_file.read_text().strip() == key:
+        from hpd.generation_cache import GenerationCache
+
+        cache = GenerationCache(out, _generation_key(model, prompts, settings))
+        if cache.fresh():
             typer.echo(f"{out} is up to date (same model, prompts and settings): reusing it")
             return
         from rich.console import Console
@@ -214,7 +201,7 @@ def generate(
 
         examples, _stats = load_examples(str(prompts), require_completion=False)
         out.parent.mkdir(parents=True, exist_ok=True)
-        rows = _read_partial(partial, key)
+        rows = cache.partial_rows()
         lm, tokenizer = load_model(model, dtype=dtype, trust_remote_code=trust_remote_code)
         lm.eval()
         progress = Progress(
@@ -243,17 +230,12 @@ def generate(
                 )
                 new_rows = [_output_row(ex, text) for ex, text in zip(batch, texts)]
                 rows += new_rows
-                with partial.open("a", encoding="utf-8") as fh:
-                    if fh.tell() == 0:
-                        fh.write(json.dumps({"key": key}) + "\n")
-                    fh.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in new_rows))
+                cache.append_partial(new_rows)
                 progress.advance(task, len(batch))
         # An empty answer has no token to train on, and training refuses such rows: leave them out
         # of OUT (the partial file kept them, so that resuming counts batches right).
         kept = [r for r in rows if str(r.get("completion", "")).strip()]
-        _atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
-        _atomic_write_text(key_file, key + "\n")
-        partial.unlink(missing_ok=True)
+        cache.store("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
         empty = len(rows) - len(kept)
         typer.echo(f"wrote {len(kept)} completions to {out}"
                    + (f" ({empty} empty ones left out: nothing to train on)" if empty else ""))
@@ -263,32 +245,12 @@ def _generation_key(model: str, prompts: Path, settings: dict[str, Any]) -> str:
     """A hash of the model's files (names, sizes, mtimes), the prompts' bytes and the settings."""
     import hashlib
 
+    from hpd.fingerprints import files_stamp
+
     h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     h.update(hashlib.sha256(prompts.read_bytes()).digest())
-    p = Path(model)
-    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p] if p.is_file() else []
-    h.update(model.encode() if not files else b"")
-    for f in files:
-        st = f.stat()
-        h.update(f"{f.relative_to(p) if p.is_dir() else f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    files_stamp(model, h)
     return h.hexdigest()[:24]
-
-
-def _read_partial(partial: Path, key: str) -> list[dict[str, Any]]:
-    """Rows finished by an interrupted `hpd generate` with the same key (else none)."""
-    if not partial.is_file():
-        return []
-    lines = partial.read_text(encoding="utf-8").splitlines()
-    rows: list[dict[str, Any]] = []
-    try:
-        if not lines or json.loads(lines[0]).get("key") != key:
-            partial.unlink()
-            return []
-        for line in lines[1:]:
-            rows.append(json.loads(line))
-    except json.JSONDecodeError:
-        pass  # a line cut by the interruption: keep the rows before it
-    return rows
 
 
 # --------------------------------------------------------------------------------------------

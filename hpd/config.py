@@ -26,7 +26,6 @@ import dataclasses
 import difflib
 import math
 import os
-import tempfile
 import textwrap
 import types
 import typing
@@ -37,6 +36,7 @@ from typing import Any, Iterable, Iterator
 import yaml
 
 from hpd.errors import HPDError
+from hpd.objectives import OBJECTIVES, Param, config_params, objective_class, param_fields
 
 __all__ = [
     "Config",
@@ -62,27 +62,20 @@ __all__ = [
     "iter_fields",
 ]
 
-# Kept here (not imported from hpd.objectives) so that reading a config never imports torch.
-OBJECTIVE_NAMES = ("sft", "fkl", "rkl", "jsd", "skl", "srkl", "tvd", "akl", "todi", "abkl", "orkl", "hpd")
-# Each objective's own parameters -> the ObjectiveConfig field that holds them (the trainer builds
-# objectives from this; temperature, ce_weight and kd_weight go to every objective).
-OBJECTIVE_PARAM_FIELDS: dict[str, dict[str, str]] = {
-    "jsd": {"beta": "beta"},
-    "skl": {"alpha": "alpha"},
-    "srkl": {"alpha": "alpha"},
-    "akl": {"mu": "mu"},
-    "todi": {"beta": "todi_beta"},
-    "abkl": {"alpha": "abkl_alpha", "beta": "abkl_beta"},
-}
+# Derived from the objectives' registry (`hpd.objectives.OBJECTIVES`), where each objective
+# declares its parameters once: the names, and each objective's parameters -> their config fields.
+OBJECTIVE_NAMES = tuple(OBJECTIVES)
+OBJECTIVE_PARAM_FIELDS: dict[str, dict[str, str]] = {n: param_fields(c) for n, c in OBJECTIVES.items() if c.params}
 
-_CHECK_KEYS = {"choices", "min", "max", "min_exclusive", "max_exclusive", "nonempty"}
+_CHECK_KEYS = {"choices", "min", "max", "min_exclusive", "max_exclusive", "nonempty", "import_path"}
 
 
 def field_(default: Any, help: str, **checks: Any) -> Any:
     """A dataclass field with its help text and checks in the metadata.
 
     checks: ``choices=[...]``, ``min=x``, ``max=y``, ``min_exclusive=True`` / ``max_exclusive=True``
-    (make the bound strict), ``nonempty=True`` (strings). None values of optional fields skip them.
+    (make the bound strict), ``nonempty=True`` (strings), ``import_path=True`` (besides the choices, a
+    user's objective class as ``module:Class``). None values of optional fields skip them.
     """
     unknown = set(checks) - _CHECK_KEYS
     if unknown:  # a typo in a check would otherwise silently disable it
@@ -219,59 +212,40 @@ class DataConfig:
     )
 
 
-@dataclass
-class ObjectiveConfig:
-    """The distillation objective (see the objectives note for the mathematics)."""
+def _param_field(users: list[tuple[str, Param]]) -> Any:
+    """The config field of an objective parameter, from its `Param` (default, range, help)."""
+    p = users[0][1]
+    checks: dict[str, Any] = {}
+    if p.low is not None:
+        checks.update(min=p.low, **({"min_exclusive": True} if p.low_open else {}))
+    if p.high is not None:
+        checks.update(max=p.high, **({"max_exclusive": True} if p.high_open else {}))
+    text = "; ".join(f"{name}: {q.help}" if name else q.help for name, q in users)
+    return field_(p.default, text if text.endswith(".") else text + ".", **checks)
 
-    name: str = field_(
-        "hpd",
-        "Objective: sft (cross-entropy), fkl/rkl (forward/reverse KL), jsd, skl/srkl (skew KLs), "
-        "tvd, akl (adaptive KL), todi, abkl (alpha-beta divergence), orkl (on-policy sampled reverse "
-        "KL), hpd (Hybrid Policy Distillation).",
-        choices=list(OBJECTIVE_NAMES),
-    )
-    beta: float = field_(
-        0.5, "jsd mixture weight beta (0 = forward KL, 1 = reverse KL).", min=0.0, max=1.0
-    )
-    todi_beta: float = field_(
-        1.0, "todi sigmoid sharpness beta.", min=0.0, min_exclusive=True
-    )
-    alpha: float = field_(
-        0.1, "skl/srkl skew alpha.", min=0.0, max=1.0, max_exclusive=True
-    )
-    abkl_alpha: float = field_(
-        1.0, "abkl alpha (any real; alpha=1 with abkl_beta=0 is forward KL, alpha=0 with beta=1 reverse KL)."
-    )
-    abkl_beta: float = field_(1.0, "abkl beta (any real; alpha = beta = 1 is 1/2 sum (p - q)^2).")
-    mu: float = field_(
-        0.5,
-        "akl head mass mu: the head holds the top teacher tokens up to this cumulative mass.",
-        min=0.0,
-        max=1.0,
-        min_exclusive=True,
-    )
-    temperature: float = field_(
-        1.0,
-        "Loss temperature tau: both distributions are softmax(logits / tau). Distinct from "
-        "regime.temperature (rollout sampling).",
-        min=0.0,
-        min_exclusive=True,
-    )
-    ce_weight: float = field_(
-        0.0,
-        "Weight of the cross-entropy on the data token: loss = ce_weight * CE + kd_weight * objective "
-        "(AKL/ToDi as their authors run them: ce_weight=1, kd_weight=0.1).",
-        min=0.0,
-    )
-    kd_weight: float = field_(
-        1.0, "Weight of the objective itself in that sum (at least one of the two > 0).", min=0.0
-    )
-    chunk_size: int = field_(
+
+def _objective_section() -> type:
+    """`ObjectiveConfig`: the objective's name, every registered objective's parameters (one
+    field per `Param`, shared where objectives share a key), the common ones, and the chunking."""
+    names = "; ".join(f"{n} = {c.summary}" for n, c in OBJECTIVES.items())
+    fields: list[tuple[str, type, Any]] = [("name", str, field_(
+        "hpd", f"Objective: {names}. Or a user's Objective subclass by import path, module:Class "
+        "(its parameters take their defaults unless they name one of these fields as Param.key).",
+        choices=list(OBJECTIVES), import_path=True))]
+    fields += [(key, float, _param_field(users)) for key, users in config_params().items()]
+    fields.append(("chunk_size", int, field_(
         1024,
         "Positions per chunk of the memory-lean loss, so (B, T, V) logits are never held at once; "
         "0 = unchunked.",
         min=0,
-    )
+    )))
+    cls = dataclasses.make_dataclass("ObjectiveConfig", fields)
+    cls.__module__ = __name__
+    cls.__doc__ = "The distillation objective (see docs/objectives.md for the mathematics)"
+    return cls
+
+
+ObjectiveConfig = _objective_section()
 
 
 @dataclass
@@ -521,7 +495,7 @@ def _type_name(tp: Any) -> str:
 def _describe_checks(meta: dict[str, Any]) -> str:
     """'(0, 1]', '>= 1', 'one of a|b' ... for help texts and error messages."""
     if "choices" in meta:
-        return "one of " + "|".join(str(c) for c in meta["choices"])
+        return "one of " + "|".join(str(c) for c in meta["choices"]) + (" or module:Class" if meta.get("import_path") else "")
     lo, hi = meta.get("min"), meta.get("max")
     lo_x, hi_x = meta.get("min_exclusive", False), meta.get("max_exclusive", False)
     if lo is not None and hi is not None:
@@ -751,6 +725,12 @@ def _check_field(key: str, f: dataclasses.Field, tp: Any, value: Any) -> str | N
         return str(_type_error(key, tp, value))
     if meta.get("nonempty") and isinstance(value, str) and not value.strip():
         return f"{key}: must not be empty"
+    if meta.get("import_path") and isinstance(value, str) and ":" in value and value not in meta.get("choices", ()):
+        try:
+            objective_class(value)
+        except HPDError as e:
+            return f"{key}: {e}"
+        return None
     if "choices" in meta and value not in meta["choices"]:
         hint = _suggest(str(value), [str(c) for c in meta["choices"]])
         msg = f"{key}: must be {_describe_checks(meta)}, got {value!r}"
@@ -781,7 +761,8 @@ def _cross_checks(cfg: Config) -> list[str]:
                "--prompts FILE --out GEN.jsonl`, cache it with `hpd cache-teacher --data GEN.jsonl`, and train "
                "on GEN.jsonl with regime.name=dataset" if cfg.regime.name == "teacher" else "")
         )
-    if no_teacher and cfg.objective.name != "sft" and cfg.teacher.cache is None and not self_regime:
+    needs_teacher = objective_class(cfg.objective.name).needs_teacher
+    if no_teacher and needs_teacher and cfg.teacher.cache is None and not self_regime:
         problems.append(
             f"teacher.path: 'none' is allowed only with objective.name=sft, teacher.cache or regime.name=self "
             f"(objective.name is {cfg.objective.name!r}); name a teacher model, set teacher.cache, or use sft"
@@ -791,7 +772,7 @@ def _cross_checks(cfg: Config) -> list[str]:
             f"regime.name=self: the student is its own teacher, but teacher.path is "
             f"{cfg.teacher.path!r}; set teacher.path=none"
         )
-    if self_regime and cfg.objective.name == "sft":
+    if self_regime and not needs_teacher:
         problems.append(
             "regime.name=self with objective.name=sft: sft never reads the teacher; for SFT on "
             "the reference solutions use regime.name=dataset with data.completion_field set to them"
@@ -977,17 +958,9 @@ def _to_yaml(cfg: Config, comments: bool = False) -> str:
 
 def save_config(cfg: Config, path: str | os.PathLike[str], comments: bool = False) -> Path:
     """Write the config as YAML atomically (temp file + rename: never a half-written file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(_to_yaml(cfg, comments=comments))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    from hpd.files import atomic_write_text
+
+    return atomic_write_text(path, _to_yaml(cfg, comments=comments))
 
 
 def config_help(width: int = 88) -> str:

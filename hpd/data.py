@@ -37,8 +37,8 @@ from typing import Any
 import torch
 
 from hpd.errors import HPDError
+from hpd.objectives.base import IGNORE_INDEX  # the label of a position without a target
 
-IGNORE_INDEX = -100
 # How many skip reasons `LoadStats` keeps: enough to see the pattern, not a copy of the file.
 MAX_SKIP_REASONS = 5
 CHAT_TEMPLATE_MODES = ("auto", "on", "none")

@@ -42,7 +42,8 @@ from transformers import (
 )
 
 from hpd.errors import HPDError
-from hpd.objectives import resolve_shared_vocab
+from hpd.files import replace_dir
+from hpd.vocab import resolve_shared_vocab
 
 _DTYPES: dict[str, torch.dtype | str] = {
     "float32": torch.float32,
@@ -303,11 +304,11 @@ def shared_vocab_size(
     `len(tokenizer)`) give the smaller; anything else means the models do not share a vocabulary.
     """
     return resolve_shared_vocab(
-        _vocab_rows(student), _vocab_rows(teacher), len(tokenizer) if tokenizer is not None else None
+        vocab_rows(student), vocab_rows(teacher), len(tokenizer) if tokenizer is not None else None
     )
 
 
-def _vocab_rows(model: PreTrainedModel) -> int:
+def vocab_rows(model: PreTrainedModel) -> int:
     """Rows of the LM head, i.e. the width of the logits (may exceed `config.vocab_size`)."""
     head = model.get_output_embeddings()
     if head is not None and getattr(head, "weight", None) is not None:
@@ -355,9 +356,7 @@ def save_model(
     if out.exists() and not out.is_dir():
         raise HPDError(f"cannot save a model to '{out}': it exists and is a file; pick a directory")
     out.parent.mkdir(parents=True, exist_ok=True)
-    token = uuid.uuid4().hex[:8]
-    tmp = out.parent / f".{out.name}.tmp-{token}"
-    old = out.parent / f".{out.name}.old-{token}"
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     if is_peft_model(model):
         # A plain HF directory out, whatever trained inside: the adapters merged into a copy.
         import copy
@@ -367,17 +366,10 @@ def save_model(
         _without_quantizer(model).save_pretrained(str(tmp))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        # os.replace cannot overwrite a non-empty directory: move the old one aside first and
-        # delete it only once the new one is in place.
-        if out.exists():
-            os.replace(out, old)
-        os.replace(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not out.exists():
-            os.replace(old, out)
         raise
-    shutil.rmtree(old, ignore_errors=True)
     return out
 
 

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from hpd.errors import HPDError
+from hpd.files import atomic_write
 
 __all__ = ["QUANTITIES", "DYNAMICS", "RunMetrics", "read_metrics", "plot_runs", "ema"]
 
@@ -181,14 +182,8 @@ def _draw(ax: Any, runs: Sequence[RunMetrics], labels: Sequence[str], quantity: 
 
 
 def _save(fig: Any, path: Path) -> Path:
-    # Write next to the target and rename: a viewer never sees a half-written PNG.
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    # Written next to the target and renamed: a viewer never sees a half-written PNG.
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
 
 
 def plot_runs(

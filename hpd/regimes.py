@@ -13,21 +13,31 @@
 
 HPD's one-token student sample is not a regime: it happens inside the objective, on any regime.
 
+Each regime is a `ResponseSource`: `regime(step)` names the regime of a step (what the log
+records), `prepare(...)` runs once before training (the teacher's generations), and
+`completions(examples, indices, step=, micro=)` gives a micro-batch's responses (None: the data's
+own) with the number of tokens sampled for them. `response_source(cfg, ...)` builds the run's
+source from its config; the trainer only calls these methods. Rollouts are sampled through a
+`hpd.rollout.GenerationBackend`.
+
     >>> from hpd.regimes import step_regime
     >>> [step_regime("mixed", 0.5, "dataset", seed=0, step=k) for k in range(4)]
-    ['student', 'dataset', 'dataset', 'student']
+    ['student', 'student', 'student', 'dataset']
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Sequence
 
 import torch
+
+from hpd.fingerprints import model_fingerprint
+from hpd.generation_cache import GenerationCache
+from hpd.rollout import GenerationBackend, HFGenerate
 
 REGIMES = ("dataset", "teacher", "student", "mixed", "self")
 
@@ -63,29 +73,18 @@ def fit_completion(prompt: list[int], completion: list[int], max_length: int) ->
 
 
 def rollout(model, tokenizer, prompts: list[list[int]], settings: SamplingSettings, *, seed: int,
-            max_length: int) -> list[list[int]]:
-    """Sample one completion per prompt from `model` (no gradient), cut to fit `max_length`."""
-    from hpd.rollout import generate_completions
+            max_length: int, backend: GenerationBackend | None = None) -> list[list[int]]:
+    """Sample one completion per prompt from `model` (no gradient), cut to fit `max_length`.
 
-    s = settings
-    outs = generate_completions(model, tokenizer, prompts, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
-                                top_p=s.top_p, top_k=s.top_k, batch_size=s.batch_size, seed=seed)
+    backend: how to sample (default: Hugging Face `generate`, `hpd.rollout.HFGenerate`)."""
+    outs = (backend or HFGenerate()).generate(model, tokenizer, prompts, settings, seed=seed)
     return [fit_completion(p, c, max_length) for p, c in zip(prompts, outs)]
-
-
-def model_fingerprint(model: torch.nn.Module) -> str:
-    """A short hash of a model's weights (names, shapes and two sums per tensor)."""
-    h = hashlib.sha256()
-    with torch.no_grad():
-        for name, p in model.state_dict().items():
-            x = p.detach().double()
-            h.update(f"{name}:{tuple(p.shape)}:{float(x.sum()):.10e}:{float(x.abs().sum()):.10e}".encode())
-    return h.hexdigest()[:16]
 
 
 def teacher_generations(teacher, tokenizer, prompts: list[list[int]], settings: SamplingSettings, *, seed: int,
                         max_length: int, cache_dir: Path, is_main: bool = True,
-                        barrier: Callable[[], None] = lambda: None, log: Callable[[str], None] = print) -> tuple[list[list[int]], Path]:
+                        barrier: Callable[[], None] = lambda: None, log: Callable[[str], None] = print,
+                        backend: GenerationBackend | None = None) -> tuple[list[list[int]], Path]:
     """The teacher's completion of every prompt, from the cache or generated once and cached.
 
     The cache file's name is a hash of the teacher's weights, the prompts, the sampling settings,
@@ -95,16 +94,148 @@ def teacher_generations(teacher, tokenizer, prompts: list[list[int]], settings: 
     key = hashlib.sha256(json.dumps(
         {"teacher": model_fingerprint(teacher), "prompts": prompts, "settings": asdict(settings), "seed": seed,
          "max_length": max_length}, sort_keys=True).encode()).hexdigest()[:20]
-    path = Path(cache_dir) / f"teacher-{key}.json"
-    if is_main and not path.is_file():
+    # The key is in the file's name: no sidecar.
+    cache = GenerationCache(Path(cache_dir) / f"teacher-{key}.json", key, sidecar=False)
+    path = cache.path
+    if is_main and not cache.fresh():
         log(f"generating teacher responses for {len(prompts)} prompts (cached at {path})")
-        completions = rollout(teacher, tokenizer, prompts, settings, seed=derive_seed(seed, "teacher"), max_length=max_length)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"key": key, "completions": completions}))
-        os.replace(tmp, path)
+        completions = rollout(teacher, tokenizer, prompts, settings, seed=derive_seed(seed, "teacher"), max_length=max_length,
+                              backend=backend)
+        cache.store(json.dumps({"key": key, "completions": completions}))
     barrier()
-    data = json.loads(path.read_text())
+    data = json.loads(cache.read_text())
     if len(data["completions"]) != len(prompts):
         raise RuntimeError(f"teacher cache {path} holds {len(data['completions'])} completions for {len(prompts)} prompts")
     return data["completions"], path
+
+
+# --------------------------------------------------------------------------------------------
+# Response sources: one per regime
+# --------------------------------------------------------------------------------------------
+
+Completions = tuple[list[list[int]] | None, int]  # (completions or None for the data's own, tokens sampled)
+
+
+class ResponseSource:
+    """Where the responses of a run's training steps come from (see the module docstring)."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def regime(self, step: int) -> str:
+        """The regime of optimizer step `step` (0-based), as logged."""
+        return self.name
+
+    def prepare(self, *, is_main: bool, barrier: Callable[[], None], log: Callable[[str], None]) -> dict[str, Any]:
+        """Once, before the first step (on every process); returns facts worth logging."""
+        return {}
+
+    def completions(self, examples: Sequence[Any], indices: Sequence[int], *, step: int, micro: int) -> Completions:
+        """The responses of one micro-batch: `examples` are rows `indices` of the training data."""
+        return None, 0
+
+    def after_optimizer_step(self, model) -> None:
+        """Called with the student after every optimizer step taken (a generation backend's weight sync)."""
+
+
+class DatasetResponses(ResponseSource):
+    """The data's own completions (regime `dataset`; regime `self` with `opsd.response=reference`)."""
+
+
+class TeacherGenerations(ResponseSource):
+    """The teacher's completion of every training prompt, generated once and cached (`teacher_generations`)."""
+
+    def __init__(self, teacher, tokenizer, prompts: list[list[int]], settings: SamplingSettings, *, seed: int,
+                 max_length: int, cache_dir: Path, backend: GenerationBackend | None = None):
+        super().__init__("teacher")
+        self.args = (teacher, tokenizer, prompts, settings)
+        self.kw = dict(seed=seed, max_length=max_length, cache_dir=cache_dir, backend=backend)
+        self.generated: list[list[int]] | None = None
+
+    def prepare(self, *, is_main, barrier, log):
+        self.generated, path = teacher_generations(*self.args, **self.kw, is_main=is_main, barrier=barrier, log=log)
+        return {"teacher_generations": str(path)}
+
+    def completions(self, examples, indices, *, step, micro):
+        return [self.generated[i] for i in indices], 0
+
+
+class StudentRollouts(ResponseSource):
+    """The current student's samples, drawn at every step (regime `student`; `self` with rollouts).
+
+    The draw of micro-batch `micro` of step `step` on process `rank` is seeded by (seed, step,
+    micro, rank), so a resumed run draws what an uninterrupted one would.
+    """
+
+    def __init__(self, name: str, model, tokenizer, settings: SamplingSettings, *, seed: int, rank: int,
+                 max_length: int, backend: GenerationBackend | None = None):
+        super().__init__(name)
+        self.model, self.tokenizer, self.settings = model, tokenizer, settings
+        self.seed, self.rank, self.max_length = seed, rank, max_length
+        self.backend = backend or HFGenerate()
+
+    def completions(self, examples, indices, *, step, micro):
+        out = rollout(self.model, self.tokenizer, [e.prompt_ids for e in examples], self.settings,
+                      seed=derive_seed(self.seed, step, micro, self.rank, "rollout"), max_length=self.max_length,
+                      backend=self.backend)
+        return out, sum(len(c) for c in out)
+
+    def after_optimizer_step(self, model) -> None:
+        self.backend.after_optimizer_step(model)
+
+
+class MixedResponses(ResponseSource):
+    """Each step on-policy with probability `mixed_lambda`, else off-policy (`step_regime`'s draw)."""
+
+    def __init__(self, on_policy: ResponseSource, off_policy: ResponseSource, mixed_lambda: float, *, seed: int):
+        super().__init__("mixed")
+        self.sources = {"student": on_policy, off_policy.name: off_policy}
+        self.off_policy, self.mixed_lambda, self.seed = off_policy, mixed_lambda, seed
+
+    def regime(self, step):
+        return step_regime("mixed", self.mixed_lambda, self.off_policy.name, seed=self.seed, step=step)
+
+    def prepare(self, *, is_main, barrier, log):
+        # With mixed_lambda = 1 no step is off-policy: nothing to generate ahead.
+        return self.off_policy.prepare(is_main=is_main, barrier=barrier, log=log) if self.mixed_lambda < 1 else {}
+
+    def completions(self, examples, indices, *, step, micro):
+        return self.sources[self.regime(step)].completions(examples, indices, step=step, micro=micro)
+
+    def after_optimizer_step(self, model) -> None:
+        self.sources["student"].after_optimizer_step(model)
+
+
+def response_source(cfg, *, student, teacher, tokenizer, train_data: Sequence[Any], rank: int, cache_dir: Path,
+                    backend: GenerationBackend | None = None) -> ResponseSource:
+    """The response source of a run's config (`regime` and `opsd.response` sections)."""
+    r = cfg.regime
+    settings = SamplingSettings(r.max_new_tokens, r.temperature, r.top_p, r.top_k, batch_size=max(cfg.optim.batch_size, 1))
+    backend = backend or HFGenerate()
+
+    def student_rollouts(name: str) -> StudentRollouts:
+        return StudentRollouts(name, student, tokenizer, settings, seed=cfg.seed, rank=rank,
+                               max_length=cfg.data.max_length, backend=backend)
+
+    def off_policy(name: str) -> ResponseSource:
+        if name == "dataset":
+            return DatasetResponses("dataset")
+        return TeacherGenerations(teacher, tokenizer, [e.prompt_ids for e in train_data], settings, seed=cfg.seed,
+                                  max_length=cfg.data.max_length, cache_dir=cache_dir, backend=backend)
+
+    builders: dict[str, Callable[[], ResponseSource]] = {
+        "dataset": lambda: off_policy("dataset"),
+        "teacher": lambda: off_policy("teacher"),
+        "student": lambda: student_rollouts("student"),
+        "self": lambda: student_rollouts("self") if cfg.opsd.response == "rollout" else DatasetResponses("self"),
+        "mixed": lambda: MixedResponses(student_rollouts("student"), off_policy(r.off_policy), r.mixed_lambda,
+                                        seed=cfg.seed),
+    }
+    return builders[r.name]()
+
+
+__all__ = [
+    "DatasetResponses", "MixedResponses", "REGIMES", "ResponseSource", "SamplingSettings", "StudentRollouts",
+    "TeacherGenerations", "derive_seed", "fit_completion", "response_source", "rollout", "step_regime",
+    "teacher_generations",
+]

@@ -107,7 +107,7 @@ def check_changes(changes: dict[str, tuple[Any, Any]], cfg: Config, ckpt: Path, 
 
 def schedule_note(saved: dict[str, Any], cfg: Config, step: int) -> str | None:
     """What happens to the learning rate at `step` when max_steps or the schedule changed, else None."""
-    from hpd.trainer import _lr_lambda
+    from hpd.trainer import lr_lambda
 
     old_cfg = copy.deepcopy(cfg)
     flat = _flat(saved)
@@ -119,8 +119,8 @@ def schedule_note(saved: dict[str, Any], cfg: Config, step: int) -> str | None:
     o = old_cfg.optim
     o.lr, o.schedule = flat.get("optim.lr", o.lr), flat.get("optim.schedule", o.schedule)
     o.warmup_ratio, o.min_lr_ratio = flat.get("optim.warmup_ratio", o.warmup_ratio), flat.get("optim.min_lr_ratio", o.min_lr_ratio)
-    before = o.lr * _lr_lambda(old_cfg)(step)
-    after = cfg.optim.lr * _lr_lambda(cfg)(step)
+    before = o.lr * lr_lambda(old_cfg)(step)
+    after = cfg.optim.lr * lr_lambda(cfg)(step)
     return (f"the learning-rate schedule ({cfg.optim.schedule}, warmup_ratio {cfg.optim.warmup_ratio}, peak lr "
             f"{cfg.optim.lr:g}) is recomputed over max_steps={cfg.max_steps} (was {old_cfg.max_steps}) as if the run "
             f"had been planned so from the start: at step {step} the lr goes from {before:.6g} (the checkpoint's "

@@ -6,6 +6,12 @@ with left padding through Hugging Face `generate`, sample when `temperature > 0`
 otherwise), and stop at eos. A fixed `seed` gives the same samples without touching the caller's
 global random state.
 
+The trainer's rollouts go through a `GenerationBackend` (`generate(model, tokenizer, prompts,
+settings, seed)` plus the hook `after_optimizer_step(model)`); `HFGenerate` is today's, on Hugging
+Face `generate` in the training process. A backend that serves generation elsewhere (e.g. vLLM
+holding its own copy of the weights) is one new class: it syncs the student's new weights in
+`after_optimizer_step`, which the trainer calls after every optimizer step it takes.
+
     >>> from hpd.models import load_model
     >>> from hpd.rollout import generate_completions, generate_text
     >>> model, tok = load_model("tiny", tiny={"num_layers": 1, "hidden_size": 32})
@@ -141,6 +147,28 @@ def generate_completions(
     finally:
         model.train(was_training)
     return results
+
+
+class GenerationBackend:
+    """How the trainer samples completions from a model (student rollouts, teacher generations)."""
+
+    def generate(self, model, tokenizer, prompt_ids: list[list[int]], settings, *, seed: int) -> list[list[int]]:
+        """One completion per prompt (new ids only, through the first eos), sampled as `settings`
+        (`hpd.regimes.SamplingSettings`) say; a pure function of the weights, prompts and `seed`."""
+        raise NotImplementedError
+
+    def after_optimizer_step(self, model) -> None:
+        """Called with the student after every optimizer step taken. A backend generating from its
+        own copy of the weights (another process, an inference engine) loads the new weights here."""
+
+
+class HFGenerate(GenerationBackend):
+    """Hugging Face `generate` on the model itself, in this process (`generate_completions`)."""
+
+    def generate(self, model, tokenizer, prompt_ids, settings, *, seed):
+        s = settings
+        return generate_completions(model, tokenizer, prompt_ids, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
+                                    top_p=s.top_p, top_k=s.top_k, batch_size=s.batch_size, seed=seed)
 
 
 def _until_eos(new_ids: list[int], eos_ids: list[int]) -> list[int]:

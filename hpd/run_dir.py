@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 from hpd.errors import HPDError
+from hpd.files import atomic_write_text
 
 LOCK_FILE = ".hpd.lock"
 HOLDER_FILE = ".hpd.lock.json"
@@ -111,13 +112,10 @@ class RunDirLock:
         stale = self._read_holder()  # still there: its run ended without releasing (killed)
         if not self.holder_file.exists():
             self._created.append(self.holder_file)
-        tmp = self.path / f"{HOLDER_FILE}.{os.getpid()}.tmp"
         try:
-            tmp.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
-                                       "argv": sys.argv}), encoding="utf-8")
-            os.replace(tmp, self.holder_file)
+            atomic_write_text(self.holder_file, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                                            "started": time.time(), "argv": sys.argv}))
         except OSError as e:
-            tmp.unlink(missing_ok=True)
             self.release(cleanup=True)
             raise HPDError(f"cannot write to output_dir '{self.path}' ({e.strerror}): free space or pick another "
                            "output_dir") from None

@@ -42,10 +42,14 @@ import numpy as np
 import torch
 
 from hpd.errors import HPDError
+from hpd.files import replace_dir
+from hpd.fingerprints import tokenizer_fingerprint, weights_fingerprint
+
+# The fingerprint a cache records of its teacher (the name it has always had here).
+teacher_fingerprint = weights_fingerprint
 
 FORMAT = "hpd-teacher-cache-1"
 _DATA_KEYS = ("prompt_field", "completion_field", "messages_field", "on_bad_row", "max_length", "chat_template")
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
 LOGP_DTYPES = {"float16": np.float16, "float32": np.float32}
 
 
@@ -60,29 +64,6 @@ def sequence_hash(prompt_ids: Sequence[int], completion_ids: Sequence[int]) -> i
     h.update(np.asarray([len(prompt_ids)], dtype=np.int64).tobytes())
     h.update(np.asarray(list(prompt_ids) + list(completion_ids), dtype=np.int64).tobytes())
     return int.from_bytes(h.digest(), "little") & ((1 << 63) - 1)
-
-
-def teacher_fingerprint(path: str | os.PathLike) -> str:
-    """sha256 of a teacher's weight files (and config.json), read from disk without loading it."""
-    p = Path(path)
-    files = [p] if p.is_file() else sorted(f for f in p.iterdir() if f.suffix in _WEIGHT_SUFFIXES or f.name == "config.json")
-    if not files:
-        raise HPDError(f"no weight files in '{p}': pass a Hugging Face model directory or a .gguf file")
-    h = hashlib.sha256()
-    for f in files:
-        h.update(f.name.encode())
-        with f.open("rb") as fh:
-            for block in iter(lambda: fh.read(1 << 22), b""):
-                h.update(block)
-    return h.hexdigest()[:24]
-
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    """A hash of a tokenizer's vocabulary (token -> id): what logit distillation needs to share.
-
-    Templates and special-token choices change the sequences, which the sequence hashes catch.
-    """
-    return hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()[:24]
 
 
 def _response_span(prompt_ids: Sequence[int], completion_ids: Sequence[int]) -> tuple[int, int]:
@@ -257,11 +238,7 @@ def build_teacher_cache(teacher: str | os.PathLike, data_files: Sequence[str | o
             "build_seconds": round(time.perf_counter() - t0, 3),
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        old = out.parent / f".{out.name}.old-{token}"
-        if out.exists():
-            os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

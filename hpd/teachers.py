@@ -1,4 +1,12 @@
-"""Where the teacher's view comes from: a separate model, or the student itself (OPSD).
+"""Where the teacher's view comes from: a separate model, a top-K cache, or the student itself (OPSD).
+
+A `TeacherSource` is what the trainer asks for the teacher: `prepare(batch, examples, split,
+indices)` adds to a micro-batch what the source reads (the privileged sequences, the cache rows),
+`view(batch)` returns the teacher view the objectives understand (`hpd.objectives.TeacherView`),
+`after_step()` runs after each optimizer step (the EMA), and `state_dict()` / `load_state_dict()`
+carry its state through checkpoints. Three implementations: `ModelTeacher` (a teacher model run
+online), `CachedTeacher` (a top-K cache built by `hpd cache-teacher`) and `OPSDTeacher` (the
+student shown a privileged context). A new source is one new class with these five methods.
 
 On-policy self-distillation (OPSD, arXiv 2601.18734) needs no second model: the same network,
 shown a privileged context (a verified reference solution before the question), teaches its own
@@ -40,9 +48,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from hpd.data import build_batch
 from hpd.errors import HPDError
 from hpd.models import final_hidden_states, is_peft_model, lm_head_of
-from hpd.objectives import IGNORE_INDEX, HeadTeacher
+from hpd.objectives import IGNORE_INDEX, HeadTeacher, TeacherView
 
 TEACHER_WEIGHTS = ("frozen", "ema", "live")
 
@@ -179,4 +188,101 @@ class SelfTeacher:
                 self.shadow[n].copy_(t)
 
 
-__all__ = ["SelfTeacher", "TEACHER_WEIGHTS", "aligned_positions", "prompt_ending_mismatches", "teacher_view"]
+# --------------------------------------------------------------------------------------------
+# Teacher sources: what the trainer asks for the teacher of a micro-batch
+# --------------------------------------------------------------------------------------------
+
+
+class TeacherSource:
+    """The teacher of a run, as the trainer sees it (see the module docstring)."""
+
+    parameters: int = 0  # the teacher model's parameter count (logged; 0 when no separate model runs)
+
+    def prepare(self, batch, examples: Sequence[Any], split: str, indices: Sequence[int]) -> None:
+        """Add to `batch` (an `hpd.batches.MicroBatch` of `examples`, rows `indices` of the `split`
+        data, "train" or "eval") what `view` reads, and its `teacher_tokens` (forward cost)."""
+
+    def view(self, batch) -> TeacherView:
+        """The teacher's view of `batch`: `(B, T, .)` aligned with the student's positions."""
+        raise NotImplementedError
+
+    def after_step(self) -> None:
+        """Called after every optimizer step that was taken."""
+
+    def state_dict(self) -> dict[str, Any] | None:
+        """What a checkpoint must hold to continue this source (None: nothing)."""
+        return None
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        """Restore `state_dict()`'s result from a checkpoint."""
+
+
+class ModelTeacher(TeacherSource):
+    """A teacher model run online on the student's sequences (no gradient).
+
+    The view is always its hidden states and LM head (`HeadTeacher`), chunked loss or not: the
+    objective projects only the active positions, so no `(B, T, V)` teacher logits are computed
+    for prompt and padding positions.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.parameters = sum(p.numel() for p in model.parameters())
+
+    def prepare(self, batch, examples, split, indices) -> None:
+        batch.teacher_tokens = int(batch.attention_mask.sum())
+
+    def view(self, batch) -> TeacherView:
+        return teacher_view(self.model, batch.input_ids, batch.attention_mask, chunked=True)
+
+
+class CachedTeacher(TeacherSource):
+    """A teacher read from a top-K cache (`hpd.teacher_cache.TeacherCache`): no forward pass.
+
+    rows: the cache row of every example of each split (`{"train": [...], "eval": [...]}`).
+    """
+
+    def __init__(self, cache, rows: dict[str, list[int]], device: torch.device):
+        self.cache, self.rows, self.device = cache, rows, device
+
+    def prepare(self, batch, examples, split, indices) -> None:
+        batch.cache_rows = [self.rows[split][i] for i in indices]
+
+    def view(self, batch) -> TeacherView:
+        return self.cache.teacher(batch.cache_rows, batch.cpu_labels).to(self.device)
+
+
+class OPSDTeacher(TeacherSource):
+    """The student as its own teacher (`SelfTeacher`), shown each example's privileged prompt.
+
+    It scores the same response tokens after the privileged prompt; the view is gathered at the
+    teacher positions aligned with the student's (`aligned_positions`, checked).
+    """
+
+    def __init__(self, teacher: SelfTeacher, pad_id: int, device: torch.device):
+        self.teacher, self.pad_id, self.device = teacher, pad_id, device
+
+    def prepare(self, batch, examples, split, indices) -> None:
+        teacher_prompts = [e.teacher_prompt_ids for e in examples]
+        t = build_batch(teacher_prompts, batch.completions, pad_id=self.pad_id)
+        index = aligned_positions(batch.cpu_labels, t["labels"], [len(p) for p in batch.prompts],
+                                  [len(p) for p in teacher_prompts])
+        batch.teacher_ids, batch.teacher_mask = t["input_ids"].to(self.device), t["attention_mask"].to(self.device)
+        batch.teacher_index = index.to(self.device)
+        batch.teacher_tokens = int(t["attention_mask"].sum())
+
+    def view(self, batch) -> TeacherView:
+        return self.teacher.view(batch.teacher_ids, batch.teacher_mask, chunked=True, index=batch.teacher_index)
+
+    def after_step(self) -> None:
+        self.teacher.update()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.teacher.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        self.teacher.load_state_dict(state or {})
+
+
+__all__ = ["CachedTeacher", "ModelTeacher", "OPSDTeacher", "SelfTeacher", "TEACHER_WEIGHTS", "TeacherSource",
+           "aligned_positions", "prompt_ending_mismatches", "teacher_view"]

@@ -3,15 +3,19 @@
 One optimizer step, top to bottom:
 
     checkpoint / evaluate when due
-    regime of this step (dataset | teacher | student | self, or a seeded draw for mixed)
-    this process's micro-batches: prompts + response tokens (student rollouts generated here);
-      for self-distillation also the teacher's privileged prompts + the same responses
+    responses: the run's `ResponseSource` (`hpd.regimes`: dataset | teacher | student | self |
+      mixed) names the step's regime and gives each micro-batch's completions (rollouts sampled
+      through a `hpd.rollout.GenerationBackend`)
+    this process's micro-batches (`hpd.batches.MicroBatch`), each prepared by the run's
+      `TeacherSource` (`hpd.teachers`: a teacher model, a top-K cache, or the OPSD self-teacher)
     global count N of active tokens over all micro-batches and processes
-    per micro-batch: teacher forward (no grad; for self: the student's own weights, frozen / ema / live,
-      on the privileged sequence, gathered at the aligned positions) -> student forward + objective
-      (chunked) -> backward
-    clip, skip the step if the loss or gradient is not finite, optimizer + scheduler step
+    per micro-batch: teacher view (no grad) -> student forward + objective (chunked) -> backward
+    clip, skip the step if the loss or gradient is not finite, optimizer + scheduler step, then
+      the sources' per-step hooks (generation backend weight sync, the self-teacher's EMA)
     log: loss terms, objective metrics, agreement / KL / entropy, grad norm, lr, tokens/s
+
+The step never asks which regime or which kind of teacher it runs: `_setup` builds the two
+sources from the config once.
 
 Everything random is a pure function of (seed, step, micro-batch, rank) or of a state saved in the
 checkpoint, so a killed run resumed from its last checkpoint ends with the weights an
@@ -30,29 +34,34 @@ import math
 import os
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from hpd.batches import MicroBatch, make_batch
 from hpd.checkpoint import (
     STATE, clean_leftovers, latest_checkpoint, load_rng_state, load_student_weights, load_trainer_state, resolve_resume,
     save_checkpoint, save_state, space_error,
 )
-from hpd.config import OBJECTIVE_PARAM_FIELDS, Config, load_config, save_config
-from hpd.data import EncodedExample, EpochSampler, build_batch, encode_file, encode_self_distillation, load_examples
+from hpd.config import Config, load_config, save_config
+from hpd.data import EncodedExample, EpochSampler, encode_file, encode_self_distillation, load_examples
 from hpd.errors import HPDError
 from hpd.models import (
-    _vocab_rows, apply_lora, final_hidden_states, init_from_teacher, lm_head_of, load_model, save_model, shared_vocab_size,
+    apply_lora, final_hidden_states, init_from_teacher, lm_head_of, load_model, save_model, shared_vocab_size, vocab_rows,
 )
-from hpd.objectives import IGNORE_INDEX, HeadTeacher, Objective, ObjectiveOutput, get_objective, resolve_shared_vocab
-from hpd.regimes import SamplingSettings, derive_seed, rollout, step_regime, teacher_generations
+from hpd.objectives import (
+    COMMON_PARAMS, Objective, ObjectiveOutput, TeacherView, objective_class, param_fields,
+)
+from hpd.regimes import ResponseSource, derive_seed, response_source
 from hpd.resume import RUN_NEUTRAL_KEYS, check_changes, config_changes, record_history, saved_config, schedule_note
 from hpd.run_dir import RunDirLock, describe_holder
 from hpd.teacher_cache import TeacherCache
-from hpd.teachers import SelfTeacher, aligned_positions, prompt_ending_mismatches, teacher_view
+from hpd.teachers import (
+    CachedTeacher, ModelTeacher, OPSDTeacher, SelfTeacher, TeacherSource, prompt_ending_mismatches,
+)
+from hpd.vocab import resolve_shared_vocab
 
 
 # --------------------------------------------------------------------------------------------
@@ -76,7 +85,7 @@ class DistillationLoss(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, teacher: Any, *,
                 num_tokens: torch.Tensor, generator: torch.Generator | None, diagnostics: bool) -> dict[str, Any]:
-        """input_ids, attention_mask, labels: `(B, T)`; teacher: logits `(B, T, V)`, HeadTeacher or None."""
+        """input_ids, attention_mask, labels: `(B, T)`; teacher: a `TeacherView` (or logits `(B, T, V)`) or None."""
         kw = dict(generator=generator, num_tokens=num_tokens, vocab_size=self.vocab_size, diagnostics=diagnostics)
         if self.chunk_size > 0:
             hidden = final_hidden_states(self.student, input_ids, attention_mask)
@@ -114,9 +123,11 @@ def peak_memory_mb(device: torch.device) -> float:
 def objective_from_config(cfg: Config) -> Objective:
     """The objective the config's `objective` section names, with its parameters and the CE mix."""
     o = cfg.objective
-    params = {"temperature": o.temperature, "ce_weight": o.ce_weight, "kd_weight": o.kd_weight}
-    params.update({name: getattr(o, key) for name, key in OBJECTIVE_PARAM_FIELDS.get(o.name, {}).items()})
-    return get_objective(o.name, **params)
+    cls = objective_class(o.name)
+    params = {name: getattr(o, name) for name in COMMON_PARAMS}
+    # A user's objective may declare parameters the config has no field for: they keep their defaults.
+    params.update({name: getattr(o, key) for name, key in param_fields(cls).items() if hasattr(o, key)})
+    return cls(**params)
 
 
 def _tiny_kwargs(m) -> dict[str, int]:
@@ -152,7 +163,7 @@ def load_models(cfg: Config, cache: TeacherCache | None = None):
     if cache is not None:
         cache.check_run(tokenizer=s_tok if s_tok is not tokenizer else None,
                         teacher_path=cfg.teacher.path if cfg.teacher.path not in ("tiny", "none") else None)
-        rows = _vocab_rows(student)
+        rows = vocab_rows(student)
         shared = resolve_shared_vocab(rows, cache.vocab_size, len(s_tok)) if rows != cache.vocab_size else rows
         if shared != cache.vocab_size:
             raise HPDError(f"the teacher cache is normalized over {cache.vocab_size} tokens but the student shares "
@@ -210,7 +221,8 @@ def load_data(cfg: Config, tokenizer) -> tuple[list[EncodedExample], list[Encode
     return train, evals, info
 
 
-def _lr_lambda(cfg: Config):
+def lr_lambda(cfg: Config):
+    """The learning-rate factor of each step (0-based): linear warm-up, then the schedule to min_lr_ratio."""
     o, total = cfg.optim, cfg.max_steps
     warmup = int(round(o.warmup_ratio * total))
 
@@ -241,7 +253,7 @@ def make_optimizer(cfg: Config, student: nn.Module):
                             fused=cfg.optim.fused_adamw or None)
     # The scheduler is stepped by hand once per optimizer step (accelerate's wrapper would step it
     # once per process).
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     return opt, sched
 
 
@@ -341,24 +353,6 @@ def global_metrics(outputs: list[ObjectiveOutput], accelerator) -> dict[str, flo
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass
-class _Batch:
-    """A micro-batch `(B, T)`; for self-distillation also the teacher's sequences `(B, T')` and the
-    teacher position aligned with each student position `(B, T)`."""
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    labels: torch.Tensor
-    # Read on the host (counts, cache rows) from these, never from the device tensors: no sync.
-    cpu_labels: torch.Tensor
-    num_active: int  # positions with a label
-    teacher_tokens: int  # tokens through the teacher's forward (its own sequences for regime self)
-    teacher_ids: torch.Tensor | None = None  # regime self: the privileged teacher's sequences
-    teacher_mask: torch.Tensor | None = None
-    teacher_index: torch.Tensor | None = None
-    cache_rows: list[int] | None = None  # the teacher-cache rows of its sequences (with teacher.cache)
-
-
 class Trainer:
     """Holds the run's state; `run()` trains to `max_steps`. Use `train(cfg)`."""
 
@@ -439,8 +433,6 @@ class Trainer:
         elif teacher is None and self.objective.needs_teacher and not self.self_distill:
             raise HPDError(f"objective '{cfg.objective.name}' needs a teacher: set teacher.path")
         self.pad_id = self.tokenizer.pad_token_id
-        self.sampling = SamplingSettings(cfg.regime.max_new_tokens, cfg.regime.temperature, cfg.regime.top_p,
-                                         cfg.regime.top_k, batch_size=max(cfg.optim.batch_size, 1))
 
         device = self.acc.device
         self.teacher = teacher.to(device) if teacher is not None else None
@@ -452,10 +444,16 @@ class Trainer:
             raise HPDError(f"regime.name=self with opsd.teacher_weights={cfg.opsd.teacher_weights} swaps the teacher's "
                            "weights into the student, which FSDP's sharded parameters do not allow: use DDP or "
                            "DeepSpeed, or opsd.teacher_weights=live")
-        self.self_teacher = (SelfTeacher(self.unwrapped, cfg.opsd.teacher_weights, cfg.opsd.ema_decay)
-                             if self.self_distill else None)
-        if self.self_distill:
+        # The one place that knows the kinds of teacher: the step below only asks the source.
+        self.teacher_source: TeacherSource | None = None
+        if self.cache is not None:
+            self.teacher_source = CachedTeacher(self.cache, {"train": self.train_rows, "eval": self.eval_rows}, device)
+        elif self.self_distill:
+            self.teacher_source = OPSDTeacher(SelfTeacher(self.unwrapped, cfg.opsd.teacher_weights, cfg.opsd.ema_decay),
+                                              self.pad_id, device)
             self._check_prompt_endings()
+        elif self.teacher is not None:
+            self.teacher_source = ModelTeacher(self.teacher)
         self.sampler = EpochSampler(len(self.train_data), cfg.optim.batch_size, seed=cfg.seed,
                                     num_replicas=self.world, rank=self.rank)
         self.step = 0
@@ -465,7 +463,12 @@ class Trainer:
         # and cpu_s (this process's CPU time: the cost figure that stays comparable when other jobs
         # share the cores).
         self.totals = {"elapsed_s": 0.0, "cpu_s": 0.0, "teacher_tokens_total": 0.0, "generated_tokens_total": 0.0}
-        self.teacher_completions: list[list[int]] | None = None
+        # Where each step's responses come from (the regime); the step only asks it.
+        generations = (Path(cfg.regime.teacher_cache) if cfg.regime.teacher_cache
+                       else self.run_dir.parent / "teacher_generations")
+        self.responses: ResponseSource = response_source(cfg, student=self.unwrapped, teacher=self.teacher,
+                                                         tokenizer=self.tokenizer, train_data=self.train_data,
+                                                         rank=self.rank, cache_dir=generations)
         self._gen: torch.Generator | None = None
         self._save_due = False  # a checkpoint postponed out of a run of non-finite steps
 
@@ -473,7 +476,7 @@ class Trainer:
 
     @property
     def has_teacher(self) -> bool:
-        return self.teacher is not None or self.cache is not None or self.self_teacher is not None
+        return self.teacher_source is not None
 
     def log(self, msg: str) -> None:
         if self.is_main:
@@ -482,18 +485,6 @@ class Trainer:
     @property
     def unwrapped(self) -> nn.Module:
         return self.acc.unwrap_model(self.module).student
-
-    def _needs_teacher_generations(self) -> bool:
-        r = self.cfg.regime
-        return r.name == "teacher" or (r.name == "mixed" and r.off_policy == "teacher" and r.mixed_lambda < 1)
-
-    def _prepare_teacher_generations(self) -> None:
-        cache = Path(self.cfg.regime.teacher_cache) if self.cfg.regime.teacher_cache else self.run_dir.parent / "teacher_generations"
-        self.teacher_completions, path = teacher_generations(
-            self.teacher, self.tokenizer, [e.prompt_ids for e in self.train_data], self.sampling, seed=self.cfg.seed,
-            max_length=self.cfg.data.max_length, cache_dir=cache, is_main=self.is_main,
-            barrier=self.acc.wait_for_everyone, log=self.log)
-        self.data_info["teacher_generations"] = str(path)
 
     def _check_prompt_endings(self) -> None:
         """Warn when the teacher template makes the first response token follow another context."""
@@ -507,62 +498,31 @@ class Trainer:
                      f"student ...{self.tokenizer.decode(e.prompt_ids[-12:])!r}, teacher "
                      f"...{self.tokenizer.decode(e.teacher_prompt_ids[-12:])!r}); end opsd.teacher_template with {{prompt}}")
 
-    def _batch(self, prompts: list[list[int]], completions: list[list[int]],
-               teacher_prompts: list[list[int]] | None = None, cache_rows: list[int] | None = None) -> _Batch:
-        b = build_batch(prompts, completions, pad_id=self.pad_id)
-        labels = b["labels"]
-        if self.vocab_size is not None:
-            labels = labels.masked_fill(labels >= self.vocab_size, IGNORE_INDEX)
-        dev = self.acc.device
-        batch = _Batch(b["input_ids"].to(dev), b["attention_mask"].to(dev), labels.to(dev), cpu_labels=labels,
-                       num_active=int((labels != IGNORE_INDEX).sum()), teacher_tokens=int(b["attention_mask"].sum()),
-                       cache_rows=cache_rows)
-        if teacher_prompts is not None:
-            # The teacher scores the same response after its own (privileged) prompt.
-            t = build_batch(teacher_prompts, completions, pad_id=self.pad_id)
-            index = aligned_positions(labels, t["labels"], [len(p) for p in prompts], [len(p) for p in teacher_prompts])
-            batch.teacher_ids, batch.teacher_mask = t["input_ids"].to(dev), t["attention_mask"].to(dev)
-            batch.teacher_index = index.to(dev)
-            batch.teacher_tokens = int(t["attention_mask"].sum())
+    def _examples_batch(self, examples: list[EncodedExample], indices: list[int], split: str,
+                        completions: list[list[int]] | None = None) -> MicroBatch:
+        """Examples `indices` of the `split` data (with their reference completions, unless others
+        are given) as a batch, with what the teacher source reads."""
+        completions = completions if completions is not None else [e.completion_ids for e in examples]
+        batch = make_batch([e.prompt_ids for e in examples], completions, pad_id=self.pad_id, vocab_size=self.vocab_size,
+                           device=self.acc.device)
+        if self.teacher_source is not None:
+            self.teacher_source.prepare(batch, examples, split, indices)
         return batch
 
-    def _examples_batch(self, examples: list[EncodedExample], completions: list[list[int]] | None = None,
-                        cache_rows: list[int] | None = None) -> _Batch:
-        """Examples (with their reference completions, unless others are given) as a batch."""
-        completions = completions if completions is not None else [e.completion_ids for e in examples]
-        teacher_prompts = [e.teacher_prompt_ids for e in examples] if self.self_distill else None
-        return self._batch([e.prompt_ids for e in examples], completions, teacher_prompts, cache_rows)
-
-    def _micro_batches(self, regime: str) -> list[_Batch]:
-        batches = []
+    def _micro_batches(self) -> tuple[list[MicroBatch], int]:
+        """This step's micro-batches on this process, and the tokens sampled for them."""
+        batches, generated = [], 0
         for micro in range(self.cfg.optim.grad_accum):
             idx = next(self.sampler)
             examples = [self.train_data[i] for i in idx]
-            completions, rows = None, None  # the data's
-            if regime == "dataset":
-                rows = [self.train_rows[i] for i in idx] if self.train_rows is not None else None
-            elif regime == "teacher":
-                completions = [self.teacher_completions[i] for i in idx]
-            elif regime == "student" or (regime == "self" and self.cfg.opsd.response == "rollout"):
-                seed = derive_seed(self.cfg.seed, self.step, micro, self.rank, "rollout")
-                completions = rollout(self.unwrapped, self.tokenizer, [e.prompt_ids for e in examples], self.sampling,
-                                      seed=seed, max_length=self.cfg.data.max_length)
-                self._generated += sum(len(c) for c in completions)
-            batches.append(self._examples_batch(examples, completions, rows))
-        return batches
+            completions, sampled = self.responses.completions(examples, idx, step=self.step, micro=micro)
+            generated += sampled
+            batches.append(self._examples_batch(examples, idx, "train", completions))
+        return batches, generated
 
-    def _teacher_view(self, b: _Batch):
-        """What the objective reads of the teacher for batch `b`: from the cache, the privileged
-        self-teacher (regime self), or a forward pass of the teacher model.
-
-        A model teacher is always handed over as its hidden states and LM head (`HeadTeacher`),
-        chunked loss or not: the objective projects only the active positions, so no `(B, T, V)`
-        teacher logits are computed for prompt and padding positions."""
-        if self.cache is not None:
-            return self.cache.teacher(b.cache_rows, b.cpu_labels).to(self.acc.device)
-        if self.self_teacher is not None:
-            return self.self_teacher.view(b.teacher_ids, b.teacher_mask, chunked=True, index=b.teacher_index)
-        return teacher_view(self.teacher, b.input_ids, b.attention_mask, chunked=True)
+    def _teacher_view(self, b: MicroBatch) -> TeacherView:
+        """What the objective reads of the teacher for batch `b` (the run's `TeacherSource`)."""
+        return self.teacher_source.view(b)
 
     def _generator(self, micro: int, salt: str = "sample") -> torch.Generator:
         """The generator of one micro-batch's draws: one object, re-seeded (a draw depends only on its seed)."""
@@ -584,7 +544,8 @@ class Trainer:
             save_state({"step": self.step, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                         "sampler": self.sampler.state_dict(), "bad_in_row": self.bad_in_row, "world": self.world,
                         "totals": self.totals,
-                        "self_teacher": self.self_teacher.state_dict() if self.self_teacher is not None else None},
+                        # The teacher source's state (the EMA of an OPSD teacher), under its historic key.
+                        "self_teacher": self.teacher_source.state_dict() if self.teacher_source is not None else None},
                        tmp, STATE)
             save_config(cfg, tmp / "config.yaml")
 
@@ -619,15 +580,15 @@ class Trainer:
         self.sampler.load_state_dict(state["sampler"])
         self.step, self.bad_in_row = state["step"], state["bad_in_row"]
         self.totals.update(state.get("totals", {}))
-        if self.self_teacher is not None:
-            self.self_teacher.load_state_dict(state.get("self_teacher") or {})
+        if self.teacher_source is not None:
+            self.teacher_source.load_state_dict(state.get("self_teacher"))
         load_rng_state(ckpt, self.rank)
 
     def _apply_optim_config(self) -> None:
         """After a resume with a changed config: the optimizer takes this config's lr, weight decay
         and betas (load_state_dict restored the checkpoint's), on the schedule over this max_steps."""
         o, groups = self.cfg.optim, self.optimizer.param_groups
-        factor = _lr_lambda(self.cfg)(self.scheduler.last_epoch)
+        factor = lr_lambda(self.cfg)(self.scheduler.last_epoch)
         for group, decay in zip(groups, (o.weight_decay, 0.0)):  # the groups of make_optimizer
             group.update(initial_lr=o.lr, lr=o.lr * factor, weight_decay=decay, betas=(o.adam_beta1, o.adam_beta2))
         self.scheduler.base_lrs = [o.lr] * len(groups)
@@ -645,10 +606,8 @@ class Trainer:
         bs = cfg.optim.batch_size
         ids = list(range(len(self.eval_data)))[self.rank::self.world][: bs * cfg.log.eval_batches]
         shard = [self.eval_data[i] for i in ids]
-        rows = [self.eval_rows[i] for i in ids] if self.eval_rows is not None else None
         outputs, loss_sum = [], 0.0
-        batches = [self._examples_batch(shard[i:i + bs], cache_rows=rows[i:i + bs] if rows is not None else None)
-                   for i in range(0, len(shard), bs)]
+        batches = [self._examples_batch(shard[i:i + bs], ids[i:i + bs], "eval") for i in range(0, len(shard), bs)]
         n_active = self.acc.reduce(torch.tensor(float(sum(b.num_active for b in batches)), device=self.acc.device), "sum")
         for i, b in enumerate(batches):
             with self.acc.autocast():
@@ -694,8 +653,7 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
         acc.wait_for_everyone()
-        if self._needs_teacher_generations():
-            self._prepare_teacher_generations()
+        self.data_info.update(self.responses.prepare(is_main=self.is_main, barrier=acc.wait_for_everyone, log=self.log))
         metrics_log = MetricsLog(self.run_dir, cfg.log.tensorboard, self.is_main,
                                  self.step if self.resume_from is not None else None)
         if self._resume_changes and self.is_main:
@@ -704,7 +662,7 @@ class Trainer:
         if self.resume_from is None:
             metrics_log.write({"type": "info", "step": 0, "world_size": self.world, **self.data_info,
                                "student_parameters": sum(p.numel() for p in self.unwrapped.parameters()),
-                               "teacher_parameters": sum(p.numel() for p in self.teacher.parameters()) if self.teacher else 0,
+                               "teacher_parameters": self.teacher_source.parameters if self.teacher_source else 0,
                                "trainable_parameters": sum(p.numel() for p in self.unwrapped.parameters() if p.requires_grad)})
         self.log(f"training {cfg.objective.name} ({cfg.regime.name} regime) for {cfg.max_steps} steps; "
                  f"{len(self.train_data)} training examples; run dir {self.run_dir}")
@@ -750,9 +708,8 @@ class Trainer:
     def train_step(self) -> dict[str, Any] | None:
         cfg, acc = self.cfg, self.acc
         t0, c0 = time.perf_counter(), time.process_time()
-        regime = step_regime(cfg.regime.name, cfg.regime.mixed_lambda, cfg.regime.off_policy, seed=cfg.seed, step=self.step)
-        self._generated = 0
-        batches = self._micro_batches(regime)
+        regime = self.responses.regime(self.step)
+        batches, generated = self._micro_batches()
         local_tokens = torch.tensor(float(sum(b.num_active for b in batches)), device=acc.device)
         num_tokens = acc.reduce(local_tokens, "sum") if self.world > 1 else local_tokens
         # Counted like the logged steps (1-based), so that diagnostics_every = log.every puts them on every line.
@@ -762,8 +719,8 @@ class Trainer:
         value_sum = torch.zeros((), device=acc.device)
         # sft needs the teacher only for the logged diagnostics: skip its forward otherwise.
         use_teacher = self.has_teacher and (self.objective.needs_teacher or diagnostics)
-        # Tokens through a teacher forward: none with a cache (it was paid for once, when built).
-        teacher_tokens = sum(b.teacher_tokens for b in batches) if self.objective.needs_teacher and self.cache is None else 0
+        # Tokens through a teacher forward (none with a cache: it was paid for once, when built).
+        teacher_tokens = sum(b.teacher_tokens for b in batches) if self.objective.needs_teacher else 0
         for micro, b in enumerate(batches):
             last = micro == len(batches) - 1
             with (nullcontext() if last else acc.no_sync(self.module)), acc.autocast():
@@ -778,7 +735,7 @@ class Trainer:
             value_sum += res["output"].value
         max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else float("inf")
         grad_norm = acc.clip_grad_norm_(self.unwrapped.parameters(), max_norm)
-        costs = torch.tensor([float(teacher_tokens), float(self._generated)], device=acc.device)
+        costs = torch.tensor([float(teacher_tokens), float(generated)], device=acc.device)
         totals = torch.cat([torch.stack([loss_sum, value_sum]).float(), costs])
         if self.world > 1:
             totals = acc.reduce(totals, "sum")
@@ -807,8 +764,9 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if self.self_teacher is not None:
-            self.self_teacher.update()
+        self.responses.after_optimizer_step(self.unwrapped)
+        if self.teacher_source is not None:
+            self.teacher_source.after_step()
         dt = time.perf_counter() - t0
         self.totals["elapsed_s"] += dt
         self.totals["cpu_s"] += time.process_time() - c0

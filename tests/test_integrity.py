@@ -39,7 +39,7 @@ from hpd.cli import app
 from hpd.config import load_config
 from hpd.errors import HPDError
 from hpd.run_dir import HOLDER_FILE, LOCK_FILE, RunDirLock
-from hpd.trainer import _lr_lambda, train
+from hpd.trainer import lr_lambda, train
 
 runner = CliRunner()
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
@@ -280,7 +280,7 @@ def test_allowed_changes_take_effect_and_are_recorded(run, capsys):
     out = capsys.readouterr().out
     assert "warning: resumed with a changed config (resume_allow_changes=true): optim.lr: 0.003 -> 0.01" in out
     step5 = next(r for r in records(run) if r.get("type") == "train" and r["step"] == 5)
-    assert step5["lr"] == pytest.approx(0.01 * _lr_lambda(c)(4), rel=1e-12)  # the new lr, never the old one
+    assert step5["lr"] == pytest.approx(0.01 * lr_lambda(c)(4), rel=1e-12)  # the new lr, never the old one
     resume = [r for r in records(run) if r["type"] == "resume"]
     history = [json.loads(x) for x in (run / "config_history.jsonl").read_text().splitlines()]
     for rec in (resume[-1], history[-1]):
@@ -296,12 +296,12 @@ def test_extending_max_steps_states_the_schedule_and_follows_it(run, capsys):
     train(c)
     out = capsys.readouterr().out
     old = cfg(run)
-    before, after = 0.003 * _lr_lambda(old)(6), 0.003 * _lr_lambda(c)(6)
+    before, after = 0.003 * lr_lambda(old)(6), 0.003 * lr_lambda(c)(6)
     assert (f"note: the learning-rate schedule (cosine, warmup_ratio 0.1, peak lr 0.003) is recomputed over "
             f"max_steps=10 (was 6) as if the run had been planned so from the start: at step 6 the lr goes from "
             f"{before:.6g} (the checkpoint's schedule) to {after:.6g}") in out
     lrs = {r["step"]: r["lr"] for r in records(run) if r["type"] == "train"}
-    assert [lrs[s] for s in (7, 8, 9, 10)] == pytest.approx([0.003 * _lr_lambda(c)(s) for s in (6, 7, 8, 9)], rel=1e-12)
+    assert [lrs[s] for s in (7, 8, 9, 10)] == pytest.approx([0.003 * lr_lambda(c)(s) for s in (6, 7, 8, 9)], rel=1e-12)
     assert json.loads((run / "config_history.jsonl").read_text().splitlines()[-1])["changes"] == {"max_steps": [6, 10]}
 
 

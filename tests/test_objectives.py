@@ -1,6 +1,6 @@
 """Objective core: every objective against an independent closed form, in float64.
 
-The closed forms here are written from `shared/spec/objectives.md` with plain probabilities, not
+The closed forms here are written from `docs/objectives.md` with plain probabilities, not
 with the library's helpers, so a wrong weight in the library cannot hide behind a shared bug.
 """
 

@@ -1,6 +1,6 @@
 """The building blocks of the unified token-weighted view of distillation.
 
-Every objective of `hpd` (see `shared/spec/objectives.md`) has a gradient of the form
+Every objective of `hpd` (see `docs/objectives.md`) has a gradient of the form
 
     grad L = -(1/N) sum_t sum_{v in S_t} w_t(v) grad log q(v | x<t)
 
@@ -40,7 +40,13 @@ Support = Literal["token", "pair", "vocab"]
 
 @dataclass(frozen=True)
 class Param:
-    """A scalar parameter of an objective, with its allowed interval."""
+    """A scalar parameter of an objective, with its allowed interval: the one declaration of it.
+
+    The config's `objective` section gets one field per parameter from these (`hpd.config`), with
+    this default, range and help; `key` names that field when it is not the parameter's own name
+    (e.g. ToDi's `beta` is `objective.todi_beta`, as jsd's `beta` is `objective.beta`).
+    Objectives that declare the same field must declare the same default and range.
+    """
 
     default: float
     help: str
@@ -48,6 +54,15 @@ class Param:
     high: float | None = None
     low_open: bool = False
     high_open: bool = False
+    key: str | None = None
+
+    def field_name(self, name: str) -> str:
+        """The config field (under `objective.`) that holds this parameter, declared as `name`."""
+        return self.key or name
+
+    def same_range(self, other: Param) -> bool:
+        return (self.default, self.low, self.high, self.low_open, self.high_open) == (
+            other.default, other.low, other.high, other.low_open, other.high_open)
 
     def describe(self) -> str:
         lo = "-inf" if self.low is None else f"{self.low:g}"
@@ -71,11 +86,13 @@ class Param:
         return value
 
 
-TEMPERATURE = Param(1.0, "loss temperature: both distributions are softmax(logits / temperature)", low=0.0, low_open=True)
+TEMPERATURE = Param(1.0, "Loss temperature tau: both distributions are softmax(logits / tau). Distinct from "
+                         "regime.temperature (rollout sampling).", low=0.0, low_open=True)
 # Every objective's loss is ce_weight * CE(y) + kd_weight * (the objective); the defaults give the
 # pure objective. Classic KD and the AKL/ToDi authors' recipes train CE + 0.1 * divergence.
-CE_WEIGHT = Param(0.0, "weight of the cross-entropy on the sequence token y added to the objective", low=0.0)
-KD_WEIGHT = Param(1.0, "weight of the objective itself (the distillation term)", low=0.0)
+CE_WEIGHT = Param(0.0, "Weight of the cross-entropy on the data token: loss = ce_weight * CE + kd_weight * objective "
+                       "(AKL/ToDi as their authors run them: ce_weight=1, kd_weight=0.1).", low=0.0)
+KD_WEIGHT = Param(1.0, "Weight of the objective itself in that sum (at least one of the two > 0).", low=0.0)
 COMMON_PARAMS = {"temperature": TEMPERATURE, "ce_weight": CE_WEIGHT, "kd_weight": KD_WEIGHT}
 
 

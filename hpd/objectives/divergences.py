@@ -2,7 +2,7 @@
 
 Each one reads the teacher's whole distribution `p` and the student's `q` at a chunk of positions
 and returns its divergence per position and detached weights `w(v) = -q(v) dD/dq(v)` over the
-vocabulary (the identity of `shared/spec/objectives.md`), so that the shared surrogate
+vocabulary (the identity of `docs/objectives.md`), so that the shared surrogate
 `-(1/N) sum_v sg(w(v)) log q(v)` has exactly the gradient of the divergence. Weights may differ
 from that formula by a per-position multiple of `q(v)`, which changes nothing. With a cached
 top-K teacher they work on K + 1 categories (the top-K tokens and one tail bucket).
@@ -145,7 +145,7 @@ class AdaptiveKL(_VocabObjective):
 class TokenwiseDivergence(_VocabObjective):
     name = "todi"
     summary = "ToDi: per-token mix of forward and reverse KL, a(v) = sigmoid(beta log(p/q))"
-    params = {"beta": Param(1.0, "sharpness of the per-token gate", 0.0, low_open=True)}
+    params = {"beta": Param(1.0, "sharpness of the per-token gate", 0.0, low_open=True, key="todi_beta")}
 
     def divergence(self, logq, logp):
         a = torch.sigmoid(self.beta * (logp - logq))
@@ -160,8 +160,10 @@ class AlphaBetaDivergence(_VocabObjective):
     name = "abkl"
     summary = "alpha-beta divergence (ABKD): alpha=1, beta->0 is fkl; alpha->0, beta=1 is rkl"
     params = {
-        "alpha": Param(1.0, "alpha-beta divergence alpha (any real; 0 is the continuous limit)"),
-        "beta": Param(1.0, "alpha-beta divergence beta (any real; 0 is the continuous limit)"),
+        "alpha": Param(1.0, "alpha-beta divergence alpha (any real; 0 is the continuous limit; alpha=1 with "
+                            "beta=0 is forward KL, alpha=0 with beta=1 reverse KL)", key="abkl_alpha"),
+        "beta": Param(1.0, "alpha-beta divergence beta (any real; 0 is the continuous limit; alpha = beta = 1 "
+                           "is 1/2 sum (p - q)^2)", key="abkl_beta"),
     }
 
     def divergence(self, logq, logp):

@@ -39,10 +39,10 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from hpd.errors import HPDError
+from hpd.vocab import resolve_shared_vocab
 from hpd.objectives.base import (
     IGNORE_INDEX, Objective, ObjectiveOutput, TeacherChunk, TokenWeights, bucket_logq, kl, upcast,
 )
@@ -50,8 +50,57 @@ from hpd.objectives.base import (
 DEFAULT_CHUNK_SIZE = 1024
 
 
+class TeacherView:
+    """What an objective reads of the teacher for one batch, and how to read it chunk by chunk.
+
+    Each kind of view (logits, hidden states + head, gathered log-probabilities, a cached top-K)
+    says how big its vocabulary is, checks itself against the objective, and hands the surrogate a
+    `chunker`: a function from active positions to the teacher's log-probabilities there. So the
+    surrogate never asks which kind it holds, and a new teacher source needs only a new view.
+    """
+
+    # hpd's sample must be given (the view holds the teacher at chosen tokens only).
+    needs_given_samples = False
+    # Each view has `vocab_size`: the rows of the teacher's distribution, or None when unknown.
+
+    def check(self, obj: Objective, tau: float, labels: Tensor) -> None:
+        """Raise `HPDError` when this view cannot serve `obj` at temperature `tau` on `labels (B, T)`."""
+
+    def check_vocab(self, V: int) -> None:
+        """Raise `HPDError` when the loss's vocabulary `V` is not the one this view is normalized over."""
+
+    def chunker(self, V: int, tau: float):
+        """`f(pos (C,), labels (C,)) -> TeacherChunk`: the teacher at flat positions `pos` of `(B, T)`."""
+        raise NotImplementedError
+
+
 @dataclass
-class GatheredTeacher:
+class LogitsTeacher(TeacherView):
+    """A teacher given by its logits `(B, T, V)` (plain tensors passed as the teacher become this)."""
+
+    logits: Tensor
+
+    @property
+    def vocab_size(self) -> int:
+        return self.logits.shape[-1]
+
+    def check(self, obj, tau, labels):
+        if self.logits.shape[:2] != labels.shape:
+            raise HPDError(f"teacher logits {tuple(self.logits.shape)} do not match labels {tuple(labels.shape)}")
+
+    def chunker(self, V, tau):
+        t = self.logits
+
+        def chunk(pos: Tensor, labels: Tensor) -> TeacherChunk:
+            z = upcast(t.detach().reshape(-1, t.shape[-1])[pos, :V])
+            if tau != 1.0:
+                z.div_(tau)  # z is this chunk's own tensor (an indexed copy)
+            return TeacherChunk(torch.log_softmax(z, -1))
+        return chunk
+
+
+@dataclass
+class GatheredTeacher(TeacherView):
     """Teacher log-probabilities gathered at a few tokens per position.
 
     tokens:   `(B, T, K)` token ids (for `sft`/`orkl`: the labels; for `hpd`: labels and samples).
@@ -60,10 +109,17 @@ class GatheredTeacher:
 
     tokens: Tensor
     logprobs: Tensor
+    needs_given_samples = True
+    vocab_size = None  # unknown: only a few tokens per position
+
+    def chunker(self, V, tau):
+        K = self.tokens.shape[-1]
+        tokens, logprobs = self.tokens.reshape(-1, K), self.logprobs.reshape(-1, K)
+        return lambda pos, labels: TeacherChunk(upcast(logprobs[pos]), tokens[pos])
 
 
 @dataclass
-class TopKTeacher:
+class TopKTeacher(TeacherView):
     """A teacher read from a cache: exact at the sequence token, top-K tokens plus a tail elsewhere.
 
     label_logprobs: `(B, T)` the teacher's log-probability of `labels[:, t]` (unread where ignored).
@@ -91,9 +147,40 @@ class TopKTeacher:
         return replace(self, label_logprobs=self.label_logprobs.to(device), tokens=self.tokens.to(device),
                        logprobs=self.logprobs.to(device), tail=self.tail.to(device))
 
+    def check(self, obj, tau, labels):
+        if abs(self.temperature - tau) > 1e-12:
+            raise HPDError(f"the cached teacher was computed at temperature {self.temperature:g}, the objective "
+                           f"uses {tau:g}: rebuild the cache with --temperature {tau:g}")
+        if self.tokens.shape[-1] == 0 and obj.support != "token":
+            raise HPDError(f"objective '{obj.name}' reads the teacher beyond the sequence token, but the teacher "
+                           "cache holds no top-K tokens: rebuild it with --top-k K (e.g. 32)")
+
+    def check_vocab(self, V):
+        if V != self.vocab_size:
+            raise HPDError(f"the cached teacher is normalized over {self.vocab_size} tokens, the loss over {V}: "
+                           f"rebuild the cache with --vocab-size {V}")
+
+    def chunker(self, V, tau):
+        K = self.tokens.shape[-1]
+        n = self.label_logprobs.numel()
+        label_lp, all_ids, all_lp = self.label_logprobs.reshape(-1), self.tokens.reshape(n, K), self.logprobs.reshape(n, K)
+        tail = self.tail.reshape(-1)
+
+        def chunk(pos: Tensor, labels: Tensor) -> TeacherChunk:
+            label_logp = upcast(label_lp[pos])[:, None]
+            ids, logp = all_ids[pos], upcast(all_lp[pos])
+            if K >= V:  # the whole distribution
+                full = torch.empty_like(logp).scatter_(1, ids, logp)
+                return TeacherChunk(full.scatter_(1, labels[:, None], label_logp))
+            tokens, logp = torch.cat([labels[:, None], ids], 1), torch.cat([label_logp, logp], 1)
+            if K == 0:
+                return TeacherChunk(logp, tokens)
+            return TeacherChunk(logp, tokens, tail=upcast(tail[pos]), num_topk=K, vocab_size=V)
+        return chunk
+
 
 @dataclass
-class HeadTeacher:
+class HeadTeacher(TeacherView):
     """A teacher given by its final hidden states and LM head, so its logits can be chunked too.
 
     hidden: `(B, T, H)` final (normed) hidden states; weight: `(V, H)`; bias: `(V,)` or None.
@@ -103,22 +190,32 @@ class HeadTeacher:
     weight: Tensor
     bias: Tensor | None = None
 
+    @property
+    def vocab_size(self) -> int:
+        return self.weight.shape[0]
 
-def resolve_shared_vocab(student_size: int, teacher_size: int, tokenizer_size: int | None = None) -> int:
-    """The vocabulary both models share.
+    def chunker(self, V, tau):
+        w = upcast(self.weight.detach()[:V])
+        b = None if self.bias is None else upcast(self.bias.detach()[:V])
+        hid = self.hidden.detach().reshape(-1, self.hidden.shape[-1])
 
-    Equal sizes are shared as they are. Sizes that differ only by trailing padding rows (both at
-    least the tokenizer's length) share the smaller one. Anything else is a tokenizer mismatch.
-    """
-    if student_size == teacher_size:
-        return student_size
-    if tokenizer_size is not None and tokenizer_size <= min(student_size, teacher_size):
-        return min(student_size, teacher_size)
-    known = "" if tokenizer_size is None else f", tokenizer {tokenizer_size}"
-    raise HPDError(
-        f"teacher and student vocabularies differ: student {student_size} rows, teacher {teacher_size} rows{known}. "
-        "Logit-level distillation needs one tokenizer; sizes may differ only by padding rows past the tokenizer's length"
-    )
+        def chunk(pos: Tensor, labels: Tensor) -> TeacherChunk:
+            h = upcast(hid[pos])
+            z = torch.addmm(b, h, w.T) if b is not None else h @ w.T
+            if tau != 1.0:
+                z.div_(tau)  # z is this chunk's own tensor (a product)
+            return TeacherChunk(torch.log_softmax(z, -1))
+        return chunk
+
+
+def as_teacher_view(teacher) -> TeacherView | None:
+    """`teacher` as a `TeacherView`: a plain logits tensor `(B, T, V)` is wrapped, None stays None."""
+    if teacher is None or isinstance(teacher, TeacherView):
+        return teacher
+    if isinstance(teacher, Tensor):
+        return LogitsTeacher(teacher)
+    raise HPDError(f"a teacher must be logits (B, T, V) or a TeacherView (HeadTeacher, GatheredTeacher, TopKTeacher), "
+                   f"got {type(teacher).__name__}")
 
 
 class _Stats:
@@ -162,22 +259,11 @@ class _Plan:
         self.obj, self.tau = obj, float(obj.temperature)
         if teacher is None and obj.needs_teacher:
             raise HPDError(f"objective '{obj.name}' needs a teacher; only 'sft' runs without one")
+        teacher = as_teacher_view(teacher)
         teacher_vocab = None
-        if isinstance(teacher, Tensor):
-            teacher_vocab = teacher.shape[-1]
-            if teacher.shape[:2] != labels.shape:
-                raise HPDError(f"teacher logits {tuple(teacher.shape)} do not match labels {tuple(labels.shape)}")
-        elif isinstance(teacher, HeadTeacher):
-            teacher_vocab = teacher.weight.shape[0]
-        elif isinstance(teacher, TopKTeacher):
+        if teacher is not None:
             teacher_vocab = teacher.vocab_size
-            K = teacher.tokens.shape[-1]
-            if abs(teacher.temperature - self.tau) > 1e-12:
-                raise HPDError(f"the cached teacher was computed at temperature {teacher.temperature:g}, the objective "
-                               f"uses {self.tau:g}: rebuild the cache with --temperature {self.tau:g}")
-            if K == 0 and obj.support != "token":
-                raise HPDError(f"objective '{obj.name}' reads the teacher beyond the sequence token, but the teacher "
-                               "cache holds no top-K tokens: rebuild it with --top-k K (e.g. 32)")
+            teacher.check(obj, self.tau, labels)
         if vocab_size is None:
             if teacher_vocab is not None and teacher_vocab != student_vocab:
                 resolve_shared_vocab(student_vocab, teacher_vocab)  # raises with both sizes
@@ -185,9 +271,8 @@ class _Plan:
         elif vocab_size > student_vocab or (teacher_vocab is not None and vocab_size > teacher_vocab):
             raise HPDError(f"vocab_size={vocab_size} exceeds the student ({student_vocab}) or teacher ({teacher_vocab}) vocabulary")
         self.V = vocab_size
-        if isinstance(teacher, TopKTeacher) and self.V != teacher.vocab_size:
-            raise HPDError(f"the cached teacher is normalized over {teacher.vocab_size} tokens, the loss over {self.V}: "
-                           f"rebuild the cache with --vocab-size {self.V}")
+        if teacher is not None:
+            teacher.check_vocab(self.V)
 
         flat = labels.reshape(-1).to(device)
         active = (flat != IGNORE_INDEX) & (flat >= 0) & (flat < self.V)
@@ -205,18 +290,14 @@ class _Plan:
         if pair:
             if sampled_tokens is not None:
                 self.sample = flat_sample[self.pos]
-            elif isinstance(teacher, GatheredTeacher):
+            elif teacher is not None and teacher.needs_given_samples:
                 raise HPDError("hpd with a GatheredTeacher needs sampled_tokens: the teacher must be gathered at them")
             else:
                 gen_device = generator.device if generator is not None else device
                 self.uniform = torch.rand(self.N, generator=generator, device=gen_device, dtype=torch.float64).to(device)
 
         self.teacher = teacher
-        self._teacher_head = None
-        if isinstance(teacher, HeadTeacher):
-            w = upcast(teacher.weight.detach()[: self.V])
-            b = None if teacher.bias is None else upcast(teacher.bias.detach()[: self.V])
-            self._teacher_head = (teacher.hidden.detach().reshape(B * T, -1), w, b)
+        self._chunk = teacher.chunker(self.V, self.tau) if teacher is not None else None
         self.denom = torch.as_tensor(self.N if num_tokens is None else num_tokens, dtype=torch.float32, device=device).clamp_min(1)
         self.diagnostics = diagnostics
         self.stats = _Stats()
@@ -225,33 +306,7 @@ class _Plan:
     @torch.no_grad()
     def teacher_chunk(self, pos: Tensor, labels: Tensor) -> TeacherChunk | None:
         """The teacher at positions `pos (C,)` whose sequence tokens are `labels (C,)`."""
-        t = self.teacher
-        if t is None:
-            return None
-        if isinstance(t, TopKTeacher):
-            K = t.tokens.shape[-1]
-            label_logp = upcast(t.label_logprobs.reshape(-1)[pos])[:, None]
-            n = t.label_logprobs.numel()
-            ids, logp = t.tokens.reshape(n, K)[pos], upcast(t.logprobs.reshape(n, K)[pos])
-            if K >= self.V:  # the whole distribution
-                full = torch.empty_like(logp).scatter_(1, ids, logp)
-                return TeacherChunk(full.scatter_(1, labels[:, None], label_logp))
-            tokens, logp = torch.cat([labels[:, None], ids], 1), torch.cat([label_logp, logp], 1)
-            if K == 0:
-                return TeacherChunk(logp, tokens)
-            return TeacherChunk(logp, tokens, tail=upcast(t.tail.reshape(-1)[pos]), num_topk=K, vocab_size=self.V)
-        if isinstance(t, GatheredTeacher):
-            K = t.tokens.shape[-1]
-            return TeacherChunk(upcast(t.logprobs.reshape(-1, K)[pos]), t.tokens.reshape(-1, K)[pos])
-        if isinstance(t, HeadTeacher):
-            hid, w, b = self._teacher_head
-            h = upcast(hid[pos])
-            z = torch.addmm(b, h, w.T) if b is not None else h @ w.T
-        else:
-            z = upcast(t.detach().reshape(-1, t.shape[-1])[pos, : self.V])
-        if self.tau != 1.0:
-            z.div_(self.tau)  # z is this chunk's own tensor (a product or an indexed copy)
-        return TeacherChunk(torch.log_softmax(z, -1))
+        return None if self._chunk is None else self._chunk(pos, labels)
 
     @torch.no_grad()
     def terms(self, logq: Tensor, sl: slice) -> TokenWeights:
