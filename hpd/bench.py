@@ -481,13 +481,13 @@ def tuned_lr(cond: Condition, method: str, s: BenchSettings) -> tuple[float, dic
 
 
 def plan_grid(cond: Condition, s: BenchSettings) -> list[RunSpec]:
-    """Phase 1: seed 0 at every grid rate (validation and test scores), seeds > 0 at the base rate."""
-    specs = []
-    for m in s.methods:
-        for mult in s.lr_grid:
-            specs.append(run_spec(cond, m, cond.start.lr * mult, s.seeds[0], s))
-        for seed in s.seeds[1:]:
-            specs.append(run_spec(cond, m, cond.start.lr, seed, s))
+    """Phase 1: seed 0 at every grid rate (validation and test scores), seeds > 0 at the base rate.
+
+    Ordered so that an interrupted bench leaves the most useful partial tables: the reference
+    first, every method's base-rate seeds (the equal-lr table) before the other grid rates."""
+    methods = sorted(s.methods, key=lambda m: m != REFERENCE)
+    specs = [run_spec(cond, m, cond.start.lr, seed, s) for m in methods for seed in s.seeds]
+    specs += [run_spec(cond, m, cond.start.lr * mult, s.seeds[0], s) for m in methods for mult in s.lr_grid if mult != 1.0]
     return specs
 
 
@@ -509,6 +509,8 @@ def run_bench(s: BenchSettings) -> Path:
     unknown = [m for m in s.methods if m not in METHODS]
     if unknown:
         raise HPDError(f"unknown bench method(s) {unknown}; choose from: {', '.join(METHODS)}")
+    if 1.0 not in s.lr_grid:
+        raise HPDError(f"--lr-grid {s.lr_grid} must contain 1 (the base rate, which the equal-lr table uses)")
     if REFERENCE not in s.methods:
         raise HPDError(f"the bench compares every method with {REFERENCE!r}: include it in --methods")
     if not (Path(s.teacher) / "config.json").is_file():

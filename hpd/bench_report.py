@@ -175,7 +175,7 @@ def condition_tables(cond: Condition, s: BenchSettings) -> str:
 
     lines.append(f"### {cond.name}\n")
     lines.append(f"Start `{cond.start.name}` ({cond.start.steps} steps, base lr {cond.start.lr:g}); data: {cond.note}; "
-                 f"teacher {cond.teacher.name}; {n_test} test problems ({', '.join(tasks)}), verifier `{cond.verifier}`.\n")
+                 f"teacher {_teacher_name(cond.teacher)}; {n_test} test problems ({', '.join(tasks)}), verifier `{cond.verifier}`.\n")
     lines.append(f"Equal learning rate ({cond.start.lr:g} for every method), accuracy % (mean ± std over seeds):\n")
     lines += table("equal", equal, {m: cond.start.lr for m in s.methods})
     lines.append("")
@@ -185,6 +185,12 @@ def condition_tables(cond: Condition, s: BenchSettings) -> str:
     lines.append("")
     lines.append(hpd_diagnostics(equal.get(REFERENCE, {}), tuned.get(REFERENCE, {})))
     return "\n".join(lines) + "\n"
+
+
+def _teacher_name(path: Path) -> str:
+    from hpd.demo import BUNDLED_TEACHER
+
+    return "the bundled one" if Path(path).resolve() == BUNDLED_TEACHER.resolve() else str(path)
 
 
 def _best_curve(cond: Condition, s: BenchSettings, rates: dict[str, tuple[float, dict]]) -> float | None:
