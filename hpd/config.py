@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
 import os
 import textwrap
@@ -491,8 +492,14 @@ def iter_fields(cfg: Config | None = None) -> Iterator[tuple[str, dataclasses.Fi
             yield f.name, f, tp, value
 
 
+@functools.cache
+def _field_table() -> dict[str, tuple[Any, dict[str, Any]]]:
+    """dotted key -> (type, metadata: help and checks) of every leaf field."""
+    return {key: (tp, dict(f.metadata)) for key, f, tp, _value in iter_fields()}
+
+
 def _all_keys() -> list[str]:
-    return [k for k, *_ in iter_fields()]
+    return list(_field_table())
 
 
 def _type_name(tp: Any) -> str:
@@ -616,10 +623,7 @@ def _message(err: Any) -> str:
 
 def _field_of(key: str) -> tuple[Any, dict[str, Any]]:
     """(type, metadata) of a dotted key."""
-    for k, f, tp, _v in iter_fields():
-        if k == key:
-            return tp, dict(f.metadata)
-    return Any, {}
+    return _field_table().get(key, (Any, {}))
 
 
 def _type_error(key: str, tp: Any, value: Any) -> HPDError:
