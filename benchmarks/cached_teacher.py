@@ -15,7 +15,7 @@ one torch thread each (OMP_NUM_THREADS=1):
    `step_time_s` (first 5 steps left out as warm-up) and its ratio to SFT the median of the
    per-round ratios;
 4. prints step times, tokens/s, the ratio to the SFT step, cache bytes per token and build time,
-   and, with `--n-eval N`, held-out accuracy (greedy, `hpd.experiments.evaluate_on_tasks`, seed 0)
+   and, with `--n-eval N`, held-out accuracy (greedy, `hpd.apps.experiments.evaluate_on_tasks`, seed 0)
    per task of the full-length runs.
 
 Runs live in `OUT/runs/` and resume (finished runs are skipped), so an interrupted benchmark
@@ -37,7 +37,7 @@ from hpd.demo import BUNDLED_TEACHER, TASKS, student_config, write_task_data
 
 
 def _step_stats(run_dir: Path, warmup: int = 5) -> dict:
-    from hpd.experiments import read_records
+    from hpd.apps.experiments import read_records
 
     recs = [r for r in read_records(run_dir) if r.get("step_time_s")]
     times = [r["step_time_s"] for r in recs if r["step"] > warmup]
@@ -63,7 +63,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-    from hpd.experiments import evaluate_on_tasks, run_configs
+    from hpd.apps.experiments import evaluate_on_tasks, run_configs
     from hpd.teacher_cache import TeacherCache, build_teacher_cache
 
     out = args.out

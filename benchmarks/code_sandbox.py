@@ -28,7 +28,7 @@ import resource
 import statistics
 import time
 
-from hpd.tasks.code import CodeTask
+from hpd.apps.tasks.code import CodeTask
 
 BAD = [
     "x+1 if isinstance(x, int) else x",  # wrong
@@ -68,7 +68,7 @@ def _layers(jobs_n: int, rounds: int) -> None:
     import json
     import subprocess
 
-    from hpd.tasks import sandbox as sb
+    from hpd.apps.tasks import sandbox as sb
 
     found = sb.isolation()
     jobs = [{"src": "x*2+1", "var": "x", "inputs": list(range(8))}] * jobs_n

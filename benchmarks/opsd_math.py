@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from hpd.config import load_config  # noqa: E402
-from hpd.experiments import run_slug  # noqa: E402
+from hpd.apps.experiments import run_slug  # noqa: E402
 
 TASK = "math"  # the default: 4 steps, values up to 999
 TEMPLATE = load_config(None).opsd.teacher_template
@@ -49,7 +49,7 @@ METHODS: dict[str, list[str]] = {
 def write_data(out: Path) -> None:
     """pretrain.jsonl (base model), train.jsonl ({prompt, reference} pairs) under OUT/data."""
     from hpd.data import privileged_prompt
-    from hpd.tasks import get_task
+    from hpd.apps.tasks import get_task
 
     data = out / "data"
     if (data / "train.jsonl").is_file():
@@ -73,11 +73,11 @@ def accuracy(model_dir: Path | str, *, privileged: bool = False, n: int = N_EVAL
     """Greedy held-out accuracy on the math task; `privileged` puts the reference in the prompt."""
     import torch
 
-    from hpd.evaluate import wilson_interval
+    from hpd.apps.evaluate import wilson_interval
     from hpd.models import load_model
     from hpd.data import privileged_prompt
     from hpd.rollout import generate_text
-    from hpd.tasks import get_task
+    from hpd.apps.tasks import get_task
 
     task = get_task(TASK)
     items = task.generate("test", n, seed=0)
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     write_data(a.out)
     if a.what == "data":
         return
-    from hpd.experiments import read_records, run_configs
+    from hpd.apps.experiments import read_records, run_configs
 
     base_cfg = load_config(str(ROOT / "configs" / "opsd-base.yaml"),
                            [f"output_dir={a.out / 'base'}", f"data.train={a.out / 'data' / 'pretrain.jsonl'}"])

@@ -13,7 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 PY=${PY:-python}
-HPD="$PY -m hpd.cli"
+HPD="$PY -m hpd.apps.cli"
 R=${R:-runs/smollm2}
 N_TRAIN=${N_TRAIN:-160}
 CONFIG=configs/smollm2-135m-to-10l.yaml

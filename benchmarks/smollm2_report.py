@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from hpd.config import load_config
-from hpd.evaluate import evaluate_model
-from hpd.experiments import read_records
+from hpd.apps.evaluate import evaluate_model
+from hpd.apps.experiments import read_records
 from hpd.models import init_from_teacher, load_model
 
 

@@ -228,7 +228,7 @@ def step_records(run_dir: Path) -> list[dict]:
     """Per-step {step, step_time_s, step_cpu_s, tokens, elapsed_s, cpu_s} of either trainer."""
     if (run_dir / "steps.jsonl").is_file():
         return [json.loads(line) for line in (run_dir / "steps.jsonl").read_text().splitlines() if line.strip()]
-    from hpd.experiments import read_records
+    from hpd.apps.experiments import read_records
 
     recs, prev = [], 0.0
     for r in read_records(run_dir):
@@ -252,7 +252,7 @@ def checkpoints(run_dir: Path) -> dict[int, Path]:
 
 def accuracy(model_dir: Path, cache: Path, args) -> dict:
     from hpd.demo import TASKS
-    from hpd.experiments import evaluate_on_tasks
+    from hpd.apps.experiments import evaluate_on_tasks
 
     if not cache.is_file():
         cache.write_text(json.dumps(evaluate_on_tasks(model_dir, list(TASKS), n=args.n_eval, seed=args.seed)))

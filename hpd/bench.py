@@ -198,7 +198,7 @@ def _read_rows(path: Path) -> list[dict]:
 
 def _task_rows(tasks: list[str], split: str, per_task: int, seed: int) -> dict[str, list[dict]]:
     """Rows `{"prompt", "completion", "task", "answer", ...}` per task, as `hpd data` writes them."""
-    from hpd.tasks import get_task, task_row
+    from hpd.apps.tasks import get_task, task_row
 
     return {t: [task_row(it) for it in get_task(t).generate(split, per_task, seed=seed)] for t in tasks}
 
@@ -230,7 +230,7 @@ def _traces(data_dir: Path, gold_train: Path, s: BenchSettings) -> tuple[Path, s
             raise HPDError(f"no trace writer at {s.writer}: build it with `bash scripts/build_students.sh`")
         from hpd.models import load_model
         from hpd.rollout import generate_text
-        from hpd.verifiers import get_verifier
+        from hpd.apps.verifiers import get_verifier
 
         rows = _read_rows(gold_train)
         model, tok = load_model(str(s.writer))
@@ -340,7 +340,7 @@ def _lr_tag(lr: float) -> str:
 def run_spec(cond: Condition, method: str, lr: float, seed: int, s: BenchSettings, *, curve: bool = False) -> RunSpec:
     """One run. Seed-0 runs are the grid: they keep a checkpoint at every quarter (for the
     efficiency curve of whichever rate turns out best) and are also scored on the validation split."""
-    from hpd.experiments import run_slug
+    from hpd.apps.experiments import run_slug
 
     run_dir = Path(s.out_dir) / "runs" / cond.name / run_slug(method) / f"{_lr_tag(lr)}-s{seed}"
     objective, extra = METHODS[method]
@@ -361,8 +361,8 @@ def _eval_file(run_dir: Path, split: str, step: int | None = None) -> Path:
 
 def score_model(model_dir: Path, rows_file: str, verifier: str, answer_pattern: str | None, n_per_task: int | None = None) -> dict:
     """Greedy answers to every row, verified: `{"verdicts": [...], "tasks": [...], "accuracy": ...}`."""
-    from hpd.evaluate import evaluate_rows
-    from hpd.verifiers import get_verifier
+    from hpd.apps.evaluate import evaluate_rows
+    from hpd.apps.verifiers import get_verifier
 
     rows = _read_rows(Path(rows_file))
     if n_per_task is not None:
@@ -516,7 +516,7 @@ def run_bench(s: BenchSettings) -> Path:
     if not (Path(s.teacher) / "config.json").is_file():
         raise HPDError(f"no teacher at {s.teacher}: pass --teacher DIR or run `bash scripts/build_teacher.sh`")
     if s.verifier is not None:
-        from hpd.verifiers import get_verifier
+        from hpd.apps.verifiers import get_verifier
 
         get_verifier(s.verifier, answer_pattern=s.answer_pattern)  # a bad spec fails before any training
     else:

@@ -18,12 +18,20 @@ checks everything and `config_help()` documents everything from the same source 
 Values from YAML files and overrides are converted to the field's type (an int is accepted for a
 float field, ``'1e-3'`` is read as a float, ``null``/``none`` means None for optional fields) and a
 wrong type, a value out of range or an unknown choice raises `HPDError` naming the dotted key.
+
+The conversion and checks run on pydantic v2: a model derived from the dataclasses (each field's
+range, choices and help declared once, in `field_`) converts the values and collects every type,
+range and choice error, which this module turns into one-line messages. We chose pydantic over
+OmegaConf because it checks ranges and choices itself (OmegaConf checks only types) and is already
+a dependency of transformers; the dataclasses stay plain, so a `Config` is built, compared and
+edited as before, and only the help text, the did-you-mean hints and the commented YAML are ours.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
 import os
 import textwrap
@@ -31,9 +39,11 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Annotated, Any, Iterable, Iterator, Literal
 
 import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic_core import PydanticCustomError
 
 from hpd.errors import HPDError
 from hpd.objectives import OBJECTIVES, Param, config_params, objective_class, param_fields
@@ -482,8 +492,14 @@ def iter_fields(cfg: Config | None = None) -> Iterator[tuple[str, dataclasses.Fi
             yield f.name, f, tp, value
 
 
+@functools.cache
+def _field_table() -> dict[str, tuple[Any, dict[str, Any]]]:
+    """dotted key -> (type, metadata: help and checks) of every leaf field."""
+    return {key: (tp, dict(f.metadata)) for key, f, tp, _value in iter_fields()}
+
+
 def _all_keys() -> list[str]:
-    return [k for k, *_ in iter_fields()]
+    return list(_field_table())
 
 
 def _type_name(tp: Any) -> str:
@@ -524,8 +540,90 @@ def _suggest(word: str, options: Iterable[str]) -> str | None:
 
 
 # --------------------------------------------------------------------------------------------
-# Conversion of YAML / override values to field types
+# The schema: a pydantic model derived from the dataclasses above
 # --------------------------------------------------------------------------------------------
+
+
+def _objective_name(value: str) -> str:
+    """objective.name: a registered name, or a user's class by import path (checked by importing it)."""
+    if ":" in value:
+        objective_class(value)  # HPDError (a ValueError) says what is wrong with the path
+    elif value not in OBJECTIVES:
+        raise PydanticCustomError("choice", "not a registered objective")
+    return value
+
+
+def _field_type(tp: Any, meta: dict[str, Any]) -> Any:
+    """The pydantic type of one field: its Python type with the range/choice/non-empty checks of
+    its metadata as constraints (inside `Optional`, so that None skips them)."""
+    inner, optional = _split_optional(tp)
+    constraints: dict[str, Any] = {}
+    if meta.get("min") is not None:
+        constraints["gt" if meta.get("min_exclusive") else "ge"] = meta["min"]
+    if meta.get("max") is not None:
+        constraints["lt" if meta.get("max_exclusive") else "le"] = meta["max"]
+    if meta.get("nonempty"):
+        constraints["pattern"] = r"\S"  # at least one non-blank character
+    if meta.get("import_path"):
+        inner = Annotated[inner, AfterValidator(_objective_name)]
+    elif "choices" in meta:
+        inner = Literal[tuple(meta["choices"])]
+    typed = Annotated[inner, Field(**constraints)] if constraints else inner
+    return typed | None if optional else typed
+
+
+def _model_of(cls: type) -> type[BaseModel]:
+    """A pydantic model with the fields (types, checks, defaults) of the dataclass `cls`."""
+    hints = _hints(cls)
+    fields: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if _is_section(tp):
+            fields[f.name] = (_model_of(tp), ...)
+        else:
+            fields[f.name] = (_field_type(tp, dict(f.metadata)), f.default)
+    config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    return create_model(cls.__name__, __config__=config, **fields)
+
+
+_SCHEMA = _model_of(Config)
+
+
+def _problems(data: dict[str, Any], strict: bool) -> tuple[Any, list[str]]:
+    """Validate a nested plain dict against the schema: (the validated model or None, messages).
+
+    strict: types must already be right (a config built in Python); otherwise pydantic converts
+    (``'1e-3'`` -> 0.001, ``'yes'`` -> True, 30.0 -> 30), after `_prepare` has applied our own rules.
+    """
+    try:
+        return _SCHEMA.model_validate(data, strict=strict), []
+    except ValidationError as e:
+        return None, [_message(err) for err in e.errors()]
+
+
+def _message(err: Any) -> str:
+    """One pydantic error -> our one-line message naming the dotted key, the rule and the value."""
+    key = ".".join(str(part) for part in err["loc"])
+    kind, value = err["type"], err["input"]
+    tp, meta = _field_of(key)
+    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal", "choice", "literal_error"):
+        msg = f"{key}: must be {_describe_checks(meta)}, got {value!r}"
+        hint = _suggest(str(value), [str(c) for c in meta["choices"]]) if "choices" in meta else None
+        return msg + (f" (did you mean {hint!r}?)" if hint else "")
+    if kind == "string_pattern_mismatch":
+        return f"{key}: must not be empty"
+    if kind == "finite_number":
+        return f"{key}: expected a finite float, got {value!r}"
+    if kind == "value_error":
+        return f"{key}: {err['ctx']['error']}"
+    if kind in ("model_type", "dataclass_type"):
+        return f"{key}: expected a mapping of {key}.* keys, got {value!r}"
+    return str(_type_error(key, tp, value))
+
+
+def _field_of(key: str) -> tuple[Any, dict[str, Any]]:
+    """(type, metadata) of a dotted key."""
+    return _field_table().get(key, (Any, {}))
 
 
 def _type_error(key: str, tp: Any, value: Any) -> HPDError:
@@ -537,97 +635,45 @@ def _type_error(key: str, tp: Any, value: Any) -> HPDError:
     return HPDError(f"{key}: expected {what}, got {value!r}")
 
 
-def _coerce(key: str, tp: Any, value: Any, raw: str | None = None) -> Any:
-    """Convert a YAML-parsed `value` (or the override's `raw` text) to the field type `tp`."""
+def _prepare(key: str, value: Any, raw: str | None) -> Any:
+    """Our reading of a YAML / override value where it differs from pydantic's lax conversion.
+
+    raw: the override's text after '=' (None for values from a file or a dict).
+    """
+    tp, meta = _field_of(key)
     inner, optional = _split_optional(tp)
     # 'none' is a word only for optional fields: teacher.path=none stays the string 'none'.
-    if value is None or (optional and isinstance(value, str) and value.strip().lower() in _NONE_WORDS):
-        if optional:
-            return None
-        raise _type_error(key, tp, value)
-
-    if inner is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str):
-            word = value.strip().lower()
-            if word in ("true", "yes", "on", "1"):
-                return True
-            if word in ("false", "no", "off", "0"):
-                return False
-        if isinstance(value, int) and value in (0, 1):
-            return bool(value)
-        raise _type_error(key, tp, value)
-
-    if inner is int:
-        if isinstance(value, bool):  # bool is an int subclass; True is never a step count
-            raise _type_error(key, tp, value)
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value.strip())
-            except ValueError:
-                try:  # '1e3' -> 1000 (YAML 1.1 reads exponent-without-dot as a string)
-                    number = float(value.strip())
-                except ValueError:
-                    raise _type_error(key, tp, value) from None
-                if math.isfinite(number) and number.is_integer():
-                    return int(number)
-        raise _type_error(key, tp, value)
-
-    if inner is float:
-        if isinstance(value, bool):
-            raise _type_error(key, tp, value)
-        if isinstance(value, (int, float)):
-            number = float(value)
-        elif isinstance(value, str):
-            try:
-                number = float(value.strip())  # YAML 1.1 reads 1e-3 (no dot) as a string
-            except ValueError:
-                raise _type_error(key, tp, value) from None
-        else:
-            raise _type_error(key, tp, value)
-        if not math.isfinite(number):
-            raise HPDError(f"{key}: expected a finite float, got {value!r}")
-        return number
-
-    if inner is str:
+    if optional and (value is None or (isinstance(value, str) and value.strip().lower() in _NONE_WORDS)):
+        return None
+    if inner is str and value is not None:
         if raw is not None:
             # Overrides: take the text as typed (`output_dir=2024` stays '2024', `tensorboard=off`
             # stays 'off'), unless it was quoted on purpose.
             text = raw.strip()
-            if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
-                return text[1:-1]
-            return text
-        if isinstance(value, str):
-            return value
+            return text[1:-1] if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"" else text
         if isinstance(value, bool):
             # YAML 1.1 reads unquoted on/off/yes/no as booleans (`tensorboard: off`,
             # `mixed_precision: no`): map them back to the word when it is one of the choices.
-            choices = _field_meta(key).get("choices", [])
             words = ("on", "yes", "true") if value else ("off", "no", "false")
             for word in words:
-                if word in choices:
+                if word in meta.get("choices", ()):
                     return word
             raise HPDError(
                 f"{key}: expected a string, got {value!r} (YAML reads unquoted yes/no/on/off as "
                 f"booleans: quote the value)"
             )
-        if isinstance(value, (int, float)):
-            return str(value)
-        raise _type_error(key, tp, value)
-
-    raise _type_error(key, tp, value)  # pragma: no cover - only the types above are used
-
-
-def _field_meta(key: str) -> dict[str, Any]:
-    for k, f, _tp, _v in iter_fields():
-        if k == key:
-            return dict(f.metadata)
-    return {}
+        return str(value) if isinstance(value, (int, float)) else value
+    if inner in (int, float) and isinstance(value, bool):
+        raise _type_error(key, tp, value)  # pydantic reads True as 1; a step count never is
+    if inner is int and isinstance(value, str):
+        try:  # '1e3' -> 1000 (YAML 1.1 reads an exponent without a dot as a string)
+            number = float(value)
+        except ValueError:
+            return value
+        return int(number) if math.isfinite(number) and number.is_integer() else value
+    if inner is float and isinstance(value, int):
+        return float(value)  # so that range messages show 0.0, as the value will be stored
+    return value
 
 
 # --------------------------------------------------------------------------------------------
@@ -643,30 +689,18 @@ def _unknown_key(key: str, where: str) -> HPDError:
     return HPDError(msg + " `hpd train --help` lists every key")
 
 
-def _set(cfg: Config, key: str, value: Any, *, raw: str | None = None, where: str = "") -> None:
-    """Set the dotted `key` of `cfg` to `value`, converted to the field's type."""
-    parts = key.split(".")
+def _set(data: dict[str, Any], key: str, value: Any, *, raw: str | None = None, where: str = "") -> None:
+    """Set the dotted `key` of the nested plain dict `data` (a config's values) to `value`."""
     sections = _sections()
-    top_hints = _hints(Config)
-    if len(parts) == 1:
-        name = parts[0]
-        if name in sections:
-            example = f"{name}.{dataclasses.fields(sections[name])[0].name}"
-            raise HPDError(
-                f"{name!r} is a section, not a value{where}: set its keys one by one, "
-                f"e.g. {example}=..."
-            )
-        if name not in top_hints:
-            raise _unknown_key(key, where)
-        setattr(cfg, name, _coerce(key, top_hints[name], value, raw))
-        return
-    if len(parts) == 2 and parts[0] in sections:
-        section_cls = sections[parts[0]]
-        sub_hints = _hints(section_cls)
-        if parts[1] in sub_hints:
-            setattr(getattr(cfg, parts[0]), parts[1], _coerce(key, sub_hints[parts[1]], value, raw))
-            return
-    raise _unknown_key(key, where)
+    if key in sections:
+        example = f"{key}.{dataclasses.fields(sections[key])[0].name}"
+        raise HPDError(
+            f"{key!r} is a section, not a value{where}: set its keys one by one, e.g. {example}=..."
+        )
+    if key not in _all_keys():
+        raise _unknown_key(key, where)
+    section, _, leaf = key.rpartition(".")
+    (data[section] if section else data)[leaf] = _prepare(key, value, raw)
 
 
 def _flatten(d: Any, where: str) -> list[tuple[str, Any]]:
@@ -704,47 +738,6 @@ def _flatten(d: Any, where: str) -> list[tuple[str, Any]]:
 # --------------------------------------------------------------------------------------------
 # Validation
 # --------------------------------------------------------------------------------------------
-
-
-def _has_type(value: Any, inner: Any) -> bool:
-    if inner is float:  # an int is a fine float; a bool is never a number here
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if inner is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, inner)
-
-
-def _check_field(key: str, f: dataclasses.Field, tp: Any, value: Any) -> str | None:
-    """One field's problem (a message), or None."""
-    meta = f.metadata
-    inner, optional = _split_optional(tp)
-    if value is None:
-        return None if optional else f"{key}: must be set, got null"
-    # Catch wrong types set from Python (cfg.optim.lr = "x"), which YAML loading already converts.
-    if not _has_type(value, inner):
-        return str(_type_error(key, tp, value))
-    if meta.get("nonempty") and isinstance(value, str) and not value.strip():
-        return f"{key}: must not be empty"
-    if meta.get("import_path") and isinstance(value, str) and ":" in value and value not in meta.get("choices", ()):
-        try:
-            objective_class(value)
-        except HPDError as e:
-            return f"{key}: {e}"
-        return None
-    if "choices" in meta and value not in meta["choices"]:
-        hint = _suggest(str(value), [str(c) for c in meta["choices"]])
-        msg = f"{key}: must be {_describe_checks(meta)}, got {value!r}"
-        return msg + (f" (did you mean {hint!r}?)" if hint else "")
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if isinstance(value, float) and not math.isfinite(value):
-            return f"{key}: must be a finite number, got {value!r}"
-        lo, hi = meta.get("min"), meta.get("max")
-        bad = (
-            lo is not None and (value <= lo if meta.get("min_exclusive") else value < lo)
-        ) or (hi is not None and (value >= hi if meta.get("max_exclusive") else value > hi))
-        if bad:
-            return f"{key}: must be {_describe_checks(meta)}, got {value!r}"
-    return None
 
 
 def _cross_checks(cfg: Config) -> list[str]:
@@ -829,29 +822,25 @@ def _cross_checks(cfg: Config) -> list[str]:
     return problems
 
 
+def _raise(problems: list[str]) -> None:
+    if len(problems) == 1:
+        raise HPDError(problems[0])
+    if problems:
+        raise HPDError(f"{len(problems)} config problems:\n  " + "\n  ".join(problems))
+
+
 def validate(cfg: Config) -> Config:
-    """Check every field against its metadata, plus the cross-field rules.
+    """Check every field against its type and checks (strictly: no conversion), plus the
+    cross-field rules.
 
     Raises HPDError listing every problem (each names its dotted key). Returns `cfg`.
     """
     if not isinstance(cfg, Config):
         raise TypeError(f"validate() expects a Config, got {type(cfg).__name__}")
-    problems: list[str] = []
-    for f, tp in _top_fields():
-        if _is_section(tp) and not isinstance(getattr(cfg, f.name), tp):
-            problems.append(f"{f.name}: expected a {tp.__name__}, got {getattr(cfg, f.name)!r}")
-    if problems:
-        raise HPDError("; ".join(problems))
-    for key, f, tp, value in iter_fields(cfg):
-        problem = _check_field(key, f, tp, value)
-        if problem:
-            problems.append(problem)
-    if not problems:  # cross checks assume well-typed fields
-        problems += _cross_checks(cfg)
-    if len(problems) == 1:
-        raise HPDError(problems[0])
-    if problems:
-        raise HPDError(f"{len(problems)} config problems:\n  " + "\n  ".join(problems))
+    _raise([f"{f.name}: expected a {tp.__name__}, got {getattr(cfg, f.name)!r}"
+            for f, tp in _top_fields() if _is_section(tp) and not isinstance(getattr(cfg, f.name), tp)])
+    _raise(_problems(config_to_dict(cfg), strict=True)[1])
+    _raise(_cross_checks(cfg))  # they assume well-typed fields
     return cfg
 
 
@@ -876,19 +865,24 @@ def _parse_override(text: str) -> tuple[str, Any, str]:
     return key, value, raw
 
 
-def _apply(cfg: Config, d: Any, where: str) -> Config:
+def _build(d: Any, where: str, overrides: Iterable[str]) -> Config:
+    """Defaults <- the mapping `d` <- the overrides, converted and checked by the schema."""
+    data = config_to_dict(Config())
     for key, value in _flatten(d, where):
-        _set(cfg, key, value, where=where)
-    return cfg
+        _set(data, key, value, where=where)
+    for text in overrides:
+        key, value, raw = _parse_override(text)
+        _set(data, key, value, raw=raw, where=f" (in override {text!r})")
+    model, problems = _problems(data, strict=False)
+    _raise(problems)
+    values = model.model_dump()
+    sections = {name: cls(**values.pop(name)) for name, cls in _sections().items()}
+    return validate(Config(**values, **sections))
 
 
 def config_from_dict(d: dict[str, Any] | None, overrides: Iterable[str] = ()) -> Config:
     """Build and validate a Config from a (nested or dotted-key) mapping plus overrides."""
-    cfg = _apply(Config(), d, "")
-    for text in overrides:
-        key, value, raw = _parse_override(text)
-        _set(cfg, key, value, raw=raw, where=f" (in override {text!r})")
-    return validate(cfg)
+    return _build(d, "", overrides)
 
 
 def load_config(path: str | os.PathLike[str] | None, overrides: Iterable[str] = ()) -> Config:
@@ -897,7 +891,7 @@ def load_config(path: str | os.PathLike[str] | None, overrides: Iterable[str] = 
     Raises HPDError for a missing/malformed file, an unknown key (with the closest valid key),
     a value of the wrong type, out of range or not among the choices.
     """
-    cfg = Config()
+    data, where = None, ""
     if path is not None:
         p = Path(path)
         if not p.is_file():
@@ -914,11 +908,8 @@ def load_config(path: str | os.PathLike[str] | None, overrides: Iterable[str] = 
                 f"config file '{p}' is empty (no settings): write the keys you want in it "
                 f"(`hpd config --out {p}` writes a default one)"
             )
-        _apply(cfg, data, f" (in {p})")
-    for text in overrides:
-        key, value, raw = _parse_override(text)
-        _set(cfg, key, value, raw=raw, where=f" (in override {text!r})")
-    return validate(cfg)
+        where = f" (in {p})"
+    return _build(data, where, overrides)
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:

@@ -72,7 +72,7 @@ def student_config(out: Path, teacher: Path, train: Path, eval_: Path, *, object
 
 def write_task_data(out: Path, per_task: int, n_eval: int, seed: int) -> tuple[Path, Path]:
     """Training problems (train split) and held-out problems for the eval loss (test split)."""
-    from hpd.tasks import mixed_dataset, write_jsonl
+    from hpd.apps.tasks import mixed_dataset, write_jsonl
 
     train, eval_ = out / "data" / "train.jsonl", out / "data" / "eval.jsonl"
     if not train.is_file():
@@ -96,7 +96,7 @@ def format_table(rows: list[dict]) -> str:
 
 def preflight_tasks() -> None:
     """Fail before training if a task cannot be verified here (the code task needs its sandbox)."""
-    from hpd.tasks import get_task
+    from hpd.apps.tasks import get_task
 
     for name in TASKS:
         get_task(name).preflight()
@@ -108,7 +108,7 @@ def run_demo(s: DemoSettings) -> Path:
     table and the paired difference with its 95% interval."""
     from hpd.bench import BenchSettings, Condition, _gold, _run_all, _test, resolve_start, run_spec, score_model
     from hpd.bench_report import _paired, method_runs
-    from hpd.plots import plot_runs
+    from hpd.apps.plots import plot_runs
 
     if not (s.teacher / "config.json").is_file():
         raise HPDError(f"no teacher at {s.teacher}: pass --teacher DIR, or rebuild the bundled one with "

@@ -33,7 +33,7 @@ that all of this works (it runs a probe batch) and raises `HPDError` naming what
 `Sandbox(..., unsafe=True)` skips layers 1-3 but the resource limits: only for machines where
 the isolation cannot be set up and the code is trusted.
 
-    >>> from hpd.tasks.sandbox import Sandbox
+    >>> from hpd.apps.tasks.sandbox import Sandbox
     >>> Sandbox(timeout_s=2.0, memory_mb=256, workers=1).run(
     ...     [{"src": "x*2", "var": "x", "inputs": [1, 2]},
     ...      {"src": "__import__('os').fork()", "var": "x", "inputs": [0]}])

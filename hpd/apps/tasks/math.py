@@ -6,7 +6,7 @@ result, then the answer after "Answer:". Every value stays an integer in 0..`max
 tiny byte-level model can learn the format and get some problems right. The verifier reads only
 the marked final answer, so any correct chain (or none) passes.
 
-    >>> from hpd.tasks.math import MathTask, verify_free_form
+    >>> from hpd.apps.tasks.math import MathTask, verify_free_form
     >>> item = MathTask(steps=3).generate("train", 1, seed=0)[0]
     >>> item.prompt, item.reference  # doctest: +SKIP
     ('Start at 7, add 5, times 2, minus 3.', '7+5=12. 12*2=24. 24-3=21. Answer: 21')
@@ -25,7 +25,7 @@ from fractions import Fraction
 from typing import Any
 
 from hpd.errors import HPDError
-from hpd.tasks.base import Task, TaskItem
+from hpd.apps.tasks.base import Task, TaskItem
 
 # Operand ranges: single digits keep the arithmetic within what a tiny model can learn.
 MUL_RANGE = range(2, 6)

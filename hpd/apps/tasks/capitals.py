@@ -7,7 +7,7 @@ open). A completion is correct when the first capital city of the task's table t
 a whole word) is the right one, so echoing the question or listing every capital does not pass.
 Countries whose name is their capital's (Mexico, Panama, ...) are left out for the same reason.
 
-    >>> from hpd.tasks import get_task
+    >>> from hpd.apps.tasks import get_task
     >>> task = get_task("capitals")
     >>> item = task.generate("test", 1, seed=0)[0]
     >>> item.prompt, item.answer  # doctest: +SKIP
@@ -24,7 +24,7 @@ import random
 import re
 from typing import Any
 
-from hpd.tasks.base import Task, TaskItem
+from hpd.apps.tasks.base import Task, TaskItem
 
 # country -> capital (single, unambiguous official capitals; names as commonly written in English)
 CAPITALS: dict[str, str] = {

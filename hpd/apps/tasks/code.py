@@ -6,7 +6,7 @@ floor division), string `s` (reverse, upper, slices, repeat, length) and list `x
 map, sum/max/len). A completion may also be a whole `lambda x: ...` or `def f(x): return ...`.
 
 The verifier runs each completion on hidden inputs in a process of its own, under operating-
-system isolation (`hpd.tasks.sandbox`): a bubblewrap sandbox per batch (no network; no home,
+system isolation (`hpd.apps.tasks.sandbox`): a bubblewrap sandbox per batch (no network; no home,
 working tree, `/etc/passwd` or `/proc`; a private 1 MiB `/tmp`; its own PID namespace so that
 nothing outlives the batch), a seccomp filter, and per completion a forked child with resource
 limits (wall clock `timeout_s`, default 2 s; CPU; address space `memory_mb`, default 256) and a
@@ -24,7 +24,7 @@ saying what to install; `CodeTask(unsafe_no_sandbox=True)`, the spec `code:unsaf
 or the environment variable `HPD_CODE_UNSAFE_NO_SANDBOX=1` runs the code with resource limits
 only (trusted code only: it can then read, change and send your files).
 
-    >>> from hpd.tasks.code import CodeTask
+    >>> from hpd.apps.tasks.code import CodeTask
     >>> task = CodeTask()
     >>> item = task.generate("test", 1, seed=0)[0]
     >>> item.prompt, item.reference  # doctest: +SKIP
@@ -42,8 +42,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from hpd.errors import HPDError
-from hpd.tasks.base import Task, TaskItem
-from hpd.tasks.sandbox import UNSAFE_ENV, Sandbox
+from hpd.apps.tasks.base import Task, TaskItem
+from hpd.apps.tasks.sandbox import UNSAFE_ENV, Sandbox
 
 KINDS: tuple[str, ...] = ("int", "str", "list")
 # Operator precedence levels used to parenthesize only where Python needs it.
@@ -266,6 +266,6 @@ class CodeTask(Task):
 
         `src` is a body of `lambda var: ...`, a lambda, or a `def f`. Returns, per job, one
         `["ok", value]` or `["err", exception name]` per input, or None when the child died,
-        timed out or sent no result. See `hpd.tasks.sandbox.Sandbox.run`.
+        timed out or sent no result. See `hpd.apps.tasks.sandbox.Sandbox.run`.
         """
         return self.sandbox.run(jobs)

@@ -7,7 +7,7 @@ tests the constraint ("apple,apple" and "apple, apple" both repeat; any greeting
 person is a greeting), otherwise it compares normalized text (surrounding space, quotes and a
 final period ignored).
 
-    >>> from hpd.tasks.dialogue import DialogueTask
+    >>> from hpd.apps.tasks.dialogue import DialogueTask
     >>> task = DialogueTask(kinds=["repeat"])
     >>> item = task.generate("train", 1, seed=0)[0]
     >>> item.prompt, item.reference  # doctest: +SKIP
@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from hpd.errors import HPDError
-from hpd.tasks.base import Task, TaskItem
+from hpd.apps.tasks.base import Task, TaskItem
 
 KINDS: tuple[str, ...] = (
     "repeat", "reverse", "upper", "sort", "count", "join", "initials", "greet",

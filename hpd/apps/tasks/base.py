@@ -8,7 +8,7 @@ splits can never share a prompt, whatever the seeds), duplicates are dropped, an
 `Task.verify` scores one completion; `Task.verify_batch` scores many (the code task runs them in
 parallel sandboxes).
 
-    >>> from hpd.tasks import get_task
+    >>> from hpd.apps.tasks import get_task
     >>> task = get_task("math", steps=2)
     >>> items = task.generate("train", 3, seed=0)
     >>> len(items), len({i.prompt for i in items})

