@@ -9,11 +9,11 @@ import sys
 
 import pytest
 
-from hpd.bench import (
+from hpd.apps.bench import (
     METHODS, BenchSettings, Condition, build_conditions, plan_grid, plan_tuned, resolve_start, run_bench, run_spec,
     tuned_lr,
 )
-from hpd.bench_report import grad_norm_spread, loss_spikes
+from hpd.apps.bench_report import grad_norm_spread, loss_spikes
 from hpd.errors import HPDError
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")

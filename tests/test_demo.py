@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from hpd.demo import BUNDLED_TEACHER, DEMO_BASELINE, TASKS, DemoSettings, run_demo
+from hpd.apps.demo import BUNDLED_TEACHER, DEMO_BASELINE, TASKS, DemoSettings, run_demo
 from hpd.errors import HPDError
 
 

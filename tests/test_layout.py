@@ -13,10 +13,10 @@ from pathlib import Path
 import hpd
 
 ROOT = Path(__file__).resolve().parents[1]
-APPS = ("hpd.apps", "hpd.cli", "hpd.plots", "hpd.evaluate", "hpd.verifiers", "hpd.experiments", "hpd.tasks")
-# Applications that still sit at the top of the package (to move under hpd.apps), and the
-# old-path shims of the moved ones (`hpd._moved`): all allowed to import the apps.
-NOT_LIBRARY = {"hpd.bench", "hpd.bench_report", "hpd.demo", "hpd._moved", *APPS}
+APPS = ("hpd.apps", "hpd.cli", "hpd.plots", "hpd.evaluate", "hpd.verifiers", "hpd.experiments", "hpd.tasks",
+        "hpd.bench", "hpd.bench_report", "hpd.demo")
+# The old-path shims of the moved modules (`hpd._moved`) are allowed to import the apps.
+NOT_LIBRARY = {"hpd._moved", *APPS}
 
 
 def library_modules() -> list[str]:

@@ -386,8 +386,8 @@ def demo_cmd(
 ) -> None:
     """Distill the pretrained student with HPD and with the strongest baseline; the paired difference on held-out tasks."""
     with _user_errors():
-        from hpd.bench import METHODS
-        from hpd.demo import BUNDLED_TEACHER, DEMO_BASELINE, DemoSettings, run_demo
+        from hpd.apps.bench import METHODS
+        from hpd.apps.demo import BUNDLED_TEACHER, DEMO_BASELINE, DemoSettings, run_demo
 
         if baseline is not None and baseline not in METHODS:
             raise HPDError(f"unknown --baseline {baseline!r}; choose from: {', '.join(METHODS)}")
@@ -404,7 +404,7 @@ def bench_cmd(
     out: Path = typer.Option(Path("runs/bench"), "--out", "-o", metavar="DIR", help="Runs, tables and data."),
     methods: Optional[str] = typer.Option(None, "--methods", metavar="LIST",
                                           help="Comma-separated methods [default: sft,fkl,rkl,gkd,orkl,akl,todi,abkl,hpd]; "
-                                               "see hpd.bench.METHODS."),
+                                               "see hpd.apps.bench.METHODS."),
     starts: str = typer.Option("pretrained,scratch", "--starts", metavar="LIST",
                                help="Student starts: scratch, pretrained[:NAME], pruned[:every:K] or a model directory."),
     data: str = typer.Option("gold,traces,limited,longmath", "--data", metavar="LIST",
@@ -431,8 +431,8 @@ def bench_cmd(
 ) -> None:
     """Which objective should I use? Every method, learning rate tuned on validation, seeds, paired differences."""
     with _user_errors():
-        from hpd.bench import DEFAULT_METHODS, LONG_TEACHER, BenchSettings, run_bench
-        from hpd.demo import BUNDLED_TEACHER
+        from hpd.apps.bench import DEFAULT_METHODS, LONG_TEACHER, BenchSettings, run_bench
+        from hpd.apps.demo import BUNDLED_TEACHER
 
         def split(text: str) -> list[str]:
             return [x.strip() for x in text.split(",") if x.strip()]

@@ -1,0 +1,540 @@
+"""`hpd bench`: which objective should I use on my data? A tuned, seeded, paired protocol.
+
+The protocol, for every condition (a student start x a data condition) and every method:
+
+1. **Learning-rate grid** (seed 0): each method trains once per rate of `lr_grid` (multiples of the
+   start's base rate) and is scored on a validation split carved from the *training* problems
+   (never the test split). The rate with the best validation accuracy is the method's tuned rate.
+2. **Equal-lr table**: every method at the start's base rate, `seeds` seeds, scored on the test
+   split (`n_eval` problems per task).
+3. **Tuned table**: every method at its own tuned rate, the same seeds.
+4. **Paired differences**: every method against HPD on the same test problems, mean difference in
+   accuracy points with a 95% paired-bootstrap interval over problems and seeds.
+5. **The paper's three claims as columns**: final accuracy (per task, mean); stability (std over
+   seeds, loss spikes, gradient-norm spread, the validation accuracy lost across the grid);
+   efficiency (CPU seconds, teacher and student tokens to reach 90% of the condition's best final
+   accuracy, read from checkpoints at every quarter of the seed-0 tuned run).
+
+Student starts (`--starts`): `scratch` (the default student from random weights), `pretrained`
+(`pretrained:NAME`, a student of the teacher's family already trained to do the tasks partly,
+shipped in `hpd/assets/students/`, built by `scripts/build_students.sh`), `pruned` (`pruned:every:2`,
+a layer subset of the teacher), or a model directory. Data conditions (`--data`): `gold` (the
+reference solutions), `traces` (sampled generations of a weaker model, its mistakes kept; the
+fraction wrong is measured and reported), `limited` (a few hundred gold rows), `longmath` (math
+with many steps, answers of a few hundred tokens, with its own teacher).
+
+On a user's own task the same protocol runs on files:
+
+    hpd bench --teacher T --student S --train train.jsonl --test test.jsonl --verifier exact --out runs/mine
+
+Every run keeps its directory, so an interrupted benchmark resumes (finished runs and evaluations
+are reused; unfinished runs resume from their checkpoint); the tables are rewritten after each
+condition.
+
+    hpd bench --starts pretrained --data gold --out runs/bench     # one condition, all methods
+    hpd bench --smoke --out /tmp/bench-smoke                       # a small setting (CI)
+    hpd bench --out runs/bench --report                            # tables of what has finished
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from hpd.apps.demo import BUNDLED_TEACHER, STUDENT_OVERRIDES, TASKS, preflight_tasks
+from hpd.errors import HPDError
+
+STUDENTS_DIR = Path(__file__).resolve().parents[1] / "assets" / "students"
+LONG_TEACHER = Path(__file__).resolve().parents[1] / "assets" / "long-teacher"
+# The long-generation condition's sequence lengths (prompts ~200 tokens, answers ~220).
+LONG_OVERRIDES = ("data.max_length=448", "regime.max_new_tokens=240", "student.tiny_max_positions=512")
+
+# label -> (objective, overrides). Baselines as their authors run them: AKL and ToDi as
+# CE + 0.1 KD (the HPD authors' example recipes), ABKL pure (alpha = beta = 1), GKD as the mixed
+# JSD (beta 0.5, half the steps on student rollouts), on-policy reverse KL on student rollouts.
+METHODS: dict[str, tuple[str, list[str]]] = {
+    "sft": ("sft", []),
+    "fkl": ("fkl", []),
+    "rkl": ("rkl", []),
+    "gkd": ("jsd", ["objective.beta=0.5", "regime.name=mixed", "regime.mixed_lambda=0.5"]),
+    "orkl": ("orkl", ["regime.name=student"]),
+    "akl": ("akl", ["objective.ce_weight=1", "objective.kd_weight=0.1"]),
+    "todi": ("todi", ["objective.ce_weight=1", "objective.kd_weight=0.1"]),
+    "abkl": ("abkl", []),
+    "hpd": ("hpd", []),
+    # not in the default set:
+    "jsd": ("jsd", ["objective.beta=0.5"]),
+    "skl": ("skl", []),
+    "akl-pure": ("akl", []),
+    "todi-pure": ("todi", []),
+    "hpd-teacher-data": ("hpd", ["regime.name=teacher"]),
+}
+DEFAULT_METHODS = ["sft", "fkl", "rkl", "gkd", "orkl", "akl", "todi", "abkl", "hpd"]
+REFERENCE = "hpd"  # every paired difference is taken against this method
+DATA_CONDITIONS = ("gold", "traces", "limited", "longmath")
+# A condition's training settings beyond the student (shared by every start).
+TRAIN_SETTINGS = [o for o in STUDENT_OVERRIDES if not o.startswith("student.")]
+
+
+@dataclass(frozen=True)
+class Start:
+    """Where the student begins: its config overrides, base learning rate and step budget."""
+
+    name: str
+    overrides: tuple[str, ...]
+    lr: float
+    steps: int
+
+
+@dataclass
+class BenchSettings:
+    out_dir: Path = Path("runs/bench")
+    teacher: Path = BUNDLED_TEACHER
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
+    starts: list[str] = field(default_factory=lambda: ["pretrained", "scratch"])
+    data: list[str] = field(default_factory=lambda: list(DATA_CONDITIONS))
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    lr_grid: list[float] = field(default_factory=lambda: [1 / 3, 1.0, 3.0])  # multiples of the base rate
+    steps_scratch: int = 500
+    steps_pretrained: int = 240
+    lr_scratch: float = 3e-3
+    lr_pretrained: float = 1e-3
+    n_eval: int = 500          # test problems per task
+    n_val: int = 100           # validation problems per task (carved from the training split)
+    n_curve: int = 100         # test problems per task for the accuracy-over-training curve
+    train_per_task: int = 4000
+    limited_per_task: int = 100
+    writer: Path = STUDENTS_DIR / "writer"
+    writer_temperature: float = 1.0
+    long_teacher: Path = LONG_TEACHER
+    long_steps: int = 20       # math steps of the long-generation condition
+    jobs: int = 2
+    overrides: list[str] = field(default_factory=list)  # applied to every run, after the method's own
+    report_only: bool = False
+    # a user's own task (all four set together): files and a verifier
+    user_train: Path | None = None
+    user_test: Path | None = None
+    user_student: str | None = None
+    verifier: str | None = None
+    answer_pattern: str | None = None
+
+
+@dataclass(frozen=True)
+class Condition:
+    """One cell of the protocol: a start, a data condition, its teacher, files and verifier."""
+
+    name: str
+    start: Start
+    data: str
+    teacher: Path
+    train: Path
+    val: Path
+    test: Path
+    verifier: str
+    note: str = ""
+    overrides: tuple[str, ...] = ()  # the condition's own settings (sequence lengths), after the start's
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    condition: str
+    method: str
+    lr: float
+    seed: int
+    run_dir: Path
+    overrides: tuple[str, ...]
+    evals: tuple[tuple[str, str], ...]  # (split name, rows file)
+    curve: bool = False                 # score the checkpoints of every quarter (kept by seed-0 runs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Starts and data conditions
+
+
+def resolve_start(spec: str, s: BenchSettings) -> Start:
+    """`scratch`, `pretrained[:NAME]`, `pruned[:every:K]` or a model directory."""
+    kind, _, arg = spec.partition(":")
+    if kind == "scratch":
+        student = [o for o in STUDENT_OVERRIDES if o.startswith("student.")]
+        return Start("scratch", tuple(student), s.lr_scratch, s.steps_scratch)
+    if kind == "pretrained":
+        name = arg or "llama-2x96"
+        path = STUDENTS_DIR / name
+        if not (path / "config.json").is_file():
+            have = sorted(p.name for p in STUDENTS_DIR.glob("*") if (p / "config.json").is_file())
+            raise HPDError(f"no pretrained student '{name}' in {STUDENTS_DIR} (have: {', '.join(have) or 'none'}): "
+                           "build them with `bash scripts/build_students.sh`")
+        label = "pretrained" if not arg else f"pretrained-{name}"
+        return Start(label, (f"student.path={path}",), s.lr_pretrained, s.steps_pretrained)
+    if kind == "pruned":
+        layers = arg or "every:2"
+        return Start(f"pruned-{layers.replace(':', '')}", ("student.path=teacher", f"student.init_from_teacher={layers}"),
+                     s.lr_pretrained, s.steps_pretrained)
+    path = Path(spec)
+    if (path / "config.json").is_file():
+        return Start(path.name, (f"student.path={path}",), s.lr_pretrained, s.steps_pretrained)
+    raise HPDError(f"unknown student start {spec!r}: use scratch, pretrained[:NAME], pruned[:every:K] or a model directory")
+
+
+def _write_rows(rows: list[dict], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    os.replace(tmp, path)
+    return path
+
+
+def _read_rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def _task_rows(tasks: list[str], split: str, per_task: int, seed: int) -> dict[str, list[dict]]:
+    """Rows `{"prompt", "completion", "task", "answer", ...}` per task, as `hpd data` writes them."""
+    from hpd.apps.tasks import get_task, task_row
+
+    return {t: [task_row(it) for it in get_task(t).generate(split, per_task, seed=seed)] for t in tasks}
+
+
+def _mix(per_task: dict[str, list[dict]], seed: int) -> list[dict]:
+    rows = [r for rs in per_task.values() for r in rs]
+    random.Random(f"hpd.bench.mix/{seed}").shuffle(rows)
+    return rows
+
+
+def gold_data(data_dir: Path, tasks: list[str], s: BenchSettings) -> tuple[Path, Path]:
+    """Gold training rows and validation rows. The validation problems come from the tasks' `val`
+    split: a slice of the training problem space (by prompt hash) that nothing the project builds
+    trains on, so a pretrained student has never seen them (carving them from the training rows
+    would reward a rate that keeps what the student memorized in pretraining)."""
+    train, val = data_dir / "gold" / "train.jsonl", data_dir / "gold" / "val.jsonl"
+    if not (train.is_file() and val.is_file()):
+        _write_rows(_mix(_task_rows(tasks, "train", s.train_per_task, seed=0), 0), train)
+        _write_rows(_mix(_task_rows(tasks, "val", s.n_val, seed=0), 1), val)
+    return train, val
+
+
+def _traces(data_dir: Path, gold_train: Path, s: BenchSettings) -> tuple[Path, str]:
+    """The gold prompts answered by a weaker model (sampled, its mistakes kept); the share wrong."""
+    out = data_dir / "traces" / "train.jsonl"
+    stats_path = data_dir / "traces" / "stats.json"
+    if not out.is_file():
+        if not (Path(s.writer) / "config.json").is_file():
+            raise HPDError(f"no trace writer at {s.writer}: build it with `bash scripts/build_students.sh`")
+        from hpd.models import load_model
+        from hpd.rollout import generate_text
+        from hpd.apps.verifiers import get_verifier
+
+        rows = _read_rows(gold_train)
+        model, tok = load_model(str(s.writer))
+        model.eval()
+        print(f"[bench] writing {len(rows)} traces with {s.writer} (temperature {s.writer_temperature})", flush=True)
+        texts = generate_text(model, tok, [r["prompt"] for r in rows], max_new_tokens=96,
+                              temperature=s.writer_temperature, batch_size=64, seed=1234)
+        verdicts = get_verifier("task").verify_batch(rows, texts)
+        traced = [{**r, "completion": c} for r, c in zip(rows, texts) if c.strip()]
+        by_task: dict[str, list[bool]] = {}
+        for r, ok in zip(rows, verdicts):
+            by_task.setdefault(r.get("task", ""), []).append(bool(ok))
+        stats = {"writer": str(s.writer), "temperature": s.writer_temperature, "rows": len(traced),
+                 "wrong": 1 - sum(verdicts) / len(verdicts),
+                 "wrong_per_task": {t: 1 - sum(v) / len(v) for t, v in by_task.items()}}
+        _write_rows(traced, out)
+        stats_path.write_text(json.dumps(stats, indent=2))
+    stats = json.loads(stats_path.read_text())
+    per = ", ".join(f"{t} {100 * w:.0f}%" for t, w in stats["wrong_per_task"].items())
+    return out, f"traces of {Path(stats['writer']).name} (T={stats['temperature']:g}): {100 * stats['wrong']:.0f}% wrong ({per})"
+
+
+def _limited(data_dir: Path, gold_train: Path, s: BenchSettings) -> Path:
+    out = data_dir / "limited" / "train.jsonl"
+    if not out.is_file():
+        seen: dict[str, int] = {}
+        rows = []
+        for r in _read_rows(gold_train):
+            if seen.get(r.get("task", ""), 0) < s.limited_per_task:
+                seen[r.get("task", "")] = seen.get(r.get("task", ""), 0) + 1
+                rows.append(r)
+        _write_rows(rows, out)
+    return out
+
+
+def heldout_data(data_dir: Path, tasks: list[str], n: int, name: str) -> Path:
+    path = data_dir / f"test-{name}.jsonl"
+    if not path.is_file():
+        _write_rows(_mix(_task_rows(tasks, "test", n, seed=0), 2), path)
+    return path
+
+
+def build_conditions(s: BenchSettings) -> tuple[list[Condition], list[str]]:
+    """The conditions to run, and a note for each one that cannot run here (with the reason)."""
+    out = Path(s.out_dir)
+    data_dir = out / "data"
+    if s.user_train is not None:
+        start = resolve_start(s.user_student or "scratch", s)
+        rows = _read_rows(s.user_train)
+        n_val = min(s.n_val, max(1, len(rows) // 10))
+        train = _write_rows(rows[n_val:], data_dir / "user" / "train.jsonl")
+        val = _write_rows(rows[:n_val], data_dir / "user" / "val.jsonl")
+        cond = Condition(f"{start.name}-user", start, "user", Path(s.teacher), train, val, Path(s.user_test),
+                         s.verifier or "exact", note=f"{s.user_train}: {len(rows) - n_val} training rows, {n_val} validation")
+        return [cond], []
+    conditions, missing = [], []
+    gold_train = gold_val = None
+    for data in s.data:
+        if data not in DATA_CONDITIONS:
+            raise HPDError(f"unknown data condition {data!r}: choose from {', '.join(DATA_CONDITIONS)}")
+    for start_spec in s.starts:
+        start = resolve_start(start_spec, s)
+        for data in s.data:
+            name = f"{start.name}-{data}"
+            if data == "longmath":
+                # Long answers need a teacher and a pretrained student trained for them.
+                if start_spec == "pretrained":
+                    try:
+                        start = replace(resolve_start("pretrained:llama-2x96-long", s), name="pretrained")
+                    except HPDError as e:
+                        missing.append(f"{name}: {e}")
+                        continue
+                if not (Path(s.long_teacher) / "config.json").is_file():
+                    missing.append(f"{name}: no long-generation teacher at {s.long_teacher} (build it with "
+                                   "`bash scripts/build_long_teacher.sh`, or pass --long-teacher DIR)")
+                    continue
+                tasks = [f"math:steps={s.long_steps}"]
+                long_dir = data_dir / "longmath"
+                tr, va = gold_data(long_dir, tasks, s)
+                conditions.append(Condition(name, start, data, Path(s.long_teacher), tr, va,
+                                            heldout_data(long_dir, tasks, s.n_eval, "longmath"), "task",
+                                            note=f"math with {s.long_steps} steps (answers of about 220 tokens), gold references",
+                                            overrides=LONG_OVERRIDES))
+                start = resolve_start(start_spec, s)
+                continue
+            if gold_train is None:
+                gold_train, gold_val = gold_data(data_dir, list(TASKS), s)
+            test = heldout_data(data_dir, list(TASKS), s.n_eval, "tasks")
+            if data == "gold":
+                train, note = gold_train, f"gold references, {s.train_per_task} per task"
+            elif data == "limited":
+                train, note = _limited(data_dir, gold_train, s), f"gold references, {s.limited_per_task} per task"
+            else:
+                train, note = _traces(data_dir, gold_train, s)
+            conditions.append(Condition(name, start, data, Path(s.teacher), train, gold_val, test, "task", note=note))
+    return conditions, missing
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs
+
+
+def _lr_tag(lr: float) -> str:
+    return f"lr{lr:.2e}".replace("e-0", "e-")
+
+
+def run_spec(cond: Condition, method: str, lr: float, seed: int, s: BenchSettings, *, curve: bool = False) -> RunSpec:
+    """One run. Seed-0 runs are the grid: they keep a checkpoint at every quarter (for the
+    efficiency curve of whichever rate turns out best) and are also scored on the validation split."""
+    from hpd.apps.experiments import run_slug
+
+    run_dir = Path(s.out_dir) / "runs" / cond.name / run_slug(method) / f"{_lr_tag(lr)}-s{seed}"
+    objective, extra = METHODS[method]
+    steps = cond.start.steps
+    grid = seed == s.seeds[0]
+    save = [f"save.every={max(steps // 4, 1)}", "save.keep_last=4"] if grid else [f"save.every={max(steps // 2, 1)}", "save.keep_last=1"]
+    overrides = (f"output_dir={run_dir}", f"teacher.path={cond.teacher}", f"data.train={cond.train}", f"data.eval={cond.val}",
+                 f"objective.name={objective}", f"max_steps={steps}", f"seed={seed}", f"log.eval_every={max(steps // 4, 1)}",
+                 "resume=auto", "log.progress=false", *TRAIN_SETTINGS, *cond.start.overrides, *cond.overrides, f"optim.lr={lr:g}", *save,
+                 f"regime.teacher_cache={Path(s.out_dir) / 'teacher_generations' / cond.data}", *extra, *s.overrides)
+    evals = (("test", str(cond.test)),) + ((("val", str(cond.val)),) if grid else ())
+    return RunSpec(cond.name, method, lr, seed, run_dir, overrides, evals, curve)
+
+
+def eval_file(run_dir: Path, split: str, step: int | None = None) -> Path:
+    return run_dir / (f"eval-{split}.json" if step is None else f"eval-{split}-step{step}.json")
+
+
+def score_model(model_dir: Path, rows_file: str, verifier: str, answer_pattern: str | None, n_per_task: int | None = None) -> dict:
+    """Greedy answers to every row, verified: `{"verdicts": [...], "tasks": [...], "accuracy": ...}`."""
+    from hpd.apps.evaluate import evaluate_rows
+    from hpd.apps.verifiers import get_verifier
+
+    rows = _read_rows(Path(rows_file))
+    if n_per_task is not None:
+        seen: dict[str, int] = {}
+        kept = []
+        for r in rows:
+            t = r.get("task", "")
+            if seen.get(t, 0) < n_per_task:
+                seen[t] = seen.get(t, 0) + 1
+                kept.append(r)
+        rows = kept
+    res = evaluate_rows(str(model_dir), rows, get_verifier(verifier, answer_pattern=answer_pattern))
+    verdicts = [bool(v) for v in res.verdicts]
+    return {"verdicts": verdicts, "tasks": [r.get("task", "") for r in rows], "accuracy": sum(verdicts) / max(len(verdicts), 1)}
+
+
+def execute(spec: RunSpec, verifier: str, answer_pattern: str | None, n_curve: int) -> dict:
+    """Train (or resume) one run and score it; runs in a worker process. A run that fails is
+    recorded with its error (a diverged learning rate is a result of the grid, not a crash)."""
+    import torch
+
+    torch.set_num_threads(1)
+    run_dir = spec.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    failed = run_dir / "failed.json"
+    if failed.is_file():
+        return json.loads(failed.read_text())
+    log = open(run_dir.parent / f"{run_dir.name}.log", "a")
+    saved = os.dup(1), os.dup(2)
+    os.dup2(log.fileno(), 1)
+    os.dup2(log.fileno(), 2)
+    try:
+        if not (run_dir / "final" / "config.json").is_file():
+            import hpd
+            from hpd.config import load_config
+
+            try:
+                hpd.train(load_config(None, list(spec.overrides)))
+            except HPDError as e:
+                result = {"failed": str(e).splitlines()[0][:300]}
+                failed.write_text(json.dumps(result))
+                return result
+        for split, rows_file in spec.evals:
+            path = eval_file(run_dir, split)
+            if not path.is_file():
+                path.write_text(json.dumps(score_model(run_dir / "final", rows_file, verifier, answer_pattern)))
+        if spec.curve:
+            for ckpt in sorted((run_dir / "checkpoints").glob("step-*")):
+                step = int(ckpt.name.split("-")[1])
+                path = eval_file(run_dir, "curve", step)
+                if not path.is_file() and (ckpt / "model" / "config.json").is_file():
+                    path.write_text(json.dumps(score_model(ckpt / "model", spec.evals[0][1], verifier, answer_pattern, n_curve)))
+        return {"ok": True}
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        log.close()
+
+
+def run_all(specs: list[RunSpec], s: BenchSettings, verifier: str) -> None:
+    """Execute the specs `s.jobs` at a time, each in a fresh single-threaded worker process."""
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    todo = [sp for sp in specs if not _done(sp)]
+    if not todo:
+        return
+    t0 = time.perf_counter()
+
+    def report(i: int, sp: RunSpec, res: dict) -> None:
+        status = "failed: " + res["failed"] if "failed" in res else "done"
+        print(f"[bench] {i}/{len(todo)} {sp.condition} {sp.method} lr={sp.lr:.2g} seed={sp.seed}: {status} "
+              f"({time.perf_counter() - t0:.0f} s)", flush=True)
+
+    if s.jobs == 1:  # one at a time: in this process (no interpreter start-up per run)
+        for i, sp in enumerate(todo, 1):
+            report(i, sp, execute(sp, verifier, s.answer_pattern, s.n_curve))
+        return
+    os.environ.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"})
+    # Fresh single-threaded interpreters: a worker never carries one run's state into the next.
+    ctx = mp.get_context("spawn")
+    with cf.ProcessPoolExecutor(max_workers=s.jobs, mp_context=ctx, max_tasks_per_child=1) as pool:
+        futures = {pool.submit(execute, sp, verifier, s.answer_pattern, s.n_curve): sp for sp in todo}
+        for i, fut in enumerate(cf.as_completed(futures), 1):
+            report(i, futures[fut], fut.result())
+
+
+def _done(spec: RunSpec) -> bool:
+    if (spec.run_dir / "failed.json").is_file():
+        return True
+    if not all(eval_file(spec.run_dir, split).is_file() for split, _ in spec.evals):
+        return False
+    if spec.curve:
+        steps = [int(c.name.split("-")[1]) for c in (spec.run_dir / "checkpoints").glob("step-*")]
+        return all(eval_file(spec.run_dir, "curve", st).is_file() for st in steps)
+    return True
+
+
+def _val_accuracy(spec: RunSpec) -> float | None:
+    path = eval_file(spec.run_dir, "val")
+    return json.loads(path.read_text())["accuracy"] if path.is_file() else None
+
+
+def tuned_lr(cond: Condition, method: str, s: BenchSettings) -> tuple[float, dict[float, float | None]]:
+    """The grid rate with the best validation accuracy (ties: the one nearest the base rate)."""
+    accs = {}
+    for mult in s.lr_grid:
+        lr = cond.start.lr * mult
+        accs[lr] = _val_accuracy(run_spec(cond, method, lr, s.seeds[0], s))
+    scored = [(a, -abs(math.log(lr / cond.start.lr)), lr) for lr, a in accs.items() if a is not None]
+    if not scored:
+        return cond.start.lr, accs
+    return max(scored)[2], accs
+
+
+def plan_grid(cond: Condition, s: BenchSettings) -> list[RunSpec]:
+    """Phase 1: seed 0 at every grid rate (validation and test scores), seeds > 0 at the base rate.
+
+    Ordered so that an interrupted bench leaves the most useful partial tables: the reference
+    first, every method's base-rate seeds (the equal-lr table) before the other grid rates."""
+    methods = sorted(s.methods, key=lambda m: m != REFERENCE)
+    specs = [run_spec(cond, m, cond.start.lr, seed, s) for m in methods for seed in s.seeds]
+    specs += [run_spec(cond, m, cond.start.lr * mult, s.seeds[0], s) for m in methods for mult in s.lr_grid if mult != 1.0]
+    return specs
+
+
+def plan_tuned(cond: Condition, s: BenchSettings) -> list[RunSpec]:
+    """Phase 2: seeds > 0 at each method's tuned rate (where it differs from the base rate), and
+    the accuracy-over-training curve of its seed-0 run."""
+    specs = []
+    for m in s.methods:
+        lr, _ = tuned_lr(cond, m, s)
+        specs.append(run_spec(cond, m, lr, s.seeds[0], s, curve=True))
+        if lr != cond.start.lr:
+            specs += [run_spec(cond, m, lr, seed, s) for seed in s.seeds[1:]]
+    return specs
+
+
+def run_bench(s: BenchSettings) -> Path:
+    from hpd.apps.bench_report import write_report
+
+    unknown = [m for m in s.methods if m not in METHODS]
+    if unknown:
+        raise HPDError(f"unknown bench method(s) {unknown}; choose from: {', '.join(METHODS)}")
+    if 1.0 not in s.lr_grid:
+        raise HPDError(f"--lr-grid {s.lr_grid} must contain 1 (the base rate, which the equal-lr table uses)")
+    if REFERENCE not in s.methods:
+        raise HPDError(f"the bench compares every method with {REFERENCE!r}: include it in --methods")
+    if not (Path(s.teacher) / "config.json").is_file():
+        raise HPDError(f"no teacher at {s.teacher}: pass --teacher DIR or run `bash scripts/build_teacher.sh`")
+    if s.verifier is not None:
+        from hpd.apps.verifiers import get_verifier
+
+        get_verifier(s.verifier, answer_pattern=s.answer_pattern)  # a bad spec fails before any training
+    else:
+        preflight_tasks()  # e.g. no sandbox for generated code: say so before training
+    out = Path(s.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    conditions, missing = build_conditions(s)
+    for line in missing:
+        print(f"[bench] not run: {line}", flush=True)
+    t0 = time.perf_counter()
+    for cond in conditions:
+        if not s.report_only:
+            print(f"[bench] condition {cond.name}: {cond.note}; {len(s.methods)} methods, grid {s.lr_grid} x base lr "
+                  f"{cond.start.lr:g}, seeds {s.seeds}, {cond.start.steps} steps", flush=True)
+            run_all(plan_grid(cond, s), s, cond.verifier)
+            run_all(plan_tuned(cond, s), s, cond.verifier)
+        write_report(s, conditions, missing)
+    path = write_report(s, conditions, missing)
+    print(path.read_text())
+    print(f"[bench] done in {time.perf_counter() - t0:.0f} s: {path}")
+    return out

@@ -1,0 +1,240 @@
+"""The tables of `hpd bench`: equal-lr and tuned accuracy, paired differences against HPD,
+stability, efficiency and HPD's own diagnostics, read from the runs' directories.
+
+Nothing here trains: `hpd bench --report` calls `write_report` on whatever has finished, and a
+missing run shows as fewer seeds (the `seeds` column), never as a silent zero.
+
+    >>> from hpd.apps.bench_report import grad_norm_spread
+    >>> grad_norm_spread([1.0, 1.0, 1.0, 4.0])
+    2.5
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+from hpd.apps.bench import REFERENCE, BenchSettings, Condition, RunSpec, eval_file, run_spec, tuned_lr
+
+
+def loss_spikes(kl: list[float], window: int = 10, factor: float = 1.5) -> int:
+    """Logged steps whose KL exceeds `factor` x the median of the `window` before it."""
+    spikes = 0
+    for i in range(window, len(kl)):
+        med = statistics.median(kl[i - window:i])
+        if med > 0 and kl[i] > factor * med:
+            spikes += 1
+    return spikes
+
+
+def grad_norm_spread(norms: list[float]) -> float:
+    """The 90th percentile of the logged gradient norms over their median (1 = steady)."""
+    norms = sorted(n for n in norms if math.isfinite(n))
+    if not norms:
+        return float("nan")
+    q90 = norms[min(len(norms) - 1, int(round(0.9 * (len(norms) - 1))))]
+    med = statistics.median(norms)
+    return q90 / med if med > 0 else float("nan")
+
+
+def _records(run_dir: Path, kind: str) -> list[dict[str, Any]]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if rec.get("type") == kind:
+            out.append(rec)
+    return out
+
+
+def run_summary(spec: RunSpec, max_grad_norm: float = 1.0) -> dict[str, Any] | None:
+    """A finished run's test verdicts and training figures; None while it has not finished."""
+    test = eval_file(spec.run_dir, "test")
+    if not test.is_file():
+        return None
+    ev = json.loads(test.read_text())
+    train = _records(spec.run_dir, "train")
+    last = train[-1] if train else {}
+    num = lambda k: [r[k] for r in train if isinstance(r.get(k), (int, float)) and math.isfinite(r[k])]  # noqa: E731
+    norms = num("grad_norm")
+    out = {
+        "verdicts": ev["verdicts"], "tasks": ev["tasks"], "accuracy": ev["accuracy"],
+        "cpu_s": last.get("cpu_s"), "wall_s": last.get("elapsed_s"),
+        "teacher_tokens": last.get("teacher_tokens_total"), "generated_tokens": last.get("generated_tokens_total"),
+        "spikes": loss_spikes(num("kl")), "gn_spread": grad_norm_spread(norms),
+        "clipped": (sum(n > max_grad_norm for n in norms) / len(norms)) if norms and max_grad_norm > 0 else float("nan"),
+        "skipped": len(_records(spec.run_dir, "skip")),
+    }
+    for key in ("frac_A", "frac_B", "r_hat_mean", "r_mean"):
+        vals = num(key)
+        out[key] = statistics.fmean(vals) if vals else None
+    mins = num("r_hat_min")
+    out["r_hat_min"] = min(mins) if mins else None
+    out["grad_norm_median"] = statistics.median(norms) if norms else None
+    return out
+
+
+def curve(spec: RunSpec) -> list[tuple[int, float, dict]]:
+    """(step, accuracy on the curve subset, the train record at that step) for each scored checkpoint."""
+    train = {r["step"]: r for r in _records(spec.run_dir, "train")}
+    points = []
+    for path in sorted(spec.run_dir.glob("eval-curve-step*.json")):
+        step = int(path.stem.split("step")[1])
+        rec = train.get(step) or max((r for s, r in train.items() if s <= step), key=lambda r: r["step"], default={})
+        points.append((step, json.loads(path.read_text())["accuracy"], rec))
+    return sorted(points, key=lambda p: p[0])
+
+
+def _mean_std(xs: list[float]) -> tuple[float, float]:
+    xs = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
+    if not xs:
+        return float("nan"), float("nan")
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def _fmt(v: float | None, spec: str) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+
+
+def _task_acc(run: dict, task: str) -> float:
+    vs = [v for v, t in zip(run["verdicts"], run["tasks"]) if t == task]
+    return 100 * sum(vs) / len(vs) if vs else float("nan")
+
+
+def paired_diff(runs: dict[int, dict], ref: dict[int, dict]) -> str:
+    """Mean difference (points) against the reference, with the 95% paired-bootstrap interval."""
+    from hpd.stats import paired_bootstrap
+
+    seeds = sorted(set(runs) & set(ref))
+    if not seeds:
+        return "-"
+    a = [[float(v) for v in runs[s]["verdicts"]] for s in seeds]
+    b = [[float(v) for v in ref[s]["verdicts"]] for s in seeds]
+    if any(len(x) != len(y) for x, y in zip(a, b)):
+        return "(different problems)"
+    d = paired_bootstrap(a, b, n_boot=2000, seed=0)
+    return f"{100 * d.diff:+.1f} [{100 * d.low:+.1f}, {100 * d.high:+.1f}]"
+
+
+def method_runs(cond: Condition, method: str, lr: float, s: BenchSettings) -> dict[int, dict]:
+    out = {}
+    for seed in s.seeds:
+        summ = run_summary(run_spec(cond, method, lr, seed, s))
+        if summ is not None:
+            out[seed] = summ
+    return out
+
+
+def _failed(cond: Condition, method: str, lr: float, s: BenchSettings) -> int:
+    return sum((run_spec(cond, method, lr, seed, s).run_dir / "failed.json").is_file() for seed in s.seeds)
+
+
+def condition_tables(cond: Condition, s: BenchSettings) -> str:
+    tasks = []
+    lines: list[str] = []
+    equal = {m: method_runs(cond, m, cond.start.lr, s) for m in s.methods}
+    tuned_rates = {m: tuned_lr(cond, m, s) for m in s.methods}
+    tuned = {m: method_runs(cond, m, tuned_rates[m][0], s) for m in s.methods}
+    for runs in list(equal.values()) + list(tuned.values()):
+        for r in runs.values():
+            tasks = list(dict.fromkeys([*tasks, *r["tasks"]]))
+    n_test = max((len(r["verdicts"]) for runs in equal.values() for r in runs.values()), default=0)
+
+    def table(kind: str, chosen: dict[str, dict[int, dict]], rates: dict[str, float]) -> list[str]:
+        cols = ["lr", "seeds", *tasks, "mean", "std (seeds)", f"vs {REFERENCE}: diff [95% CI]", "spikes",
+                "grad-norm p90/p50", "clipped", "CPU s"]
+        if kind == "tuned":
+            cols += ["val acc lost across grid", "CPU s to 90% best", "teacher tok to 90%", "student gen tok to 90%"]
+        out = [f"| method | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
+        best = _best_curve(cond, s, tuned_rates) if kind == "tuned" else None
+        for m in s.methods:
+            runs = chosen[m]
+            fails = _failed(cond, m, rates[m], s)
+            cells = [f"{rates[m]:.2g}", f"{len(runs)}" + (f" (+{fails} failed)" if fails else "")]
+            for t in tasks:
+                mean, std = _mean_std([_task_acc(r, t) for r in runs.values()])
+                cells.append(f"{_fmt(mean, '.1f')} ± {_fmt(std, '.1f')}")
+            mean, std = _mean_std([100 * r["accuracy"] for r in runs.values()])
+            cells += [_fmt(mean, ".1f"), _fmt(std, ".1f"), "ref" if m == REFERENCE else paired_diff(runs, chosen[REFERENCE])]
+            for key, spec in (("spikes", ".1f"), ("gn_spread", ".2f"), ("clipped", ".0%"), ("cpu_s", ".0f")):
+                cells.append(_fmt(_mean_std([r.get(key) for r in runs.values()])[0], spec))
+            if kind == "tuned":
+                vals = [a for a in tuned_rates[m][1].values() if a is not None]
+                cells.append(_fmt(100 * (max(vals) - min(vals)) if len(vals) > 1 else None, ".1f"))
+                cells += _to_threshold(cond, m, tuned_rates[m][0], s, best)
+            out.append(f"| {m} | " + " | ".join(cells) + " |")
+        return out
+
+    lines.append(f"### {cond.name}\n")
+    lines.append(f"Start `{cond.start.name}` ({cond.start.steps} steps, base lr {cond.start.lr:g}); data: {cond.note}; "
+                 f"teacher {_teacher_name(cond.teacher)}; {n_test} test problems ({', '.join(tasks)}), verifier `{cond.verifier}`.\n")
+    lines.append(f"Equal learning rate ({cond.start.lr:g} for every method), accuracy % (mean ± std over seeds):\n")
+    lines += table("equal", equal, {m: cond.start.lr for m in s.methods})
+    lines.append("")
+    grid = ", ".join(f"{cond.start.lr * g:.2g}" for g in s.lr_grid)
+    lines.append(f"Tuned: each method at the rate of the grid ({grid}) with the best validation accuracy (seed {s.seeds[0]}):\n")
+    lines += table("tuned", tuned, {m: tuned_rates[m][0] for m in s.methods})
+    lines.append("")
+    lines.append(hpd_diagnostics(equal.get(REFERENCE, {}), tuned.get(REFERENCE, {})))
+    return "\n".join(lines) + "\n"
+
+
+def _teacher_name(path: Path) -> str:
+    from hpd.apps.demo import BUNDLED_TEACHER
+
+    return "the bundled one" if Path(path).resolve() == BUNDLED_TEACHER.resolve() else str(path)
+
+
+def _best_curve(cond: Condition, s: BenchSettings, rates: dict[str, tuple[float, dict]]) -> float | None:
+    finals = []
+    for m in s.methods:
+        pts = curve(run_spec(cond, m, rates[m][0], s.seeds[0], s))
+        if pts:
+            finals.append(pts[-1][1])
+    return max(finals) if finals else None
+
+
+def _to_threshold(cond: Condition, m: str, lr: float, s: BenchSettings, best: float | None) -> list[str]:
+    pts = curve(run_spec(cond, m, lr, s.seeds[0], s))
+    if best is None or not pts:
+        return ["-", "-", "-"]
+    for _, acc, rec in pts:
+        if acc >= 0.9 * best:
+            return [_fmt(rec.get("cpu_s"), ".0f"), _fmt(rec.get("teacher_tokens_total"), ".2e"),
+                    _fmt(rec.get("generated_tokens_total"), ".2e")]
+    return ["not reached"] * 3
+
+
+def hpd_diagnostics(equal: dict[int, dict], tuned: dict[int, dict]) -> str:
+    def line(label: str, runs: dict[int, dict]) -> str:
+        if not runs:
+            return f"- {label}: no finished run"
+        g = lambda k: _mean_std([r.get(k) for r in runs.values()])[0]  # noqa: E731
+        rmin = min((r["r_hat_min"] for r in runs.values() if r.get("r_hat_min") is not None), default=None)
+        return (f"- {label}: frac_A {_fmt(g('frac_A'), '.2f')}, frac_B {_fmt(g('frac_B'), '.2f')}, "
+                f"r mean {_fmt(g('r_mean'), '.3f')}, r_hat mean {_fmt(g('r_hat_mean'), '.2f')} (min {_fmt(rmin, '.1f')}), "
+                f"grad norm median {_fmt(g('grad_norm_median'), '.2f')}, clipped {_fmt(g('clipped'), '.0%')} of logged steps")
+    return "HPD's diagnostics (training-step means over logged steps):\n\n" + line("equal lr", equal) + "\n" + line("tuned", tuned) + "\n"
+
+
+def write_report(s: BenchSettings, conditions: list[Condition], missing: list[str]) -> Path:
+    out = Path(s.out_dir)
+    parts = [f"# hpd bench\n\nMethods {', '.join(s.methods)}; seeds {s.seeds}; learning-rate grid "
+             f"{s.lr_grid} x each start's base rate, chosen on a validation split of the training problems; "
+             f"paired differences against {REFERENCE} are mean accuracy points with a 95% bootstrap interval "
+             f"over problems and seeds (positive: the method beats {REFERENCE}).\n"]
+    if missing:
+        parts.append("Not run here:\n\n" + "\n".join(f"- {m}" for m in missing) + "\n")
+    for cond in conditions:
+        parts.append(condition_tables(cond, s))
+    path = out / "results.md"
+    path.write_text("\n".join(parts))
+    return path
