@@ -41,18 +41,10 @@ def grad_norm_spread(norms: list[float]) -> float:
 
 
 def _records(run_dir: Path, kind: str) -> list[dict[str, Any]]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if rec.get("type") == kind:
-            out.append(rec)
-    return out
+    """The run's metrics.jsonl records of one type; none while the run has not started."""
+    from hpd.apps.experiments import read_records
+
+    return read_records(run_dir, kind) if (run_dir / "metrics.jsonl").is_file() else []
 
 
 def run_summary(spec: RunSpec, max_grad_norm: float = 1.0) -> dict[str, Any] | None:
