@@ -51,6 +51,7 @@ from typing import Any
 
 from hpd.apps.demo import BUNDLED_TEACHER, STUDENT_OVERRIDES, TASKS, preflight_tasks
 from hpd.errors import HPDError
+from hpd.files import atomic_write_text
 
 STUDENTS_DIR = Path(__file__).resolve().parents[1] / "assets" / "students"
 LONG_TEACHER = Path(__file__).resolve().parents[1] / "assets" / "long-teacher"
@@ -92,6 +93,7 @@ class Start:
     overrides: tuple[str, ...]
     lr: float
     steps: int
+    model: Path | None = None  # the initial student's directory, when it has one
 
 
 @dataclass
@@ -108,7 +110,7 @@ class BenchSettings:
     lr_scratch: float = 3e-3
     lr_pretrained: float = 1e-3
     n_eval: int = 500          # test problems per task
-    n_val: int = 100           # validation problems per task (carved from the training split)
+    n_val: int = 100           # validation problems per task (the tasks' `val` split)
     n_curve: int = 100         # test problems per task for the accuracy-over-training curve
     train_per_task: int = 4000
     limited_per_task: int = 100
@@ -173,23 +175,31 @@ def resolve_start(spec: str, s: BenchSettings) -> Start:
             raise HPDError(f"no pretrained student '{name}' in {STUDENTS_DIR} (have: {', '.join(have) or 'none'}): "
                            "build them with `bash scripts/build_students.sh`")
         label = "pretrained" if not arg else f"pretrained-{name}"
-        return Start(label, (f"student.path={path}",), s.lr_pretrained, s.steps_pretrained)
+        return Start(label, (f"student.path={path}",), s.lr_pretrained, s.steps_pretrained, path)
     if kind == "pruned":
         layers = arg or "every:2"
         return Start(f"pruned-{layers.replace(':', '')}", ("student.path=teacher", f"student.init_from_teacher={layers}"),
                      s.lr_pretrained, s.steps_pretrained)
     path = Path(spec)
     if (path / "config.json").is_file():
-        return Start(path.name, (f"student.path={path}",), s.lr_pretrained, s.steps_pretrained)
+        return Start(path.name, (f"student.path={path}",), s.lr_pretrained, s.steps_pretrained, path)
     raise HPDError(f"unknown student start {spec!r}: use scratch, pretrained[:NAME], pruned[:every:K] or a model directory")
 
 
 def _write_rows(rows: list[dict], path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def _first_per_task(rows: list[dict], n: int) -> list[dict]:
+    """The first `n` rows of each task, in file order."""
+    seen: dict[str, int] = {}
+    kept = []
+    for r in rows:
+        t = r.get("task", "")
+        if seen.get(t, 0) < n:
+            seen[t] = seen.get(t, 0) + 1
+            kept.append(r)
+    return kept
 
 
 def _read_rows(path: Path) -> list[dict]:
@@ -247,7 +257,7 @@ def _traces(data_dir: Path, gold_train: Path, s: BenchSettings) -> tuple[Path, s
                  "wrong": 1 - sum(verdicts) / len(verdicts),
                  "wrong_per_task": {t: 1 - sum(v) / len(v) for t, v in by_task.items()}}
         _write_rows(traced, out)
-        stats_path.write_text(json.dumps(stats, indent=2))
+        atomic_write_text(stats_path, json.dumps(stats, indent=2))
     stats = json.loads(stats_path.read_text())
     per = ", ".join(f"{t} {100 * w:.0f}%" for t, w in stats["wrong_per_task"].items())
     return out, f"traces of {Path(stats['writer']).name} (T={stats['temperature']:g}): {100 * stats['wrong']:.0f}% wrong ({per})"
@@ -256,13 +266,7 @@ def _traces(data_dir: Path, gold_train: Path, s: BenchSettings) -> tuple[Path, s
 def _limited(data_dir: Path, gold_train: Path, s: BenchSettings) -> Path:
     out = data_dir / "limited" / "train.jsonl"
     if not out.is_file():
-        seen: dict[str, int] = {}
-        rows = []
-        for r in _read_rows(gold_train):
-            if seen.get(r.get("task", ""), 0) < s.limited_per_task:
-                seen[r.get("task", "")] = seen.get(r.get("task", ""), 0) + 1
-                rows.append(r)
-        _write_rows(rows, out)
+        _write_rows(_first_per_task(_read_rows(gold_train), s.limited_per_task), out)
     return out
 
 
@@ -297,11 +301,13 @@ def build_conditions(s: BenchSettings) -> tuple[list[Condition], list[str]]:
             name = f"{start.name}-{data}"
             if data == "longmath":
                 # Long answers need a teacher and a pretrained student trained for them.
+                long_start = start
                 if start_spec == "pretrained":
                     try:
-                        start = replace(resolve_start("pretrained:llama-2x96-long", s), name="pretrained")
-                    except HPDError as e:
-                        missing.append(f"{name}: {e}")
+                        long_start = replace(resolve_start("pretrained:llama-2x96-long", s), name="pretrained")
+                    except HPDError:
+                        missing.append(f"{name}: no long-generation pretrained student in {STUDENTS_DIR / 'llama-2x96-long'} "
+                                       "(build it with `bash scripts/build_long_teacher.sh`)")
                         continue
                 if not (Path(s.long_teacher) / "config.json").is_file():
                     missing.append(f"{name}: no long-generation teacher at {s.long_teacher} (build it with "
@@ -310,11 +316,10 @@ def build_conditions(s: BenchSettings) -> tuple[list[Condition], list[str]]:
                 tasks = [f"math:steps={s.long_steps}"]
                 long_dir = data_dir / "longmath"
                 tr, va = gold_data(long_dir, tasks, s)
-                conditions.append(Condition(name, start, data, Path(s.long_teacher), tr, va,
+                conditions.append(Condition(name, long_start, data, Path(s.long_teacher), tr, va,
                                             heldout_data(long_dir, tasks, s.n_eval, "longmath"), "task",
                                             note=f"math with {s.long_steps} steps (answers of about 220 tokens), gold references",
                                             overrides=LONG_OVERRIDES))
-                start = resolve_start(start_spec, s)
                 continue
             if gold_train is None:
                 gold_train, gold_val = gold_data(data_dir, list(TASKS), s)
@@ -366,14 +371,7 @@ def score_model(model_dir: Path, rows_file: str, verifier: str, answer_pattern: 
 
     rows = _read_rows(Path(rows_file))
     if n_per_task is not None:
-        seen: dict[str, int] = {}
-        kept = []
-        for r in rows:
-            t = r.get("task", "")
-            if seen.get(t, 0) < n_per_task:
-                seen[t] = seen.get(t, 0) + 1
-                kept.append(r)
-        rows = kept
+        rows = _first_per_task(rows, n_per_task)
     res = evaluate_rows(str(model_dir), rows, get_verifier(verifier, answer_pattern=answer_pattern))
     verdicts = [bool(v) for v in res.verdicts]
     return {"verdicts": verdicts, "tasks": [r.get("task", "") for r in rows], "accuracy": sum(verdicts) / max(len(verdicts), 1)}
@@ -403,18 +401,18 @@ def execute(spec: RunSpec, verifier: str, answer_pattern: str | None, n_curve: i
                 hpd.train(load_config(None, list(spec.overrides)))
             except HPDError as e:
                 result = {"failed": str(e).splitlines()[0][:300]}
-                failed.write_text(json.dumps(result))
+                atomic_write_text(failed, json.dumps(result))
                 return result
         for split, rows_file in spec.evals:
             path = eval_file(run_dir, split)
             if not path.is_file():
-                path.write_text(json.dumps(score_model(run_dir / "final", rows_file, verifier, answer_pattern)))
+                atomic_write_text(path, json.dumps(score_model(run_dir / "final", rows_file, verifier, answer_pattern)))
         if spec.curve:
             for ckpt in sorted((run_dir / "checkpoints").glob("step-*")):
                 step = int(ckpt.name.split("-")[1])
                 path = eval_file(run_dir, "curve", step)
                 if not path.is_file() and (ckpt / "model" / "config.json").is_file():
-                    path.write_text(json.dumps(score_model(ckpt / "model", spec.evals[0][1], verifier, answer_pattern, n_curve)))
+                    atomic_write_text(path, json.dumps(score_model(ckpt / "model", spec.evals[0][1], verifier, answer_pattern, n_curve)))
         return {"ok": True}
     finally:
         sys.stdout.flush()
@@ -527,13 +525,13 @@ def run_bench(s: BenchSettings) -> Path:
     for line in missing:
         print(f"[bench] not run: {line}", flush=True)
     t0 = time.perf_counter()
-    for cond in conditions:
-        if not s.report_only:
-            print(f"[bench] condition {cond.name}: {cond.note}; {len(s.methods)} methods, grid {s.lr_grid} x base lr "
-                  f"{cond.start.lr:g}, seeds {s.seeds}, {cond.start.steps} steps", flush=True)
-            run_all(plan_grid(cond, s), s, cond.verifier)
-            run_all(plan_tuned(cond, s), s, cond.verifier)
-        write_report(s, conditions, missing)
+    for cond in [] if s.report_only else conditions:
+        print(f"[bench] condition {cond.name}: {cond.note}; {len(s.methods)} methods, grid {s.lr_grid} x base lr "
+              f"{cond.start.lr:g}, seeds {s.seeds}, {cond.start.steps} steps", flush=True)
+        run_all(plan_grid(cond, s), s, cond.verifier)
+        run_all(plan_tuned(cond, s), s, cond.verifier)
+        if cond is not conditions[-1]:  # the tables so far; the last condition's are written below
+            write_report(s, conditions, missing)
     path = write_report(s, conditions, missing)
     print(path.read_text())
     print(f"[bench] done in {time.perf_counter() - t0:.0f} s: {path}")

@@ -96,9 +96,10 @@ def _fmt(v: float | None, spec: str) -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
 
 
-def _task_acc(run: dict, task: str) -> float:
+def task_accuracy(run: dict, task: str) -> float | None:
+    """A scored run's accuracy (0-1) on one task's problems; None if it has none of them."""
     vs = [v for v, t in zip(run["verdicts"], run["tasks"]) if t == task]
-    return 100 * sum(vs) / len(vs) if vs else float("nan")
+    return sum(vs) / len(vs) if vs else None
 
 
 def paired_diff(runs: dict[int, dict], ref: dict[int, dict]) -> str:
@@ -152,7 +153,7 @@ def condition_tables(cond: Condition, s: BenchSettings) -> str:
             fails = _failed(cond, m, rates[m], s)
             cells = [f"{rates[m]:.2g}", f"{len(runs)}" + (f" (+{fails} failed)" if fails else "")]
             for t in tasks:
-                mean, std = _mean_std([_task_acc(r, t) for r in runs.values()])
+                mean, std = _mean_std([100 * a for r in runs.values() if (a := task_accuracy(r, t)) is not None])
                 cells.append(f"{_fmt(mean, '.1f')} ± {_fmt(std, '.1f')}")
             mean, std = _mean_std([100 * r["accuracy"] for r in runs.values()])
             cells += [_fmt(mean, ".1f"), _fmt(std, ".1f"), "ref" if m == REFERENCE else paired_diff(runs, chosen[REFERENCE])]

@@ -83,18 +83,6 @@ def write_task_data(out: Path, per_task: int, n_eval: int, seed: int) -> tuple[P
     return train, eval_
 
 
-def format_table(rows: list[dict]) -> str:
-    head = "| model | params | " + " | ".join(TASKS) + " | mean | train wall time |"
-    lines = [head, "|" + "---|" * (len(TASKS) + 4)]
-    for r in rows:
-        cells = [f"{100 * r['eval'][t]['accuracy']:.1f}% ({100 * r['eval'][t]['ci_low']:.0f}-{100 * r['eval'][t]['ci_high']:.0f})"
-                 for t in TASKS]
-        mean = sum(r["eval"][t]["accuracy"] for t in TASKS) / len(TASKS)
-        wall = f"{r['wall_s']:.0f} s" if r.get("wall_s") else "-"
-        lines.append(f"| {r['name']} | {r['params'] / 1e6:.2f}M | " + " | ".join(cells) + f" | {100 * mean:.1f}% | {wall} |")
-    return "\n".join(lines)
-
-
 def preflight_tasks() -> None:
     """Fail before training if a task cannot be verified here (the code task needs its sandbox)."""
     from hpd.apps.tasks import get_task
@@ -140,7 +128,7 @@ def run_demo(s: DemoSettings) -> Path:
     import multiprocessing as mp
 
     fixed = [(name, model_dir, out / "eval" / f"{name.replace(' ', '-')}.json")
-             for name, model_dir in [("teacher", s.teacher), ("initial student", _start_model(start))] if model_dir is not None]
+             for name, model_dir in [("teacher", s.teacher), ("initial student", start.model)] if model_dir is not None]
     todo = [(name, model_dir, cache) for name, model_dir, cache in fixed if not cache.is_file()]
     os.environ.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"})
     with cf.ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as pool:
@@ -176,20 +164,15 @@ def run_demo(s: DemoSettings) -> Path:
     return out
 
 
-def _start_model(start) -> Path | None:
-    for o in start.overrides:
-        if o.startswith("student.path=") and o != "student.path=teacher":
-            return Path(o.split("=", 1)[1])
-    return None
-
-
 def _per_task(runs: dict) -> dict[str, float]:
+    """Accuracy per task (0-1), the mean over the scored runs (seeds)."""
+    from hpd.apps.bench_report import task_accuracy
+
     out: dict[str, list[float]] = {}
     for r in runs.values():
         for t in TASKS:
-            vs = [v for v, task in zip(r["verdicts"], r["tasks"]) if task == t]
-            if vs:
-                out.setdefault(t, []).append(sum(vs) / len(vs))
+            if (a := task_accuracy(r, t)) is not None:
+                out.setdefault(t, []).append(a)
     return {t: sum(v) / len(v) for t, v in out.items()}
 
 
