@@ -147,7 +147,6 @@ def evaluate_model(
         raise HPDError(f"n must be at least 1 to evaluate, got {n}")
     task_obj = get_task(task) if isinstance(task, str) else task
     label = task if isinstance(task, str) else task_obj.name
-    task_obj.preflight()  # e.g. no sandbox for generated code: say so before generating
     rows = [task_row(item) for item in task_obj.generate(split, n, seed=seed)]
     return evaluate_rows(model, rows, TaskVerifier(task_obj), tokenizer=tokenizer, max_new_tokens=max_new_tokens,
                          batch_size=batch_size, temperature=temperature, seed=seed, label=label)

@@ -174,15 +174,17 @@ class TaskVerifier(Verifier):
 
     def check_rows(self, rows):
         super().check_rows(rows)
+        used: dict[int, Any] = {}
         for i, row in enumerate(rows):
             if not isinstance(row["meta"], Mapping):
                 raise HPDError(f"verifier 'task': row {i} (0-based) has a 'meta' that is not an object: "
                                "write the file with `hpd data`")
             try:
-                self._task_of(row)
+                task = self._task_of(row)
             except HPDError as e:
                 raise HPDError(f"verifier 'task': row {i} (0-based): {e}") from None
-        for task in {id(t): t for t in self._tasks.values()}.values():
+            used[id(task)] = task
+        for task in used.values():
             task.preflight()  # e.g. the code task without its sandbox: say so before generating
 
     def max_new_tokens(self, row):
