@@ -135,7 +135,9 @@ def condition_tables(cond: Condition, s: BenchSettings) -> str:
     lines: list[str] = []
     equal = {m: method_runs(cond, m, cond.start.lr, s) for m in s.methods}
     tuned_rates = {m: tuned_lr(cond, m, s) for m in s.methods}
-    tuned = {m: method_runs(cond, m, tuned_rates[m][0], s) for m in s.methods}
+    # Where the tuned rate is the base rate the runs are the same ones: summarized once.
+    tuned = {m: equal[m] if tuned_rates[m][0] == cond.start.lr else method_runs(cond, m, tuned_rates[m][0], s)
+             for m in s.methods}
     for runs in list(equal.values()) + list(tuned.values()):
         for r in runs.values():
             tasks = list(dict.fromkeys([*tasks, *r["tasks"]]))
