@@ -291,6 +291,38 @@ class RegimeConfig:
         1.0, "Rollout nucleus sampling top-p.", min=0.0, max=1.0, min_exclusive=True
     )
     top_k: int = field_(0, "Rollout top-k sampling (0 = off).", min=0)
+    allow_biased_rollouts: bool = field_(
+        False,
+        "Train a sampled on-policy objective (orkl, hpd) on rollouts that are not samples of the "
+        "loss distribution (regime.temperature != objective.temperature, top_p < 1, top_k > 0, or "
+        "dropout in the student): refused unless true (then a warning).",
+    )
+    minibatches: int = field_(
+        1,
+        "Rollout reuse: optimizer steps one rollout batch is split into (M). A rollout batch holds "
+        "minibatches x optim.batch_size x optim.grad_accum prompts per process; 1 with epochs=1 = "
+        "a fresh rollout every step (the plain on-policy step).",
+        min=1,
+    )
+    epochs: int = field_(
+        1,
+        "Rollout reuse: passes over each rollout batch (E); it feeds minibatches x epochs optimizer "
+        "steps, its weights and HPD's y_hat fixed at rollout time, PPO-clipped by the ratio to the "
+        "rollout policy.",
+        min=1,
+    )
+    clip_low: float = field_(
+        0.2, "Rollout reuse: a token with a negative weight stops training below ratio 1 - clip_low.",
+        min=0.0, max=1.0, max_exclusive=True,
+    )
+    clip_high: float = field_(
+        0.28, "Rollout reuse: a token with a positive weight stops training above ratio 1 + clip_high "
+        "(0.2 / 0.28 as the HPD authors' verl recipe).", min=0.0,
+    )
+    dual_clip: float = field_(
+        3.0, "Rollout reuse: dual clip, the loss of a negative-weight token is capped at ratio dual_clip "
+        "(> 1; verl's default 3; 0 = off).", min=0.0,
+    )
     teacher_cache: str | None = field_(
         None,
         "Directory of cached teacher generations; null = OUTPUT_DIR/../teacher_generations, "
@@ -814,11 +846,34 @@ def _cross_checks(cfg: Config) -> list[str]:
                 f"{section}.tiny_hidden ({model.tiny_hidden}) must be divisible by "
                 f"{section}.tiny_heads ({model.tiny_heads})"
             )
+    problems += _reuse_checks(cfg)
     if cfg.data.eval is not None and cfg.data.eval_fraction > 0:
         problems.append(
             f"data.eval_fraction ({cfg.data.eval_fraction}) splits train only when data.eval is "
             f"null, but data.eval is {cfg.data.eval!r}; set one of them"
         )
+    return problems
+
+
+def _reuse_checks(cfg: Config) -> list[str]:
+    """Rollout reuse (regime.minibatches x regime.epochs > 1) and its clip range."""
+    r, problems = cfg.regime, []
+    if 0 < r.dual_clip <= 1:
+        problems.append(f"regime.dual_clip must be > 1 (or 0 = off), got {r.dual_clip}")
+    if r.minibatches * r.epochs == 1:
+        return problems
+    rollouts = r.name == "student" or (r.name == "self" and cfg.opsd.response == "rollout")
+    if not rollouts:
+        problems.append(
+            f"regime.minibatches={r.minibatches} regime.epochs={r.epochs} reuse student rollouts, but "
+            f"regime.name={r.name!r}{' with opsd.response=reference' if r.name == 'self' else ''} has none"
+            f"{' (mixed draws its regime per step)' if r.name == 'mixed' else ''}: use regime.name=student "
+            "(or self with opsd.response=rollout), or set both to 1")
+    if objective_class(cfg.objective.name).support == "vocab":
+        problems.append(
+            f"regime.minibatches/epochs > 1 clip the ratio of sampled tokens, but objective.name="
+            f"{cfg.objective.name!r} weighs the whole vocabulary: reuse rollouts with orkl or hpd, or set "
+            "regime.minibatches=1 regime.epochs=1")
     return problems
 
 

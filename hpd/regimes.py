@@ -206,6 +206,52 @@ class MixedResponses(ResponseSource):
         self.sources["student"].after_optimizer_step(model)
 
 
+def has_rollouts(cfg) -> bool:
+    """Whether a run trains on the student's own samples on some steps."""
+    r = cfg.regime
+    return (r.name == "student" or (r.name == "mixed" and r.mixed_lambda > 0)
+            or (r.name == "self" and cfg.opsd.response == "rollout"))
+
+
+def dropout_settings(model) -> list[str]:
+    """Where `model` applies dropout in training mode: dropout modules with p > 0 (e.g. LoRA's) and
+    the config's dropout rates > 0 (attention dropout is applied inside the attention kernel)."""
+    modules = [f"{name} p={m.p:g}" for name, m in model.named_modules() if isinstance(m, torch.nn.Dropout) and m.p > 0]
+    found = modules[:1] + ([f"{len(modules) - 1} more dropout modules"] if len(modules) > 1 else [])
+    config = getattr(model, "config", None)
+    for key, value in sorted(vars(config).items()) if config is not None else ():
+        if (key.endswith("dropout") or key.endswith("pdrop")) and isinstance(value, float) and value > 0:
+            found.append(f"config.{key}={value:g}")
+    return found
+
+
+def rollout_bias(cfg, student) -> list[str]:
+    """Why the run's rollouts are not samples of the distribution the loss trains, one line per
+    cause naming the setting and its fix (empty: they are, or there are no rollouts).
+
+    On-policy estimators (orkl's weight on y, HPD on rollouts) assume `y ~ q = softmax(z / tau)`
+    with tau = objective.temperature; sampling at another temperature, truncating the distribution
+    (top_p, top_k) or sampling from the eval-mode network while the loss runs with dropout biases
+    them.
+    """
+    if not has_rollouts(cfg):
+        return []
+    r, tau, out = cfg.regime, cfg.objective.temperature, []
+    if r.temperature != tau:
+        out.append(f"regime.temperature={r.temperature:g} samples rollouts at another temperature than the loss's "
+                   f"objective.temperature={tau:g}: set regime.temperature={tau:g}")
+    if r.top_p < 1:
+        out.append(f"regime.top_p={r.top_p:g} truncates the sampling distribution: set regime.top_p=1")
+    if r.top_k > 0:
+        out.append(f"regime.top_k={r.top_k} truncates the sampling distribution: set regime.top_k=0")
+    drop = dropout_settings(student)
+    if drop:
+        out.append(f"the student applies dropout in training ({', '.join(drop[:4])}) but samples without it, so the "
+                   "policy the loss trains is not the one that sampled: set student.lora_dropout=0 (and the model's "
+                   "dropout rates to 0)")
+    return out
+
+
 def response_source(cfg, *, student, teacher, tokenizer, train_data: Sequence[Any], rank: int, cache_dir: Path,
                     backend: GenerationBackend | None = None) -> ResponseSource:
     """The response source of a run's config (`regime` and `opsd.response` sections)."""
@@ -235,7 +281,7 @@ def response_source(cfg, *, student, teacher, tokenizer, train_data: Sequence[An
 
 
 __all__ = [
-    "DatasetResponses", "MixedResponses", "REGIMES", "ResponseSource", "SamplingSettings", "StudentRollouts",
+    "DatasetResponses", "MixedResponses", "dropout_settings", "has_rollouts", "rollout_bias", "REGIMES", "ResponseSource", "SamplingSettings", "StudentRollouts",
     "TeacherGenerations", "derive_seed", "fit_completion", "response_source", "rollout", "step_regime",
     "teacher_generations",
 ]

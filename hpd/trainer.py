@@ -42,8 +42,8 @@ from torch import nn
 
 from hpd.batches import MicroBatch, make_batch
 from hpd.checkpoint import (
-    STATE, clean_leftovers, latest_checkpoint, load_rng_state, load_student_weights, load_trainer_state, resolve_resume,
-    save_checkpoint, save_state, space_error,
+    STATE, clean_leftovers, latest_checkpoint, load_rng_state, load_state, load_student_weights, load_trainer_state,
+    resolve_resume, save_checkpoint, save_state, space_error,
 )
 from hpd.config import Config, load_config, save_config
 from hpd.data import EncodedExample, EpochSampler, encode_file, encode_self_distillation, load_examples
@@ -52,9 +52,10 @@ from hpd.models import (
     apply_lora, final_hidden_states, init_from_teacher, lm_head_of, load_model, save_model, shared_vocab_size, vocab_rows,
 )
 from hpd.objectives import (
-    COMMON_PARAMS, Objective, ObjectiveOutput, TeacherView, objective_class, param_fields,
+    COMMON_PARAMS, DEFAULT_CHUNK_SIZE, Objective, ObjectiveOutput, RatioClip, RolloutWeights, TeacherView,
+    objective_class, param_fields, rollout_weights,
 )
-from hpd.regimes import ResponseSource, derive_seed, response_source
+from hpd.regimes import ResponseSource, derive_seed, response_source, rollout_bias
 from hpd.resume import RUN_NEUTRAL_KEYS, check_changes, config_changes, record_history, saved_config, schedule_note
 from hpd.run_dir import RunDirLock, describe_holder
 from hpd.teacher_cache import TeacherCache
@@ -76,17 +77,33 @@ class DistillationLoss(nn.Module):
     student's parameters (the LM head is used by the chunked loss, not by the decoder).
     """
 
-    def __init__(self, student: nn.Module, objective: Objective, *, chunk_size: int, vocab_size: int | None):
+    def __init__(self, student: nn.Module, objective: Objective, *, chunk_size: int, vocab_size: int | None,
+                 clip: RatioClip | None = None):
         super().__init__()
         self.student = student
         self.objective = objective
         self.chunk_size = chunk_size
         self.vocab_size = vocab_size
+        self.clip = clip
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, teacher: Any, *,
-                num_tokens: torch.Tensor, generator: torch.Generator | None, diagnostics: bool) -> dict[str, Any]:
-        """input_ids, attention_mask, labels: `(B, T)`; teacher: a `TeacherView` (or logits `(B, T, V)`) or None."""
+                num_tokens: torch.Tensor, generator: torch.Generator | None, diagnostics: bool,
+                rollout: RolloutWeights | None = None, fix_weights: bool = False) -> dict[str, Any]:
+        """input_ids, attention_mask, labels: `(B, T)`; teacher: a `TeacherView` (or logits `(B, T, V)`) or None.
+
+        Reused rollouts: `fix_weights=True` (at rollout time, no gradient) returns the objective's
+        weights under the current student as `{"rollout": RolloutWeights, "output": ...}`; a later
+        step passes them back as `rollout` (teacher None) and gets their clipped PPO loss."""
         kw = dict(generator=generator, num_tokens=num_tokens, vocab_size=self.vocab_size, diagnostics=diagnostics)
+        if fix_weights:
+            with torch.no_grad():
+                hidden = final_hidden_states(self.student, input_ids, attention_mask)
+                weight, bias = lm_head_of(self.student)
+                fixed, out = rollout_weights(self.objective, hidden, weight, teacher, labels, lm_head_bias=bias,
+                                             chunk_size=self.chunk_size or DEFAULT_CHUNK_SIZE, **kw)
+            return {"rollout": fixed, "output": out}
+        if rollout is not None:
+            kw.update(rollout=rollout, clip=self.clip)
         if self.chunk_size > 0:
             hidden = final_hidden_states(self.student, input_ids, attention_mask)
             weight, bias = lm_head_of(self.student)
@@ -420,6 +437,7 @@ class Trainer:
         # temperature and objective here, and the teacher model is never built.
         self.cache = TeacherCache(cfg.teacher.cache) if cfg.teacher.cache else None
         student, teacher, self.tokenizer, self.vocab_size = load_models(cfg, self.cache)
+        self._check_rollout_bias(cfg, student)
         self.train_data, self.eval_data, self.data_info = load_data(cfg, self.tokenizer)
         self.objective = objective_from_config(cfg)
         self.self_distill = cfg.regime.name == "self"
@@ -437,7 +455,13 @@ class Trainer:
         device = self.acc.device
         self.teacher = teacher.to(device) if teacher is not None else None
         self.student = student
-        self.module = DistillationLoss(student, self.objective, chunk_size=cfg.objective.chunk_size, vocab_size=self.vocab_size)
+        r = cfg.regime
+        # Rollout reuse: one rollout batch feeds minibatches x epochs optimizer steps (None: a fresh
+        # rollout every step, the plain on-policy path).
+        self.reuse = (r.minibatches, r.epochs) if r.minibatches * r.epochs > 1 else None
+        self.rollouts: dict[str, Any] | None = None  # the rollout batch in use: its step and micro-batches
+        self.module = DistillationLoss(student, self.objective, chunk_size=cfg.objective.chunk_size, vocab_size=self.vocab_size,
+                                       clip=RatioClip(r.clip_low, r.clip_high, r.dual_clip) if self.reuse else None)
         optimizer, self.scheduler = make_optimizer(cfg, student)
         self.module, self.optimizer = self.acc.prepare(self.module, optimizer)
         if self.self_distill and cfg.opsd.teacher_weights != "live" and "FSDP" in str(self.acc.distributed_type):
@@ -520,6 +544,78 @@ class Trainer:
             batches.append(self._examples_batch(examples, idx, "train", completions))
         return batches, generated
 
+    def _check_rollout_bias(self, cfg: Config, student: nn.Module) -> None:
+        """Refuse (or with regime.allow_biased_rollouts, warn about) rollouts that are not samples of
+        the loss distribution, for the objectives whose weights assume they are (orkl, hpd); warn
+        for the others, whose weights are exact at every prefix the rollouts reach."""
+        causes = rollout_bias(cfg, student)
+        if not causes:
+            return
+        cls = objective_class(cfg.objective.name)
+        sampled = cls.support != "vocab" and cls.needs_teacher
+        if sampled and not cfg.regime.allow_biased_rollouts:
+            raise HPDError(f"objective '{cfg.objective.name}' assumes its rollouts are samples of the student's loss "
+                           f"distribution, but {'; '.join(causes)} (or set regime.allow_biased_rollouts=true to train "
+                           "on them anyway)")
+        self.log(f"warning: the rollouts are not samples of the loss distribution: {'; '.join(causes)}")
+
+    def _reused_micro_batches(self, diagnostics: bool) -> tuple[list[MicroBatch], list[RolloutWeights], int, int, dict]:
+        """This step's share of the current rollout batch (rolled out first when a new one is due):
+        its micro-batches, their weights fixed at rollout time, the tokens sampled and through the
+        teacher at this step, and what to log about the rollout (at its first step only)."""
+        M, E = self.reuse
+        ga, j = self.cfg.optim.grad_accum, self.step % (M * E)
+        generated = teacher_tokens = 0
+        info: dict[str, Any] = {"reuse_epoch": j // M, "reuse_minibatch": j % M}
+        if j == 0:
+            batches, outputs = [], []
+            for micro in range(M * ga):  # the whole rollout batch, from the policy of this step
+                idx = next(self.sampler)
+                examples = [self.train_data[i] for i in idx]
+                completions, sampled = self.responses.completions(examples, idx, step=self.step, micro=micro)
+                generated += sampled
+                batches.append((idx, self._examples_batch(examples, idx, "train", completions)))
+            total = sum(b.num_active for _, b in batches)
+            num_tokens = torch.tensor(float(total), device=self.acc.device)
+            if self.world > 1:
+                num_tokens = self.acc.reduce(num_tokens, "sum")
+            fixed = []
+            for micro, (_, b) in enumerate(batches):
+                with self.acc.autocast():
+                    teach = self._teacher_view(b) if self.has_teacher else None
+                    res = self.module(b.input_ids, b.attention_mask, b.labels, teach, num_tokens=num_tokens,
+                                      generator=self._generator(micro), diagnostics=diagnostics, fix_weights=True)
+                fixed.append(res["rollout"])
+                outputs.append(res["output"])
+            teacher_tokens = sum(b.teacher_tokens for _, b in batches) if self.objective.needs_teacher else 0
+            self.rollouts = {"step": self.step, "indices": [idx for idx, _ in batches],
+                             "batches": [b for _, b in batches], "weights": fixed}
+            value = sum(float(o.value) for o in outputs)
+            if self.world > 1:
+                value = float(self.acc.reduce(torch.tensor(value, device=self.acc.device), "sum"))
+            info.update({"rollout_value": value,
+                         **{f"rollout_{k}": v for k, v in global_metrics(outputs, self.acc).items()}})
+        part = slice((j % M) * ga, (j % M + 1) * ga)
+        return self.rollouts["batches"][part], self.rollouts["weights"][part], generated, teacher_tokens, info
+
+    def _rollouts_state(self) -> dict[str, Any] | None:
+        """The rollout batch in use when the run stops mid-way through it (else None): the prompts'
+        indices, the completions and the fixed weights of its micro-batches."""
+        if self.reuse is None or self.rollouts is None or self.step % (self.reuse[0] * self.reuse[1]) == 0:
+            return None
+        r = self.rollouts
+        return {"step": r["step"], "reuse": list(self.reuse), "indices": r["indices"], "completions": [b.completions for b in r["batches"]],
+                "weights": [w.state_dict() for w in r["weights"]]}
+
+    def _load_rollouts(self, state: dict[str, Any]) -> None:
+        examples = [[self.train_data[i] for i in idx] for idx in state["indices"]]
+        self.rollouts = {
+            "step": state["step"], "indices": state["indices"],
+            "batches": [self._examples_batch(ex, idx, "train", comp)
+                        for ex, idx, comp in zip(examples, state["indices"], state["completions"])],
+            "weights": [RolloutWeights(**w).to(self.acc.device) for w in state["weights"]],
+        }
+
     def _teacher_view(self, b: MicroBatch) -> TeacherView:
         """What the objective reads of the teacher for batch `b` (the run's `TeacherSource`)."""
         return self.teacher_source.view(b)
@@ -549,8 +645,15 @@ class Trainer:
                        tmp, STATE)
             save_config(cfg, tmp / "config.yaml")
 
+        rollouts = self._rollouts_state()
+
+        def write_rank(tmp: Path) -> None:
+            if rollouts is not None:
+                save_state(rollouts, tmp, f"rollouts-rank{self.rank}")
+
         return save_checkpoint(self.run_dir, self.step, rank=self.rank, is_main=self.is_main,
-                               barrier=self.acc.wait_for_everyone, write_main=write_main, keep_last=cfg.save.keep_last)
+                               barrier=self.acc.wait_for_everyone, write_main=write_main, keep_last=cfg.save.keep_last,
+                               write_rank=write_rank)
 
     def _save_unless_diverging(self, final: bool = False) -> None:
         """Checkpoint now, unless the run is inside a run of non-finite steps: then the checkpoint
@@ -582,6 +685,18 @@ class Trainer:
         self.totals.update(state.get("totals", {}))
         if self.teacher_source is not None:
             self.teacher_source.load_state_dict(state.get("self_teacher"))
+        if self.reuse is not None and self.step % (self.reuse[0] * self.reuse[1]):
+            # Mid-way through a rollout batch: its rollouts, as they were (the policy that sampled them is gone).
+            if not (ckpt / f"rollouts-rank{self.rank}.json").is_file():
+                raise HPDError(f"checkpoint {ckpt} stops inside a rollout batch (step {self.step}, regime.minibatches x "
+                               f"regime.epochs = {self.reuse[0] * self.reuse[1]}) but holds no rollouts for process "
+                               f"{self.rank}: resume with the reuse settings and process count it was saved with")
+            saved = load_state(ckpt, f"rollouts-rank{self.rank}")
+            if saved["reuse"] != list(self.reuse):
+                raise HPDError(f"checkpoint {ckpt} stops inside a rollout batch of regime.minibatches x regime.epochs = "
+                               f"{saved['reuse'][0]} x {saved['reuse'][1]}, this run has {self.reuse[0]} x "
+                               f"{self.reuse[1]}: resume with the reuse settings it was saved with")
+            self._load_rollouts(saved)
         load_rng_state(ckpt, self.rank)
 
     def _apply_optim_config(self) -> None:
@@ -709,11 +824,16 @@ class Trainer:
         cfg, acc = self.cfg, self.acc
         t0, c0 = time.perf_counter(), time.process_time()
         regime = self.responses.regime(self.step)
-        batches, generated = self._micro_batches()
-        local_tokens = torch.tensor(float(sum(b.num_active for b in batches)), device=acc.device)
-        num_tokens = acc.reduce(local_tokens, "sum") if self.world > 1 else local_tokens
         # Counted like the logged steps (1-based), so that diagnostics_every = log.every puts them on every line.
         diagnostics = (self.step + 1) % cfg.log.diagnostics_every == 0
+        if self.reuse is None:
+            batches, generated = self._micro_batches()
+            fixed: list[RolloutWeights | None] = [None] * len(batches)
+            reuse_info: dict[str, Any] = {}
+        else:
+            batches, fixed, generated, reused_teacher_tokens, reuse_info = self._reused_micro_batches(diagnostics)
+        local_tokens = torch.tensor(float(sum(b.num_active for b in batches)), device=acc.device)
+        num_tokens = acc.reduce(local_tokens, "sum") if self.world > 1 else local_tokens
         outputs: list[ObjectiveOutput] = []
         loss_sum = torch.zeros((), device=acc.device)
         value_sum = torch.zeros((), device=acc.device)
@@ -721,12 +841,14 @@ class Trainer:
         use_teacher = self.has_teacher and (self.objective.needs_teacher or diagnostics)
         # Tokens through a teacher forward (none with a cache: it was paid for once, when built).
         teacher_tokens = sum(b.teacher_tokens for b in batches) if self.objective.needs_teacher else 0
+        if self.reuse is not None:  # the teacher was read at rollout time, for the whole rollout batch
+            use_teacher, teacher_tokens = False, reused_teacher_tokens
         for micro, b in enumerate(batches):
             last = micro == len(batches) - 1
             with (nullcontext() if last else acc.no_sync(self.module)), acc.autocast():
                 teach = self._teacher_view(b) if use_teacher else None
                 res = self.module(b.input_ids, b.attention_mask, b.labels, teach, num_tokens=num_tokens,
-                                  generator=self._generator(micro), diagnostics=diagnostics)
+                                  generator=self._generator(micro), diagnostics=diagnostics, rollout=fixed[micro])
                 # DDP averages gradients over processes; the loss is already a share of the global
                 # token mean, so scale it back up to keep the gradient of the global mean.
                 acc.backward(res["loss"] * self.world)
@@ -773,7 +895,8 @@ class Trainer:
         record = {"type": "train", "step": self.step + 1, "loss": loss, "value": value, "lr": lr, "grad_norm": gnorm,
                   "regime": regime, "tokens": float(num_tokens), "tokens_per_s": float(num_tokens) / dt, "step_time_s": dt,
                   "peak_mem_mb": peak_memory_mb(acc.device),
-                  "epoch": self.sampler.epoch + self.sampler.position / self.sampler.num_examples, **self.totals}
+                  "epoch": self.sampler.epoch + self.sampler.position / self.sampler.num_examples, **self.totals,
+                  **reuse_info}
         if (self.step + 1) % cfg.log.every == 0 or self.step + 1 == cfg.max_steps:
             record.update(global_metrics(outputs, acc))
         return record

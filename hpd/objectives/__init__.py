@@ -28,10 +28,11 @@ from hpd.objectives.base import (
 from hpd.objectives.divergences import (
     AdaptiveKL, AlphaBetaDivergence, ForwardKL, JensenShannon, ReverseKL, SkewForwardKL, SkewReverseKL, TokenwiseDivergence, TotalVariation,
 )
+from hpd.objectives.clip import RatioClip, RolloutWeights
 from hpd.objectives.sampled import SFT, HybridPolicy, OnPolicyReverseKL
 from hpd.objectives.surrogate import (
     DEFAULT_CHUNK_SIZE, GatheredTeacher, HeadTeacher, LogitsTeacher, TeacherView, TopKTeacher, as_teacher_view,
-    chunked_objective_loss, objective_loss,
+    chunked_objective_loss, objective_loss, rollout_weights,
 )
 from hpd.vocab import resolve_shared_vocab
 
@@ -108,5 +109,5 @@ def describe_objectives() -> str:
 __all__ = [
     "DEFAULT_CHUNK_SIZE", "GatheredTeacher", "HeadTeacher", "IGNORE_INDEX", "LogitsTeacher", "TeacherView", "as_teacher_view", "OBJECTIVES", "Objective", "ObjectiveOutput",
     "Param", "TeacherChunk", "COMMON_PARAMS", "config_params", "objective_class", "param_fields", "TokenWeights", "TopKTeacher", "chunked_objective_loss", "describe_objectives", "get_objective",
-    "objective_loss", "reduce_metrics", "resolve_shared_vocab",
+    "objective_loss", "reduce_metrics", "resolve_shared_vocab", "RatioClip", "RolloutWeights", "rollout_weights",
 ]

@@ -46,6 +46,7 @@ from hpd.vocab import resolve_shared_vocab
 from hpd.objectives.base import (
     IGNORE_INDEX, Objective, ObjectiveOutput, TeacherChunk, TokenWeights, bucket_logq, kl, upcast,
 )
+from hpd.objectives.clip import RatioClip, RolloutWeights
 
 DEFAULT_CHUNK_SIZE = 1024
 
@@ -252,12 +253,15 @@ class _Plan:
     """Everything the two paths share for one batch: active positions, teacher rows, samples, stats."""
 
     def __init__(self, obj: Objective, teacher, labels: Tensor, student_vocab: int, *, sampled_tokens, generator,
-                 num_tokens, vocab_size, diagnostics, device):
+                 num_tokens, vocab_size, diagnostics, device, rollout: RolloutWeights | None = None,
+                 clip: RatioClip | None = None):
         if labels.dim() != 2:
             raise HPDError(f"labels must be (B, T), got shape {tuple(labels.shape)}")
         B, T = labels.shape
         self.obj, self.tau = obj, float(obj.temperature)
-        if teacher is None and obj.needs_teacher:
+        if rollout is not None and (teacher is not None or sampled_tokens is not None):
+            raise HPDError("weights fixed at rollout time replace the teacher and the samples: pass rollout alone")
+        if teacher is None and obj.needs_teacher and rollout is None:
             raise HPDError(f"objective '{obj.name}' needs a teacher; only 'sft' runs without one")
         teacher = as_teacher_view(teacher)
         teacher_vocab = None
@@ -278,7 +282,7 @@ class _Plan:
         active = (flat != IGNORE_INDEX) & (flat >= 0) & (flat < self.V)
         self.sample: Tensor | None = None
         self.uniform: Tensor | None = None
-        pair = obj.support == "pair"
+        pair = obj.support == "pair" and rollout is None  # reused rollouts carry their y_hat
         if pair and sampled_tokens is not None:
             if sampled_tokens.shape != labels.shape:
                 raise HPDError(f"sampled_tokens {tuple(sampled_tokens.shape)} must match labels {tuple(labels.shape)}")
@@ -298,6 +302,16 @@ class _Plan:
 
         self.teacher = teacher
         self._chunk = teacher.chunker(self.V, self.tau) if teacher is not None else None
+        # Reused rollouts: the weights, their tokens and the rollout policy's log-probabilities,
+        # at the active positions, each (N, K).
+        self.rollout: RolloutWeights | None = None
+        if rollout is not None:
+            if rollout.weights.shape[:2] != labels.shape:
+                raise HPDError(f"rollout weights {tuple(rollout.weights.shape)} do not match labels {tuple(labels.shape)}")
+            K = rollout.weights.shape[2]
+            self.rollout = RolloutWeights(*(x.reshape(B * T, K).to(device)[self.pos] for x in
+                                            (rollout.weights, rollout.tokens, rollout.old_logp)))
+            self.clip = clip or RatioClip()
         self.denom = torch.as_tensor(self.N if num_tokens is None else num_tokens, dtype=torch.float32, device=device).clamp_min(1)
         self.diagnostics = diagnostics
         self.stats = _Stats()
@@ -312,6 +326,8 @@ class _Plan:
     def terms(self, logq: Tensor, sl: slice) -> TokenWeights:
         """Token weights at the active positions `sl`, from the detached `logq (C, V)`; records stats."""
         y = self.labels[sl]
+        if self.rollout is not None:
+            return self._clipped(logq, sl, y)
         sample = None
         if self.obj.support == "pair":
             sample = self.sample[sl] if self.sample is not None else _inverse_cdf_sample(logq, self.uniform[sl])
@@ -342,6 +358,17 @@ class _Plan:
             st.add(name, values, extreme=name in self.obj.extremes)
         return tw
 
+    def _clipped(self, logq: Tensor, sl: slice, y: Tensor) -> TokenWeights:
+        """The weights fixed at rollout time, clipped PPO-style by the ratio to the rollout policy."""
+        r = self.rollout
+        tw = TokenWeights(weights=r.weights[sl], tokens=r.tokens[sl], value=torch.zeros_like(y, dtype=logq.dtype))
+        tw, stats = self.clip.apply(tw, logq.gather(1, tw.tokens), r.old_logp[sl].to(logq.dtype), y)
+        self.value_sum = self.value_sum + tw.value.sum()
+        self.stats.add("ce", -logq.gather(1, y[:, None]).squeeze(1))
+        for name, values in stats.items():
+            self.stats.add(name, values, extreme=name == "ratio")
+        return tw
+
     def output(self, loss: Tensor) -> ObjectiveOutput:
         st = self.stats
         return ObjectiveOutput(
@@ -364,7 +391,8 @@ def _picked(logq: Tensor, tw: TokenWeights) -> Tensor:
 
 def objective_loss(obj: Objective, student_logits: Tensor, teacher, labels: Tensor, *, sampled_tokens: Tensor | None = None,
                    generator: torch.Generator | None = None, num_tokens: int | Tensor | None = None,
-                   vocab_size: int | None = None, diagnostics: bool = True) -> ObjectiveOutput:
+                   vocab_size: int | None = None, diagnostics: bool = True, rollout: RolloutWeights | None = None,
+                   clip: RatioClip | None = None) -> ObjectiveOutput:
     """The reference path: loss of `obj` from aligned student logits.
 
     student_logits: `(B, T, V_s)`, position t predicts `labels[:, t]`.
@@ -374,11 +402,15 @@ def objective_loss(obj: Objective, student_logits: Tensor, teacher, labels: Tens
     num_tokens:     the global count of active tokens to normalize by (default: this batch's).
     vocab_size:     shared vocabulary size when the models' sizes differ by padding rows.
     diagnostics:    also report teacher-student agreement, KL(p||q) and student entropy.
+    rollout:        weights fixed at rollout time (`rollout_weights`), used instead of the objective's
+                    own (teacher None): the loss is then their PPO loss, clipped as `clip` says
+                    (`hpd.objectives.clip`).
     """
     B, T, Vs = student_logits.shape
     with _full_precision(student_logits.device):
         plan = _Plan(obj, teacher, labels, Vs, sampled_tokens=sampled_tokens, generator=generator, num_tokens=num_tokens,
-                     vocab_size=vocab_size, diagnostics=diagnostics, device=student_logits.device)
+                     vocab_size=vocab_size, diagnostics=diagnostics, device=student_logits.device, rollout=rollout,
+                     clip=clip)
         z = upcast(student_logits.reshape(B * T, Vs)[plan.pos, : plan.V])
         if plan.tau != 1.0:
             z = z / plan.tau
@@ -459,7 +491,8 @@ def chunked_objective_loss(obj: Objective, hidden: Tensor, lm_head_weight: Tenso
                            lm_head_bias: Tensor | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE,
                            sampled_tokens: Tensor | None = None, generator: torch.Generator | None = None,
                            num_tokens: int | Tensor | None = None, vocab_size: int | None = None,
-                           diagnostics: bool = True) -> ObjectiveOutput:
+                           diagnostics: bool = True, rollout: RolloutWeights | None = None,
+                           clip: RatioClip | None = None) -> ObjectiveOutput:
     """The memory-lean path: same loss and gradients as `objective_loss(obj, hidden @ W.T + b, ...)`.
 
     hidden:         `(B, T, H)` the student's final hidden states (gradients flow into them).
@@ -473,7 +506,53 @@ def chunked_objective_loss(obj: Objective, hidden: Tensor, lm_head_weight: Tenso
     B, T, H = hidden.shape
     with _full_precision(hidden.device):
         plan = _Plan(obj, teacher, labels, lm_head_weight.shape[0], sampled_tokens=sampled_tokens, generator=generator,
-                     num_tokens=num_tokens, vocab_size=vocab_size, diagnostics=diagnostics, device=hidden.device)
+                     num_tokens=num_tokens, vocab_size=vocab_size, diagnostics=diagnostics, device=hidden.device,
+                     rollout=rollout, clip=clip)
         active_hidden = hidden.reshape(B * T, H)[plan.pos]
         loss = _ChunkedSurrogate.apply(active_hidden, lm_head_weight, lm_head_bias, plan, chunk_size)
     return plan.output(loss)
+
+
+@torch.no_grad()
+def rollout_weights(obj: Objective, hidden: Tensor, lm_head_weight: Tensor, teacher, labels: Tensor, *,
+                    lm_head_bias: Tensor | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                    generator: torch.Generator | None = None, num_tokens: int | Tensor | None = None,
+                    vocab_size: int | None = None, diagnostics: bool = True) -> tuple[RolloutWeights, ObjectiveOutput]:
+    """The objective's token weights under the rollout policy, fixed for reuse (no gradient).
+
+    hidden: `(B, T, H)` the rollout policy's final hidden states; other arguments as in
+    `chunked_objective_loss`. HPD's `y_hat` is drawn here, once, as the trained path would draw it.
+    Returns the weights with their tokens and the policy's log-probabilities of them, each
+    `(B, T, K)`, and the objective's output at rollout time (its value and statistics; loss 0).
+    Only objectives over a few tokens per position (`{y}`, `{y, y_hat}`) can be fixed: a weight
+    over the whole vocabulary is no advantage of a sampled token.
+    """
+    if obj.support == "vocab":
+        raise HPDError(f"objective '{obj.name}' weighs the whole vocabulary at each position, which PPO-style "
+                       "reuse cannot clip (it needs sampled tokens): reuse rollouts with orkl or hpd, or set "
+                       "regime.minibatches=1 regime.epochs=1")
+    B, T, H = hidden.shape
+    with _full_precision(hidden.device):
+        plan = _Plan(obj, teacher, labels, lm_head_weight.shape[0], sampled_tokens=None, generator=generator,
+                     num_tokens=num_tokens, vocab_size=vocab_size, diagnostics=diagnostics, device=hidden.device)
+        W = upcast(lm_head_weight[:plan.V])
+        b = None if lm_head_bias is None else upcast(lm_head_bias[:plan.V])
+        active = hidden.reshape(B * T, H)[plan.pos]
+        parts: list[tuple[Tensor, Tensor, Tensor]] = []
+        for start in range(0, plan.N, chunk_size):
+            sl = slice(start, min(start + chunk_size, plan.N))
+            z = active[sl].to(W.dtype) @ W.T
+            if b is not None:
+                z = z + b
+            logq = torch.log_softmax(z / plan.tau if plan.tau != 1.0 else z, -1)
+            tw = plan.terms(logq, sl)
+            parts.append((tw.weights, tw.tokens, logq.gather(1, tw.tokens)))
+        K = parts[0][0].shape[1] if parts else 1 + (obj.support == "pair")
+        dense = []
+        for i, dtype in enumerate((torch.float32, torch.long, torch.float32)):
+            out = torch.zeros(B * T, K, dtype=dtype, device=hidden.device)
+            if parts:
+                out[plan.pos] = torch.cat([p[i] for p in parts]).to(dtype)
+            dense.append(out.reshape(B, T, K))
+        loss = torch.zeros((), device=hidden.device)
+    return RolloutWeights(*dense), plan.output(loss)
