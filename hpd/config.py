@@ -291,6 +291,17 @@ class RegimeConfig:
         1.0, "Rollout nucleus sampling top-p.", min=0.0, max=1.0, min_exclusive=True
     )
     top_k: int = field_(0, "Rollout top-k sampling (0 = off).", min=0)
+    backend: str = field_(
+        "auto",
+        "Student rollouts: hf = Hugging Face generate in the training process (every device); vllm = "
+        "EXPERIMENTAL vLLM engine colocated on the GPU, weights synced after each optimizer step "
+        "(needs vLLM and a CUDA GPU); auto = vllm when both are there, else hf.",
+        choices=["auto", "hf", "vllm"],
+    )
+    vllm_gpu_memory: float = field_(
+        0.3, "regime.backend=vllm: fraction of the GPU's memory the vLLM engine may take.",
+        min=0.0, max=1.0, min_exclusive=True,
+    )
     allow_biased_rollouts: bool = field_(
         False,
         "Train a sampled on-policy objective (orkl, hpd) on rollouts that are not samples of the "

@@ -267,7 +267,7 @@ def response_source(cfg, *, student, teacher, tokenizer, train_data: Sequence[An
         if name == "dataset":
             return DatasetResponses("dataset")
         return TeacherGenerations(teacher, tokenizer, [e.prompt_ids for e in train_data], settings, seed=cfg.seed,
-                                  max_length=cfg.data.max_length, cache_dir=cache_dir, backend=backend)
+                                  max_length=cfg.data.max_length, cache_dir=cache_dir, backend=backend.for_teacher())
 
     builders: dict[str, Callable[[], ResponseSource]] = {
         "dataset": lambda: off_policy("dataset"),

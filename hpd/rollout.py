@@ -10,7 +10,8 @@ The trainer's rollouts go through a `GenerationBackend` (`generate(model, tokeni
 settings, seed)` plus the hook `after_optimizer_step(model)`); `HFGenerate` is today's, on Hugging
 Face `generate` in the training process. A backend that serves generation elsewhere (e.g. vLLM
 holding its own copy of the weights) is one new class: it syncs the student's new weights in
-`after_optimizer_step`, which the trainer calls after every optimizer step it takes.
+`after_optimizer_step`, which the trainer calls after every optimizer step it takes: `VLLMGenerate`
+(`hpd.vllm_generate`, experimental) is that, chosen by `select_backend` (`regime.backend`).
 
     >>> from hpd.models import load_model
     >>> from hpd.rollout import generate_completions, generate_text
@@ -161,6 +162,10 @@ class GenerationBackend:
         """Called with the student after every optimizer step taken. A backend generating from its
         own copy of the weights (another process, an inference engine) loads the new weights here."""
 
+    def for_teacher(self) -> GenerationBackend:
+        """The backend for the teacher's generations (a backend bound to one model gives another)."""
+        return self
+
 
 class HFGenerate(GenerationBackend):
     """Hugging Face `generate` on the model itself, in this process (`generate_completions`)."""
@@ -169,6 +174,31 @@ class HFGenerate(GenerationBackend):
         s = settings
         return generate_completions(model, tokenizer, prompt_ids, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
                                     top_p=s.top_p, top_k=s.top_k, batch_size=s.batch_size, seed=seed)
+
+
+BACKENDS = ("auto", "hf", "vllm")
+
+
+def select_backend(name: str = "auto", *, gpu_memory_utilization: float = 0.3) -> GenerationBackend:
+    """The generation backend `name` names: `hf` (Hugging Face `generate`, every device), `vllm`
+    (experimental, `hpd.vllm_generate`: needs vLLM and a CUDA GPU), or `auto` (vllm when both are
+    there, else hf)."""
+    import importlib.util
+
+    if name not in BACKENDS:
+        raise HPDError(f"unknown generation backend {name!r}: choose one of {', '.join(BACKENDS)}")
+    have_vllm = importlib.util.find_spec("vllm") is not None
+    have_gpu = torch.cuda.is_available()
+    if name == "hf" or (name == "auto" and not (have_vllm and have_gpu)):
+        return HFGenerate()
+    if not have_vllm:
+        raise HPDError("regime.backend=vllm needs vLLM, which is not installed: pip install vllm (on a machine with a "
+                       "CUDA GPU), or set regime.backend=hf")
+    if not have_gpu:
+        raise HPDError("regime.backend=vllm needs a CUDA GPU and none is visible: set regime.backend=hf (or auto)")
+    from hpd.vllm_generate import VLLMGenerate
+
+    return VLLMGenerate(gpu_memory_utilization=gpu_memory_utilization)
 
 
 def _until_eos(new_ids: list[int], eos_ids: list[int]) -> list[int]:

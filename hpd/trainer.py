@@ -55,7 +55,8 @@ from hpd.objectives import (
     COMMON_PARAMS, DEFAULT_CHUNK_SIZE, Objective, ObjectiveOutput, RatioClip, RolloutWeights, TeacherView,
     objective_class, param_fields, rollout_weights,
 )
-from hpd.regimes import ResponseSource, derive_seed, response_source, rollout_bias
+from hpd.regimes import ResponseSource, derive_seed, has_rollouts, response_source, rollout_bias
+from hpd.rollout import select_backend
 from hpd.resume import RUN_NEUTRAL_KEYS, check_changes, config_changes, record_history, saved_config, schedule_note
 from hpd.run_dir import RunDirLock, describe_holder
 from hpd.teacher_cache import TeacherCache
@@ -492,7 +493,10 @@ class Trainer:
                        else self.run_dir.parent / "teacher_generations")
         self.responses: ResponseSource = response_source(cfg, student=self.unwrapped, teacher=self.teacher,
                                                          tokenizer=self.tokenizer, train_data=self.train_data,
-                                                         rank=self.rank, cache_dir=generations)
+                                                         rank=self.rank, cache_dir=generations,
+                                                         backend=select_backend(cfg.regime.backend,
+                                                                                gpu_memory_utilization=cfg.regime.vllm_gpu_memory)
+                                                         if has_rollouts(cfg) else None)
         self._gen: torch.Generator | None = None
         self._save_due = False  # a checkpoint postponed out of a run of non-finite steps
 
