@@ -89,7 +89,7 @@ def _mean(records: list[dict], key: str) -> float | None:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--steps", type=int, default=96, help="optimizer steps per arm (same for every arm)")
+    ap.add_argument("--steps", type=int, default=120, help="optimizer steps per arm (same for every arm)")
     ap.add_argument("--n-eval", type=int, default=100, help="test problems per task")
     ap.add_argument("--train-per-task", type=int, default=1000)
     ap.add_argument("--batch-size", type=int, default=16, help="prompts per optimizer step (optim.batch_size)")

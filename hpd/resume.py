@@ -44,7 +44,7 @@ RUN_NEUTRAL_KEYS = frozenset({
     "log.every", "log.eval_every", "log.eval_batches", "log.tensorboard", "log.progress", "log.diagnostics_every",
     "save.every", "save.keep_last",
     "optim.max_bad_steps",
-    "regime.teacher_cache",
+    "regime.teacher_cache", "regime.vllm_gpu_memory", "regime.allow_biased_rollouts",
 })
 
 

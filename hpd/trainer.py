@@ -6,6 +6,9 @@ One optimizer step, top to bottom:
     responses: the run's `ResponseSource` (`hpd.regimes`: dataset | teacher | student | self |
       mixed) names the step's regime and gives each micro-batch's completions (rollouts sampled
       through a `hpd.rollout.GenerationBackend`)
+      [rollout reuse, regime.minibatches x epochs > 1: a new rollout batch every M x E steps, its
+      objective weights fixed then (`DistillationLoss(fix_weights=True)`); the steps between
+      train on their share of it through the PPO-clipped weights (`hpd.objectives.clip`)]
     this process's micro-batches (`hpd.batches.MicroBatch`), each prepared by the run's
       `TeacherSource` (`hpd.teachers`: a teacher model, a top-K cache, or the OPSD self-teacher)
     global count N of active tokens over all micro-batches and processes
