@@ -292,10 +292,11 @@ class RegimeConfig:
     )
     top_k: int = field_(0, "Rollout top-k sampling (0 = off).", min=0)
     backend: str = field_(
-        "auto",
+        "hf",
         "Student rollouts: hf = Hugging Face generate in the training process (every device); vllm = "
         "EXPERIMENTAL vLLM engine colocated on the GPU, weights synced after each optimizer step "
-        "(needs vLLM and a CUDA GPU); auto = vllm when both are there, else hf.",
+        "(needs vLLM and a CUDA GPU; never yet run on one, so not the default); auto = vllm when "
+        "both are there, else hf.",
         choices=["auto", "hf", "vllm"],
     )
     vllm_gpu_memory: float = field_(
