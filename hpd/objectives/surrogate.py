@@ -44,7 +44,7 @@ from torch import Tensor
 from hpd.errors import HPDError
 from hpd.vocab import resolve_shared_vocab
 from hpd.objectives.base import (
-    IGNORE_INDEX, Objective, ObjectiveOutput, TeacherChunk, TokenWeights, bucket_logq, kl, upcast,
+    IGNORE_INDEX, Objective, ObjectiveOutput, TeacherChunk, TokenWeights, bucket_logq, kl, refuse_unshifted_labels, upcast,
 )
 
 DEFAULT_CHUNK_SIZE = 1024
@@ -252,9 +252,11 @@ class _Plan:
     """Everything the two paths share for one batch: active positions, teacher rows, samples, stats."""
 
     def __init__(self, obj: Objective, teacher, labels: Tensor, student_vocab: int, *, sampled_tokens, generator,
-                 num_tokens, vocab_size, diagnostics, device):
+                 num_tokens, vocab_size, diagnostics, device, check_alignment=True):
         if labels.dim() != 2:
             raise HPDError(f"labels must be (B, T), got shape {tuple(labels.shape)}")
+        if check_alignment:
+            refuse_unshifted_labels(labels)
         B, T = labels.shape
         self.obj, self.tau = obj, float(obj.temperature)
         if teacher is None and obj.needs_teacher:
@@ -364,7 +366,7 @@ def _picked(logq: Tensor, tw: TokenWeights) -> Tensor:
 
 def objective_loss(obj: Objective, student_logits: Tensor, teacher, labels: Tensor, *, sampled_tokens: Tensor | None = None,
                    generator: torch.Generator | None = None, num_tokens: int | Tensor | None = None,
-                   vocab_size: int | None = None, diagnostics: bool = True) -> ObjectiveOutput:
+                   vocab_size: int | None = None, diagnostics: bool = True, check_alignment: bool = True) -> ObjectiveOutput:
     """The reference path: loss of `obj` from aligned student logits.
 
     student_logits: `(B, T, V_s)`, position t predicts `labels[:, t]`.
@@ -374,11 +376,15 @@ def objective_loss(obj: Objective, student_logits: Tensor, teacher, labels: Tens
     num_tokens:     the global count of active tokens to normalize by (default: this batch's).
     vocab_size:     shared vocabulary size when the models' sizes differ by padding rows.
     diagnostics:    also report teacher-student agreement, KL(p||q) and student entropy.
+    check_alignment: refuse labels that look unshifted (Hugging Face's `labels[:, t] = input_ids[:, t]`;
+                    see `hpd.objectives.base.refuse_unshifted_labels`); False for aligned labels that
+                    label the last position (a window cut from longer sequences).
     """
     B, T, Vs = student_logits.shape
     with _full_precision(student_logits.device):
         plan = _Plan(obj, teacher, labels, Vs, sampled_tokens=sampled_tokens, generator=generator, num_tokens=num_tokens,
-                     vocab_size=vocab_size, diagnostics=diagnostics, device=student_logits.device)
+                     vocab_size=vocab_size, diagnostics=diagnostics, device=student_logits.device,
+                     check_alignment=check_alignment)
         z = upcast(student_logits.reshape(B * T, Vs)[plan.pos, : plan.V])
         if plan.tau != 1.0:
             z = z / plan.tau
@@ -459,7 +465,7 @@ def chunked_objective_loss(obj: Objective, hidden: Tensor, lm_head_weight: Tenso
                            lm_head_bias: Tensor | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE,
                            sampled_tokens: Tensor | None = None, generator: torch.Generator | None = None,
                            num_tokens: int | Tensor | None = None, vocab_size: int | None = None,
-                           diagnostics: bool = True) -> ObjectiveOutput:
+                           diagnostics: bool = True, check_alignment: bool = True) -> ObjectiveOutput:
     """The memory-lean path: same loss and gradients as `objective_loss(obj, hidden @ W.T + b, ...)`.
 
     hidden:         `(B, T, H)` the student's final hidden states (gradients flow into them).
@@ -473,7 +479,8 @@ def chunked_objective_loss(obj: Objective, hidden: Tensor, lm_head_weight: Tenso
     B, T, H = hidden.shape
     with _full_precision(hidden.device):
         plan = _Plan(obj, teacher, labels, lm_head_weight.shape[0], sampled_tokens=sampled_tokens, generator=generator,
-                     num_tokens=num_tokens, vocab_size=vocab_size, diagnostics=diagnostics, device=hidden.device)
+                     num_tokens=num_tokens, vocab_size=vocab_size, diagnostics=diagnostics, device=hidden.device,
+                     check_alignment=check_alignment)
         active_hidden = hidden.reshape(B * T, H)[plan.pos]
         loss = _ChunkedSurrogate.apply(active_hidden, lm_head_weight, lm_head_bias, plan, chunk_size)
     return plan.output(loss)
