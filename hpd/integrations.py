@@ -56,7 +56,7 @@ from hpd.objectives import (
 )
 from hpd.regimes import derive_seed
 from hpd.teacher_cache import TeacherCache
-from hpd.teachers import CachedTeacher, ModelTeacher, TeacherSource
+from hpd.teachers import ModelTeacher, TeacherSource
 
 METRIC_PREFIX = "hpd/"
 
@@ -99,28 +99,30 @@ class _CacheTeacher(TeacherSource):
         self.cache = cache
 
     def prepare(self, batch, examples, split, indices) -> None:
-        rows = self.cache.rows_of(examples, f"{split} batch")
-        CachedTeacher(self.cache, {split: rows}, batch.input_ids.device).prepare(batch, examples, split, range(len(rows)))
+        batch.cache_rows = self.cache.rows_of(examples, f"{split} batch")
 
     def view(self, batch):
         return self.cache.teacher(batch.cache_rows, batch.cpu_labels).to(batch.input_ids.device)
 
 
-def teacher_source(teacher: Any) -> TeacherSource | None:
-    """`teacher` as a `TeacherSource`: a model, a model directory, a teacher cache (or its directory), or None."""
+def teacher_source(teacher: Any) -> tuple[TeacherSource | None, Any]:
+    """`teacher` as a `TeacherSource`, and its tokenizer when known (a directory holds one).
+
+    teacher: a model, a model directory, a teacher cache (`TeacherCache` or its directory), or None.
+    """
     if teacher is None or isinstance(teacher, TeacherSource):
-        return teacher
+        return teacher, None
     if isinstance(teacher, TeacherCache):
-        return _CacheTeacher(teacher)
+        return _CacheTeacher(teacher), None
     if isinstance(teacher, nn.Module):
         teacher.requires_grad_(False).eval()
-        return ModelTeacher(teacher)
+        return ModelTeacher(teacher), None
     if isinstance(teacher, (str, os.PathLike)):
         path = Path(teacher)
         if (path / "manifest.json").is_file():
-            return _CacheTeacher(TeacherCache(path))
-        model, _ = load_model(str(path), role="teacher")
-        return teacher_source(model)
+            return _CacheTeacher(TeacherCache(path)), None
+        model, tokenizer = load_model(str(path), role="teacher")
+        return teacher_source(model)[0], tokenizer
     raise HPDError(f"teacher must be a model, a model directory, a teacher cache (hpd cache-teacher) or None, "
                    f"got {type(teacher).__name__}")
 
@@ -170,7 +172,7 @@ class HFDistillation:
     def __init__(self, teacher: Any = None, objective: str | Objective = "hpd", objective_params: dict | None = None, *,
                  chunk_size: int = DEFAULT_CHUNK_SIZE, diagnostics: bool = True):
         self.objective = make_objective(objective, objective_params)
-        self.teacher = teacher_source(teacher)
+        self.teacher, self.teacher_tokenizer = teacher_source(teacher)
         if self.teacher is None and self.objective.needs_teacher:
             raise HPDError(f"objective '{self.objective.name}' needs a teacher: pass teacher=MODEL, a model directory "
                            "or a teacher cache")
@@ -182,7 +184,9 @@ class HFDistillation:
         self.chunk_size = chunk_size
         self.diagnostics = diagnostics
         self._vocab: tuple[int, int | None] | None = None  # (student head rows, shared vocabulary size)
-        self._pending: dict[str, list[ObjectiveOutput]] = {"train": [], "eval": []}
+        # split -> running sums/counts/mins/maxs of the statistics since the last log, on the device:
+        # constant memory whatever the logging interval, and no host read until the log.
+        self._pending: dict[str, dict[str, dict[str, Tensor]]] = {}
         self._micro: dict[str, tuple[int, int]] = {}  # split -> (step, micro-batches seen in it)
 
     def generator(self, seed: int, step: int, rank: int, split: str, device: torch.device) -> torch.Generator:
@@ -200,7 +204,14 @@ class HFDistillation:
         if self._vocab is not None and self._vocab[0] == rows:
             return self._vocab[1]
         size = None
-        tok_len = len(tokenizer) if tokenizer is not None and hasattr(tokenizer, "__len__") else None
+        tokenizer = tokenizer if hasattr(tokenizer, "get_vocab") else None  # a processor or None: not checked
+        tok_len = len(tokenizer) if tokenizer is not None else None
+        if tokenizer is not None and self.teacher_tokenizer is not None \
+                and tokenizer.get_vocab() != self.teacher_tokenizer.get_vocab():
+            raise HPDError(f"the student's tokenizer ({len(tokenizer)} tokens) differs from the teacher's "
+                           f"({len(self.teacher_tokenizer)} tokens): logit distillation needs one tokenizer")
+        if isinstance(self.teacher, _CacheTeacher) and tokenizer is not None:
+            self.teacher.cache.check_run(tokenizer=tokenizer)
         if isinstance(self.teacher, ModelTeacher):
             size = shared_vocab_size(student, self.teacher.model, None) if tok_len is None else resolve_shared_vocab(
                 rows, vocab_rows(self.teacher.model), tok_len)
@@ -257,32 +268,43 @@ class HFDistillation:
             out = self.objective.chunked(hidden, weight, view, aligned, lm_head_bias=bias, chunk_size=self.chunk_size, **kw)
         else:
             out = self.objective(logits, view, aligned, **kw)
-        self._pending[split].append(out)
-        self._pending[split].append(_value_record(out, num_items_in_batch))
+        self._keep(split, out, num_items_in_batch)
         return out.loss
+
+    def _keep(self, split: str, out: ObjectiveOutput, num_items: Tensor | int | None) -> None:
+        """Add a batch's statistics, and its value as a token sum, to the split's running reductions."""
+        dev = out.value.device
+        denom = out.num_active if num_items is None else torch.as_tensor(num_items)
+        parts = {"sums": {**out.sums, "value": out.value.detach().double() * denom.to(dev).double()},
+                 "counts": {**out.counts, "value": out.num_active.to(dev).double()},
+                 "mins": out.mins, "maxs": out.maxs}
+        acc = self._pending.setdefault(split, {kind: {} for kind in parts})
+        for kind, combine in (("sums", torch.add), ("counts", torch.add), ("mins", torch.minimum), ("maxs", torch.maximum)):
+            for name, t in parts[kind].items():
+                have = acc[kind].get(name)
+                acc[kind][name] = t.detach() if have is None else combine(have, t.detach())
 
     def pop_metrics(self, split: str, accelerator=None) -> dict[str, float]:
         """The objective's value and metrics since the last call, token means over every process."""
         from hpd.trainer import global_metrics
 
-        outputs, self._pending[split] = self._pending[split], []
-        if accelerator is None:
-            class _Local:
-                num_processes = 1
-            accelerator = _Local()
-        elif not outputs and accelerator.num_processes == 1:
+        acc = self._pending.pop(split, None)
+        processes = 1 if accelerator is None else accelerator.num_processes
+        if acc is None and processes == 1:
             return {}
-        metrics = global_metrics(outputs, accelerator)
+        zero = torch.zeros(())
+        # Every process takes part in the gather, with or without statistics of its own.
+        outputs = [] if acc is None else [ObjectiveOutput(loss=zero, value=zero, num_active=zero, **acc)]
+        metrics = global_metrics(outputs, accelerator if processes > 1 else _ONE_PROCESS)
         prefix = METRIC_PREFIX if split == "train" else f"eval_{METRIC_PREFIX}"
         return {prefix + k: v for k, v in metrics.items()}
 
 
-def _value_record(out: ObjectiveOutput, num_items: Tensor | int | None) -> ObjectiveOutput:
-    """The objective's value as a token sum over the batch, so `global_metrics` averages it like the statistics."""
-    denom = out.num_active if num_items is None else torch.as_tensor(num_items)
-    total = out.value.detach().double() * denom.to(out.value.device).double()
-    return ObjectiveOutput(loss=out.loss.detach(), value=out.value, num_active=out.num_active,
-                           sums={"value": total}, counts={"value": out.num_active.to(total.device).double()})
+class _OneProcess:
+    num_processes = 1
+
+
+_ONE_PROCESS = _OneProcess()
 
 
 class _CaptureHidden:

@@ -72,7 +72,9 @@ def _hpd_train_loss(student, teacher, tok, prompts, completions, objective, chun
     g = torch.Generator().manual_seed(derive_seed(seed, 0, 0, 0, "sample"))
     out = module(b["input_ids"], b["attention_mask"], b["labels"], view, num_tokens=n, generator=g, diagnostics=True)
     out["loss"].backward()
-    return out["loss"].detach(), {k: p.grad.clone() for k, p in student.named_parameters()}, b
+    metrics = {**out["output"].metrics, "value": float(out["output"].value)}
+    grads = {k: p.grad.clone() for k, p in student.named_parameters() if p.grad is not None}
+    return out["loss"].detach(), grads, b, metrics
 
 
 CASES = [("hpd", {}, 0, "trainer"), ("hpd", {}, 4, "trainer"), ("fkl", {"ce_weight": 0.5, "kd_weight": 2.0}, 4, "trainer"),
@@ -84,7 +86,7 @@ def test_a_trainer_step_gives_hpd_trains_loss_and_gradients(models, tmp_path, na
     teacher, student0, tok = models
     prompts, completions = _tokens(tok)
     ref_student = copy.deepcopy(student0)
-    want_loss, want_grads, b = _hpd_train_loss(ref_student, teacher, tok, prompts, completions,
+    want_loss, want_grads, b, want_metrics = _hpd_train_loss(ref_student, teacher, tok, prompts, completions,
                                                get_objective(name, **params), chunk_size, seed=3)
 
     student = copy.deepcopy(student0)
@@ -102,6 +104,31 @@ def test_a_trainer_step_gives_hpd_trains_loss_and_gradients(models, tmp_path, na
     torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6)
     for k, p in student.named_parameters():
         torch.testing.assert_close(p.grad, want_grads[k], rtol=1e-4, atol=1e-6, msg=k)
+    # What the logs will show for this step: hpd train's metrics line, prefixed.
+    source = trainer.distillation if way == "trainer" else loss_fn
+    got = source.pop_metrics("train", trainer.accelerator)
+    assert got.keys() == {f"hpd/{k}" for k in want_metrics}
+    for k, v in want_metrics.items():
+        assert got[f"hpd/{k}"] == pytest.approx(v, rel=1e-4, abs=1e-6), k
+
+
+def test_a_lora_student_in_the_trainer_gets_hpd_trains_gradients(models, tmp_path):
+    pytest.importorskip("peft")
+    from hpd.models import apply_lora
+
+    teacher, student0, tok = models
+    prompts, completions = _tokens(tok)
+    ref = apply_lora(copy.deepcopy(student0), rank=4, alpha=8, seed=5)
+    want_loss, want_grads, _, _ = _hpd_train_loss(ref, teacher, tok, prompts, completions, get_objective("hpd"), 4, seed=3)
+    student = apply_lora(copy.deepcopy(student0), rank=4, alpha=8, seed=5)
+    trainer = DistillationTrainer(model=student, args=_args(tmp_path), teacher=teacher, objective="hpd", chunk_size=4)
+    _, inputs = _hf_batch(tok, prompts, completions)
+    loss = trainer.training_step(trainer.model, inputs, num_items_in_batch=(inputs["labels"][:, 1:] != -100).sum())
+    torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6)
+    trained = [k for k, p in student.named_parameters() if p.requires_grad]
+    assert trained and all("lora" in k for k in trained)
+    for k in trained:
+        torch.testing.assert_close(dict(student.named_parameters())[k].grad, want_grads[k], rtol=1e-4, atol=1e-6, msg=k)
 
 
 def test_unshifted_labels_are_shifted_by_the_integration_and_refused_by_the_objective_api(models):
@@ -226,7 +253,7 @@ def test_trl_sft_trainer_distills_with_hpds_loss(models, tmp_path):
         n, first = sum(mask), next(t for t, y in enumerate(lab) if y != -100)
         prompts.append(ids[:first]), completions.append(ids[first:n])
     ref = copy.deepcopy(student0)
-    want_loss, want_grads, _ = _hpd_train_loss(ref, teacher, tok, prompts, completions, get_objective("hpd"), 1024, seed=3)
+    want_loss, want_grads, _, _ = _hpd_train_loss(ref, teacher, tok, prompts, completions, get_objective("hpd"), 1024, seed=3)
     n = (batch["labels"][:, 1:] != -100).sum()
     loss = trainer.training_step(trainer.model, dict(batch), num_items_in_batch=n)
     torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6)
@@ -274,7 +301,7 @@ def _grads_of_one_step(out: str, per_device: int, grad_accum: int, chunk_size: i
 def _reference_grads(models):
     teacher, student0, tok = models
     student = copy.deepcopy(student0)
-    _, grads, _ = _hpd_train_loss(student, teacher, tok, *_tokens(tok, MORE), get_objective("fkl"), 4, seed=3)
+    _, grads, _, _ = _hpd_train_loss(student, teacher, tok, *_tokens(tok, MORE), get_objective("fkl"), 4, seed=3)
     return grads
 
 
