@@ -49,6 +49,7 @@ def measure(args) -> dict:
     th, tW = torch.randn(B, T, H, generator=g) * 0.5, torch.randn(V, H, generator=g) * 0.05
     labels = torch.randint(0, V, (B, T), generator=g)
     labels[:, : T // 8] = -100  # a prompt
+    labels[:, -1] = -100  # aligned labels: the last position predicts nothing (unshifted-looking labels are refused)
     obj = get_objective(args.objective)
 
     def step(seed: int) -> None:

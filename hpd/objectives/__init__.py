@@ -4,7 +4,9 @@
 `Param`s) listed there; the config, `hpd train --help` and validation are derived from it, and a
 user's own objective outside the package loads by import path (`objective.name=mypkg.losses:MyKL`).
 `get_objective(name, **params)` returns an objective; calling it with aligned student logits
-`(B, T, V)`, a teacher and labels `(B, T)` returns an `ObjectiveOutput` (`.loss`, `.value`,
+`(B, T, V)`, a teacher and labels `(B, T)` aligned with them (`labels[:, t]` is the token
+`logits[:, t]` predicts; `shift_labels` turns Hugging Face's unshifted labels into those, and
+labels that look unshifted are refused) returns an `ObjectiveOutput` (`.loss`, `.value`,
 `.metrics`). `.chunked(hidden, lm_head_weight, teacher, labels)` computes the same loss without
 ever holding `(B, T, V)` logits. See `docs/objectives.md` for the mathematics.
 
@@ -24,6 +26,7 @@ import importlib
 from hpd.errors import HPDError
 from hpd.objectives.base import (
     COMMON_PARAMS, IGNORE_INDEX, Objective, ObjectiveOutput, Param, TeacherChunk, TokenWeights, reduce_metrics,
+    refuse_unshifted_labels, shift_labels,
 )
 from hpd.objectives.divergences import (
     AdaptiveKL, AlphaBetaDivergence, ForwardKL, JensenShannon, ReverseKL, SkewForwardKL, SkewReverseKL, TokenwiseDivergence, TotalVariation,
@@ -109,5 +112,6 @@ def describe_objectives() -> str:
 __all__ = [
     "DEFAULT_CHUNK_SIZE", "GatheredTeacher", "HeadTeacher", "IGNORE_INDEX", "LogitsTeacher", "TeacherView", "as_teacher_view", "OBJECTIVES", "Objective", "ObjectiveOutput",
     "Param", "TeacherChunk", "COMMON_PARAMS", "config_params", "objective_class", "param_fields", "TokenWeights", "TopKTeacher", "chunked_objective_loss", "describe_objectives", "get_objective",
-    "objective_loss", "reduce_metrics", "resolve_shared_vocab", "RatioClip", "RolloutWeights", "rollout_weights",
+    "objective_loss", "reduce_metrics", "refuse_unshifted_labels", "resolve_shared_vocab", "shift_labels",
+    "RatioClip", "RolloutWeights", "rollout_weights",
 ]

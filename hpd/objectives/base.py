@@ -35,6 +35,39 @@ from hpd.errors import HPDError
 
 IGNORE_INDEX = -100
 
+
+def shift_labels(labels: Tensor) -> Tensor:
+    """Hugging Face labels `(B, T)` (`labels[:, t] = input_ids[:, t]`, -100 ignored) aligned with the logits.
+
+    Returns `(B, T)` with `out[:, t] = labels[:, t + 1]` and -100 in the last column: position t's
+    logits predict token t + 1, and the last position predicts nothing in the batch. This is the
+    shift HF's own causal-LM loss does inside the model; hpd's objectives take aligned labels.
+    """
+    return torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+
+
+def refuse_unshifted_labels(labels: Tensor) -> None:
+    """Refuse labels `(B, T)` that look unshifted (Hugging Face's convention) where aligned ones are expected.
+
+    Aligned labels of a batch of whole sequences never label a row's last position (nothing
+    follows it), while HF labels of prompt + completion rows label it in the longest row, and
+    ignore every row's first position (a prompt token). That pattern (every first position
+    ignored, some last position labeled) is refused; labels with an active first position
+    (random labels, pretraining windows) pass. The check reads one boolean from the device.
+    """
+    if labels.dim() != 2 or labels.shape[1] < 2:
+        return
+    suspicious = (labels[:, 0] == IGNORE_INDEX).all() & (labels[:, -1] != IGNORE_INDEX).any()
+    if bool(suspicious):
+        raise HPDError(
+            "labels look unshifted (Hugging Face's convention, labels[:, t] = input_ids[:, t]): every row ignores its "
+            "first position and some row labels its last one, which labels aligned with the logits (labels[:, t] = "
+            "the token logits[:, t] predict) never do. Shift them with hpd.objectives.shift_labels(labels), or use "
+            "hpd.integrations (HPDLoss, DistillationTrainer), which take HF labels; if they are aligned (a window cut "
+            "from longer sequences), pass check_alignment=False"
+        )
+
+
 Support = Literal["token", "pair", "vocab"]
 
 

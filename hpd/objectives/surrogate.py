@@ -44,7 +44,7 @@ from torch import Tensor
 from hpd.errors import HPDError
 from hpd.vocab import resolve_shared_vocab
 from hpd.objectives.base import (
-    IGNORE_INDEX, Objective, ObjectiveOutput, TeacherChunk, TokenWeights, bucket_logq, kl, upcast,
+    IGNORE_INDEX, Objective, ObjectiveOutput, TeacherChunk, TokenWeights, bucket_logq, kl, refuse_unshifted_labels, upcast,
 )
 from hpd.objectives.clip import RatioClip, RolloutWeights
 
@@ -254,9 +254,11 @@ class _Plan:
 
     def __init__(self, obj: Objective, teacher, labels: Tensor, student_vocab: int, *, sampled_tokens, generator,
                  num_tokens, vocab_size, diagnostics, device, rollout: RolloutWeights | None = None,
-                 clip: RatioClip | None = None):
+                 clip: RatioClip | None = None, check_alignment=True):
         if labels.dim() != 2:
             raise HPDError(f"labels must be (B, T), got shape {tuple(labels.shape)}")
+        if check_alignment:
+            refuse_unshifted_labels(labels)
         B, T = labels.shape
         self.obj, self.tau = obj, float(obj.temperature)
         if rollout is not None and (teacher is not None or sampled_tokens is not None):
@@ -392,7 +394,7 @@ def _picked(logq: Tensor, tw: TokenWeights) -> Tensor:
 def objective_loss(obj: Objective, student_logits: Tensor, teacher, labels: Tensor, *, sampled_tokens: Tensor | None = None,
                    generator: torch.Generator | None = None, num_tokens: int | Tensor | None = None,
                    vocab_size: int | None = None, diagnostics: bool = True, rollout: RolloutWeights | None = None,
-                   clip: RatioClip | None = None) -> ObjectiveOutput:
+                   clip: RatioClip | None = None, check_alignment: bool = True) -> ObjectiveOutput:
     """The reference path: loss of `obj` from aligned student logits.
 
     student_logits: `(B, T, V_s)`, position t predicts `labels[:, t]`.
@@ -405,12 +407,15 @@ def objective_loss(obj: Objective, student_logits: Tensor, teacher, labels: Tens
     rollout:        weights fixed at rollout time (`rollout_weights`), used instead of the objective's
                     own (teacher None): the loss is then their PPO loss, clipped as `clip` says
                     (`hpd.objectives.clip`).
+    check_alignment: refuse labels that look unshifted (Hugging Face's `labels[:, t] = input_ids[:, t]`;
+                    see `hpd.objectives.base.refuse_unshifted_labels`); False for aligned labels that
+                    label the last position (a window cut from longer sequences).
     """
     B, T, Vs = student_logits.shape
     with _full_precision(student_logits.device):
         plan = _Plan(obj, teacher, labels, Vs, sampled_tokens=sampled_tokens, generator=generator, num_tokens=num_tokens,
                      vocab_size=vocab_size, diagnostics=diagnostics, device=student_logits.device, rollout=rollout,
-                     clip=clip)
+                     clip=clip, check_alignment=check_alignment)
         z = upcast(student_logits.reshape(B * T, Vs)[plan.pos, : plan.V])
         if plan.tau != 1.0:
             z = z / plan.tau
@@ -492,7 +497,7 @@ def chunked_objective_loss(obj: Objective, hidden: Tensor, lm_head_weight: Tenso
                            sampled_tokens: Tensor | None = None, generator: torch.Generator | None = None,
                            num_tokens: int | Tensor | None = None, vocab_size: int | None = None,
                            diagnostics: bool = True, rollout: RolloutWeights | None = None,
-                           clip: RatioClip | None = None) -> ObjectiveOutput:
+                           clip: RatioClip | None = None, check_alignment: bool = True) -> ObjectiveOutput:
     """The memory-lean path: same loss and gradients as `objective_loss(obj, hidden @ W.T + b, ...)`.
 
     hidden:         `(B, T, H)` the student's final hidden states (gradients flow into them).
@@ -507,7 +512,7 @@ def chunked_objective_loss(obj: Objective, hidden: Tensor, lm_head_weight: Tenso
     with _full_precision(hidden.device):
         plan = _Plan(obj, teacher, labels, lm_head_weight.shape[0], sampled_tokens=sampled_tokens, generator=generator,
                      num_tokens=num_tokens, vocab_size=vocab_size, diagnostics=diagnostics, device=hidden.device,
-                     rollout=rollout, clip=clip)
+                     rollout=rollout, clip=clip, check_alignment=check_alignment)
         active_hidden = hidden.reshape(B * T, H)[plan.pos]
         loss = _ChunkedSurrogate.apply(active_hidden, lm_head_weight, lm_head_bias, plan, chunk_size)
     return plan.output(loss)
