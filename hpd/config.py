@@ -397,6 +397,12 @@ class SaveConfig:
 
     every: int = field_(0, "Steps between checkpoints (0 = only the final one).", min=0)
     keep_last: int = field_(2, "Checkpoints kept (older ones are deleted).", min=1)
+    dtype: str = field_(
+        "fp32",
+        "Weight dtype of final/ on disk: fp32 (exact), bf16 or fp16 (half the size; training runs in "
+        "the student's own dtype either way). Checkpoints keep the training dtype, so resume stays exact.",
+        choices=["fp32", "bf16", "fp16"],
+    )
 
 
 @dataclass

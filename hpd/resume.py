@@ -42,7 +42,7 @@ from hpd.errors import HPDError
 RUN_NEUTRAL_KEYS = frozenset({
     "resume_allow_changes", "max_steps",
     "log.every", "log.eval_every", "log.eval_batches", "log.tensorboard", "log.progress", "log.diagnostics_every",
-    "save.every", "save.keep_last",
+    "save.every", "save.keep_last", "save.dtype",  # save.dtype: only final/'s copy on disk
     "optim.max_bad_steps",
     "regime.teacher_cache",
 })

@@ -48,6 +48,7 @@ from hpd.checkpoint import (
 from hpd.config import Config, load_config, save_config
 from hpd.data import EncodedExample, EpochSampler, encode_file, encode_self_distillation, load_examples
 from hpd.errors import HPDError
+from hpd.model_card import model_card
 from hpd.models import (
     apply_lora, final_hidden_states, init_from_teacher, lm_head_of, load_model, save_model, shared_vocab_size, vocab_rows,
 )
@@ -695,11 +696,13 @@ class Trainer:
         finally:
             if progress is not None:
                 progress.close()
-        if self.eval_data:
-            metrics_log.write({"type": "eval", "step": self.step, **self.evaluate()})
+        final_eval = self.evaluate() if self.eval_data else None
+        if final_eval is not None:
+            metrics_log.write({"type": "eval", "step": self.step, **final_eval})
         self._save_unless_diverging(final=True)
         if self.is_main:
-            save_model(self.unwrapped, self.tokenizer, self.run_dir / "final")
+            save_model(self.unwrapped, self.tokenizer, self.run_dir / "final", dtype=cfg.save.dtype,
+                       card=model_card(cfg, steps=self.step, eval_metrics=final_eval))
         acc.wait_for_everyone()
         metrics_log.close()
         self.log(f"done: student at {self.run_dir / 'final'}, metrics in {self.run_dir / 'metrics.jsonl'}")
