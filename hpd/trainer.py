@@ -58,11 +58,11 @@ from hpd.objectives import (
 from hpd.regimes import ResponseSource, derive_seed, response_source
 from hpd.resume import RUN_NEUTRAL_KEYS, check_changes, config_changes, record_history, saved_config, schedule_note
 from hpd.run_dir import RunDirLock, describe_holder
-from hpd.trackers import finish_trackers, make_trackers, resolve_trackers, start_trackers, tracker_values
 from hpd.teacher_cache import TeacherCache
 from hpd.teachers import (
     CachedTeacher, ModelTeacher, OPSDTeacher, SelfTeacher, TeacherSource, prompt_ending_mismatches,
 )
+from hpd.trackers import finish_trackers, make_trackers, resolve_trackers, start_trackers, tracker_values
 from hpd.vocab import resolve_shared_vocab
 
 
