@@ -90,6 +90,8 @@ def field_(default: Any, help: str, **checks: Any) -> Any:
     unknown = set(checks) - _CHECK_KEYS
     if unknown:  # a typo in a check would otherwise silently disable it
         raise TypeError(f"unknown field checks {sorted(unknown)}; allowed: {sorted(_CHECK_KEYS)}")
+    if isinstance(default, list):  # a list field (each item checked): every Config gets its own copy
+        return field(default_factory=lambda: list(default), metadata={"help": help, **checks})
     return field(default=default, metadata={"help": help, **checks})
 
 
@@ -423,8 +425,18 @@ class LogConfig:
     eval_batches: int = field_(4, "Batches per evaluation.", min=1)
     tensorboard: str = field_(
         "auto",
-        "TensorBoard logs: auto = when tensorboard is installed, on = required, off = never.",
+        "TensorBoard logs (RUN/tensorboard/): auto = when tensorboard is installed and log.report_to is empty, "
+        "on = required, off = never.",
         choices=["auto", "on", "off"],
+    )
+    report_to: list[str] = field_(
+        [],
+        "Experiment trackers that receive every metrics.jsonl line, through accelerate's trackers (as "
+        "transformers' report_to): a list such as [tensorboard, wandb] or tensorboard,mlflow; each needs its "
+        "package (pip install 'hpd[trackers]'). Offline: tensorboard writes RUN/tensorboard/, mlflow a file "
+        "store in RUN/mlruns/ (unless MLFLOW_TRACKING_URI is set), wandb RUN/wandb/ (WANDB_MODE=offline for "
+        "no network). [] = log.tensorboard decides; [none] = no tracker at all.",
+        choices=["tensorboard", "wandb", "mlflow", "none"],
     )
     progress: bool = field_(True, "Show a progress bar.")
     diagnostics_every: int = field_(
@@ -441,6 +453,12 @@ class SaveConfig:
 
     every: int = field_(0, "Steps between checkpoints (0 = only the final one).", min=0)
     keep_last: int = field_(2, "Checkpoints kept (older ones are deleted).", min=1)
+    dtype: str = field_(
+        "fp32",
+        "Weight dtype of final/ on disk: fp32 (exact), bf16 or fp16 (half the size; training runs in "
+        "the student's own dtype either way). Checkpoints keep the training dtype, so resume stays exact.",
+        choices=["fp32", "bf16", "fp16"],
+    )
 
 
 @dataclass
@@ -610,6 +628,8 @@ def _field_type(tp: Any, meta: dict[str, Any]) -> Any:
         constraints["pattern"] = r"\S"  # at least one non-blank character
     if meta.get("import_path"):
         inner = Annotated[inner, AfterValidator(_objective_name)]
+    elif "choices" in meta and typing.get_origin(inner) is list:
+        inner = list[Literal[tuple(meta["choices"])]]  # a list field: each item one of the choices
     elif "choices" in meta:
         inner = Literal[tuple(meta["choices"])]
     typed = Annotated[inner, Field(**constraints)] if constraints else inner
@@ -625,7 +645,8 @@ def _model_of(cls: type) -> type[BaseModel]:
         if _is_section(tp):
             fields[f.name] = (_model_of(tp), ...)
         else:
-            fields[f.name] = (_field_type(tp, dict(f.metadata)), f.default)
+            default = f.default if f.default is not dataclasses.MISSING else Field(default_factory=f.default_factory)
+            fields[f.name] = (_field_type(tp, dict(f.metadata)), default)
     config = ConfigDict(extra="forbid", allow_inf_nan=False)
     return create_model(cls.__name__, __config__=config, **fields)
 
@@ -647,7 +668,8 @@ def _problems(data: dict[str, Any], strict: bool) -> tuple[Any, list[str]]:
 
 def _message(err: Any) -> str:
     """One pydantic error -> our one-line message naming the dotted key, the rule and the value."""
-    key = ".".join(str(part) for part in err["loc"])
+    # An item of a list field is located by its index: the message names the field.
+    key = ".".join(str(part) for part in err["loc"] if not isinstance(part, int))
     kind, value = err["type"], err["input"]
     tp, meta = _field_of(key)
     if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal", "choice", "literal_error"):
@@ -674,6 +696,8 @@ def _type_error(key: str, tp: Any, value: Any) -> HPDError:
     inner, optional = _split_optional(tp)
     article = {int: "an int", float: "a float", bool: "a bool (true/false)", str: "a string"}
     what = article.get(inner, getattr(inner, "__name__", str(inner)))
+    if typing.get_origin(inner) is list:
+        what = "a list ([a, b] in YAML, a,b in an override)"
     if optional:
         what += " or null"
     return HPDError(f"{key}: expected {what}, got {value!r}")
@@ -707,6 +731,11 @@ def _prepare(key: str, value: Any, raw: str | None) -> Any:
                 f"booleans: quote the value)"
             )
         return str(value) if isinstance(value, (int, float)) else value
+    if typing.get_origin(inner) is list:
+        # `log.report_to=wandb,mlflow` (or a YAML string): comma-separated items
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
     if inner in (int, float) and isinstance(value, bool):
         raise _type_error(key, tp, value)  # pydantic reads True as 1; a step count never is
     if inner is int and isinstance(value, str):
@@ -859,6 +888,14 @@ def _cross_checks(cfg: Config) -> list[str]:
                 f"{section}.tiny_heads ({model.tiny_heads})"
             )
     problems += _reuse_checks(cfg)
+    report_to = cfg.log.report_to
+    if "none" in report_to and len(set(report_to)) > 1:
+        problems.append(f"log.report_to: 'none' means no tracker, but it lists {report_to}: give 'none' alone, "
+                        "or the trackers without it")
+    if "tensorboard" in report_to and cfg.log.tensorboard == "off":
+        problems.append("log.report_to lists tensorboard but log.tensorboard is off: drop one of them")
+    if len(set(report_to)) != len(report_to):
+        problems.append(f"log.report_to lists a tracker twice: {report_to}")
     if cfg.data.eval is not None and cfg.data.eval_fraction > 0:
         problems.append(
             f"data.eval_fraction ({cfg.data.eval_fraction}) splits train only when data.eval is "

@@ -6,8 +6,10 @@ Three ways to name "the same model", each kept because caches on disk are keyed 
   the teacher's generations in regime `teacher`.
 - `weights_fingerprint(path)`: the bytes of a model's weight files on disk (sha256, exact); what a
   teacher cache records (`hpd cache-teacher`).
-- `files_stamp(path)`: the names, sizes and modification times of a model's files (cheap, no
-  read); what `hpd generate` keys its output by.
+- `model_content_hash(path)`: the bytes of everything on disk that decides what a model generates
+  (weights, config, generation config, tokenizer and chat template files), nothing else: files
+  written beside a model (evaluation outputs, a model card) and modification times leave it
+  unchanged; what `hpd generate` keys its output by.
 
 and `tokenizer_fingerprint(tokenizer)`: the vocabulary (token -> id).
 
@@ -42,12 +44,8 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def weights_fingerprint(path: str | os.PathLike) -> str:
-    """sha256 of a model's weight files (and config.json), read from disk without loading it."""
-    p = Path(path)
-    files = [p] if p.is_file() else sorted(f for f in p.iterdir() if f.suffix in _WEIGHT_SUFFIXES or f.name == "config.json")
-    if not files:
-        raise HPDError(f"no weight files in '{p}': pass a Hugging Face model directory or a .gguf file")
+def _hash_files(files: list[Path]) -> str:
+    """sha256 of each file's name then bytes, in the order given (the key teacher caches record)."""
     h = hashlib.sha256()
     for f in files:
         h.update(f.name.encode())
@@ -57,15 +55,37 @@ def weights_fingerprint(path: str | os.PathLike) -> str:
     return h.hexdigest()[:24]
 
 
-def files_stamp(model: str, h: "hashlib._Hash") -> None:
-    """Feed `h` the names, sizes and mtimes of the files of `model` (a directory or a file), or
-    the name itself when it is no path (e.g. `tiny`)."""
+def weights_fingerprint(path: str | os.PathLike) -> str:
+    """sha256 of a model's weight files (and config.json), read from disk without loading it."""
+    p = Path(path)
+    files = [p] if p.is_file() else sorted(f for f in p.iterdir() if f.suffix in _WEIGHT_SUFFIXES or f.name == "config.json")
+    if not files:
+        raise HPDError(f"no weight files in '{p}': pass a Hugging Face model directory or a .gguf file")
+    return _hash_files(files)
+
+
+# Files beside the weights that change what a model computes or generates from a prompt.
+_MODEL_FILES = frozenset({
+    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model",
+    "chat_template.jinja", "chat_template.json",
+})
+
+
+def model_content_hash(model: str | os.PathLike) -> str:
+    """One content hash of a model: its weight files and the files of `_MODEL_FILES` (the bytes,
+    by name); a `.gguf` file's bytes; a name that is no path (e.g. `tiny`) hashes as itself."""
     p = Path(model)
-    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p] if p.is_file() else []
-    h.update(model.encode() if not files else b"")
-    for f in files:
-        st = f.stat()
-        h.update(f"{f.relative_to(p) if p.is_dir() else f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    if p.is_dir():
+        files = sorted(f for f in p.iterdir() if f.is_file() and (
+            f.suffix in _WEIGHT_SUFFIXES or f.name in _MODEL_FILES or f.name.endswith(".safetensors.index.json")))
+        if not any(f.suffix in _WEIGHT_SUFFIXES for f in files):
+            raise HPDError(f"no weight files in '{p}': pass a Hugging Face model directory or a .gguf file")
+    elif p.is_file():
+        files = [p]
+    else:
+        return hashlib.sha256(os.fspath(model).encode()).hexdigest()[:24]
+    return _hash_files(files)
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -76,4 +96,4 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()[:24]
 
 
-__all__ = ["files_stamp", "model_fingerprint", "tokenizer_fingerprint", "weights_fingerprint"]
+__all__ = ["model_content_hash", "model_fingerprint", "tokenizer_fingerprint", "weights_fingerprint"]

@@ -344,28 +344,55 @@ def apply_lora(model: PreTrainedModel, *, rank: int, alpha: float, dropout: floa
 
 
 def save_model(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, out_dir: str | os.PathLike
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase | None,
+    out_dir: str | os.PathLike,
+    *,
+    dtype: str | torch.dtype | None = None,
+    card: str | None = None,
 ) -> Path:
-    """Write `model` (safetensors + config) and `tokenizer` to `out_dir` atomically.
+    """Write `model` (safetensors + config + generation config) and `tokenizer` to `out_dir`
+    atomically, loadable by transformers 4.4x-4.5x and 5.x alike (`hpd.portable`).
+
+    dtype: the weights' dtype on disk (float32/fp32, bfloat16/bf16, float16/fp16); None = the
+    model's own. `model` itself is left as it is (a cast copy is written).
+    card: the text of the model card, written as `README.md` (`hpd.model_card`).
 
     Everything is written into a temporary sibling directory first and renamed into place, so a
     crash leaves either the old directory or the new one, never a half-written mix. Returns the
     final path.
     """
+    import copy
+
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise HPDError(f"cannot save a model to '{out}': it exists and is a file; pick a directory")
+    target = _resolve_dtype(dtype) if dtype is not None else None
+    if target == "auto":
+        raise HPDError("save dtype 'auto' means nothing here: use float32, bfloat16 or float16")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     if is_peft_model(model):
         # A plain HF directory out, whatever trained inside: the adapters merged into a copy.
-        import copy
-
         model = copy.deepcopy(model).merge_and_unload()
+    model = _without_quantizer(model)
+    if target is not None and model.dtype != target:
+        model = copy.deepcopy(model).to(target)
     try:
-        _without_quantizer(model).save_pretrained(str(tmp))
+        model.save_pretrained(str(tmp))
+        if not (tmp / "generation_config.json").is_file():
+            # transformers writes it only for models that can generate with non-default settings;
+            # tools (vLLM, lm-eval) read eos/pad from it, so every model gets one.
+            from transformers import GenerationConfig
+
+            GenerationConfig.from_model_config(model.config).save_pretrained(str(tmp))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
+        from hpd.portable import make_portable
+
+        make_portable(tmp)
+        if card is not None:
+            (tmp / "README.md").write_text(card, encoding="utf-8")
         replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -41,8 +41,8 @@ from hpd.errors import HPDError
 # training randomness (its draws have their own seeds), so it does not move the trajectory.
 RUN_NEUTRAL_KEYS = frozenset({
     "resume_allow_changes", "max_steps",
-    "log.every", "log.eval_every", "log.eval_batches", "log.tensorboard", "log.progress", "log.diagnostics_every",
-    "save.every", "save.keep_last",
+    "log.every", "log.eval_every", "log.eval_batches", "log.tensorboard", "log.report_to", "log.progress", "log.diagnostics_every",
+    "save.every", "save.keep_last", "save.dtype",  # save.dtype: only final/'s copy on disk
     "optim.max_bad_steps",
     "regime.teacher_cache", "regime.vllm_gpu_memory", "regime.allow_biased_rollouts",
 })

@@ -38,7 +38,7 @@ import os
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -48,9 +48,10 @@ from hpd.checkpoint import (
     STATE, clean_leftovers, latest_checkpoint, load_rng_state, load_state, load_student_weights, load_trainer_state,
     resolve_resume, save_checkpoint, save_state, space_error,
 )
-from hpd.config import Config, load_config, save_config
+from hpd.config import Config, config_to_dict, load_config, save_config
 from hpd.data import EncodedExample, EpochSampler, encode_file, encode_self_distillation, load_examples
 from hpd.errors import HPDError
+from hpd.model_card import model_card
 from hpd.models import (
     apply_lora, final_hidden_states, init_from_teacher, lm_head_of, load_model, save_model, shared_vocab_size, vocab_rows,
 )
@@ -66,6 +67,7 @@ from hpd.teacher_cache import TeacherCache
 from hpd.teachers import (
     CachedTeacher, ModelTeacher, OPSDTeacher, SelfTeacher, TeacherSource, prompt_ending_mismatches,
 )
+from hpd.trackers import finish_trackers, make_trackers, resolve_trackers, start_trackers, tracker_values
 from hpd.vocab import resolve_shared_vocab
 
 
@@ -284,12 +286,14 @@ def make_optimizer(cfg: Config, student: nn.Module):
 
 
 class MetricsLog:
-    """metrics.jsonl (one JSON object per line) and, when available, TensorBoard."""
+    """metrics.jsonl (one JSON object per line), each line also handed to `log_to(record)` (the
+    run's experiment trackers, `hpd.trackers`) when given."""
 
-    def __init__(self, run_dir: Path, mode: str, enabled: bool, resume_step: int | None):
+    def __init__(self, run_dir: Path, enabled: bool, resume_step: int | None,
+                 log_to: Callable[[dict[str, Any]], None] | None = None):
         self.path = run_dir / "metrics.jsonl"
+        self.log_to = log_to
         self.enabled = enabled
-        self.tb = None
         if not enabled:
             return
         if resume_step is None and self.path.exists():
@@ -308,14 +312,6 @@ class MetricsLog:
                 except json.JSONDecodeError:
                     pass  # a line cut by the kill
             self.path.write_text("".join(k + "\n" for k in kept))
-        if mode != "off":
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(run_dir / "tensorboard"))
-            except ImportError:
-                if mode == "on":
-                    raise HPDError("log.tensorboard=on but tensorboard is not installed: pip install tensorboard") from None
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -323,14 +319,8 @@ class MetricsLog:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
         with self.path.open("a") as f:
             f.write(json.dumps(clean) + "\n")
-        if self.tb is not None and "step" in record:
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and k != "step" and math.isfinite(v):
-                    self.tb.add_scalar(f"{record.get('type', 'train')}/{k}", v, record["step"])
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
+        if self.log_to is not None and "step" in record:
+            self.log_to(record)
 
 
 def global_metrics(outputs: list[ObjectiveOutput], accelerator) -> dict[str, float]:
@@ -384,10 +374,14 @@ class Trainer:
 
         self.cfg = cfg.validate()
         hf_logging.disable_progress_bar()  # ours is the one progress bar
+        # log.report_to / log.tensorboard: a tracker whose package is missing fails here, before anything is written.
+        self.trackers = resolve_trackers(cfg.log.report_to, cfg.log.tensorboard)
+        self._trackers_started = False
         # Without a GPU, cpu=True is what makes accelerate use torch.distributed (gloo) across the
         # processes that `accelerate launch` started; otherwise each would train alone.
         self.acc = Accelerator(mixed_precision=resolve_mixed_precision(cfg.optim.mixed_precision),
-                               cpu=not torch.cuda.is_available())
+                               cpu=not torch.cuda.is_available(),
+                               log_with=make_trackers(self.trackers, Path(cfg.output_dir)) or None)
         self.is_main = self.acc.is_main_process
         self.rank, self.world = self.acc.process_index, self.acc.num_processes
         self.run_dir = Path(cfg.output_dir)
@@ -403,6 +397,9 @@ class Trainer:
 
     def close(self, cleanup: bool = False) -> None:
         """Release the run directory (cleanup: also remove the lock files this run created)."""
+        if self._trackers_started:  # however the run ended: flush TensorBoard, end the MLflow/W&B run
+            self._trackers_started = False
+            finish_trackers(self.acc)
         if self.lock is not None:
             self.lock.release(cleanup=cleanup)
 
@@ -432,11 +429,6 @@ class Trainer:
             self._schedule_note = schedule_note(saved, cfg, state["scheduler"].get("last_epoch", state["step"]))
 
         # Everything a user can get wrong is checked here, before anything but the lock is written.
-        if cfg.log.tensorboard == "on":
-            try:
-                from torch.utils.tensorboard import SummaryWriter  # noqa: F401
-            except ImportError:
-                raise HPDError("log.tensorboard=on but tensorboard is not installed: pip install tensorboard") from None
         # A teacher cache replaces the teacher: it is checked against this run's data, tokenizer,
         # temperature and objective here, and the teacher model is never built.
         self.cache = TeacherCache(cfg.teacher.cache) if cfg.teacher.cache else None
@@ -776,8 +768,10 @@ class Trainer:
             save_config(cfg, self.run_dir / "config.yaml")
         acc.wait_for_everyone()
         self.data_info.update(self.responses.prepare(is_main=self.is_main, barrier=acc.wait_for_everyone, log=self.log))
-        metrics_log = MetricsLog(self.run_dir, cfg.log.tensorboard, self.is_main,
-                                 self.step if self.resume_from is not None else None)
+        start_trackers(acc, self.trackers, self.run_dir, config_to_dict(cfg))
+        self._trackers_started = bool(self.trackers)
+        metrics_log = MetricsLog(self.run_dir, self.is_main, self.step if self.resume_from is not None else None,
+                                 (lambda rec: acc.log(tracker_values(rec), step=int(rec["step"]))) if self.trackers else None)
         if self._resume_changes and self.is_main:
             metrics_log.write(record_history(self.run_dir, self.resume_from, self.step, self._resume_changes,
                                              self._schedule_note))
@@ -817,13 +811,14 @@ class Trainer:
         finally:
             if progress is not None:
                 progress.close()
-        if self.eval_data:
-            metrics_log.write({"type": "eval", "step": self.step, **self.evaluate()})
+        final_eval = self.evaluate() if self.eval_data else None
+        if final_eval is not None:
+            metrics_log.write({"type": "eval", "step": self.step, **final_eval})
         self._save_unless_diverging(final=True)
         if self.is_main:
-            save_model(self.unwrapped, self.tokenizer, self.run_dir / "final")
+            save_model(self.unwrapped, self.tokenizer, self.run_dir / "final", dtype=cfg.save.dtype,
+                       card=model_card(cfg, steps=self.step, eval_metrics=final_eval))
         acc.wait_for_everyone()
-        metrics_log.close()
         self.log(f"done: student at {self.run_dir / 'final'}, metrics in {self.run_dir / 'metrics.jsonl'}")
         return self.run_dir
 

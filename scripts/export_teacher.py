@@ -10,15 +10,12 @@ from __future__ import annotations
 
 import sys
 
-import torch
-
 from hpd.models import load_model, save_model
 
 
 def main(src: str, dst: str) -> None:
     model, tokenizer = load_model(src)
-    model = model.to(torch.bfloat16)
-    save_model(model, tokenizer, dst)
+    save_model(model, tokenizer, dst, dtype="bf16")
     print(f"exported {src} -> {dst} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, bfloat16)")
 
 

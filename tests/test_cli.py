@@ -173,3 +173,32 @@ def test_main_reports_user_errors_with_exit_2(tmp_path):
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: config file") and "Traceback" not in proc.stderr
+
+
+def test_eval_then_generate_on_the_same_model_reuses_the_generation_cache(tmp_path, monkeypatch):
+    # hpd eval writes nothing into the model directory, and the cache key is the model's content,
+    # so evaluating between two generations leaves the first one valid; new weights invalidate it.
+    import os
+
+    from hpd.models import load_model, save_model
+
+    monkeypatch.chdir(tmp_path)
+    model_dir = save_model(*load_model("tiny", tiny={"num_layers": 1, "hidden_size": 32}), tmp_path / "m")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "1+1="}) + "\n")
+    gen = ["generate", "--model", str(model_dir), "--prompts", str(prompts), "--out", str(tmp_path / "g.jsonl"),
+           "--max-new-tokens", "2"]
+    first = invoke(*gen)
+    assert first.exit_code == 0 and "wrote 1" in first.stdout, first.output
+    ev = invoke("eval", "--model", str(model_dir), "--task", "dialogue", "--n", "2", "--max-new-tokens", "2")
+    assert ev.exit_code == 0, ev.output
+    assert (tmp_path / "eval" / "m-dialogue.jsonl").is_file()
+    again = invoke(*gen)
+    assert again.exit_code == 0 and "up to date" in again.stdout, again.output
+    # a file's modification time is no content: still reused
+    for f in model_dir.iterdir():
+        os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**9))
+    assert "up to date" in invoke(*gen).stdout
+    # other weights under the same path: generated anew
+    save_model(*load_model("tiny", tiny={"num_layers": 1, "hidden_size": 32}, seed=5), model_dir)
+    assert "wrote 1" in invoke(*gen).stdout

@@ -274,8 +274,8 @@ def test_validate_catches_values_set_from_python():
 def test_every_field_has_help_and_well_formed_checks():
     for key, f, _tp, value in iter_fields():
         assert f.metadata.get("help"), key
-        if "choices" in f.metadata:
-            assert value in f.metadata["choices"], key
+        if "choices" in f.metadata:  # a list field: each of its items
+            assert all(v in f.metadata["choices"] for v in (value if isinstance(value, list) else [value])), key
     meta = {key: f.metadata for key, f, _tp, _v in iter_fields()}
     assert set(meta["objective.name"]["choices"]) == set(OBJECTIVE_NAMES)
 
@@ -302,3 +302,29 @@ def test_sections_are_flat():
         if dataclasses.is_dataclass(section):
             for sf in dataclasses.fields(section):
                 assert not dataclasses.is_dataclass(getattr(section, sf.name)), (f.name, sf.name)
+
+
+def test_report_to_is_a_checked_list_from_yaml_or_override(tmp_path):
+    assert load_config(None).log.report_to == []
+    assert load_config(None, ["log.report_to=wandb,mlflow"]).log.report_to == ["wandb", "mlflow"]
+    assert load_config(None, ["log.report_to=[tensorboard]"]).log.report_to == ["tensorboard"]
+    cfg = load_config(_write(tmp_path, "log:\n  report_to: [mlflow, tensorboard]\n"))
+    assert cfg.log.report_to == ["mlflow", "tensorboard"]
+    # the saved config reads back the same (resume compares it)
+    assert load_config(_write(tmp_path, cfg.to_yaml())).log.report_to == ["mlflow", "tensorboard"]
+    assert Config().log.report_to is not Config().log.report_to  # no shared mutable default
+    with pytest.raises(HPDError, match=r"log.report_to: must be one of tensorboard\|wandb\|mlflow\|none, got 'comet'"):
+        load_config(None, ["log.report_to=wandb,comet"])
+    with pytest.raises(HPDError, match="'none' alone"):
+        load_config(None, ["log.report_to=none,wandb"])
+    with pytest.raises(HPDError, match="log.tensorboard is off"):
+        load_config(None, ["log.report_to=tensorboard", "log.tensorboard=off"])
+    with pytest.raises(HPDError, match="log.report_to: expected a list"):
+        load_config(_write(tmp_path, "log:\n  report_to: 3\n"))
+
+
+def test_save_dtype_is_checked():
+    assert load_config(None).save.dtype == "fp32"
+    assert load_config(None, ["save.dtype=bf16"]).save.dtype == "bf16"
+    with pytest.raises(HPDError, match=r"save.dtype: must be one of fp32\|bf16\|fp16, got 'int8'"):
+        load_config(None, ["save.dtype=int8"])

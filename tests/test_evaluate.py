@@ -9,6 +9,7 @@ import pytest
 import hpd.evaluate as ev
 from hpd.errors import HPDError
 from hpd.evaluate import EvalResult, eval_cli, evaluate_model, wilson_interval, write_records
+from hpd.apps.evaluate import eval_out
 from hpd.models import build_tiny_model, save_model
 from hpd.tasks import get_task
 from hpd.tokenizer import byte_tokenizer
@@ -124,13 +125,17 @@ def test_write_records_jsonl(tmp_path):
     assert [json.loads(line) for line in path.read_text().splitlines()] == records
 
 
-def test_eval_cli_prints_summary_and_writes_records(tmp_path, tok, model, capsys):
+def test_eval_cli_prints_summary_and_writes_records(tmp_path, tok, model, capsys, monkeypatch):
     model_dir = save_model(model, tok, tmp_path / "student")
+    before = sorted(p.name for p in model_dir.iterdir())
+    monkeypatch.chdir(tmp_path)
     result = eval_cli(str(model_dir), "dialogue", n=5, max_new_tokens=6, batch_size=8)
     line = capsys.readouterr().out.strip()
     assert re.fullmatch(r"dialogue: \d+/5 = \d+\.\d% \(95% CI \d+\.\d-\d+\.\d%\)", line), line
-    rows = (model_dir / "eval-dialogue.jsonl").read_text().splitlines()
+    # a model outside a run: ./eval/MODEL-TASK.jsonl, and nothing written into the model directory
+    rows = (tmp_path / "eval" / "student-dialogue.jsonl").read_text().splitlines()
     assert len(rows) == 5 and result.n == 5
+    assert sorted(p.name for p in model_dir.iterdir()) == before
     out = tmp_path / "elsewhere.jsonl"
     eval_cli(str(model_dir), "math:steps=2", n=3, out=str(out), max_new_tokens=4)
     assert len(out.read_text().splitlines()) == 3
@@ -140,3 +145,25 @@ def test_eval_cli_prints_summary_and_writes_records(tmp_path, tok, model, capsys
 def test_eval_cli_bad_task_fails_before_loading(tmp_path):
     with pytest.raises(HPDError, match="unknown task"):
         eval_cli(str(tmp_path / "missing"), "poetry", n=2)
+
+
+def test_eval_of_a_run_model_writes_under_the_run_never_into_the_model(tmp_path, tok, model, monkeypatch):
+    run = tmp_path / "run"
+    final = save_model(model, tok, run / "final")
+    (run / "metrics.jsonl").write_text("")
+    (run / "config.yaml").write_text("max_steps: 1\n")
+    ckpt = save_model(model, tok, run / "checkpoints" / "step-00000004" / "model")
+    monkeypatch.chdir(final)  # even from inside the model directory, nothing lands there
+    assert eval_out(str(final), "math:steps=2") == run / "eval" / "final-math_steps=2.jsonl"
+    assert eval_out(str(ckpt), "code") == run / "eval" / "step-00000004-code.jsonl"
+    before = sorted(p.name for p in final.iterdir())
+    eval_cli(str(final), "dialogue", n=2, max_new_tokens=2)
+    assert len((run / "eval" / "final-dialogue.jsonl").read_text().splitlines()) == 2
+    assert sorted(p.name for p in final.iterdir()) == before
+    with pytest.raises(HPDError, match="outside the model directory"):
+        eval_cli(str(final), "dialogue", n=2, out=str(final / "mine.jsonl"))
+    monkeypatch.chdir(tmp_path)
+    outside = save_model(model, tok, tmp_path / "models" / "m1")
+    monkeypatch.chdir(outside)
+    with pytest.raises(HPDError, match="--out"):  # ./eval would be inside the model: refused before loading
+        eval_out(str(outside), "dialogue")

@@ -8,7 +8,7 @@ import math
 import pytest
 
 from hpd.errors import HPDError
-from hpd.plots import DYNAMICS, QUANTITIES, ema, plot_runs, read_metrics
+from hpd.plots import DIAGNOSTICS, DYNAMICS, QUANTITIES, ema, plot_runs, read_accuracy, read_metrics
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -81,7 +81,8 @@ def test_single_run_writes_every_quantity_into_run_dir_plots(tmp_path):
     run = write_run(tmp_path / "hpd-run")
     written = plot_runs([run])
     names = sorted(p.name for p in written)
-    assert names == sorted([f"{q}.png" for q in QUANTITIES] + ["dynamics.png"])
+    # diagnostics.png: the run logs an objective diagnostic (frac_A)
+    assert names == sorted([f"{q}.png" for q in QUANTITIES] + ["dynamics.png", "diagnostics.png"])
     for p in written:
         assert p.parent == run / "plots"
         data = p.read_bytes()
@@ -168,3 +169,101 @@ def test_many_runs_get_distinct_colours_and_one_shared_legend(tmp_path, monkeypa
     by_run = dict(colours)
     assert len(by_run) == 12 and len(set(by_run.values())) == 12
     assert legends == [12 + 2]  # one figure legend: 12 runs + the train/eval line styles
+
+
+@pytest.fixture
+def figures(monkeypatch):
+    """What each figure shows: {file name: [(title, y label, [line labels]) per visible axes]}.
+
+    The figures are not rendered (the PNG writing is tested above): it is what makes plot tests slow.
+    """
+    import hpd.apps.plots as plots
+
+    shown: dict[str, list[tuple[str, str, list[str]]]] = {}
+
+    def spy_save(fig, path):
+        shown[path.name] = [(ax.get_title(), ax.get_ylabel(), [ln.get_label() for ln in ax.get_lines()])
+                            for ax in fig.axes if ax.get_visible()]
+        return path
+
+    monkeypatch.setattr(plots, "_save", spy_save)
+    return shown
+
+
+def _with_objective(run, name, **params):
+    (run / "config.yaml").write_text(json.dumps({"max_steps": 10, "objective": {"name": name, "chunk_size": 64, **params}}))
+    return run
+
+
+def test_losses_of_different_objectives_never_share_an_axis(tmp_path, figures):
+    # HPD's surrogate (about 11) and SFT's cross-entropy (about 5.6) are different quantities: one
+    # panel each in loss.png and value.png; the dynamics grid compares the runs on ce instead.
+    hpd = _with_objective(write_run(tmp_path / "hpd"), "hpd", temperature=1.0)
+    sft = _with_objective(write_run(tmp_path / "sft"), "sft", temperature=1.0)
+    for run in (hpd, sft):
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()[:-1]]
+        (run / "metrics.jsonl").write_text("".join(json.dumps({**r, "value": 1.5 * r["loss"]}) + "\n" for r in rows))
+    plot_runs([hpd, sft], tmp_path / "out")
+    loss = figures["loss.png"]
+    assert [title for title, _, _ in loss] == ["loss: hpd", "loss: sft"]
+    assert all(len({label.split(" (")[0] for label in lines}) == 1 for _, _, lines in loss)  # one run per panel
+    assert [t for t, _, _ in figures["value.png"]] == ["value: hpd", "value: sft"]
+    assert figures["value.png"][0][1] == "objective value"
+    title, ylabel, lines = figures["dynamics.png"][0]
+    assert title.startswith("ce") and ylabel == QUANTITIES["ce"]
+    assert {label.split(" (")[0] for label in lines} == {"hpd", "sft"}
+    # the comparable quantities stay overlaid
+    assert {label.split(" (")[0] for label in figures["kl.png"][0][2]} == {"hpd", "sft"}
+
+
+def test_runs_of_one_objective_share_the_loss_axis_and_settings_tell_groups_apart(tmp_path, figures):
+    a = _with_objective(write_run(tmp_path / "a"), "jsd", beta=0.5)
+    b = _with_objective(write_run(tmp_path / "b"), "jsd", beta=0.5)
+    plot_runs([a, b], tmp_path / "o1")
+    assert len(figures["loss.png"]) == 1 and figures["dynamics.png"][0][0] == "loss"
+    c = _with_objective(write_run(tmp_path / "c"), "jsd", beta=0.1)
+    plot_runs([a, b, c], tmp_path / "o2")
+    assert [t for t, _, _ in figures["loss.png"]] == ["loss: jsd beta=0.5", "loss: jsd beta=0.1"]
+
+
+def test_diagnostics_get_one_panel_each_with_the_min_max_band(tmp_path, figures, monkeypatch):
+    run = tmp_path / "hpd"
+    run.mkdir()
+    rows = [{"type": "train", "step": s, "loss": 1.0 / s, "frac_A": 0.3, "frac_B": 0.1 + 0.01 * s,
+             "r_mean": 0.2, "r_min": -0.1, "r_max": 0.9, "r_hat_mean": -0.05} for s in range(1, 6)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    import matplotlib.axes
+
+    bands = []
+    real_fill = matplotlib.axes.Axes.fill_between
+    monkeypatch.setattr(matplotlib.axes.Axes, "fill_between",
+                        lambda self, x, lo, hi, **kw: bands.append((self.get_title(), list(lo), list(hi))) or real_fill(self, x, lo, hi, **kw))
+    names = {p.name for p in plot_runs([run], tmp_path / "o")}
+    assert "diagnostics.png" in names
+    panels = figures["diagnostics.png"]
+    assert [t for t, _, _ in panels] == ["frac_A", "frac_B", "r_mean", "r_hat_mean"]
+    assert [y for _, y, _ in panels] == [DIAGNOSTICS[q] for q in ("frac_A", "frac_B", "r_mean", "r_hat_mean")]
+    assert bands == [("r_mean", [-0.1] * 5, [0.9] * 5)]  # r_hat has no min/max logged: no band
+
+
+def test_held_out_accuracy_from_bench_scores_and_hpd_eval_records(tmp_path, figures):
+    run = write_run(tmp_path / "run", truncated_tail=False)  # last train step: 10
+    (run / "eval-test.json").write_text(json.dumps({"accuracy": 0.25, "verdicts": [1, 0, 0, 0]}))
+    (run / "eval-curve-step5.json").write_text(json.dumps({"accuracy": 0.5}))
+    (run / "eval-curve-step10.json").write_text(json.dumps({"accuracy": 0.75}))
+    (run / "eval").mkdir()
+    (run / "eval" / "final-math.jsonl").write_text("".join(json.dumps({"correct": c}) + "\n" for c in (True, True, False)))
+    (run / "eval" / "step-00000005-math.jsonl").write_text(json.dumps({"correct": False}) + "\n")
+    (run / "eval" / "notes.jsonl").write_text("not an eval record\n")
+    acc = read_accuracy(run, last_step=10)
+    assert acc == {"curve": ([5, 10], [0.5, 0.75]), "math": ([5, 10], [0.0, pytest.approx(2 / 3)]), "test": ([10], [0.25])}
+    assert read_metrics(run).accuracy == acc
+    plot_runs([run], tmp_path / "o")
+    panels = figures["accuracy.png"]
+    assert [t for t, _, _ in panels] == ["accuracy: curve", "accuracy: math", "accuracy: test"]
+    assert all(y == "held-out accuracy (%)" for _, y, _ in panels)
+
+
+def test_no_accuracy_or_diagnostics_no_such_file(tmp_path, figures):
+    names = {p.name for p in plot_runs([write_run(tmp_path / "r", skip=("frac_A",))], tmp_path / "o")}
+    assert "accuracy.png" not in names and "diagnostics.png" not in names and "value.png" not in names

@@ -171,8 +171,8 @@ def generate(
 ) -> None:
     """Generate a completion for every prompt of a JSONL file with a model (e.g. teacher data).
 
-    Cached on disk: OUT gets a sidecar OUT.key naming the model files, the prompts and the
-    settings; a rerun with the same inputs reuses OUT, and an interrupted run resumes from the
+    Cached on disk: OUT gets a sidecar OUT.key naming the model's content (weights, config,
+    tokenizer), the prompts and the settings; a rerun with the same inputs reuses OUT, and an interrupted run resumes from the
     batches it finished (kept in OUT.partial).
     """
     with _user_errors():
@@ -242,14 +242,15 @@ def generate(
 
 
 def _generation_key(model: str, prompts: Path, settings: dict[str, Any]) -> str:
-    """A hash of the model's files (names, sizes, mtimes), the prompts' bytes and the settings."""
+    """A hash of the model's content (`model_content_hash`: weights, config, tokenizer), the
+    prompts' bytes and the settings; files written beside the model do not change it."""
     import hashlib
 
-    from hpd.fingerprints import files_stamp
+    from hpd.fingerprints import model_content_hash
 
     h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     h.update(hashlib.sha256(prompts.read_bytes()).digest())
-    files_stamp(model, h)
+    h.update(model_content_hash(model).encode())
     return h.hexdigest()[:24]
 
 
@@ -323,8 +324,9 @@ def eval_cmd(
     n: Optional[int] = typer.Option(None, "--n", metavar="N", min=1,
                                     help="Held-out problems per task [default: 200], or the first N rows of --data [default: all]."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", metavar="FILE.jsonl",
-                                       help="Per-example outputs [default: MODEL_DIR/eval-TASK.jsonl, or "
-                                            "MODEL_DIR/eval-DATA-VERIFIER.jsonl]."),
+                                       help="Per-example outputs, never inside the model directory [default: "
+                                            "RUN/eval/final-TASK.jsonl for RUN/final, else ./eval/MODEL-TASK.jsonl; "
+                                            "DATA-VERIFIER in place of TASK with --data]."),
     split: str = typer.Option("test", "--split", metavar="SPLIT", help="test (held-out), val (validation) or train (with --task)."),
     seed: int = typer.Option(0, "--seed", metavar="S", help="Seed of the problem generator (with --task)."),
     batch_size: int = typer.Option(32, "--batch-size", metavar="B", min=1, help="Prompts per generation batch."),
@@ -350,7 +352,7 @@ def eval_cmd(
         from hpd.apps.evaluate import eval_cli
 
         if out is not None and len(task) > 1:
-            raise HPDError("--out names one file: give one --task, or leave --out out to write MODEL_DIR/eval-TASK.jsonl")
+            raise HPDError("--out names one file: give one --task, or leave --out out to write one file per task")
         for name in task:
             eval_cli(model, name, n=200 if n is None else n, out=None if out is None else str(out), split=split,
                      seed=seed, batch_size=batch_size, max_new_tokens=max_new_tokens)

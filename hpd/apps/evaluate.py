@@ -162,12 +162,40 @@ def write_records(result: EvalResult, path: str | os.PathLike[str]) -> None:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
-def _default_out(model_path: str, task: str) -> Path:
-    """`<model_dir>/eval-<task>.jsonl`; next to a GGUF file; the working directory for "tiny"."""
+def _run_of(model_dir: Path) -> Path | None:
+    """The run directory a model directory belongs to (`RUN/final`, `RUN/checkpoints/step-N/model`),
+    found by the `metrics.jsonl` every run writes; None for a model outside a run."""
+    for parent in list(model_dir.resolve().parents)[:3]:
+        if (parent / "metrics.jsonl").is_file() and (parent / "config.yaml").is_file():
+            return parent
+    return None
+
+
+def _file_safe(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_=." else "_" for c in text)
+
+
+def eval_out(model_path: str, label: str, out: str | os.PathLike[str] | None = None) -> Path:
+    """Where `hpd eval` writes its per-example records: `out`, else `RUN/eval/<final|step-N>-<label>.jsonl`
+    for a model of a run, else `eval/<model name>-<label>.jsonl` in the working directory.
+
+    Never inside the model directory: a file there would change what the directory holds (and, before
+    content hashes, invalidated `hpd generate`'s cache of the model); an `out` there is refused.
+    """
     p = Path(model_path)
-    folder = p if p.is_dir() else (p.parent if p.is_file() else Path("."))
-    safe = "".join(c if c.isalnum() or c in "-_=." else "_" for c in task)
-    return folder / f"eval-{safe}.jsonl"
+    safe = _file_safe(label)
+    if out is not None:
+        path = Path(out)
+    elif p.is_dir() and (run := _run_of(p)) is not None:
+        name = "-".join(part for part in p.resolve().relative_to(run).parts if part not in ("checkpoints", "model"))
+        path = run / "eval" / f"{name}-{safe}.jsonl"
+    else:
+        name = p.stem if p.is_file() else p.name if p.is_dir() else str(model_path)
+        path = Path("eval") / f"{_file_safe(name)}-{safe}.jsonl"
+    if p.is_dir() and path.resolve().is_relative_to(p.resolve()):
+        raise HPDError(f"evaluation outputs go outside the model directory '{model_path}' (it would then hold files "
+                       f"other than the model's): pass --out FILE elsewhere, or run from another directory")
+    return path
 
 
 def eval_cli(
@@ -185,6 +213,7 @@ def eval_cli(
 
     task_obj = get_task(task)  # fail on a bad task name before the (slow) model load
     task_obj.preflight()
+    dest = eval_out(model_path, task, out)  # a refused destination fails before the model load
     model, tokenizer = load_model(model_path)
     result = evaluate_model(
         model,
@@ -197,7 +226,7 @@ def eval_cli(
         batch_size=batch_size,
     )
     result.task = task
-    write_records(result, out or _default_out(model_path, task))
+    write_records(result, dest)
     print(result.summary())
     return result
 
@@ -229,8 +258,8 @@ def eval_data_cli(
     v = get_verifier(verifier, answer_pattern=answer_pattern)  # a bad spec fails before any loading
     rows = load_rows(data)
     label = f"{Path(data).name} [{v.name}]"
+    dest = eval_out(model_path, f"{Path(data).stem}-{_file_safe(Path(v.name).name)}", out)
     result = evaluate_rows(model_path, rows, v, max_new_tokens=max_new_tokens, batch_size=batch_size, n=n, label=label)
-    safe_verifier = "".join(c if c.isalnum() or c in "-_=." else "_" for c in Path(v.name).name)
-    write_records(result, out or _default_out(model_path, f"{Path(data).stem}-{safe_verifier}"))
+    write_records(result, dest)
     print(result.summary())
     return result

@@ -4,7 +4,18 @@ Each run directory written by `hpd train` holds ``metrics.jsonl``: one JSON obje
 ``{"type": "train" | "eval", "step": int, "loss": ..., "agreement": ..., ...}``. `plot_runs` draws
 one PNG per quantity (loss, agreement, kl, entropy, ce, grad_norm, lr) with train curves solid and
 eval curves dashed, several runs overlaid, plus ``dynamics.png``: a 2x2 grid of loss, agreement,
-kl and entropy (the curves the HPD paper follows over training).
+kl and entropy (the curves the HPD paper follows over training), and when logged:
+``value.png`` (the objective's own value), ``diagnostics.png`` (HPD's frac_A, frac_B, r, r_hat,
+... one panel each) and ``accuracy.png`` (held-out accuracy, one panel per task or split).
+
+One axis never holds two quantities. The loss and the value mean something else for each objective
+(HPD's surrogate vs SFT's cross-entropy): runs of different objectives (name and parameters, read
+from ``RUN/config.yaml``) get one panel each in ``loss.png`` and ``value.png``, and the dynamics
+grid shows the cross-entropy on sequence tokens (``ce``, the same quantity for every run) in the
+loss's place. Held-out accuracy is read from what `hpd bench` scores into the run directory
+(``eval-test.json``, ``eval-val.json``, ``eval-curve-stepN.json``), from `hpd eval`'s records of
+the run's models (``RUN/eval/final-TASK.jsonl``, ``RUN/eval/step-N-TASK.jsonl``) and from any
+``accuracy`` key of metrics.jsonl.
 
     >>> import json, tempfile
     >>> from pathlib import Path
@@ -34,7 +45,8 @@ from typing import Any, Iterable, Sequence
 from hpd.errors import HPDError
 from hpd.files import atomic_write
 
-__all__ = ["QUANTITIES", "DYNAMICS", "RunMetrics", "read_metrics", "plot_runs", "ema"]
+__all__ = ["QUANTITIES", "DYNAMICS", "OBJECTIVE_OWN", "DIAGNOSTICS", "RunMetrics", "read_metrics", "read_accuracy",
+           "plot_runs", "ema"]
 
 # quantity -> y-axis label
 QUANTITIES: dict[str, str] = {
@@ -47,6 +59,20 @@ QUANTITIES: dict[str, str] = {
     "lr": "learning rate",
 }
 DYNAMICS: tuple[str, ...] = ("loss", "agreement", "kl", "entropy")
+# Quantities whose meaning is the objective's own: overlaid only across runs of one objective.
+OBJECTIVE_OWN: dict[str, str] = {"loss": "loss (the objective's surrogate)", "value": "objective value"}
+# The objective's diagnostics (HPD's, and the cache's), one panel each; `_band` keys are drawn as
+# a shaded min..max band around their mean.
+DIAGNOSTICS: dict[str, str] = {
+    "frac_A": "frac_A: tokens in set A (teacher above student)",
+    "frac_B": "frac_B: samples in set B (student above teacher)",
+    "frac_A_and_B": "frac_A_and_B",
+    "frac_sample_differs": "frac of samples != sequence token",
+    "frac_sample_outside_topk": "frac of samples outside the cached top-K",
+    "r_mean": "r = q(y) (log p(y) - log q(y)), y: sequence token",
+    "r_hat_mean": "r_hat: the same at the student's sample",
+}
+_BAND = {"r_mean": ("r_min", "r_max"), "r_hat_mean": ("r_hat_min", "r_hat_max")}
 _KINDS = ("train", "eval")
 
 
@@ -57,9 +83,18 @@ class RunMetrics:
     run_dir: Path
     series: dict[str, dict[str, tuple[list[int], list[float]]]] = field(default_factory=dict)
     skipped_lines: int = 0
+    # what the run optimised: its config's objective section without chunk_size (None when
+    # RUN/config.yaml is absent)
+    objective: dict[str, Any] | None = None
+    # held-out accuracy in [0, 1]: series name (task or split) -> (steps, values)
+    accuracy: dict[str, tuple[list[int], list[float]]] = field(default_factory=dict)
 
     def curve(self, kind: str, quantity: str) -> tuple[list[int], list[float]]:
         return self.series.get(kind, {}).get(quantity, ([], []))
+
+    def last_step(self) -> int | None:
+        steps = self.curve("train", "loss")[0] or [s for kind in self.series.values() for c in kind.values() for s in c[0]]
+        return max(steps) if steps else None
 
 
 def _number(value: Any) -> float | None:
@@ -112,11 +147,90 @@ def read_metrics(run_dir: str | os.PathLike[str]) -> RunMetrics:
     if bad_inner:
         shown = ", ".join(map(str, bad_inner[:5])) + (" ..." if len(bad_inner) > 5 else "")
         warnings.warn(f"{path}: skipped {len(bad_inner)} unreadable line(s): {shown}", stacklevel=2)
-    metrics = RunMetrics(run_dir=run_dir, skipped_lines=len(bad_inner))
+    metrics = RunMetrics(run_dir=run_dir, skipped_lines=len(bad_inner), objective=_objective_of(run_dir))
     for (kind, quantity), by_step in points.items():
         steps = sorted(by_step)
         metrics.series.setdefault(kind, {})[quantity] = (steps, [by_step[s] for s in steps])
+    metrics.accuracy = read_accuracy(run_dir, metrics.last_step())
+    for kind, curves in metrics.series.items():  # an `accuracy` key of metrics.jsonl
+        if "accuracy" in curves:
+            metrics.accuracy.setdefault(f"{kind} (metrics.jsonl)", curves["accuracy"])
     return metrics
+
+
+def _objective_of(run_dir: Path) -> dict[str, Any] | None:
+    """The run's objective section from its config.yaml, without chunk_size (which changes no value):
+    the name and the settings that change what the loss means (JSD's beta, a temperature)."""
+    import yaml
+
+    try:
+        section = (yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {}).get("objective")
+    except (OSError, yaml.YAMLError, AttributeError):
+        return None
+    if not isinstance(section, dict) or "name" not in section:
+        return None
+    return {k: v for k, v in section.items() if k != "chunk_size"}
+
+
+def _objective_groups(runs: Sequence[RunMetrics]) -> list[tuple[str, list[int]]]:
+    """Runs grouped by objective (name and settings), in order of appearance: (label, run indices).
+
+    A label is the objective's name, plus the settings that tell apart groups of the same name;
+    runs without a config.yaml form one group, "objective unknown".
+    """
+    groups: dict[str, list[int]] = {}
+    for i, run in enumerate(runs):
+        key = json.dumps(run.objective, sort_keys=True, default=str) if run.objective is not None else ""
+        groups.setdefault(key, []).append(i)
+    labels = []
+    for key, members in groups.items():
+        obj = runs[members[0]].objective
+        if obj is None:
+            labels.append(("objective unknown", members))
+            continue
+        same_name = [runs[m[0]].objective for k, m in groups.items() if k and runs[m[0]].objective["name"] == obj["name"]]
+        differing = sorted(k for k in obj if k != "name" and len({json.dumps(o.get(k), default=str) for o in same_name}) > 1)
+        labels.append((str(obj["name"]) + "".join(f" {k}={obj[k]}" for k in differing), members))
+    return labels
+
+
+def read_accuracy(run_dir: str | os.PathLike[str], last_step: int | None = None) -> dict[str, tuple[list[int], list[float]]]:
+    """Held-out accuracy scored into a run directory: {series: (steps, accuracies in [0, 1])}.
+
+    `hpd bench`'s `eval-curve-stepN.json` (series "curve") and `eval-test.json` / `eval-val.json`
+    (series "test" / "val", at `last_step`); `hpd eval`'s records `eval/final-TASK.jsonl` (at
+    `last_step`) and `eval/step-N-TASK.jsonl` (series TASK). Unreadable files are skipped.
+    """
+    import re
+
+    run_dir = Path(run_dir)
+    points: dict[str, dict[int, float]] = {}
+
+    def add(series: str, step: int | None, acc: Any) -> None:
+        value = _number(acc)
+        if step is not None and value is not None:
+            points.setdefault(series, {})[step] = value
+
+    for path in run_dir.glob("eval-*.json"):
+        m = re.fullmatch(r"eval-(\w+?)(?:-step(\d+))?\.json", path.name)
+        if not m:
+            continue
+        try:
+            acc = json.loads(path.read_text(encoding="utf-8")).get("accuracy")
+        except (OSError, ValueError, AttributeError):
+            continue
+        add(m[1], int(m[2]) if m[2] else last_step, acc)
+    for path in (run_dir / "eval").glob("*.jsonl"):
+        m = re.fullmatch(r"(?:final|step-(\d+))-(.+)\.jsonl", path.name)
+        if not m:
+            continue
+        try:
+            verdicts = [bool(json.loads(line)["correct"]) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if verdicts:
+            add(m[2], int(m[1]) if m[1] else last_step, sum(verdicts) / len(verdicts))
+    return {name: (sorted(by), [by[s] for s in sorted(by)]) for name, by in sorted(points.items())}
 
 
 def ema(values: Sequence[float], smoothing: float) -> list[float]:
@@ -181,6 +295,17 @@ def _draw(ax: Any, runs: Sequence[RunMetrics], labels: Sequence[str], quantity: 
     return drew
 
 
+def _panels(figure_cls: Any, n: int, many: bool) -> tuple[Any, list[Any]]:
+    """A figure of `n` panels (up to 3 per row); the unused cells of the grid are hidden."""
+    cols = min(n, 3)
+    rows = -(-n // cols)
+    fig = figure_cls(figsize=(4.6 * cols + (2.5 if many else 0), 3.8 * rows))
+    axes = list(fig.subplots(rows, cols, squeeze=False).ravel())
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    return fig, axes[:n]
+
+
 def _save(fig: Any, path: Path) -> Path:
     # Written next to the target and renamed: a viewer never sees a half-written PNG.
     return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
@@ -225,21 +350,70 @@ def plot_runs(
     many = len(runs) > 3
 
     written: list[Path] = []
-    for quantity in QUANTITIES:
+    groups = _objective_groups(runs)
+    legend = "outside" if many else "inside"
+    for quantity in [*QUANTITIES, "value"]:
         if not any(run.curve(kind, quantity)[0] for run in runs for kind in _KINDS):
             continue
-        fig = Figure(figsize=(9.5, 4.5) if many else (7, 4.5))
-        ax = fig.add_subplot()
-        _draw(ax, runs, labels, quantity, smoothing, palette, "outside" if many else "inside")
-        if quantity == "lr":
-            ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+        if quantity in OBJECTIVE_OWN:
+            # One panel per objective: a surrogate loss and a cross-entropy are not one quantity.
+            shown = [(name, members) for name, members in groups
+                     if any(runs[i].curve(kind, quantity)[0] for i in members for kind in _KINDS)]
+            fig, axes = _panels(Figure, len(shown), many)
+            for n, (ax, (name, members)) in enumerate(zip(axes, shown)):
+                _draw(ax, [runs[i] for i in members], [labels[i] for i in members], quantity, smoothing,
+                      [palette[i] for i in members], legend if n == len(shown) - 1 or not many else "none")
+                ax.set_ylabel(OBJECTIVE_OWN[quantity])
+                ax.set_title(f"{quantity}: {name}" if len(groups) > 1 or name != "objective unknown" else quantity)
+        else:
+            fig = Figure(figsize=(9.5, 4.5) if many else (7, 4.5))
+            ax = fig.add_subplot()
+            _draw(ax, runs, labels, quantity, smoothing, palette, legend)
+            if quantity == "lr":
+                ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
         fig.tight_layout()
         written.append(_save(fig, out / f"{quantity}.png"))
+
+    diagnostics = [q for q in DIAGNOSTICS if any(run.curve(kind, q)[0] for run in runs for kind in _KINDS)]
+    if diagnostics:
+        fig, axes = _panels(Figure, len(diagnostics), many)
+        for n, (ax, quantity) in enumerate(zip(axes, diagnostics)):
+            _draw(ax, runs, labels, quantity, smoothing, palette, legend if n == len(diagnostics) - 1 or not many else "none")
+            ax.set_ylabel(DIAGNOSTICS[quantity], fontsize="small")
+            for run, color in zip(runs, palette):
+                lo, hi = (run.curve("train", k) for k in _BAND.get(quantity, ("", "")))
+                if lo[0] and lo[0] == hi[0]:  # the min..max over the step's tokens, around the mean
+                    ax.fill_between(lo[0], lo[1], hi[1], color=color, alpha=0.12, linewidth=0)
+        fig.suptitle("objective diagnostics")
+        fig.tight_layout()
+        written.append(_save(fig, out / "diagnostics.png"))
+
+    series = sorted({name for run in runs for name in run.accuracy})
+    if series:
+        fig, axes = _panels(Figure, len(series), many)
+        for n, (ax, name) in enumerate(zip(axes, series)):
+            for run, label, color in zip(runs, labels, palette):
+                steps, values = run.accuracy.get(name, ([], []))
+                if steps:
+                    ax.plot(steps, [100 * v for v in values], "--", color=color, marker="o", markersize=4,
+                            linewidth=1.5, label=label)
+            ax.set_xlabel("step")
+            ax.set_ylabel("held-out accuracy (%)")
+            ax.set_title(f"accuracy: {name}")
+            ax.grid(True, alpha=0.3)
+            if n == len(series) - 1 or not many:
+                ax.legend(fontsize="small", **({"loc": "upper left", "bbox_to_anchor": (1.02, 1.0)} if many else {}))
+        fig.tight_layout()
+        written.append(_save(fig, out / "accuracy.png"))
 
     fig = Figure(figsize=(12, 8))
     axes = fig.subplots(2, 2).ravel()
     for ax, quantity in zip(axes, DYNAMICS):
-        _draw(ax, runs, labels, quantity, smoothing, palette, "none" if many else "inside")
+        # Runs of several objectives: their losses are different quantities, ce is one for all.
+        shared = "ce" if quantity in OBJECTIVE_OWN and len(groups) > 1 else quantity
+        _draw(ax, runs, labels, shared, smoothing, palette, "none" if many else "inside")
+        if shared != quantity:
+            ax.set_title(f"{shared} (objectives differ: each one's {quantity} in {quantity}.png)")
     if many:
         handles = [Line2D([], [], color=c, linewidth=2, label=name) for c, name in zip(palette, labels)]
         handles += [Line2D([], [], color="gray", linestyle="-", label="train"),
