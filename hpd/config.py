@@ -39,14 +39,15 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Iterable, Iterator, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Iterable, Iterator, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, create_model
-from pydantic_core import PydanticCustomError
 
 from hpd.errors import HPDError
 from hpd.objectives import OBJECTIVES, Param, config_params, objective_class, param_fields
+
+if TYPE_CHECKING:  # pydantic is imported where the schema is built (`hpd train --help` never needs it)
+    from pydantic import BaseModel
 
 __all__ = [
     "Config",
@@ -549,6 +550,8 @@ def _objective_name(value: str) -> str:
     if ":" in value:
         objective_class(value)  # HPDError (a ValueError) says what is wrong with the path
     elif value not in OBJECTIVES:
+        from pydantic_core import PydanticCustomError
+
         raise PydanticCustomError("choice", "not a registered objective")
     return value
 
@@ -556,6 +559,8 @@ def _objective_name(value: str) -> str:
 def _field_type(tp: Any, meta: dict[str, Any]) -> Any:
     """The pydantic type of one field: its Python type with the range/choice/non-empty checks of
     its metadata as constraints (inside `Optional`, so that None skips them)."""
+    from pydantic import AfterValidator, Field
+
     inner, optional = _split_optional(tp)
     constraints: dict[str, Any] = {}
     if meta.get("min") is not None:
@@ -574,6 +579,8 @@ def _field_type(tp: Any, meta: dict[str, Any]) -> Any:
 
 def _model_of(cls: type) -> type[BaseModel]:
     """A pydantic model with the fields (types, checks, defaults) of the dataclass `cls`."""
+    from pydantic import ConfigDict, create_model
+
     hints = _hints(cls)
     fields: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
@@ -586,7 +593,10 @@ def _model_of(cls: type) -> type[BaseModel]:
     return create_model(cls.__name__, __config__=config, **fields)
 
 
-_SCHEMA = _model_of(Config)
+@functools.cache
+def _schema() -> type[BaseModel]:
+    # Built on first use, not at import: `hpd train --help` reads only the dataclasses.
+    return _model_of(Config)
 
 
 def _problems(data: dict[str, Any], strict: bool) -> tuple[Any, list[str]]:
@@ -595,8 +605,10 @@ def _problems(data: dict[str, Any], strict: bool) -> tuple[Any, list[str]]:
     strict: types must already be right (a config built in Python); otherwise pydantic converts
     (``'1e-3'`` -> 0.001, ``'yes'`` -> True, 30.0 -> 30), after `_prepare` has applied our own rules.
     """
+    from pydantic import ValidationError
+
     try:
-        return _SCHEMA.model_validate(data, strict=strict), []
+        return _schema().model_validate(data, strict=strict), []
     except ValidationError as e:
         return None, [_message(err) for err in e.errors()]
 

@@ -17,8 +17,10 @@ From Python (what the tests do):
     (0, True)
 
 User errors (`HPDError`) print ``error: <message>`` on stderr and exit with status 2, without a
-traceback; anything else is a bug and keeps its traceback. Heavy modules (torch, transformers,
-the trainer) are imported inside the commands so that ``hpd --help`` stays fast.
+traceback; anything else is a bug and keeps its traceback. Everything but typer (the config, torch,
+transformers, the trainer) is imported inside the commands, and `hpd train --help` builds its
+config reference without torch, so that the help answers at once (benchmarks/cli_startup.py
+measures it; tests/test_cli.py checks that no torch is imported).
 """
 
 from __future__ import annotations
@@ -34,7 +36,6 @@ import click
 import typer
 from typer.core import TyperCommand
 
-from hpd.config import config_help, load_config, save_config
 from hpd.errors import HPDError
 
 __all__ = ["app", "main"]
@@ -52,13 +53,15 @@ app = typer.Typer(
 )
 
 
-class _RawEpilogCommand(TyperCommand):
-    """A command whose epilog is printed verbatim (click would re-wrap its paragraphs)."""
+class _ConfigReferenceCommand(TyperCommand):
+    """A command whose epilog is the config reference, built only when its help is shown and
+    printed verbatim (click would re-wrap its paragraphs)."""
 
     def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        if self.epilog:
-            formatter.write_paragraph()
-            formatter.write(self.epilog.rstrip() + "\n")
+        from hpd.config import config_help
+
+        formatter.write_paragraph()
+        formatter.write(config_help().rstrip() + "\n")
 
 
 @contextlib.contextmanager
@@ -76,7 +79,7 @@ def _user_errors() -> Iterator[None]:
 # --------------------------------------------------------------------------------------------
 
 
-@app.command(cls=_RawEpilogCommand, epilog=config_help())
+@app.command(cls=_ConfigReferenceCommand)
 def train(
     config: Path = typer.Argument(..., metavar="CONFIG", help="YAML config file (`hpd config --out FILE` writes one)."),
     overrides: Optional[List[str]] = typer.Argument(
@@ -92,6 +95,8 @@ def train(
     model. Every config key is listed below.
     """
     with _user_errors():
+        from hpd.config import load_config
+
         cfg = load_config(config, overrides or [])
         if dry_run:
             typer.echo(cfg.to_yaml(), nl=False)
@@ -290,6 +295,8 @@ def config_cmd(
 ) -> None:
     """Print the default config as commented YAML: a starting point to copy and edit."""
     with _user_errors():
+        from hpd.config import load_config, save_config
+
         cfg = load_config(None)
         if out is None:
             typer.echo(cfg.to_yaml(comments=True), nl=False)
@@ -488,6 +495,8 @@ def cache_teacher_cmd(
     teacher is then never loaded); the run's sequences must be in the cache.
     """
     with _user_errors():
+        from hpd.config import load_config
+
         cfg = load_config(config, [f"data.max_length={max_length}"] if max_length is not None else [])
         teacher = teacher or (cfg.teacher.path if config is not None else None)
         if not teacher or teacher in ("tiny", "none"):
