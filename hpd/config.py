@@ -71,6 +71,7 @@ __all__ = [
     "save_config",
     "config_help",
     "iter_fields",
+    "ALIASES",
 ]
 
 # Derived from the objectives' registry (`hpd.objectives.OBJECTIVES`), where each objective
@@ -156,6 +157,12 @@ class StudentConfig(ModelConfig):
     )
     lora_alpha: float = field_(16.0, "LoRA scaling alpha (the update is scaled by alpha / rank).", min=0.0, min_exclusive=True)
     lora_dropout: float = field_(0.0, "LoRA dropout on the adapters' input.", min=0.0, max=1.0, max_exclusive=True)
+    gradient_checkpointing: bool = field_(
+        False,
+        "Recompute each decoder layer's activations in the backward pass instead of keeping them: "
+        "activation memory of about one layer instead of all, for about one more forward pass of "
+        "time; the same loss and gradients (with the chunked loss too).",
+    )
 
 
 @dataclass
@@ -694,23 +701,103 @@ def _prepare(key: str, value: Any, raw: str | None) -> Any:
 
 
 def _unknown_key(key: str, where: str) -> HPDError:
-    hint = _suggest(key, _all_keys())
+    spellings = _alias_spellings()
+    hint = _suggest(key, [*_all_keys(), *spellings])
+    hint = spellings.get(hint, hint)  # a close alias points at the key it stands for
     msg = f"unknown config key {key!r}{where}"
     if hint:
         msg += f"; did you mean {hint!r}?"
     return HPDError(msg + " `hpd train --help` lists every key")
 
 
-def _set(data: dict[str, Any], key: str, value: Any, *, raw: str | None = None, where: str = "") -> None:
-    """Set the dotted `key` of the nested plain dict `data` (a config's values) to `value`."""
+# --------------------------------------------------------------------------------------------
+# Aliases: the names Hugging Face users type
+# --------------------------------------------------------------------------------------------
+
+# TrainingArguments' names -> our keys. Each is accepted on its own (`learning_rate: 3e-4`,
+# `learning_rate=3e-4`) and inside the section of its key (`optim.learning_rate`). An alias whose
+# key this version lacks is refused by name.
+ALIASES: dict[str, str] = {
+    "learning_rate": "optim.lr",
+    "per_device_train_batch_size": "optim.batch_size",
+    "gradient_accumulation_steps": "optim.grad_accum",
+    "lr_scheduler_type": "optim.schedule",
+    "gradient_checkpointing": "student.gradient_checkpointing",
+    "logging_steps": "log.every",
+    "eval_steps": "log.eval_every",
+    "report_to": "log.report_to",
+    "save_steps": "save.every",
+    "save_total_limit": "save.keep_last",
+}
+
+# Names we refuse with the reason, since no key means the same.
+_NOT_ALIASES = {
+    "num_train_epochs": "hpd counts optimizer steps, not epochs: set max_steps (one epoch of N training rows is "
+                        "N / (optim.batch_size x optim.grad_accum x processes) steps)",
+}
+
+
+@functools.cache
+def _alias_spellings() -> dict[str, str]:
+    """Every accepted spelling of an alias (bare, and dotted under its key's section) -> its key."""
+    out: dict[str, str] = {}
+    for alias, key in ALIASES.items():
+        out[alias] = key
+        section = key.rpartition(".")[0]
+        if section:
+            out[f"{section}.{alias}"] = key
+    return out
+
+
+def _canonical(key: str, where: str) -> str:
+    """The config key that `key` names: itself, or the key of an alias (HPDError for an alias
+    this version has no key for, or a refused name)."""
+    if key in _field_table():
+        return key
+    target = _alias_spellings().get(key)
+    if target is None:
+        reason = _NOT_ALIASES.get(key.rpartition(".")[2])
+        if reason:
+            raise HPDError(f"{key!r}{where}: {reason}")
+        return key
+    if target not in _field_table():
+        raise HPDError(f"{key!r}{where} stands for {target!r}, which this version of hpd does not have")
+    return target
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    """Whether two values read from YAML mean the same (`3e-4` is a string in YAML 1.1, 0.0003 a float)."""
+    if a == b:
+        return True
+    try:
+        return float(a) == float(b)
+    except (TypeError, ValueError):
+        return False
+
+
+def _set(data: dict[str, Any], key: str, value: Any, *, raw: str | None = None, where: str = "",
+         seen: dict[str, tuple[str, Any]] | None = None) -> None:
+    """Set the dotted `key` (or an alias of one) of the nested plain dict `data` (a config's
+    values) to `value`.
+
+    seen: canonical key -> (spelling, value) of what this layer (one file, or the overrides) set
+    so far; a key set under two spellings (an alias and its key) to different values is an error.
+    """
     sections = _sections()
     if key in sections:
         example = f"{key}.{dataclasses.fields(sections[key])[0].name}"
         raise HPDError(
             f"{key!r} is a section, not a value{where}: set its keys one by one, e.g. {example}=..."
         )
+    spelled, key = key, _canonical(key, where)
     if key not in _all_keys():
         raise _unknown_key(key, where)
+    if seen is not None:
+        before = seen.get(key)
+        if before is not None and before[0] != spelled and not _same_value(before[1], value):
+            raise HPDError(f"{before[0]!r} ({before[1]!r}) and {spelled!r} ({value!r}) both set {key!r}{where}: "
+                           f"keep one of them")
+        seen[key] = (spelled, value)
     section, _, leaf = key.rpartition(".")
     (data[section] if section else data)[leaf] = _prepare(key, value, raw)
 
@@ -880,11 +967,13 @@ def _parse_override(text: str) -> tuple[str, Any, str]:
 def _build(d: Any, where: str, overrides: Iterable[str]) -> Config:
     """Defaults <- the mapping `d` <- the overrides, converted and checked by the schema."""
     data = config_to_dict(Config())
+    seen: dict[str, tuple[str, Any]] = {}
     for key, value in _flatten(d, where):
-        _set(data, key, value, where=where)
+        _set(data, key, value, where=where, seen=seen)
+    seen = {}  # an override replaces what the file set, under any spelling
     for text in overrides:
         key, value, raw = _parse_override(text)
-        _set(data, key, value, raw=raw, where=f" (in override {text!r})")
+        _set(data, key, value, raw=raw, where=f" (in override {text!r})", seen=seen)
     model, problems = _problems(data, strict=False)
     _raise(problems)
     values = model.model_dump()
@@ -992,4 +1081,8 @@ def config_help(width: int = 88) -> str:
         lines += textwrap.wrap(
             f.metadata["help"], width=width, initial_indent="      ", subsequent_indent="      "
         )
+    lines += ["", "Hugging Face names (aliases): each is accepted for its key, on its own or under the key's",
+              "section (learning_rate=3e-4 or optim.learning_rate=3e-4); setting both to different values",
+              "is an error. num_train_epochs is refused: hpd counts optimizer steps (max_steps)."]
+    lines += [f"  {alias}  ->  {key}" for alias, key in ALIASES.items() if key in _field_table()]
     return "\n".join(lines)

@@ -402,6 +402,25 @@ def _decoder_of(model: PreTrainedModel) -> nn.Module:
     )
 
 
+def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
+    """Recompute each decoder layer's activations in the backward pass (while the model is in
+    training mode) instead of keeping them from the forward pass.
+
+    Non-reentrant checkpointing: the same gradients, also for LoRA adapters on frozen weights and
+    for the chunked loss (which reads the decoder's final hidden states).
+    """
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise HPDError(f"student.gradient_checkpointing: {type(model).__name__} does not support gradient "
+                       "checkpointing; set student.gradient_checkpointing=false")
+    # The config's use_cache stays as it is (final/ keeps it): the training forwards pass
+    # use_cache=False themselves, and generation runs in eval mode, where nothing is recomputed.
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x names it so (the old name warns)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def final_hidden_states(
     model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
 ) -> torch.Tensor:

@@ -49,7 +49,8 @@ from hpd.config import Config, load_config, save_config
 from hpd.data import EncodedExample, EpochSampler, encode_file, encode_self_distillation, load_examples
 from hpd.errors import HPDError
 from hpd.models import (
-    apply_lora, final_hidden_states, init_from_teacher, lm_head_of, load_model, save_model, shared_vocab_size, vocab_rows,
+    apply_lora, enable_gradient_checkpointing, final_hidden_states, init_from_teacher, lm_head_of, load_model, save_model,
+    shared_vocab_size, vocab_rows,
 )
 from hpd.objectives import (
     COMMON_PARAMS, Objective, ObjectiveOutput, TeacherView, objective_class, param_fields,
@@ -177,6 +178,8 @@ def load_models(cfg: Config, cache: TeacherCache | None = None):
             )
         vocab_size = shared_vocab_size(student, teacher, s_tok)
         teacher.requires_grad_(False).eval()
+    if cfg.student.gradient_checkpointing:
+        enable_gradient_checkpointing(student)
     if cfg.student.lora_rank > 0:
         student = apply_lora(student, rank=cfg.student.lora_rank, alpha=cfg.student.lora_alpha,
                              dropout=cfg.student.lora_dropout, seed=derive_seed(seed, "lora") % 2**31)
