@@ -106,8 +106,9 @@ class ModelConfig:
 
     path: str = field_(
         "tiny",
-        "A Hugging Face model directory, a .gguf file, or 'tiny' for a random-init tiny Llama "
-        "with the byte-level tokenizer (sized by the tiny_* fields).",
+        "A Hugging Face model directory or Hub id (org/name, from the HF cache or downloaded into "
+        "it), a .gguf file, or 'tiny' for a random-init tiny Llama with the byte-level tokenizer "
+        "(sized by the tiny_* fields).",
         nonempty=True,
     )
     dtype: str = field_(
@@ -136,9 +137,9 @@ class StudentConfig(ModelConfig):
 
     path: str = field_(
         "tiny",
-        "A Hugging Face model directory, a .gguf file, 'tiny' for a random-init tiny Llama with "
-        "the byte-level tokenizer (sized by the tiny_* fields), or 'teacher' together with "
-        "init_from_teacher.",
+        "A Hugging Face model directory or Hub id (org/name, from the HF cache or downloaded into "
+        "it), a .gguf file, 'tiny' for a random-init tiny Llama with the byte-level tokenizer "
+        "(sized by the tiny_* fields), or 'teacher' together with init_from_teacher.",
         nonempty=True,
     )
     init_from_teacher: str | None = field_(
@@ -171,9 +172,10 @@ class TeacherConfig(ModelConfig):
 
     path: str = field_(
         "tiny",
-        "A Hugging Face model directory, a .gguf file, 'tiny' for a random-init tiny Llama with "
-        "the byte-level tokenizer, or 'none' (with objective.name=sft, or with regime.name=self, "
-        "where the student is its own teacher).",
+        "A Hugging Face model directory or Hub id (org/name, from the HF cache or downloaded into "
+        "it), a .gguf file, 'tiny' for a random-init tiny Llama with the byte-level tokenizer, or "
+        "'none' (with objective.name=sft, or with regime.name=self, where the student is its own "
+        "teacher).",
         nonempty=True,
     )
     tiny_layers: int = field_(4, "Layers of the 'tiny' model.", min=1)

@@ -96,6 +96,7 @@ def build_teacher_cache(teacher: str | os.PathLike, data_files: Sequence[str | o
     """
     from hpd.config import DataConfig
     from hpd.data import build_batch, encode_file
+    from hpd.hub import resolve_model_path
     from hpd.models import final_hidden_states, lm_head_of, load_model
 
     data = data if data is not None else DataConfig()
@@ -106,6 +107,7 @@ def build_teacher_cache(teacher: str | os.PathLike, data_files: Sequence[str | o
                        f"shard_positions={shard_positions} (>= 1), temperature={temperature} (> 0)")
     if not data_files:
         raise HPDError("no data files to cache: pass --data FILE (the run's data.train, and data.eval if it has one)")
+    teacher = resolve_model_path(str(teacher), role="teacher")  # a Hub id -> its local snapshot
     if not Path(teacher).exists():
         raise HPDError(f"teacher '{teacher}' does not exist: pass a Hugging Face model directory or a .gguf file")
     out = Path(out)

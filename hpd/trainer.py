@@ -48,6 +48,7 @@ from hpd.checkpoint import (
 from hpd.config import Config, load_config, save_config
 from hpd.data import EncodedExample, EpochSampler, encode_file, encode_self_distillation, load_examples
 from hpd.errors import HPDError
+from hpd.hub import resolve_model_path
 from hpd.models import (
     apply_lora, enable_gradient_checkpointing, final_hidden_states, init_from_teacher, lm_head_of, load_model, save_model,
     shared_vocab_size, vocab_rows,
@@ -163,7 +164,8 @@ def load_models(cfg: Config, cache: TeacherCache | None = None):
     vocab_size = None
     if cache is not None:
         cache.check_run(tokenizer=s_tok if s_tok is not tokenizer else None,
-                        teacher_path=cfg.teacher.path if cfg.teacher.path not in ("tiny", "none") else None)
+                        teacher_path=resolve_model_path(cfg.teacher.path, download=False)  # checked when at hand
+                        if cfg.teacher.path not in ("tiny", "none") else None)
         rows = vocab_rows(student)
         shared = resolve_shared_vocab(rows, cache.vocab_size, len(s_tok)) if rows != cache.vocab_size else rows
         if shared != cache.vocab_size:

@@ -157,7 +157,7 @@ def _output_row(example: Any, completion: str) -> dict[str, Any]:
 
 @app.command()
 def generate(
-    model: str = typer.Option(..., "--model", "-m", metavar="PATH", help="HF model directory, .gguf file, or 'tiny'."),
+    model: str = typer.Option(..., "--model", "-m", metavar="PATH", help="HF model directory, Hub id (org/name), .gguf file, or 'tiny'."),
     prompts: Path = typer.Option(..., "--prompts", "-p", metavar="FILE.jsonl", help="JSONL with a prompt or messages per row."),
     out: Path = typer.Option(..., "--out", "-o", metavar="FILE.jsonl", help="Output JSONL: each input row plus 'completion'."),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", metavar="N", min=1, help="Maximum new tokens."),
@@ -191,6 +191,9 @@ def generate(
             raise HPDError(f"prompts file '{prompts}' not found: pass a JSONL file with --prompts")
         settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                         batch_size=batch_size, seed=seed, chat_template=chat_template, dtype=dtype)
+        from hpd.hub import resolve_model_path
+
+        model = resolve_model_path(model)  # a Hub id -> its local snapshot, whose files the cache key stamps
         from hpd.generation_cache import GenerationCache
 
         cache = GenerationCache(out, _generation_key(model, prompts, settings))
@@ -314,7 +317,7 @@ def config_cmd(
 
 @app.command("eval")
 def eval_cmd(
-    model: str = typer.Option(..., "--model", "-m", metavar="PATH", help="HF model directory, .gguf file, or 'tiny'."),
+    model: str = typer.Option(..., "--model", "-m", metavar="PATH", help="HF model directory, Hub id (org/name), .gguf file, or 'tiny'."),
     task: Optional[List[str]] = typer.Option(None, "--task", "-t", metavar="NAME",
                                              help="math | code | dialogue | capitals, with parameters as math:steps=4; repeat for several."),
     data: Optional[Path] = typer.Option(None, "--data", "-d", metavar="FILE",
@@ -470,7 +473,7 @@ def bench_cmd(
 def cache_teacher_cmd(
     out: Path = typer.Option(..., "--out", "-o", metavar="CACHE", help="The cache directory to write."),
     teacher: Optional[str] = typer.Option(None, "--teacher", metavar="DIR",
-                                          help="Teacher: HF model directory or .gguf file [default: the config's teacher.path]."),
+                                          help="Teacher: HF model directory, Hub id (org/name) or .gguf file [default: the config's teacher.path]."),
     data: Optional[List[Path]] = typer.Option(None, "--data", metavar="FILE",
                                               help="Data file; repeat for several (train and eval) "
                                                    "[default: the config's data.train and data.eval]."),
