@@ -49,6 +49,7 @@ from hpd.config import Config, load_config, save_config
 from hpd.data import EncodedExample, EpochSampler, encode_file, encode_self_distillation, load_examples
 from hpd.errors import HPDError
 from hpd.hub import resolve_model_path
+from hpd.progress import Progress
 from hpd.models import (
     apply_lora, enable_gradient_checkpointing, final_hidden_states, init_from_teacher, lm_head_of, load_model, save_model,
     shared_vocab_size, vocab_rows,
@@ -675,12 +676,9 @@ class Trainer:
         if skipped:
             reasons = self.data_info.get("skip_reasons") or ["?"]
             self.log(f"skipped {skipped} malformed data rows (data.on_bad_row=skip), e.g. {reasons[0]}")
-        progress = None
-        if self.is_main and cfg.log.progress:
-            from tqdm.auto import tqdm
-
-            progress = tqdm(total=cfg.max_steps, initial=self.step, desc=f"hpd {cfg.objective.name}", unit="step",
-                            dynamic_ncols=True)
+        # A bar on a terminal, a line every 30 s in a log (hpd.progress); labelled by what trains.
+        progress = Progress(cfg.max_steps, f"{cfg.objective.name} ({cfg.regime.name})", unit="step", initial=self.step,
+                            enabled=self.is_main and cfg.log.progress)
         try:
             while self.step < cfg.max_steps:
                 if cfg.log.eval_every and self.step % cfg.log.eval_every == 0:
@@ -691,15 +689,11 @@ class Trainer:
                 if record is not None and (record["type"] == "skip" or self.step % cfg.log.every == 0
                                            or self.step == cfg.max_steps):
                     metrics_log.write(record)
-                if progress is not None:
-                    progress.update(1)
-                    if record is not None:
-                        progress.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
+                progress.update(1, **({"loss": record["loss"]} if record is not None and "loss" in record else {}))
                 if cfg.save.every and self.step < cfg.max_steps and (self.step % cfg.save.every == 0 or self._save_due):
                     self._save_unless_diverging()
         finally:
-            if progress is not None:
-                progress.close()
+            progress.close()
         if self.eval_data:
             metrics_log.write({"type": "eval", "step": self.step, **self.evaluate()})
         self._save_unless_diverging(final=True)

@@ -200,11 +200,9 @@ def generate(
         if cache.fresh():
             typer.echo(f"{out} is up to date (same model, prompts and settings): reusing it")
             return
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
         from hpd.data import load_examples
         from hpd.models import load_model
+        from hpd.progress import Progress
         from hpd.rollout import generate_text
 
         examples, _stats = load_examples(str(prompts), require_completion=False)
@@ -212,12 +210,7 @@ def generate(
         rows = cache.partial_rows()
         lm, tokenizer = load_model(model, dtype=dtype, trust_remote_code=trust_remote_code)
         lm.eval()
-        progress = Progress(
-            TextColumn("generating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            console=Console(stderr=True),  # stdout stays clean for piping
-        )
-        with progress:
-            task = progress.add_task("generate", total=len(examples), completed=len(rows))
+        with Progress(len(examples), "generate", unit="prompt", initial=len(rows)) as progress:  # on stderr
             # One call per batch so the bar moves; each batch gets its own seed (seed + i) so
             # batches do not repeat the same random stream.
             for i, start in enumerate(range(0, len(examples), batch_size)):
@@ -239,7 +232,7 @@ def generate(
                 new_rows = [_output_row(ex, text) for ex, text in zip(batch, texts)]
                 rows += new_rows
                 cache.append_partial(new_rows)
-                progress.advance(task, len(batch))
+                progress.update(len(batch))
         # An empty answer has no token to train on, and training refuses such rows: leave them out
         # of OUT (the partial file kept them, so that resuming counts batches right).
         kept = [r for r in rows if str(r.get("completion", "")).strip()]
