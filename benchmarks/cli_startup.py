@@ -5,8 +5,8 @@ and `import hpd`, each in a fresh Python process, next to a bare interpreter sta
     PYTHONPATH=. python benchmarks/cli_startup.py --runs 15
     python benchmarks/cli_startup.py --root /path/to/other/checkout  # e.g. the code before a change
 
-Each command runs as `python -m hpd.apps.cli ...` (what the `hpd` console script runs) with
-PYTHONPATH set to --root, so two checkouts can be compared on one machine and one interpreter.
+Each command runs as `python -m hpd.apps.cli ...` (what the `hpd` console script runs) in --root
+with PYTHONPATH set to it, so two checkouts can be compared on one machine and one interpreter.
 The last column says whether the command imported torch (the seconds it costs are the point).
 Prints a markdown table; the figures depend on the machine and its load: compare columns of one
 run, not runs of different days.
@@ -43,7 +43,7 @@ _PROBE = (
 
 def _imports_torch(python: str, args: list[str], env: dict[str, str]) -> bool:
     """Whether the case imports torch (run once more with a probe; not timed)."""
-    proc = subprocess.run([python, "-c", _PROBE, *args], env=env, capture_output=True, text=True)
+    proc = subprocess.run([python, "-c", _PROBE, *args], env=env, cwd=env["PYTHONPATH"], capture_output=True, text=True)
     return "TORCH=1" in proc.stderr
 
 
@@ -52,7 +52,8 @@ def measure(python: str, args: list[str], env: dict[str, str], runs: int) -> lis
     times = []
     for _ in range(runs):
         t0 = time.perf_counter()
-        proc = subprocess.run([python, *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        proc = subprocess.run([python, *args], env=env, cwd=env["PYTHONPATH"], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE)
         times.append(time.perf_counter() - t0)
         if proc.returncode != 0:
             raise SystemExit(f"`{' '.join(args)}` failed: {proc.stderr.decode()[-500:]}")

@@ -392,7 +392,8 @@ class LogConfig:
         "TensorBoard logs: auto = when tensorboard is installed, on = required, off = never.",
         choices=["auto", "on", "off"],
     )
-    progress: bool = field_(True, "Show a progress bar.")
+    progress: bool = field_(True, "Show progress with an ETA on stderr: a bar on a terminal, a line every 30 s "
+                                  "otherwise (a log file).")
     diagnostics_every: int = field_(
         1,
         "Steps between full-distribution diagnostics (agreement, KL, entropy), which cost a "
@@ -459,6 +460,7 @@ class Config:
 _NONE_WORDS = {"null", "none", "~", ""}
 
 
+@functools.cache
 def _hints(cls: type) -> dict[str, Any]:
     # Annotations are strings (from __future__ import annotations); resolve them once per class.
     return typing.get_type_hints(cls)
