@@ -39,14 +39,15 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Iterable, Iterator, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Iterable, Iterator, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, create_model
-from pydantic_core import PydanticCustomError
 
 from hpd.errors import HPDError
 from hpd.objectives import OBJECTIVES, Param, config_params, objective_class, param_fields
+
+if TYPE_CHECKING:  # pydantic is imported where the schema is built (`hpd train --help` never needs it)
+    from pydantic import BaseModel
 
 __all__ = [
     "Config",
@@ -70,6 +71,7 @@ __all__ = [
     "save_config",
     "config_help",
     "iter_fields",
+    "ALIASES",
 ]
 
 # Derived from the objectives' registry (`hpd.objectives.OBJECTIVES`), where each objective
@@ -106,8 +108,9 @@ class ModelConfig:
 
     path: str = field_(
         "tiny",
-        "A Hugging Face model directory, a .gguf file, or 'tiny' for a random-init tiny Llama "
-        "with the byte-level tokenizer (sized by the tiny_* fields).",
+        "A Hugging Face model directory or Hub id (org/name, from the HF cache or downloaded into "
+        "it), a .gguf file, or 'tiny' for a random-init tiny Llama with the byte-level tokenizer "
+        "(sized by the tiny_* fields).",
         nonempty=True,
     )
     dtype: str = field_(
@@ -136,9 +139,9 @@ class StudentConfig(ModelConfig):
 
     path: str = field_(
         "tiny",
-        "A Hugging Face model directory, a .gguf file, 'tiny' for a random-init tiny Llama with "
-        "the byte-level tokenizer (sized by the tiny_* fields), or 'teacher' together with "
-        "init_from_teacher.",
+        "A Hugging Face model directory or Hub id (org/name, from the HF cache or downloaded into "
+        "it), a .gguf file, 'tiny' for a random-init tiny Llama with the byte-level tokenizer "
+        "(sized by the tiny_* fields), or 'teacher' together with init_from_teacher.",
         nonempty=True,
     )
     init_from_teacher: str | None = field_(
@@ -157,6 +160,12 @@ class StudentConfig(ModelConfig):
     )
     lora_alpha: float = field_(16.0, "LoRA scaling alpha (the update is scaled by alpha / rank).", min=0.0, min_exclusive=True)
     lora_dropout: float = field_(0.0, "LoRA dropout on the adapters' input.", min=0.0, max=1.0, max_exclusive=True)
+    gradient_checkpointing: bool = field_(
+        False,
+        "Recompute each decoder layer's activations in the backward pass instead of keeping them: "
+        "activation memory of about one layer instead of all, for about one more forward pass of "
+        "time; the same loss and gradients (with the chunked loss too).",
+    )
 
 
 @dataclass
@@ -165,9 +174,10 @@ class TeacherConfig(ModelConfig):
 
     path: str = field_(
         "tiny",
-        "A Hugging Face model directory, a .gguf file, 'tiny' for a random-init tiny Llama with "
-        "the byte-level tokenizer, or 'none' (with objective.name=sft, or with regime.name=self, "
-        "where the student is its own teacher).",
+        "A Hugging Face model directory or Hub id (org/name, from the HF cache or downloaded into "
+        "it), a .gguf file, 'tiny' for a random-init tiny Llama with the byte-level tokenizer, or "
+        "'none' (with objective.name=sft, or with regime.name=self, where the student is its own "
+        "teacher).",
         nonempty=True,
     )
     tiny_layers: int = field_(4, "Layers of the 'tiny' model.", min=1)
@@ -438,7 +448,8 @@ class LogConfig:
         "no network). [] = log.tensorboard decides; [none] = no tracker at all.",
         choices=["tensorboard", "wandb", "mlflow", "none"],
     )
-    progress: bool = field_(True, "Show a progress bar.")
+    progress: bool = field_(True, "Show progress with an ETA on stderr: a bar on a terminal, a line every 30 s "
+                                  "otherwise (a log file).")
     diagnostics_every: int = field_(
         1,
         "Steps between full-distribution diagnostics (agreement, KL, entropy), which cost a "
@@ -511,6 +522,7 @@ class Config:
 _NONE_WORDS = {"null", "none", "~", ""}
 
 
+@functools.cache
 def _hints(cls: type) -> dict[str, Any]:
     # Annotations are strings (from __future__ import annotations); resolve them once per class.
     return typing.get_type_hints(cls)
@@ -611,6 +623,8 @@ def _objective_name(value: str) -> str:
     if ":" in value:
         objective_class(value)  # HPDError (a ValueError) says what is wrong with the path
     elif value not in OBJECTIVES:
+        from pydantic_core import PydanticCustomError
+
         raise PydanticCustomError("choice", "not a registered objective")
     return value
 
@@ -618,6 +632,8 @@ def _objective_name(value: str) -> str:
 def _field_type(tp: Any, meta: dict[str, Any]) -> Any:
     """The pydantic type of one field: its Python type with the range/choice/non-empty checks of
     its metadata as constraints (inside `Optional`, so that None skips them)."""
+    from pydantic import AfterValidator, Field
+
     inner, optional = _split_optional(tp)
     constraints: dict[str, Any] = {}
     if meta.get("min") is not None:
@@ -638,6 +654,8 @@ def _field_type(tp: Any, meta: dict[str, Any]) -> Any:
 
 def _model_of(cls: type) -> type[BaseModel]:
     """A pydantic model with the fields (types, checks, defaults) of the dataclass `cls`."""
+    from pydantic import ConfigDict, Field, create_model
+
     hints = _hints(cls)
     fields: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
@@ -651,7 +669,10 @@ def _model_of(cls: type) -> type[BaseModel]:
     return create_model(cls.__name__, __config__=config, **fields)
 
 
-_SCHEMA = _model_of(Config)
+@functools.cache
+def _schema() -> type[BaseModel]:
+    # Built on first use, not at import: `hpd train --help` reads only the dataclasses.
+    return _model_of(Config)
 
 
 def _problems(data: dict[str, Any], strict: bool) -> tuple[Any, list[str]]:
@@ -660,8 +681,10 @@ def _problems(data: dict[str, Any], strict: bool) -> tuple[Any, list[str]]:
     strict: types must already be right (a config built in Python); otherwise pydantic converts
     (``'1e-3'`` -> 0.001, ``'yes'`` -> True, 30.0 -> 30), after `_prepare` has applied our own rules.
     """
+    from pydantic import ValidationError
+
     try:
-        return _SCHEMA.model_validate(data, strict=strict), []
+        return _schema().model_validate(data, strict=strict), []
     except ValidationError as e:
         return None, [_message(err) for err in e.errors()]
 
@@ -755,23 +778,103 @@ def _prepare(key: str, value: Any, raw: str | None) -> Any:
 
 
 def _unknown_key(key: str, where: str) -> HPDError:
-    hint = _suggest(key, _all_keys())
+    spellings = _alias_spellings()
+    hint = _suggest(key, [*_all_keys(), *spellings])
+    hint = spellings.get(hint, hint)  # a close alias points at the key it stands for
     msg = f"unknown config key {key!r}{where}"
     if hint:
         msg += f"; did you mean {hint!r}?"
     return HPDError(msg + " `hpd train --help` lists every key")
 
 
-def _set(data: dict[str, Any], key: str, value: Any, *, raw: str | None = None, where: str = "") -> None:
-    """Set the dotted `key` of the nested plain dict `data` (a config's values) to `value`."""
+# --------------------------------------------------------------------------------------------
+# Aliases: the names Hugging Face users type
+# --------------------------------------------------------------------------------------------
+
+# TrainingArguments' names -> our keys. Each is accepted on its own (`learning_rate: 3e-4`,
+# `learning_rate=3e-4`) and inside the section of its key (`optim.learning_rate`). An alias whose
+# key this version lacks is refused by name.
+ALIASES: dict[str, str] = {
+    "learning_rate": "optim.lr",
+    "per_device_train_batch_size": "optim.batch_size",
+    "gradient_accumulation_steps": "optim.grad_accum",
+    "lr_scheduler_type": "optim.schedule",
+    "gradient_checkpointing": "student.gradient_checkpointing",
+    "logging_steps": "log.every",
+    "eval_steps": "log.eval_every",
+    "report_to": "log.report_to",
+    "save_steps": "save.every",
+    "save_total_limit": "save.keep_last",
+}
+
+# Names we refuse with the reason, since no key means the same.
+_NOT_ALIASES = {
+    "num_train_epochs": "hpd counts optimizer steps, not epochs: set max_steps (one epoch of N training rows is "
+                        "N / (optim.batch_size x optim.grad_accum x processes) steps)",
+}
+
+
+@functools.cache
+def _alias_spellings() -> dict[str, str]:
+    """Every accepted spelling of an alias (bare, and dotted under its key's section) -> its key."""
+    out: dict[str, str] = {}
+    for alias, key in ALIASES.items():
+        out[alias] = key
+        section = key.rpartition(".")[0]
+        if section:
+            out[f"{section}.{alias}"] = key
+    return out
+
+
+def _canonical(key: str, where: str) -> str:
+    """The config key that `key` names: itself, or the key of an alias (HPDError for an alias
+    this version has no key for, or a refused name)."""
+    if key in _field_table():
+        return key
+    target = _alias_spellings().get(key)
+    if target is None:
+        reason = _NOT_ALIASES.get(key.rpartition(".")[2])
+        if reason:
+            raise HPDError(f"{key!r}{where}: {reason}")
+        return key
+    if target not in _field_table():
+        raise HPDError(f"{key!r}{where} stands for {target!r}, which this version of hpd does not have")
+    return target
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    """Whether two values read from YAML mean the same (`3e-4` is a string in YAML 1.1, 0.0003 a float)."""
+    if a == b:
+        return True
+    try:
+        return float(a) == float(b)
+    except (TypeError, ValueError):
+        return False
+
+
+def _set(data: dict[str, Any], key: str, value: Any, *, raw: str | None = None, where: str = "",
+         seen: dict[str, tuple[str, Any]] | None = None) -> None:
+    """Set the dotted `key` (or an alias of one) of the nested plain dict `data` (a config's
+    values) to `value`.
+
+    seen: canonical key -> (spelling, value) of what this layer (one file, or the overrides) set
+    so far; a key set under two spellings (an alias and its key) to different values is an error.
+    """
     sections = _sections()
     if key in sections:
         example = f"{key}.{dataclasses.fields(sections[key])[0].name}"
         raise HPDError(
             f"{key!r} is a section, not a value{where}: set its keys one by one, e.g. {example}=..."
         )
+    spelled, key = key, _canonical(key, where)
     if key not in _all_keys():
         raise _unknown_key(key, where)
+    if seen is not None:
+        before = seen.get(key)
+        if before is not None and before[0] != spelled and not _same_value(before[1], value):
+            raise HPDError(f"{before[0]!r} ({before[1]!r}) and {spelled!r} ({value!r}) both set {key!r}{where}: "
+                           f"keep one of them")
+        seen[key] = (spelled, value)
     section, _, leaf = key.rpartition(".")
     (data[section] if section else data)[leaf] = _prepare(key, value, raw)
 
@@ -972,11 +1075,13 @@ def _parse_override(text: str) -> tuple[str, Any, str]:
 def _build(d: Any, where: str, overrides: Iterable[str]) -> Config:
     """Defaults <- the mapping `d` <- the overrides, converted and checked by the schema."""
     data = config_to_dict(Config())
+    seen: dict[str, tuple[str, Any]] = {}
     for key, value in _flatten(d, where):
-        _set(data, key, value, where=where)
+        _set(data, key, value, where=where, seen=seen)
+    seen = {}  # an override replaces what the file set, under any spelling
     for text in overrides:
         key, value, raw = _parse_override(text)
-        _set(data, key, value, raw=raw, where=f" (in override {text!r})")
+        _set(data, key, value, raw=raw, where=f" (in override {text!r})", seen=seen)
     model, problems = _problems(data, strict=False)
     _raise(problems)
     values = model.model_dump()
@@ -1084,4 +1189,8 @@ def config_help(width: int = 88) -> str:
         lines += textwrap.wrap(
             f.metadata["help"], width=width, initial_indent="      ", subsequent_indent="      "
         )
+    lines += ["", "Hugging Face names (aliases): each is accepted for its key, on its own or under the key's",
+              "section (learning_rate=3e-4 or optim.learning_rate=3e-4); setting both to different values",
+              "is an error. num_train_epochs is refused: hpd counts optimizer steps (max_steps)."]
+    lines += [f"  {alias}  ->  {key}" for alias, key in ALIASES.items() if key in _field_table()]
     return "\n".join(lines)

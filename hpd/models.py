@@ -1,8 +1,9 @@
 """Load, build and save the student and teacher models; vocabulary alignment; LM-head access.
 
-Models come from three places: `"tiny"` (a random Llama built from a config, with the byte
-tokenizer of `hpd.tokenizer`; nothing is downloaded), a local Hugging Face directory, or a GGUF
-file (needs `pip install gguf`). Models go out as plain HF directories, written atomically.
+Models come from four places: `"tiny"` (a random Llama built from a config, with the byte
+tokenizer of `hpd.tokenizer`; nothing is downloaded), a local Hugging Face directory, a GGUF
+file (needs `pip install gguf`), or a Hub id (`org/name`, through the HF cache: `hpd.hub`).
+Models go out as plain HF directories, written atomically.
 `lm_head_of` and `final_hidden_states` let the losses compute logits chunk by chunk instead of
 holding a (B, T, V) tensor.
 
@@ -43,6 +44,7 @@ from transformers import (
 
 from hpd.errors import HPDError
 from hpd.files import replace_dir
+from hpd.hub import resolve_model_path
 from hpd.vocab import resolve_shared_vocab
 
 _DTYPES: dict[str, torch.dtype | str] = {
@@ -152,9 +154,9 @@ def load_model(
     seed: int = 0,
     role: str = "",
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load `(model, tokenizer)` from "tiny", a local HF directory, or a `.gguf` file.
-
-    Nothing is downloaded: a path that is not on disk is an error. The tokenizer gets a pad token
+    """Load `(model, tokenizer)` from "tiny", a local HF directory, a `.gguf` file, or a Hugging
+    Face Hub id (`org/name`, resolved to a local snapshot by `hpd.hub.resolve_model_path`: the HF
+    cache, downloaded into it when the Hub is reachable). The tokenizer gets a pad token
     (its eos) when it has none, since batching needs one; a pad id beyond the model's embedding
     rows is an error. `role` ("student", "teacher") names the model in messages.
     """
@@ -172,11 +174,11 @@ def load_model(
         model_dtype = torch.float32 if torch_dtype == "auto" else torch_dtype
         model = build_tiny_model(tokenizer, seed=seed, dtype=model_dtype, **(tiny or {}))
     else:
-        p = Path(path)
+        p = Path(resolve_model_path(path, role=role))
         if not p.exists():
             raise HPDError(
                 f"{who}model path '{path}' does not exist: pass a local Hugging Face model directory, "
-                "a .gguf file, or 'tiny' (models are never downloaded)"
+                "a .gguf file, a Hugging Face Hub id (org/name), or 'tiny'"
             )
         if p.is_file() and p.suffix.lower() == ".gguf":
             model, loaded_tok = _load_gguf(p, torch_dtype)
@@ -427,6 +429,25 @@ def _decoder_of(model: PreTrainedModel) -> nn.Module:
         f"cannot find the decoder of {type(model).__name__}: expected a causal LM with "
         "get_decoder(), .model or .base_model"
     )
+
+
+def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
+    """Recompute each decoder layer's activations in the backward pass (while the model is in
+    training mode) instead of keeping them from the forward pass.
+
+    Non-reentrant checkpointing: the same gradients, also for LoRA adapters on frozen weights and
+    for the chunked loss (which reads the decoder's final hidden states).
+    """
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise HPDError(f"student.gradient_checkpointing: {type(model).__name__} does not support gradient "
+                       "checkpointing; set student.gradient_checkpointing=false")
+    # The config's use_cache stays as it is (final/ keeps it): the training forwards pass
+    # use_cache=False themselves, and generation runs in eval mode, where nothing is recomputed.
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x names it so (the old name warns)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def final_hidden_states(

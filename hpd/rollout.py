@@ -28,7 +28,7 @@ holding its own copy of the weights) is one new class: it syncs the student's ne
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -95,12 +95,13 @@ def generate_completions(
     top_k: int = 0,
     batch_size: int = 16,
     seed: int | None = None,
+    on_batch: Callable[[int], None] | None = None,
 ) -> list[list[int]]:
     """Generate a completion for each prompt; returns only the new ids, in prompt order.
 
     Each completion stops after the first eos (which it keeps) or after `max_new_tokens`; padding
     is removed. `temperature <= 0` means greedy decoding; `top_k=0` and `top_p=1` disable those
-    filters.
+    filters. `on_batch(n)` is called after each batch of n prompts (e.g. a progress bar's update).
     """
     if max_new_tokens < 1:
         raise HPDError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
@@ -145,6 +146,8 @@ def generate_completions(
                 )
                 for row, i in enumerate(rows):
                     results[i] = _until_eos(out_BS[row, ids_BT.shape[1]:].tolist(), eos_ids)
+                if on_batch is not None:
+                    on_batch(len(rows))
     finally:
         model.train(was_training)
     return results
@@ -264,6 +267,7 @@ def generate_text(
     top_k: int = 0,
     batch_size: int = 16,
     seed: int | None = None,
+    on_batch: Callable[[int], None] | None = None,
 ) -> list[str]:
     """Decoded completions (special tokens removed) for string or chat-message prompts.
 
@@ -281,5 +285,6 @@ def generate_text(
         top_k=top_k,
         batch_size=batch_size,
         seed=seed,
+        on_batch=on_batch,
     )
     return [tokenizer.decode(ids, skip_special_tokens=True) for ids in completions]

@@ -96,7 +96,9 @@ def build_teacher_cache(teacher: str | os.PathLike, data_files: Sequence[str | o
     """
     from hpd.config import DataConfig
     from hpd.data import build_batch, encode_file
+    from hpd.hub import resolve_model_path
     from hpd.models import final_hidden_states, lm_head_of, load_model
+    from hpd.progress import Progress
 
     data = data if data is not None else DataConfig()
     if dtype not in LOGP_DTYPES:
@@ -106,6 +108,7 @@ def build_teacher_cache(teacher: str | os.PathLike, data_files: Sequence[str | o
                        f"shard_positions={shard_positions} (>= 1), temperature={temperature} (> 0)")
     if not data_files:
         raise HPDError("no data files to cache: pass --data FILE (the run's data.train, and data.eval if it has one)")
+    teacher = resolve_model_path(str(teacher), role="teacher")  # a Hub id -> its local snapshot
     if not Path(teacher).exists():
         raise HPDError(f"teacher '{teacher}' does not exist: pass a Hugging Face model directory or a .gguf file")
     out = Path(out)
@@ -167,11 +170,13 @@ def build_teacher_cache(teacher: str | os.PathLike, data_files: Sequence[str | o
         # Longest first, so batches pad little; every example's rows go where its offsets say.
         order = sorted(range(len(examples)), key=lambda i: -(len(examples[i].prompt_ids) + len(examples[i].completion_ids)))
         pad_id = tokenizer.pad_token_id
-        done = 0
-        with torch.inference_mode():
+        # On stderr, with an ETA (hpd.progress); quiet when log is None.
+        progress = Progress(len(examples), "cache-teacher", unit="sequence", enabled=log is not None)
+        with torch.inference_mode(), progress:
             for start in range(0, len(order), batch_size):
                 idx = [i for i in order[start:start + batch_size] if counts[i] > 0]
                 if not idx:
+                    progress.update(len(order[start:start + batch_size]))
                     continue
                 batch = build_batch([examples[i].prompt_ids for i in idx], [examples[i].completion_ids for i in idx],
                                     pad_id=pad_id)
@@ -206,9 +211,7 @@ def build_teacher_cache(teacher: str | os.PathLike, data_files: Sequence[str | o
                     a["topk_ids"][lo:lo + n] = ids[at:at + n].astype(id_dtype)
                     a["topk_logp"][lo:lo + n] = lp[at:at + n].astype(LOGP_DTYPES[dtype])
                     at += n
-                done += len(idx)
-                if log is not None and (start // batch_size) % 50 == 0:
-                    log(f"teacher cache: {done}/{len(examples)} sequences")
+                progress.update(len(order[start:start + batch_size]))
         for sh in shards:
             for arr in sh.pop("arrays").values():
                 arr.flush()

@@ -52,8 +52,11 @@ from hpd.config import Config, config_to_dict, load_config, save_config
 from hpd.data import EncodedExample, EpochSampler, encode_file, encode_self_distillation, load_examples
 from hpd.errors import HPDError
 from hpd.model_card import model_card
+from hpd.hub import resolve_model_path
+from hpd.progress import Progress
 from hpd.models import (
-    apply_lora, final_hidden_states, init_from_teacher, lm_head_of, load_model, save_model, shared_vocab_size, vocab_rows,
+    apply_lora, enable_gradient_checkpointing, final_hidden_states, init_from_teacher, lm_head_of, load_model, save_model,
+    shared_vocab_size, vocab_rows,
 )
 from hpd.objectives import (
     COMMON_PARAMS, DEFAULT_CHUNK_SIZE, Objective, ObjectiveOutput, RatioClip, RolloutWeights, TeacherView,
@@ -185,7 +188,8 @@ def load_models(cfg: Config, cache: TeacherCache | None = None):
     vocab_size = None
     if cache is not None:
         cache.check_run(tokenizer=s_tok if s_tok is not tokenizer else None,
-                        teacher_path=cfg.teacher.path if cfg.teacher.path not in ("tiny", "none") else None)
+                        teacher_path=resolve_model_path(cfg.teacher.path, download=False)  # checked when at hand
+                        if cfg.teacher.path not in ("tiny", "none") else None)
         rows = vocab_rows(student)
         shared = resolve_shared_vocab(rows, cache.vocab_size, len(s_tok)) if rows != cache.vocab_size else rows
         if shared != cache.vocab_size:
@@ -200,6 +204,8 @@ def load_models(cfg: Config, cache: TeacherCache | None = None):
             )
         vocab_size = shared_vocab_size(student, teacher, s_tok)
         teacher.requires_grad_(False).eval()
+    if cfg.student.gradient_checkpointing:
+        enable_gradient_checkpointing(student)
     if cfg.student.lora_rank > 0:
         student = apply_lora(student, rank=cfg.student.lora_rank, alpha=cfg.student.lora_alpha,
                              dropout=cfg.student.lora_dropout, seed=derive_seed(seed, "lora") % 2**31)
@@ -786,12 +792,9 @@ class Trainer:
         if skipped:
             reasons = self.data_info.get("skip_reasons") or ["?"]
             self.log(f"skipped {skipped} malformed data rows (data.on_bad_row=skip), e.g. {reasons[0]}")
-        progress = None
-        if self.is_main and cfg.log.progress:
-            from tqdm.auto import tqdm
-
-            progress = tqdm(total=cfg.max_steps, initial=self.step, desc=f"hpd {cfg.objective.name}", unit="step",
-                            dynamic_ncols=True)
+        # A bar on a terminal, a line every 30 s in a log (hpd.progress); labelled by what trains.
+        progress = Progress(cfg.max_steps, f"{cfg.objective.name} ({cfg.regime.name})", unit="step", initial=self.step,
+                            enabled=self.is_main and cfg.log.progress)
         try:
             while self.step < cfg.max_steps:
                 if cfg.log.eval_every and self.step % cfg.log.eval_every == 0:
@@ -802,15 +805,11 @@ class Trainer:
                 if record is not None and (record["type"] == "skip" or self.step % cfg.log.every == 0
                                            or self.step == cfg.max_steps):
                     metrics_log.write(record)
-                if progress is not None:
-                    progress.update(1)
-                    if record is not None:
-                        progress.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
+                progress.update(1, **({"loss": record["loss"]} if record is not None and "loss" in record else {}))
                 if cfg.save.every and self.step < cfg.max_steps and (self.step % cfg.save.every == 0 or self._save_due):
                     self._save_unless_diverging()
         finally:
-            if progress is not None:
-                progress.close()
+            progress.close()
         final_eval = self.evaluate() if self.eval_data else None
         if final_eval is not None:
             metrics_log.write({"type": "eval", "step": self.step, **final_eval})

@@ -202,3 +202,27 @@ def test_eval_then_generate_on_the_same_model_reuses_the_generation_cache(tmp_pa
     # other weights under the same path: generated anew
     save_model(*load_model("tiny", tiny={"num_layers": 1, "hidden_size": 32}, seed=5), model_dir)
     assert "wrote 1" in invoke(*gen).stdout
+
+
+def test_package_import_and_help_import_no_torch():
+    # `import hpd`, the objective registry, the config and both help pages must answer without
+    # torch or transformers (seconds at import); the probe runs in a fresh interpreter.
+    probe = (
+        "import sys, hpd, hpd.config\n"
+        "from typer.testing import CliRunner\n"
+        "from hpd.apps.cli import app\n"
+        "assert hpd.get_objective('hpd').name == 'hpd' and 'objective.beta' in hpd.config.config_help()\n"
+        "for argv in (['--help'], ['train', '--help']):\n"
+        "    r = CliRunner().invoke(app, argv)\n"
+        "    assert r.exit_code == 0 and 'Usage:' in r.stdout, r.output\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'accelerate', 'numpy') if m in sys.modules))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]", f"imported at help time: {proc.stdout}"
+    # The lazily bound torch of the objectives is the real one once used.
+    proc = subprocess.run([sys.executable, "-c", "import torch, hpd\nimport hpd.objectives.base as b\n"
+                           "out = hpd.get_objective('fkl')(torch.zeros(1, 2, 3), torch.zeros(1, 2, 3), torch.zeros(1, 2, dtype=torch.long))\n"
+                           "print(b.torch is torch, float(out.value))"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["True", "0.0"]

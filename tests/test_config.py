@@ -328,3 +328,58 @@ def test_save_dtype_is_checked():
     assert load_config(None, ["save.dtype=bf16"]).save.dtype == "bf16"
     with pytest.raises(HPDError, match=r"save.dtype: must be one of fp32\|bf16\|fp16, got 'int8'"):
         load_config(None, ["save.dtype=int8"])
+
+
+# --------------------------------------------------------------------------------------------
+# Hugging Face names (aliases)
+# --------------------------------------------------------------------------------------------
+
+
+def test_hf_names_set_their_keys_in_overrides_and_files(tmp_path):
+    cfg = load_config(None, ["learning_rate=3e-4", "optim.per_device_train_batch_size=4",
+                             "gradient_accumulation_steps=2", "gradient_checkpointing=true"])
+    assert (cfg.optim.lr, cfg.optim.batch_size, cfg.optim.grad_accum, cfg.student.gradient_checkpointing) == (
+        3e-4, 4, 2, True)
+    path = _write(tmp_path, "learning_rate: 2.0e-4\noptim:\n  lr_scheduler_type: linear\n  gradient_accumulation_steps: 3\n"
+                            "save_total_limit: 5\n")
+    cfg = load_config(path)
+    assert (cfg.optim.lr, cfg.optim.schedule, cfg.optim.grad_accum, cfg.save.keep_last) == (2e-4, "linear", 3, 5)
+    # The canonical config written back names the keys, not the aliases.
+    assert "learning_rate" not in cfg.to_yaml() and "lr: 0.0002" in cfg.to_yaml()
+    # A value out of range is reported under the key it sets.
+    assert "optim.lr: must be > 0" in _error(["learning_rate=0"])
+
+
+def test_an_alias_and_its_key_set_to_different_values_is_an_error(tmp_path):
+    msg = _error(["learning_rate=1e-3", "optim.lr=2e-3"])
+    assert "'learning_rate'" in msg and "'optim.lr'" in msg and "keep one of them" in msg
+    msg = _error(text="optim:\n  lr: 0.001\n  learning_rate: 0.002\n", tmp_path=tmp_path)
+    assert "both set 'optim.lr'" in msg and "cfg.yaml" in msg
+    # The same value twice is no conflict; an override replaces what the file said under any name.
+    assert load_config(None, ["learning_rate=1e-3", "optim.lr=0.001"]).optim.lr == 1e-3
+    assert load_config(_write(tmp_path, "optim:\n  lr: 0.001\n"), ["learning_rate=5e-4"]).optim.lr == 5e-4
+
+
+def test_a_misspelt_hf_name_suggests_the_key_it_stands_for():
+    assert "did you mean 'optim.lr'" in _error(["optim.learnig_rate=1"])
+    assert "did you mean 'optim.lr'" in _error(["learning_rat=1"])
+    assert "did you mean 'optim.grad_accum'" in _error(["gradient_accumulation_step=2"])
+
+
+def test_num_train_epochs_is_refused_with_the_step_count_to_use():
+    msg = _error(["num_train_epochs=3"])
+    assert "max_steps" in msg and "optim.batch_size" in msg
+
+
+def test_every_alias_names_a_key_or_is_refused_naming_it():
+    from hpd.config import ALIASES
+
+    keys = {key for key, *_ in iter_fields()}
+    help_text = config_help()
+    for alias, key in ALIASES.items():
+        if key in keys:  # listed in the help, and accepted
+            assert f"  {alias}  ->  {key}" in help_text
+            default = dict((k, v) for k, _f, _t, v in iter_fields())[key]
+            assert config_to_dict(config_from_dict({alias: default})) == config_to_dict(Config())
+        else:  # e.g. report_to before log.report_to exists
+            assert f"stands for '{key}'" in _error([f"{alias}=x"])

@@ -212,3 +212,61 @@ def test_hidden_states_with_lm_head_bias(tok):
     h_BTH = final_hidden_states(model, ids_BT, None)
     logits = model(input_ids=ids_BT).logits
     assert torch.allclose(h_BTH @ W.T + b, logits, atol=1e-5, rtol=0)
+
+
+def _offline_env(cache) -> dict:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
+
+
+def test_a_hub_id_loads_from_a_populated_cache_offline(tok, tmp_path):
+    # A cache laid out as huggingface_hub writes it: models--ORG--NAME/snapshots/REV/... and
+    # refs/main naming REV. With HF_HUB_OFFLINE=1 nothing is fetched: the snapshot is what loads.
+    import json
+    import subprocess
+    import sys
+
+    model = build_tiny_model(tok, seed=3, **TINY)
+    repo = tmp_path / "hub" / "models--hpd-test--tiny-llama"
+    rev = "0123456789abcdef0123456789abcdef01234567"
+    save_model(model, tok, repo / "snapshots" / rev)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(rev)
+    probe = ("import json, torch\nfrom hpd.models import load_model\n"
+             "m, t = load_model('hpd-test/tiny-llama', role='student')\n"
+             "print(json.dumps({'path': m.name_or_path, 'sum': float(sum(p.double().sum() for p in m.parameters())), "
+             "'vocab': len(t)}))")
+    proc = subprocess.run([sys.executable, "-c", probe], env=_offline_env(tmp_path / "hub"), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["path"] == str(repo / "snapshots" / rev)
+    assert got["sum"] == pytest.approx(float(sum(p.detach().double().sum() for p in model.parameters())), rel=1e-12)
+    assert got["vocab"] == len(tok)
+
+
+def test_a_hub_id_absent_from_the_cache_offline_is_a_clear_user_error(tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "hub").mkdir()
+    (tmp_path / "p.jsonl").write_text('{"prompt": "hi"}\n')
+    proc = subprocess.run([sys.executable, "-m", "hpd.cli", "generate", "--model", "hpd-test/absent", "--prompts",
+                           str(tmp_path / "p.jsonl"), "--out", str(tmp_path / "o.jsonl")],
+                          env=_offline_env(tmp_path / "hub"), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    msg = proc.stderr
+    assert msg.startswith("error: model 'hpd-test/absent' is not on disk")
+    assert str(tmp_path / "hub") in msg and "HF_HUB_OFFLINE" in msg and "hf download hpd-test/absent" in msg
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_hub_ids_are_told_from_local_paths(tmp_path, monkeypatch):
+    from hpd.hub import looks_like_hub_id, resolve_model_path
+
+    assert looks_like_hub_id("Qwen/Qwen2.5-0.5B-Instruct") and looks_like_hub_id("HuggingFaceTB/SmolLM2-135M")
+    for name in ("tiny", "model", "./a/b", "/abs/x", "a/b/c", "../x", "a/b.gguf", "org/--x"):
+        assert not looks_like_hub_id(name), name
+    # A local directory shaped like an id is the directory, never a Hub lookup.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "org" / "name").mkdir(parents=True)
+    assert resolve_model_path("org/name") == "org/name"

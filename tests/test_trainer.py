@@ -606,3 +606,41 @@ def test_a_run_ending_inside_a_streak_writes_final_but_no_final_checkpoint(monke
     assert [p.name for p in checkpoint_dirs(tmp_path / "run")] == ["step-00000004"]
     assert "warning: the run ends inside a run of non-finite steps (2 in a row): no final checkpoint" in capsys.readouterr().out
     assert all(torch.isfinite(t).all() for t in safetensors_of(tmp_path / "run" / "final").values())
+
+
+@pytest.mark.parametrize("lora", [0, 4])
+def test_gradient_checkpointing_recomputes_and_gives_the_same_loss_and_gradients(lora):
+    # The chunked loss (chunk_size > 0) on an hpd objective, one micro-batch, with and without
+    # student.gradient_checkpointing: the same loss and gradients, and the decoder layers really
+    # run twice (forward, then recomputed in backward) only with it.
+    from hpd.trainer import DistillationLoss, load_models, objective_from_config
+
+    results = {}
+    for checkpointing in (False, True):
+        cfg = load_config(None, [f"gradient_checkpointing={str(checkpointing).lower()}", "objective.name=hpd",
+                                 "objective.chunk_size=7", f"student.lora_rank={lora}"])
+        student, teacher, _tok, vocab = load_models(cfg)
+        student.train()
+        calls = []
+        # Inside the checkpointed layer: its MLP starts again when backward recomputes the layer (a
+        # pre-hook: the recompute stops once it has what backward needs, before post-hooks run).
+        student.get_decoder().layers[0].mlp.register_forward_pre_hook(lambda *_: calls.append(1))
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(3, 200, (2, 12), generator=g)
+        labels = torch.randint(3, 200, (2, 12), generator=g)
+        labels[:, :3] = -100
+        with torch.no_grad():
+            teacher_logits = teacher(input_ids=ids).logits
+        step = DistillationLoss(student, objective_from_config(cfg), chunk_size=cfg.objective.chunk_size, vocab_size=vocab)
+        out = step(ids, torch.ones_like(ids), labels, teacher_logits, num_tokens=(labels != -100).sum().float(),
+                   generator=torch.Generator().manual_seed(1), diagnostics=False)
+        out["loss"].backward()
+        grads = {n: p.grad.clone() for n, p in student.named_parameters() if p.requires_grad}
+        assert grads and all(g is not None for g in grads.values())
+        results[checkpointing] = (out["loss"].item(), grads, len(calls))
+    (loss0, grads0, calls0), (loss1, grads1, calls1) = results[False], results[True]
+    assert (calls0, calls1) == (1, 2)
+    assert loss1 == pytest.approx(loss0, rel=1e-6)
+    assert grads0.keys() == grads1.keys()
+    for name in grads0:
+        torch.testing.assert_close(grads1[name], grads0[name], rtol=1e-5, atol=1e-7, msg=name)

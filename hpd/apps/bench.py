@@ -52,6 +52,7 @@ from typing import Any
 from hpd.apps.demo import BUNDLED_TEACHER, STUDENT_OVERRIDES, TASKS, preflight_tasks
 from hpd.errors import HPDError
 from hpd.files import atomic_write_text
+from hpd.progress import format_duration
 
 STUDENTS_DIR = Path(__file__).resolve().parents[1] / "assets" / "students"
 LONG_TEACHER = Path(__file__).resolve().parents[1] / "assets" / "long-teacher"
@@ -434,8 +435,11 @@ def run_all(specs: list[RunSpec], s: BenchSettings, verifier: str) -> None:
 
     def report(i: int, sp: RunSpec, res: dict) -> None:
         status = "failed: " + res["failed"] if "failed" in res else "done"
+        elapsed = time.perf_counter() - t0
+        # The runs of a phase are alike: the time left is the mean so far times the runs left.
+        eta = f", ETA {format_duration(elapsed / i * (len(todo) - i))}" if i < len(todo) else ""
         print(f"[bench] {i}/{len(todo)} {sp.condition} {sp.method} lr={sp.lr:.2g} seed={sp.seed}: {status} "
-              f"({time.perf_counter() - t0:.0f} s)", flush=True)
+              f"({elapsed:.0f} s{eta})", flush=True)
 
     if s.jobs == 1:  # one at a time: in this process (no interpreter start-up per run)
         for i, sp in enumerate(todo, 1):

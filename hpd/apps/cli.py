@@ -17,8 +17,10 @@ From Python (what the tests do):
     (0, True)
 
 User errors (`HPDError`) print ``error: <message>`` on stderr and exit with status 2, without a
-traceback; anything else is a bug and keeps its traceback. Heavy modules (torch, transformers,
-the trainer) are imported inside the commands so that ``hpd --help`` stays fast.
+traceback; anything else is a bug and keeps its traceback. Everything but typer (the config, torch,
+transformers, the trainer) is imported inside the commands, and `hpd train --help` builds its
+config reference without torch, so that the help answers at once (benchmarks/cli_startup.py
+measures it; tests/test_cli.py checks that no torch is imported).
 """
 
 from __future__ import annotations
@@ -34,7 +36,6 @@ import click
 import typer
 from typer.core import TyperCommand
 
-from hpd.config import config_help, load_config, save_config
 from hpd.errors import HPDError
 
 __all__ = ["app", "main"]
@@ -52,13 +53,15 @@ app = typer.Typer(
 )
 
 
-class _RawEpilogCommand(TyperCommand):
-    """A command whose epilog is printed verbatim (click would re-wrap its paragraphs)."""
+class _ConfigReferenceCommand(TyperCommand):
+    """A command whose epilog is the config reference, built only when its help is shown and
+    printed verbatim (click would re-wrap its paragraphs)."""
 
     def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        if self.epilog:
-            formatter.write_paragraph()
-            formatter.write(self.epilog.rstrip() + "\n")
+        from hpd.config import config_help
+
+        formatter.write_paragraph()
+        formatter.write(config_help().rstrip() + "\n")
 
 
 @contextlib.contextmanager
@@ -76,7 +79,7 @@ def _user_errors() -> Iterator[None]:
 # --------------------------------------------------------------------------------------------
 
 
-@app.command(cls=_RawEpilogCommand, epilog=config_help())
+@app.command(cls=_ConfigReferenceCommand)
 def train(
     config: Path = typer.Argument(..., metavar="CONFIG", help="YAML config file (`hpd config --out FILE` writes one)."),
     overrides: Optional[List[str]] = typer.Argument(
@@ -92,6 +95,8 @@ def train(
     model. Every config key is listed below.
     """
     with _user_errors():
+        from hpd.config import load_config
+
         cfg = load_config(config, overrides or [])
         if dry_run:
             typer.echo(cfg.to_yaml(), nl=False)
@@ -152,7 +157,7 @@ def _output_row(example: Any, completion: str) -> dict[str, Any]:
 
 @app.command()
 def generate(
-    model: str = typer.Option(..., "--model", "-m", metavar="PATH", help="HF model directory, .gguf file, or 'tiny'."),
+    model: str = typer.Option(..., "--model", "-m", metavar="PATH", help="HF model directory, Hub id (org/name), .gguf file, or 'tiny'."),
     prompts: Path = typer.Option(..., "--prompts", "-p", metavar="FILE.jsonl", help="JSONL with a prompt or messages per row."),
     out: Path = typer.Option(..., "--out", "-o", metavar="FILE.jsonl", help="Output JSONL: each input row plus 'completion'."),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", metavar="N", min=1, help="Maximum new tokens."),
@@ -186,17 +191,18 @@ def generate(
             raise HPDError(f"prompts file '{prompts}' not found: pass a JSONL file with --prompts")
         settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                         batch_size=batch_size, seed=seed, chat_template=chat_template, dtype=dtype)
+        from hpd.hub import resolve_model_path
+
+        model = resolve_model_path(model)  # a Hub id -> its local snapshot, whose files the cache key stamps
         from hpd.generation_cache import GenerationCache
 
         cache = GenerationCache(out, _generation_key(model, prompts, settings))
         if cache.fresh():
             typer.echo(f"{out} is up to date (same model, prompts and settings): reusing it")
             return
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
         from hpd.data import load_examples
         from hpd.models import load_model
+        from hpd.progress import Progress
         from hpd.rollout import generate_text
 
         examples, _stats = load_examples(str(prompts), require_completion=False)
@@ -204,12 +210,7 @@ def generate(
         rows = cache.partial_rows()
         lm, tokenizer = load_model(model, dtype=dtype, trust_remote_code=trust_remote_code)
         lm.eval()
-        progress = Progress(
-            TextColumn("generating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            console=Console(stderr=True),  # stdout stays clean for piping
-        )
-        with progress:
-            task = progress.add_task("generate", total=len(examples), completed=len(rows))
+        with Progress(len(examples), "generate", unit="prompt", initial=len(rows)) as progress:  # on stderr
             # One call per batch so the bar moves; each batch gets its own seed (seed + i) so
             # batches do not repeat the same random stream.
             for i, start in enumerate(range(0, len(examples), batch_size)):
@@ -231,7 +232,7 @@ def generate(
                 new_rows = [_output_row(ex, text) for ex, text in zip(batch, texts)]
                 rows += new_rows
                 cache.append_partial(new_rows)
-                progress.advance(task, len(batch))
+                progress.update(len(batch))
         # An empty answer has no token to train on, and training refuses such rows: leave them out
         # of OUT (the partial file kept them, so that resuming counts batches right).
         kept = [r for r in rows if str(r.get("completion", "")).strip()]
@@ -291,6 +292,8 @@ def config_cmd(
 ) -> None:
     """Print the default config as commented YAML: a starting point to copy and edit."""
     with _user_errors():
+        from hpd.config import load_config, save_config
+
         cfg = load_config(None)
         if out is None:
             typer.echo(cfg.to_yaml(comments=True), nl=False)
@@ -308,7 +311,7 @@ def config_cmd(
 
 @app.command("eval")
 def eval_cmd(
-    model: str = typer.Option(..., "--model", "-m", metavar="PATH", help="HF model directory, .gguf file, or 'tiny'."),
+    model: str = typer.Option(..., "--model", "-m", metavar="PATH", help="HF model directory, Hub id (org/name), .gguf file, or 'tiny'."),
     task: Optional[List[str]] = typer.Option(None, "--task", "-t", metavar="NAME",
                                              help="math | code | dialogue | capitals, with parameters as math:steps=4; repeat for several."),
     data: Optional[Path] = typer.Option(None, "--data", "-d", metavar="FILE",
@@ -465,7 +468,7 @@ def bench_cmd(
 def cache_teacher_cmd(
     out: Path = typer.Option(..., "--out", "-o", metavar="CACHE", help="The cache directory to write."),
     teacher: Optional[str] = typer.Option(None, "--teacher", metavar="DIR",
-                                          help="Teacher: HF model directory or .gguf file [default: the config's teacher.path]."),
+                                          help="Teacher: HF model directory, Hub id (org/name) or .gguf file [default: the config's teacher.path]."),
     data: Optional[List[Path]] = typer.Option(None, "--data", metavar="FILE",
                                               help="Data file; repeat for several (train and eval) "
                                                    "[default: the config's data.train and data.eval]."),
@@ -490,6 +493,8 @@ def cache_teacher_cmd(
     teacher is then never loaded); the run's sequences must be in the cache.
     """
     with _user_errors():
+        from hpd.config import load_config
+
         cfg = load_config(config, [f"data.max_length={max_length}"] if max_length is not None else [])
         teacher = teacher or (cfg.teacher.path if config is not None else None)
         if not teacher or teacher in ("tiny", "none"):

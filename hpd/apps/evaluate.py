@@ -32,6 +32,7 @@ from typing import Any
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from hpd.errors import HPDError
+from hpd.progress import Progress
 from hpd.rollout import generate_text
 from hpd.stats import Z_95, wilson_interval  # noqa: F401  (re-exported: hpd.apps.evaluate.wilson_interval)
 from hpd.apps.tasks import Task, get_task, task_row
@@ -81,6 +82,7 @@ def evaluate_rows(
     temperature: float = 0.0,
     seed: int = 0,
     label: str | None = None,
+    progress: bool = False,
 ) -> EvalResult:
     """Generate for each row's `prompt` (text or chat messages) and verify: the one evaluation routine.
 
@@ -90,6 +92,7 @@ def evaluate_rows(
     max_new_tokens: the budget of every row; None: the verifier's per row (a task's), else
                     `DEFAULT_MAX_NEW_TOKENS`. `temperature=0` is greedy decoding.
     Rows are checked (prompt, the verifier's fields) before the model is loaded or run.
+    progress:       show the generation's progress with an ETA on stderr (`hpd.progress`).
     """
     if isinstance(verifier, str):
         verifier = get_verifier(verifier)
@@ -110,12 +113,13 @@ def evaluate_rows(
         model, tokenizer = load_model(str(model))
     budgets = [max_new_tokens or verifier.max_new_tokens(row) or DEFAULT_MAX_NEW_TOKENS for row in rows]
     completions: list[str] = [""] * len(rows)
-    for budget in sorted(set(budgets)):  # one generation call per budget (per task), rows in input order
-        idx = [i for i, b in enumerate(budgets) if b == budget]
-        texts = generate_text(model, tokenizer, [rows[i]["prompt"] for i in idx], max_new_tokens=budget,
-                              temperature=temperature, batch_size=batch_size, seed=seed)
-        for i, text in zip(idx, texts):
-            completions[i] = text
+    with Progress(len(rows), f"eval {label or verifier.name}", unit="prompt", enabled=progress) as bar:
+        for budget in sorted(set(budgets)):  # one generation call per budget (per task), rows in input order
+            idx = [i for i, b in enumerate(budgets) if b == budget]
+            texts = generate_text(model, tokenizer, [rows[i]["prompt"] for i in idx], max_new_tokens=budget,
+                                  temperature=temperature, batch_size=batch_size, seed=seed, on_batch=bar.update)
+            for i, text in zip(idx, texts):
+                completions[i] = text
     verdicts = verifier.verify_batch(rows, completions)
     records = [
         {"prompt": row["prompt"], "reference": row.get("completion", ""), "completion": c, "correct": bool(ok)}
@@ -137,6 +141,7 @@ def evaluate_model(
     max_new_tokens: int | None = None,
     batch_size: int = 32,
     temperature: float = 0.0,
+    progress: bool = False,
 ) -> EvalResult:
     """Generate for `n` items of `task` (a `Task` or a name/spec like "math:steps=4") and verify.
 
@@ -149,7 +154,7 @@ def evaluate_model(
     label = task if isinstance(task, str) else task_obj.name
     rows = [task_row(item) for item in task_obj.generate(split, n, seed=seed)]
     return evaluate_rows(model, rows, TaskVerifier(task_obj), tokenizer=tokenizer, max_new_tokens=max_new_tokens,
-                         batch_size=batch_size, temperature=temperature, seed=seed, label=label)
+                         batch_size=batch_size, temperature=temperature, seed=seed, label=label, progress=progress)
 
 
 def write_records(result: EvalResult, path: str | os.PathLike[str]) -> None:
@@ -224,6 +229,7 @@ def eval_cli(
         seed=seed,
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
+        progress=True,
     )
     result.task = task
     write_records(result, dest)
@@ -259,7 +265,8 @@ def eval_data_cli(
     rows = load_rows(data)
     label = f"{Path(data).name} [{v.name}]"
     dest = eval_out(model_path, f"{Path(data).stem}-{_file_safe(Path(v.name).name)}", out)
-    result = evaluate_rows(model_path, rows, v, max_new_tokens=max_new_tokens, batch_size=batch_size, n=n, label=label)
+    result = evaluate_rows(model_path, rows, v, max_new_tokens=max_new_tokens, batch_size=batch_size, n=n, label=label,
+                           progress=True)
     write_records(result, dest)
     print(result.summary())
     return result

@@ -31,13 +31,26 @@ from hpd.objectives.base import (
 from hpd.objectives.divergences import (
     AdaptiveKL, AlphaBetaDivergence, ForwardKL, JensenShannon, ReverseKL, SkewForwardKL, SkewReverseKL, TokenwiseDivergence, TotalVariation,
 )
-from hpd.objectives.clip import RatioClip, RolloutWeights
 from hpd.objectives.sampled import SFT, HybridPolicy, OnPolicyReverseKL
-from hpd.objectives.surrogate import (
-    DEFAULT_CHUNK_SIZE, GatheredTeacher, HeadTeacher, LogitsTeacher, TeacherView, TopKTeacher, as_teacher_view,
-    chunked_objective_loss, objective_loss, rollout_weights,
-)
 from hpd.vocab import resolve_shared_vocab
+
+# The loss routine and the teacher views need torch at import (an autograd.Function): they load on
+# first access, so that the registry (and with it the config and `hpd train --help`) stays torch-free.
+_FROM_SURROGATE = (
+    "DEFAULT_CHUNK_SIZE", "GatheredTeacher", "HeadTeacher", "LogitsTeacher", "TeacherView", "TopKTeacher",
+    "as_teacher_view", "chunked_objective_loss", "objective_loss", "rollout_weights",
+)
+
+
+_FROM_CLIP = ("RatioClip", "RolloutWeights")
+
+
+def __getattr__(name: str):
+    if name in _FROM_SURROGATE:
+        return getattr(importlib.import_module("hpd.objectives.surrogate"), name)
+    if name in _FROM_CLIP:
+        return getattr(importlib.import_module("hpd.objectives.clip"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 OBJECTIVES: dict[str, type[Objective]] = {
     cls.name: cls

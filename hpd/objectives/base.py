@@ -26,12 +26,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
-import torch
-from torch import Tensor
-
+from hpd._lazy import lazy_module
 from hpd.errors import HPDError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
+else:
+    torch = lazy_module("torch", globals())  # imported on first use: the registry and the config stay torch-free
 
 IGNORE_INDEX = -100
 

@@ -18,13 +18,18 @@ top-K teacher they work on K + 1 categories (the top-K tokens and one tail bucke
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
-import torch
-from torch import Tensor
-
+from hpd._lazy import lazy_module
 from hpd.objectives.base import (
     Objective, Param, TeacherChunk, TokenWeights, bucket_logq, kl, unbucket_weights, xlogx_ratio,
 )
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
+else:
+    torch = lazy_module("torch", globals())  # imported on first use: the registry and the config stay torch-free
 
 
 class _VocabObjective(Objective):

@@ -22,10 +22,16 @@ HPD (Hybrid Policy Distillation), per active position, with `s = log q(y)`, `t =
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING
 
+from hpd._lazy import lazy_module
 from hpd.objectives.base import Objective, TeacherChunk, TokenWeights
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
+else:
+    torch = lazy_module("torch", globals())  # imported on first use: the registry and the config stay torch-free
 
 
 def _at(logq: Tensor, tokens: Tensor) -> Tensor:
