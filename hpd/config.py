@@ -481,7 +481,15 @@ class Config:
         "Run directory: checkpoints, metrics.jsonl, config.yaml and the final model.",
         nonempty=True,
     )
-    max_steps: int = field_(100, "Optimizer steps to train.", min=1)
+    max_steps: int = field_(100, "Optimizer steps to train (replaced by the one epochs gives, when set).", min=1)
+    epochs: float | None = field_(
+        None,
+        "Run length in passes over the training rows (Hugging Face's num_train_epochs), instead of max_steps: "
+        "max_steps becomes ceil(epochs x rows / (optim.batch_size x optim.grad_accum x processes)) once the data "
+        "is read, and the run logs the count it derived. null = max_steps decides.",
+        min=0.0,
+        min_exclusive=True,
+    )
     seed: int = field_(0, "Seed of every random choice (data order, samples, regime draws).")
     resume: str = field_(
         "auto",
@@ -800,6 +808,7 @@ ALIASES: dict[str, str] = {
     "gradient_accumulation_steps": "optim.grad_accum",
     "lr_scheduler_type": "optim.schedule",
     "gradient_checkpointing": "student.gradient_checkpointing",
+    "num_train_epochs": "epochs",
     "logging_steps": "log.every",
     "eval_steps": "log.eval_every",
     "report_to": "log.report_to",
@@ -808,10 +817,7 @@ ALIASES: dict[str, str] = {
 }
 
 # Names we refuse with the reason, since no key means the same.
-_NOT_ALIASES = {
-    "num_train_epochs": "hpd counts optimizer steps, not epochs: set max_steps (one epoch of N training rows is "
-                        "N / (optim.batch_size x optim.grad_accum x processes) steps)",
-}
+_NOT_ALIASES: dict[str, str] = {}
 
 
 @functools.cache
@@ -1191,6 +1197,6 @@ def config_help(width: int = 88) -> str:
         )
     lines += ["", "Hugging Face names (aliases): each is accepted for its key, on its own or under the key's",
               "section (learning_rate=3e-4 or optim.learning_rate=3e-4); setting both to different values",
-              "is an error. num_train_epochs is refused: hpd counts optimizer steps (max_steps)."]
+              "is an error."]
     lines += [f"  {alias}  ->  {key}" for alias, key in ALIASES.items() if key in _field_table()]
     return "\n".join(lines)

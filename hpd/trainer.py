@@ -370,6 +370,14 @@ def global_metrics(outputs: list[ObjectiveOutput], accelerator) -> dict[str, flo
 # --------------------------------------------------------------------------------------------
 
 
+def steps_for_epochs(epochs: float, rows: int, rows_per_process_step: int, processes: int = 1) -> int:
+    """Optimizer steps of `epochs` passes over `rows` training rows, each step taking
+    `rows_per_process_step` (batch x accumulation) rows on each of `processes` processes."""
+    if rows < 1:
+        raise HPDError("epochs needs training rows to count passes over, and the data has none")
+    return max(1, math.ceil(epochs * rows / (rows_per_process_step * processes)))
+
+
 class Trainer:
     """Holds the run's state; `run()` trains to `max_steps`. Use `train(cfg)`."""
 
@@ -421,6 +429,17 @@ class Trainer:
         self.acc.wait_for_everyone()
         if not self.is_main:  # the main process has removed damaged checkpoints by now
             self.resume_from = resolve_resume(cfg.resume, self.run_dir, warn=lambda _msg: None)
+        # Everything a user can get wrong is checked here, before anything but the lock is written.
+        # A teacher cache replaces the teacher: it is checked against this run's data, tokenizer,
+        # temperature and objective here, and the teacher model is never built.
+        self.cache = TeacherCache(cfg.teacher.cache) if cfg.teacher.cache else None
+        student, teacher, self.tokenizer, self.vocab_size = load_models(cfg, self.cache)
+        self._check_rollout_bias(cfg, student)
+        self.train_data, self.eval_data, self.data_info = load_data(cfg, self.tokenizer)
+        if cfg.epochs is not None:  # before the resume check and the schedule, which both read max_steps
+            cfg.max_steps = steps_for_epochs(cfg.epochs, len(self.train_data), cfg.optim.batch_size * cfg.optim.grad_accum,
+                                             self.world)
+            self.log(f"epochs={cfg.epochs:g} over {len(self.train_data)} training rows: max_steps={cfg.max_steps}")
         # A resume continues the run its checkpoint belongs to: a config that changes that run is
         # refused unless resume_allow_changes=true (hpd.resume).
         self._resume_state: dict[str, Any] | None = None
@@ -434,13 +453,6 @@ class Trainer:
             self._resume_state, self._resume_changes = state, changes
             self._schedule_note = schedule_note(saved, cfg, state["scheduler"].get("last_epoch", state["step"]))
 
-        # Everything a user can get wrong is checked here, before anything but the lock is written.
-        # A teacher cache replaces the teacher: it is checked against this run's data, tokenizer,
-        # temperature and objective here, and the teacher model is never built.
-        self.cache = TeacherCache(cfg.teacher.cache) if cfg.teacher.cache else None
-        student, teacher, self.tokenizer, self.vocab_size = load_models(cfg, self.cache)
-        self._check_rollout_bias(cfg, student)
-        self.train_data, self.eval_data, self.data_info = load_data(cfg, self.tokenizer)
         self.objective = objective_from_config(cfg)
         self.self_distill = cfg.regime.name == "self"
         self.train_rows = self.eval_rows = None

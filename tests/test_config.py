@@ -366,9 +366,12 @@ def test_a_misspelt_hf_name_suggests_the_key_it_stands_for():
     assert "did you mean 'optim.grad_accum'" in _error(["gradient_accumulation_step=2"])
 
 
-def test_num_train_epochs_is_refused_with_the_step_count_to_use():
-    msg = _error(["num_train_epochs=3"])
-    assert "max_steps" in msg and "optim.batch_size" in msg
+def test_num_train_epochs_sets_epochs_and_epochs_is_checked():
+    assert load_config(None).epochs is None
+    assert load_config(None, ["num_train_epochs=2.5"]).epochs == 2.5
+    assert load_config(None, ["epochs=1"]).epochs == 1.0
+    assert "epochs: must be > 0" in _error(["num_train_epochs=0"])
+    assert "keep one of them" in _error(["num_train_epochs=2", "epochs=3"])
 
 
 def test_every_alias_names_a_key_or_is_refused_naming_it():

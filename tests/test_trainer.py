@@ -644,3 +644,27 @@ def test_gradient_checkpointing_recomputes_and_gives_the_same_loss_and_gradients
     assert grads0.keys() == grads1.keys()
     for name in grads0:
         torch.testing.assert_close(grads1[name], grads0[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_epochs_set_max_steps_from_the_rows_and_resume_keeps_them(tmp_path, capsys):
+    from hpd.trainer import steps_for_epochs
+
+    assert steps_for_epochs(2, 10, 4) == 5 and steps_for_epochs(1, 10, 4, processes=2) == 2
+    assert steps_for_epochs(0.01, 10, 4) == 1
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"prompt": f"{i}+1=", "completion": str(i + 1)}) + "\n" for i in range(10)))
+    cfg = config(tmp_path / "run", "objective.name=sft", "teacher.path=none", f"data.train={rows}", "data.eval=null",
+                 "data.eval_fraction=0", "optim.batch_size=2", "optim.grad_accum=1", "num_train_epochs=1.5",
+                 "max_steps=100", "save.every=4")
+    train(cfg)
+    steps = [r["step"] for r in read_metrics(tmp_path / "run") if r["type"] == "train"]
+    assert max(steps) == 8  # ceil(1.5 x 10 rows / 2 per step), not the max_steps=100 given
+    out = capsys.readouterr()
+    assert "epochs=1.5 over 10 training rows: max_steps=8" in out.out + out.err
+    saved = load_config(tmp_path / "run" / "config.yaml")
+    assert (saved.epochs, saved.max_steps) == (1.5, 8)
+    # The same command again finds the run finished: the derived count equals the saved one.
+    train(config(tmp_path / "run", "objective.name=sft", "teacher.path=none", f"data.train={rows}", "data.eval=null",
+                 "data.eval_fraction=0", "optim.batch_size=2", "optim.grad_accum=1", "num_train_epochs=1.5",
+                 "save.every=4"))
+    assert max(r["step"] for r in read_metrics(tmp_path / "run") if r["type"] == "train") == 8
