@@ -7,6 +7,8 @@ A checkpoint is a directory `RUN_DIR/checkpoints/step-00000100/` holding
     trainer_state.safetensors    the tensors of that state (optimizer moments, EMA teacher)
     rng-rank{r}.json             python and numpy RNG states of process r
     rng-rank{r}.safetensors      torch (and cuda) RNG states of process r
+    shards/rank{r}.*             FSDP runs only, instead of model/ and the optimizer moments: process
+                                 r's slice of the student and of the optimizer state (hpd.distributed)
     config.yaml                  the resolved config of the run
     manifest.json                size and sha256 of every file above, written last
 
@@ -354,12 +356,15 @@ def _fsync_dir(path: Path) -> None:
 
 
 def save_checkpoint(run_dir: Path, step: int, *, rank: int, is_main: bool, barrier: Callable[[], None],
-                    write_main: Callable[[Path], None], keep_last: int) -> Path:
+                    write_main: Callable[[Path], None], keep_last: int,
+                    write_rank: Callable[[Path], None] | None = None) -> Path:
     """Write checkpoint `step` atomically; every process calls this.
 
     write_main: called on the main process with the temporary directory to write the model, the
-    trainer state and the config into. Every process writes its own RNG state. The manifest is
-    written last, then the directory is renamed into place and older checkpoints are pruned.
+    trainer state and the config into. Every process writes its own RNG state, and calls
+    `write_rank` (its shard of a sharded model) when given. The manifest is written last (over
+    every process's files: the run directory must be one file system for all of them), then the
+    directory is renamed into place and older checkpoints are pruned.
     """
     root = checkpoint_root(run_dir)
     final = root / f"step-{step:08d}"
@@ -370,6 +375,8 @@ def save_checkpoint(run_dir: Path, step: int, *, rank: int, is_main: bool, barri
             tmp.mkdir(parents=True)
         barrier()
         save_state(rng_state(), tmp, f"rng-rank{rank}")
+        if write_rank is not None:
+            write_rank(tmp)
         if is_main:
             write_main(tmp)
         barrier()

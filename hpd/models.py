@@ -344,9 +344,13 @@ def apply_lora(model: PreTrainedModel, *, rank: int, alpha: float, dropout: floa
 
 
 def save_model(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, out_dir: str | os.PathLike
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, out_dir: str | os.PathLike,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write `model` (safetensors + config) and `tokenizer` to `out_dir` atomically.
+
+    state_dict: the weights to write instead of the model's own (the gathered full weights of a
+    model whose parameters are sharded over processes).
 
     Everything is written into a temporary sibling directory first and renamed into place, so a
     crash leaves either the old directory or the new one, never a half-written mix. Returns the
@@ -363,7 +367,7 @@ def save_model(
 
         model = copy.deepcopy(model).merge_and_unload()
     try:
-        _without_quantizer(model).save_pretrained(str(tmp))
+        _without_quantizer(model).save_pretrained(str(tmp), state_dict=state_dict)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         replace_dir(tmp, out)
