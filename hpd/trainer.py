@@ -442,26 +442,27 @@ class Trainer:
 
         device = self.acc.device
         r = cfg.regime
+        if "DEEPSPEED" in str(self.acc.distributed_type):
+            raise HPDError("DeepSpeed is not supported yet: its optimizer state is sharded and hpd's checkpoints would "
+                           "hold rank 0's part only (a wrong resume); use FSDP2, ZeRO-3's equivalent "
+                           "(configs/accelerate/fsdp.yaml), or DDP")
         if self.fsdp and cfg.student.lora_rank > 0:
             raise HPDError("student.lora_rank > 0 under FSDP is not supported yet (the adapters' checkpoint and merge "
-                           "assume whole weights): use DDP or DeepSpeed for LoRA students")
-        if self.fsdp and self.world > 1 and (r.name in ("student", "mixed") or
-                                             (r.name == "self" and cfg.opsd.response == "rollout")):
-            # Each process would generate sequences of its own length with gathered-per-layer weights:
-            # the processes' collectives go out of step. Untested, so refused rather than risked.
-            raise HPDError(f"regime.name={r.name} samples from the student on every process, which hpd does not do "
-                           "under FSDP yet: use DDP (configs/accelerate/ddp-gpu.yaml) or DeepSpeed ZeRO-3, or "
-                           "regime.name=dataset/teacher")
+                           "assume whole weights): use DDP for LoRA students")
+        if self.fsdp and r.name in ("student", "mixed", "self"):
+            # Student rollouts: each process would generate sequences of its own length with weights
+            # gathered layer by layer, so the processes' collectives go out of step; the OPSD teacher
+            # calls the student outside the wrapped forward, where its root unit is not gathered.
+            # Untested, so refused rather than risked.
+            raise HPDError(f"regime.name={r.name} runs the student outside the training forward (rollouts or the "
+                           "OPSD teacher), which hpd does not do under FSDP yet: use DDP "
+                           "(configs/accelerate/ddp-gpu.yaml), or regime.name=dataset/teacher")
         self.teacher = place_teacher(teacher, self.acc, log=self.log, sampled_by_main=r.name == "teacher" or (
             r.name == "mixed" and r.off_policy == "teacher"))
         self.student = student
         self.module = DistillationLoss(student, self.objective, chunk_size=cfg.objective.chunk_size, vocab_size=self.vocab_size)
         optimizer, self.scheduler = make_optimizer(cfg, student)
         self.module, self.optimizer = self.acc.prepare(self.module, optimizer)
-        if self.self_distill and cfg.opsd.teacher_weights != "live" and "FSDP" in str(self.acc.distributed_type):
-            raise HPDError(f"regime.name=self with opsd.teacher_weights={cfg.opsd.teacher_weights} swaps the teacher's "
-                           "weights into the student, which FSDP's sharded parameters do not allow: use DDP or "
-                           "DeepSpeed, or opsd.teacher_weights=live")
         # The one place that knows the kinds of teacher: the step below only asks the source.
         self.teacher_source: TeacherSource | None = None
         if self.cache is not None:
@@ -564,7 +565,7 @@ class Trainer:
         student_sd = None if self.fsdp else self._student_state_dict()
 
         def write_rank(tmp: Path) -> None:
-            (tmp / "shards").mkdir(exist_ok=True)
+            (tmp / shard_name(self.rank)).parent.mkdir(exist_ok=True)
             save_state(local_state(self.unwrapped, self.optimizer), tmp, shard_name(self.rank))
 
         def write_main(tmp: Path) -> None:
@@ -649,6 +650,8 @@ class Trainer:
         self.module.eval()
         bs = cfg.optim.batch_size
         ids = list(range(len(self.eval_data)))[self.rank::self.world][: bs * cfg.log.eval_batches]
+        if self.fsdp:  # every forward gathers weights from all processes: the same number of batches on each
+            ids = ids[: len(self.eval_data) // self.world]
         shard = [self.eval_data[i] for i in ids]
         outputs, loss_sum = [], 0.0
         batches = [self._examples_batch(shard[i:i + bs], ids[i:i + bs], "eval") for i in range(0, len(shard), bs)]
