@@ -74,6 +74,28 @@ def is_fsdp(acc) -> bool:
     return "FSDP" in str(acc.distributed_type)
 
 
+def check_supported(cfg, distributed_type: Any) -> None:
+    """Refuse, with a one-line HPDError, what hpd does not do under `distributed_type` yet."""
+    kind = str(distributed_type)
+    if "DEEPSPEED" in kind:
+        raise HPDError("DeepSpeed is not supported yet: its optimizer state is sharded and hpd's checkpoints would "
+                       "hold rank 0's part only (a wrong resume); use FSDP2, ZeRO-3's equivalent "
+                       "(configs/accelerate/fsdp.yaml), or DDP")
+    if "FSDP" not in kind:
+        return
+    if cfg.student.lora_rank > 0:
+        raise HPDError("student.lora_rank > 0 under FSDP is not supported yet (the adapters' checkpoint and merge "
+                       "assume whole weights): use DDP for LoRA students")
+    if cfg.regime.name in ("student", "mixed", "self"):
+        # Student rollouts: each process would generate sequences of its own length with weights
+        # gathered layer by layer, so the processes' collectives go out of step; the OPSD teacher
+        # calls the student outside the wrapped forward, where its root unit is not gathered.
+        # Untested, so refused rather than risked.
+        raise HPDError(f"regime.name={cfg.regime.name} runs the student outside the training forward (rollouts or the "
+                       "OPSD teacher), which hpd does not do under FSDP yet: use DDP "
+                       "(configs/accelerate/ddp-gpu.yaml), or regime.name=dataset/teacher")
+
+
 # --------------------------------------------------------------------------------------------
 # The teacher
 # --------------------------------------------------------------------------------------------
@@ -179,5 +201,5 @@ def shard_name(rank: int) -> str:
     return f"{SHARDS}/rank{rank}"
 
 
-__all__ = ["fsdp_requested", "is_fsdp", "load_local_state", "local_numel", "local_state", "make_accelerator", "place_teacher",
+__all__ = ["check_supported", "fsdp_requested", "is_fsdp", "load_local_state", "local_numel", "local_state", "make_accelerator", "place_teacher",
            "shard_name", "shard_teacher"]

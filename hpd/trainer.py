@@ -48,7 +48,7 @@ from hpd.checkpoint import (
 from hpd.config import Config, load_config, save_config
 from hpd.data import EncodedExample, EpochSampler, encode_file, encode_self_distillation, load_examples
 from hpd.distributed import (
-    is_fsdp, load_local_state, local_numel, local_state, make_accelerator, place_teacher, shard_name,
+    check_supported, is_fsdp, load_local_state, local_numel, local_state, make_accelerator, place_teacher, shard_name,
 )
 from hpd.errors import HPDError
 from hpd.models import (
@@ -441,22 +441,8 @@ class Trainer:
         self.pad_id = self.tokenizer.pad_token_id
 
         device = self.acc.device
+        check_supported(cfg, self.acc.distributed_type)
         r = cfg.regime
-        if "DEEPSPEED" in str(self.acc.distributed_type):
-            raise HPDError("DeepSpeed is not supported yet: its optimizer state is sharded and hpd's checkpoints would "
-                           "hold rank 0's part only (a wrong resume); use FSDP2, ZeRO-3's equivalent "
-                           "(configs/accelerate/fsdp.yaml), or DDP")
-        if self.fsdp and cfg.student.lora_rank > 0:
-            raise HPDError("student.lora_rank > 0 under FSDP is not supported yet (the adapters' checkpoint and merge "
-                           "assume whole weights): use DDP for LoRA students")
-        if self.fsdp and r.name in ("student", "mixed", "self"):
-            # Student rollouts: each process would generate sequences of its own length with weights
-            # gathered layer by layer, so the processes' collectives go out of step; the OPSD teacher
-            # calls the student outside the wrapped forward, where its root unit is not gathered.
-            # Untested, so refused rather than risked.
-            raise HPDError(f"regime.name={r.name} runs the student outside the training forward (rollouts or the "
-                           "OPSD teacher), which hpd does not do under FSDP yet: use DDP "
-                           "(configs/accelerate/ddp-gpu.yaml), or regime.name=dataset/teacher")
         self.teacher = place_teacher(teacher, self.acc, log=self.log, sampled_by_main=r.name == "teacher" or (
             r.name == "mixed" and r.off_policy == "teacher"))
         self.student = student

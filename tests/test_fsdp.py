@@ -170,3 +170,21 @@ def test_killed_fsdp_run_resumes_to_the_uninterrupted_fsdp_run(tmp_path):
     assert [r["step"] for r in a] == [r["step"] for r in b]
     for x, y in zip(a, b):
         assert y["loss"] == pytest.approx(x["loss"], rel=1e-6, abs=1e-7), x["step"]
+
+
+@pytest.mark.parametrize("override, kind, message", [
+    ("regime.name=student", "DistributedType.FSDP", "regime.name=student runs the student outside"),
+    ("regime.name=mixed", "DistributedType.FSDP", "regime.name=mixed runs the student outside"),
+    ("student.lora_rank=4", "DistributedType.FSDP", "lora_rank > 0 under FSDP"),
+    ("regime.name=student", "DistributedType.DEEPSPEED", "DeepSpeed is not supported"),
+])
+def test_what_fsdp_does_not_do_yet_is_refused_with_a_message(override, kind, message):
+    from hpd.config import load_config
+    from hpd.distributed import check_supported
+    from hpd.errors import HPDError
+
+    cfg = load_config(str(ROOT / "configs/tiny.yaml"), [override])
+    with pytest.raises(HPDError, match=message):
+        check_supported(cfg, kind)
+    check_supported(cfg, "DistributedType.MULTI_CPU")  # DDP runs all of them
+    check_supported(load_config(str(ROOT / "configs/tiny.yaml")), "DistributedType.FSDP")  # dataset regime: fine
