@@ -92,6 +92,8 @@ def method_config(args, method: str):
     objective = "sft" if method == "sft" else "hpd"
     if method == "sft":
         extra.append("teacher.path=none")
+    if args.device == "cuda":  # bf16: the teacher's weights, the student's autocast (fp32 master weights)
+        extra += ["teacher.dtype=bfloat16", "optim.mixed_precision=bf16"]
     if method == "hpd cached":
         extra.append(f"teacher.cache={args.out / f'cache-k{args.top_k}'}")
     if args.recipe == "bundled":
@@ -125,8 +127,25 @@ def run_hpd(args, method: str) -> dict:
 
     trainer = Trainer(method_config(args, method))
     rss0 = reset_peak_rss()
+    _reset_peak_gpu(args)
     trainer.run()
-    return {"setup_rss_mb": rss0, "peak_rss_mb": peak_rss()}
+    return {"setup_rss_mb": rss0, "peak_rss_mb": peak_rss(), **_peak_gpu(args)}
+
+
+def _reset_peak_gpu(args) -> None:
+    if args.device == "cuda":
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak_gpu(args) -> dict:
+    """Peak allocated GPU memory since `_reset_peak_gpu` (after set-up: models, data), in MiB."""
+    if args.device != "cuda":
+        return {}
+    import torch
+
+    return {"peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20}
 
 
 def run_gkd(args, method: str) -> dict:
@@ -196,15 +215,17 @@ def run_gkd(args, method: str) -> dict:
         warmup_steps=int(round(o.warmup_ratio * args.steps)), seed=cfg.seed, data_seed=cfg.seed,
         lmbda=lmbda, max_new_tokens=cfg.regime.max_new_tokens, max_length=cfg.data.max_length,
         save_strategy="steps", save_steps=max(args.steps // 4, 1), save_only_model=True, save_total_limit=None,
-        logging_steps=max(args.steps // 20, 1), report_to="none", use_cpu=True, bf16=False, fp16=False,
+        logging_steps=max(args.steps // 20, 1), report_to="none", use_cpu=args.device == "cpu",
+        bf16=args.device == "cuda", fp16=False,
         dataloader_num_workers=0, disable_tqdm=True, remove_unused_columns=False,
     )
     trainer = Timed(model=student, teacher_model=teacher, args=targs, data_collator=collate,
                     train_dataset=Dataset.from_dict({"i": stream}), processing_class=tok, callbacks=[StepTimer()])
     trainer._tokens = 0
     rss0 = reset_peak_rss()
+    _reset_peak_gpu(args)
     trainer.train()
-    out = {"setup_rss_mb": rss0, "peak_rss_mb": peak_rss()}
+    out = {"setup_rss_mb": rss0, "peak_rss_mb": peak_rss(), **_peak_gpu(args)}
     steps_log.close()
     trainer.save_model(str(run_dir / "final"))
     return out
@@ -348,6 +369,9 @@ def main() -> None:
                     help="bundled: the demo's teacher and student on the bundled tasks; smollm2: the real-model "
                          "recipe (--config, --data), step time and memory only")
     ap.add_argument("--config", type=Path, default=Path("configs/smollm2-135m-to-10l.yaml"))
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                    help="cuda: both trainers on the GPU in bf16 (teacher weights bf16, student autocast); peak GPU "
+                         "memory is reported too")
     ap.add_argument("--data", type=Path, default=Path("runs/smollm2/teacher_train.jsonl"),
                     help="training file of the smollm2 recipe (benchmarks/smollm2_cpu.sh writes it)")
     args = ap.parse_args()

@@ -8,6 +8,8 @@ A checkpoint is a directory `RUN_DIR/checkpoints/step-00000100/` holding
     rng-rank{r}.json             python and numpy RNG states of process r
     rng-rank{r}.safetensors      torch (and cuda) RNG states of process r
     rollouts-rank{r}.*           with rollout reuse, mid-batch: process r's rollout batch (json + safetensors)
+    shards/rank{r}.*             FSDP runs only, instead of model/ and the optimizer moments: process
+                                 r's slice of the student and of the optimizer state (hpd.distributed)
     config.yaml                  the resolved config of the run
     manifest.json                size and sha256 of every file above, written last
 
@@ -360,9 +362,11 @@ def save_checkpoint(run_dir: Path, step: int, *, rank: int, is_main: bool, barri
     """Write checkpoint `step` atomically; every process calls this.
 
     write_main: called on the main process with the temporary directory to write the model, the
-    trainer state and the config into. Every process writes its own RNG state, and what
-    `write_rank` writes (state of its own, e.g. its buffer of reused rollouts). The manifest is
-    written last, then the directory is renamed into place and older checkpoints are pruned.
+    trainer state and the config into. Every process writes its own RNG state, and calls
+    `write_rank` when given (what it holds of its own: its shard of a sharded model, its buffer of
+    reused rollouts). The manifest is written last (over every process's files: the run directory
+    must be one file system for all of them), then the directory is renamed into place and older
+    checkpoints are pruned.
     """
     root = checkpoint_root(run_dir)
     final = root / f"step-{step:08d}"

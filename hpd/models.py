@@ -352,6 +352,7 @@ def save_model(
     *,
     dtype: str | torch.dtype | None = None,
     card: str | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write `model` (safetensors + config + generation config) and `tokenizer` to `out_dir`
     atomically, loadable by transformers 4.4x-4.5x and 5.x alike (`hpd.portable`).
@@ -359,6 +360,9 @@ def save_model(
     dtype: the weights' dtype on disk (float32/fp32, bfloat16/bf16, float16/fp16); None = the
     model's own. `model` itself is left as it is (a cast copy is written).
     card: the text of the model card, written as `README.md` (`hpd.model_card`).
+
+    state_dict: the weights to write instead of the model's own (the gathered full weights of a
+    model whose parameters are sharded over processes).
 
     Everything is written into a temporary sibling directory first and renamed into place, so a
     crash leaves either the old directory or the new one, never a half-written mix. Returns the
@@ -378,10 +382,17 @@ def save_model(
         # A plain HF directory out, whatever trained inside: the adapters merged into a copy.
         model = copy.deepcopy(model).merge_and_unload()
     model = _without_quantizer(model)
-    if target is not None and model.dtype != target:
+    if state_dict is not None and target is not None:  # gathered weights: cast them, not the (sharded) model
+        state_dict = {k: v.to(target) if v.is_floating_point() else v for k, v in state_dict.items()}
+    elif target is not None and model.dtype != target:
         model = copy.deepcopy(model).to(target)
     try:
-        model.save_pretrained(str(tmp))
+        model.save_pretrained(str(tmp), state_dict=state_dict)
+        if state_dict is not None and target is not None:  # the config names the dtype written
+            cfg_path = tmp / "config.json"
+            config = json.loads(cfg_path.read_text())
+            config["dtype"] = str(target).removeprefix("torch.")
+            cfg_path.write_text(json.dumps(config, indent=2) + "\n")
         if not (tmp / "generation_config.json").is_file():
             # transformers writes it only for models that can generate with non-default settings;
             # tools (vLLM, lm-eval) read eos/pad from it, so every model gets one.

@@ -144,39 +144,55 @@ def build_teacher_cache(teacher: str | os.PathLike, data_files: Sequence[str | o
             shard_starts.append(i)
     shard_bounds = [(s, e) for s, e in zip(shard_starts, shard_starts[1:] + [len(examples)])]
 
-    token = uuid.uuid4().hex[:8]
+    # Under `accelerate launch` process r builds shards r, r + world, ...; the main process writes
+    # the rest once all are done. The teacher's batches never cross a shard, so a shard's bytes do
+    # not depend on how many processes built the cache.
+    procs = _Processes()
+    token = procs.same(uuid.uuid4().hex[:8])
     tmp = out.parent / f".{out.name}.tmp-{token}"
     out.parent.mkdir(parents=True, exist_ok=True)
     id_dtype = np.uint16 if V <= 1 << 16 else np.int32
     try:
-        tmp.mkdir()
+        if procs.is_main:
+            tmp.mkdir()
+        procs.barrier()
         shards = []
         for j, (s, e) in enumerate(shard_bounds):
             d = tmp / f"shard-{j:05d}"
-            d.mkdir()
             P = int(offsets[e] - offsets[s])
-            arrays = {
-                "label_logp": np.lib.format.open_memmap(d / "label_logp.npy", "w+", np.float32, (P,)),
-                "tail_logp": np.lib.format.open_memmap(d / "tail_logp.npy", "w+", np.float32, (P,)),
-                "topk_ids": np.lib.format.open_memmap(d / "topk_ids.npy", "w+", id_dtype, (P, K)),
-                "topk_logp": np.lib.format.open_memmap(d / "topk_logp.npy", "w+", LOGP_DTYPES[dtype], (P, K)),
-            }
+            arrays = None
+            if j % procs.world == procs.rank:
+                d.mkdir()
+                arrays = {
+                    "label_logp": np.lib.format.open_memmap(d / "label_logp.npy", "w+", np.float32, (P,)),
+                    "tail_logp": np.lib.format.open_memmap(d / "tail_logp.npy", "w+", np.float32, (P,)),
+                    "topk_ids": np.lib.format.open_memmap(d / "topk_ids.npy", "w+", id_dtype, (P, K)),
+                    "topk_logp": np.lib.format.open_memmap(d / "topk_logp.npy", "w+", LOGP_DTYPES[dtype], (P, K)),
+                }
             shards.append({"dir": d.name, "first_example": s, "end_example": e, "first_position": int(offsets[s]),
                            "positions": P, "arrays": arrays})
         shard_of = np.zeros(len(examples), dtype=np.int64)
         for j, (s, e) in enumerate(shard_bounds):
             shard_of[s:e] = j
 
-        # Longest first, so batches pad little; every example's rows go where its offsets say.
-        order = sorted(range(len(examples)), key=lambda i: -(len(examples[i].prompt_ids) + len(examples[i].completion_ids)))
+        # This process's shards, each longest first (so batches pad little); every example's rows go
+        # where its offsets say.
+        def length(i: int) -> int:
+            return -(len(examples[i].prompt_ids) + len(examples[i].completion_ids))
+
+        batches = [order[k:k + batch_size] for j, (s, e) in enumerate(shard_bounds) if j % procs.world == procs.rank
+                   for order in [sorted(range(s, e), key=length)] for k in range(0, len(order), batch_size)]
+        mine = sum(e - s for j, (s, e) in enumerate(shard_bounds) if j % procs.world == procs.rank)
         pad_id = tokenizer.pad_token_id
-        # On stderr, with an ETA (hpd.progress); quiet when log is None.
-        progress = Progress(len(examples), "cache-teacher", unit="sequence", enabled=log is not None)
+        # On stderr, with an ETA (hpd.progress), on the main process (its share of the shards); quiet
+        # when log is None.
+        progress = Progress(mine, "cache-teacher" + (f" (process 0 of {procs.world})" if procs.world > 1 else ""),
+                            unit="sequence", enabled=log is not None and procs.is_main)
         with torch.inference_mode(), progress:
-            for start in range(0, len(order), batch_size):
-                idx = [i for i in order[start:start + batch_size] if counts[i] > 0]
+            for batch_ids in batches:
+                idx = [i for i in batch_ids if counts[i] > 0]
                 if not idx:
-                    progress.update(len(order[start:start + batch_size]))
+                    progress.update(len(batch_ids))
                     continue
                 batch = build_batch([examples[i].prompt_ids for i in idx], [examples[i].completion_ids for i in idx],
                                     pad_id=pad_id)
@@ -211,10 +227,14 @@ def build_teacher_cache(teacher: str | os.PathLike, data_files: Sequence[str | o
                     a["topk_ids"][lo:lo + n] = ids[at:at + n].astype(id_dtype)
                     a["topk_logp"][lo:lo + n] = lp[at:at + n].astype(LOGP_DTYPES[dtype])
                     at += n
-                progress.update(len(order[start:start + batch_size]))
+                progress.update(len(batch_ids))
         for sh in shards:
-            for arr in sh.pop("arrays").values():
+            arrays = sh.pop("arrays")
+            for arr in (arrays or {}).values():
                 arr.flush()
+        procs.barrier()
+        if not procs.is_main:
+            return out
         np.save(tmp / "offsets.npy", offsets)
         np.save(tmp / "hashes.npy", hashes)
         np.save(tmp / "starts.npy", np.asarray([s for s, _ in spans], dtype=np.int64))
@@ -243,13 +263,42 @@ def build_teacher_cache(teacher: str | os.PathLike, data_files: Sequence[str | o
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
         replace_dir(tmp, out)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if procs.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        procs.barrier()  # the others return once the cache is in place
     if log is not None:
         log(f"teacher cache: {len(examples)} sequences, {total} positions, top-{K}, "
             f"{manifest['bytes_per_token']} bytes per token ({data_bytes / 2**20:.1f} MiB) in "
             f"{manifest['build_seconds']:.1f} s -> {out}")
     return out
+
+
+class _Processes:
+    """This process among those `accelerate launch` / torchrun started (one alone otherwise)."""
+
+    def __init__(self):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank, self.state = 0, None
+        if self.world > 1:
+            from accelerate import PartialState
+
+            self.state = PartialState(cpu=not torch.cuda.is_available())
+            self.rank, self.world = self.state.process_index, self.state.num_processes
+        self.is_main = self.rank == 0
+
+    def barrier(self) -> None:
+        if self.state is not None:
+            self.state.wait_for_everyone()
+
+    def same(self, value: Any) -> Any:
+        """The main process's `value`, on every process."""
+        if self.state is None:
+            return value
+        from accelerate.utils import broadcast_object_list
+
+        return broadcast_object_list([value])[0]
 
 
 # --------------------------------------------------------------------------------------------

@@ -45,11 +45,14 @@ from torch import nn
 
 from hpd.batches import MicroBatch, make_batch
 from hpd.checkpoint import (
-    STATE, clean_leftovers, latest_checkpoint, load_rng_state, load_state, load_student_weights, load_trainer_state,
-    resolve_resume, save_checkpoint, save_state, space_error,
+    STATE, clean_leftovers, latest_checkpoint, load_rng_state, load_student_weights, load_trainer_state, resolve_resume,
+    load_state, save_checkpoint, save_state, space_error,
 )
 from hpd.config import Config, config_to_dict, load_config, save_config
 from hpd.data import EncodedExample, EpochSampler, encode_file, encode_self_distillation, load_examples
+from hpd.distributed import (
+    check_supported, is_fsdp, load_local_state, local_numel, local_state, make_accelerator, place_teacher, shard_name,
+)
 from hpd.errors import HPDError
 from hpd.model_card import model_card
 from hpd.hub import resolve_model_path
@@ -94,6 +97,13 @@ class DistillationLoss(nn.Module):
         self.chunk_size = chunk_size
         self.vocab_size = vocab_size
         self.clip = clip
+
+    @property
+    def _no_split_modules(self) -> list[str] | None:
+        """The student's decoder layer classes: FSDP's transformer auto-wrap shards each on its own
+        (without this it finds none and wraps the whole run as one unit: no sharding)."""
+        names = getattr(self.student, "_no_split_modules", None)
+        return sorted(names) if names else None
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, teacher: Any, *,
                 num_tokens: torch.Tensor, generator: torch.Generator | None, diagnostics: bool,
@@ -382,8 +392,6 @@ class Trainer:
     """Holds the run's state; `run()` trains to `max_steps`. Use `train(cfg)`."""
 
     def __init__(self, cfg: Config):
-        from accelerate import Accelerator
-
         from transformers.utils import logging as hf_logging
 
         self.cfg = cfg.validate()
@@ -391,11 +399,9 @@ class Trainer:
         # log.report_to / log.tensorboard: a tracker whose package is missing fails here, before anything is written.
         self.trackers = resolve_trackers(cfg.log.report_to, cfg.log.tensorboard)
         self._trackers_started = False
-        # Without a GPU, cpu=True is what makes accelerate use torch.distributed (gloo) across the
-        # processes that `accelerate launch` started; otherwise each would train alone.
-        self.acc = Accelerator(mixed_precision=resolve_mixed_precision(cfg.optim.mixed_precision),
-                               cpu=not torch.cuda.is_available(),
-                               log_with=make_trackers(self.trackers, Path(cfg.output_dir)) or None)
+        self.acc = make_accelerator(resolve_mixed_precision(cfg.optim.mixed_precision),
+                                    log_with=make_trackers(self.trackers, Path(cfg.output_dir)) or None)
+        self.fsdp = is_fsdp(self.acc)
         self.is_main = self.acc.is_main_process
         self.rank, self.world = self.acc.process_index, self.acc.num_processes
         self.run_dir = Path(cfg.output_dir)
@@ -467,7 +473,10 @@ class Trainer:
         self.pad_id = self.tokenizer.pad_token_id
 
         device = self.acc.device
-        self.teacher = teacher.to(device) if teacher is not None else None
+        check_supported(cfg, self.acc.distributed_type)
+        r = cfg.regime
+        self.teacher = place_teacher(teacher, self.acc, log=self.log, sampled_by_main=r.name == "teacher" or (
+            r.name == "mixed" and r.off_policy == "teacher"))
         self.student = student
         r = cfg.regime
         # Rollout reuse: one rollout batch feeds minibatches x epochs optimizer steps (None: a fresh
@@ -478,10 +487,6 @@ class Trainer:
                                        clip=RatioClip(r.clip_low, r.clip_high, r.dual_clip) if self.reuse else None)
         optimizer, self.scheduler = make_optimizer(cfg, student)
         self.module, self.optimizer = self.acc.prepare(self.module, optimizer)
-        if self.self_distill and cfg.opsd.teacher_weights != "live" and "FSDP" in str(self.acc.distributed_type):
-            raise HPDError(f"regime.name=self with opsd.teacher_weights={cfg.opsd.teacher_weights} swaps the teacher's "
-                           "weights into the student, which FSDP's sharded parameters do not allow: use DDP or "
-                           "DeepSpeed, or opsd.teacher_weights=live")
         # The one place that knows the kinds of teacher: the step below only asks the source.
         self.teacher_source: TeacherSource | None = None
         if self.cache is not None:
@@ -646,15 +651,25 @@ class Trainer:
 
     # ---- checkpoints ----
 
+    def _student_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The student's full weights on the main process (gathered from every process under FSDP:
+        all of them call this), None elsewhere."""
+        sd = self.acc.get_state_dict(self.module)
+        return {k[len("student."):]: v for k, v in sd.items() if k.startswith("student.")} if sd is not None else None
+
     def save(self) -> Path:
         cfg = self.cfg
-        sd = self.acc.get_state_dict(self.module)  # gathers FSDP shards
-        student_sd = {k[len("student."):]: v for k, v in sd.items() if k.startswith("student.")} if sd is not None else None
+        # Under FSDP each process writes its own slice of the student and of the optimizer state
+        # (nothing is gathered); otherwise the main process writes the whole student and optimizer.
+        student_sd = None if self.fsdp else self._student_state_dict()
 
         def write_main(tmp: Path) -> None:
-            self.unwrapped.save_pretrained(str(tmp / "model"), state_dict=student_sd)
-            self.tokenizer.save_pretrained(str(tmp / "model"))
-            save_state({"step": self.step, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            if not self.fsdp:
+                self.unwrapped.save_pretrained(str(tmp / "model"), state_dict=student_sd)
+                self.tokenizer.save_pretrained(str(tmp / "model"))
+            save_state({"step": self.step, "sharded": self.fsdp,
+                        "optimizer": None if self.fsdp else self.optimizer.state_dict(),
+                        "scheduler": self.scheduler.state_dict(),
                         "sampler": self.sampler.state_dict(), "bad_in_row": self.bad_in_row, "world": self.world,
                         "totals": self.totals,
                         # The teacher source's state (the EMA of an OPSD teacher), under its historic key.
@@ -664,7 +679,10 @@ class Trainer:
 
         rollouts = self._rollouts_state()
 
-        def write_rank(tmp: Path) -> None:
+        def write_rank(tmp: Path) -> None:  # what each process writes of its own
+            if self.fsdp:
+                (tmp / shard_name(self.rank)).parent.mkdir(exist_ok=True)
+                save_state(local_state(self.unwrapped, self.optimizer), tmp, shard_name(self.rank))
             if rollouts is not None:
                 save_state(rollouts, tmp, f"rollouts-rank{self.rank}")
 
@@ -692,8 +710,19 @@ class Trainer:
         if state.get("world", 1) != self.world:
             raise HPDError(f"checkpoint {ckpt} was written by {state.get('world')} processes, this run has {self.world}: "
                            "resume with the same number of processes")
-        load_student_weights(self.unwrapped, ckpt)
-        self.optimizer.load_state_dict(state["optimizer"])
+        if bool(state.get("sharded", False)) != self.fsdp:
+            raise HPDError(f"checkpoint {ckpt} was written {'with' if state.get('sharded') else 'without'} FSDP and this "
+                           f"run is {'' if self.fsdp else 'not '}under FSDP: resume with the accelerate config it was "
+                           "saved with")
+        if self.fsdp:
+            shard = ckpt / f"{shard_name(self.rank)}.json"
+            if not shard.is_file():
+                raise HPDError(f"checkpoint {ckpt} has no shard for process {self.rank} ({shard}): resume with the "
+                               "number of processes it was saved with")
+            load_local_state(self.unwrapped, self.optimizer, load_state(ckpt, shard_name(self.rank)), ckpt)
+        else:
+            load_student_weights(self.unwrapped, ckpt)
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if any(k == "max_steps" or k.startswith("optim.") for k in self._resume_changes):
             self._apply_optim_config()
@@ -737,6 +766,8 @@ class Trainer:
         self.module.eval()
         bs = cfg.optim.batch_size
         ids = list(range(len(self.eval_data)))[self.rank::self.world][: bs * cfg.log.eval_batches]
+        if self.fsdp:  # every forward gathers weights from all processes: the same number of batches on each
+            ids = ids[: len(self.eval_data) // self.world]
         shard = [self.eval_data[i] for i in ids]
         outputs, loss_sum = [], 0.0
         batches = [self._examples_batch(shard[i:i + bs], ids[i:i + bs], "eval") for i in range(0, len(shard), bs)]
@@ -794,10 +825,12 @@ class Trainer:
             metrics_log.write(record_history(self.run_dir, self.resume_from, self.step, self._resume_changes,
                                              self._schedule_note))
         if self.resume_from is None:
-            metrics_log.write({"type": "info", "step": 0, "world_size": self.world, **self.data_info,
+            metrics_log.write({"type": "info", "step": 0, "world_size": self.world, "fsdp": self.fsdp, **self.data_info,
                                "student_parameters": sum(p.numel() for p in self.unwrapped.parameters()),
                                "teacher_parameters": self.teacher_source.parameters if self.teacher_source else 0,
-                               "trainable_parameters": sum(p.numel() for p in self.unwrapped.parameters() if p.requires_grad)})
+                               "trainable_parameters": sum(p.numel() for p in self.unwrapped.parameters() if p.requires_grad),
+                               # What this (the main) process holds: 1/world of each sharded tensor under FSDP.
+                               "student_parameters_local": local_numel(self.unwrapped)})
         self.log(f"training {cfg.objective.name} ({cfg.regime.name} regime) for {cfg.max_steps} steps; "
                  f"{len(self.train_data)} training examples; run dir {self.run_dir}")
         skipped = self.data_info.get("train_skipped", 0) + self.data_info.get("eval_skipped", 0)
@@ -826,9 +859,11 @@ class Trainer:
         if final_eval is not None:
             metrics_log.write({"type": "eval", "step": self.step, **final_eval})
         self._save_unless_diverging(final=True)
+        # Under FSDP the weights are gathered (every process takes part) into a plain HF directory.
+        final_sd = self._student_state_dict() if self.fsdp else None
         if self.is_main:
             save_model(self.unwrapped, self.tokenizer, self.run_dir / "final", dtype=cfg.save.dtype,
-                       card=model_card(cfg, steps=self.step, eval_metrics=final_eval))
+                       card=model_card(cfg, steps=self.step, eval_metrics=final_eval), state_dict=final_sd)
         acc.wait_for_everyone()
         self.log(f"done: student at {self.run_dir / 'final'}, metrics in {self.run_dir / 'metrics.jsonl'}")
         return self.run_dir

@@ -484,13 +484,17 @@ def cache_teacher_cmd(
     vocab_size: Optional[int] = typer.Option(None, "--vocab-size", metavar="V", min=1,
                                              help="Vocabulary to normalize over [default: the teacher's LM-head rows]."),
     batch_size: int = typer.Option(16, "--batch-size", metavar="B", min=1, help="Sequences per teacher forward."),
+    shard_positions: int = typer.Option(1 << 22, "--shard-positions", metavar="N", min=1,
+                                        help="Positions per shard file; under accelerate launch the processes build "
+                                             "the shards in turn, so use at least one shard per process."),
     force: bool = typer.Option(False, "--force", help="Replace CACHE if it exists."),
 ) -> None:
     """Run the teacher once over the training sequences and store what training reads of it.
 
     Per response position: the teacher's log-probability of the sequence token and its top-K tokens
     with their log-probabilities, in memory-mapped shards. Train with teacher.cache=CACHE (the
-    teacher is then never loaded); the run's sequences must be in the cache.
+    teacher is then never loaded); the run's sequences must be in the cache. Under `accelerate
+    launch` each process builds its share of the shards: the same bytes as one process.
     """
     with _user_errors():
         from hpd.config import load_config
@@ -508,6 +512,7 @@ def cache_teacher_cmd(
         path = build_teacher_cache(teacher, files, out, top_k=top_k, data=cfg.data,
                                    temperature=temperature if temperature is not None else cfg.objective.temperature,
                                    dtype=dtype, vocab_size=vocab_size, batch_size=batch_size, overwrite=force,
+                                   shard_positions=shard_positions,
                                    teacher_dtype=cfg.teacher.dtype, trust_remote_code=cfg.teacher.trust_remote_code,
                                    log=lambda m: typer.echo(m, err=True))
         typer.echo(str(path))
