@@ -12,7 +12,10 @@ the output before a change and compare after it:
 `--only NAME ...` runs some cases. Runs on one torch thread; about 15 s on a CPU.
 
 `scripts/regime_fingerprints.expected.txt` is the output recorded on main e36be8b (torch 2.13,
-CPU) before the refactor of issue 14, and checked after each of its steps. Bitwise results depend
+CPU) before the refactor of issue 14, and checked after each of its steps; re-recorded after the
+merge of issue 17, whose two new fields of the metrics' info line (`fsdp`,
+`student_parameters_local`) changed the metrics hashes only (every weight hash, and the metrics
+hashes without those two fields, were unchanged). Bitwise results depend
 on the torch build and the hardware: on another machine, record a "before" there.
 """
 
