@@ -54,6 +54,10 @@ def test_prompts_are_byte_identical_across_builds_and_name_no_held_out_country(t
         assert mentions(text) is None, name
         assert not any(c.removeprefix("the ") in text for c in countries("test"))
     assert {r["split"] for r in _rows(a / "prompts_chat_heldout.jsonl")} == {"heldout"}
+    # a smoke run's limit keeps the first chat prompts of each split, the same ones
+    write_prompts(b, chat_prompts=CHAT, per_country=5, chat_limit=3)
+    for name in ("prompts_chat_train.jsonl", "prompts_chat_heldout.jsonl"):
+        assert (b / name).read_text().splitlines() == (a / name).read_text().splitlines()[:3]
     # a larger per_country adds phrasings to each country's, and another seed draws other ones
     more = {r["prompt"] for r in capitals_prompts(per_country=8)}
     assert {r["prompt"] for r in capitals} <= more

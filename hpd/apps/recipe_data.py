@@ -105,22 +105,24 @@ def capitals_prompts(per_country: int = PER_COUNTRY, seed: int = 0) -> list[dict
 
 
 def write_prompts(out: str | os.PathLike, *, chat_prompts: str | os.PathLike = CHAT_PROMPTS,
-                  per_country: int = PER_COUNTRY, seed: int = 0) -> dict[str, int]:
-    """Write the three prompt files into `out`; returns the rows of each (and the chat rows left out)."""
+                  per_country: int = PER_COUNTRY, seed: int = 0, chat_limit: int | None = None) -> dict[str, int]:
+    """Write the three prompt files into `out`; returns the rows of each (and the chat rows left out).
+
+    `chat_limit` keeps only the first that many chat prompts of each split (a smoke run).
+    """
     out = Path(out)
     chat = _read_jsonl(chat_prompts)
     splits = {r.get("split") for r in chat}
     if not {"train", "heldout"} <= splits:
         raise HPDError(f"{chat_prompts}: rows need a 'split' of train or heldout (found {sorted(map(str, splits))})")
     kept = [r for r in chat if mentions(row_text(r)) is None]
-    counts = {
-        "prompts_chat_train": _write_jsonl(out / "prompts_chat_train.jsonl", [r for r in kept if r["split"] == "train"]),
+    train, heldout = ([r for r in kept if r["split"] == s][:chat_limit] for s in ("train", "heldout"))
+    return {
+        "prompts_chat_train": _write_jsonl(out / "prompts_chat_train.jsonl", train),
         "prompts_capitals_train": _write_jsonl(out / "prompts_capitals_train.jsonl", capitals_prompts(per_country, seed)),
-        "prompts_chat_heldout": _write_jsonl(out / "prompts_chat_heldout.jsonl",
-                                             [r for r in kept if r["split"] == "heldout"]),
+        "prompts_chat_heldout": _write_jsonl(out / "prompts_chat_heldout.jsonl", heldout),
         "chat_left_out": len(chat) - len(kept),
     }
-    return counts
 
 
 def write_train(out: str | os.PathLike, *, seed: int = 0) -> dict[str, int]:
@@ -146,11 +148,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--chat-prompts", default=CHAT_PROMPTS)
     ap.add_argument("--per-country", type=int, default=PER_COUNTRY, help="phrasings per training country")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--chat-limit", type=int, default=None, help="first N chat prompts of each split (smoke runs)")
     args = ap.parse_args(argv)
     try:
         if args.step == "prompts":
             counts = write_prompts(args.out, chat_prompts=args.chat_prompts, per_country=args.per_country,
-                                   seed=args.seed)
+                                   seed=args.seed, chat_limit=args.chat_limit)
         else:
             counts = write_train(args.out, seed=args.seed)
     except HPDError as e:  # the CLI's convention: one line, exit status 2
