@@ -376,11 +376,11 @@ def test_items_fit_a_tiny_byte_model():
 
 
 def test_capitals_references_pass_and_wrong_or_echoed_answers_fail():
-    from hpd.tasks.capitals import CAPITALS
+    from hpd.tasks.capitals import CAPITALS, country_split
 
     task = get_task("capitals")
     items = task.generate("test", 60, seed=0)
-    assert len({i.prompt for i in items}) == 60 and all(split_of(i.prompt) == "test" for i in items)
+    assert len({i.prompt for i in items}) == 60 and all(country_split(i.meta["country"]) == "test" for i in items)
     assert task.verify_batch(items, [i.reference for i in items]) == [True] * 60
     for item in items:
         other = next(c for c in CAPITALS.values() if c != item.answer)
@@ -392,7 +392,7 @@ def test_capitals_references_pass_and_wrong_or_echoed_answers_fail():
 
 
 def test_capitals_aliases_and_no_country_contains_its_capital():
-    from hpd.tasks.capitals import CAPITALS, first_capital
+    from hpd.tasks.capitals import CAPITALS, TEMPLATES, first_capital
 
     task = get_task("capitals")
     kyiv = next(i for i in task.generate("train", 300, seed=0) + task.generate("test", 60, seed=0)
@@ -400,4 +400,48 @@ def test_capitals_aliases_and_no_country_contains_its_capital():
     assert task.verify(kyiv, "Kiev is the capital.")
     assert first_capital("Parisian food") is None  # whole words only
     # no question names a capital by itself (Tunisia does not count as Tunis), so echoes fail
-    assert all(first_capital(f"What is the capital of {country}?") is None for country in CAPITALS)
+    assert all(first_capital(t.format(c=country)) is None for country in CAPITALS for t in TEMPLATES)
+
+
+# The held-out countries, pinned: the split is a hash of the country's name, the same on every
+# machine and run; a change here moves countries between training and evaluation.
+HELD_OUT_COUNTRIES = [
+    "Albania", "Algeria", "Angola", "Armenia", "Bangladesh", "Cambodia", "Cameroon", "China", "Cuba",
+    "Czech Republic", "Ecuador", "Estonia", "Iran", "Ireland", "Libya", "Malaysia", "New Zealand", "Nigeria",
+    "Switzerland", "Turkey", "Venezuela", "Vietnam", "the United States",
+]
+
+
+def test_capitals_split_is_by_country_and_stable():
+    from hpd.tasks.capitals import CAPITALS, TEMPLATES, countries, country_split, questions
+
+    assert countries("test") == HELD_OUT_COUNTRIES
+    assert sorted(countries("train") + countries("test")) == sorted(CAPITALS)
+    assert country_split("Netherlands") == country_split("the Netherlands") == "train"  # with or without "the"
+    task = get_task("capitals")
+    # the whole prompt space of each split: every phrasing of every country of the split, nothing else
+    test = task.generate("test", len(HELD_OUT_COUNTRIES) * len(TEMPLATES), seed=0)
+    train = task.generate("train", len(countries("train")) * len(TEMPLATES), seed=1)
+    assert {i.prompt for i in test} == {q.prompt for c in HELD_OUT_COUNTRIES for q in questions(c)}
+    assert {i.prompt for i in train} == {q.prompt for c in countries("train") for q in questions(c)}
+    with pytest.raises(HPDError, match="found only"):
+        task.generate("test", len(test) + 1, seed=0)  # a held-out country never turns up in another phrasing
+    assert len(TEMPLATES) >= 12 and len(set(TEMPLATES)) == len(TEMPLATES)
+    with pytest.raises(HPDError, match="unknown country"):
+        country_split("Atlantis")
+
+
+def test_capitals_training_questions_never_name_a_held_out_country():
+    from hpd.tasks.capitals import CAPITALS, ALIASES, countries, country_name, mentions
+
+    held_out = {country_name(c) for c in HELD_OUT_COUNTRIES} | {CAPITALS[c] for c in HELD_OUT_COUNTRIES}
+    held_out |= {a for c in HELD_OUT_COUNTRIES for a in ALIASES.get(CAPITALS[c], ())}
+    train = get_task("capitals").generate("train", len(countries("train")) * 12, seed=0)
+    for item in train:
+        assert not any(re.search(rf"\b{re.escape(n)}\b", item.prompt, re.I) for n in held_out), item.prompt
+        assert mentions(item.prompt + " " + item.reference) is None
+    # the check itself sees held-out names anywhere in a text, in any case, and only whole words
+    assert mentions("Tell me about the capital of the United States.") == "United States"
+    assert mentions("i flew to HAVANA last year") == "HAVANA"
+    assert mentions("Irelandish Chinatown") is None
+    assert mentions("Paris, the capital of France") is None

@@ -3,8 +3,10 @@
 A task draws problems from a seeded `random.Random` (`Task.sample`); `Task.generate` turns draws
 into a split: each candidate goes to `train`, `val` (10% of prompts, for choosing hyperparameters;
 a task with a small prompt space may have none) or `test` (20%) by a hash of its prompt (so the
-splits can never share a prompt, whatever the seeds), duplicates are dropped, and the same
-`(split, n, seed)` always gives the same list (and a shorter list is a prefix of a longer one).
+splits can never share a prompt, whatever the seeds; a task may split by something coarser that
+its prompts name, `Task.split_of_item`: `capitals` splits by country), duplicates are dropped, and
+the same `(split, n, seed)` always gives the same list (and a shorter list is a prefix of a longer
+one).
 `Task.verify` scores one completion; `Task.verify_batch` scores many (the code task runs them in
 parallel sandboxes).
 
@@ -90,6 +92,10 @@ class Task(ABC):
     def verify(self, item: TaskItem, completion: str) -> bool:
         """Whether `completion` solves `item`."""
 
+    def split_of_item(self, item: TaskItem) -> str:
+        """The split `item` belongs to: by a hash of its prompt (`split_of`) unless a task says otherwise."""
+        return split_of(item.prompt, self.val_fraction)
+
     def verify_batch(self, items: Sequence[TaskItem], completions: Sequence[str]) -> list[bool]:
         """Score many completions; the result is in input order."""
         if len(items) != len(completions):
@@ -125,7 +131,7 @@ class Task(ABC):
                     "(e.g. more steps or more kinds)"
                 )
             item = self.sample(rng)
-            if item.prompt in seen or split_of(item.prompt, self.val_fraction) != split:
+            if item.prompt in seen or self.split_of_item(item) != split:
                 misses += 1
                 continue
             misses = 0

@@ -7,11 +7,19 @@ open). A completion is correct when the first capital city of the task's table t
 a whole word) is the right one, so echoing the question or listing every capital does not pass.
 Countries whose name is their capital's (Mexico, Panama, ...) are left out for the same reason.
 
+The split is by COUNTRY, not by prompt: a country is held out (`test`) or not by a hash of its
+name (`country_split`), and every phrasing of a question about it goes with it, so a model trained
+on `train` questions has never been asked about a `test` country in any wording (about a fifth of
+the countries: `countries("test")`). `questions(country)` gives its question in each of the
+`TEMPLATES` phrasings.
+
     >>> from hpd.apps.tasks import get_task
     >>> task = get_task("capitals")
     >>> item = task.generate("test", 1, seed=0)[0]
     >>> item.prompt, item.answer  # doctest: +SKIP
-    ('What is the capital of Kenya?', 'Nairobi')
+    ('What is the capital of Cuba?', 'Havana')
+    >>> country_split(item.meta["country"])
+    'test'
     >>> task.verify(item, f"The capital is {item.answer}.")
     True
     >>> task.verify(item, "I am not sure, maybe Paris or " + item.answer)
@@ -20,11 +28,13 @@ Countries whose name is their capital's (Mexico, Panama, ...) are left out for t
 
 from __future__ import annotations
 
+import functools
 import random
 import re
 from typing import Any
 
-from hpd.apps.tasks.base import Task, TaskItem
+from hpd.errors import HPDError
+from hpd.apps.tasks.base import Task, TaskItem, split_of
 
 # country -> capital (single, unambiguous official capitals; names as commonly written in English)
 CAPITALS: dict[str, str] = {
@@ -61,11 +71,21 @@ ALIASES: dict[str, tuple[str, ...]] = {
     "Washington": ("Washington, D.C.", "Washington DC"), "Beijing": ("Peking",),
 }
 
+# The phrasings of a question ({c}: the country as in the table). None names a capital city, and
+# none starts with the country (whose table name may start with a lower-case "the").
 TEMPLATES: tuple[str, ...] = (
     "What is the capital of {c}?",
     "Which city is the capital of {c}?",
     "Name the capital city of {c}.",
     "What city is the capital of {c}?",
+    "What's the capital city of {c}?",
+    "Tell me the capital of {c}.",
+    "Do you know the capital of {c}?",
+    "Which city serves as the capital of {c}?",
+    "Capital of {c}?",
+    "Quick geography question: what is the capital of {c}?",
+    "I'm curious: which city is the capital of {c}?",
+    "In a few words, what is the capital of {c}?",
 )
 
 
@@ -75,6 +95,56 @@ def _pattern(city: str) -> re.Pattern[str]:
 
 
 _PATTERNS: dict[str, re.Pattern[str]] = {city: _pattern(city) for city in CAPITALS.values()}
+
+
+def country_name(country: str) -> str:
+    """The country as a sentence names it mid-sentence, without a leading "the" ("Netherlands")."""
+    return country[4:] if country.startswith("the ") else country
+
+
+def country_split(country: str) -> str:
+    """"test" (held out) or "train": a hash of the country's name (`split_of`, no `val` split).
+
+    `country` is a key of `CAPITALS` or the same without its leading "the".
+    """
+    table = country if country in CAPITALS else f"the {country}"
+    if table not in CAPITALS:
+        raise HPDError(f"capitals: unknown country {country!r}: use a key of hpd.apps.tasks.capitals.CAPITALS")
+    return split_of(table, val_fraction=0.0)
+
+
+def countries(split: str) -> list[str]:
+    """The countries (keys of `CAPITALS`, sorted) whose questions belong to `split` ("train" or "test")."""
+    if split not in ("train", "test"):
+        raise HPDError(f"capitals has the splits train and test (no val), not {split!r}")
+    return [c for c in sorted(CAPITALS) if country_split(c) == split]
+
+
+@functools.cache
+def _split_names(split: str) -> re.Pattern[str]:
+    names = {n for c in countries(split) for n in (country_name(c), CAPITALS[c], *ALIASES.get(CAPITALS[c], ()))}
+    alternatives = "|".join(re.escape(n) for n in sorted(names, key=lambda n: (-len(n), n)))
+    return re.compile(r"\b(?:" + alternatives + r")\b", re.IGNORECASE)
+
+
+def mentions(text: str, split: str = "test") -> str | None:
+    """The first country of `split`, or capital of one, that `text` names (a whole word, any case), or None.
+
+    What keeps held-out countries out of training data: `mentions(row_text)` is None for every row.
+    Conservative: "turkey" the bird counts too.
+    """
+    m = _split_names(split).search(text)
+    return m.group(0) if m else None
+
+
+def questions(country: str) -> list[TaskItem]:
+    """The question about `country` (a key of `CAPITALS`) in every phrasing of `TEMPLATES`, in order."""
+    if country not in CAPITALS:
+        raise HPDError(f"capitals: unknown country {country!r}: use a key of hpd.apps.tasks.capitals.CAPITALS")
+    city = CAPITALS[country]
+    meta = {"task": CapitalsTask.name, "country": country_name(country), "capital": city}
+    return [TaskItem(t.format(c=country), f"The capital of {country} is {city}.", city, dict(meta))
+            for t in TEMPLATES]
 
 
 def first_capital(text: str) -> str | None:
@@ -88,7 +158,7 @@ def first_capital(text: str) -> str | None:
 
 
 class CapitalsTask(Task):
-    """Capital cities of ~100 countries, asked in a few phrasings (the split is by prompt)."""
+    """Capital cities of ~100 countries, asked in a dozen phrasings (the split is by country)."""
 
     name = "capitals"
     max_new_tokens = 24
@@ -100,11 +170,11 @@ class CapitalsTask(Task):
 
     def sample(self, rng: random.Random) -> TaskItem:
         country = rng.choice(sorted(CAPITALS))
-        city = CAPITALS[country]
-        prompt = rng.choice(TEMPLATES).format(c=country)
-        name = country[4:] if country.startswith("the ") else country
-        return TaskItem(prompt, f"The capital of {country} is {city}.", city,
-                        {"task": self.name, "country": name, "capital": city})
+        return rng.choice(questions(country))
+
+    def split_of_item(self, item: TaskItem) -> str:
+        # By country, so that every phrasing of a question lands in the same split.
+        return country_split(item.meta["country"])
 
     def verify(self, item: TaskItem, completion: str) -> bool:
         return first_capital(completion) == item.meta["capital"]
