@@ -309,12 +309,15 @@ def main(argv: list[str] | None = None) -> None:
         f"reference in its prompt (the privileged teacher); n={a.n}, greedy. {a.steps} steps of {a.batch} prompts, lr {a.lr:g}, "
         f"rollouts of at most {a.max_new_tokens} tokens at temperature 1; GRPO {a.generations} completions per prompt. "
         f"Seeds {a.seeds} (mean ± std).",
-        "",
-        "| method | accuracy % | 95% CI (pooled) | generated tokens | teacher tokens | train CPU s | "
-        + (f"tokens to reach GRPO's final {100 * target:.1f}% (GRPO / method) | accuracy % at {first_tokens:.0f} tokens |"
-           if target is not None else "|"),
-        "|---|---:|---:|---:|---:|---:|" + ("---:|---:|" if target is not None else ""),
     ]
+    if res:
+        lines += [
+            "",
+            "| method | accuracy % | 95% CI (pooled) | generated tokens | teacher tokens | train CPU s | "
+            + (f"tokens to reach GRPO's final {100 * target:.1f}% (GRPO / method) | accuracy % at {first_tokens:.0f} tokens |"
+               if target is not None else "|"),
+            "|---|---:|---:|---:|---:|---:|" + ("---:|---:|" if target is not None else ""),
+        ]
     for label, runs in res.items():
         row = (f"| {label} | {ms([100 * r['acc'] for r in runs])} | {wilson(sum(r['correct'] for r in runs), sum(r['n'] for r in runs))} "
                f"| {ms([r['tokens'] for r in runs], '{:.0f}')} | {ms([r['teacher'] for r in runs], '{:.0f}')} "
