@@ -46,8 +46,11 @@ METHODS: dict[str, list[str]] = {
 }
 
 
-def write_data(out: Path) -> None:
-    """pretrain.jsonl (base model), train.jsonl ({prompt, reference} pairs) under OUT/data."""
+def write_data(out: Path, n_pretrain: int = N_PRETRAIN, n_train: int = N_TRAIN) -> None:
+    """pretrain.jsonl (base model), train.jsonl ({prompt, reference, answer, meta} rows) under OUT/data.
+
+    `answer` and `meta` are what the math task's verifier reads (the GRPO reward of opsd_vs_grpo.py).
+    """
     from hpd.data import privileged_prompt
     from hpd.apps.tasks import get_task
 
@@ -57,7 +60,7 @@ def write_data(out: Path) -> None:
     data.mkdir(parents=True, exist_ok=True)
     task = get_task(TASK)
     rows = []
-    for i, it in enumerate(task.generate("train", N_PRETRAIN, seed=1)):
+    for i, it in enumerate(task.generate("train", n_pretrain, seed=1)):
         rows.append({"prompt": privileged_prompt(it.prompt, it.reference, TEMPLATE), "completion": it.reference})
         if i % 3 == 0:  # a third also without the reference
             rows.append({"prompt": it.prompt, "completion": it.reference})
@@ -65,8 +68,8 @@ def write_data(out: Path) -> None:
     with open(data / "pretrain.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
     with open(data / "train.jsonl", "w") as f:
-        f.writelines(json.dumps({"prompt": it.prompt, "reference": it.reference}) + "\n"
-                     for it in task.generate("train", N_TRAIN, seed=0))
+        f.writelines(json.dumps({"prompt": it.prompt, "reference": it.reference, "answer": it.answer, "meta": it.meta}) + "\n"
+                     for it in task.generate("train", n_train, seed=0))
 
 
 def accuracy(model_dir: Path | str, *, privileged: bool = False, n: int = N_EVAL) -> dict[str, float]:
@@ -97,10 +100,23 @@ def cached_accuracy(model_dir: Path, key: str, **kw) -> dict[str, float]:
     return json.loads(path.read_text())
 
 
-def run_config(out: Path, label: str, steps: int, extra: list[str], lr: float = 1e-3):
+def build_base(out: Path, overrides: list[str] = ()) -> Path:
+    """Train (or reuse) the base model of `configs/opsd-base.yaml` on OUT/data/pretrain.jsonl; its final/ directory."""
+    from hpd.apps.experiments import run_configs
+
+    cfg = load_config(str(ROOT / "configs" / "opsd-base.yaml"),
+                      [f"output_dir={out / 'base'}", f"data.train={out / 'data' / 'pretrain.jsonl'}", *overrides])
+    run_configs([cfg], jobs=1, labels=["base"], threads_per_job=1)
+    return out / "base" / "final"
+
+
+def run_config(out: Path, label: str, steps: int, extra: list[str], lr: float = 1e-3, *, seed: int = 0,
+               run_dir: Path | None = None):
+    """The hpd config of one method: the common settings (batch 16, constant lr), then `extra`."""
     tag = f"{steps}" if lr == 1e-3 else f"{steps}-lr{lr:g}"
+    run_dir = run_dir or out / "runs" / f"{run_slug(label)}-{tag}"
     common = [
-        f"output_dir={out / 'runs' / f'{run_slug(label)}-{tag}'}", f"max_steps={steps}", "seed=0",
+        f"output_dir={run_dir}", f"max_steps={steps}", f"seed={seed}",
         f"student.path={out / 'base' / 'final'}", "student.dtype=float32", "teacher.path=none",
         f"data.train={out / 'data' / 'train.jsonl'}", "data.max_length=256",
         "opsd.privileged_field=reference", "objective.chunk_size=0",
@@ -132,10 +148,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     from hpd.apps.experiments import read_records, run_configs
 
-    base_cfg = load_config(str(ROOT / "configs" / "opsd-base.yaml"),
-                           [f"output_dir={a.out / 'base'}", f"data.train={a.out / 'data' / 'pretrain.jsonl'}"])
-    run_configs([base_cfg], jobs=1, labels=["base"], threads_per_job=1)
-    base = a.out / "base" / "final"
+    base = build_base(a.out)
     labels = [m for m in a.methods.split(",") if m]
     cfgs = [run_config(a.out, m, a.steps, METHODS[m], a.lr) for m in labels]
     run_configs(cfgs, jobs=1, labels=labels, threads_per_job=1)

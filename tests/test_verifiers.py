@@ -221,3 +221,27 @@ def test_eval_data_errors_exit_2_with_one_line(math_files, tmp_path):
     assert res.exit_code == 2 and "either --task NAME" in res.stderr
     res = invoke("eval", "--model", BUNDLED_TEACHER, "--task", "math", "--verifier", "exact")
     assert res.exit_code == 2 and "go with --data" in res.stderr
+
+
+def test_verifier_reward_scores_plain_and_chat_completions_for_grpo():
+    from hpd.apps.verifiers import TaskVerifier, VerifierReward
+
+    task = get_task("math")
+    items = task.generate("train", 2, seed=0)
+    rows = [task_row(it) for it in items]
+    reward = VerifierReward(TaskVerifier(task))
+    wrong = items[1].reference.replace(f"Answer: {items[1].answer}", f"Answer: {int(items[1].answer) + 1}")
+    chat_right = [{"role": "assistant", "content": items[0].reference}]
+    # TRL's call: every dataset column as a list, one value per completion (here 2 per prompt).
+    cols = {k: [r[k] for r in rows for _ in range(2)] for k in ("answer", "meta", "task")}
+    got = reward(prompts=[r["prompt"] for r in rows for _ in range(2)],
+                 completions=[items[0].reference, chat_right, wrong, [{"role": "assistant", "content": "no idea"}]],
+                 completion_ids=[[1] * 5, [1] * 3, [1] * 7, [1] * 2], **cols)
+    assert got == [1.0, 1.0, 0.0, 0.0]
+    assert reward.generated_tokens == 17
+    assert reward.__name__ == "verifier_task"
+    # a second call adds up; a completion of another kind is refused with one line
+    reward(prompts=[rows[0]["prompt"]], completions=["x"], completion_ids=[[1, 2]], **{k: [rows[0][k]] for k in cols})
+    assert reward.generated_tokens == 19
+    with pytest.raises(HPDError, match="string or a list of chat messages"):
+        reward(prompts=[rows[0]["prompt"]], completions=[42], **{k: [rows[0][k]] for k in cols})

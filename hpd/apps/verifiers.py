@@ -13,6 +13,9 @@ reads):
   verifier, so the bundled tasks are data files plus this verifier;
 - `MODULE:FUNCTION` or `path/to/file.py:FUNCTION`: `FUNCTION(row: dict, completion: str) -> bool`.
 
+`VerifierReward(verifier)` makes one a reward function for TRL's `GRPOTrainer` (1.0 solved, 0.0
+not), reading the dataset's columns as the rows and counting the completion tokens it scores.
+
 Errors are `HPDError`s with one line: an unknown kind (with a did-you-mean), a module that does not
 import, a row without the field a verifier reads, a verifier that raises (naming it and the row).
 
@@ -259,6 +262,52 @@ def _load_function(spec: str) -> Callable[[dict, str], bool]:
     return fn
 
 
+class VerifierReward:
+    """A verifier as a reward function for TRL's `GRPOTrainer`: 1.0 for a solved completion, else 0.0.
+
+    TRL calls `reward(prompts=..., completions=..., completion_ids=..., **columns)`, every dataset
+    column a list with one value per completion; the row of completion i is `{column: values[i]}`
+    (with `prompt`), so the dataset holds what the verifier reads (`answer`, `meta`, ...). A chat
+    completion (a list of `{"role", "content"}` messages) is scored on its assistant text.
+    `generated_tokens` adds up the lengths of the `completion_ids` scored (TRL's sampled tokens).
+
+        >>> r = VerifierReward(get_verifier("exact"))
+        >>> r(prompts=["2+2?", "2+2?"], completions=["Answer: 4", [{"role": "assistant", "content": "Answer: 5"}]],
+        ...   completion_ids=[[1, 2, 3], [4, 5]], answer=["4", "4"])
+        [1.0, 0.0]
+        >>> r.generated_tokens
+        5
+    """
+
+    def __init__(self, verifier: Verifier):
+        self.verifier = verifier
+        self.__name__ = f"verifier_{verifier.name or 'function'}"  # TRL names the logged reward by it
+        self.generated_tokens = 0
+
+    @staticmethod
+    def text_of(completion: Any) -> str:
+        """The text of a plain completion, or of the assistant messages of a chat completion."""
+        if isinstance(completion, str):
+            return completion
+        if isinstance(completion, Sequence) and all(isinstance(m, Mapping) for m in completion):
+            said = [m for m in completion if m.get("role", "assistant") == "assistant"]
+            return "".join(str(m.get("content") or "") for m in said)
+        raise HPDError(f"reward: a completion must be a string or a list of chat messages, not {type(completion).__name__}")
+
+    def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], completion_ids: Sequence[Sequence[int]] | None = None,
+                 **columns: Any) -> list[float]:
+        n = len(completions)
+        rows = []
+        for i in range(n):
+            row = {k: v[i] for k, v in columns.items() if isinstance(v, Sequence) and not isinstance(v, str) and len(v) == n}
+            row.setdefault("prompt", prompts[i] if isinstance(prompts[i], str) else self.text_of(prompts[i]))
+            rows.append(row)
+        verdicts = self.verifier.verify_batch(rows, [self.text_of(c) for c in completions])
+        if completion_ids is not None:
+            self.generated_tokens += sum(len(ids) for ids in completion_ids)
+        return [1.0 if ok else 0.0 for ok in verdicts]
+
+
 def get_verifier(spec: str, *, answer_pattern: str | None = None) -> Verifier:
     """The verifier `spec` names: `exact`, `math`, `task`, or `MODULE:FUNCTION`.
 
@@ -281,4 +330,4 @@ def get_verifier(spec: str, *, answer_pattern: str | None = None) -> Verifier:
 
 
 __all__ = ["DEFAULT_ANSWER_PATTERN", "KINDS", "ExactVerifier", "FunctionVerifier", "MathVerifier", "TaskVerifier",
-           "Verifier", "get_verifier"]
+           "Verifier", "VerifierReward", "get_verifier"]
