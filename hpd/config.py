@@ -243,7 +243,7 @@ def _param_field(users: list[tuple[str, Param]]) -> Any:
     if p.high is not None:
         checks.update(max=p.high, **({"max_exclusive": True} if p.high_open else {}))
     text = "; ".join(f"{name}: {q.help}" if name else q.help for name, q in users)
-    return field_(p.default, text if text.endswith(".") else text + ".", **checks)
+    return field_(int(p.default) if p.integer else p.default, text if text.endswith(".") else text + ".", **checks)
 
 
 def _objective_section() -> type:
@@ -254,7 +254,7 @@ def _objective_section() -> type:
         "hpd", f"Objective: {names}. Or a user's Objective subclass by import path, module:Class "
         "(its parameters take their defaults unless they name one of these fields as Param.key).",
         choices=list(OBJECTIVES), import_path=True))]
-    fields += [(key, float, _param_field(users)) for key, users in config_params().items()]
+    fields += [(key, int if users[0][1].integer else float, _param_field(users)) for key, users in config_params().items()]
     fields.append(("chunk_size", int, field_(
         1024,
         "Positions per chunk of the memory-lean loss, so (B, T, V) logits are never held at once; "

@@ -72,6 +72,7 @@ METHODS: dict[str, tuple[str, list[str]]] = {
     "todi": ("todi", ["objective.ce_weight=1", "objective.kd_weight=0.1"]),
     "abkl": ("abkl", []),
     "hpd": ("hpd", []),
+    "hpdk": ("hpdk", []),  # beyond the paper: HPD plus the teacher's top-8 tokens (docs/objectives.md)
     # not in the default set:
     "jsd": ("jsd", ["objective.beta=0.5"]),
     "skl": ("skl", []),
@@ -79,7 +80,7 @@ METHODS: dict[str, tuple[str, list[str]]] = {
     "todi-pure": ("todi", []),
     "hpd-teacher-data": ("hpd", ["regime.name=teacher"]),
 }
-DEFAULT_METHODS = ["sft", "fkl", "rkl", "gkd", "orkl", "akl", "todi", "abkl", "hpd"]
+DEFAULT_METHODS = ["sft", "fkl", "rkl", "gkd", "orkl", "akl", "todi", "abkl", "hpd", "hpdk"]
 REFERENCE = "hpd"  # every paired difference is taken against this method
 DATA_CONDITIONS = ("gold", "traces", "limited", "longmath")
 # A condition's training settings beyond the student (shared by every start).

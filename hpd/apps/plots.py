@@ -61,7 +61,7 @@ QUANTITIES: dict[str, str] = {
 DYNAMICS: tuple[str, ...] = ("loss", "agreement", "kl", "entropy")
 # Quantities whose meaning is the objective's own: overlaid only across runs of one objective.
 OBJECTIVE_OWN: dict[str, str] = {"loss": "loss (the objective's surrogate)", "value": "objective value"}
-# The objective's diagnostics (HPD's, and the cache's), one panel each; `_band` keys are drawn as
+# The objective's diagnostics (HPD's, hpdk's and the cache's), one panel each; `_band` keys are drawn as
 # a shaded min..max band around their mean.
 DIAGNOSTICS: dict[str, str] = {
     "frac_A": "frac_A: tokens in set A (teacher above student)",
@@ -71,6 +71,8 @@ DIAGNOSTICS: dict[str, str] = {
     "frac_sample_outside_topk": "frac of samples outside the cached top-K",
     "r_mean": "r = q(y) (log p(y) - log q(y)), y: sequence token",
     "r_hat_mean": "r_hat: the same at the student's sample",
+    "frac_teacher_top1_is_y": "hpdk: frac of positions where y is the teacher's top-1",
+    "topk_push": "hpdk: positive top-k weight per position",
 }
 _BAND = {"r_mean": ("r_min", "r_max"), "r_hat_mean": ("r_hat_min", "r_hat_max")}
 _KINDS = ("train", "eval")

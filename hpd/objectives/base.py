@@ -83,6 +83,7 @@ class Param:
     this default, range and help; `key` names that field when it is not the parameter's own name
     (e.g. ToDi's `beta` is `objective.todi_beta`, as jsd's `beta` is `objective.beta`).
     Objectives that declare the same field must declare the same default and range.
+    `integer` parameters (a count, e.g. hpdk's `topk`) take whole numbers only (an `int` config field).
     """
 
     default: float
@@ -92,14 +93,15 @@ class Param:
     low_open: bool = False
     high_open: bool = False
     key: str | None = None
+    integer: bool = False
 
     def field_name(self, name: str) -> str:
         """The config field (under `objective.`) that holds this parameter, declared as `name`."""
         return self.key or name
 
     def same_range(self, other: Param) -> bool:
-        return (self.default, self.low, self.high, self.low_open, self.high_open) == (
-            other.default, other.low, other.high, other.low_open, other.high_open)
+        return (self.default, self.low, self.high, self.low_open, self.high_open, self.integer) == (
+            other.default, other.low, other.high, other.low_open, other.high_open, other.integer)
 
     def describe(self) -> str:
         lo = "-inf" if self.low is None else f"{self.low:g}"
@@ -120,6 +122,8 @@ class Param:
             ok = value < self.high if self.high_open else value <= self.high
         if not ok:
             raise HPDError(f"objective '{objective}': {name}={value:g} is out of range; allowed: {self.describe()} ({self.help})")
+        if self.integer and value != int(value):
+            raise HPDError(f"objective '{objective}': {name}={value:g} must be a whole number in {self.describe()} ({self.help})")
         return value
 
 
@@ -186,6 +190,25 @@ class TeacherChunk:
         K = self.num_topk
         logp = torch.cat([upcast(self.logp[:, -K:]), upcast(self.tail)[:, None]], 1)
         return self.tokens[:, -K:], torch.log_softmax(logp, -1)
+
+    def top(self, k: int, objective: str) -> tuple[Tensor, Tensor]:
+        """The teacher's `k` most probable tokens, most probable first: ids and log-probabilities, each `(C, k')`.
+
+        `k' = min(k, V)` for a full teacher; a top-K teacher gives the first `min(k, num_topk)` of
+        its top-K (as stored). A teacher gathered at a few tokens cannot say which tokens they are.
+        """
+        if self.is_full:
+            logp, ids = self.logp, None
+        elif self.is_topk:
+            logp, ids = self.logp[:, -self.num_topk:], self.tokens[:, -self.num_topk:]
+        else:
+            raise HPDError(
+                f"objective '{objective}' reads the teacher's {k} most probable tokens, but the teacher was given as "
+                "log-probabilities gathered at a few tokens; pass teacher logits (B, T, V), a HeadTeacher, or a teacher "
+                "cache built with top-K log-probabilities (hpd cache-teacher --top-k K)"
+            )
+        values, idx = logp.topk(min(k, logp.shape[1]), 1)
+        return (idx if ids is None else ids.gather(1, idx)), values
 
     def outside_topk(self, tokens: Tensor) -> Tensor:
         """`(C,)` bool: `tokens (C,)` is not among the teacher's top-K (top-K teachers only)."""

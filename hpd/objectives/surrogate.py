@@ -132,8 +132,9 @@ class TopKTeacher(TeacherView):
 
     One-hot objectives (`sft`, `orkl`) are exact; `hpd` reads the teacher at its sample `y_hat`
     from the top-K, else estimates it as `tail - log(V - K)` (the tail mass spread evenly) and logs
-    `frac_sample_outside_topk`; full-vocabulary objectives work over the K top tokens plus one tail
-    bucket. With K = V the teacher is complete and every objective is exact.
+    `frac_sample_outside_topk`; `hpdk` takes its top-k tokens from the first `min(k, K)` of the
+    top-K; full-vocabulary objectives work over the K top tokens plus one tail bucket. With K = V
+    the teacher is complete and every objective is exact.
     """
 
     label_logprobs: Tensor
@@ -297,7 +298,7 @@ class _Plan:
             if sampled_tokens is not None:
                 self.sample = flat_sample[self.pos]
             elif teacher is not None and teacher.needs_given_samples:
-                raise HPDError("hpd with a GatheredTeacher needs sampled_tokens: the teacher must be gathered at them")
+                raise HPDError(f"{obj.name} with a GatheredTeacher needs sampled_tokens: the teacher must be gathered at them")
             else:
                 gen_device = generator.device if generator is not None else device
                 self.uniform = torch.rand(self.N, generator=generator, device=gen_device, dtype=torch.float64).to(device)
@@ -529,8 +530,9 @@ def rollout_weights(obj: Objective, hidden: Tensor, lm_head_weight: Tensor, teac
     `chunked_objective_loss`. HPD's `y_hat` is drawn here, once, as the trained path would draw it.
     Returns the weights with their tokens and the policy's log-probabilities of them, each
     `(B, T, K)`, and the objective's output at rollout time (its value and statistics; loss 0).
-    Only objectives over a few tokens per position (`{y}`, `{y, y_hat}`) can be fixed: a weight
-    over the whole vocabulary is no advantage of a sampled token.
+    Only objectives over a few tokens per position (`{y}`, `{y, y_hat}`, hpdk's `{y, y_hat}` plus
+    the teacher's top-k: K = 2 + k) can be fixed: a weight over the whole vocabulary is no advantage
+    of a sampled token.
     """
     if obj.support == "vocab":
         raise HPDError(f"objective '{obj.name}' weighs the whole vocabulary at each position, which PPO-style "
