@@ -16,7 +16,7 @@ mean, the change against the start, the CPU seconds and generated tokens per acc
 and the mean clip fraction and approximate KL between old and current policy. Runs and scores are
 kept under OUT, so a rerun skips what has finished.
 
-    python benchmarks/onpolicy_reuse.py --out runs/onpolicy-reuse            # ~10 min on one core
+    python benchmarks/onpolicy_reuse.py --out runs/onpolicy-reuse --seeds 0,1,2 --lr 3.3e-4   # ~10 min per seed, one core
     python benchmarks/onpolicy_reuse.py --out /tmp/reuse-smoke --smoke       # seconds: checks it runs
 """
 
@@ -94,7 +94,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--train-per-task", type=int, default=1000)
     ap.add_argument("--batch-size", type=int, default=16, help="prompts per optimizer step (optim.batch_size)")
     ap.add_argument("--lr", type=float, default=None, help="default: the pretrained start's base rate")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", default="0", help="comma-separated seeds; each arm runs once per seed and the table "
+                    "gives means (accuracy: mean ± std over seeds)")
     ap.add_argument("--arms", type=parse_arms, default=None, help="objective:M:E,... (default: orkl and hpd at 1:1, 2:2, 1:4)")
     ap.add_argument("--smoke", action="store_true", help="a tiny setting that only checks the script runs")
     args = ap.parse_args(argv)
@@ -114,37 +115,49 @@ def main(argv: list[str] | None = None) -> None:
     extra = [f"optim.batch_size={args.batch_size}"] + (["regime.max_new_tokens=16", "data.max_length=96"] if args.smoke else [])
 
     base = score(start.model, test, out / "eval-start.json")
+    seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
     rows = []
     for objective, M, E in arms:
-        run_dir = out / "runs" / f"{objective}-m{M}-e{E}-s{args.seed}"
-        recs = train_arm(run_dir, objective, M, E, train=train, start_overrides=start.overrides, steps=args.steps, lr=lr,
-                         seed=args.seed, extra=extra)
-        acc = score(run_dir / "final", test, run_dir / "eval-test.json")
-        last = recs[-1]
+        per_seed = []
+        for seed in seeds:
+            run_dir = out / "runs" / f"{objective}-m{M}-e{E}-s{seed}"
+            recs = train_arm(run_dir, objective, M, E, train=train, start_overrides=start.overrides, steps=args.steps,
+                             lr=lr, seed=seed, extra=extra)
+            acc = score(run_dir / "final", test, run_dir / "eval-test.json")
+            clip = [(r.get("clip_frac_low") or 0) + (r.get("clip_frac_high") or 0) + (r.get("clip_frac_dual") or 0)
+                    for r in recs if "clip_frac_low" in r]
+            per_seed.append({"recs": recs, "acc": acc, "clip": statistics.mean(clip) if clip else None,
+                             "kl": _mean(recs, "approx_kl")})
+        acc = {t: statistics.mean(p["acc"][t] for p in per_seed) for t in per_seed[0]["acc"]}
         gain = acc["mean"] - base["mean"]
-        clip = [(r.get("clip_frac_low") or 0) + (r.get("clip_frac_high") or 0) + (r.get("clip_frac_dual") or 0)
-                for r in recs if "clip_frac_low" in r]
+        generated = statistics.mean(p["recs"][-1]["generated_tokens_total"] for p in per_seed)
+        cpu_s = statistics.mean(p["recs"][-1]["cpu_s"] for p in per_seed)
+        clips = [p["clip"] for p in per_seed if p["clip"] is not None]
+        kls = [p["kl"] for p in per_seed if p["kl"] is not None]
+        steps = len(per_seed[0]["recs"])
         rows.append({
-            "arm": f"{objective} M={M} E={E}", "steps": len(recs), "rollouts": -(-len(recs) // (M * E)),
-            "generated": last["generated_tokens_total"], "cpu_s": last["cpu_s"], "acc": acc, "gain": gain,
-            "cpu_per_pt": last["cpu_s"] / gain if gain > 0 else None,
-            "gen_per_pt": last["generated_tokens_total"] / gain if gain > 0 else None,
-            "clip": statistics.mean(clip) if clip else None, "kl": _mean(recs, "approx_kl"),
+            "arm": f"{objective} M={M} E={E}", "steps": steps, "rollouts": -(-steps // (M * E)),
+            "generated": generated, "cpu_s": cpu_s, "acc": acc, "gain": gain,
+            "std": statistics.stdev(p["acc"]["mean"] for p in per_seed) if len(per_seed) > 1 else None,
+            "cpu_per_pt": cpu_s / gain if gain > 0 else None,
+            "gen_per_pt": generated / gain if gain > 0 else None,
+            "clip": statistics.mean(clips) if clips else None, "kl": statistics.mean(kls) if kls else None,
         })
 
     def f(x, fmt):
         return "-" if x is None else format(x, fmt)
 
     tasks = [t for t in base if t != "mean"]
-    head = ["arm", "steps", "rollout batches", "generated tokens", "CPU s", *tasks, "mean", "vs start",
+    head = ["arm", "steps", "rollout batches", "generated tokens", "CPU s", *tasks, "mean", "std (seeds)", "vs start",
             "CPU s / pt", "gen. tokens / pt", "clip frac", "approx KL"]
     lines = [f"Start: {start.model} (mean {base['mean']:.1f}: " + ", ".join(f"{t} {base[t]:.1f}" for t in tasks) +
-             f"); {args.steps} steps of {args.batch_size} prompts, lr {lr:g}, seed {args.seed}, "
+             f"); {args.steps} steps of {args.batch_size} prompts, lr {lr:g}, seeds {','.join(map(str, seeds))} (means "
+             "over seeds: tokens, CPU s, accuracy), "
              f"{args.n_eval} test problems per task, greedy. '/ pt': per accuracy point gained (- if none).", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["arm"], str(r["steps"]), str(r["rollouts"]), f"{r['generated']:.0f}", f"{r['cpu_s']:.1f}",
-                 *(f"{r['acc'][t]:.1f}" for t in tasks), f"{r['acc']['mean']:.1f}", f"{r['gain']:+.1f}",
+                 *(f"{r['acc'][t]:.1f}" for t in tasks), f"{r['acc']['mean']:.1f}", f(r["std"], ".1f"), f"{r['gain']:+.1f}",
                  f(r["cpu_per_pt"], ".1f"), f(r["gen_per_pt"], ".0f"), f(r["clip"], ".3f"), f(r["kl"], ".4f")]
         lines.append("| " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
