@@ -28,7 +28,7 @@ def _fast(tmp_path, **kw) -> BenchSettings:
 
 
 def test_bench_protocol_end_to_end(tmp_path):
-    s = _fast(tmp_path, seeds=[0, 1], lr_grid=[0.5, 1.0])
+    s = _fast(tmp_path, seeds=[0, 1], lr_grid=[0.5, 1.0], methods=["sft", "hpd", "hpdk"])
     out = run_bench(s)
     table = (out / "results.md").read_text()
     assert "### pretrained-gold" in table and "Equal learning rate" in table and "Tuned" in table
@@ -36,6 +36,7 @@ def test_bench_protocol_end_to_end(tmp_path):
         assert f"| {m} |" in table
     assert "| hpd | " in table and "| ref |" in table  # the reference row of the paired column
     assert "frac_A" in table  # HPD's diagnostics are reported
+    assert "hpdk's diagnostics" in table and "top-k push 0." in table  # and the extension's top-k statistics
     (cond,), _ = build_conditions(s)
     # The grid ran seed 0 at both rates, scored on validation (carved from training problems) and test.
     for mult in s.lr_grid:

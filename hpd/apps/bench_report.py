@@ -65,7 +65,7 @@ def run_summary(spec: RunSpec, max_grad_norm: float = 1.0) -> dict[str, Any] | N
         "clipped": (sum(n > max_grad_norm for n in norms) / len(norms)) if norms and max_grad_norm > 0 else float("nan"),
         "skipped": len(_records(spec.run_dir, "skip")),
     }
-    for key in ("frac_A", "frac_B", "r_hat_mean", "r_mean"):
+    for key in ("frac_A", "frac_B", "r_hat_mean", "r_mean", "topk_push", "frac_teacher_top1_is_y"):
         vals = num(key)
         out[key] = statistics.fmean(vals) if vals else None
     mins = num("r_hat_min")
@@ -179,6 +179,8 @@ def condition_tables(cond: Condition, s: BenchSettings) -> str:
     lines += table("tuned", tuned, {m: tuned_rates[m][0] for m in s.methods})
     lines.append("")
     lines.append(hpd_diagnostics(equal.get(REFERENCE, {}), tuned.get(REFERENCE, {})))
+    if "hpdk" in s.methods and (equal.get("hpdk") or tuned.get("hpdk")):
+        lines.append(hpd_diagnostics(equal.get("hpdk", {}), tuned.get("hpdk", {}), "hpdk"))
     return "\n".join(lines) + "\n"
 
 
@@ -208,7 +210,8 @@ def _to_threshold(cond: Condition, m: str, lr: float, s: BenchSettings, best: fl
     return ["not reached"] * 3
 
 
-def hpd_diagnostics(equal: dict[int, dict], tuned: dict[int, dict]) -> str:
+def hpd_diagnostics(equal: dict[int, dict], tuned: dict[int, dict], method: str = "hpd") -> str:
+    """HPD's weight statistics (and hpdk's top-k ones) averaged over a method's runs, one line per table."""
     def line(label: str, runs: dict[int, dict]) -> str:
         if not runs:
             return f"- {label}: no finished run"
@@ -216,8 +219,12 @@ def hpd_diagnostics(equal: dict[int, dict], tuned: dict[int, dict]) -> str:
         rmin = min((r["r_hat_min"] for r in runs.values() if r.get("r_hat_min") is not None), default=None)
         return (f"- {label}: frac_A {_fmt(g('frac_A'), '.2f')}, frac_B {_fmt(g('frac_B'), '.2f')}, "
                 f"r mean {_fmt(g('r_mean'), '.3f')}, r_hat mean {_fmt(g('r_hat_mean'), '.2f')} (min {_fmt(rmin, '.1f')}), "
-                f"grad norm median {_fmt(g('grad_norm_median'), '.2f')}, clipped {_fmt(g('clipped'), '.0%')} of logged steps")
-    return "HPD's diagnostics (training-step means over logged steps):\n\n" + line("equal lr", equal) + "\n" + line("tuned", tuned) + "\n"
+                f"grad norm median {_fmt(g('grad_norm_median'), '.2f')}, clipped {_fmt(g('clipped'), '.0%')} of logged steps"
+                + (f", top-k push {_fmt(g('topk_push'), '.3f')}, teacher's top-1 is y {_fmt(g('frac_teacher_top1_is_y'), '.2f')}"
+                   if not math.isnan(g("topk_push")) else ""))
+    title = "HPD's" if method == "hpd" else f"{method}'s"
+    return (f"{title} diagnostics (training-step means over logged steps):\n\n" + line("equal lr", equal) + "\n"
+            + line("tuned", tuned) + "\n")
 
 
 def write_report(s: BenchSettings, conditions: list[Condition], missing: list[str]) -> Path:
