@@ -8,7 +8,9 @@ same order (hpd's sampler stream, `--batch` prompts per optimizer step, `--steps
 - `grpo`: TRL's `GRPOTrainer`, reward = the math task's verifier (1.0 solved, 0.0 not:
   `hpd.apps.verifiers.VerifierReward`), `--generations` completions per prompt at temperature 1,
   `max_completion_length` = the OPSD rollouts' `regime.max_new_tokens`, TRL's defaults otherwise
-  (loss `dapo`, beta 0: no reference model, group-scaled rewards, clip 0.2);
+  (loss `dapo`, beta 0: no reference model, group-scaled rewards, clip 0.2), the prompts as one user
+  message under the chat template (as the OPSD rollouts and the scorer see them), its learning rate
+  chosen from `--grpo-lrs` on the first seed (the best final held-out accuracy: generous to GRPO);
 - the OPSD arms and SFT on the references of `opsd_math.METHODS` (hpd train, `regime.name=self`).
 
 Each run is checkpointed at every `--points`-th of its steps and every checkpoint is scored (greedy,
@@ -111,11 +113,17 @@ def train_grpo(a, run_dir: Path, seed: int, lr: float) -> None:
     rows = [json.loads(line) for line in (a.out / "data" / "train.jsonl").read_text().splitlines()]
     sampler = EpochSampler(len(rows), a.batch, seed=seed)  # hpd's order of prompts
     stream = [rows[i] for _ in range(a.steps) for i in next(sampler)]
-    data = Dataset.from_list([{"prompt": r["prompt"], "answer": r["answer"], "meta": r["meta"]} for r in stream])
     reward = VerifierReward(TaskVerifier(get_task(TASK)))
     base = a.out / "base" / "final"
     model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(str(base))
+    # GRPO must see the prompts exactly as hpd's rollouts and the scorer do: one user message under the
+    # model's chat template (TRL applies it to conversational prompts). A plain string would be
+    # tokenized without the template, a prompt format the base model was never trained on.
+    def prompt_of(text: str):
+        return [{"role": "user", "content": text}] if tok.chat_template else text
+
+    data = Dataset.from_list([{"prompt": prompt_of(r["prompt"]), "answer": r["answer"], "meta": r["meta"]} for r in stream])
     run_dir.mkdir(parents=True, exist_ok=True)
     log = (run_dir / "steps.jsonl").open("w")
 
@@ -240,7 +248,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--smoke", action="store_true", help="a tiny size that checks the whole pipeline in minutes")
     for k, v in SIZES["default"].items():
         ap.add_argument(f"--{k.replace('_', '-')}", type=type(v), default=None, help=f"default {v} (smoke {SIZES['smoke'][k]})")
-    ap.add_argument("--lr", type=float, default=1e-3, help="learning rate of every method (GRPO included)")
+    ap.add_argument("--lr", type=float, default=1e-3, help="learning rate of every hpd method")
+    ap.add_argument("--grpo-lrs", default="1e-3,1e-4,1e-5",
+                    help="GRPO's learning-rate grid: each rate runs on the first seed, the best final accuracy gets the "
+                         "other seeds (tuned on the held-out problems: generous to GRPO)")
     ap.add_argument("--points", type=int, default=4, help="checkpoints scored per run (the accuracy-vs-tokens curve)")
     ap.add_argument("--max-new-tokens", type=int, default=96, help="rollout / GRPO completion budget")
     ap.add_argument("--methods", default="grpo," + ",".join(METHODS), help="comma-separated: grpo and opsd_math labels")
@@ -265,12 +276,34 @@ def main(argv: list[str] | None = None) -> None:
     scores = Scores(a.out / "scores.json", a.n)
     before, teacher_acc = scores(base), scores(base, privileged=True)
 
+    grpo_lrs = [float(x) for x in a.grpo_lrs.split(",") if x.strip()]
+
+    def grpo_dir(lr: float, s: int) -> Path:
+        return a.out / "runs" / f"grpo-lr{lr:g}-s{s}"
+
+    def train(label: str, kind: str, s: int, run_dir: Path, cfg, lr: float | None = None) -> None:
+        if (run_dir / "final" / "config.json").is_file():
+            return
+        print(f"[opsd-vs-grpo] train {label} seed {s} -> {run_dir}", flush=True)
+        if kind == "grpo":
+            train_grpo(a, run_dir, s, lr)
+        else:
+            run_configs([cfg], jobs=1, labels=[f"{label} s{s}"], threads_per_job=1, progress=False)
+
+    # GRPO's rate: the grid on the first seed, scored on its final checkpoint
+    grpo_lr, grpo_grid = None, {}
+    if "grpo" in methods:
+        for lr in grpo_lrs:
+            train(f"grpo lr {lr:g}", "grpo", seeds[0], grpo_dir(lr, seeds[0]), None, lr)
+            grpo_grid[lr] = summarize(scores, grpo_dir(lr, seeds[0]), "grpo", before["accuracy"])
+        grpo_lr = max(grpo_lrs, key=lambda lr: (grpo_grid[lr]["acc"], -grpo_grid[lr]["tokens"]))
+
     # table 1 runs, then table 2's (the plain drift arm is table 1's hpd-rollouts run when seeds agree)
     jobs: list[tuple[str, str, int, Path, object]] = []  # (row label, kind, seed, run dir, hpd cfg or None)
     for m in methods:
         for s in seeds:
             if m == "grpo":
-                jobs.append((m, "grpo", s, a.out / "runs" / f"grpo-s{s}", None))
+                jobs.append((f"grpo (lr {grpo_lr:g})", "grpo", s, grpo_dir(grpo_lr, s), None))
             else:
                 cfg = hpd_cfg(a, m, m, [], a.lr, s)
                 jobs.append((m, "hpd", s, Path(cfg.output_dir), cfg))
@@ -283,14 +316,9 @@ def main(argv: list[str] | None = None) -> None:
             drift_jobs.append((d, "hpd", s, Path(cfg.output_dir), cfg))
     seen = set()
     for label, kind, s, run_dir, cfg in jobs + drift_jobs:
-        if run_dir in seen or (run_dir / "final" / "config.json").is_file():
-            continue
-        seen.add(run_dir)
-        print(f"[opsd-vs-grpo] train {label} seed {s} -> {run_dir}", flush=True)
-        if kind == "grpo":
-            train_grpo(a, run_dir, s, a.lr)
-        else:
-            run_configs([cfg], jobs=1, labels=[f"{label} s{s}"], threads_per_job=1, progress=False)
+        if run_dir not in seen:
+            seen.add(run_dir)
+            train(label, kind, s, run_dir, cfg, grpo_lr)
 
     res: dict[str, list[dict]] = {}
     for label, kind, s, run_dir, _ in jobs:
@@ -300,16 +328,21 @@ def main(argv: list[str] | None = None) -> None:
         dres.setdefault(label, []).append(summarize(scores, run_dir, kind, before["accuracy"]))
 
     target = first_tokens = None
-    if "grpo" in res:
-        g = mean_curve(res["grpo"])
+    grpo_label = f"grpo (lr {grpo_lr:g})" if grpo_lr is not None else None
+    if grpo_label in res:
+        g = mean_curve(res[grpo_label])
         target, first_tokens = g[-1][1], g[1][0]
         grpo_tokens = tokens_to_reach(g, target)
     lines = [
         f"Base model: held-out accuracy {100 * before['accuracy']:.1f}% alone, {100 * teacher_acc['accuracy']:.1f}% with the "
-        f"reference in its prompt (the privileged teacher); n={a.n}, greedy. {a.steps} steps of {a.batch} prompts, lr {a.lr:g}, "
-        f"rollouts of at most {a.max_new_tokens} tokens at temperature 1; GRPO {a.generations} completions per prompt. "
-        f"Seeds {a.seeds} (mean ± std).",
+        f"reference in its prompt (the privileged teacher); n={a.n}, greedy. {a.steps} steps of {a.batch} prompts, lr {a.lr:g} "
+        f"(GRPO: its own rate, below), rollouts of at most {a.max_new_tokens} tokens at temperature 1; GRPO {a.generations} "
+        f"completions per prompt. Seeds {a.seeds} (mean ± std).",
     ]
+    if grpo_grid:
+        lines += ["", f"GRPO's learning-rate grid (seed {seeds[0]}, final checkpoint): " + ", ".join(
+            f"lr {lr:g}: {100 * r['acc']:.1f}% (best on the curve {100 * max(y for _, y in r['curve'][1:]):.1f}%)"
+            for lr, r in grpo_grid.items()) + f"; chosen {grpo_lr:g}."]
     if res:
         lines += [
             "",
