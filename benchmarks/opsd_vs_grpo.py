@@ -23,16 +23,16 @@ Table 2 (rollout drift: OPSD hpd on rollouts drifts from its privileged teacher)
 against rollout reuse under PPO clipping (`regime.epochs=2`), a 3x smaller lr, and an EMA teacher
 (`opsd.teacher_weights=ema`), with accuracy and KL(teacher‖student) at the start and the end.
 
-Cost, measured here on one shared core (per optimizer step of 16 prompts, CPU s): GRPO 6.9 with 8
-completions per prompt (so about 3.5 with the default 4), OPSD on rollouts 1.0, SFT 0.25; a held-out
-score of 200 problems about 6; the base model (300 steps) about 4 min. The default size (100 steps,
-3 seeds, 4 scored checkpoints per run, 3 drift arms on one seed) therefore takes about an hour of
-one core; `--generations 8` (the usual GRPO group) adds about 18 minutes.
+Cost, measured here on one shared core (per optimizer step of 16 prompts, CPU s): GRPO about 2.1
+with the default 4 completions per prompt (213 s per 100-step run), OPSD on rollouts 0.7, SFT 0.25; a
+held-out score of 200 problems about 6; the base model (300 steps) about 4 min. The default size
+(100 steps, 3 seeds, GRPO's 3-rate grid on seed 0, 4 scored checkpoints per run, 4 drift arms on
+one seed) therefore takes about an hour and a half of one core.
 
 Runs and scores are kept under OUT (scores in OUT/scores.json, not in model directories), so a rerun
 skips what has finished; an interrupted GRPO run starts again. TRL is needed (`pip install -e ".[bench]"`).
 
-    OMP_NUM_THREADS=1 python benchmarks/opsd_vs_grpo.py --out runs/opsd-vs-grpo            # ~1 h of one core
+    OMP_NUM_THREADS=1 python benchmarks/opsd_vs_grpo.py --out runs/opsd-vs-grpo            # ~1.5 h of one core
     OMP_NUM_THREADS=1 python benchmarks/opsd_vs_grpo.py --out /tmp/ovg-smoke --smoke        # minutes: checks it runs
 """
 
