@@ -144,6 +144,30 @@ def build_tiny_model(
     return model.to(dtype)
 
 
+# Tokenizers saved as a plain fast tokenizer (tokenizer.json holds the whole vocabulary).
+_PLAIN_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
+def load_saved_tokenizer(directory: str | os.PathLike, *, trust_remote_code: bool = False):
+    """The tokenizer saved in `directory`, exactly as saved.
+
+    transformers 5 picks a tokenizer class from the model's type (e.g. `Qwen2Tokenizer` for a
+    `qwen2` config) even when `tokenizer_config.json` names a plain fast tokenizer, and that class
+    adds its own default special tokens (Qwen2's `<|endoftext|>`): a model saved with the shared
+    byte tokenizer would come back with one more token than its teacher, and a save/load round trip
+    would change the vocabulary. A plain fast tokenizer is therefore loaded as one; any other class
+    goes through `AutoTokenizer`.
+    """
+    from transformers import PreTrainedTokenizerFast
+
+    d = Path(directory)
+    conf_path = d / "tokenizer_config.json"
+    conf = json.loads(conf_path.read_text(encoding="utf-8")) if conf_path.is_file() else {}
+    if conf.get("tokenizer_class") in _PLAIN_TOKENIZER_CLASSES and (d / "tokenizer.json").is_file():
+        return PreTrainedTokenizerFast.from_pretrained(str(d), local_files_only=True)
+    return AutoTokenizer.from_pretrained(str(d), local_files_only=True, trust_remote_code=trust_remote_code)
+
+
 def load_model(
     path: str,
     *,
@@ -194,9 +218,7 @@ def load_model(
             )
             loaded_tok = None
             if tokenizer is None:
-                loaded_tok = AutoTokenizer.from_pretrained(
-                    str(p), local_files_only=True, trust_remote_code=trust_remote_code
-                )
+                loaded_tok = load_saved_tokenizer(p, trust_remote_code=trust_remote_code)
         else:
             raise HPDError(
                 f"{who}model path '{path}' is neither a model directory nor a .gguf file: pass a "

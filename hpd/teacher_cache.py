@@ -336,9 +336,9 @@ class TeacherCache:
 
     def tokenizer(self):
         """The teacher's tokenizer, saved with the cache (for students that have none of their own)."""
-        from transformers import AutoTokenizer
+        from hpd.models import load_saved_tokenizer
 
-        tok = AutoTokenizer.from_pretrained(str(self.path / "tokenizer"), local_files_only=True)
+        tok = load_saved_tokenizer(self.path / "tokenizer")
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
         return tok

@@ -149,3 +149,28 @@ def test_final_has_a_model_card_with_hf_front_matter(tmp_path, repo_root, monkey
     from safetensors.torch import load_file
 
     assert {t.dtype for t in load_file(final / "model.safetensors").values()} == {torch.bfloat16}
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_a_save_and_load_round_trip_keeps_the_tokenizer_exactly(tmp_path, arch):
+    # transformers 5 maps a qwen2 config to Qwen2Tokenizer, which adds its own `<|endoftext|>`: a
+    # saved byte tokenizer came back with 264 tokens against its teacher's 263, and distillation
+    # from the bundled teacher refused the student. The saved tokenizer must come back as saved.
+    tok = byte_tokenizer()
+    out = save_model(_tiny(arch, rope_theta=10000.0), tok, tmp_path / "m")
+    _, again = load_model(str(out))
+    assert len(again) == len(tok) and again.get_vocab() == tok.get_vocab()
+    assert again.all_special_tokens == tok.all_special_tokens
+    # twice round: export of an exported model (scripts/export_teacher.py) changes nothing either
+    out2 = save_model(*load_model(str(out)), tmp_path / "m2")
+    assert load_model(str(out2))[1].get_vocab() == tok.get_vocab()
+
+
+def test_the_shipped_students_share_the_teachers_tokenizer():
+    from hpd.apps.bench import STUDENTS_DIR
+    from hpd.apps.demo import BUNDLED_TEACHER
+
+    _, teacher_tok = load_model(str(BUNDLED_TEACHER))
+    for name in ("llama-2x96", "qwen2-2x96", "llama-3x128"):
+        _, tok = load_model(str(STUDENTS_DIR / name))
+        assert tok.get_vocab() == teacher_tok.get_vocab(), name
