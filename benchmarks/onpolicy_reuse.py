@@ -86,6 +86,30 @@ def _mean(records: list[dict], key: str) -> float | None:
     return statistics.mean(values) if values else None
 
 
+def arm_row(label: str, per_seed: list[dict], base: dict, updates_per_batch: int) -> dict:
+    """One arm's table row: accuracy, tokens and CPU seconds averaged over its seeds.
+
+    `per_seed` holds, per seed, the train records (`recs`), the test accuracy by task (`acc`), the
+    mean clip fraction (`clip`) and the mean approximate KL (`kl`); `base` is the start's accuracy.
+    The cost per accuracy point is left empty where the arm gained nothing.
+    """
+    acc = {t: statistics.mean(p["acc"][t] for p in per_seed) for t in per_seed[0]["acc"]}
+    gain = acc["mean"] - base["mean"]
+    generated = statistics.mean(p["recs"][-1]["generated_tokens_total"] for p in per_seed)
+    cpu_s = statistics.mean(p["recs"][-1]["cpu_s"] for p in per_seed)
+    clips = [p["clip"] for p in per_seed if p["clip"] is not None]
+    kls = [p["kl"] for p in per_seed if p["kl"] is not None]
+    steps = len(per_seed[0]["recs"])
+    return {
+        "arm": label, "steps": steps, "rollouts": -(-steps // updates_per_batch),
+        "generated": generated, "cpu_s": cpu_s, "acc": acc, "gain": gain,
+        "std": statistics.stdev(p["acc"]["mean"] for p in per_seed) if len(per_seed) > 1 else None,
+        "cpu_per_pt": cpu_s / gain if gain > 0 else None,
+        "gen_per_pt": generated / gain if gain > 0 else None,
+        "clip": statistics.mean(clips) if clips else None, "kl": statistics.mean(kls) if kls else None,
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, required=True)
@@ -128,21 +152,7 @@ def main(argv: list[str] | None = None) -> None:
                     for r in recs if "clip_frac_low" in r]
             per_seed.append({"recs": recs, "acc": acc, "clip": statistics.mean(clip) if clip else None,
                              "kl": _mean(recs, "approx_kl")})
-        acc = {t: statistics.mean(p["acc"][t] for p in per_seed) for t in per_seed[0]["acc"]}
-        gain = acc["mean"] - base["mean"]
-        generated = statistics.mean(p["recs"][-1]["generated_tokens_total"] for p in per_seed)
-        cpu_s = statistics.mean(p["recs"][-1]["cpu_s"] for p in per_seed)
-        clips = [p["clip"] for p in per_seed if p["clip"] is not None]
-        kls = [p["kl"] for p in per_seed if p["kl"] is not None]
-        steps = len(per_seed[0]["recs"])
-        rows.append({
-            "arm": f"{objective} M={M} E={E}", "steps": steps, "rollouts": -(-steps // (M * E)),
-            "generated": generated, "cpu_s": cpu_s, "acc": acc, "gain": gain,
-            "std": statistics.stdev(p["acc"]["mean"] for p in per_seed) if len(per_seed) > 1 else None,
-            "cpu_per_pt": cpu_s / gain if gain > 0 else None,
-            "gen_per_pt": generated / gain if gain > 0 else None,
-            "clip": statistics.mean(clips) if clips else None, "kl": statistics.mean(kls) if kls else None,
-        })
+        rows.append(arm_row(f"{objective} M={M} E={E}", per_seed, base, M * E))
 
     def f(x, fmt):
         return "-" if x is None else format(x, fmt)

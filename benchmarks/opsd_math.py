@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from hpd.config import load_config  # noqa: E402
+from hpd.files import atomic_write_text  # noqa: E402
 from hpd.apps.experiments import run_slug  # noqa: E402
 
 TASK = "math"  # the default: 4 steps, values up to 999
@@ -93,10 +94,13 @@ def accuracy(model_dir: Path | str, *, privileged: bool = False, n: int = N_EVAL
     return {"accuracy": correct / n, "ci_low": lo, "ci_high": hi, "n": n, "correct": correct}
 
 
-def cached_accuracy(model_dir: Path, key: str, **kw) -> dict[str, float]:
-    path = Path(model_dir) / f"opsd-eval-{key}.json"
+def cached_accuracy(out: Path, model_dir: Path, key: str, *, n: int = N_EVAL, **kw) -> dict[str, float]:
+    """`accuracy`, cached under OUT/evals (never inside the model's directory), keyed by model, view and n."""
+    name = "-".join(Path(model_dir).resolve().relative_to(Path(out).resolve()).parts)
+    path = Path(out) / "evals" / f"{name}-{key}-n{n}.json"
     if not path.is_file():
-        path.write_text(json.dumps(accuracy(model_dir, **kw)))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(accuracy(model_dir, n=n, **kw)))
     return json.loads(path.read_text())
 
 
@@ -153,8 +157,8 @@ def main(argv: list[str] | None = None) -> None:
     cfgs = [run_config(a.out, m, a.steps, METHODS[m], a.lr) for m in labels]
     run_configs(cfgs, jobs=1, labels=labels, threads_per_job=1)
 
-    before = cached_accuracy(base, "plain")
-    teacher = cached_accuracy(base, "privileged", privileged=True)
+    before = cached_accuracy(a.out, base, "plain", n=a.n)
+    teacher = cached_accuracy(a.out, base, "privileged", n=a.n, privileged=True)
 
     def pct(r):
         return f"{100 * r['accuracy']:.1f} ({100 * r['ci_low']:.1f}-{100 * r['ci_high']:.1f})"
@@ -169,7 +173,7 @@ def main(argv: list[str] | None = None) -> None:
     ]
     for label, cfg in zip(labels, cfgs):
         run_dir = Path(cfg.output_dir)
-        after = cached_accuracy(run_dir / "final", "plain")
+        after = cached_accuracy(a.out, run_dir / "final", "plain", n=a.n)
         records = read_records(run_dir)
         last = records[-1]
         # Mean of the first and of the last 4 logged values (the privileged teacher's view; none for sft).

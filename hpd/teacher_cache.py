@@ -81,7 +81,8 @@ def build_teacher_cache(teacher: str | os.PathLike, data_files: Sequence[str | o
                         top_k: int = 32, data: Any = None, temperature: float = 1.0, dtype: str = "float16",
                         vocab_size: int | None = None, batch_size: int = 16, teacher_dtype: str = "float32",
                         shard_positions: int = 1 << 22, chunk_size: int = 1024, overwrite: bool = False,
-                        trust_remote_code: bool = False, log: Callable[[str], None] | None = print) -> Path:
+                        trust_remote_code: bool = False, device: str = "auto",
+                        log: Callable[[str], None] | None = print) -> Path:
     """Run `teacher` once over every sequence of `data_files`; write the cache to `out`; return it.
 
     data:            the `data` config section (`hpd.config.DataConfig`) whose fields say how the
@@ -93,6 +94,8 @@ def build_teacher_cache(teacher: str | os.PathLike, data_files: Sequence[str | o
     vocab_size:      the vocabulary to normalize over (default: the teacher's LM-head rows; set it
                      to the shared size when the student's head has fewer padding rows).
     shard_positions: positions per shard file (shards hold whole examples).
+    device:          where the teacher runs: "auto" (this process's GPU under `accelerate launch`,
+                     else the first GPU if there is one, else the CPU), "cpu", "cuda", "cuda:1", ...
     """
     from hpd.config import DataConfig
     from hpd.data import build_batch, encode_file
@@ -115,8 +118,10 @@ def build_teacher_cache(teacher: str | os.PathLike, data_files: Sequence[str | o
     if out.exists() and not overwrite:
         raise HPDError(f"'{out}' already exists: choose another --out, or pass --force to replace it")
     t0 = time.perf_counter()
+    procs = _Processes()
+    dev = procs.device() if device == "auto" else _parse_device(device)
     model, tokenizer = load_model(str(teacher), dtype=teacher_dtype, trust_remote_code=trust_remote_code)
-    model.eval().requires_grad_(False)
+    model.to(dev).eval().requires_grad_(False)
     weight, bias = lm_head_of(model)
     V = int(vocab_size) if vocab_size is not None else int(weight.shape[0])
     if not 0 < V <= weight.shape[0]:
@@ -147,7 +152,6 @@ def build_teacher_cache(teacher: str | os.PathLike, data_files: Sequence[str | o
     # Under `accelerate launch` process r builds shards r, r + world, ...; the main process writes
     # the rest once all are done. The teacher's batches never cross a shard, so a shard's bytes do
     # not depend on how many processes built the cache.
-    procs = _Processes()
     token = procs.same(uuid.uuid4().hex[:8])
     tmp = out.parent / f".{out.name}.tmp-{token}"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -196,9 +200,10 @@ def build_teacher_cache(teacher: str | os.PathLike, data_files: Sequence[str | o
                     continue
                 batch = build_batch([examples[i].prompt_ids for i in idx], [examples[i].completion_ids for i in idx],
                                     pad_id=pad_id)
+                batch = {k: v.to(dev) for k, v in batch.items()}
                 hidden = final_hidden_states(model, batch["input_ids"], batch["attention_mask"])  # (B, T, H)
                 sel = torch.cat([torch.arange(spans[i][0], spans[i][0] + spans[i][1]) + r * hidden.shape[1]
-                                 for r, i in enumerate(idx)])
+                                 for r, i in enumerate(idx)]).to(dev)
                 h = hidden.reshape(-1, hidden.shape[-1])[sel]  # (N, H): the response positions, in order
                 labels = batch["input_ids"].reshape(-1)[sel + 1]  # (N,) the sequence tokens they predict
                 label_lp, tail_lp, ids, lp = [], [], [], []
@@ -214,8 +219,8 @@ def build_teacher_cache(teacher: str | os.PathLike, data_files: Sequence[str | o
                     tail_lp.append(logp.scatter(1, top, float("-inf")).logsumexp(-1))
                     ids.append(top)
                     lp.append(vals)
-                label_lp, tail_lp = torch.cat(label_lp).numpy(), torch.cat(tail_lp).numpy()
-                ids, lp = torch.cat(ids).numpy(), torch.cat(lp).numpy()
+                label_lp, tail_lp = torch.cat(label_lp).cpu().numpy(), torch.cat(tail_lp).cpu().numpy()
+                ids, lp = torch.cat(ids).cpu().numpy(), torch.cat(lp).cpu().numpy()
                 at = 0
                 for i in idx:
                     sh = shards[shard_of[i]]
@@ -275,6 +280,16 @@ def build_teacher_cache(teacher: str | os.PathLike, data_files: Sequence[str | o
     return out
 
 
+def _parse_device(device: str) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise HPDError(f"--device {device!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise HPDError(f"--device {device!r} asks for a GPU but torch sees none: use --device cpu (or auto)")
+    return dev
+
+
 class _Processes:
     """This process among those `accelerate launch` / torchrun started (one alone otherwise)."""
 
@@ -287,6 +302,12 @@ class _Processes:
             self.state = PartialState(cpu=not torch.cuda.is_available())
             self.rank, self.world = self.state.process_index, self.state.num_processes
         self.is_main = self.rank == 0
+
+    def device(self) -> torch.device:
+        """This process's accelerator under a launcher, else the first GPU, else the CPU."""
+        if self.state is not None:
+            return self.state.device
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     def barrier(self) -> None:
         if self.state is not None:

@@ -30,6 +30,7 @@ if [ ! -f hpd/assets/students/llama-2x96-long/config.json ]; then
   $PY scripts/export_teacher.py $OUT/student/final hpd/assets/students/llama-2x96-long
 fi
 for m in hpd/assets/long-teacher hpd/assets/students/llama-2x96-long; do
-  [ -f "$OUT/eval-$(basename $m).txt" ] && continue
+  # An eval is reused only when it is newer than the weights it scored (a rebuilt asset is re-scored).
+  [ "$OUT/eval-$(basename $m).txt" -nt "$m/model.safetensors" ] && continue
   $HPD eval --model $m --task math:steps=20 --n 300 --out "$OUT/eval-$(basename $m).jsonl" | tee "$OUT/eval-$(basename $m).txt"
 done

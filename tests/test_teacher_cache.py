@@ -174,6 +174,40 @@ def test_build_is_atomic_and_refuses_to_overwrite(teacher_dir, tmp_path, monkeyp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]  # no temporary directory left
 
 
+def test_the_teacher_runs_on_the_device_asked_and_a_bad_device_is_a_clear_error(teacher_dir, tmp_path, monkeypatch):
+    import hpd.models
+
+    seen, real = [], hpd.models.final_hidden_states
+
+    def spy(model, input_ids, attention_mask):
+        seen.append((next(model.parameters()).device.type, input_ids.device.type))
+        return real(model, input_ids, attention_mask)
+
+    monkeypatch.setattr(hpd.models, "final_hidden_states", spy)
+    expected = "cuda" if torch.cuda.is_available() else "cpu"  # auto: the GPU when there is one
+    build(teacher_dir, tmp_path / "auto", top_k=4)
+    assert seen and set(seen) == {(expected, expected)}
+    seen.clear()
+    build(teacher_dir, tmp_path / "cpu", top_k=4, device="cpu")
+    assert set(seen) == {("cpu", "cpu")}
+    with pytest.raises(HPDError, match="is not a device: use auto, cpu, cuda or cuda:N"):
+        build(teacher_dir, tmp_path / "bad", top_k=4, device="gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(HPDError, match="asks for a GPU but torch sees none: use --device cpu"):
+            build(teacher_dir, tmp_path / "cuda", top_k=4, device="cuda")
+    assert not (tmp_path / "bad").exists() and not (tmp_path / "cuda").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_a_cache_built_on_the_gpu_matches_the_cpu_one(teacher_dir, tmp_path):
+    a = TeacherCache(build(teacher_dir, tmp_path / "cpu", top_k=4, dtype="float32", device="cpu"))
+    b = TeacherCache(build(teacher_dir, tmp_path / "gpu", top_k=4, dtype="float32", device="cuda"))
+    for name in ("label_logp", "tail_logp", "topk_logp"):
+        x = np.concatenate([np.load(a.path / s["dir"] / f"{name}.npy") for s in a.manifest["shards"]])
+        y = np.concatenate([np.load(b.path / s["dir"] / f"{name}.npy") for s in b.manifest["shards"]])
+        np.testing.assert_allclose(x, y, atol=1e-4)
+
+
 def test_sequence_hash_sees_the_prompt_completion_split():
     assert sequence_hash([1, 2], [3]) != sequence_hash([1], [2, 3])
     assert sequence_hash([1, 2], [3]) == sequence_hash([1, 2], [3])

@@ -178,9 +178,11 @@ def condition_tables(cond: Condition, s: BenchSettings) -> str:
     lines.append(f"Tuned: each method at the rate of the grid ({grid}) with the best validation accuracy (seed {s.seeds[0]}):\n")
     lines += table("tuned", tuned, {m: tuned_rates[m][0] for m in s.methods})
     lines.append("")
-    lines.append(hpd_diagnostics(equal.get(REFERENCE, {}), tuned.get(REFERENCE, {})))
-    if "hpdk" in s.methods and (equal.get("hpdk") or tuned.get("hpdk")):
-        lines.append(hpd_diagnostics(equal.get("hpdk", {}), tuned.get("hpdk", {}), "hpdk"))
+    # Every method whose runs log HPD's weight statistics (hpd, and objectives built on its weights).
+    for m in s.methods:
+        runs = list(equal.get(m, {}).values()) + list(tuned.get(m, {}).values())
+        if m == REFERENCE or any(r.get("frac_A") is not None for r in runs):
+            lines.append(hpd_diagnostics(equal.get(m, {}), tuned.get(m, {}), m))
     return "\n".join(lines) + "\n"
 
 
@@ -211,17 +213,18 @@ def _to_threshold(cond: Condition, m: str, lr: float, s: BenchSettings, best: fl
 
 
 def hpd_diagnostics(equal: dict[int, dict], tuned: dict[int, dict], method: str = "hpd") -> str:
-    """HPD's weight statistics (and hpdk's top-k ones) averaged over a method's runs, one line per table."""
+    """HPD's weight statistics (and the top-k ones, where logged) averaged over a method's runs, one line per table."""
     def line(label: str, runs: dict[int, dict]) -> str:
         if not runs:
             return f"- {label}: no finished run"
         g = lambda k: _mean_std([r.get(k) for r in runs.values()])[0]  # noqa: E731
         rmin = min((r["r_hat_min"] for r in runs.values() if r.get("r_hat_min") is not None), default=None)
+        push = g("topk_push")
         return (f"- {label}: frac_A {_fmt(g('frac_A'), '.2f')}, frac_B {_fmt(g('frac_B'), '.2f')}, "
                 f"r mean {_fmt(g('r_mean'), '.3f')}, r_hat mean {_fmt(g('r_hat_mean'), '.2f')} (min {_fmt(rmin, '.1f')}), "
                 f"grad norm median {_fmt(g('grad_norm_median'), '.2f')}, clipped {_fmt(g('clipped'), '.0%')} of logged steps"
-                + (f", top-k push {_fmt(g('topk_push'), '.3f')}, teacher's top-1 is y {_fmt(g('frac_teacher_top1_is_y'), '.2f')}"
-                   if not math.isnan(g("topk_push")) else ""))
+                + (f", top-k push {_fmt(push, '.3f')}, teacher's top-1 is y {_fmt(g('frac_teacher_top1_is_y'), '.2f')}"
+                   if not math.isnan(push) else ""))
     title = "HPD's" if method == "hpd" else f"{method}'s"
     return (f"{title} diagnostics (training-step means over logged steps):\n\n" + line("equal lr", equal) + "\n"
             + line("tuned", tuned) + "\n")

@@ -487,6 +487,9 @@ def cache_teacher_cmd(
     shard_positions: int = typer.Option(1 << 22, "--shard-positions", metavar="N", min=1,
                                         help="Positions per shard file; under accelerate launch the processes build "
                                              "the shards in turn, so use at least one shard per process."),
+    device: str = typer.Option("auto", "--device", metavar="DEVICE",
+                               help="Where the teacher runs: auto (this process's GPU, else the first GPU, else "
+                                    "the CPU), cpu, cuda, cuda:N."),
     force: bool = typer.Option(False, "--force", help="Replace CACHE if it exists."),
 ) -> None:
     """Run the teacher once over the training sequences and store what training reads of it.
@@ -512,7 +515,7 @@ def cache_teacher_cmd(
         path = build_teacher_cache(teacher, files, out, top_k=top_k, data=cfg.data,
                                    temperature=temperature if temperature is not None else cfg.objective.temperature,
                                    dtype=dtype, vocab_size=vocab_size, batch_size=batch_size, overwrite=force,
-                                   shard_positions=shard_positions,
+                                   shard_positions=shard_positions, device=device,
                                    teacher_dtype=cfg.teacher.dtype, trust_remote_code=cfg.teacher.trust_remote_code,
                                    log=lambda m: typer.echo(m, err=True))
         typer.echo(str(path))

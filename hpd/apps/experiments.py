@@ -27,6 +27,7 @@ from typing import Any
 
 from hpd.config import Config, save_config
 from hpd.errors import HPDError
+from hpd.progress import Progress
 
 
 def last_step(run_dir: Path) -> int:
@@ -74,15 +75,11 @@ def run_configs(configs: list[Config], *, jobs: int = 2, labels: list[str] | Non
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
     pending = list(todo)
     running: list[tuple[str, Config, subprocess.Popen, Path]] = []
-    bars = None
-    if progress and todo:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-        bars = Progress(TextColumn("{task.description:<24}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                        TimeRemainingColumn())
-        bars.start()
-        ids = {label: bars.add_task(f"train {label}", total=cfg.max_steps) for label, cfg in todo}
-    try:
+    # One bar over the steps of every run still to train (resumed runs count what they have done).
+    done = {label: last_step(Path(cfg.output_dir)) for label, cfg in todo}
+    bar = Progress(sum(cfg.max_steps for _, cfg in todo), f"train {len(todo)} run{'s' * (len(todo) != 1)}",
+                   unit="step", initial=sum(done.values()), enabled=progress and bool(todo))
+    with bar:
         while pending or running:
             while pending and len(running) < jobs:
                 label, cfg = pending.pop(0)
@@ -97,18 +94,18 @@ def run_configs(configs: list[Config], *, jobs: int = 2, labels: list[str] | Non
             time.sleep(0.5)
             for item in list(running):
                 label, cfg, proc, log_path = item
-                if bars is not None:
-                    bars.update(ids[label], completed=last_step(Path(cfg.output_dir)))
-                if proc.poll() is not None:
+                finished = proc.poll() is not None
+                if bar.enabled:
+                    step = cfg.max_steps if finished and proc.returncode == 0 else last_step(Path(cfg.output_dir))
+                    bar.update(step - done[label], running=",".join(r[0] for r in running))
+                    done[label] = step
+                if finished:
                     running.remove(item)
                     if proc.returncode != 0:
                         for _, _, other, _ in running:
                             other.terminate()
                         tail = "\n".join(log_path.read_text().splitlines()[-15:])
                         raise HPDError(f"run {label} failed (exit {proc.returncode}); end of {log_path}:\n{tail}")
-    finally:
-        if bars is not None:
-            bars.stop()
     return [Path(c.output_dir) for c in configs]
 
 
