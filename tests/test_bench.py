@@ -166,6 +166,49 @@ def test_bench_cli_errors(tmp_path):
     assert half.returncode == 2 and "--test" in half.stderr
 
 
+
+def test_a_rerun_with_other_data_settings_is_refused_and_leaves_out_untouched(tmp_path):
+    run_bench(_fast(tmp_path, data=["gold", "limited"], report_only=True))  # builds the data files, trains nothing
+    out = tmp_path / "bench"
+    before = {p: p.read_bytes() for p in (out / "data").rglob("*.jsonl")}
+    for change, key in [(dict(n_eval=5), "data.n_eval: 4 -> 5"), (dict(train_per_task=30), "data.train_per_task: 20 -> 30"),
+                        (dict(data=["gold", "limited"], limited_per_task=6), "limited.per_task: 5 -> 6")]:
+        with pytest.raises(HPDError, match=f"other settings \\({key}\\).*another --out"):
+            run_bench(_fast(tmp_path, report_only=True, **{"data": ["gold", "limited"], **change}))
+    assert before == {p: p.read_bytes() for p in (out / "data").rglob("*.jsonl")}
+    run_bench(_fast(tmp_path, data=["gold", "limited"], report_only=True))  # the same settings: accepted
+    run_bench(_fast(tmp_path, data=["gold", "traces"], report_only=True))  # a new condition: recorded, not refused
+    assert "traces.writer" in json.loads((out / "bench.json").read_text())
+
+
+def test_a_finished_run_made_with_another_config_is_never_reused(tmp_path):
+    from hpd.apps.bench_manifest import check_reused_runs
+    from hpd.config import load_config, save_config
+
+    s = _fast(tmp_path)
+    (cond,), _ = build_conditions(s)
+    spec = run_spec(cond, "hpd", cond.start.lr, 0, s)
+    (spec.run_dir / "final").mkdir(parents=True)
+    (spec.run_dir / "final" / "config.json").write_text("{}")
+    save_config(load_config(None, list(spec.overrides)), spec.run_dir / "config.yaml")
+    check_reused_runs(plan_grid(cond, s))  # as made: reused
+    longer = _fast(tmp_path, steps_pretrained=4)
+    (cond4,), _ = build_conditions(longer)
+    with pytest.raises(HPDError, match=r"finished run .*hpd.* another config .*max_steps: 3 -> 4.*delete that run"):
+        check_reused_runs(plan_grid(cond4, longer))
+    with pytest.raises(HPDError, match=r"objective.hpd_eps|objective\.\w+: .* -> "):
+        check_reused_runs(plan_grid(cond, _fast(tmp_path, overrides=["objective.temperature=2.0"])))
+
+
+def test_a_users_changed_training_file_is_refused_in_the_same_out(tmp_path):
+    train, test = _user_files(tmp_path)
+    s = _fast(tmp_path, methods=["hpd"], user_train=train, user_test=test, user_student="pretrained", verifier="exact",
+              report_only=True)
+    run_bench(s)
+    train.write_text(train.read_text().replace("\n", "\n", 1) + train.read_text().splitlines(True)[0])
+    with pytest.raises(HPDError, match=r"user\.train: '[0-9a-f]+' -> '[0-9a-f]+'"):
+        run_bench(s)
+
 def test_bench_rejects_unknown_methods_and_needs_the_reference(tmp_path):
     with pytest.raises(HPDError, match="unknown bench method"):
         run_bench(BenchSettings(out_dir=tmp_path, methods=["nope"]))

@@ -29,7 +29,8 @@ On a user's own task the same protocol runs on files:
 
 Every run keeps its directory, so an interrupted benchmark resumes (finished runs and evaluations
 are reused; unfinished runs resume from their checkpoint); the tables are rewritten after each
-condition.
+condition. A rerun with other data settings, or a finished run made with another config, is refused
+(`hpd.apps.bench_manifest`): reuse never mixes two settings.
 
     hpd bench --starts pretrained --data gold --out runs/bench     # one condition, all methods
     hpd bench --smoke --out /tmp/bench-smoke                       # a small setting (CI)
@@ -279,6 +280,36 @@ def heldout_data(data_dir: Path, tasks: list[str], n: int, name: str) -> Path:
     return path
 
 
+def manifest_settings(s: BenchSettings) -> dict[str, Any]:
+    """What shapes OUT's data files and teaches its runs (hpd.apps.bench_manifest): settings, a
+    user's files by content, and the weights of the teacher, the data-making models and the starts."""
+    from hpd.apps.bench_manifest import file_sha256
+    from hpd.fingerprints import weights_fingerprint
+
+    m: dict[str, Any] = {"data.n_val": s.n_val, "teacher": weights_fingerprint(s.teacher)}
+    if s.user_train is not None:
+        m.update({"user.train": file_sha256(s.user_train), "user.test": file_sha256(s.user_test)})
+        starts = [s.user_student or "scratch"]
+    else:
+        m.update({"data.train_per_task": s.train_per_task, "data.n_eval": s.n_eval, "data.n_curve": s.n_curve})
+        if "limited" in s.data:
+            m["limited.per_task"] = s.limited_per_task
+        if "traces" in s.data and (Path(s.writer) / "config.json").is_file():
+            m.update({"traces.writer": weights_fingerprint(s.writer), "traces.temperature": s.writer_temperature})
+        if "longmath" in s.data:
+            m["longmath.steps"] = s.long_steps
+            if (Path(s.long_teacher) / "config.json").is_file():
+                m["longmath.teacher"] = weights_fingerprint(s.long_teacher)
+            if "pretrained" in s.starts and (STUDENTS_DIR / "llama-2x96-long" / "config.json").is_file():
+                m["longmath.start"] = weights_fingerprint(STUDENTS_DIR / "llama-2x96-long")
+        starts = list(s.starts)
+    for spec in starts:
+        start = resolve_start(spec, s)
+        if start.model is not None:
+            m[f"start.{start.name}"] = weights_fingerprint(start.model)
+    return m
+
+
 def build_conditions(s: BenchSettings) -> tuple[list[Condition], list[str]]:
     """The conditions to run, and a note for each one that cannot run here (with the reason)."""
     out = Path(s.out_dir)
@@ -429,6 +460,9 @@ def run_all(specs: list[RunSpec], s: BenchSettings, verifier: str) -> None:
     import concurrent.futures as cf
     import multiprocessing as mp
 
+    from hpd.apps.bench_manifest import check_reused_runs
+
+    check_reused_runs(specs)  # a finished run made with another config is never reused as this one
     todo = [sp for sp in specs if not _done(sp)]
     if not todo:
         return
@@ -524,12 +558,17 @@ def run_bench(s: BenchSettings) -> Path:
         get_verifier(s.verifier, answer_pattern=s.answer_pattern)  # a bad spec fails before any training
     else:
         preflight_tasks()  # e.g. no sandbox for generated code: say so before training
+    from hpd.apps.bench_manifest import check_manifest, check_reused_runs
+
     out = Path(s.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    check_manifest(out, manifest_settings(s))  # before any data file under OUT is reused
     conditions, missing = build_conditions(s)
     for line in missing:
         print(f"[bench] not run: {line}", flush=True)
     t0 = time.perf_counter()
+    for cond in conditions if s.report_only else []:
+        check_reused_runs(plan_grid(cond, s) + plan_tuned(cond, s))
     for cond in [] if s.report_only else conditions:
         print(f"[bench] condition {cond.name}: {cond.note}; {len(s.methods)} methods, grid {s.lr_grid} x base lr "
               f"{cond.start.lr:g}, seeds {s.seeds}, {cond.start.steps} steps", flush=True)

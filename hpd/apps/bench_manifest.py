@@ -1,0 +1,90 @@
+"""What a `hpd bench` output directory was made with, so that a rerun never mixes two settings.
+
+`hpd bench` reuses what it finds under OUT: data files, finished runs and their scores. That is
+what makes it resumable, and also what would make it silently wrong if a rerun changed a setting:
+a data file written for `--train-per-task 4000` would be read as if it held 2000 rows, a run
+trained for 240 steps would be scored as one of 500, a user's new `--train` file would be paired
+with runs trained on the old one. Two checks prevent it:
+
+- **OUT/bench.json** records the settings that shape the data files (rows per task, test and
+  validation sizes, the trace writer and its temperature, the long-math steps), the content hashes
+  of a user's files and the weight fingerprints of the models that make data or teach. A rerun
+  whose value differs from the recorded one for any key both know is refused, with the keys
+  (old -> new). New keys (a start or condition added later) are recorded, not refused.
+- **Each reused run** (finished, or recorded as failed) is compared with the config the bench
+  would give it now (`hpd.resume.config_changes`); a difference in a key that alters the run, or
+  in `max_steps`, is refused with the run and the keys.
+
+    >>> import tempfile, pathlib
+    >>> out = pathlib.Path(tempfile.mkdtemp())
+    >>> check_manifest(out, {"data.n_eval": 500})
+    >>> try:
+    ...     check_manifest(out, {"data.n_eval": 100})
+    ... except HPDError as e:
+    ...     print(str(e).split("(")[1].split(")")[0])
+    data.n_eval: 500 -> 100
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Iterable
+
+from hpd.errors import HPDError
+from hpd.files import atomic_write_text
+
+MANIFEST = "bench.json"
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()[:24]
+
+
+def check_manifest(out: Path, current: dict[str, Any]) -> None:
+    """Refuse `current` if OUT/bench.json holds another value for one of its keys; else record it."""
+    path = Path(out) / MANIFEST
+    saved: dict[str, Any] = {}
+    if path.is_file():
+        try:
+            saved = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise HPDError(f"{path} is not valid JSON ({e}): restore it, or use another --out") from None
+    differs = {k: (saved[k], v) for k, v in current.items() if k in saved and saved[k] != v}
+    if differs:
+        raise HPDError(
+            f"{out} holds a bench made with other settings ("
+            + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in differs.items())
+            + "): its data and runs would be mixed with this one's. Rerun with the old values to resume it, "
+            "or pass another --out for the new settings")
+    if any(k not in saved for k in current):
+        Path(out).mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps({**saved, **current}, indent=2, sort_keys=True) + "\n")
+
+
+def check_reused_runs(specs: Iterable[Any]) -> None:
+    """Refuse a finished (or failed) run whose recorded config is not the one its spec asks for.
+
+    specs: `hpd.apps.bench.RunSpec`s (their `run_dir` and `overrides`)."""
+    from hpd.config import load_config
+    from hpd.resume import config_changes, run_altering, saved_config
+
+    for sp in specs:
+        run_dir = Path(sp.run_dir)
+        reused = (run_dir / "final" / "config.json").is_file() or (run_dir / "failed.json").is_file()
+        saved = saved_config(run_dir) if reused else {}
+        if not saved:
+            continue
+        changes = config_changes(saved, load_config(None, list(sp.overrides)))
+        altering = {**run_altering(changes), **{k: v for k, v in changes.items() if k == "max_steps"}}
+        if altering:
+            raise HPDError(
+                f"the finished run {run_dir} was trained with another config than this bench asks for ("
+                + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in altering.items())
+                + "): rerun with the settings it was made with, delete that run directory to retrain it, "
+                "or pass another --out")
