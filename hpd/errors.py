@@ -16,3 +16,10 @@ Python API lets it propagate. It subclasses `ValueError` so that callers catchin
 
 class HPDError(ValueError):
     """An error the user can fix; its message says what is wrong and how to fix it."""
+
+
+class DivergedError(HPDError):
+    """Training stopped because the loss or gradient norm stayed non-finite (`optim.max_bad_steps`).
+
+    A result of the settings rather than a mistake in them: `hpd bench` records such a run as
+    failed at its learning rate (a diverged grid point) and goes on; every other error stops it."""

@@ -53,7 +53,7 @@ from hpd.data import EncodedExample, EpochSampler, encode_file, encode_self_dist
 from hpd.distributed import (
     check_supported, is_fsdp, load_local_state, local_numel, local_state, make_accelerator, place_teacher, shard_name,
 )
-from hpd.errors import HPDError
+from hpd.errors import DivergedError, HPDError
 from hpd.model_card import model_card
 from hpd.hub import resolve_model_path
 from hpd.progress import Progress
@@ -920,7 +920,7 @@ class Trainer:
                      f"({self.bad_in_row} in a row)")
             if self.bad_in_row >= cfg.optim.max_bad_steps:
                 last = latest_checkpoint(self.run_dir)  # never one written inside this streak
-                raise HPDError(
+                raise DivergedError(
                     f"stopped at step {self.step + 1}: {self.bad_in_row} steps in a row had a non-finite {what} "
                     f"(optim.max_bad_steps={cfg.optim.max_bad_steps}). Last good checkpoint: "
                     f"{last if last else ('none yet' if cfg.save.every else 'none (save.every=0)')}. "

@@ -209,6 +209,48 @@ def test_a_users_changed_training_file_is_refused_in_the_same_out(tmp_path):
     with pytest.raises(HPDError, match=r"user\.train: '[0-9a-f]+' -> '[0-9a-f]+'"):
         run_bench(s)
 
+
+def test_a_diverged_run_is_a_failed_grid_point_and_any_other_error_stops_the_bench(tmp_path, monkeypatch):
+    import hpd
+    from hpd.errors import DivergedError
+
+    real = hpd.train
+
+    def train(cfg):
+        if cfg.objective.name == "hpd" and cfg.seed == 0:
+            raise DivergedError("stopped at step 2: 2 steps in a row had a non-finite loss")
+        return real(cfg)
+
+    monkeypatch.setattr(hpd, "train", train)
+    s = _fast(tmp_path, seeds=[0, 1], jobs=1)
+    run_bench(s)  # goes on past the diverged run
+    (cond,), _ = build_conditions(s)
+    failed = run_spec(cond, "hpd", cond.start.lr, 0, s).run_dir / "failed.json"
+    assert "non-finite loss" in json.loads(failed.read_text())["failed"]
+    assert (run_spec(cond, "hpd", cond.start.lr, 1, s).run_dir / "eval-test.json").is_file()
+    assert "(+1 failed)" in (tmp_path / "bench" / "results.md").read_text()
+
+    def broken(cfg):
+        raise HPDError("data file 'x.jsonl' not found: check data.train")
+
+    monkeypatch.setattr(hpd, "train", broken)
+    other = _fast(tmp_path, methods=["fkl", "hpd"], jobs=1)
+    with pytest.raises(HPDError, match="x.jsonl' not found"):
+        run_bench(other)
+    assert not list((tmp_path / "bench" / "runs").rglob("fkl/*/failed.json"))  # a mistake is never a result
+
+
+def test_two_benches_on_one_out_are_refused(tmp_path):
+    from filelock import FileLock
+
+    out = tmp_path / "bench"
+    out.mkdir()
+    with FileLock(str(out / ".bench.lock")):
+        with pytest.raises(HPDError, match="another `hpd bench` is running on .*another --out"):
+            run_bench(_fast(tmp_path))
+        assert not (out / "runs").exists() and not (out / "data").exists()
+        run_bench(_fast(tmp_path, report_only=True))  # the tables can still be read meanwhile
+
 def test_bench_rejects_unknown_methods_and_needs_the_reference(tmp_path):
     with pytest.raises(HPDError, match="unknown bench method"):
         run_bench(BenchSettings(out_dir=tmp_path, methods=["nope"]))

@@ -490,7 +490,9 @@ def test_nan_loss_skips_the_step_and_logs_it(monkeypatch, tiny_teacher, tmp_path
 def test_too_many_bad_steps_stop_the_run_naming_the_last_good_checkpoint(monkeypatch, tiny_teacher, tmp_path):
     _poison_objective_from(monkeypatch, lambda step: step >= 5)  # from step 6 on
     cfg = config(tmp_path / "run", "max_steps=20", "save.every=4", "optim.max_bad_steps=3", teacher=tiny_teacher)
-    with pytest.raises(HPDError) as err:
+    from hpd.errors import DivergedError
+
+    with pytest.raises(DivergedError) as err:  # an HPDError the bench records as a diverged grid point
         train(cfg)
     msg = str(err.value)
     assert "3 steps in a row had a non-finite loss" in msg and "optim.max_bad_steps=3" in msg

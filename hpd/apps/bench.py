@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from hpd.apps.demo import BUNDLED_TEACHER, STUDENT_OVERRIDES, TASKS, preflight_tasks
-from hpd.errors import HPDError
+from hpd.errors import DivergedError, HPDError
 from hpd.files import atomic_write_text
 from hpd.progress import format_duration
 
@@ -411,8 +411,9 @@ def score_model(model_dir: Path, rows_file: str, verifier: str, answer_pattern: 
 
 
 def execute(spec: RunSpec, verifier: str, answer_pattern: str | None, n_curve: int) -> dict:
-    """Train (or resume) one run and score it; runs in a worker process. A run that fails is
-    recorded with its error (a diverged learning rate is a result of the grid, not a crash)."""
+    """Train (or resume) one run and score it; runs in a worker process. A run that diverges is
+    recorded as failed (a diverged learning rate is a result of the grid, not a crash); any other
+    error stops the bench with its message, never recorded as a result."""
     import torch
 
     torch.set_num_threads(1)
@@ -432,7 +433,7 @@ def execute(spec: RunSpec, verifier: str, answer_pattern: str | None, n_curve: i
 
             try:
                 hpd.train(load_config(None, list(spec.overrides)))
-            except HPDError as e:
+            except DivergedError as e:
                 result = {"failed": str(e).splitlines()[0][:300]}
                 atomic_write_text(failed, json.dumps(result))
                 return result
@@ -541,8 +542,6 @@ def plan_tuned(cond: Condition, s: BenchSettings) -> list[RunSpec]:
 
 
 def run_bench(s: BenchSettings) -> Path:
-    from hpd.apps.bench_report import write_report
-
     unknown = [m for m in s.methods if m not in METHODS]
     if unknown:
         raise HPDError(f"unknown bench method(s) {unknown}; choose from: {', '.join(METHODS)}")
@@ -558,10 +557,28 @@ def run_bench(s: BenchSettings) -> Path:
         get_verifier(s.verifier, answer_pattern=s.answer_pattern)  # a bad spec fails before any training
     else:
         preflight_tasks()  # e.g. no sandbox for generated code: say so before training
-    from hpd.apps.bench_manifest import check_manifest, check_reused_runs
-
     out = Path(s.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if s.report_only:
+        return _bench(s, out)
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(out / ".bench.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise HPDError(f"another `hpd bench` is running on {out}: wait for it (or stop it), or pass another --out; "
+                       "`--report` prints the tables meanwhile") from None
+    try:
+        return _bench(s, out)
+    finally:
+        lock.release()
+
+
+def _bench(s: BenchSettings, out: Path) -> Path:
+    from hpd.apps.bench_manifest import check_manifest, check_reused_runs
+    from hpd.apps.bench_report import write_report
+
     check_manifest(out, manifest_settings(s))  # before any data file under OUT is reused
     conditions, missing = build_conditions(s)
     for line in missing:
