@@ -127,6 +127,26 @@ def test_math_verifier_reads_only_the_marked_answer():
     assert not task.verify(item, "")
 
 
+
+def test_math_partial_credit_counts_the_steps_right_before_the_first_wrong_one():
+    task = MathTask()
+    item = TaskItem("Start at 7, add 5, times 2, minus 3, add 4.", "7+5=12. 12*2=24. 24-3=21. 21+4=25. Answer: 25",
+                    "25")
+    assert task.partial_credit(item, item.reference) == 1.0
+    assert task.partial_credit(item, "7+5=12. 12*2=24. 24-3=21. 21+4=25. 25+1=26. Answer: 26") == 1.0  # extra steps
+    assert task.partial_credit(item, "7+5=12. 12*2=24. 24-3=20. 20+4=24. Answer: 24") == 0.5  # wrong at step 3
+    assert task.partial_credit(item, "7+5=12. 12*2=24. 24-3=20. 21+4=25. Answer: 25") == 0.5  # no credit after it
+    assert task.partial_credit(item, "7 + 5 = 12. 12*3=36.") == 0.25  # spacing is free; the operand is checked
+    assert task.partial_credit(item, "Answer: 25") == 0.0  # right answer, no steps written
+    assert task.partial_credit(item, "") == 0.0
+    assert get_task("dialogue").partial_credit(get_task("dialogue").generate("test", 1)[0], "x") is None
+    from hpd.apps.verifiers import get_verifier
+    from hpd.tasks import task_row
+
+    row = task_row(item)
+    assert get_verifier("task").partial_credit({**row, "task": "math"}, "7+5=12. 12*2=25.") == 0.25
+    assert get_verifier("exact").partial_credit(row, item.reference) is None
+
 def test_verify_free_form_with_math_verify_and_without(monkeypatch):
     pytest.importorskip("math_verify")
     assert verify_free_form("so x = \\frac{1}{2}", "0.5")

@@ -58,7 +58,7 @@ def run_summary(spec: RunSpec, max_grad_norm: float = 1.0) -> dict[str, Any] | N
     num = lambda k: [r[k] for r in train if isinstance(r.get(k), (int, float)) and math.isfinite(r[k])]  # noqa: E731
     norms = num("grad_norm")
     out = {
-        "verdicts": ev["verdicts"], "tasks": ev["tasks"], "accuracy": ev["accuracy"],
+        "verdicts": ev["verdicts"], "tasks": ev["tasks"], "accuracy": ev["accuracy"], "partial": ev.get("partial"),
         "cpu_s": last.get("cpu_s"), "wall_s": last.get("elapsed_s"),
         "teacher_tokens": last.get("teacher_tokens_total"), "generated_tokens": last.get("generated_tokens_total"),
         "spikes": loss_spikes(num("kl")), "gn_spread": grad_norm_spread(norms),
@@ -102,15 +102,18 @@ def task_accuracy(run: dict, task: str) -> float | None:
     return sum(vs) / len(vs) if vs else None
 
 
-def paired_diff(runs: dict[int, dict], ref: dict[int, dict]) -> str:
-    """Mean difference (points) against the reference, with the 95% paired-bootstrap interval."""
+def paired_diff(runs: dict[int, dict], ref: dict[int, dict], key: str = "verdicts") -> str:
+    """Mean difference (points) against the reference, with the 95% paired-bootstrap interval.
+
+    key: the per-problem scores compared: `verdicts` (0/1) or `partial` (a graded score in [0, 1];
+    a problem without one counts 0)."""
     from hpd.stats import paired_bootstrap
 
-    seeds = sorted(set(runs) & set(ref))
+    seeds = sorted(s for s in set(runs) & set(ref) if runs[s].get(key) is not None and ref[s].get(key) is not None)
     if not seeds:
         return "-"
-    a = [[float(v) for v in runs[s]["verdicts"]] for s in seeds]
-    b = [[float(v) for v in ref[s]["verdicts"]] for s in seeds]
+    a = [[float(v or 0) for v in runs[s][key]] for s in seeds]
+    b = [[float(v or 0) for v in ref[s][key]] for s in seeds]
     if any(len(x) != len(y) for x, y in zip(a, b)):
         return "(different problems)"
     d = paired_bootstrap(a, b, n_boot=2000, seed=0)
@@ -142,9 +145,13 @@ def condition_tables(cond: Condition, s: BenchSettings) -> str:
         for r in runs.values():
             tasks = list(dict.fromkeys([*tasks, *r["tasks"]]))
     n_test = max((len(r["verdicts"]) for runs in equal.values() for r in runs.values()), default=0)
+    # A graded score (math's steps right before the first error) where the verifier gives one: it
+    # separates students that all fail a long chain as a whole.
+    graded = any(r.get("partial") is not None for runs in [*equal.values(), *tuned.values()] for r in runs.values())
 
     def table(kind: str, chosen: dict[str, dict[int, dict]], rates: dict[str, float]) -> list[str]:
-        cols = ["lr", "seeds", *tasks, "mean", "std (seeds)", f"vs {REFERENCE}: diff [95% CI]", "spikes",
+        cols = ["lr", "seeds", *tasks, "mean", "std (seeds)", f"vs {REFERENCE}: diff [95% CI]",
+                *(["steps right %", f"steps right vs {REFERENCE}"] if graded else []), "spikes",
                 "grad-norm p90/p50", "clipped", "CPU s"]
         if kind == "tuned":
             cols += ["val acc lost across grid", "CPU s to 90% best", "teacher tok to 90%", "student gen tok to 90%"]
@@ -159,6 +166,11 @@ def condition_tables(cond: Condition, s: BenchSettings) -> str:
                 cells.append(f"{_fmt(mean, '.1f')} ± {_fmt(std, '.1f')}")
             mean, std = _mean_std([100 * r["accuracy"] for r in runs.values()])
             cells += [_fmt(mean, ".1f"), _fmt(std, ".1f"), "ref" if m == REFERENCE else paired_diff(runs, chosen[REFERENCE])]
+            if graded:
+                scores = [100 * statistics.fmean(p or 0 for p in r["partial"]) for r in runs.values() if r.get("partial")]
+                mean, std = _mean_std(scores)
+                cells += [f"{_fmt(mean, '.1f')} ± {_fmt(std, '.1f')}" + (f" ({len(scores)})" if len(scores) != len(runs) else ""),
+                          "ref" if m == REFERENCE else paired_diff(runs, chosen[REFERENCE], "partial")]
             for key, spec in (("spikes", ".1f"), ("gn_spread", ".2f"), ("clipped", ".0%"), ("cpu_s", ".0f")):
                 cells.append(_fmt(_mean_std([r.get(key) for r in runs.values()])[0], spec))
             if kind == "tuned":
@@ -171,6 +183,10 @@ def condition_tables(cond: Condition, s: BenchSettings) -> str:
     lines.append(f"### {cond.name}\n")
     lines.append(f"Start `{cond.start.name}` ({cond.start.steps} steps, base lr {cond.start.lr:g}); data: {cond.note}; "
                  f"teacher {_teacher_name(cond.teacher)}; {n_test} test problems ({', '.join(tasks)}), verifier `{cond.verifier}`.\n")
+    if graded:
+        lines.append("`steps right %`: the share of the reference's steps an answer writes right before its first "
+                     "wrong one (mean over problems, then mean ± std over seeds; a count in brackets when fewer seeds "
+                     f"have it); `steps right vs {REFERENCE}`: the paired difference on it, as for accuracy.\n")
     lines.append(f"Equal learning rate ({cond.start.lr:g} for every method), accuracy % (mean ± std over seeds):\n")
     lines += table("equal", equal, {m: cond.start.lr for m in s.methods})
     lines.append("")

@@ -76,6 +76,10 @@ class Verifier:
     def verify(self, row: Mapping[str, Any], completion: str) -> bool:
         raise NotImplementedError
 
+    def partial_credit(self, row: Mapping[str, Any], completion: str) -> float | None:
+        """A graded score in [0, 1] beside the verdict (a task's, e.g. math's steps right), or None."""
+        return None
+
     def verify_batch(self, rows: Sequence[Mapping[str, Any]], completions: Sequence[str]) -> list[bool]:
         """One verdict per row, in input order; a verifier that raises becomes a one-line `HPDError`."""
         if len(rows) != len(completions):
@@ -192,6 +196,11 @@ class TaskVerifier(Verifier):
 
     def max_new_tokens(self, row):
         return self._task_of(row).max_new_tokens
+
+    def partial_credit(self, row, completion):
+        from hpd.apps.tasks import task_item
+
+        return self._task_of(row).partial_credit(task_item(row), completion)
 
     def verify_batch(self, rows, completions):
         from hpd.apps.tasks import task_item

@@ -92,6 +92,13 @@ class Task(ABC):
     def verify(self, item: TaskItem, completion: str) -> bool:
         """Whether `completion` solves `item`."""
 
+    def partial_credit(self, item: TaskItem, completion: str) -> float | None:
+        """A graded score in [0, 1] beside the pass/fail verdict, or None where the task has none.
+
+        For answers that are all-or-nothing over many steps (a long chain is right only if every
+        step is), this says how far a model got, which separates models that all fail the whole."""
+        return None
+
     def split_of_item(self, item: TaskItem) -> str:
         """The split `item` belongs to: by a hash of its prompt (`split_of`) unless a task says otherwise."""
         return split_of(item.prompt, self.val_fraction)

@@ -32,6 +32,7 @@ MUL_RANGE = range(2, 6)
 START_RANGE = range(1, 21)
 MAX_STEPS = 32  # long chains (16-32 steps) make answers of a few hundred tokens
 
+_STEP_RE = re.compile(r"(-?\d+)\s*([-+*/])\s*(\d+)\s*=\s*(-?\d+)")
 _ANSWER_RE = re.compile(r"answer\s*[:=]?\s*(-?\d+(?:\.\d+)?)", re.IGNORECASE)
 _NUMBER_RE = re.compile(r"-?\d+(?:\.\d+)?(?:/\d+)?")
 
@@ -138,6 +139,29 @@ class MathTask(Task):
         prompt = ", ".join(words) + "."
         reference = " ".join(chain) + f" Answer: {v}"
         return TaskItem(prompt, reference, str(v), {"task": self.name, "steps": self.steps})
+
+    def partial_credit(self, item: TaskItem, completion: str) -> float | None:
+        """The share of the reference's steps written right before the first wrong one.
+
+        Each step `a op k = r` of the completion, in order, must equal the reference's step at the
+        same place (operand, operation and result); the count stops at the first that does not.
+
+            >>> item = MathTask(steps=3).sample(random.Random(0))
+            >>> item.reference
+            '13+2=15. 15-9=6. 6/3=2. Answer: 2'
+            >>> MathTask(steps=3).partial_credit(item, "13+2=15. 15-9=7. 7/3=2. Answer: 2")  # right until step 2
+            0.3333333333333333
+        """
+        ref = _STEP_RE.findall(item.reference)
+        if not ref:
+            return None
+        got = _STEP_RE.findall(completion)
+        right = 0
+        for a, b in zip(ref, got):
+            if a != b:
+                break
+            right += 1
+        return right / len(ref)
 
     def verify(self, item: TaskItem, completion: str) -> bool:
         got = extract_answer(completion)
