@@ -146,15 +146,17 @@ def test_bench_on_a_users_own_task(tmp_path, verifier):
     ev = json.loads((run / "eval-test.json").read_text())
     assert len(ev["verdicts"]) == 6 and ev["accuracy"] == sum(ev["verdicts"]) / 6
     assert len(ev["completions"]) == 6  # kept, so any later metric can be read without generating again
-    if verifier == "task":  # math grades steps right: scored, and reported beside accuracy
+    if verifier == "task":  # math grades steps right: read from the kept answers, reported beside accuracy
+        from hpd.apps.bench_report import grader
         from hpd.tasks import get_task, task_item
 
         rows = [json.loads(line) for line in test.read_text().splitlines()]
-        assert ev["partial"] == [get_task("math", steps=1).partial_credit(task_item(r), c)
-                                 for r, c in zip(rows, ev["completions"])]
-        assert "steps right %" in table
+        want = [get_task("math", steps=1).partial_credit(task_item(r), c) for r, c in zip(rows, ev["completions"])]
+        assert grader(cond, s)(ev) == want
+        mean = 100 * sum(want) / len(want)
+        assert f"| hpd | {cond.start.lr:.2g} | 1 |" in table and f"| {mean:.1f} ± 0.0 | ref |" in table
     else:
-        assert "partial" not in ev and "steps right" not in table
+        assert "steps right" not in table
 
 
 def test_bench_verifier_that_raises_is_a_clear_error(tmp_path):

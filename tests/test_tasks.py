@@ -128,17 +128,22 @@ def test_math_verifier_reads_only_the_marked_answer():
 
 
 
-def test_math_partial_credit_counts_the_steps_right_before_the_first_wrong_one():
+def test_math_partial_credit_counts_each_step_done_right_on_the_answers_own_value():
     task = MathTask()
     item = TaskItem("Start at 7, add 5, times 2, minus 3, add 4.", "7+5=12. 12*2=24. 24-3=21. 21+4=25. Answer: 25",
                     "25")
     assert task.partial_credit(item, item.reference) == 1.0
     assert task.partial_credit(item, "7+5=12. 12*2=24. 24-3=21. 21+4=25. 25+1=26. Answer: 26") == 1.0  # extra steps
-    assert task.partial_credit(item, "7+5=12. 12*2=24. 24-3=20. 20+4=24. Answer: 24") == 0.5  # wrong at step 3
-    assert task.partial_credit(item, "7+5=12. 12*2=24. 24-3=20. 21+4=25. Answer: 25") == 0.5  # no credit after it
-    assert task.partial_credit(item, "7 + 5 = 12. 12*3=36.") == 0.25  # spacing is free; the operand is checked
+    assert task.partial_credit(item, "7+5=12. 12*2=24. 24-3=20. 20+4=24. Answer: 24") == 0.75  # a slip costs its step
+    assert task.partial_credit(item, "7+5=13. 13*2=26. 26-3=23. 23+4=27.") == 0.75  # the rest right on its own value
+    assert task.partial_credit(item, "7+5=12. 12*2=24. 24-3=20. 21+4=25.") == 0.5  # step 4 not on its own value (20)
+    assert task.partial_credit(item, "7+6=13. 13*3=39. 39-3=36. 36+4=40.") == 0.5  # wrong operands copied: no credit
+    assert task.partial_credit(item, "7 + 5 = 12. 12*2=24.") == 0.5  # spacing is free
+    assert task.partial_credit(item, "8+5=13. 13*2=26.") == 0.25  # the first step must start at the start value
     assert task.partial_credit(item, "Answer: 25") == 0.0  # right answer, no steps written
     assert task.partial_credit(item, "") == 0.0
+    div = TaskItem("Start at 7, add 5, divide by 4.", "7+5=12. 12/4=3. Answer: 3", "3")
+    assert task.partial_credit(div, "7+5=12. 12/4=3.") == 1.0 and task.partial_credit(div, "7+5=13. 13/4=3.") == 0.0
     assert get_task("dialogue").partial_credit(get_task("dialogue").generate("test", 1)[0], "x") is None
     from hpd.apps.verifiers import get_verifier
     from hpd.tasks import task_row

@@ -399,23 +399,18 @@ def eval_file(run_dir: Path, split: str, step: int | None = None) -> Path:
 
 def score_model(model_dir: Path, rows_file: str, verifier: str, answer_pattern: str | None, n_per_task: int | None = None) -> dict:
     """Greedy answers to every row, verified: `{"verdicts": [...], "tasks": [...], "accuracy": ...,
-    "completions": [...]}`, plus `"partial": [...]` where the verifier grades (math's steps right)."""
+    "completions": [...]}`. The answers are kept so that a graded score (`Verifier.partial_credit`)
+    is read from them by the report, by the definition in the code, never from a stored number."""
     from hpd.apps.evaluate import evaluate_rows
     from hpd.apps.verifiers import get_verifier
 
     rows = _read_rows(Path(rows_file))
     if n_per_task is not None:
         rows = _first_per_task(rows, n_per_task)
-    v = get_verifier(verifier, answer_pattern=answer_pattern)
-    res = evaluate_rows(str(model_dir), rows, v)
+    res = evaluate_rows(str(model_dir), rows, get_verifier(verifier, answer_pattern=answer_pattern))
     verdicts = [bool(x) for x in res.verdicts]
-    completions = [r["completion"] for r in res.records]
-    out = {"verdicts": verdicts, "tasks": [r.get("task", "") for r in rows], "accuracy": sum(verdicts) / max(len(verdicts), 1),
-           "completions": completions}
-    partial = [v.partial_credit(row, c) for row, c in zip(rows, completions)]
-    if any(p is not None for p in partial):
-        out["partial"] = partial
-    return out
+    return {"verdicts": verdicts, "tasks": [r.get("task", "") for r in rows], "accuracy": sum(verdicts) / max(len(verdicts), 1),
+            "completions": [r["completion"] for r in res.records]}
 
 
 def execute(spec: RunSpec, verifier: str, answer_pattern: str | None, n_curve: int) -> dict:

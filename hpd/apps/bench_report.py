@@ -11,13 +11,15 @@ missing run shows as fewer seeds (the `seeds` column), never as a silent zero.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import statistics
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from hpd.apps.bench import REFERENCE, BenchSettings, Condition, RunSpec, eval_file, run_spec, tuned_lr
+from hpd.errors import HPDError
 
 
 def loss_spikes(kl: list[float], window: int = 10, factor: float = 1.5) -> int:
@@ -47,7 +49,32 @@ def _records(run_dir: Path, kind: str) -> list[dict[str, Any]]:
     return read_records(run_dir, kind) if (run_dir / "metrics.jsonl").is_file() else []
 
 
-def run_summary(spec: RunSpec, max_grad_norm: float = 1.0) -> dict[str, Any] | None:
+@functools.lru_cache(maxsize=8)
+def _grading(test_file: str, verifier: str, answer_pattern: str | None) -> tuple[list[dict], Any]:
+    from hpd.apps.bench import _read_rows
+    from hpd.apps.verifiers import get_verifier
+
+    return _read_rows(Path(test_file)), get_verifier(verifier, answer_pattern=answer_pattern)
+
+
+def grader(cond: Condition, s: BenchSettings) -> Callable[[dict], list[float | None] | None]:
+    """Per-problem graded scores of a scored run (`Verifier.partial_credit` on its kept answers), or
+    None where the run kept no answers or the verifier does not grade."""
+    def grade(ev: dict) -> list[float | None] | None:
+        answers = ev.get("completions")
+        if answers is None:
+            return None
+        rows, verifier = _grading(str(cond.test), cond.verifier, s.answer_pattern)
+        if len(rows) != len(answers):
+            raise HPDError(f"a run of {cond.name} holds {len(answers)} answers for {len(rows)} test problems: "
+                           "its eval-test.json was made on another test file; delete it to re-score the run")
+        scores = [verifier.partial_credit(r, c) for r, c in zip(rows, answers)]
+        return scores if any(x is not None for x in scores) else None
+    return grade
+
+
+def run_summary(spec: RunSpec, max_grad_norm: float = 1.0,
+                grade: Callable[[dict], list[float | None] | None] | None = None) -> dict[str, Any] | None:
     """A finished run's test verdicts and training figures; None while it has not finished."""
     test = eval_file(spec.run_dir, "test")
     if not test.is_file():
@@ -58,7 +85,8 @@ def run_summary(spec: RunSpec, max_grad_norm: float = 1.0) -> dict[str, Any] | N
     num = lambda k: [r[k] for r in train if isinstance(r.get(k), (int, float)) and math.isfinite(r[k])]  # noqa: E731
     norms = num("grad_norm")
     out = {
-        "verdicts": ev["verdicts"], "tasks": ev["tasks"], "accuracy": ev["accuracy"], "partial": ev.get("partial"),
+        "verdicts": ev["verdicts"], "tasks": ev["tasks"], "accuracy": ev["accuracy"],
+        "partial": grade(ev) if grade is not None else None,
         "cpu_s": last.get("cpu_s"), "wall_s": last.get("elapsed_s"),
         "teacher_tokens": last.get("teacher_tokens_total"), "generated_tokens": last.get("generated_tokens_total"),
         "spikes": loss_spikes(num("kl")), "gn_spread": grad_norm_spread(norms),
@@ -123,7 +151,7 @@ def paired_diff(runs: dict[int, dict], ref: dict[int, dict], key: str = "verdict
 def method_runs(cond: Condition, method: str, lr: float, s: BenchSettings) -> dict[int, dict]:
     out = {}
     for seed in s.seeds:
-        summ = run_summary(run_spec(cond, method, lr, seed, s))
+        summ = run_summary(run_spec(cond, method, lr, seed, s), grade=grader(cond, s))
         if summ is not None:
             out[seed] = summ
     return out
@@ -184,9 +212,10 @@ def condition_tables(cond: Condition, s: BenchSettings) -> str:
     lines.append(f"Start `{cond.start.name}` ({cond.start.steps} steps, base lr {cond.start.lr:g}); data: {cond.note}; "
                  f"teacher {_teacher_name(cond.teacher)}; {n_test} test problems ({', '.join(tasks)}), verifier `{cond.verifier}`.\n")
     if graded:
-        lines.append("`steps right %`: the share of the reference's steps an answer writes right before its first "
-                     "wrong one (mean over problems, then mean ± std over seeds; a count in brackets when fewer seeds "
-                     f"have it); `steps right vs {REFERENCE}`: the paired difference on it, as for accuracy.\n")
+        lines.append("`steps right %`: the verifier's graded score (math: the share of the reference's steps an answer "
+                     "does right, each applied to the answer's own running value); mean over problems, then mean ± std "
+                     "over seeds, with a count in brackets when fewer seeds kept their answers; "
+                     f"`steps right vs {REFERENCE}`: the paired difference on it, as for accuracy.\n")
     lines.append(f"Equal learning rate ({cond.start.lr:g} for every method), accuracy % (mean ± std over seeds):\n")
     lines += table("equal", equal, {m: cond.start.lr for m in s.methods})
     lines.append("")

@@ -141,26 +141,33 @@ class MathTask(Task):
         return TaskItem(prompt, reference, str(v), {"task": self.name, "steps": self.steps})
 
     def partial_credit(self, item: TaskItem, completion: str) -> float | None:
-        """The share of the reference's steps written right before the first wrong one.
+        """The share of the reference's steps the completion performs right, each on its own terms.
 
-        Each step `a op k = r` of the completion, in order, must equal the reference's step at the
-        same place (operand, operation and result); the count stops at the first that does not.
+        Step i of the completion (its i-th `a op k = r`) is right when it applies the prompt's i-th
+        operation (the reference's `op` and `k`) to the completion's own running value (`a` is its
+        previous result, or the start value) and computes `r` exactly. An early slip therefore
+        costs only its own step: this measures how well each step is done in the student's own
+        context, the situation exposure bias is about, rather than whether the chain survives.
 
             >>> item = MathTask(steps=3).sample(random.Random(0))
             >>> item.reference
             '13+2=15. 15-9=6. 6/3=2. Answer: 2'
-            >>> MathTask(steps=3).partial_credit(item, "13+2=15. 15-9=7. 7/3=2. Answer: 2")  # right until step 2
+            >>> MathTask(steps=3).partial_credit(item, "13+2=15. 15-9=6. 6/3=3. Answer: 3")  # step 3 wrong
+            0.6666666666666666
+            >>> MathTask(steps=3).partial_credit(item, "13+2=16. 16-9=7. Answer: 7")  # step 1 wrong, 2 right on 16
             0.3333333333333333
         """
         ref = _STEP_RE.findall(item.reference)
         if not ref:
             return None
-        got = _STEP_RE.findall(completion)
+        value = int(ref[0][0])  # the start
         right = 0
-        for a, b in zip(ref, got):
-            if a != b:
-                break
-            right += 1
+        for (_, op, k, _), (a, got_op, got_k, r) in zip(ref, _STEP_RE.findall(completion)):
+            a, kk, r = int(a), int(got_k), int(r)
+            exact = {"+": a + kk, "-": a - kk, "*": a * kk,
+                     "/": a // kk if kk and a % kk == 0 else None}[got_op]
+            right += (got_op, got_k) == (op, k) and a == value and exact == r
+            value = r
         return right / len(ref)
 
     def verify(self, item: TaskItem, completion: str) -> bool:
