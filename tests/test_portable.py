@@ -171,6 +171,24 @@ def test_the_shipped_students_share_the_teachers_tokenizer():
     from hpd.apps.demo import BUNDLED_TEACHER
 
     _, teacher_tok = load_model(str(BUNDLED_TEACHER))
-    for name in ("llama-2x96", "qwen2-2x96", "llama-3x128"):
+    for name in ("llama-2x96", "qwen2-2x96", "llama-3x128", "llama-2x96-long", "writer"):
         _, tok = load_model(str(STUDENTS_DIR / name))
         assert tok.get_vocab() == teacher_tok.get_vocab(), name
+    _, tok = load_model(str(STUDENTS_DIR.parent / "long-teacher"))
+    assert tok.get_vocab() == teacher_tok.get_vocab()
+
+
+def test_every_shipped_model_is_portable():
+    """What `make_portable` writes, in every model directory the project ships (so a user on
+    transformers 4.x can load the bundled teacher and students as they are)."""
+    from hpd.apps.bench import STUDENTS_DIR
+    from hpd.portable import _TOKENIZER_CLASSES
+
+    dirs = sorted(p.parent for p in STUDENTS_DIR.parent.rglob("config.json"))
+    assert len(dirs) >= 7
+    for d in dirs:
+        conf = json.loads((d / "config.json").read_text())
+        assert conf["rope_theta"] == conf["rope_parameters"]["rope_theta"] and "torch_dtype" in conf, d
+        tok = json.loads((d / "tokenizer_config.json").read_text())
+        assert tok["tokenizer_class"] not in _TOKENIZER_CLASSES and "additional_special_tokens" in tok, d
+        assert tok["tokenizer_class"] == "PreTrainedTokenizerFast", d  # the shared byte tokenizer, loaded as saved
