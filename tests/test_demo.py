@@ -35,6 +35,12 @@ def test_demo_runs_end_to_end(tmp_path, repo_root, monkeypatch):
     before = {p: p.stat().st_mtime for p in runs}
     run_demo(DemoSettings(out_dir=tmp_path / "demo", steps=3, n_eval=4, train_per_task=20, seeds=(0, 1)))
     assert before == {p: p.stat().st_mtime for p in runs}
+    # Other settings in the same directory are refused, never mixed with what is there.
+    with pytest.raises(HPDError, match=r"other settings \(data\.n_val: 4 -> 5, data\.n_eval: 4 -> 5\)"):
+        run_demo(DemoSettings(out_dir=tmp_path / "demo", steps=3, n_eval=5, train_per_task=20, seeds=(0, 1)))
+    with pytest.raises(HPDError, match=r"finished run .* another config .*max_steps: 3 -> 4"):
+        run_demo(DemoSettings(out_dir=tmp_path / "demo", steps=4, n_eval=4, train_per_task=20, seeds=(0, 1)))
+    assert before == {p: p.stat().st_mtime for p in runs}
 
 
 def test_demo_without_teacher_says_how_to_build_one(tmp_path):

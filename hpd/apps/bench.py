@@ -564,18 +564,10 @@ def run_bench(s: BenchSettings) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     if s.report_only:
         return _bench(s, out)
-    from filelock import FileLock, Timeout
+    from hpd.apps.bench_manifest import exclusive
 
-    lock = FileLock(str(out / ".bench.lock"))
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        raise HPDError(f"another `hpd bench` is running on {out}: wait for it (or stop it), or pass another --out; "
-                       "`--report` prints the tables meanwhile") from None
-    try:
+    with exclusive(out):
         return _bench(s, out)
-    finally:
-        lock.release()
 
 
 def _bench(s: BenchSettings, out: Path) -> Path:

@@ -27,10 +27,11 @@ with runs trained on the old one. Two checks prevent it:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from hpd.errors import HPDError
 from hpd.files import atomic_write_text
@@ -44,6 +45,24 @@ def file_sha256(path: str | Path) -> str:
         for block in iter(lambda: fh.read(1 << 22), b""):
             h.update(block)
     return h.hexdigest()[:24]
+
+
+@contextlib.contextmanager
+def exclusive(out: Path, command: str = "hpd bench") -> Iterator[None]:
+    """Hold OUT for one command at a time (an OS file lock); a second one fails at once, saying so."""
+    from filelock import FileLock, Timeout
+
+    Path(out).mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(Path(out) / ".bench.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise HPDError(f"another `{command}` is running on {out}: wait for it (or stop it), or pass another --out; "
+                       "`hpd bench --report` prints the tables meanwhile") from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def check_manifest(out: Path, current: dict[str, Any]) -> None:
