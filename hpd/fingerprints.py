@@ -4,8 +4,9 @@ Three ways to name "the same model", each kept because caches on disk are keyed 
 
 - `model_fingerprint(model)`: a model in memory (names, shapes, two sums per tensor); the key of
   the teacher's generations in regime `teacher`.
-- `weights_fingerprint(path)`: the bytes of a model's weight files on disk (sha256, exact); what a
-  teacher cache records (`hpd cache-teacher`).
+- `weights_fingerprint(path)`: the bytes of a model's weight files and config.json on disk
+  (sha256, exact); what a teacher cache records (`hpd cache-teacher`). With `with_config=False`,
+  the weight files alone: what `hpd bench` records of its models (`OUT/bench.json`).
 - `model_content_hash(path)`: the bytes of everything on disk that decides what a model generates
   (weights, config, generation config, tokenizer and chat template files), nothing else: files
   written beside a model (evaluation outputs, a model card) and modification times leave it
@@ -55,10 +56,15 @@ def _hash_files(files: list[Path]) -> str:
     return h.hexdigest()[:24]
 
 
-def weights_fingerprint(path: str | os.PathLike) -> str:
-    """sha256 of a model's weight files (and config.json), read from disk without loading it."""
+def weights_fingerprint(path: str | os.PathLike, *, with_config: bool = True) -> str:
+    """sha256 of a model's weight files (and config.json), read from disk without loading it.
+
+    with_config=False hashes what the model has learned alone: the key of `hpd bench`'s record of
+    its models, which must not change when config.json only gains keys that change nothing (the
+    legacy RoPE keys `hpd.portable` adds)."""
     p = Path(path)
-    files = [p] if p.is_file() else sorted(f for f in p.iterdir() if f.suffix in _WEIGHT_SUFFIXES or f.name == "config.json")
+    files = [p] if p.is_file() else sorted(
+        f for f in p.iterdir() if f.suffix in _WEIGHT_SUFFIXES or (with_config and f.name == "config.json"))
     if not files:
         raise HPDError(f"no weight files in '{p}': pass a Hugging Face model directory or a .gguf file")
     return _hash_files(files)

@@ -222,6 +222,28 @@ def test_a_users_changed_training_file_is_refused_in_the_same_out(tmp_path):
         run_bench(s)
 
 
+
+def test_the_record_keys_models_by_their_weights_not_their_config_file(tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from hpd.apps.bench import STUDENTS_DIR
+
+    student = shutil.copytree(STUDENTS_DIR / "llama-2x96", tmp_path / "student")
+    train, test = _user_files(tmp_path)
+    s = _fast(tmp_path, methods=["hpd"], user_train=train, user_test=test, user_student=str(student), verifier="exact",
+              report_only=True)
+    run_bench(s)
+    conf = json.loads((student / "config.json").read_text())
+    (student / "config.json").write_text(json.dumps({**conf, "transformers_version": "4.57.0"}))  # a key that changes nothing
+    run_bench(s)
+    weights = load_file(student / "model.safetensors")
+    name = next(iter(weights))
+    save_file({**weights, name: weights[name] + 1}, student / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(HPDError, match=r"other settings \(start\.student: "):
+        run_bench(s)
+
 def test_a_diverged_run_is_a_failed_grid_point_and_any_other_error_stops_the_bench(tmp_path, monkeypatch):
     import hpd
     from hpd.errors import DivergedError

@@ -39,6 +39,7 @@ condition. A rerun with other data settings, or a finished run made with another
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -286,7 +287,9 @@ def manifest_settings(s: BenchSettings) -> dict[str, Any]:
     from hpd.apps.bench_manifest import file_sha256
     from hpd.fingerprints import weights_fingerprint
 
-    m: dict[str, Any] = {"data.n_val": s.n_val, "teacher": weights_fingerprint(s.teacher)}
+    # The weights alone: a config.json may gain keys that change nothing (hpd.portable's).
+    weights = functools.partial(weights_fingerprint, with_config=False)
+    m: dict[str, Any] = {"data.n_val": s.n_val, "teacher": weights(s.teacher)}
     if s.user_train is not None:
         m.update({"user.train": file_sha256(s.user_train), "user.test": file_sha256(s.user_test)})
         starts = [s.user_student or "scratch"]
@@ -295,18 +298,18 @@ def manifest_settings(s: BenchSettings) -> dict[str, Any]:
         if "limited" in s.data:
             m["limited.per_task"] = s.limited_per_task
         if "traces" in s.data and (Path(s.writer) / "config.json").is_file():
-            m.update({"traces.writer": weights_fingerprint(s.writer), "traces.temperature": s.writer_temperature})
+            m.update({"traces.writer": weights(s.writer), "traces.temperature": s.writer_temperature})
         if "longmath" in s.data:
             m["longmath.steps"] = s.long_steps
             if (Path(s.long_teacher) / "config.json").is_file():
-                m["longmath.teacher"] = weights_fingerprint(s.long_teacher)
+                m["longmath.teacher"] = weights(s.long_teacher)
             if "pretrained" in s.starts and (STUDENTS_DIR / "llama-2x96-long" / "config.json").is_file():
-                m["longmath.start"] = weights_fingerprint(STUDENTS_DIR / "llama-2x96-long")
+                m["longmath.start"] = weights(STUDENTS_DIR / "llama-2x96-long")
         starts = list(s.starts)
     for spec in starts:
         start = resolve_start(spec, s)
         if start.model is not None:
-            m[f"start.{start.name}"] = weights_fingerprint(start.model)
+            m[f"start.{start.name}"] = weights(start.model)
     return m
 
 
