@@ -297,6 +297,17 @@ def test_bench_rejects_unknown_methods_and_needs_the_reference(tmp_path):
     assert METHODS["abkl"] == ("abkl", [])
 
 
+
+def test_the_graded_difference_compares_only_the_problems_the_verifier_grades():
+    from hpd.apps.bench_report import paired_diff
+
+    # Two seeds; the None rows (e.g. code and dialogue in a mixed test set) carry no graded score.
+    ref = {0: {"partial": [0.5, None, 0.25, None]}, 1: {"partial": [0.5, None, 0.5, None]}}
+    run = {0: {"partial": [1.0, None, 0.75, None]}, 1: {"partial": [1.0, None, 1.0, None]}}
+    assert paired_diff(run, ref, "partial").startswith("+50.0 [+50.0, +50.0]")  # every graded problem +0.5
+    assert paired_diff({0: {"partial": None}}, ref, "partial") == "-"
+    assert paired_diff({0: {"partial": [1.0]}}, ref, "partial") == "(different problems)"
+
 def test_loss_spikes_and_grad_norm_spread():
     assert loss_spikes([1.0] * 20) == 0
     assert loss_spikes([1.0] * 12 + [2.0] + [1.0] * 5) == 1

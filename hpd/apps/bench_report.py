@@ -133,17 +133,17 @@ def task_accuracy(run: dict, task: str) -> float | None:
 def paired_diff(runs: dict[int, dict], ref: dict[int, dict], key: str = "verdicts") -> str:
     """Mean difference (points) against the reference, with the 95% paired-bootstrap interval.
 
-    key: the per-problem scores compared: `verdicts` (0/1) or `partial` (a graded score in [0, 1];
-    a problem without one counts 0)."""
+    key: the per-problem scores compared: `verdicts` (0/1) or `partial` (a graded score in [0, 1],
+    compared on the problems the verifier grades, e.g. only the math rows of a mixed test set)."""
     from hpd.stats import paired_bootstrap
 
     seeds = sorted(s for s in set(runs) & set(ref) if runs[s].get(key) is not None and ref[s].get(key) is not None)
     if not seeds:
         return "-"
-    a = [[float(v or 0) for v in runs[s][key]] for s in seeds]
-    b = [[float(v or 0) for v in ref[s][key]] for s in seeds]
-    if any(len(x) != len(y) for x, y in zip(a, b)):
+    if any(len(runs[s][key]) != len(ref[s][key]) for s in seeds):
         return "(different problems)"
+    a = [[float(x) for x, y in zip(runs[s][key], ref[s][key]) if x is not None and y is not None] for s in seeds]
+    b = [[float(y) for x, y in zip(runs[s][key], ref[s][key]) if x is not None and y is not None] for s in seeds]
     d = paired_bootstrap(a, b, n_boot=2000, seed=0)
     return f"{100 * d.diff:+.1f} [{100 * d.low:+.1f}, {100 * d.high:+.1f}]"
 
@@ -173,8 +173,8 @@ def condition_tables(cond: Condition, s: BenchSettings) -> str:
         for r in runs.values():
             tasks = list(dict.fromkeys([*tasks, *r["tasks"]]))
     n_test = max((len(r["verdicts"]) for runs in equal.values() for r in runs.values()), default=0)
-    # A graded score (math's steps right before the first error) where the verifier gives one: it
-    # separates students that all fail a long chain as a whole.
+    # A graded score (math's steps right) where the verifier gives one: it separates students that
+    # all fail a long chain as a whole.
     graded = any(r.get("partial") is not None for runs in [*equal.values(), *tuned.values()] for r in runs.values())
 
     def table(kind: str, chosen: dict[str, dict[int, dict]], rates: dict[str, float]) -> list[str]:
@@ -195,7 +195,8 @@ def condition_tables(cond: Condition, s: BenchSettings) -> str:
             mean, std = _mean_std([100 * r["accuracy"] for r in runs.values()])
             cells += [_fmt(mean, ".1f"), _fmt(std, ".1f"), "ref" if m == REFERENCE else paired_diff(runs, chosen[REFERENCE])]
             if graded:
-                scores = [100 * statistics.fmean(p or 0 for p in r["partial"]) for r in runs.values() if r.get("partial")]
+                scores = [100 * statistics.fmean(p for p in r["partial"] if p is not None)
+                          for r in runs.values() if r.get("partial")]
                 mean, std = _mean_std(scores)
                 cells += [f"{_fmt(mean, '.1f')} ± {_fmt(std, '.1f')}" + (f" ({len(scores)})" if len(scores) != len(runs) else ""),
                           "ref" if m == REFERENCE else paired_diff(runs, chosen[REFERENCE], "partial")]
@@ -213,7 +214,7 @@ def condition_tables(cond: Condition, s: BenchSettings) -> str:
                  f"teacher {_teacher_name(cond.teacher)}; {n_test} test problems ({', '.join(tasks)}), verifier `{cond.verifier}`.\n")
     if graded:
         lines.append("`steps right %`: the verifier's graded score (math: the share of the reference's steps an answer "
-                     "does right, each applied to the answer's own running value); mean over problems, then mean ± std "
+                     "does right, each applied to the answer's own running value); mean over the problems it grades, then mean ± std "
                      "over seeds, with a count in brackets when fewer seeds kept their answers; "
                      f"`steps right vs {REFERENCE}`: the paired difference on it, as for accuracy.\n")
     lines.append(f"Equal learning rate ({cond.start.lr:g} for every method), accuracy % (mean ± std over seeds):\n")
