@@ -87,7 +87,8 @@ def saved_config(ckpt: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def _fmt(changes: dict[str, tuple[Any, Any]]) -> str:
+def format_changes(changes: dict[str, tuple[Any, Any]]) -> str:
+    """`key: old -> new, ...`: how every refusal of a changed setting names what changed."""
     return ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items())
 
 
@@ -99,7 +100,7 @@ def check_changes(changes: dict[str, tuple[Any, Any]], cfg: Config, ckpt: Path, 
     altering = run_altering(changes)
     if altering and not cfg.resume_allow_changes:
         raise HPDError(
-            f"the config differs from the one of checkpoint {ckpt} in keys that change the run ({_fmt(altering)}): "
+            f"the config differs from the one of checkpoint {ckpt} in keys that change the run ({format_changes(altering)}): "
             "to continue the run as it was, drop these changes; for a new run, pick another output_dir; to continue "
             "this run with the changes anyway, add resume_allow_changes=true (recorded in metrics.jsonl and "
             "config_history.jsonl)")

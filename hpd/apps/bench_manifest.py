@@ -74,13 +74,13 @@ def check_manifest(out: Path, current: dict[str, Any]) -> None:
             saved = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise HPDError(f"{path} is not valid JSON ({e}): restore it, or use another --out") from None
+    from hpd.resume import format_changes
+
     differs = {k: (saved[k], v) for k, v in current.items() if k in saved and saved[k] != v}
     if differs:
-        raise HPDError(
-            f"{out} holds a bench made with other settings ("
-            + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in differs.items())
-            + "): its data and runs would be mixed with this one's. Rerun with the old values to resume it, "
-            "or pass another --out for the new settings")
+        raise HPDError(f"{out} holds a bench made with other settings ({format_changes(differs)}): its data and runs "
+                       "would be mixed with this one's. Rerun with the old values to resume it, or pass another --out "
+                       "for the new settings")
     if any(k not in saved for k in current):
         Path(out).mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps({**saved, **current}, indent=2, sort_keys=True) + "\n")
@@ -91,7 +91,7 @@ def check_reused_runs(specs: Iterable[Any]) -> None:
 
     specs: `hpd.apps.bench.RunSpec`s (their `run_dir` and `overrides`)."""
     from hpd.config import load_config
-    from hpd.resume import config_changes, run_altering, saved_config
+    from hpd.resume import config_changes, format_changes, run_altering, saved_config
 
     for sp in specs:
         run_dir = Path(sp.run_dir)
@@ -102,8 +102,6 @@ def check_reused_runs(specs: Iterable[Any]) -> None:
         changes = config_changes(saved, load_config(None, list(sp.overrides)))
         altering = {**run_altering(changes), **{k: v for k, v in changes.items() if k == "max_steps"}}
         if altering:
-            raise HPDError(
-                f"the finished run {run_dir} was trained with another config than this bench asks for ("
-                + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in altering.items())
-                + "): rerun with the settings it was made with, delete that run directory to retrain it, "
-                "or pass another --out")
+            raise HPDError(f"the finished run {run_dir} was trained with another config than this bench asks for "
+                           f"({format_changes(altering)}): rerun with the settings it was made with, delete that run "
+                           "directory to retrain it, or pass another --out")
