@@ -95,12 +95,8 @@ def run_demo(s: DemoSettings) -> Path:
     """Distill the pretrained student with HPD and with the baseline (every seed, runs side by
     side), score teacher, initial student and students on the same held-out problems, print the
     table and the paired difference with its 95% interval."""
-    from hpd.apps.bench import (
-        BenchSettings, Condition, gold_data, heldout_data, manifest_settings, resolve_start, run_all, run_spec, score_model,
-    )
+    from hpd.apps.bench import BenchSettings, manifest_settings
     from hpd.apps.bench_manifest import check_manifest, exclusive
-    from hpd.apps.bench_report import method_runs, paired_diff
-    from hpd.apps.plots import plot_runs
 
     if not (s.teacher / "config.json").is_file():
         raise HPDError(f"no teacher at {s.teacher}: pass --teacher DIR, or rebuild the bundled one with "
@@ -115,59 +111,69 @@ def run_demo(s: DemoSettings) -> Path:
     # One demo per --out, and never one that reuses data or runs made with other settings.
     with exclusive(out, "hpd demo"):
         check_manifest(out, manifest_settings(replace(bs, starts=[s.start], data=["gold"])))
-        start = resolve_start(s.start, bs)
-        train, val = gold_data(out / "data", list(TASKS), bs)
-        test = heldout_data(out / "data", list(TASKS), s.n_eval, "tasks")
-        print(f"[demo] teacher {s.teacher}; student start {start.name}; distilling with {' and '.join(methods)} "
-              f"for {s.steps} steps, seeds {list(s.seeds)}", flush=True)
-        rows: list[dict] = []
-        specs = {}
-        for m in methods:
-            cond = Condition(f"{start.name}-gold", replace(start, lr=DEMO_RATES.get(m, start.lr)), "gold", s.teacher,
-                             train, val, test, "task", note="gold references")
-            # The demo scores each student on the test split only (no learning-rate grid here).
-            specs[m] = (cond, [replace(run_spec(cond, m, cond.start.lr, seed, bs), evals=(("test", str(test)),))
-                               for seed in s.seeds])
-        # The teacher and the initial student are scored in a worker of their own while the students
-        # train, so the demo's wall time is its CPU time over the cores, not their sum.
-        import concurrent.futures as cf
-        import multiprocessing as mp
+        return _demo(s, bs, out, t_start)
 
-        fixed = [(name, model_dir, out / "eval" / f"{name.replace(' ', '-')}.json")
-                 for name, model_dir in [("teacher", s.teacher), ("initial student", start.model)] if model_dir is not None]
-        todo = [(name, model_dir, cache) for name, model_dir, cache in fixed if not cache.is_file()]
-        os.environ.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"})
-        with cf.ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as pool:
-            futures = [(cache, pool.submit(score_model, Path(model_dir), str(test), "task", None)) for _, model_dir, cache in todo]
-            if todo:
-                print(f"[demo] scoring the {' and the '.join(name for name, _, _ in todo)} alongside", flush=True)
-            run_all([sp for _, sps in specs.values() for sp in sps], bs, "task")
-            for cache, fut in futures:
-                cache.parent.mkdir(parents=True, exist_ok=True)
-                cache.write_text(json.dumps(fut.result()))
-        for name, _, cache in fixed:
-            rows.append({"name": name, "runs": {0: json.loads(cache.read_text())}})
-        results = {m: method_runs(cond, m, cond.start.lr, bs) for m, (cond, _) in specs.items()}
-        for m in methods:
-            rows.append({"name": f"student {m}", "runs": results[m], "lr": specs[m][0].start.lr})
-        diff = paired_diff(results[s.baseline], results["hpd"])
-        table = format_table(rows)
-        plots = plot_runs([sp.run_dir for m in methods for sp in specs[m][1][:1]], out / "plots")
-        total = time.perf_counter() - t_start
-        summary = (f"{s.baseline} minus hpd, mean accuracy points over {len(s.seeds)} seed(s) x {3 * s.n_eval} problems "
-                   f"with its 95% paired-bootstrap interval: {diff}")
-        (out / "results.json").write_text(json.dumps(
-            [{"name": r["name"], "eval": _per_task(r["runs"]), "seeds": len(r["runs"])} for r in rows] + [{"paired": diff}], indent=2))
-        (out / "results.md").write_text(
-            f"# hpd demo\n\nTeacher {s.teacher}; student start `{start.name}`; {s.steps} steps (batch 32) on the same gold data; "
-            f"held-out accuracy on {s.n_eval} problems per task (greedy), mean over seeds.\n\n{table}\n\n{summary}\n")
-        print()
-        print(table)
-        print()
-        print(summary)
-        print(f"[demo] done in {total:.0f} s. Table: {out / 'results.md'}; plots: {out / 'plots'} ({len(plots)} figures); "
-              f"students: {specs['hpd'][1][0].run_dir / 'final'}")
-        return out
+
+def _demo(s: DemoSettings, bs: "BenchSettings", out: Path, t_start: float) -> Path:  # noqa: F821
+    """The demo itself, with OUT held and its record checked (`run_demo`)."""
+    from hpd.apps.bench import Condition, gold_data, heldout_data, resolve_start, run_all, run_spec, score_model
+    from hpd.apps.bench_report import method_runs, paired_diff
+    from hpd.apps.plots import plot_runs
+
+    methods = bs.methods
+    start = resolve_start(s.start, bs)
+    train, val = gold_data(out / "data", list(TASKS), bs)
+    test = heldout_data(out / "data", list(TASKS), s.n_eval, "tasks")
+    print(f"[demo] teacher {s.teacher}; student start {start.name}; distilling with {' and '.join(methods)} "
+          f"for {s.steps} steps, seeds {list(s.seeds)}", flush=True)
+    rows: list[dict] = []
+    specs = {}
+    for m in methods:
+        cond = Condition(f"{start.name}-gold", replace(start, lr=DEMO_RATES.get(m, start.lr)), "gold", s.teacher,
+                         train, val, test, "task", note="gold references")
+        # The demo scores each student on the test split only (no learning-rate grid here).
+        specs[m] = (cond, [replace(run_spec(cond, m, cond.start.lr, seed, bs), evals=(("test", str(test)),))
+                           for seed in s.seeds])
+    # The teacher and the initial student are scored in a worker of their own while the students
+    # train, so the demo's wall time is its CPU time over the cores, not their sum.
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    fixed = [(name, model_dir, out / "eval" / f"{name.replace(' ', '-')}.json")
+             for name, model_dir in [("teacher", s.teacher), ("initial student", start.model)] if model_dir is not None]
+    todo = [(name, model_dir, cache) for name, model_dir, cache in fixed if not cache.is_file()]
+    os.environ.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"})
+    with cf.ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as pool:
+        futures = [(cache, pool.submit(score_model, Path(model_dir), str(test), "task", None)) for _, model_dir, cache in todo]
+        if todo:
+            print(f"[demo] scoring the {' and the '.join(name for name, _, _ in todo)} alongside", flush=True)
+        run_all([sp for _, sps in specs.values() for sp in sps], bs, "task")
+        for cache, fut in futures:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            cache.write_text(json.dumps(fut.result()))
+    for name, _, cache in fixed:
+        rows.append({"name": name, "runs": {0: json.loads(cache.read_text())}})
+    results = {m: method_runs(cond, m, cond.start.lr, bs) for m, (cond, _) in specs.items()}
+    for m in methods:
+        rows.append({"name": f"student {m}", "runs": results[m], "lr": specs[m][0].start.lr})
+    diff = paired_diff(results[s.baseline], results["hpd"])
+    table = format_table(rows)
+    plots = plot_runs([sp.run_dir for m in methods for sp in specs[m][1][:1]], out / "plots")
+    total = time.perf_counter() - t_start
+    summary = (f"{s.baseline} minus hpd, mean accuracy points over {len(s.seeds)} seed(s) x {3 * s.n_eval} problems "
+               f"with its 95% paired-bootstrap interval: {diff}")
+    (out / "results.json").write_text(json.dumps(
+        [{"name": r["name"], "eval": _per_task(r["runs"]), "seeds": len(r["runs"])} for r in rows] + [{"paired": diff}], indent=2))
+    (out / "results.md").write_text(
+        f"# hpd demo\n\nTeacher {s.teacher}; student start `{start.name}`; {s.steps} steps (batch 32) on the same gold data; "
+        f"held-out accuracy on {s.n_eval} problems per task (greedy), mean over seeds.\n\n{table}\n\n{summary}\n")
+    print()
+    print(table)
+    print()
+    print(summary)
+    print(f"[demo] done in {total:.0f} s. Table: {out / 'results.md'}; plots: {out / 'plots'} ({len(plots)} figures); "
+          f"students: {specs['hpd'][1][0].run_dir / 'final'}")
+    return out
 
 
 def _per_task(runs: dict) -> dict[str, float]:
