@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 from hpd.apps.bench import REFERENCE, BenchSettings, Condition, RunSpec, eval_file, run_spec, tuned_lr
 from hpd.errors import HPDError
+from hpd.files import atomic_write_text
 
 
 def loss_spikes(kl: list[float], window: int = 10, factor: float = 1.5) -> int:
@@ -287,5 +288,5 @@ def write_report(s: BenchSettings, conditions: list[Condition], missing: list[st
     for cond in conditions:
         parts.append(condition_tables(cond, s))
     path = out / "results.md"
-    path.write_text("\n".join(parts))
+    atomic_write_text(path, "\n".join(parts))
     return path

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from hpd.config import Config, load_config
 from hpd.errors import HPDError
+from hpd.files import atomic_write_text
 
 TASKS = ("math", "code", "dialogue")
 BUNDLED_TEACHER = Path(__file__).resolve().parents[1] / "assets" / "teacher"
@@ -150,7 +151,7 @@ def _demo(s: DemoSettings, bs: "BenchSettings", out: Path, t_start: float) -> Pa
         run_all([sp for _, sps in specs.values() for sp in sps], bs, "task")
         for cache, fut in futures:
             cache.parent.mkdir(parents=True, exist_ok=True)
-            cache.write_text(json.dumps(fut.result()))
+            atomic_write_text(cache, json.dumps(fut.result()))
     for name, _, cache in fixed:
         rows.append({"name": name, "runs": {0: json.loads(cache.read_text())}})
     results = {m: method_runs(cond, m, cond.start.lr, bs) for m, (cond, _) in specs.items()}
@@ -162,11 +163,11 @@ def _demo(s: DemoSettings, bs: "BenchSettings", out: Path, t_start: float) -> Pa
     total = time.perf_counter() - t_start
     summary = (f"{s.baseline} minus hpd, mean accuracy points over {len(s.seeds)} seed(s) x {3 * s.n_eval} problems "
                f"with its 95% paired-bootstrap interval: {diff}")
-    (out / "results.json").write_text(json.dumps(
+    atomic_write_text(out / "results.json", json.dumps(
         [{"name": r["name"], "eval": _per_task(r["runs"]), "seeds": len(r["runs"])} for r in rows] + [{"paired": diff}], indent=2))
-    (out / "results.md").write_text(
+    atomic_write_text(out / "results.md", (
         f"# hpd demo\n\nTeacher {s.teacher}; student start `{start.name}`; {s.steps} steps (batch 32) on the same gold data; "
-        f"held-out accuracy on {s.n_eval} problems per task (greedy), mean over seeds.\n\n{table}\n\n{summary}\n")
+        f"held-out accuracy on {s.n_eval} problems per task (greedy), mean over seeds.\n\n{table}\n\n{summary}\n"))
     print()
     print(table)
     print()
