@@ -27,10 +27,14 @@ import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hpd.config import Config, load_config
 from hpd.errors import HPDError
 from hpd.files import atomic_write_text
+
+if TYPE_CHECKING:  # only for the annotation: hpd.apps.bench imports this module
+    from hpd.apps.bench import BenchSettings
 
 TASKS = ("math", "code", "dialogue")
 BUNDLED_TEACHER = Path(__file__).resolve().parents[1] / "assets" / "teacher"
@@ -115,7 +119,7 @@ def run_demo(s: DemoSettings) -> Path:
         return _demo(s, bs, out, t_start)
 
 
-def _demo(s: DemoSettings, bs: "BenchSettings", out: Path, t_start: float) -> Path:  # noqa: F821
+def _demo(s: DemoSettings, bs: BenchSettings, out: Path, t_start: float) -> Path:
     """The demo itself, with OUT held and its record checked (`run_demo`)."""
     from hpd.apps.bench import Condition, gold_data, heldout_data, resolve_start, run_all, run_spec, score_model
     from hpd.apps.bench_report import method_runs, paired_diff
@@ -150,8 +154,7 @@ def _demo(s: DemoSettings, bs: "BenchSettings", out: Path, t_start: float) -> Pa
             print(f"[demo] scoring the {' and the '.join(name for name, _, _ in todo)} alongside", flush=True)
         run_all([sp for _, sps in specs.values() for sp in sps], bs, "task")
         for cache, fut in futures:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(cache, json.dumps(fut.result()))
+            atomic_write_text(cache, json.dumps(fut.result()))  # makes OUT/eval
     for name, _, cache in fixed:
         rows.append({"name": name, "runs": {0: json.loads(cache.read_text())}})
     results = {m: method_runs(cond, m, cond.start.lr, bs) for m, (cond, _) in specs.items()}
