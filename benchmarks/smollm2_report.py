@@ -19,11 +19,17 @@ layers a run started from, rebuilt from the run's own config) and each trained s
     python benchmarks/smollm2_report.py --runs runs/smollm2-recipe \\
         --heldout runs/smollm2-recipe/data/teacher_chat_heldout.jsonl --json runs/smollm2-recipe/report.json
     python benchmarks/smollm2_report.py --runs runs/smollm2     # smollm2_cpu.sh: --heldout from the runs' data.eval
+
+With `--keep DIR` every model's figures are also kept in DIR (one JSON file per model, e.g. in the
+git repository), and a later report reuses them: a run measured once is not measured again while
+its config and last logged step are the same, and a run whose weights are gone (a fresh machine)
+keeps its row. Generation speed is a ratio to the teacher timed in the same report as the student.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import statistics
 import sys
@@ -34,12 +40,13 @@ from typing import Any
 
 import torch
 
-from hpd.apps.evaluate import evaluate_model
+from hpd.apps.evaluate import EvalResult, evaluate_model
 from hpd.apps.experiments import read_records
 from hpd.apps.tasks import get_task
 from hpd.apps.tasks.capitals import TEMPLATES, countries
 from hpd.config import load_config
 from hpd.data import build_batch, encode_file, load_examples
+from hpd.files import atomic_write_text
 from hpd.models import init_from_teacher, load_model
 from hpd.objectives import get_objective
 from hpd.objectives.base import reduce_metrics
@@ -60,8 +67,25 @@ class Row:
     kl: float | None = None
     agreement: float | None = None
     gen_tps: float | None = None
+    gen_ratio: float | None = None  # gen_tps over the teacher's, timed in the same report
     chat: list[str] = field(default_factory=list)
     train: dict[str, float] = field(default_factory=dict)
+    identity: str = ""  # what was measured (run_identity); a kept row is reused while it matches
+
+    def to_json(self) -> dict[str, Any]:
+        c = self.capitals
+        return {"model": _name(self), "group": self.group, "method": self.method, "layers": self.layers, "steps": self.steps,
+                "capitals_correct": c.correct, "capitals_n": c.n, "capitals_accuracy": c.accuracy,
+                "capitals_ci": [c.ci_low, c.ci_high], "capitals_task": c.task, "kl": self.kl, "agreement": self.agreement,
+                "generation_tokens_per_s": self.gen_tps, "generation_ratio": self.gen_ratio, "train": self.train,
+                "identity": self.identity, "capitals_records": c.records, "chat_answers": self.chat}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "Row":
+        c = EvalResult(d["capitals_task"], d["capitals_n"], d["capitals_correct"], d["capitals_accuracy"],
+                       *d["capitals_ci"], records=d["capitals_records"])
+        return cls(d["group"], d["method"], d["layers"], d["steps"], c, d["kl"], d["agreement"],
+                   d["generation_tokens_per_s"], d["generation_ratio"], d["chat_answers"], d["train"], d["identity"])
 
 
 def find_runs(root: Path) -> list[tuple[str, str, Path]]:
@@ -117,6 +141,18 @@ def train_stats(run: Path) -> dict[str, float]:
             "peak_mem_mb": max(r.get("peak_mem_mb", float("nan")) for r in train), "wall_s": train[-1]["elapsed_s"]}
 
 
+def run_identity(run: Path) -> str:
+    """A trained run's resolved config and last logged step: another attempt, or more steps, differ."""
+    h = hashlib.sha256((run / "config.yaml").read_bytes())
+    lines = (run / "metrics.jsonl").read_text().splitlines() if (run / "metrics.jsonl").is_file() else []
+    h.update(lines[-1].encode() if lines else b"")
+    return h.hexdigest()[:16]
+
+
+def _keep_name(r: Row) -> str:
+    return f"{r.group or 'teacher'}-{r.method}.json"
+
+
 def _short(text: str, n: int = 150) -> str:
     text = " ".join(text.split()).replace("|", "\\|")
     return text if len(text) <= n else text[: n - 1] + "…"
@@ -138,48 +174,72 @@ def main() -> None:
     ap.add_argument("--sample-capitals", type=int, default=4, help="held-out capitals questions to show")
     ap.add_argument("--gen-tokens", type=int, default=64, help="new tokens per timed generation")
     ap.add_argument("--json", default=None, help="also write every figure here")
+    ap.add_argument("--keep", default=None, help="keep every model's figures here and reuse them (see above)")
     args = ap.parse_args()
     root = Path(args.runs)
     runs = find_runs(root)
-    if not runs:
+    keep = Path(args.keep) if args.keep else None
+    kept = {p.name: Row.from_json(json.loads(p.read_text())) for p in sorted(keep.glob("*.json"))} if keep and keep.is_dir() else {}
+    if not runs and not kept:
         sys.exit(f"error: no finished run (a directory with final/ and config.yaml) under {root}: train first")
-    cfg = load_config(runs[0][2] / "config.yaml")
+    cfg = load_config(runs[0][2] / "config.yaml") if runs else load_config(None, [])
     heldout = args.heldout or cfg.data.eval
-    if not heldout:
-        sys.exit("error: the runs have no data.eval: pass --heldout (the teacher's answers to the held-out prompts)")
+    teacher_dir = args.teacher or cfg.teacher.path
+    if not heldout or not teacher_dir:
+        sys.exit("error: pass --heldout (the teacher's answers to the held-out prompts) and --teacher DIR")
     n_capitals = args.n or len(countries("test")) * len(TEMPLATES)
 
-    teacher, tok = load_model(args.teacher or cfg.teacher.path)
+    teacher, tok = load_model(teacher_dir)
     teacher.eval()
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     examples, _ = encode_file(heldout, tok, cfg.data)
     chat_prompts = [e.prompt for e in load_examples(heldout)[0][: args.samples]]
+    # What every figure depends on besides the model: a kept row measured otherwise is measured again.
+    setting = hashlib.sha256(json.dumps([n_capitals, args.samples, args.gen_tokens, Path(heldout).read_text(),
+                                         (Path(teacher_dir) / "config.json").read_text()]).encode()).hexdigest()[:12]
+
+    teacher_tps: list[float] = []  # the teacher's speed in this report, timed once, when a student needs it
 
     def measure(model, row: Row, fit: bool = True) -> Row:
         t0 = time.perf_counter()
+        row.layers = model.config.num_hidden_layers
         model.eval()
         with torch.no_grad():
             row.capitals = evaluate_model(model, tok, "capitals", n=n_capitals, batch_size=32, max_new_tokens=24)
         if fit:
             row.kl, row.agreement = heldout_fit(model, teacher, examples, pad_id)
         row.chat, row.gen_tps = generation(model, tok, chat_prompts, args.gen_tokens)
+        if not teacher_tps:
+            teacher_tps.append(row.gen_tps if model is teacher else generation(teacher, tok, chat_prompts, args.gen_tokens)[1])
+        row.gen_ratio = row.gen_tps / teacher_tps[0]
         print(f"measured {_name(row)} in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+        if keep is not None:
+            atomic_write_text(keep / _keep_name(row), json.dumps(row.to_json(), indent=1, ensure_ascii=False) + "\n")
         return row
 
-    rows = [measure(teacher, Row("", "teacher", teacher.config.num_hidden_layers), fit=False)]
-    rows[0].kl, rows[0].agreement = 0.0, 1.0
+    def kept_or(row: Row, model_fn, fit: bool = True) -> Row:
+        """The kept row of this model while it measured the same thing; else a measurement."""
+        row.identity = f"{setting}-{row.identity}"
+        old = kept.pop(_keep_name(row), None)
+        if old is not None and old.identity == row.identity:
+            return old
+        return measure(model_fn(), row, fit)
+
+    rows = [kept_or(Row("", "teacher", 0, kl=0.0, agreement=1.0), lambda: teacher, fit=False)]
     for group in dict.fromkeys(g for g, _, _ in runs):
         group_runs = [(m, run) for g, m, run in runs if g == group]
-        model, spec = initial_student(group_runs[0][1], teacher)
-        label = group or str(spec).replace(":", "")
-        rows.append(measure(model, Row(label, "initial", model.config.num_hidden_layers, steps=0)))
-        del model
+        spec = load_config(group_runs[0][1] / "config.yaml").student
+        label = group or str(spec.init_from_teacher or spec.path).replace(":", "")
+        initial = lambda: initial_student(group_runs[0][1], teacher)[0]  # noqa: E731
+        rows.append(kept_or(Row(label, "initial", 0, steps=0, identity=str(spec.init_from_teacher or spec.path)), initial))
         for method, run in group_runs:
-            model = load_model(str(run / "final"))[0]
             stats = train_stats(run)
-            rows.append(measure(model, Row(label, method, model.config.num_hidden_layers,
-                                           steps=int(stats.get("steps", 0)), train=stats)))
-            del model
+            row = Row(label, method, 0, steps=int(stats.get("steps", 0)), train=stats, identity=run_identity(run))
+            rows.append(kept_or(row, lambda run=run: load_model(str(run / "final"))[0]))
+    # Runs measured by an earlier report whose weights are not here (another machine): their kept rows.
+    rows += [r for r in kept.values() if r.group and r.identity.startswith(f"{setting}-")]
+    rank = {m: i for i, m in enumerate(("initial",) + METHOD_ORDER)}
+    rows = rows[:1] + sorted(rows[1:], key=lambda r: (r.group, rank.get(r.method, len(rank)), r.method))
 
     t = rows[0]
     print(f"Held-out: {n_capitals} `capitals` questions about {len(countries('test'))} countries never in training "
@@ -194,7 +254,7 @@ def main() -> None:
         kept = f"{c.accuracy / t.capitals.accuracy:.2f}" if t.capitals.accuracy > 0 else "n/a"
         print(f"| {_name(r)} | {r.steps if r.steps is not None else ''} | {c.correct}/{c.n} = {100 * c.accuracy:.1f}% "
               f"[{100 * c.ci_low:.0f}, {100 * c.ci_high:.0f}] | {kept} | {r.kl:.3f} | {100 * r.agreement:.1f}% "
-              f"| {r.gen_tps:.1f} | {r.gen_tps / t.gen_tps:.2f}x |")
+              f"| {r.gen_tps:.1f} | {r.gen_ratio:.2f}x |")
 
     trained = [r for r in rows if r.train]
     if trained:
@@ -225,12 +285,7 @@ def main() -> None:
             print(f"| {_name(r)} | {_short(r.chat[j])} |")
 
     if args.json:
-        out = [{"model": _name(r), "group": r.group, "method": r.method, "layers": r.layers, "steps": r.steps,
-                "capitals_correct": r.capitals.correct, "capitals_n": r.capitals.n,
-                "capitals_accuracy": r.capitals.accuracy, "kl": r.kl, "agreement": r.agreement,
-                "generation_tokens_per_s": r.gen_tps, "train": r.train,
-                "capitals_records": r.capitals.records, "chat_answers": r.chat} for r in rows]
-        Path(args.json).write_text(json.dumps(out, indent=1, ensure_ascii=False) + "\n")
+        atomic_write_text(args.json, json.dumps([r.to_json() for r in rows], indent=1, ensure_ascii=False) + "\n")
 
 
 if __name__ == "__main__":

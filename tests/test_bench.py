@@ -71,6 +71,46 @@ def test_bench_protocol_end_to_end(tmp_path):
     assert "| fkl | 0.001 | 0 |" in (report / "results.md").read_text()
 
 
+def test_an_archived_bench_resumes_on_a_fresh_machine_without_retraining(tmp_path):
+    import gzip
+    import shutil
+
+    from hpd.apps.bench_archive import restore_run
+
+    keep = tmp_path / "kept"
+    s = _fast(tmp_path, seeds=[0, 1], lr_grid=[0.5, 1.0], archive=keep)
+    out = run_bench(s)
+    table = (out / "results.md").read_text()
+    kept = sorted(p.relative_to(keep).as_posix() for p in keep.rglob("*.gz"))
+    assert kept and not [p for p in keep.rglob("*") if p.is_file() and not p.name.endswith(".gz")]  # no weights
+    assert "pretrained-gold/hpd/lr1.00e-3-s0/eval-val.json.gz" in kept and "pretrained-gold/hpd/lr1.00e-3-s0/metrics.jsonl.gz" in kept
+    stamp = {p: p.read_bytes() for p in keep.rglob("*.gz")}
+    # A fresh machine: OUT is gone. The same bench restores every finished run and trains none.
+    shutil.rmtree(out)
+    assert (run_bench(s) / "results.md").read_text() == table
+    assert not list((out / "runs").rglob("final")) and not list((out / "runs").rglob("checkpoints"))
+    assert {p: p.read_bytes() for p in keep.rglob("*.gz")} == stamp  # the same runs give the same bytes
+    # --report alone restores too, and archives what a bench without --archive finished.
+    shutil.rmtree(out)
+    report = _fast(tmp_path, seeds=[0, 1], lr_grid=[0.5, 1.0], archive=keep, report_only=True)
+    assert (run_bench(report) / "results.md").read_text() == table
+    shutil.rmtree(keep / "pretrained-gold" / "sft")
+    run_bench(report)
+    assert {p: p.read_bytes() for p in keep.rglob("*.gz")} == stamp
+    # An archived run made with another config is refused like any reused run.
+    shutil.rmtree(out)
+    cfg = keep / "pretrained-gold" / "sft" / "lr1.00e-3-s1" / "config.yaml.gz"
+    cfg.write_bytes(gzip.compress(gzip.decompress(cfg.read_bytes()).replace(b"max_steps: 3", b"max_steps: 30")))
+    with pytest.raises(HPDError, match=r"finished run .*sft.* another config .*max_steps: 30 -> 3"):
+        run_bench(s)
+    # A run started in OUT is OUT's own: the archive's record of another attempt never mixes into it.
+    run = out / "runs" / "pretrained-gold" / "hpd" / "lr1.00e-3-s1"
+    shutil.rmtree(run, ignore_errors=True)
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text('{"type": "train", "step": 1}\n')
+    assert restore_run(run, out, keep) == [] and sorted(p.name for p in run.iterdir()) == ["metrics.jsonl"]
+
+
 def test_tuned_rate_is_the_best_on_validation_ties_go_to_the_base_rate(tmp_path):
     s = _fast(tmp_path, lr_grid=[1 / 3, 1.0, 3.0])
     (cond,), _ = build_conditions(s)

@@ -29,7 +29,8 @@ On a user's own task the same protocol runs on files:
 
 Every run keeps its directory, so an interrupted benchmark resumes (finished runs and evaluations
 are reused; unfinished runs resume from their checkpoint); the tables are rewritten after each
-condition. A rerun with other data settings, or a finished run made with another config, is refused
+condition. `--archive DIR` also keeps each finished run's small files (config, metrics, scores) in
+DIR, e.g. inside a git repository, and restores them into a fresh OUT (`hpd.apps.bench_archive`). A rerun with other data settings, or a finished run made with another config, is refused
 (`hpd.apps.bench_manifest`): reuse never mixes two settings.
 
     hpd bench --starts pretrained --data gold --out runs/bench     # one condition, all methods
@@ -125,6 +126,7 @@ class BenchSettings:
     jobs: int = 2
     overrides: list[str] = field(default_factory=list)  # applied to every run, after the method's own
     report_only: bool = False
+    archive: Path | None = None  # where finished runs' small files are kept and restored from (bench_archive)
     # a user's own task (all four set together): files and a verifier
     user_train: Path | None = None
     user_test: Path | None = None
@@ -469,13 +471,18 @@ def run_all(specs: list[RunSpec], s: BenchSettings, verifier: str) -> None:
 
     from hpd.apps.bench_manifest import check_reused_runs
 
+    restore_archived(specs, s)
     check_reused_runs(specs)  # a finished run made with another config is never reused as this one
     todo = [sp for sp in specs if not _done(sp)]
+    for sp in specs:  # finished before this bench started (or before --archive was given)
+        if sp not in todo:
+            keep(sp, s)
     if not todo:
         return
     t0 = time.perf_counter()
 
     def report(i: int, sp: RunSpec, res: dict) -> None:
+        keep(sp, s)
         status = "failed: " + res["failed"] if "failed" in res else "done"
         elapsed = time.perf_counter() - t0
         # The runs of a phase are alike: the time left is the mean so far times the runs left.
@@ -494,6 +501,25 @@ def run_all(specs: list[RunSpec], s: BenchSettings, verifier: str) -> None:
         futures = {pool.submit(execute, sp, verifier, s.answer_pattern, s.n_curve): sp for sp in todo}
         for i, fut in enumerate(cf.as_completed(futures), 1):
             report(i, futures[fut], fut.result())
+
+
+def restore_archived(specs: list[RunSpec], s: BenchSettings) -> None:
+    """Finished runs that OUT lacks and `s.archive` holds are restored into OUT (bench_archive)."""
+    if s.archive is None:
+        return
+    from hpd.apps.bench_archive import restore_run
+
+    n = sum(bool(restore_run(sp.run_dir, s.out_dir, s.archive)) for sp in specs)
+    if n:
+        print(f"[bench] restored {n} finished run(s) from {s.archive}", flush=True)
+
+
+def keep(spec: RunSpec, s: BenchSettings) -> None:
+    """A finished run's small files into `s.archive`, when one is given (bench_archive)."""
+    if s.archive is not None:
+        from hpd.apps.bench_archive import archive_run
+
+        archive_run(spec.run_dir, s.out_dir, s.archive)
 
 
 def _done(spec: RunSpec) -> bool:
@@ -583,7 +609,13 @@ def _bench(s: BenchSettings, out: Path) -> Path:
         print(f"[bench] not run: {line}", flush=True)
     t0 = time.perf_counter()
     for cond in conditions if s.report_only else []:
-        check_reused_runs(plan_grid(cond, s) + plan_tuned(cond, s))
+        restore_archived(plan_grid(cond, s), s)
+        restore_archived(plan_tuned(cond, s), s)  # its rates are read from the grid's restored scores
+        specs = plan_grid(cond, s) + plan_tuned(cond, s)
+        check_reused_runs(specs)
+        for sp in specs:  # and the archive catches up with runs finished by a bench started without it
+            if _done(sp):
+                keep(sp, s)
     for cond in [] if s.report_only else conditions:
         print(f"[bench] condition {cond.name}: {cond.note}; {len(s.methods)} methods, grid {s.lr_grid} x base lr "
               f"{cond.start.lr:g}, seeds {s.seeds}, {cond.start.steps} steps", flush=True)

@@ -95,7 +95,8 @@ def check_reused_runs(specs: Iterable[Any]) -> None:
 
     for sp in specs:
         run_dir = Path(sp.run_dir)
-        reused = (run_dir / "final" / "config.json").is_file() or (run_dir / "failed.json").is_file()
+        # trained, scored (perhaps restored from an archive without its weights) or failed
+        reused = any((run_dir / name).is_file() for name in ("final/config.json", "eval-test.json", "failed.json"))
         saved = saved_config(run_dir) if reused else {}
         if not saved:
             continue

@@ -431,6 +431,9 @@ def bench_cmd(
     jobs: int = typer.Option(2, "--jobs", metavar="J", min=1, help="Runs trained at once."),
     smoke: bool = typer.Option(False, "--smoke", help="A small setting: sft and hpd, one seed, one rate, 4 steps, a few problems."),
     report: bool = typer.Option(False, "--report", help="No training: the tables of the runs finished so far."),
+    archive: Optional[Path] = typer.Option(None, "--archive", metavar="DIR",
+                                           help="Keep each finished run's config, metrics and scores (no weights) in DIR, "
+                                                "and restore them into a fresh --out: results that outlive OUT."),
     overrides: Optional[list[str]] = typer.Option(None, "--set", metavar="KEY=VALUE",
                                                   help="A config override applied to every run (repeatable); use a separate --out."),
 ) -> None:
@@ -453,7 +456,7 @@ def bench_cmd(
         s = BenchSettings(out_dir=out, teacher=teacher or BUNDLED_TEACHER, methods=split(methods) if methods else list(DEFAULT_METHODS),
                           starts=split(starts), data=split(data), seeds=seed_list, lr_grid=grid, steps_scratch=steps_scratch,
                           steps_pretrained=steps_pretrained, n_eval=n, n_val=n_val, long_teacher=long_teacher or LONG_TEACHER, jobs=jobs,
-                          overrides=list(overrides or []), report_only=report, user_train=train, user_test=test,
+                          overrides=list(overrides or []), report_only=report, archive=archive, user_train=train, user_test=test,
                           user_student=student, verifier=verifier, answer_pattern=answer_pattern)
         if smoke:
             s.methods, s.seeds, s.lr_grid = ["sft", "hpd"], [0], [1.0]
