@@ -97,6 +97,17 @@ def test_an_archived_bench_resumes_on_a_fresh_machine_without_retraining(tmp_pat
     shutil.rmtree(keep / "pretrained-gold" / "sft")
     run_bench(report)
     assert {p: p.read_bytes() for p in keep.rglob("*.gz")} == stamp
+    # A run archived without its curve (a bench of an older version) is trained again, never
+    # counted done without one; its old scores go with the model they belonged to.
+    shutil.rmtree(out)
+    hpd0 = keep / "pretrained-gold" / "hpd" / "lr1.00e-3-s0"
+    for p in hpd0.glob("eval-curve-step*.json.gz"):
+        p.unlink()
+    run_bench(s)
+    retrained = out / "runs" / "pretrained-gold" / "hpd" / "lr1.00e-3-s0"
+    assert (retrained / "final").is_dir() and list(retrained.glob("eval-curve-step*.json"))
+    assert [p.parent.name for p in (out / "runs").rglob("final")] == ["lr1.00e-3-s0"]
+    assert {p: p.read_bytes() for p in keep.rglob("*.gz")}.keys() == stamp.keys()
     # An archived run made with another config is refused like any reused run.
     shutil.rmtree(out)
     cfg = keep / "pretrained-gold" / "sft" / "lr1.00e-3-s1" / "config.yaml.gz"
@@ -128,6 +139,7 @@ def test_tuned_rate_is_the_best_on_validation_ties_go_to_the_base_rate(tmp_path)
     # the grid phase: every rate at seed 0, the base rate for the other seeds
     grid = plan_grid(cond, _fast(tmp_path, lr_grid=[1 / 3, 1.0, 3.0], seeds=[0, 1], methods=["hpd"]))
     assert sorted((round(sp.lr / cond.start.lr, 3), sp.seed) for sp in grid) == [(0.333, 0), (1.0, 0), (1.0, 1), (3.0, 0)]
+    assert all(sp.curve == (sp.seed == 0) for sp in grid)  # every seed-0 run scores its curve when it ends
 
 
 def test_data_conditions_traces_and_limited(tmp_path):

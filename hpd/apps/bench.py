@@ -160,7 +160,7 @@ class RunSpec:
     run_dir: Path
     overrides: tuple[str, ...]
     evals: tuple[tuple[str, str], ...]  # (split name, rows file)
-    curve: bool = False                 # score the checkpoints of every quarter (kept by seed-0 runs)
+    curve: bool = False                 # score the checkpoints of every quarter (seed-0 runs keep them)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -380,9 +380,10 @@ def _lr_tag(lr: float) -> str:
     return f"lr{lr:.2e}".replace("e-0", "e-")
 
 
-def run_spec(cond: Condition, method: str, lr: float, seed: int, s: BenchSettings, *, curve: bool = False) -> RunSpec:
-    """One run. Seed-0 runs are the grid: they keep a checkpoint at every quarter (for the
-    efficiency curve of whichever rate turns out best) and are also scored on the validation split."""
+def run_spec(cond: Condition, method: str, lr: float, seed: int, s: BenchSettings) -> RunSpec:
+    """One run. Seed-0 runs are the grid: they keep a checkpoint at every quarter, scored as soon as
+    the run ends (the efficiency curve of whichever rate turns out best: a finished run needs nothing
+    more, and its checkpoints need not outlive it), and are also scored on the validation split."""
     from hpd.apps.experiments import run_slug
 
     run_dir = Path(s.out_dir) / "runs" / cond.name / run_slug(method) / f"{_lr_tag(lr)}-s{seed}"
@@ -395,7 +396,7 @@ def run_spec(cond: Condition, method: str, lr: float, seed: int, s: BenchSetting
                  "resume=auto", "log.progress=false", *TRAIN_SETTINGS, *cond.start.overrides, *cond.overrides, f"optim.lr={lr:g}", *save,
                  f"regime.teacher_cache={Path(s.out_dir) / 'teacher_generations' / cond.data}", *extra, *s.overrides)
     evals = (("test", str(cond.test)),) + ((("val", str(cond.val)),) if grid else ())
-    return RunSpec(cond.name, method, lr, seed, run_dir, overrides, evals, curve)
+    return RunSpec(cond.name, method, lr, seed, run_dir, overrides, evals, curve=grid)
 
 
 def eval_file(run_dir: Path, split: str, step: int | None = None) -> Path:
@@ -439,6 +440,8 @@ def execute(spec: RunSpec, verifier: str, answer_pattern: str | None, n_curve: i
             import hpd
             from hpd.config import load_config
 
+            for stale in run_dir.glob("eval-*.json"):  # scores of a model that is not here: it is trained again
+                stale.unlink()
             try:
                 hpd.train(load_config(None, list(spec.overrides)))
             except DivergedError as e:
@@ -529,6 +532,8 @@ def _done(spec: RunSpec) -> bool:
         return False
     if spec.curve:
         steps = [int(c.name.split("-")[1]) for c in (spec.run_dir / "checkpoints").glob("step-*")]
+        if not steps:  # the checkpoints are gone (a run restored from an archive): its curve is what was scored
+            return any(spec.run_dir.glob("eval-curve-step*.json"))
         return all(eval_file(spec.run_dir, "curve", st).is_file() for st in steps)
     return True
 
@@ -562,12 +567,12 @@ def plan_grid(cond: Condition, s: BenchSettings) -> list[RunSpec]:
 
 
 def plan_tuned(cond: Condition, s: BenchSettings) -> list[RunSpec]:
-    """Phase 2: seeds > 0 at each method's tuned rate (where it differs from the base rate), and
-    the accuracy-over-training curve of its seed-0 run."""
+    """Phase 2: seeds > 0 at each method's tuned rate (where it differs from the base rate), beside
+    its seed-0 run (done in phase 1, with its accuracy-over-training curve)."""
     specs = []
     for m in s.methods:
         lr, _ = tuned_lr(cond, m, s)
-        specs.append(run_spec(cond, m, lr, s.seeds[0], s, curve=True))
+        specs.append(run_spec(cond, m, lr, s.seeds[0], s))
         if lr != cond.start.lr:
             specs += [run_spec(cond, m, lr, seed, s) for seed in s.seeds[1:]]
     return specs
