@@ -78,7 +78,7 @@ def test_an_archived_bench_resumes_on_a_fresh_machine_without_retraining(tmp_pat
     from hpd.apps.bench_archive import restore_run
 
     keep = tmp_path / "kept"
-    s = _fast(tmp_path, seeds=[0, 1], lr_grid=[0.5, 1.0], archive=keep)
+    s = _fast(tmp_path, seeds=[0, 1], archive=keep)
     out = run_bench(s)
     table = (out / "results.md").read_text()
     kept = sorted(p.relative_to(keep).as_posix() for p in keep.rglob("*.gz"))
@@ -92,7 +92,7 @@ def test_an_archived_bench_resumes_on_a_fresh_machine_without_retraining(tmp_pat
     assert {p: p.read_bytes() for p in keep.rglob("*.gz")} == stamp  # the same runs give the same bytes
     # --report alone restores too, and archives what a bench without --archive finished.
     shutil.rmtree(out)
-    report = _fast(tmp_path, seeds=[0, 1], lr_grid=[0.5, 1.0], archive=keep, report_only=True)
+    report = _fast(tmp_path, seeds=[0, 1], archive=keep, report_only=True)
     assert (run_bench(report) / "results.md").read_text() == table
     shutil.rmtree(keep / "pretrained-gold" / "sft")
     run_bench(report)
