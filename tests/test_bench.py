@@ -82,7 +82,8 @@ def test_an_archived_bench_resumes_on_a_fresh_machine_without_retraining(tmp_pat
     out = run_bench(s)
     table = (out / "results.md").read_text()
     kept = sorted(p.relative_to(keep).as_posix() for p in keep.rglob("*.gz"))
-    assert kept and not [p for p in keep.rglob("*") if p.is_file() and not p.name.endswith(".gz")]  # no weights
+    # no weights: the runs' small files, and what shaped their data
+    assert kept and [p.name for p in keep.rglob("*") if p.is_file() and not p.name.endswith(".gz")] == ["bench.json"]
     assert "pretrained-gold/hpd/lr1.00e-3-s0/eval-val.json.gz" in kept and "pretrained-gold/hpd/lr1.00e-3-s0/metrics.jsonl.gz" in kept
     stamp = {p: p.read_bytes() for p in keep.rglob("*.gz")}
     # A fresh machine: OUT is gone. The same bench restores every finished run and trains none.
@@ -108,6 +109,9 @@ def test_an_archived_bench_resumes_on_a_fresh_machine_without_retraining(tmp_pat
     assert (retrained / "final").is_dir() and list(retrained.glob("eval-curve-step*.json"))
     assert [p.parent.name for p in (out / "runs").rglob("final")] == ["lr1.00e-3-s0"]
     assert {p: p.read_bytes() for p in keep.rglob("*.gz")}.keys() == stamp.keys()
+    # An archive of runs made on other data settings is refused, even to a fresh OUT.
+    with pytest.raises(HPDError, match=r"kept holds a bench made with other settings \(data.n_eval: 4 -> 5\).*another --archive"):
+        run_bench(_fast(tmp_path, out_dir=tmp_path / "other", seeds=[0, 1], archive=keep, n_eval=5))
     # An archived run made with another config is refused like any reused run.
     shutil.rmtree(out)
     cfg = keep / "pretrained-gold" / "sft" / "lr1.00e-3-s1" / "config.yaml.gz"

@@ -608,7 +608,10 @@ def _bench(s: BenchSettings, out: Path) -> Path:
     from hpd.apps.bench_manifest import check_manifest, check_reused_runs
     from hpd.apps.bench_report import write_report
 
-    check_manifest(out, manifest_settings(s))  # before any data file under OUT is reused
+    settings = manifest_settings(s)
+    check_manifest(out, settings)  # before any data file under OUT is reused
+    if s.archive is not None:  # nor any run restored from the archive
+        check_manifest(Path(s.archive), settings, flag="--archive")
     conditions, missing = build_conditions(s)
     for line in missing:
         print(f"[bench] not run: {line}", flush=True)

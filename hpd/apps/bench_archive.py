@@ -7,8 +7,10 @@ and answers, `failed.json`; never weights), gzip-compressed with fixed headers s
 run always gives the same bytes, to `DIR/<condition>/<method>/<rate>-s<seed>/`. A directory
 inside a git repository is the intended place: commit it as runs finish.
 
-A bench started with the same `--archive` on a machine that lacks a finished run restores those
-files into OUT first, so the run counts as done (its config is checked against the bench's like
+The archive records the settings that shaped its runs' data (`DIR/bench.json`, as OUT does:
+`hpd.apps.bench_manifest.check_manifest`), so a bench with other settings is refused it. A bench
+started with the same `--archive` on a machine that lacks a finished run restores those files into
+OUT first, so the run counts as done (its config is checked against the bench's like
 any reused run: `hpd.apps.bench_manifest.check_reused_runs`) and the tables include it. Only
 finished runs are archived or restored; a run in progress resumes from its checkpoint in OUT, or
 starts again.

@@ -65,8 +65,9 @@ def exclusive(out: Path, command: str = "hpd bench") -> Iterator[None]:
         lock.release()
 
 
-def check_manifest(out: Path, current: dict[str, Any]) -> None:
-    """Refuse `current` if OUT/bench.json holds another value for one of its keys; else record it."""
+def check_manifest(out: Path, current: dict[str, Any], flag: str = "--out") -> None:
+    """Refuse `current` if OUT/bench.json holds another value for one of its keys; else record it.
+    `flag`: the option that named OUT (an archive is checked like OUT: `--archive`)."""
     path = Path(out) / MANIFEST
     saved: dict[str, Any] = {}
     if path.is_file():
@@ -79,7 +80,7 @@ def check_manifest(out: Path, current: dict[str, Any]) -> None:
     differs = {k: (saved[k], v) for k, v in current.items() if k in saved and saved[k] != v}
     if differs:
         raise HPDError(f"{out} holds a bench made with other settings ({format_changes(differs)}): its data and runs "
-                       "would be mixed with this one's. Rerun with the old values to resume it, or pass another --out "
+                       f"would be mixed with this one's. Rerun with the old values to resume it, or pass another {flag} "
                        "for the new settings")
     if any(k not in saved for k in current):
         Path(out).mkdir(parents=True, exist_ok=True)
