@@ -30,7 +30,8 @@ On a user's own task the same protocol runs on files:
 Every run keeps its directory, so an interrupted benchmark resumes (finished runs and evaluations
 are reused; unfinished runs resume from their checkpoint); the tables are rewritten after each
 condition. `--archive DIR` also keeps each finished run's small files (config, metrics, scores) in
-DIR, e.g. inside a git repository, and restores them into a fresh OUT (`hpd.apps.bench_archive`). A rerun with other data settings, or a finished run made with another config, is refused
+DIR, e.g. inside a git repository, and restores them into a fresh OUT (`hpd.apps.bench_archive`).
+A rerun with other data settings, or a finished run made with another config, is refused
 (`hpd.apps.bench_manifest`): reuse never mixes two settings.
 
     hpd bench --starts pretrained --data gold --out runs/bench     # one condition, all methods
@@ -472,14 +473,7 @@ def run_all(specs: list[RunSpec], s: BenchSettings, verifier: str) -> None:
     import concurrent.futures as cf
     import multiprocessing as mp
 
-    from hpd.apps.bench_manifest import check_reused_runs
-
-    restore_archived(specs, s)
-    check_reused_runs(specs)  # a finished run made with another config is never reused as this one
-    todo = [sp for sp in specs if not _done(sp)]
-    for sp in specs:  # finished before this bench started (or before --archive was given)
-        if sp not in todo:
-            keep(sp, s)
+    todo = reuse(specs, s)
     if not todo:
         return
     t0 = time.perf_counter()
@@ -504,6 +498,20 @@ def run_all(specs: list[RunSpec], s: BenchSettings, verifier: str) -> None:
         futures = {pool.submit(execute, sp, verifier, s.answer_pattern, s.n_curve): sp for sp in todo}
         for i, fut in enumerate(cf.as_completed(futures), 1):
             report(i, futures[fut], fut.result())
+
+
+def reuse(specs: list[RunSpec], s: BenchSettings) -> list[RunSpec]:
+    """What is finished of `specs` (in OUT, or restored from the archive), checked to be made with
+    the config each spec asks for and kept in the archive; returns the specs still to run."""
+    from hpd.apps.bench_manifest import check_reused_runs
+
+    restore_archived(specs, s)
+    check_reused_runs(specs)  # a finished run made with another config is never reused as this one
+    todo = [sp for sp in specs if not _done(sp)]
+    for sp in specs:  # finished before this bench started (or before --archive was given)
+        if sp not in todo:
+            keep(sp, s)
+    return todo
 
 
 def restore_archived(specs: list[RunSpec], s: BenchSettings) -> None:
@@ -605,7 +613,7 @@ def run_bench(s: BenchSettings) -> Path:
 
 
 def _bench(s: BenchSettings, out: Path) -> Path:
-    from hpd.apps.bench_manifest import check_manifest, check_reused_runs
+    from hpd.apps.bench_manifest import check_manifest
     from hpd.apps.bench_report import write_report
 
     settings = manifest_settings(s)
@@ -617,13 +625,9 @@ def _bench(s: BenchSettings, out: Path) -> Path:
         print(f"[bench] not run: {line}", flush=True)
     t0 = time.perf_counter()
     for cond in conditions if s.report_only else []:
-        restore_archived(plan_grid(cond, s), s)
-        restore_archived(plan_tuned(cond, s), s)  # its rates are read from the grid's restored scores
-        specs = plan_grid(cond, s) + plan_tuned(cond, s)
-        check_reused_runs(specs)
-        for sp in specs:  # and the archive catches up with runs finished by a bench started without it
-            if _done(sp):
-                keep(sp, s)
+        grid = plan_grid(cond, s)
+        restore_archived(grid, s)  # the tuned rates are read from the grid's (restored) scores
+        reuse(grid + plan_tuned(cond, s), s)
     for cond in [] if s.report_only else conditions:
         print(f"[bench] condition {cond.name}: {cond.note}; {len(s.methods)} methods, grid {s.lr_grid} x base lr "
               f"{cond.start.lr:g}, seeds {s.seeds}, {cond.start.steps} steps", flush=True)
