@@ -30,6 +30,7 @@ def test_demo_runs_end_to_end(tmp_path, repo_root, monkeypatch):
     text = (out / "results.md").read_text()
     assert "| student hpd |" in text and "paired-bootstrap interval" in text
     assert (out / "plots" / "dynamics.png").stat().st_size > 0
+    assert not list((out / "runs").rglob("eval-curve-step*.json"))  # the demo scores final students only
     # A second demo reuses the finished runs: nothing is trained again.
     runs = list((out / "runs").rglob("metrics.jsonl"))
     before = {p: p.stat().st_mtime for p in runs}

@@ -136,8 +136,8 @@ def _demo(s: DemoSettings, bs: BenchSettings, out: Path, t_start: float) -> Path
     for m in methods:
         cond = Condition(f"{start.name}-gold", replace(start, lr=DEMO_RATES.get(m, start.lr)), "gold", s.teacher,
                          train, val, test, "task", note="gold references")
-        # The demo scores each student on the test split only (no learning-rate grid here).
-        specs[m] = (cond, [replace(run_spec(cond, m, cond.start.lr, seed, bs), evals=(("test", str(test)),))
+        # The demo scores each student on the test split only (no learning-rate grid, no curve here).
+        specs[m] = (cond, [replace(run_spec(cond, m, cond.start.lr, seed, bs), evals=(("test", str(test)),), curve=False)
                            for seed in s.seeds])
     # The teacher and the initial student are scored in a worker of their own while the students
     # train, so the demo's wall time is its CPU time over the cores, not their sum.
