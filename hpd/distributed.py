@@ -70,6 +70,19 @@ def make_accelerator(mixed_precision: str, log_with=None):
     return acc
 
 
+def end_process_group() -> None:
+    """End this process's part of a multi-process command (`accelerate launch ... hpd train`).
+
+    accelerate starts the torch.distributed process group and leaves ending it to
+    `Accelerator.end_training`; a process that exits with the group alive leaves gloo's threads to
+    the interpreter's teardown, where one can abort the process ("terminate called without an
+    active exception") after the run has finished. The CLI calls this once, at exit; a Python user
+    who runs `hpd.train` under a launcher ends the group themselves, as with any accelerate script.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def is_fsdp(acc) -> bool:
     return "FSDP" in str(acc.distributed_type)
 
@@ -201,5 +214,5 @@ def shard_name(rank: int) -> str:
     return f"{SHARDS}/rank{rank}"
 
 
-__all__ = ["check_supported", "fsdp_requested", "is_fsdp", "load_local_state", "local_numel", "local_state", "make_accelerator", "place_teacher",
+__all__ = ["check_supported", "end_process_group", "fsdp_requested", "is_fsdp", "load_local_state", "local_numel", "local_state", "make_accelerator", "place_teacher",
            "shard_name", "shard_teacher"]

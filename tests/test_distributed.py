@@ -137,3 +137,24 @@ def test_teacher_cache_built_by_two_processes_is_the_serial_one_byte_for_byte(tm
     ms.pop("build_seconds"), mt.pop("build_seconds")
     assert ms == mt
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary directory left
+
+
+def test_the_cli_ends_the_process_group_it_exits_with():
+    """A process that exits with its gloo group alive can abort in the interpreter's teardown after
+    the run finished ("terminate called without an active exception"); `hpd` ends the group at exit."""
+    script = f"""
+import sys
+import torch.distributed as dist
+from hpd.apps import cli
+dist.init_process_group("gloo", init_method="tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+sys.argv = ["hpd", "config", "--help"]
+try:
+    cli.main()
+except SystemExit:
+    pass
+print("alive" if dist.is_initialized() else "ended")
+"""
+    res = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip().splitlines()[-1] == "ended"

@@ -540,6 +540,11 @@ def main() -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    finally:
+        if "torch.distributed" in sys.modules:  # only a command that used torch can have started a group
+            from hpd.distributed import end_process_group
+
+            end_process_group()
 
 
 if __name__ == "__main__":
