@@ -353,6 +353,17 @@ def test_bench_rejects_unknown_methods_and_needs_the_reference(tmp_path):
     assert METHODS["abkl"] == ("abkl", [])
 
 
+def test_the_bench_help_names_the_default_methods_the_bench_runs():
+    # The CLI keeps torch out of `--help`, so it cannot import the list; the two must not drift.
+    from typer.testing import CliRunner
+
+    from hpd.apps.bench import DEFAULT_METHODS
+    from hpd.apps.cli import app
+
+    text = " ".join(CliRunner().invoke(app, ["bench", "--help"], terminal_width=400).output.split())
+    assert f"[default: {','.join(DEFAULT_METHODS)}]" in text
+
+
 
 def test_the_graded_difference_compares_only_the_problems_the_verifier_grades():
     from hpd.apps.bench_report import paired_diff

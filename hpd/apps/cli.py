@@ -408,7 +408,7 @@ def demo_cmd(
 def bench_cmd(
     out: Path = typer.Option(Path("runs/bench"), "--out", "-o", metavar="DIR", help="Runs, tables and data."),
     methods: Optional[str] = typer.Option(None, "--methods", metavar="LIST",
-                                          help="Comma-separated methods [default: sft,fkl,rkl,gkd,orkl,akl,todi,abkl,hpd]; "
+                                          help="Comma-separated methods [default: sft,fkl,rkl,gkd,orkl,akl,todi,abkl,hpd,hpdk]; "
                                                "see hpd.apps.bench.METHODS."),
     starts: str = typer.Option("pretrained,scratch", "--starts", metavar="LIST",
                                help="Student starts: scratch, pretrained[:NAME], pruned[:every:K] or a model directory."),
