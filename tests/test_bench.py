@@ -187,6 +187,45 @@ def _user_files(tmp_path):
     return tmp_path / "train.jsonl", tmp_path / "test.jsonl"
 
 
+def test_where_every_validation_problem_is_graded_the_rate_is_also_tuned_on_the_graded_score(tmp_path):
+    from hpd.apps.bench import tuning_criteria
+    from hpd.apps.bench_report import condition_tables
+    from hpd.tasks import get_task, task_row
+
+    task = get_task("math", steps=4)
+    for split, n, name in (("train", 40, "train.jsonl"), ("test", 6, "test.jsonl")):
+        rows = [task_row(it) for it in task.generate(split, n, seed=0)]
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    s = _fast(tmp_path, methods=["hpd"], user_train=tmp_path / "train.jsonl", user_test=tmp_path / "test.jsonl",
+              user_student="pretrained", verifier="task", lr_grid=[1 / 3, 1.0], seeds=[0, 1])
+    (cond,), _ = build_conditions(s)
+    assert tuning_criteria(cond, s) == ["accuracy", "graded"]
+    val = [json.loads(line) for line in cond.val.read_text().splitlines()]
+    # At 1/3 of the base rate every chain is worked right but ends on a wrong answer (accuracy 0,
+    # graded 1); at the base rate one chain is right and the others are empty (1/3 on both).
+    slips = [r["completion"].rsplit("Answer:", 1)[0] + "Answer: -1" for r in val]
+    one_right = [val[0]["completion"]] + [""] * (len(val) - 1)
+    for mult, answers, acc in ((1 / 3, slips, 0.0), (1.0, one_right, 1 / 3)):
+        run = run_spec(cond, "hpd", cond.start.lr * mult, 0, s).run_dir
+        run.mkdir(parents=True)
+        (run / "eval-val.json").write_text(json.dumps({"accuracy": acc, "verdicts": [], "tasks": [], "completions": answers}))
+    lr_acc, accs = tuned_lr(cond, "hpd", s)
+    lr_graded, graded = tuned_lr(cond, "hpd", s, "graded")
+    assert lr_acc == cond.start.lr and lr_graded == pytest.approx(cond.start.lr / 3)
+    assert graded[lr_graded] == pytest.approx(1.0) and graded[cond.start.lr] == pytest.approx(1 / 3)
+    # The tuned phase runs seed 1 where either criterion needs it, each run once.
+    plan = [(round(sp.lr / cond.start.lr, 3), sp.seed) for sp in plan_tuned(cond, s)]
+    assert sorted(plan) == [(0.333, 0), (0.333, 1), (1.0, 0)]
+    report = condition_tables(cond, s)
+    assert "Tuned: each method" in report and "Tuned on steps right: each method" in report
+    assert "val steps right lost across grid" in report and "- tuned on steps right:" in report
+    with pytest.raises(HPDError, match="unknown tuning criterion"):
+        tuned_lr(cond, "hpd", s, "loss")
+    # A condition whose verifier grades only some problems (code and dialogue are pass/fail) tunes on accuracy.
+    (gold,), _ = build_conditions(_fast(tmp_path / "gold"))
+    assert tuning_criteria(gold, s) == ["accuracy"]
+
+
 @pytest.mark.parametrize("verifier", ["exact", "math", "task", "MYFILE:check"])
 def test_bench_on_a_users_own_task(tmp_path, verifier):
     train, test = _user_files(tmp_path)

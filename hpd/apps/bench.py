@@ -546,21 +546,71 @@ def _done(spec: RunSpec) -> bool:
     return True
 
 
-def _val_accuracy(spec: RunSpec) -> float | None:
+@functools.lru_cache(maxsize=16)
+def _grading(rows_file: str, verifier: str, answer_pattern: str | None) -> tuple[list[dict], Any]:
+    from hpd.apps.verifiers import get_verifier
+
+    return _read_rows(Path(rows_file)), get_verifier(verifier, answer_pattern=answer_pattern)
+
+
+def graded_scores(answers: list[str], rows_file: Path, verifier: str, answer_pattern: str | None = None,
+                  first: bool = False) -> list[float | None] | None:
+    """Per-problem graded scores in [0, 1] (`Verifier.partial_credit`) of `answers` to the rows of
+    `rows_file` (`first`: to its first len(answers) rows, as a checkpoint's curve is scored), in row
+    order (None for a problem the verifier does not grade), or None where it grades none of them."""
+    rows, v = _grading(str(rows_file), verifier, answer_pattern)
+    if first:
+        rows = rows[:len(answers)]
+    if len(rows) != len(answers):
+        raise HPDError(f"{len(answers)} kept answers for the {len(rows)} problems of {rows_file}: they were scored on "
+                       "another file; delete the run's eval-*.json to score it again")
+    scores = [v.partial_credit(r, c) for r, c in zip(rows, answers)]
+    return scores if any(x is not None for x in scores) else None
+
+
+# What picks a method's rate on validation. `graded` is added where the verifier grades every
+# validation problem (long math chains): there whole-chain accuracy sits at the floor for small
+# students, and a grid rate would be chosen on a problem or two.
+TUNING = {"accuracy": "validation accuracy", "graded": "validation steps right (the verifier's graded score)"}
+
+
+def tuning_criteria(cond: Condition, s: BenchSettings) -> list[str]:
+    """`["accuracy"]`, plus `"graded"` where the condition's verifier grades every validation problem."""
+    if not cond.val.is_file():
+        return ["accuracy"]
+    rows, v = _grading(str(cond.val), cond.verifier, s.answer_pattern)
+    if rows and all(v.partial_credit(r, r.get("completion") or "") is not None for r in rows):
+        return ["accuracy", "graded"]
+    return ["accuracy"]
+
+
+def _val_score(cond: Condition, spec: RunSpec, s: BenchSettings, on: str) -> float | None:
+    """Seed 0's validation score at one grid rate: accuracy, or the mean graded score of its kept answers."""
     path = eval_file(spec.run_dir, "val")
-    return json.loads(path.read_text())["accuracy"] if path.is_file() else None
+    if not path.is_file():
+        return None
+    ev = json.loads(path.read_text())
+    if on == "accuracy":
+        return ev["accuracy"]
+    if ev.get("completions") is None:
+        return None
+    graded = [x for x in graded_scores(ev["completions"], cond.val, cond.verifier, s.answer_pattern) or [] if x is not None]
+    return statistics.fmean(graded) if graded else None
 
 
-def tuned_lr(cond: Condition, method: str, s: BenchSettings) -> tuple[float, dict[float, float | None]]:
-    """The grid rate with the best validation accuracy (ties: the one nearest the base rate)."""
-    accs = {}
+def tuned_lr(cond: Condition, method: str, s: BenchSettings, on: str = "accuracy") -> tuple[float, dict[float, float | None]]:
+    """The grid rate with the best validation score `on` (a key of `TUNING`; ties: the one nearest
+    the base rate), and every grid rate's score."""
+    if on not in TUNING:
+        raise HPDError(f"unknown tuning criterion {on!r}; choose from: {', '.join(TUNING)}")
+    scores = {}
     for mult in s.lr_grid:
         lr = cond.start.lr * mult
-        accs[lr] = _val_accuracy(run_spec(cond, method, lr, s.seeds[0], s))
-    scored = [(a, -abs(math.log(lr / cond.start.lr)), lr) for lr, a in accs.items() if a is not None]
+        scores[lr] = _val_score(cond, run_spec(cond, method, lr, s.seeds[0], s), s, on)
+    scored = [(a, -abs(math.log(lr / cond.start.lr)), lr) for lr, a in scores.items() if a is not None]
     if not scored:
-        return cond.start.lr, accs
-    return max(scored)[2], accs
+        return cond.start.lr, scores
+    return max(scored)[2], scores
 
 
 def plan_grid(cond: Condition, s: BenchSettings) -> list[RunSpec]:
@@ -576,14 +626,16 @@ def plan_grid(cond: Condition, s: BenchSettings) -> list[RunSpec]:
 
 def plan_tuned(cond: Condition, s: BenchSettings) -> list[RunSpec]:
     """Phase 2: seeds > 0 at each method's tuned rate (where it differs from the base rate), beside
-    its seed-0 run (done in phase 1, with its accuracy-over-training curve)."""
-    specs = []
-    for m in s.methods:
-        lr, _ = tuned_lr(cond, m, s)
-        specs.append(run_spec(cond, m, lr, s.seeds[0], s))
-        if lr != cond.start.lr:
-            specs += [run_spec(cond, m, lr, seed, s) for seed in s.seeds[1:]]
-    return specs
+    its seed-0 run (done in phase 1, with its accuracy-over-training curve); for every criterion of
+    `tuning_criteria`, each run once."""
+    specs: dict[Path, RunSpec] = {}
+    for on in tuning_criteria(cond, s):
+        for m in s.methods:
+            lr, _ = tuned_lr(cond, m, s, on)
+            for seed in s.seeds if lr != cond.start.lr else s.seeds[:1]:
+                spec = run_spec(cond, m, lr, seed, s)
+                specs.setdefault(spec.run_dir, spec)
+    return list(specs.values())
 
 
 def run_bench(s: BenchSettings) -> Path:

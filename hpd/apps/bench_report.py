@@ -11,15 +11,15 @@ missing run shows as fewer seeds (the `seeds` column), never as a silent zero.
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import statistics
 from pathlib import Path
 from typing import Any, Callable
 
-from hpd.apps.bench import REFERENCE, BenchSettings, Condition, RunSpec, eval_file, run_spec, tuned_lr
-from hpd.errors import HPDError
+from hpd.apps.bench import (
+    REFERENCE, TUNING, BenchSettings, Condition, RunSpec, eval_file, graded_scores, run_spec, tuned_lr, tuning_criteria,
+)
 from hpd.files import atomic_write_text
 
 
@@ -50,27 +50,12 @@ def _records(run_dir: Path, kind: str) -> list[dict[str, Any]]:
     return read_records(run_dir, kind) if (run_dir / "metrics.jsonl").is_file() else []
 
 
-@functools.lru_cache(maxsize=8)
-def _grading(test_file: str, verifier: str, answer_pattern: str | None) -> tuple[list[dict], Any]:
-    from hpd.apps.bench import _read_rows
-    from hpd.apps.verifiers import get_verifier
-
-    return _read_rows(Path(test_file)), get_verifier(verifier, answer_pattern=answer_pattern)
-
-
 def grader(cond: Condition, s: BenchSettings) -> Callable[[dict], list[float | None] | None]:
     """Per-problem graded scores of a scored run (`Verifier.partial_credit` on its kept answers), or
     None where the run kept no answers or the verifier does not grade."""
     def grade(ev: dict) -> list[float | None] | None:
         answers = ev.get("completions")
-        if answers is None:
-            return None
-        rows, verifier = _grading(str(cond.test), cond.verifier, s.answer_pattern)
-        if len(rows) != len(answers):
-            raise HPDError(f"a run of {cond.name} holds {len(answers)} answers for {len(rows)} test problems: "
-                           "its eval-test.json was made on another test file; delete it to re-score the run")
-        scores = [verifier.partial_credit(r, c) for r, c in zip(rows, answers)]
-        return scores if any(x is not None for x in scores) else None
+        return None if answers is None else graded_scores(answers, cond.test, cond.verifier, s.answer_pattern)
     return grade
 
 
@@ -103,15 +88,29 @@ def run_summary(spec: RunSpec, max_grad_norm: float = 1.0,
     return out
 
 
-def curve(spec: RunSpec) -> list[tuple[int, float, dict]]:
-    """(step, accuracy on the curve subset, the train record at that step) for each scored checkpoint."""
+def curve(spec: RunSpec, score: Callable[[dict], float | None] | None = None) -> list[tuple[int, float, dict]]:
+    """(step, score on the curve subset, the train record at that step) for each scored checkpoint;
+    `score` reads a checkpoint's eval record (default: its accuracy; None skips the point)."""
     train = {r["step"]: r for r in _records(spec.run_dir, "train")}
     points = []
     for path in sorted(spec.run_dir.glob("eval-curve-step*.json")):
         step = int(path.stem.split("step")[1])
         rec = train.get(step) or max((r for s, r in train.items() if s <= step), key=lambda r: r["step"], default={})
-        points.append((step, json.loads(path.read_text())["accuracy"], rec))
+        value = (score or (lambda ev: ev["accuracy"]))(json.loads(path.read_text()))
+        if value is not None:
+            points.append((step, value, rec))
     return sorted(points, key=lambda p: p[0])
+
+
+def curve_score(cond: Condition, s: BenchSettings, on: str) -> Callable[[dict], float | None]:
+    """How a checkpoint of the curve is scored in the table tuned `on`: accuracy, or the mean graded score."""
+    def graded(ev: dict) -> float | None:
+        if ev.get("completions") is None:
+            return None
+        xs = [x for x in graded_scores(ev["completions"], cond.test, cond.verifier, s.answer_pattern, first=True) or []
+              if x is not None]
+        return statistics.fmean(xs) if xs else None
+    return (lambda ev: ev["accuracy"]) if on == "accuracy" else graded
 
 
 def _mean_std(xs: list[float]) -> tuple[float, float]:
@@ -166,26 +165,32 @@ def condition_tables(cond: Condition, s: BenchSettings) -> str:
     tasks = []
     lines: list[str] = []
     equal = {m: method_runs(cond, m, cond.start.lr, s) for m in s.methods}
-    tuned_rates = {m: tuned_lr(cond, m, s) for m in s.methods}
+    # One tuned table per criterion (validation accuracy; the graded score where every problem is graded).
+    criteria = tuning_criteria(cond, s)
+    rates_on = {on: {m: tuned_lr(cond, m, s, on) for m in s.methods} for on in criteria}
     # Where the tuned rate is the base rate the runs are the same ones: summarized once.
-    tuned = {m: equal[m] if tuned_rates[m][0] == cond.start.lr else method_runs(cond, m, tuned_rates[m][0], s)
-             for m in s.methods}
-    for runs in list(equal.values()) + list(tuned.values()):
+    tuned_on = {on: {m: equal[m] if rates[m][0] == cond.start.lr else method_runs(cond, m, rates[m][0], s)
+                     for m in s.methods} for on, rates in rates_on.items()}
+    for runs in list(equal.values()) + [r for tuned in tuned_on.values() for r in tuned.values()]:
         for r in runs.values():
             tasks = list(dict.fromkeys([*tasks, *r["tasks"]]))
     n_test = max((len(r["verdicts"]) for runs in equal.values() for r in runs.values()), default=0)
     # A graded score (math's steps right) where the verifier gives one: it separates students that
     # all fail a long chain as a whole.
-    graded = any(r.get("partial") is not None for runs in [*equal.values(), *tuned.values()] for r in runs.values())
+    graded = any(r.get("partial") is not None for runs in [*equal.values(), *(r for t in tuned_on.values() for r in t.values())]
+                 for r in runs.values())
 
-    def table(kind: str, chosen: dict[str, dict[int, dict]], rates: dict[str, float]) -> list[str]:
+    def table(on: str | None, chosen: dict[str, dict[int, dict]], rates: dict[str, float]) -> list[str]:
+        """`on`: the tuning criterion of a tuned table, None for the equal-lr table."""
         cols = ["lr", "seeds", *tasks, "mean", "std (seeds)", f"vs {REFERENCE}: diff [95% CI]",
                 *(["steps right %", f"steps right vs {REFERENCE}"] if graded else []), "spikes",
                 "grad-norm p90/p50", "clipped", "CPU s"]
-        if kind == "tuned":
-            cols += ["val acc lost across grid", "CPU s to 90% best", "teacher tok to 90%", "student gen tok to 90%"]
+        if on is not None:
+            cols += ["val acc lost across grid" if on == "accuracy" else "val steps right lost across grid",
+                     "CPU s to 90% best", "teacher tok to 90%", "student gen tok to 90%"]
         out = [f"| method | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
-        best = _best_curve(cond, s, tuned_rates) if kind == "tuned" else None
+        score = curve_score(cond, s, on) if on is not None else None
+        best = _best_curve(cond, s, rates_on[on], score) if on is not None else None
         for m in s.methods:
             runs = chosen[m]
             fails = _failed(cond, m, rates[m], s)
@@ -203,10 +208,10 @@ def condition_tables(cond: Condition, s: BenchSettings) -> str:
                           "ref" if m == REFERENCE else paired_diff(runs, chosen[REFERENCE], "partial")]
             for key, spec in (("spikes", ".1f"), ("gn_spread", ".2f"), ("clipped", ".0%"), ("cpu_s", ".0f")):
                 cells.append(_fmt(_mean_std([r.get(key) for r in runs.values()])[0], spec))
-            if kind == "tuned":
-                vals = [a for a in tuned_rates[m][1].values() if a is not None]
+            if on is not None:
+                vals = [a for a in rates_on[on][m][1].values() if a is not None]
                 cells.append(_fmt(100 * (max(vals) - min(vals)) if len(vals) > 1 else None, ".1f"))
-                cells += _to_threshold(cond, m, tuned_rates[m][0], s, best)
+                cells += _to_threshold(cond, m, rates_on[on][m][0], s, best, score)
             out.append(f"| {m} | " + " | ".join(cells) + " |")
         return out
 
@@ -219,17 +224,23 @@ def condition_tables(cond: Condition, s: BenchSettings) -> str:
                      "over seeds, with a count in brackets when fewer seeds kept their answers; "
                      f"`steps right vs {REFERENCE}`: the paired difference on it, as for accuracy.\n")
     lines.append(f"Equal learning rate ({cond.start.lr:g} for every method), accuracy % (mean ± std over seeds):\n")
-    lines += table("equal", equal, {m: cond.start.lr for m in s.methods})
+    lines += table(None, equal, {m: cond.start.lr for m in s.methods})
     lines.append("")
     grid = ", ".join(f"{cond.start.lr * g:.2g}" for g in s.lr_grid)
-    lines.append(f"Tuned: each method at the rate of the grid ({grid}) with the best validation accuracy (seed {s.seeds[0]}):\n")
-    lines += table("tuned", tuned, {m: tuned_rates[m][0] for m in s.methods})
-    lines.append("")
+    for on in criteria:
+        title = "Tuned" if on == "accuracy" else "Tuned on steps right"
+        why = ("" if on == "accuracy" else "; whole-chain accuracy at the floor would choose a rate on a problem or two, "
+               "so the graded score chooses too, and the efficiency columns read 90% of the best steps right")
+        lines.append(f"{title}: each method at the rate of the grid ({grid}) with the best {TUNING[on]} "
+                     f"(seed {s.seeds[0]}){why}:\n")
+        lines += table(on, tuned_on[on], {m: rates_on[on][m][0] for m in s.methods})
+        lines.append("")
     # Every method whose runs log HPD's weight statistics (hpd, and objectives built on its weights).
+    labels = {"accuracy": "tuned", "graded": "tuned on steps right"}
     for m in s.methods:
-        runs = list(equal.get(m, {}).values()) + list(tuned.get(m, {}).values())
-        if m == REFERENCE or any(r.get("frac_A") is not None for r in runs):
-            lines.append(hpd_diagnostics(equal.get(m, {}), tuned.get(m, {}), m))
+        by_table = {"equal lr": equal.get(m, {}), **{labels[on]: tuned_on[on].get(m, {}) for on in criteria}}
+        if m == REFERENCE or any(r.get("frac_A") is not None for runs in by_table.values() for r in runs.values()):
+            lines.append(hpd_diagnostics(by_table, m))
     return "\n".join(lines) + "\n"
 
 
@@ -239,17 +250,19 @@ def _teacher_name(path: Path) -> str:
     return "the bundled one" if Path(path).resolve() == BUNDLED_TEACHER.resolve() else str(path)
 
 
-def _best_curve(cond: Condition, s: BenchSettings, rates: dict[str, tuple[float, dict]]) -> float | None:
+def _best_curve(cond: Condition, s: BenchSettings, rates: dict[str, tuple[float, dict]],
+                score: Callable[[dict], float | None] | None = None) -> float | None:
     finals = []
     for m in s.methods:
-        pts = curve(run_spec(cond, m, rates[m][0], s.seeds[0], s))
+        pts = curve(run_spec(cond, m, rates[m][0], s.seeds[0], s), score)
         if pts:
             finals.append(pts[-1][1])
     return max(finals) if finals else None
 
 
-def _to_threshold(cond: Condition, m: str, lr: float, s: BenchSettings, best: float | None) -> list[str]:
-    pts = curve(run_spec(cond, m, lr, s.seeds[0], s))
+def _to_threshold(cond: Condition, m: str, lr: float, s: BenchSettings, best: float | None,
+                  score: Callable[[dict], float | None] | None = None) -> list[str]:
+    pts = curve(run_spec(cond, m, lr, s.seeds[0], s), score)
     if best is None or not pts:
         return ["-", "-", "-"]
     for _, acc, rec in pts:
@@ -259,8 +272,9 @@ def _to_threshold(cond: Condition, m: str, lr: float, s: BenchSettings, best: fl
     return ["not reached"] * 3
 
 
-def hpd_diagnostics(equal: dict[int, dict], tuned: dict[int, dict], method: str = "hpd") -> str:
-    """HPD's weight statistics (and the top-k ones, where logged) averaged over a method's runs, one line per table."""
+def hpd_diagnostics(by_table: dict[str, dict[int, dict]], method: str = "hpd") -> str:
+    """HPD's weight statistics (and the top-k ones, where logged) averaged over a method's runs, one
+    line per table (`by_table`: the table's label -> its runs by seed)."""
     def line(label: str, runs: dict[int, dict]) -> str:
         if not runs:
             return f"- {label}: no finished run"
@@ -273,8 +287,8 @@ def hpd_diagnostics(equal: dict[int, dict], tuned: dict[int, dict], method: str 
                 + (f", top-k push {_fmt(push, '.3f')}, teacher's top-1 is y {_fmt(g('frac_teacher_top1_is_y'), '.2f')}"
                    if not math.isnan(push) else ""))
     title = "HPD's" if method == "hpd" else f"{method}'s"
-    return (f"{title} diagnostics (training-step means over logged steps):\n\n" + line("equal lr", equal) + "\n"
-            + line("tuned", tuned) + "\n")
+    return (f"{title} diagnostics (training-step means over logged steps):\n\n"
+            + "".join(line(label, runs) + "\n" for label, runs in by_table.items()))
 
 
 def write_report(s: BenchSettings, conditions: list[Condition], missing: list[str]) -> Path:
