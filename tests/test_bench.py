@@ -95,6 +95,9 @@ def test_an_archived_bench_resumes_on_a_fresh_machine_without_retraining(tmp_pat
     shutil.rmtree(out)
     report = _fast(tmp_path, seeds=[0, 1], archive=keep, report_only=True)
     assert (run_bench(report) / "results.md").read_text() == table
+    # Into another OUT (the archived configs name the files under the first one), the same, untrained.
+    elsewhere = run_bench(_fast(tmp_path, out_dir=tmp_path / "elsewhere" / "bench", seeds=[0, 1], archive=keep))
+    assert (elsewhere / "results.md").read_text() == table and not list(elsewhere.rglob("final"))
     shutil.rmtree(keep / "pretrained-gold" / "sft")
     run_bench(report)
     assert {p: p.read_bytes() for p in keep.rglob("*.gz")} == stamp

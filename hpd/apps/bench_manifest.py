@@ -103,7 +103,24 @@ def check_reused_runs(specs: Iterable[Any]) -> None:
             continue
         changes = config_changes(saved, load_config(None, list(sp.overrides)))
         altering = {**run_altering(changes), **{k: v for k, v in changes.items() if k == "max_steps"}}
+        altering = {k: v for k, v in altering.items() if not _same_place_under_out(v, saved.get("output_dir"), run_dir)}
         if altering:
             raise HPDError(f"the finished run {run_dir} was trained with another config than this bench asks for "
                            f"({format_changes(altering)}): rerun with the settings it was made with, delete that run "
                            "directory to retrain it, or pass another --out")
+
+
+def _same_place_under_out(change: tuple[Any, Any], saved_run_dir: Any, run_dir: Path) -> bool:
+    """Whether a changed path is the same file of the bench's own OUT, named from another OUT (the
+    run was made or restored under `--out runs/bench` and is reused under `--out /abs/elsewhere`).
+
+    A run directory is OUT/runs/CONDITION/METHOD/SLUG, so OUT is its fourth parent on both sides;
+    what the files under OUT hold is checked by OUT/bench.json, not by their path."""
+    old, new = change
+    if not (isinstance(old, str) and isinstance(new, str) and isinstance(saved_run_dir, str)):
+        return False
+    try:
+        return (Path(old).relative_to(Path(saved_run_dir).parents[3])
+                == Path(new).relative_to(Path(run_dir).parents[3]))
+    except (ValueError, IndexError):
+        return False
