@@ -7,7 +7,10 @@ The protocol, for every condition (a student start x a data condition) and every
    (never the test split). The rate with the best validation accuracy is the method's tuned rate.
 2. **Equal-lr table**: every method at the start's base rate, `seeds` seeds, scored on the test
    split (`n_eval` problems per task).
-3. **Tuned table**: every method at its own tuned rate, the same seeds.
+3. **Tuned table**: every method at its own tuned rate, the same seeds. Where the verifier grades
+   every validation problem (`longmath`: the share of steps done right), a second tuned table
+   picks each rate on that graded score too (`tuning_criteria`), since whole-chain accuracy at the
+   floor would pick it on a problem or two.
 4. **Paired differences**: every method against HPD on the same test problems, mean difference in
    accuracy points with a 95% paired-bootstrap interval over problems and seeds.
 5. **The paper's three claims as columns**: final accuracy (per task, mean); stability (std over
