@@ -1,5 +1,6 @@
-"""Run several training configs side by side and evaluate the results: what `hpd demo` and
-`hpd bench` are made of.
+"""Run several training configs side by side and evaluate the results: the runner of the scripts
+under `benchmarks/` (`hpd bench` and `hpd demo` use `hpd.apps.bench.run_all` instead, which also
+scores each run and keeps it in the archive).
 
 `run_configs` starts each config as its own `hpd train` process (several at once, one CPU thread
 each: for small models two single-threaded runs finish sooner than two two-threaded runs in turn),
