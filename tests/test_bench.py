@@ -166,6 +166,33 @@ def test_data_conditions_traces_and_limited(tmp_path):
     assert any(r["completion"] != g["completion"] for r, g in zip(tr, rows(gold.train)))
 
 
+def test_a_report_from_the_archive_does_not_write_the_traces_again(tmp_path, monkeypatch):
+    import shutil
+
+    import hpd.rollout
+
+    keep = tmp_path / "kept"
+    s = _fast(tmp_path, data=["traces"], train_per_task=6, archive=keep)
+    out = run_bench(s)
+    table = (out / "results.md").read_text()
+    assert "% wrong" in table
+    assert json.loads((keep / "data" / "traces" / "stats.json").read_text()) == json.loads(
+        (out / "data" / "traces" / "stats.json").read_text())
+    shutil.rmtree(out)
+
+    def no_generation(*a, **k):
+        raise AssertionError("the writer generated again")
+
+    monkeypatch.setattr(hpd.rollout, "generate_text", no_generation)
+    report = _fast(tmp_path, data=["traces"], train_per_task=6, archive=keep, report_only=True)
+    assert (run_bench(report) / "results.md").read_text() == table
+    assert not (out / "data" / "traces" / "train.jsonl").exists()
+    # A bench that trains still needs the traces themselves: without the archive's record or
+    # --report, they are written again.
+    with pytest.raises(AssertionError, match="generated again"):
+        run_bench(_fast(tmp_path, data=["traces"], train_per_task=6, archive=keep))
+
+
 def test_starts(tmp_path):
     s = _fast(tmp_path)
     assert resolve_start("scratch", s).overrides[0].startswith("student.path=tiny")

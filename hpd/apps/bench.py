@@ -245,6 +245,11 @@ def _traces(data_dir: Path, gold_train: Path, s: BenchSettings) -> tuple[Path, s
     """The gold prompts answered by a weaker model (sampled, its mistakes kept); the share wrong."""
     out = data_dir / "traces" / "train.jsonl"
     stats_path = data_dir / "traces" / "stats.json"
+    kept = _archived_data(stats_path, s)
+    if not out.is_file() and s.report_only and kept is not None:
+        # The tables need only what the traces were (the archive's record, made by the same
+        # settings: its bench.json was checked), not 12,000 generations of the writer again.
+        return out, _describe_traces(json.loads(kept.read_text()))
     if not out.is_file():
         if not (Path(s.writer) / "config.json").is_file():
             raise HPDError(f"no trace writer at {s.writer}: build it with `bash scripts/build_students.sh`")
@@ -268,9 +273,24 @@ def _traces(data_dir: Path, gold_train: Path, s: BenchSettings) -> tuple[Path, s
                  "wrong_per_task": {t: 1 - sum(v) / len(v) for t, v in by_task.items()}}
         _write_rows(traced, out)
         atomic_write_text(stats_path, json.dumps(stats, indent=2))
-    stats = json.loads(stats_path.read_text())
+    if s.archive is not None:
+        from hpd.apps.bench_archive import archive_data_file
+
+        archive_data_file(stats_path, s.out_dir, s.archive)
+    return out, _describe_traces(json.loads(stats_path.read_text()))
+
+
+def _describe_traces(stats: dict[str, Any]) -> str:
     per = ", ".join(f"{t} {100 * w:.0f}%" for t, w in stats["wrong_per_task"].items())
-    return out, f"traces of {Path(stats['writer']).name} (T={stats['temperature']:g}): {100 * stats['wrong']:.0f}% wrong ({per})"
+    return f"traces of {Path(stats['writer']).name} (T={stats['temperature']:g}): {100 * stats['wrong']:.0f}% wrong ({per})"
+
+
+def _archived_data(path: Path, s: BenchSettings) -> Path | None:
+    if s.archive is None:
+        return None
+    from hpd.apps.bench_archive import archived_data_file
+
+    return archived_data_file(path, s.out_dir, s.archive)
 
 
 def _limited(data_dir: Path, gold_train: Path, s: BenchSettings) -> Path:

@@ -7,6 +7,9 @@ and answers, `failed.json`; never weights), gzip-compressed with fixed headers s
 run always gives the same bytes, to `DIR/<condition>/<method>/<rate>-s<seed>/`. A directory
 inside a git repository is the intended place: commit it as runs finish.
 
+The archive also keeps the small records of OUT's data that the tables print (the traces'
+share wrong, `data/traces/stats.json`), so that `--report` on a fresh OUT needs no generation.
+
 The archive records the settings that shaped its runs' data (`DIR/bench.json`, as OUT does:
 `hpd.apps.bench_manifest.check_manifest`), so a bench with other settings is refused it. A bench
 started with the same `--archive` on a machine that lacks a finished run restores those files into
@@ -89,3 +92,20 @@ def restore_run(run_dir: Path, out: Path, archive: Path) -> list[str]:
         _write_bytes(run_dir / gz.name[: -len(".gz")], gzip.decompress(gz.read_bytes()))
         written.append(gz.name[: -len(".gz")])
     return written
+
+
+def archive_data_file(path: Path, out: Path, archive: Path) -> bool:
+    """Keep a small file of OUT's data (`OUT/data/...`) at the same place under the archive; whether
+    anything was written (an unchanged file is not written again)."""
+    dest = Path(archive) / Path(path).relative_to(Path(out))
+    data = Path(path).read_bytes()
+    if dest.is_file() and dest.read_bytes() == data:
+        return False
+    _write_bytes(dest, data)
+    return True
+
+
+def archived_data_file(path: Path, out: Path, archive: Path) -> Path | None:
+    """The archive's copy of a file of OUT's data, if it holds one."""
+    kept = Path(archive) / Path(path).relative_to(Path(out))
+    return kept if kept.is_file() else None
