@@ -166,6 +166,35 @@ def test_data_conditions_traces_and_limited(tmp_path):
     assert any(r["completion"] != g["completion"] for r, g in zip(tr, rows(gold.train)))
 
 
+def test_an_archive_made_in_another_checkout_is_restored_in_this_one(tmp_path):
+    """The archived configs name the bundled models by absolute path (/work/main/hpd/assets/...);
+    a clone elsewhere has them at another path, with the same weights (checked by bench.json)."""
+    import gzip
+    import re
+    import shutil
+
+    keep = tmp_path / "kept"
+    s = _fast(tmp_path, archive=keep)
+    table = (run_bench(s) / "results.md").read_text()
+    shutil.rmtree(s.out_dir)
+
+    def moved(asset: str) -> None:
+        for cfg in keep.rglob("config.yaml.gz"):
+            text = gzip.decompress(cfg.read_bytes()).decode()
+            text = re.sub(r"path: \S*/hpd/assets/[\w.-]+\n", lambda m: f"path: /another/checkout/hpd/assets/{asset}\n"
+                          if "assets/teacher" in m.group(0) else m.group(0), text)
+            cfg.write_bytes(gzip.compress(text.encode(), mtime=0))
+
+    moved("teacher")
+    assert "/another/checkout/hpd/assets/teacher" in gzip.decompress(next(keep.rglob("config.yaml.gz")).read_bytes()).decode()
+    assert (run_bench(s) / "results.md").read_text() == table and not list(s.out_dir.rglob("final"))
+    # Another bundled model under the same name is still another config.
+    shutil.rmtree(s.out_dir)
+    moved("long-teacher")
+    with pytest.raises(HPDError, match=r"another config .*teacher.path: '/another/checkout/hpd/assets/long-teacher'"):
+        run_bench(s)
+
+
 def test_a_report_from_the_archive_does_not_write_the_traces_again(tmp_path, monkeypatch):
     import shutil
 

@@ -103,7 +103,8 @@ def check_reused_runs(specs: Iterable[Any]) -> None:
             continue
         changes = config_changes(saved, load_config(None, list(sp.overrides)))
         altering = {**run_altering(changes), **{k: v for k, v in changes.items() if k == "max_steps"}}
-        altering = {k: v for k, v in altering.items() if not _same_place_under_out(v, saved.get("output_dir"), run_dir)}
+        altering = {k: v for k, v in altering.items()
+                    if not (_same_place_under_out(v, saved.get("output_dir"), run_dir) or _same_bundled_model(v))}
         if altering:
             raise HPDError(f"the finished run {run_dir} was trained with another config than this bench asks for "
                            f"({format_changes(altering)}): rerun with the settings it was made with, delete that run "
@@ -124,3 +125,23 @@ def _same_place_under_out(change: tuple[Any, Any], saved_run_dir: Any, run_dir: 
                 == Path(new).relative_to(Path(run_dir).parents[3]))
     except (ValueError, IndexError):
         return False
+
+
+def _same_bundled_model(change: tuple[Any, Any]) -> bool:
+    """Whether a changed path is the same bundled model (`hpd/assets/...`) of another checkout of
+    the project (the run was made in /work/main and is restored in a clone elsewhere).
+
+    Every bundled model a bench run names (teacher, long teacher, starts, trace writer) is in
+    OUT/bench.json by its weights, so its content is checked there, not by its path."""
+    import hpd
+
+    old, new = change
+    if not (isinstance(old, str) and isinstance(new, str)):
+        return False
+    assets = Path(hpd.__file__).resolve().parent / "assets"
+    try:
+        rest = Path(new).resolve().relative_to(assets)
+    except ValueError:
+        return False
+    tail = ("hpd", "assets", *rest.parts)
+    return Path(old).parts[-len(tail):] == tail
