@@ -460,6 +460,9 @@ def test_the_bench_help_names_the_default_methods_the_bench_runs():
 
     text = " ".join(CliRunner().invoke(app, ["bench", "--help"], terminal_width=400).output.split())
     assert f"[default: {','.join(DEFAULT_METHODS)}]" in text
+    # and the grid: the command's default is the library's
+    grid = BenchSettings(out_dir=".").lr_grid
+    assert f"[default: {','.join(f'{g:g}' for g in grid)}]" in text
 
 
 
