@@ -23,14 +23,31 @@ from hpd.apps.bench import (
 from hpd.files import atomic_write_text
 
 
-def loss_spikes(kl: list[float], window: int = 10, factor: float = 1.5) -> int:
-    """Logged steps whose KL exceeds `factor` x the median of the `window` before it."""
+def loss_spikes(kl: list[float], window: int = 10, factor: float = 1.5,
+                regimes: list[str] | None = None) -> int:
+    """Logged steps whose KL exceeds `factor` x the median of the `window` before it.
+
+    With `regimes` (one name per logged step), each step is compared only with earlier steps of
+    its own regime: a method that alternates gold batches and its own rollouts (GKD) has a KL
+    level per regime, and a switch between them is not a spike.
+    """
+    if regimes is not None:
+        if len(regimes) != len(kl):
+            raise ValueError(f"loss_spikes: {len(kl)} KL values but {len(regimes)} regimes")
+        return sum(loss_spikes([k for k, g in zip(kl, regimes) if g == name], window, factor)
+                   for name in dict.fromkeys(regimes))
     spikes = 0
     for i in range(window, len(kl)):
         med = statistics.median(kl[i - window:i])
         if med > 0 and kl[i] > factor * med:
             spikes += 1
     return spikes
+
+
+def _spikes(train: list[dict[str, Any]]) -> int:
+    """`loss_spikes` over a run's logged training KL, regime by regime."""
+    rows = [r for r in train if isinstance(r.get("kl"), (int, float)) and math.isfinite(r["kl"])]
+    return loss_spikes([r["kl"] for r in rows], regimes=[str(r.get("regime", "")) for r in rows])
 
 
 def grad_norm_spread(norms: list[float]) -> float:
@@ -75,7 +92,7 @@ def run_summary(spec: RunSpec, max_grad_norm: float = 1.0,
         "partial": grade(ev) if grade is not None else None,
         "cpu_s": last.get("cpu_s"), "wall_s": last.get("elapsed_s"),
         "teacher_tokens": last.get("teacher_tokens_total"), "generated_tokens": last.get("generated_tokens_total"),
-        "spikes": loss_spikes(num("kl")), "gn_spread": grad_norm_spread(norms),
+        "spikes": _spikes(train), "gn_spread": grad_norm_spread(norms),
         "clipped": (sum(n > max_grad_norm for n in norms) / len(norms)) if norms and max_grad_norm > 0 else float("nan"),
         "skipped": len(_records(spec.run_dir, "skip")),
     }
