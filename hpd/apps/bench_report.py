@@ -44,9 +44,14 @@ def loss_spikes(kl: list[float], window: int = 10, factor: float = 1.5,
     return spikes
 
 
+def _finite(records: list[dict[str, Any]], key: str) -> list[dict[str, Any]]:
+    """The records whose `key` is a finite number (a step may log none, or NaN)."""
+    return [r for r in records if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+
+
 def _spikes(train: list[dict[str, Any]]) -> int:
     """`loss_spikes` over a run's logged training KL, regime by regime."""
-    rows = [r for r in train if isinstance(r.get("kl"), (int, float)) and math.isfinite(r["kl"])]
+    rows = _finite(train, "kl")
     return loss_spikes([r["kl"] for r in rows], regimes=[str(r.get("regime", "")) for r in rows])
 
 
@@ -85,7 +90,7 @@ def run_summary(spec: RunSpec, max_grad_norm: float = 1.0,
     ev = json.loads(test.read_text())
     train = _records(spec.run_dir, "train")
     last = train[-1] if train else {}
-    num = lambda k: [r[k] for r in train if isinstance(r.get(k), (int, float)) and math.isfinite(r[k])]  # noqa: E731
+    num = lambda k: [r[k] for r in _finite(train, k)]  # noqa: E731
     norms = num("grad_norm")
     out = {
         "verdicts": ev["verdicts"], "tasks": ev["tasks"], "accuracy": ev["accuracy"],
