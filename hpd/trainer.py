@@ -57,6 +57,7 @@ from hpd.errors import DivergedError, HPDError
 from hpd.model_card import model_card
 from hpd.hub import resolve_model_path
 from hpd.progress import Progress
+from hpd.provenance import code_record
 from hpd.models import (
     apply_lora, enable_gradient_checkpointing, final_hidden_states, init_from_teacher, lm_head_of, load_model, save_model,
     shared_vocab_size, vocab_rows,
@@ -831,6 +832,8 @@ class Trainer:
                                "trainable_parameters": sum(p.numel() for p in self.unwrapped.parameters() if p.requires_grad),
                                # What this (the main) process holds: 1/world of each sharded tensor under FSDP.
                                "student_parameters_local": local_numel(self.unwrapped)})
+        # Which code trains from here, at every start: a resumed run may continue under other code.
+        metrics_log.write({"type": "code", "step": self.step, **code_record()})
         self.log(f"training {cfg.objective.name} ({cfg.regime.name} regime) for {cfg.max_steps} steps; "
                  f"{len(self.train_data)} training examples; run dir {self.run_dir}")
         skipped = self.data_info.get("train_skipped", 0) + self.data_info.get("eval_skipped", 0)

@@ -15,6 +15,7 @@ from hpd.apps.bench import (
 )
 from hpd.apps.bench_report import grad_norm_spread, loss_spikes
 from hpd.errors import HPDError
+from hpd.provenance import code_record
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -37,6 +38,7 @@ def test_bench_protocol_end_to_end(tmp_path):
     assert "| hpd | " in table and "| ref |" in table  # the reference row of the paired column
     assert "frac_A" in table  # HPD's diagnostics are reported
     assert "hpdk's diagnostics" in table and "top-k push 0." in table  # and the extension's top-k statistics
+    assert f"Code: every run trained and scored by hpd {code_record()['hpd']} (source {code_record()['source']}" in table
     (cond,), _ = build_conditions(s)
     # The grid ran seed 0 at both rates, scored on validation (carved from training problems) and test.
     for mult in s.lr_grid:
@@ -45,6 +47,7 @@ def test_bench_protocol_end_to_end(tmp_path):
         test = json.loads((run / "eval-test.json").read_text())
         assert len(val["verdicts"]) == 3 * s.n_val and len(test["verdicts"]) == 3 * s.n_eval
         assert sorted(set(test["tasks"])) == ["code", "dialogue", "math"]
+        assert test["code"]["source"] == val["code"]["source"] == code_record()["source"]  # the scoring code
     # Validation problems are training problems never trained on, and never test problems.
     val_prompts = {json.loads(l)["prompt"] for l in cond.val.read_text().splitlines()}
     train_prompts = {json.loads(l)["prompt"] for l in cond.train.read_text().splitlines()}

@@ -208,6 +208,12 @@ def test_killed_run_resumes_to_the_weights_of_an_uninterrupted_run(regime, tiny_
         key = "loss" if a["type"] == "train" else "value"
         assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (a["type"], a["step"])
     assert sum(r["type"] == "info" for r in read_metrics(run_dir)) == 1
+    # Each start records the code it trains with (hpd.provenance): a resume may bring other code.
+    from hpd.provenance import code_record
+
+    starts = [r for r in read_metrics(run_dir) if r["type"] == "code"]
+    assert [r["step"] for r in starts] == [0, killed_at]
+    assert {r["source"] for r in starts} == {code_record()["source"]}
 
 
 def test_rerun_after_a_kill_before_the_first_checkpoint_starts_a_clean_log(tiny_teacher, tmp_path, capsys):
@@ -222,7 +228,7 @@ def test_rerun_after_a_kill_before_the_first_checkpoint_starts_a_clean_log(tiny_
     assert "resumed" not in capsys.readouterr().out
     records = read_metrics(run_dir)
     assert [(r["type"], r["step"]) for r in records] == [
-        ("info", 0), ("eval", 0), ("train", 1), ("train", 2), ("eval", 2), ("train", 3), ("train", 4), ("eval", 4)]
+        ("info", 0), ("code", 0), ("eval", 0), ("train", 1), ("train", 2), ("eval", 2), ("train", 3), ("train", 4), ("eval", 4)]
 
 
 # --------------------------------------------------------------------------------------------

@@ -461,6 +461,12 @@ def execute(spec: RunSpec, verifier: str, answer_pattern: str | None, n_curve: i
     saved = os.dup(1), os.dup(2)
     os.dup2(log.fileno(), 1)
     os.dup2(log.fileno(), 2)
+    def scored(model: Path, rows_file: Path, limit: int | None = None) -> dict:
+        # The score with the code that made it (hpd.provenance): the report names each table's code.
+        from hpd.provenance import code_record
+
+        return {**score_model(model, rows_file, verifier, answer_pattern, limit), "code": code_record()}
+
     try:
         if not (run_dir / "final" / "config.json").is_file():
             import hpd
@@ -477,13 +483,13 @@ def execute(spec: RunSpec, verifier: str, answer_pattern: str | None, n_curve: i
         for split, rows_file in spec.evals:
             path = eval_file(run_dir, split)
             if not path.is_file():
-                atomic_write_text(path, json.dumps(score_model(run_dir / "final", rows_file, verifier, answer_pattern)))
+                atomic_write_text(path, json.dumps(scored(run_dir / "final", rows_file)))
         if spec.curve:
             for ckpt in sorted((run_dir / "checkpoints").glob("step-*")):
                 step = int(ckpt.name.split("-")[1])
                 path = eval_file(run_dir, "curve", step)
                 if not path.is_file() and (ckpt / "model" / "config.json").is_file():
-                    atomic_write_text(path, json.dumps(score_model(ckpt / "model", spec.evals[0][1], verifier, answer_pattern, n_curve)))
+                    atomic_write_text(path, json.dumps(scored(ckpt / "model", spec.evals[0][1], n_curve)))
         return {"ok": True}
     finally:
         sys.stdout.flush()

@@ -5,8 +5,8 @@ Nothing here trains: `hpd bench --report` calls `write_report` on whatever has f
 missing run shows as fewer seeds (the `seeds` column), never as a silent zero.
 
     >>> from hpd.apps.bench_report import grad_norm_spread
-    >>> grad_norm_spread([1.0, 1.0, 1.0, 4.0])
-    2.5
+    >>> grad_norm_spread([1.0, 1.0, 2.0, 2.0, 3.0])  # 90th percentile 3.0 over median 2.0
+    1.5
 """
 
 from __future__ import annotations
@@ -100,6 +100,9 @@ def run_summary(spec: RunSpec, max_grad_norm: float = 1.0,
         "spikes": _spikes(train), "gn_spread": grad_norm_spread(norms),
         "clipped": (sum(n > max_grad_norm for n in norms) / len(norms)) if norms and max_grad_norm > 0 else float("nan"),
         "skipped": len(_records(spec.run_dir, "skip")),
+        "run": f"{spec.method}/{spec.run_dir.name}",
+        # The code of each training start and of the test score (none for runs made before hpd recorded it).
+        "code": [*_records(spec.run_dir, "code"), *([ev["code"]] if ev.get("code") else [])],
     }
     for key in ("frac_A", "frac_B", "r_hat_mean", "r_mean", "topk_push", "frac_teacher_top1_is_y"):
         vals = num(key)
@@ -133,6 +136,39 @@ def curve_score(cond: Condition, s: BenchSettings, on: str) -> Callable[[dict], 
               if x is not None]
         return statistics.fmean(xs) if xs else None
     return (lambda ev: ev["accuracy"]) if on == "accuracy" else graded
+
+
+def code_note(runs: list[dict[str, Any]]) -> str:
+    """Which code trained and scored `runs` (run summaries): one line, marked **mixed** where they
+    differ, since figures of two versions need not agree to the digit."""
+    from hpd.provenance import describe_code
+
+    versions: dict[tuple, dict[str, Any]] = {}
+    members: dict[tuple, list[str]] = {}
+    unrecorded = []
+    for r in runs:
+        if not r.get("code"):
+            unrecorded.append(r["run"])
+        for c in r.get("code") or []:
+            key = (c.get("source"), c.get("torch"), c.get("transformers"))
+            versions.setdefault(key, c)
+            if r["run"] not in members.setdefault(key, []):
+                members[key].append(r["run"])
+    if not versions:
+        return "Code: not recorded (runs made before hpd recorded the code of each run).\n" if runs else ""
+    if len(versions) == 1 and not unrecorded:
+        (rec,) = versions.values()
+        return f"Code: every run trained and scored by {describe_code(rec)}.\n"
+
+    def listed(names: list[str]) -> str:
+        return f"{len(names)} runs" + (f" ({', '.join(names)})" if len(names) <= 6 else "")
+
+    parts = [f"{describe_code(rec)}: {listed(members[key])}" for key, rec in versions.items()]
+    if unrecorded:
+        parts.append(f"not recorded (made before hpd recorded it): {listed(unrecorded)}")
+    return (f"**Code: mixed.** These runs were trained or scored by more than one version of the code: "
+            + "; ".join(parts) + ". Figures from different code need not agree to the digit; for one version, "
+            "delete the other runs' directories (OUT/runs, and the archive's copies) and run the bench again.\n")
 
 
 def _mean_std(xs: list[float]) -> tuple[float, float]:
@@ -257,6 +293,9 @@ def condition_tables(cond: Condition, s: BenchSettings) -> str:
                      f"(seed {s.seeds[0]}){why}:\n")
         lines += table(on, tuned_on[on], {m: rates_on[on][m][0] for m in s.methods})
         lines.append("")
+    shown = {id(r): r for runs in [*equal.values(), *(r for t in tuned_on.values() for r in t.values())]
+             for r in runs.values()}
+    lines.append(code_note(list(shown.values())))
     # Every method whose runs log HPD's weight statistics (hpd, and objectives built on its weights).
     labels = {"accuracy": "tuned", "graded": "tuned on steps right"}
     for m in s.methods:
