@@ -45,11 +45,12 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def _hash_files(files: list[Path]) -> str:
-    """sha256 of each file's name then bytes, in the order given (the key teacher caches record)."""
+def hash_files(files: list[Path], root: Path | None = None) -> str:
+    """sha256 of each file's name then bytes, in the order given (the key teacher caches record);
+    with `root`, each file is named by its path under `root`, so a move between folders counts."""
     h = hashlib.sha256()
     for f in files:
-        h.update(f.name.encode())
+        h.update((f.relative_to(root).as_posix() if root is not None else f.name).encode())
         with f.open("rb") as fh:
             for block in iter(lambda: fh.read(1 << 22), b""):
                 h.update(block)
@@ -67,7 +68,7 @@ def weights_fingerprint(path: str | os.PathLike, *, with_config: bool = True) ->
         f for f in p.iterdir() if f.suffix in _WEIGHT_SUFFIXES or (with_config and f.name == "config.json"))
     if not files:
         raise HPDError(f"no weight files in '{p}': pass a Hugging Face model directory or a .gguf file")
-    return _hash_files(files)
+    return hash_files(files)
 
 
 # Files beside the weights that change what a model computes or generates from a prompt.
@@ -91,7 +92,7 @@ def model_content_hash(model: str | os.PathLike) -> str:
         files = [p]
     else:
         return hashlib.sha256(os.fspath(model).encode()).hexdigest()[:24]
-    return _hash_files(files)
+    return hash_files(files)
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -102,4 +103,4 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()[:24]
 
 
-__all__ = ["model_content_hash", "model_fingerprint", "tokenizer_fingerprint", "weights_fingerprint"]
+__all__ = ["hash_files", "model_content_hash", "model_fingerprint", "tokenizer_fingerprint", "weights_fingerprint"]

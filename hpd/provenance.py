@@ -24,7 +24,6 @@ same code, different ones only that something changed.
 from __future__ import annotations
 
 import functools
-import hashlib
 import platform
 import subprocess
 from pathlib import Path
@@ -35,11 +34,10 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 
 def source_digest(root: Path = PACKAGE_DIR) -> str:
     """sha256 (16 hex digits) over the relative paths and bytes of every `.py` file under `root`."""
-    h = hashlib.sha256()
-    for path in sorted(p for p in Path(root).rglob("*.py") if "__pycache__" not in p.parts):
-        h.update(path.relative_to(root).as_posix().encode() + b"\0")
-        h.update(path.read_bytes() + b"\0")
-    return h.hexdigest()[:16]
+    from hpd.fingerprints import hash_files
+
+    root = Path(root)
+    return hash_files(sorted(p for p in root.rglob("*.py") if "__pycache__" not in p.parts), root=root)[:16]
 
 
 def git_commit(root: Path = PACKAGE_DIR) -> str | None:

@@ -833,7 +833,8 @@ class Trainer:
                                # What this (the main) process holds: 1/world of each sharded tensor under FSDP.
                                "student_parameters_local": local_numel(self.unwrapped)})
         # Which code trains from here, at every start: a resumed run may continue under other code.
-        metrics_log.write({"type": "code", "step": self.step, **code_record()})
+        if self.is_main:  # only the main process writes metrics.jsonl; the others need not hash the source
+            metrics_log.write({"type": "code", "step": self.step, **code_record()})
         self.log(f"training {cfg.objective.name} ({cfg.regime.name} regime) for {cfg.max_steps} steps; "
                  f"{len(self.train_data)} training examples; run dir {self.run_dir}")
         skipped = self.data_info.get("train_skipped", 0) + self.data_info.get("eval_skipped", 0)

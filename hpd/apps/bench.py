@@ -457,16 +457,17 @@ def execute(spec: RunSpec, verifier: str, answer_pattern: str | None, n_curve: i
     failed = run_dir / "failed.json"
     if failed.is_file():
         return json.loads(failed.read_text())
-    log = open(run_dir.parent / f"{run_dir.name}.log", "a")
-    saved = os.dup(1), os.dup(2)
-    os.dup2(log.fileno(), 1)
-    os.dup2(log.fileno(), 2)
+
     def scored(model: Path, rows_file: Path, limit: int | None = None) -> dict:
         # The score with the code that made it (hpd.provenance): the report names each table's code.
         from hpd.provenance import code_record
 
         return {**score_model(model, rows_file, verifier, answer_pattern, limit), "code": code_record()}
 
+    log = open(run_dir.parent / f"{run_dir.name}.log", "a")
+    saved = os.dup(1), os.dup(2)
+    os.dup2(log.fileno(), 1)
+    os.dup2(log.fileno(), 2)
     try:
         if not (run_dir / "final" / "config.json").is_file():
             import hpd
