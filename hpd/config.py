@@ -232,6 +232,12 @@ class DataConfig:
         min=0.0,
         max=0.5,
     )
+    packing: bool = field_(
+        False,
+        "Sequence packing: each micro-batch's rows end to end in one sequence (no padding), positions "
+        "restarted per row and attention kept within it (attention eager, sdpa, flex_attention or "
+        "flash_attention_2/3); same loss as padded rows.",
+    )
 
 
 def _param_field(users: list[tuple[str, Param]]) -> Any:
