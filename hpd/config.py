@@ -234,9 +234,16 @@ class DataConfig:
     )
     packing: bool = field_(
         False,
-        "Sequence packing: each micro-batch's rows end to end in one sequence (no padding), positions "
-        "restarted per row and attention kept within it (attention eager, sdpa, flex_attention or "
-        "flash_attention_2/3); same loss as padded rows.",
+        "Sequence packing: each micro-batch's rows end to end in sequences of data.pack_length tokens, "
+        "positions restarted per row and attention kept within it (attention eager, sdpa, "
+        "flex_attention or flash_attention_2/3); the same loss as padded rows.",
+    )
+    pack_length: int = field_(
+        0,
+        "data.packing: tokens per packed sequence; 0 = the micro-batch's longest row (attention never "
+        "costs more than padded); a value >= batch_size x max_length = the whole micro-batch in one "
+        "sequence, no padding (best with flash_attention_2's varlen kernel).",
+        min=0,
     )
 
 

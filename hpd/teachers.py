@@ -52,7 +52,7 @@ from hpd.data import build_batch
 from hpd.errors import HPDError
 from hpd.models import final_hidden_states, is_peft_model, lm_head_of
 from hpd.objectives import IGNORE_INDEX, HeadTeacher, TeacherView
-from hpd.packing import Packing, model_inputs
+from hpd.packing import model_inputs
 
 TEACHER_WEIGHTS = ("frozen", "ema", "live")
 
@@ -276,11 +276,11 @@ class OPSDTeacher(TeacherSource):
                                   [len(p) for p in teacher_prompts])
         batch.teacher_tokens = int(t["attention_mask"].sum())
         if batch.packing is not None:
-            # The teacher's sequences packed like the student's: one row, positions restarted per row,
+            # The teacher's sequences packed like the student's (the same rows together), positions restarted,
             # the aligned index pointing into the packed row.
-            tp = Packing([len(p) + len(c) for p, c in zip(teacher_prompts, batch.completions)])
+            tp = batch.packing.like([len(p) + len(c) for p, c in zip(teacher_prompts, batch.completions)])
             index = batch.packing.pack_index(index, tp)
-            t = {"input_ids": tp.pack(t["input_ids"]), "attention_mask": tp.pack(t["attention_mask"])}
+            t = {"input_ids": tp.pack(t["input_ids"], fill=self.pad_id), "attention_mask": tp.pack(t["attention_mask"])}
             batch.teacher_positions = tp.position_ids(self.device)
         batch.teacher_ids, batch.teacher_mask = t["input_ids"].to(self.device), t["attention_mask"].to(self.device)
         batch.teacher_index = index.to(self.device)

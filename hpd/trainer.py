@@ -558,7 +558,8 @@ class Trainer:
         are given) as a batch, with what the teacher source reads."""
         completions = completions if completions is not None else [e.completion_ids for e in examples]
         batch = make_batch([e.prompt_ids for e in examples], completions, pad_id=self.pad_id, vocab_size=self.vocab_size,
-                           device=self.acc.device, pack=self.cfg.data.packing)
+                           device=self.acc.device, pack=self.cfg.data.packing,
+                           pack_length=self.cfg.data.pack_length)
         if self.teacher_source is not None:
             self.teacher_source.prepare(batch, examples, split, indices)
         return batch

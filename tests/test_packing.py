@@ -47,9 +47,10 @@ def _rows(tok):
     return prompts, completions
 
 
-def _loss_and_grads(student, teacher, tok, objective, chunk_size, pack):
+def _loss_and_grads(student, teacher, tok, objective, chunk_size, pack, pack_length=0):
     prompts, completions = _rows(tok)
-    b = make_batch(prompts, completions, pad_id=tok.pad_token_id, vocab_size=None, device=torch.device("cpu"), pack=pack)
+    b = make_batch(prompts, completions, pad_id=tok.pad_token_id, vocab_size=None, device=torch.device("cpu"), pack=pack,
+                   pack_length=pack_length)
     source = ModelTeacher(teacher)
     source.prepare(b, [], "train", range(len(prompts)))
     module = DistillationLoss(student, get_objective(objective), chunk_size=chunk_size,
@@ -66,15 +67,22 @@ def _loss_and_grads(student, teacher, tok, objective, chunk_size, pack):
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 @pytest.mark.parametrize("chunk_size", [0, 16])
 @pytest.mark.parametrize("objective", ["hpd", "jsd"])
-def test_a_packed_batch_gives_the_padded_loss_and_gradients(arch, chunk_size, objective):
+@pytest.mark.parametrize("pack_length", [0, 10**6])
+def test_a_packed_batch_gives_the_padded_loss_and_gradients(arch, chunk_size, objective, pack_length):
     teacher, tok = load_model("tiny", tiny={**TINY, "arch": arch}, seed=1)
     student, _ = load_model("tiny", tiny={**TINY, "arch": arch}, seed=2)
     teacher.requires_grad_(False).eval()
     padded, loss, value, grads = _loss_and_grads(student, teacher, tok, objective, chunk_size, pack=False)
-    packed, p_loss, p_value, p_grads = _loss_and_grads(student, teacher, tok, objective, chunk_size, pack=True)
-    # No padding in the packed forward: one row holding exactly the rows' tokens.
-    assert packed.input_ids.shape == (1, int(padded.attention_mask.sum())) and bool(packed.attention_mask.all())
-    assert packed.input_ids.numel() < 0.7 * padded.input_ids.numel()  # these rows are mostly padding when padded
+    packed, p_loss, p_value, p_grads = _loss_and_grads(student, teacher, tok, objective, chunk_size, pack=True,
+                                                       pack_length=pack_length)
+    B, T = padded.input_ids.shape
+    tokens = int(padded.attention_mask.sum())
+    if pack_length:  # no padding in the packed forward: one row holding exactly the rows' tokens
+        assert packed.input_ids.shape == (1, tokens) and bool(packed.attention_mask.all())
+    else:  # rows no longer than the longest, fewer of them
+        assert packed.input_ids.shape[1] == T and packed.input_ids.shape[0] < B
+    assert int(packed.attention_mask.sum()) == tokens
+    assert packed.input_ids.numel() < 0.8 * padded.input_ids.numel()  # these rows are mostly padding when padded
     assert packed.num_active == padded.num_active
     assert p_loss == pytest.approx(loss, rel=1e-5, abs=1e-6) and p_value == pytest.approx(value, rel=1e-5, abs=1e-6)
     for k in grads:
@@ -105,19 +113,20 @@ def _assert_same_weights(a: Path, b: Path) -> None:
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=2e-5)
 
 
-def _train_both(tmp_path: Path, *overrides: str) -> tuple[Path, Path]:
+def _train_both(tmp_path: Path, *overrides: str, pack_length: int = 0) -> tuple[Path, Path]:
     runs = []
     for pack in ("false", "true"):
-        cfg = load_config("configs/tiny.yaml", [*FAST, f"output_dir={tmp_path / pack}", f"data.packing={pack}", *overrides])
+        cfg = load_config("configs/tiny.yaml", [*FAST, f"output_dir={tmp_path / pack}", f"data.packing={pack}",
+                                                f"data.pack_length={pack_length}", *overrides])
         runs.append(train(cfg))
     return runs[0], runs[1]
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-@pytest.mark.parametrize("chunk_size", [0, 256])
-def test_packed_training_ends_with_the_padded_runs_weights(arch, chunk_size, tmp_path):
+@pytest.mark.parametrize(("arch", "chunk_size", "pack_length"),
+                         [("llama", 0, 0), ("llama", 256, 10**5), ("qwen2", 0, 10**5), ("qwen2", 256, 0)])
+def test_packed_training_ends_with_the_padded_runs_weights(arch, chunk_size, pack_length, tmp_path):
     padded, packed = _train_both(tmp_path, f"student.tiny_arch={arch}", f"teacher.tiny_arch={arch}",
-                                 f"objective.chunk_size={chunk_size}")
+                                 f"objective.chunk_size={chunk_size}", pack_length=pack_length)
     _assert_same_weights(padded, packed)
     # and training moved them: equal weights are not the initial ones
     init, _ = load_model("tiny", tiny={"arch": arch, "num_layers": 2, "hidden_size": 64, "num_heads": 4,
@@ -128,7 +137,7 @@ def test_packed_training_ends_with_the_padded_runs_weights(arch, chunk_size, tmp
 
 def test_packed_self_distillation_ends_with_the_padded_runs_weights(tmp_path):
     padded, packed = _train_both(tmp_path, "teacher.path=none", "regime.name=self", "opsd.privileged_field=completion",
-                                 "opsd.teacher_template={privileged} | {prompt}")
+                                 "opsd.teacher_template={privileged} | {prompt}", pack_length=100)
     _assert_same_weights(padded, packed)
 
 
@@ -206,10 +215,16 @@ def test_a_teacher_cache_refuses_packed_integration_batches(tmp_path):
                   position_ids=torch.tensor([[0, 1, 2, 0, 1]]))
 
 
-def test_packing_lays_rows_end_to_end():
-    p = Packing([2, 3])
+def test_packing_lays_rows_end_to_end_in_batch_order():
+    p = Packing([2, 3], width=5)
     x = torch.arange(6).reshape(2, 3)
     assert p.pack(x).tolist() == [[0, 1, 3, 4, 5]]
     assert p.position_ids().tolist() == [[0, 1, 0, 1, 2]]
     # OPSD: an index into padded teacher rows becomes one into the packed teacher row
-    assert p.pack_index(torch.tensor([[0, 1, 0], [2, 3, 0]]), Packing([4, 5])).tolist() == [[0, 1, 6, 7, 4]]
+    assert p.pack_index(torch.tensor([[0, 1, 0], [2, 3, 0]]), p.like([4, 5])).tolist() == [[0, 1, 6, 7, 4]]
+    # width 0: packed rows no longer than the longest row; next fit keeps the batch order
+    q = Packing([3, 1, 4, 1, 2])
+    assert q.bins == [[0, 1], [2], [3, 4]] and q.width == 4
+    assert q.pack(torch.ones(5, 4, dtype=torch.long), fill=-1).tolist() == [[1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 1, -1]]
+    assert q.position_ids().tolist() == [[0, 1, 2, 0], [0, 1, 2, 3], [0, 0, 1, 0]]  # the padding: a segment of its own
+    assert q.like([5, 2, 4, 2, 2]).width == 7
