@@ -11,6 +11,11 @@ seed and order:
 - recipe: the SmolLM2 recipe's whole training file (`.../data/train.jsonl`: the chat answers and
   the capital-city questions).
 
+Two packed layouts: rows no longer than the micro-batch's longest row (`data.pack_length=0`, the
+default: attention, quadratic in the row, never costs more than padded) and the whole micro-batch
+in one row (no padding at all; with sdpa on a CPU the attention over the long row then costs more
+than the padding saved; flash_attention_2's varlen kernel on a GPU does not pay that).
+
 The models are NOT SmolLM2: a random tiny llama student and teacher (`--layers`, `--hidden`) with
 hpd's byte-level tokenizer, so a row's length is its byte count (about 4x its SmolLM2 token
 count; `--max-length` 640 bytes ~ the recipe's 160 tokens). The padding share is exact for these
@@ -36,26 +41,32 @@ DATA = {
 }
 
 
-def padding_share(lengths: list[int], batch: int, steps: int, seed: int) -> tuple[float, float, float]:
-    """(padded forward tokens per step, packed forward tokens per step, padding share of the padded
-    forward) over the micro-batches `hpd train` draws (`EpochSampler`, same seed)."""
+def forward_tokens(lengths: list[int], batch: int, steps: int, seed: int, pack_length: int | None) -> tuple[float, float]:
+    """(tokens through the forward per step, padding share of them) over the micro-batches `hpd
+    train` draws (`EpochSampler`, same seed); pack_length None = padded."""
     from hpd.data import EpochSampler
+    from hpd.packing import Packing
 
     s = EpochSampler(len(lengths), batch, seed=seed)
-    padded = packed = 0
+    forward = real = 0
     for _ in range(steps):
         rows = [lengths[i] for i in next(s)]
-        padded += len(rows) * max(rows)
-        packed += sum(rows)
-    return padded / steps, packed / steps, 1 - packed / padded
+        real += sum(rows)
+        if pack_length is None:
+            forward += len(rows) * max(rows)
+        else:
+            p = Packing(rows, width=pack_length)
+            forward += len(p.bins) * p.width
+    return forward / steps, 1 - real / forward
 
 
-def run(data: str, pack: bool, out: Path, a) -> dict:
+def run(data: str, pack_length: int | None, out: Path, a) -> dict:
     from hpd.config import load_config
     from hpd.trainer import train
 
     overrides = [f"output_dir={out}", f"data.train={data}", "data.eval_fraction=0", f"data.max_length={a.max_length}",
-                 f"data.packing={str(pack).lower()}", f"max_steps={a.steps}", f"optim.batch_size={a.batch}",
+                 f"data.packing={str(pack_length is not None).lower()}", f"data.pack_length={pack_length or 0}",
+                 f"max_steps={a.steps}", f"optim.batch_size={a.batch}",
                  "objective.name=hpd", "log.progress=false", "log.tensorboard=off", "log.every=1", "log.eval_every=0",
                  "log.diagnostics_every=1000000", "save.every=0", f"seed={a.seed}", "resume=never"]
     for role in ("student", "teacher"):
@@ -93,22 +104,22 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="hpd-packing-"))
     lines = ["| data | rows | mean / max row (tokens) | layout | forward tokens / step | padding share | "
              "trained tokens/s | step (s) | speed-up |", "|---|---|---|---|---|---|---|---|---|"]
+    layouts = {"padded": None, "packed (width: longest row)": 0, "packed (one row)": 10**9}
     for name in a.data:
         enc, _ = encode_file(DATA[name], byte_tokenizer(), DataConfig(max_length=a.max_length))
         lengths = [len(e.prompt_ids) + len(e.completion_ids) for e in enc]
-        pad_fwd, pack_fwd, share = padding_share(lengths, a.batch, a.steps, a.seed)
-        results: dict[bool, list[dict]] = {False: [], True: []}
-        for r in range(a.rounds):
-            for pack in ((False, True) if r % 2 == 0 else (True, False)):
-                results[pack].append(run(DATA[name], pack, tmp / f"{name}-{pack}-{r}", a))
-        tps = {p: statistics.median(x["tokens_per_s"] for x in v) for p, v in results.items()}
-        step = {p: statistics.median(x["step_s"] for x in v) for p, v in results.items()}
         shape = f"{statistics.fmean(lengths):.0f} / {max(lengths)}"
-        rows = results[False][0]["rows"]
-        lines.append(f"| {name} | {rows} | {shape} | padded | {pad_fwd:.0f} | {share:.1%} | {tps[False]:.0f} | "
-                     f"{step[False]:.3f} | 1.00 |")
-        lines.append(f"| {name} | {rows} | {shape} | packed | {pack_fwd:.0f} | 0.0% | {tps[True]:.0f} | "
-                     f"{step[True]:.3f} | {tps[True] / tps[False]:.2f} |")
+        results: dict[str, list[dict]] = {k: [] for k in layouts}
+        for r in range(a.rounds):  # the order of the layouts rotates from round to round
+            order = list(layouts)[r % len(layouts):] + list(layouts)[:r % len(layouts)]
+            for layout in order:
+                results[layout].append(run(DATA[name], layouts[layout], tmp / f"{name}-{len(results[layout])}-{list(layouts).index(layout)}", a))
+        tps = {k: statistics.median(x["tokens_per_s"] for x in v) for k, v in results.items()}
+        for layout, width in layouts.items():
+            fwd, share = forward_tokens(lengths, a.batch, a.steps, a.seed, width)
+            step = statistics.median(x["step_s"] for x in results[layout])
+            lines.append(f"| {name} | {results[layout][0]['rows']} | {shape} | {layout} | {fwd:.0f} | {share:.1%} | "
+                         f"{tps[layout]:.0f} | {step:.3f} | {tps[layout] / tps['padded']:.2f} |")
     print(f"\nbatch {a.batch}, {a.steps} steps ({a.warmup} warm-up), median of {a.rounds} rounds; tiny llama "
           f"{a.layers}x{a.hidden} student and teacher, byte tokenizer, max_length {a.max_length}, one thread\n")
     print("\n".join(lines))
