@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -368,7 +368,13 @@ def _iter_rows(path: str) -> Iterator[_Located]:
         yield from _iter_saved_dataset(base, split, path)
         return
     if not os.path.exists(path):
-        raise HPDError(f"data file {path} not found: check the path (relative to {os.getcwd()})")
+        from hpd.hub_data import is_hub_id, iter_hub_rows
+
+        if is_hub_id(path):  # org/name[:config][:split] and no local path of that name (hpd.hub_data)
+            yield from iter_hub_rows(path)
+            return
+        raise HPDError(f"data file {path} not found: check the path (relative to {os.getcwd()}), or name a Hub "
+                       "dataset as org/name[:config][:split]")
     lower = path.lower()
     if lower.endswith((".jsonl", ".ndjson")):
         yield from _iter_jsonl(path)
@@ -381,6 +387,53 @@ def _iter_rows(path: str) -> Iterator[_Located]:
             f"don't know how to read {path}: use a .jsonl, .json or .parquet file, or a directory "
             "written by datasets' save_to_disk (optionally 'dir:split')"
         )
+
+
+def parse_rows(
+    rows: Iterable[_Located],
+    *,
+    prompt_field: str = "prompt",
+    completion_field: str = "completion",
+    messages_field: str = "messages",
+    on_bad_row: str = "error",
+    require_completion: bool = True,
+    stats: LoadStats,
+) -> Iterator[Example]:
+    """The examples of raw rows `(location, source tag, row)` (`iter_rows`), one at a time: a bad
+    row raises `HPDError` naming its location, or is counted in `stats` with `on_bad_row="skip"`."""
+    if on_bad_row not in ("error", "skip"):
+        raise HPDError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
+    for loc, src, row in rows:
+        try:
+            if isinstance(row, _RowError):
+                raise row
+            prompt, completion, extra = _parse_row(
+                row,
+                prompt_field=prompt_field,
+                completion_field=completion_field,
+                messages_field=messages_field,
+                require_completion=require_completion,
+            )
+        except _RowError as e:
+            if on_bad_row == "skip":
+                stats.note_skip(f"{loc}: {e}")
+                continue
+            raise HPDError(
+                f"{loc}: {e}. Fix the row, or set on_bad_row='skip' to skip bad rows."
+            ) from None
+        yield Example(prompt=prompt, completion=completion, source=src, extra=extra)
+
+
+def iter_rows(path: str, *, streaming: bool = False) -> Iterator[_Located]:
+    """The raw rows of a data source, lazily where it can be (JSONL line by line, a Hub dataset
+    streamed with `streaming=True`): `(location for messages, source tag, row or row error)`."""
+    path = os.fspath(path)
+    if streaming and not os.path.exists(path):
+        from hpd.hub_data import is_hub_id, iter_hub_rows
+
+        if is_hub_id(path):
+            return iter_hub_rows(path, streaming=True)
+    return _iter_rows(path)
 
 
 def load_examples(
@@ -400,30 +453,11 @@ def load_examples(
     line (row index for parquet / datasets); with `on_bad_row="skip"` it is counted in the
     returned stats instead. `require_completion=False` accepts prompt-only rows (completion "").
     """
-    if on_bad_row not in ("error", "skip"):
-        raise HPDError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
     path = os.fspath(path)
     stats = LoadStats()
-    examples: list[Example] = []
-    for loc, src, row in _iter_rows(path):
-        try:
-            if isinstance(row, _RowError):
-                raise row
-            prompt, completion, extra = _parse_row(
-                row,
-                prompt_field=prompt_field,
-                completion_field=completion_field,
-                messages_field=messages_field,
-                require_completion=require_completion,
-            )
-        except _RowError as e:
-            if on_bad_row == "skip":
-                stats.note_skip(f"{loc}: {e}")
-                continue
-            raise HPDError(
-                f"{loc}: {e}. Fix the row, or set on_bad_row='skip' to skip bad rows."
-            ) from None
-        examples.append(Example(prompt=prompt, completion=completion, source=src, extra=extra))
+    examples = list(parse_rows(_iter_rows(path), prompt_field=prompt_field, completion_field=completion_field,
+                               messages_field=messages_field, on_bad_row=on_bad_row,
+                               require_completion=require_completion, stats=stats))
     stats.rows = len(examples)
     if not examples:
         why = (

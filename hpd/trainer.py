@@ -58,6 +58,7 @@ from hpd.model_card import model_card
 from hpd.hub import resolve_model_path
 from hpd.packing import check_packing, model_inputs
 from hpd.progress import Progress
+from hpd.streaming import StreamSampler, check_streaming
 from hpd.provenance import code_record
 from hpd.models import (
     apply_lora, enable_gradient_checkpointing, final_hidden_states, init_from_teacher, lm_head_of, load_model, save_model,
@@ -245,9 +246,12 @@ def load_data(cfg: Config, tokenizer) -> tuple[list[EncodedExample], list[Encode
         def encode(path):
             return encode_file(path, tokenizer, d)
 
-    train, stats = encode(d.train)
-    info = {"train_rows": stats.rows, "train_skipped": stats.skipped, "train_truncated": stats.truncated,
-            "skip_reasons": stats.skip_reasons[:5]}
+    if d.streaming:  # read as training goes (hpd.streaming.StreamSampler)
+        train, info = [], {"train_streaming": True}
+    else:
+        train, stats = encode(d.train)
+        info = {"train_rows": stats.rows, "train_skipped": stats.skipped, "train_truncated": stats.truncated,
+                "skip_reasons": stats.skip_reasons[:5]}
     evals: list[EncodedExample] = []
     if d.eval:
         evals, es = encode(d.eval)
@@ -449,6 +453,8 @@ class Trainer:
             check_packing(student, "student")
             if teacher is not None:
                 check_packing(teacher, "teacher")
+        if cfg.data.streaming:
+            check_streaming(cfg)
         self.train_data, self.eval_data, self.data_info = load_data(cfg, self.tokenizer)
         if cfg.epochs is not None:  # before the resume check and the schedule, which both read max_steps
             cfg.max_steps = steps_for_epochs(cfg.epochs, len(self.train_data), cfg.optim.batch_size * cfg.optim.grad_accum,
@@ -505,8 +511,14 @@ class Trainer:
             self._check_prompt_endings()
         elif self.teacher is not None:
             self.teacher_source = ModelTeacher(self.teacher)
-        self.sampler = EpochSampler(len(self.train_data), cfg.optim.batch_size, seed=cfg.seed,
-                                    num_replicas=self.world, rank=self.rank)
+        if cfg.data.streaming:  # the sampler holds each batch's examples: it is the training data
+            self.sampler = self.train_data = StreamSampler(cfg.data.train, self.tokenizer, cfg.data,
+                                                           batch_size=cfg.optim.batch_size, seed=cfg.seed,
+                                                           num_replicas=self.world, rank=self.rank)
+            self.sampler.check()
+        else:
+            self.sampler = EpochSampler(len(self.train_data), cfg.optim.batch_size, seed=cfg.seed,
+                                        num_replicas=self.world, rank=self.rank)
         self.step = 0
         self.bad_in_row = 0
         # Cumulative costs, kept across resumes: training wall time, tokens through the teacher's
@@ -845,7 +857,7 @@ class Trainer:
         if self.is_main:  # only the main process writes metrics.jsonl; the others need not hash the source
             metrics_log.write({"type": "code", "step": self.step, **code_record()})
         self.log(f"training {cfg.objective.name} ({cfg.regime.name} regime) for {cfg.max_steps} steps; "
-                 f"{len(self.train_data)} training examples; run dir {self.run_dir}")
+                 f"{'streamed' if cfg.data.streaming else len(self.train_data)} training examples; run dir {self.run_dir}")
         skipped = self.data_info.get("train_skipped", 0) + self.data_info.get("eval_skipped", 0)
         if skipped:
             reasons = self.data_info.get("skip_reasons") or ["?"]
@@ -957,7 +969,8 @@ class Trainer:
         record = {"type": "train", "step": self.step + 1, "loss": loss, "value": value, "lr": lr, "grad_norm": gnorm,
                   "regime": regime, "tokens": float(num_tokens), "tokens_per_s": float(num_tokens) / dt, "step_time_s": dt,
                   "peak_mem_mb": peak_memory_mb(acc.device),
-                  "epoch": self.sampler.epoch + self.sampler.position / self.sampler.num_examples, **self.totals,
+                  "epoch": self.sampler.progress if self.cfg.data.streaming
+                  else self.sampler.epoch + self.sampler.position / self.sampler.num_examples, **self.totals,
                   **reuse_info}
         if (self.step + 1) % cfg.log.every == 0 or self.step + 1 == cfg.max_steps:
             record.update(global_metrics(outputs, acc))
