@@ -130,3 +130,31 @@ def test_the_command_line_honours_hf_home_and_hf_datasets_offline(tmp_path, repo
     bad = subprocess.run([*cmd, "data.train=acme/other"], cwd=repo_root, env=env, capture_output=True, text=True)
     assert bad.returncode != 0
     assert "Traceback" not in bad.stderr and "acme/other" in bad.stderr and "offline" in bad.stderr
+
+
+def test_a_hub_dataset_streams_and_a_resumed_stream_sees_the_same_rows(hub_cache, tmp_path, monkeypatch, repo_root):
+    import shutil as sh
+
+    import torch
+    from safetensors.torch import load_file
+
+    from hpd.config import load_config
+    from hpd.trainer import train
+
+    monkeypatch.chdir(repo_root)
+    common = ["max_steps=8", "log.progress=false", "log.tensorboard=off", "save.every=3", "save.keep_last=5",
+              "data.max_length=48", "data.train=acme/tiny-chat", "data.eval_fraction=0", "data.prompt_field=question",
+              "data.completion_field=answer", "data.streaming=true", "data.shuffle_buffer=5", "optim.batch_size=4",
+              "log.eval_every=0", "save.dtype=fp32", "resume=auto"]
+    ref = train(load_config("configs/tiny.yaml", [*common, f"output_dir={tmp_path / 'ref'}"]))
+    stopped = tmp_path / "stopped"
+    sh.copytree(ref, stopped)
+    sh.rmtree(stopped / "final")
+    sh.rmtree(stopped / "checkpoints" / "step-00000006")
+    sh.rmtree(stopped / "checkpoints" / "step-00000008", ignore_errors=True)
+    train(load_config("configs/tiny.yaml", [*common, f"output_dir={stopped}"]))
+    a, b = load_file(str(ref / "final" / "model.safetensors")), load_file(str(stopped / "final" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # 8 steps x 4 rows = 32 > 24 rows: the stream wrapped into a second epoch
+    last = [json.loads(x) for x in (ref / "metrics.jsonl").read_text().splitlines() if '"train"' in x][-1]
+    assert 1 < last["epoch"] < 2
