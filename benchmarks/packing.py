@@ -24,13 +24,14 @@ lengths and this order; the speed-up is what the padding cost this model on this
 Each (data, layout) is trained `--rounds` times, the layouts alternating, and timed by the median
 over rounds of its tokens per second (first `--warmup` steps left out); one torch thread.
 
-    OMP_NUM_THREADS=1 python benchmarks/packing.py --steps 30 --rounds 3
+    OMP_NUM_THREADS=1 python benchmarks/packing.py --steps 10 --rounds 2 --layers 2
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import tempfile
 from pathlib import Path
@@ -96,12 +97,19 @@ def main() -> None:
 
     import torch
 
+    torch.set_num_threads(1)
+    tmp = Path(tempfile.mkdtemp(prefix="hpd-packing-"))
+    try:
+        table(a, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def table(a, tmp: Path) -> None:
     from hpd.config import DataConfig
     from hpd.data import encode_file
     from hpd.tokenizer import byte_tokenizer
 
-    torch.set_num_threads(1)
-    tmp = Path(tempfile.mkdtemp(prefix="hpd-packing-"))
     lines = ["| data | rows | mean / max row (tokens) | layout | forward tokens / step | padding share | "
              "trained tokens/s | step (s) | speed-up |", "|---|---|---|---|---|---|---|---|---|"]
     layouts = {"padded": None, "packed (width: longest row)": 0, "packed (one row)": 10**9}
@@ -113,7 +121,8 @@ def main() -> None:
         for r in range(a.rounds):  # the order of the layouts rotates from round to round
             order = list(layouts)[r % len(layouts):] + list(layouts)[:r % len(layouts)]
             for layout in order:
-                results[layout].append(run(DATA[name], layouts[layout], tmp / f"{name}-{len(results[layout])}-{list(layouts).index(layout)}", a))
+                out = tmp / f"{name}-{r}-{list(layouts).index(layout)}"
+                results[layout].append(run(DATA[name], layouts[layout], out, a))
         tps = {k: statistics.median(x["tokens_per_s"] for x in v) for k, v in results.items()}
         for layout, width in layouts.items():
             fwd, share = forward_tokens(lengths, a.batch, a.steps, a.seed, width)
