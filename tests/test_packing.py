@@ -228,3 +228,10 @@ def test_packing_lays_rows_end_to_end_in_batch_order():
     assert q.pack(torch.ones(5, 4, dtype=torch.long), fill=-1).tolist() == [[1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 1, -1]]
     assert q.position_ids().tolist() == [[0, 1, 2, 0], [0, 1, 2, 3], [0, 0, 1, 0]]  # the padding: a segment of its own
     assert q.like([5, 2, 4, 2, 2]).width == 7
+
+
+def test_packed_on_policy_training_ends_with_the_padded_runs_weights(tmp_path):
+    """Student rollouts are generated from the prompts as ever, then packed for the loss."""
+    padded, packed = _train_both(tmp_path, "regime.name=student", "regime.max_new_tokens=8", "max_steps=2",
+                                 "student.lora_rank=4", pack_length=10**5)
+    _assert_same_weights(padded, packed)
