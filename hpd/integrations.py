@@ -54,6 +54,7 @@ from hpd.models import lm_head_of, load_model, shared_vocab_size, vocab_rows
 from hpd.objectives import (
     DEFAULT_CHUNK_SIZE, IGNORE_INDEX, Objective, ObjectiveOutput, get_objective, resolve_shared_vocab, shift_labels,
 )
+from hpd.packing import check_packing
 from hpd.regimes import derive_seed
 from hpd.teacher_cache import TeacherCache
 from hpd.teachers import ModelTeacher, TeacherSource
@@ -188,6 +189,7 @@ class HFDistillation:
         # constant memory whatever the logging interval, and no host read until the log.
         self._pending: dict[str, dict[str, dict[str, Tensor]]] = {}
         self._micro: dict[str, tuple[int, int]] = {}  # split -> (step, micro-batches seen in it)
+        self._packing_checked = False
 
     def generator(self, seed: int, step: int, rank: int, split: str, device: torch.device) -> torch.Generator:
         """The draws (HPD's sample) of the next micro-batch of optimizer step `step`, seeded as `hpd train`
@@ -262,6 +264,11 @@ class HFDistillation:
         if packed and isinstance(self.teacher, _CacheTeacher):
             raise HPDError("a teacher cache is read by padded rows: packed / padding-free batches (position_ids, no "
                            "attention_mask) need an online teacher; set packing=False and padding_free=False")
+        if packed and not self._packing_checked:  # once: models whose attention would leak across rows stop here
+            check_packing(student, "student")
+            if isinstance(self.teacher, ModelTeacher):
+                check_packing(self.teacher.model.to(input_ids.device), "teacher")
+            self._packing_checked = True
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         aligned = shift_labels(labels.to(input_ids.device))

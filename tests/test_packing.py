@@ -235,3 +235,21 @@ def test_packed_on_policy_training_ends_with_the_padded_runs_weights(tmp_path):
     padded, packed = _train_both(tmp_path, "regime.name=student", "regime.max_new_tokens=8", "max_steps=2",
                                  "student.lora_rank=4", pack_length=10**5)
     _assert_same_weights(padded, packed)
+
+
+def test_the_integration_refuses_packed_batches_for_a_teacher_that_would_leak(tmp_path):
+    from transformers import DataCollatorWithFlattening, TrainingArguments
+
+    from hpd.integrations import DistillationTrainer
+
+    teacher, tok = load_model("tiny", tiny=TINY, seed=1)
+    student, _ = load_model("tiny", tiny=TINY, seed=2)
+    teacher.config._attn_implementation = "paged|sdpa"
+    prompts, completions = _rows(tok)
+    packed = DataCollatorWithFlattening()([{"input_ids": p + c, "labels": [-100] * len(p) + c}
+                                           for p, c in zip(prompts, completions)])
+    args = TrainingArguments(str(tmp_path / "out"), max_steps=1, report_to=[], use_cpu=True, save_strategy="no",
+                             disable_tqdm=True)
+    trainer = DistillationTrainer(model=student, args=args, teacher=teacher, objective="fkl")
+    with pytest.raises(HPDError, match="the teacher's attention implementation is 'paged|sdpa'"):
+        trainer.training_step(trainer.model, dict(packed), num_items_in_batch=torch.tensor(9))
