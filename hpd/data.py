@@ -310,12 +310,15 @@ def _iter_json(path: str) -> Iterator[_Located]:
 def _iter_parquet(path: str) -> Iterator[_Located]:
     import pyarrow.parquet as pq
 
+    # Record batch by record batch, so that a streamed run (data.streaming) holds one batch, not the file.
+    i = 0
     try:
-        rows = pq.read_table(path).to_pylist()
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+            for row in batch.to_pylist():
+                yield f"{path} row index {i}", f"{path}[{i}]", row
+                i += 1
     except Exception as e:  # pyarrow raises several types for corrupt / non-parquet files
         raise HPDError(f"could not read parquet file {path}: {e}") from None
-    for i, row in enumerate(rows):
-        yield f"{path} row index {i}", f"{path}[{i}]", row
 
 
 def _split_path(path: str) -> tuple[str, str | None]:

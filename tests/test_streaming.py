@@ -125,3 +125,16 @@ def test_what_needs_the_whole_data_is_refused_with_streaming(tmp_path):
     with pytest.raises(HPDError, match="data file nowhere.jsonl not found"):
         Trainer(load_config("configs/tiny.yaml", [*FAST, f"output_dir={tmp_path / 'y'}", "data.train=nowhere.jsonl"]))
     assert not (tmp_path / "y" / "metrics.jsonl").exists()
+
+
+def test_parquet_and_saved_datasets_stream_too(tmp_path):
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"prompt": f"{i} + 1 =", "completion": f" {i + 1}"} for i in range(7)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "t.parquet", row_group_size=3)
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
+    for path, tag in ((tmp_path / "t.parquet", "t.parquet[4]"), (tmp_path / "saved", "saved[4]")):
+        s = StreamSampler(str(path), byte_tokenizer(), DataConfig(max_length=32, shuffle_buffer=0), batch_size=5)
+        assert s[next(s)[4]].source.endswith(tag)
