@@ -477,12 +477,12 @@ class HPDLoss(HFDistillation):
 
 
 def __getattr__(name: str):
-    # TRL is optional (pip install 'hpd[trl]'): its trainer class is built when first asked for.
+    # TRL is optional (pip install 'hpd-distill[trl]'): its trainer class is built when first asked for.
     if name == "DistillationSFTTrainer":
         try:
             from trl import SFTTrainer
         except ImportError:
-            raise HPDError("DistillationSFTTrainer needs TRL: pip install 'hpd[trl]'") from None
+            raise HPDError("DistillationSFTTrainer needs TRL: pip install 'hpd-distill[trl]'") from None
 
         cls = type("DistillationSFTTrainer", (DistillationMixin, SFTTrainer), {
             "__doc__": "TRL's `SFTTrainer` distilling with one of hpd's objectives (see `DistillationMixin`).",

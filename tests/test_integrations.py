@@ -235,7 +235,7 @@ def test_a_teacher_cache_in_the_trainer_gives_the_online_teachers_loss(models, t
 
 
 def test_trl_sft_trainer_distills_with_hpds_loss(models, tmp_path):
-    trl = pytest.importorskip("trl", reason="TRL is optional: pip install 'hpd[trl]'")
+    trl = pytest.importorskip("trl", reason="TRL is optional: pip install 'hpd-distill[trl]'")
     from datasets import Dataset
 
     from hpd.integrations import DistillationSFTTrainer
