@@ -57,10 +57,11 @@ BAD = {  # (the file's lines, the bad line, what the message says about it)
     "truncated row": ([ROWS[0], ROWS[1], json.dumps(ROWS[2])[:-6]], 3, "the row is truncated"),
     "not JSON": ([ROWS[0], "prompt: 2+2=", ROWS[1]], 2, "invalid JSON"),
 }
+NO_COMPLETION = ([ROWS[0], {"prompt": "5+5="}, ROWS[1]], 2, "field 'completion' is missing")
 
 
 def _bad_file(tmp_path, kind):
-    lines, line, says = BAD[kind]
+    lines, line, says = BAD[kind] if kind in BAD else NO_COMPLETION
     path = tmp_path / "bad.jsonl"
     path.write_text("".join((ln if isinstance(ln, str) else json.dumps(ln)) + "\n" for ln in lines))
     return path, line, says
@@ -196,8 +197,8 @@ def test_bench_reads_every_format(sources, tmp_path, fmt):
     assert [r["completion"] for r in test] == [r["completion"] for r in ROWS]
 
 
-@pytest.mark.parametrize("kind", sorted(BAD))
-@pytest.mark.parametrize("which", ["train", "test"])
+@pytest.mark.parametrize("kind,which", [(k, w) for k in sorted(BAD) for w in ("train", "test")]
+                         + [("no completion", "train")])  # the runs train on it: needed in --train only
 def test_a_bad_row_in_bench_is_a_one_line_error_naming_the_users_file_and_line(sources, tmp_path, kind, which):
     path, line, says = _bad_file(tmp_path, kind)
     good = sources / "plain.jsonl"

@@ -242,7 +242,8 @@ def _user_rows(s: BenchSettings) -> tuple[Any, Any, tuple[str, ...]]:
                              messages_field=d.messages_field, on_bad_row=d.on_bad_row,
                              skip_hint="pass --set data.on_bad_row=skip")
     plain = tuple(f"data.{k}={v}" for k, v in PLAIN_FIELDS.items() if getattr(d, k) != v)
-    return read(s.user_train), read(s.user_test), plain
+    # Training rows need a completion (as the runs will read them); test rows need only a prompt.
+    return read(s.user_train, require_completion=True), read(s.user_test), plain
 
 
 def _task_rows(tasks: list[str], split: str, per_task: int, seed: int) -> dict[str, list[dict]]:

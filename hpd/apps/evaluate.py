@@ -249,20 +249,21 @@ class Rows(list):
 
 
 def load_rows(path: str | os.PathLike[str], *, prompt_field: str = "prompt", completion_field: str = "completion",
-              messages_field: str = "messages", on_bad_row: str = "error",
+              messages_field: str = "messages", on_bad_row: str = "error", require_completion: bool = False,
               skip_hint: str = "pass --on-bad-row skip") -> Rows:
     """The rows of a data source as dicts `{"prompt", "completion", ...}`, read by `hpd.data.load_examples`
     (the reader of `hpd train`: every format, its row errors naming the file and line).
 
     A chat row's `prompt` is its messages before the last assistant turn, its `completion` that turn
-    (absent for a prompt-only row); every other field is kept. The fields are the data settings'
+    (absent for a prompt-only row; `require_completion`: such a row is a bad row); every other field is kept. The fields are the data settings'
     (`data.prompt_field`, ...); the dicts use the plain names, so a file written from them reads back
     with the default settings.
     """
     from hpd.data import load_examples
 
     examples, stats = load_examples(os.fspath(path), prompt_field=prompt_field, completion_field=completion_field,
-                                    messages_field=messages_field, on_bad_row=on_bad_row, require_completion=False,
+                                    messages_field=messages_field, on_bad_row=on_bad_row,
+                                    require_completion=require_completion,
                                     skip_hint=skip_hint)
     rows = [{"prompt": ex.prompt, **({"completion": ex.completion} if ex.completion else {}),
              **{k: v for k, v in ex.extra.items() if k not in ("prompt", "completion")}} for ex in examples]
