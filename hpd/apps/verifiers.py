@@ -221,13 +221,14 @@ class TaskVerifier(Verifier):
         super().check_rows(rows, sources)
         used: dict[int, Any] = {}
         for i, row in enumerate(rows):
+            where = sources[i] if sources is not None else f"row {i} (0-based)"
             if not isinstance(row["meta"], Mapping):
-                raise HPDError(f"verifier 'task': row {i} (0-based) has a 'meta' that is not an object: "
+                raise HPDError(f"verifier 'task': {where} has a 'meta' that is not an object: "
                                "write the file with `hpd data`")
             try:
                 task = self._task_of(row)
             except HPDError as e:
-                raise HPDError(f"verifier 'task': row {i} (0-based): {e}") from None
+                raise HPDError(f"verifier 'task': {where}: {e}") from None
             used[id(task)] = task
         for task in used.values():
             task.preflight()  # e.g. the code task without its sandbox: say so before generating
