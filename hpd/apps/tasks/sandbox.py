@@ -64,7 +64,7 @@ TMPFS_BYTES = 1 << 20  # size of the sandbox's private /tmp
 UNSAFE_ENV = "HPD_CODE_UNSAFE_NO_SANDBOX"
 UNSAFE_HINT = (
     f"or, only for trusted code, run without isolation: CodeTask(unsafe_no_sandbox=True), the "
-    f"task spec code:unsafe_no_sandbox=1, or {UNSAFE_ENV}=1"
+    f"task spec code:unsafe_no_sandbox=1 (hpd eval --task; a data row cannot set it), or {UNSAFE_ENV}=1"
 )
 
 # The fork server. Reads {"jobs": [...], "timeout", "memory", "cpu", "filter": hex BPF or null}
