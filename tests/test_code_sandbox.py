@@ -436,3 +436,69 @@ def test_problem_parameters_in_a_data_row_still_work():
     math = get_task("math:steps=3").generate("test", 1, seed=0)[0]
     rows = [_code_row("code"), _code_row("code:kinds=int,max_ops=2"), {**task_row(math), "task": "math:steps=3"}]
     assert get_verifier("task").verify_batch(rows, ["x*2+1", "x*2", math.reference]) == [True, False, True]
+
+
+# x86-64 machine code. CLONE: clone(CLONE_VM|CLONE_SIGHAND|CLONE_THREAD, stack 0) (rax=56, rdi=0x10900,
+# rsi=rdx=r10=r8=0; syscall): a thread with no stack of its own, which runs on in the same code.
+_CLONE = "b838000000" "bf00090100" "31f6" "31d2" "4531d2" "4531c0" "0f05"
+# One stackless thread that exits at once (test rax; jnz ret; exit(60)); returns the clone's result.
+_ONE_THREAD = _CLONE + "4885c0" "7507" "b83c000000" "0f05" "c3"
+# The bomb: every thread clones again, forever (jmp back to the start).
+_THREAD_BOMB = _CLONE + "ebe8"
+
+
+def _machine_code(hex_code: str) -> str:
+    """A completion that runs `hex_code` from an RWX mapping and returns what it returns (rax)."""
+    return _def(f"""
+import ctypes, mmap
+m = mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+m.write(bytes.fromhex({hex_code!r}))
+ctypes.keep = m  # never unmapped: a new thread may not have left the page yet
+return ctypes.CFUNCTYPE(ctypes.c_long)(ctypes.addressof(ctypes.c_char.from_buffer(m)))()
+""")
+
+
+def _tasks_below(pid: int) -> int:
+    """Threads of every process below `pid` (not counting `pid` itself), from /proc."""
+    count = 0
+    for p in set(_descendants({pid})) - {pid}:
+        try:
+            count += len(os.listdir(f"/proc/{p}/task"))
+        except OSError:
+            pass
+    return count
+
+
+x86_64 = pytest.mark.skipif(os.uname().machine != "x86_64", reason="the attack is x86-64 machine code")
+
+
+@x86_64
+def test_a_stackless_raw_thread_clone_is_refused():
+    """The primitive of the thread bomb: without the sandbox a stackless thread starts (a thread
+    id comes back); inside, clone fails with EPERM (-1)."""
+    job = [{"src": _machine_code(_ONE_THREAD), "var": "x", "inputs": [0]}]
+    (control,) = CodeTask(workers=1, unsafe_no_sandbox=True).run_sandboxed(job)
+    assert control[0][0] == "ok" and control[0][1] > 0, control
+    assert CodeTask(workers=1).run_sandboxed(job) == [[["ok", -1]]]
+
+
+@x86_64
+def test_a_stackless_thread_bomb_takes_no_host_tasks():
+    """The bomb loops clone(CLONE_VM|CLONE_SIGHAND|CLONE_THREAD) with no stack: uid 0 is not bound
+    by RLIMIT_NPROC, and no stack means no address space. The host's task count below this process
+    stays at the sandbox's few processes, nothing is left after, and the next completion scores."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    task = CodeTask(timeout_s=1.0, workers=1)
+    item = _item()
+    task.verify(item, item.reference)  # the isolation check, done before counting
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(task.verify_batch, [item, item], [_machine_code(_THREAD_BOMB), item.reference])
+        most = 0
+        while not running.done():
+            most = max(most, _tasks_below(os.getpid()))
+            time.sleep(0.005)
+        assert running.result() == [False, True]
+    # bwrap, its PID 1, the fork server and the completion's child: one task each
+    assert 3 <= most <= 8, f"{most} tasks below the verifier during the bomb (3 or more: it was seen)"
+    assert _tasks_below(os.getpid()) == 0, "the sandbox left tasks behind"
