@@ -75,7 +75,7 @@ def _layers(jobs_n: int, rounds: int) -> None:
 
     def cpu_ms_per_job(child_filter: bool, boxed: bool) -> float:
         payload = json.dumps({"jobs": jobs, "timeout": 2, "memory": 256 << 20, "cpu": 2,
-                              "result_limit": sb.RESULT_LIMIT,
+                              "result_limit": sb.RESULT_LIMIT, "max_depth": sb.RESULT_DEPTH,
                               "filter": found.child_filter.hex() if child_filter else None}).encode()
         args, fds = ["-I", "-S", "-B", "-c", sb._SERVER], ()
         if boxed:

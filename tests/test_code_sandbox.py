@@ -502,3 +502,29 @@ def test_a_stackless_thread_bomb_takes_no_host_tasks():
     # bwrap, its PID 1, the fork server and the completion's child: one task each
     assert 3 <= most <= 8, f"{most} tasks below the verifier during the bomb (3 or more: it was seen)"
     assert _tasks_below(os.getpid()) == 0, "the sandbox left tasks behind"
+
+
+@pytest.mark.parametrize("depth", [30_000, 500])
+def test_a_nesting_bomb_on_the_result_pipe_is_a_verdict(monkeypatch, depth):
+    """A completion writes `[[[...]]]` straight to its result pipe: deeper than the fork server's
+    JSON parser goes (30,000), or within it (500; the verifier's process, which may parse from
+    deep in its own stack, must never see it). The bomb's answer is None (failed), the next
+    completions score, and one sandbox served the whole batch."""
+    task = CodeTask(workers=1)
+    task.preflight()  # the isolation check (its own sandbox) before counting
+    served: list[int] = []
+    real = sandbox._serve
+    monkeypatch.setattr(sandbox, "_serve", lambda found, jobs, *a: served.append(len(jobs)) or real(found, jobs, *a))
+    bomb = _def(f"""
+import os
+for fd in range(3, 64):
+    try:
+        os.write(fd, b'[' * {depth} + b']' * {depth})
+    except OSError:
+        pass
+os._exit(0)
+""")
+    item = _item()
+    assert task.verify_batch([item] * 3, [bomb, item.reference, item.reference]) == [False, True, True]
+    assert served == [3], f"sandboxes started per job: {served} (the fork server died on the bomb)"
+    assert task.run_sandboxed([{"src": bomb, "var": "x", "inputs": [0]}]) == [None]

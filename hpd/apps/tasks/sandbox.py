@@ -80,6 +80,7 @@ from typing import Any
 from hpd.errors import HPDError
 
 RESULT_LIMIT = 1 << 16  # bytes of results a child may send back before it is killed
+RESULT_DEPTH = 64  # nesting of lists and objects in a child's results beyond which they count as none
 TMPFS_BYTES = 1 << 20  # size of the sandbox's private /tmp
 UNSAFE_ENV = "HPD_CODE_UNSAFE_NO_SANDBOX"
 UNSAFE_HINT = (
@@ -93,6 +94,7 @@ _SERVER = r"""
 import sys, os, json, resource, select, signal, time
 payload = json.loads(sys.stdin.read())
 TIMEOUT, LIMIT = float(payload["timeout"]), int(payload["result_limit"])
+MAX_DEPTH = int(payload["max_depth"])
 def _limit(res, value):
     try:
         resource.setrlimit(res, (value, value))
@@ -207,9 +209,22 @@ def _run(job):
     if status != 0:
         return None
     try:
-        return json.loads(b"".join(chunks))
-    except ValueError:
+        result = json.loads(b"".join(chunks))
+    except (ValueError, RecursionError):  # not JSON, or nested past the parser (a bomb)
         return None
+    return result if _shallow(result) else None
+
+def _shallow(value):
+    # Answers are lists of [tag, value] with plain values: a few levels. Deeper ones are refused
+    # here, so the verifier's process (which may parse from deep in its own stack) never sees them.
+    stack = [(value, 0)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            return False
+        if isinstance(value, (list, dict)):
+            stack.extend((v, depth + 1) for v in (value.values() if isinstance(value, dict) else value))
+    return True
 
 for job in payload["jobs"]:
     sys.stdout.write(json.dumps(_run(job)) + "\n")
@@ -427,7 +442,7 @@ def _serve(
     """
     payload = json.dumps({
         "jobs": jobs, "timeout": timeout_s, "memory": memory_mb << 20,
-        "cpu": max(1, math.ceil(timeout_s)), "result_limit": RESULT_LIMIT,
+        "cpu": max(1, math.ceil(timeout_s)), "result_limit": RESULT_LIMIT, "max_depth": RESULT_DEPTH,
         "filter": None if found is None else found.child_filter.hex(),
     }).encode()
     python_args = ["-I", "-S", "-B", "-c", _SERVER]
@@ -465,8 +480,10 @@ def _serve(
     for line in stdout.decode("utf-8", "replace").splitlines():
         try:
             answer = json.loads(line)
-        except ValueError:
+        except ValueError:  # a line cut short: the server died writing it
             break
+        except RecursionError:  # the server lets no deep answer through; should one come, it failed
+            answer = None
         if len(answers) == len(jobs):
             cpu_s = float(answer["cpu_s"]) if isinstance(answer, dict) else 0.0
             break
