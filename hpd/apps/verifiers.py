@@ -8,7 +8,8 @@ reads):
   default the bundled tasks' `Answer: ...` marker, else the last non-empty line) equals the row's
   `answer`, both stripped and compared case-insensitively;
 - `math`: the completion's final answer equals the row's `answer` mathematically ("1/2" = "0.5",
-  LaTeX, boxed), through math-verify (`hpd.apps.tasks.verify_free_form`);
+  LaTeX, boxed), through math-verify (`hpd.apps.tasks.verify_free_form`), in a helper process with
+  a deadline (2 s): an answer that takes longer (`9^9^9^9`) is wrong, from any thread;
 - `task`: rows written by `hpd data` (`task`, `answer`, `meta`), checked by that bundled task's own
   verifier, so the bundled tasks are data files plus this verifier; a row's `task` names a task
   and problem parameters only (`hpd.apps.tasks.data_task`): an option such as
