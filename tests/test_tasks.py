@@ -508,3 +508,22 @@ def test_verify_free_form_is_bounded_off_the_main_thread():
     assert out["bomb"] is False and out["next"] is True, out
     assert out["s"] < 1.0 + 2.0, out
     assert len(out["warned"]) == 1 and "scored wrong" in out["warned"][0] and "\n" not in out["warned"][0], out
+
+
+def test_a_forked_process_checks_with_its_own_math_helper():
+    """A fork (a bench worker) must not share the parent's helper: their answers would mix."""
+    pytest.importorskip("math_verify")
+    program = (
+        "import os\n"
+        "from hpd.apps.tasks.math import verify_free_form, _checker\n"
+        "assert verify_free_form('Answer: 3', '3')\n"
+        "helper = _checker._proc.pid\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    ok = verify_free_form('Answer: 4', '4') and not verify_free_form('Answer: 5', '4')\n"
+        "    os._exit(0 if ok and _checker._proc.pid != helper else 1)\n"
+        "print(os.waitpid(pid, 0)[1], verify_free_form('Answer: 3', '3'), _checker._proc.pid == helper)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    res = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, env=env, timeout=60)
+    assert res.stdout.split() == ["0", "True", "True"], res.stdout + res.stderr

@@ -190,6 +190,9 @@ class MathChecker:
 
 
 _checker = MathChecker()
+# A forked process (a bench worker) starts its own helper: sharing the parent's pipes would mix
+# their answers, and the lock may have been held by a thread that the fork left behind.
+os.register_at_fork(after_in_child=lambda: _checker.__init__())
 
 
 def _numeric_equal(completion: str, reference_answer: str) -> bool:
