@@ -259,3 +259,15 @@ def test_eval_data_refuses_a_row_that_switches_the_sandbox_off(tmp_path):
     assert "\n" not in line and "Traceback" not in res.output
     assert line.startswith(f"error: {data}: verifier 'task': row 1 (0-based): the task spec 'code:unsafe_no_sandbox=1' "
                            "of a data row may set only"), line
+
+
+def test_bench_scoring_refuses_a_row_that_switches_the_sandbox_off(tmp_path):
+    """The bench scores its rows files through the same check: refused before any model loads."""
+    from hpd.apps.bench import score_model
+
+    item = get_task("code").generate("test", 1, seed=0)[0]
+    data = tmp_path / "test.jsonl"
+    data.write_text(json.dumps(task_row(item)) + "\n" + json.dumps({**task_row(item), "task": "code:unsafe_no_sandbox=1"}) + "\n")
+    with pytest.raises(HPDError, match=rf"^{re.escape(str(data))}: verifier 'task': row 1 \(0-based\): the task spec "
+                                       r"'code:unsafe_no_sandbox=1' of a data row may set only"):
+        score_model(tmp_path / "no-such-model", str(data), "task", None)
