@@ -433,13 +433,15 @@ def score_model(model_dir: Path, rows_file: str, verifier: str, answer_pattern: 
     """Greedy answers to every row, verified: `{"verdicts": [...], "tasks": [...], "accuracy": ...,
     "completions": [...]}`. The answers are kept so that a graded score (`Verifier.partial_credit`)
     is read from them by the report, by the definition in the code, never from a stored number."""
-    from hpd.apps.evaluate import evaluate_rows
+    from hpd.apps.evaluate import check_rows, evaluate_rows
     from hpd.apps.verifiers import get_verifier
 
     rows = _read_rows(Path(rows_file))
     if n_per_task is not None:
         rows = _first_per_task(rows, n_per_task)
-    res = evaluate_rows(str(model_dir), rows, get_verifier(verifier, answer_pattern=answer_pattern))
+    v = get_verifier(verifier, answer_pattern=answer_pattern)
+    check_rows(v, rows, rows_file)  # a refused row fails naming its file, before the model loads
+    res = evaluate_rows(str(model_dir), rows, v)
     verdicts = [bool(x) for x in res.verdicts]
     return {"verdicts": verdicts, "tasks": [r.get("task", "") for r in rows], "accuracy": sum(verdicts) / max(len(verdicts), 1),
             "completions": [r["completion"] for r in res.records]}

@@ -249,6 +249,14 @@ def load_rows(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
             for ex in examples]
 
 
+def check_rows(verifier: Verifier, rows: Sequence[Mapping[str, Any]], source: str | os.PathLike[str]) -> None:
+    """`verifier.check_rows(rows)`, its one-line error naming the file `source` the rows come from."""
+    try:
+        verifier.check_rows(rows)
+    except HPDError as e:
+        raise HPDError(f"{os.fspath(source)}: {e}") from None
+
+
 def eval_data_cli(
     model_path: str,
     data: str,
@@ -263,6 +271,7 @@ def eval_data_cli(
     """`hpd eval --data`: check the verifier and rows, load the model, evaluate, print, write records."""
     v = get_verifier(verifier, answer_pattern=answer_pattern)  # a bad spec fails before any loading
     rows = load_rows(data)
+    check_rows(v, rows, data)
     label = f"{Path(data).name} [{v.name}]"
     dest = eval_out(model_path, f"{Path(data).stem}-{_file_safe(Path(v.name).name)}", out)
     result = evaluate_rows(model_path, rows, v, max_new_tokens=max_new_tokens, batch_size=batch_size, n=n, label=label,
