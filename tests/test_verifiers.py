@@ -260,3 +260,29 @@ def test_verifier_reward_scores_plain_and_chat_completions_for_grpo():
     assert reward.generated_tokens == 19
     with pytest.raises(HPDError, match="string or a list of chat messages"):
         reward(prompts=[rows[0]["prompt"]], completions=[42], **{k: [rows[0][k]] for k in cols})
+
+
+def test_eval_data_refuses_a_row_that_switches_the_sandbox_off(tmp_path):
+    """`hpd eval --data F --verifier task` with a row `code:unsafe_no_sandbox=1`: exit 2 before the
+    model loads, one line naming the file and the row (issue 35)."""
+    item = get_task("code").generate("test", 1, seed=0)[0]
+    data = tmp_path / "rows.jsonl"
+    data.write_text(json.dumps(task_row(item)) + "\n" + json.dumps({**task_row(item), "task": "code:unsafe_no_sandbox=1"}) + "\n")
+    res = invoke("eval", "--model", tmp_path / "no-such-model", "--data", data, "--verifier", "task")
+    assert res.exit_code == 2, res.output
+    line = res.stderr.strip()
+    assert "\n" not in line and "Traceback" not in res.output
+    assert line.startswith(f"error: verifier 'task': {data}:2: the task spec 'code:unsafe_no_sandbox=1' "
+                           "of a data row may set only"), line
+
+
+def test_bench_scoring_refuses_a_row_that_switches_the_sandbox_off(tmp_path):
+    """The bench scores its rows files through the same check: refused before any model loads."""
+    from hpd.apps.bench import score_model
+
+    item = get_task("code").generate("test", 1, seed=0)[0]
+    data = tmp_path / "test.jsonl"
+    data.write_text(json.dumps(task_row(item)) + "\n" + json.dumps({**task_row(item), "task": "code:unsafe_no_sandbox=1"}) + "\n")
+    with pytest.raises(HPDError, match=rf"^verifier 'task': {re.escape(str(data))}:2: the task spec "
+                                       r"'code:unsafe_no_sandbox=1' of a data row may set only"):
+        score_model(tmp_path / "no-such-model", str(data), "task", None)

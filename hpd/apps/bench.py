@@ -220,10 +220,11 @@ def _first_per_task(rows: list[dict], n: int) -> list[dict]:
 
 
 def _read_rows(path: Path) -> list[dict]:
-    """The rows of a file the bench wrote (`_write_rows`), read by the reader of every command."""
+    """The rows of a file the bench wrote (`_write_rows`), read by the reader of every command
+    (`hpd.apps.evaluate.Rows`: their errors name the file and line)."""
     from hpd.apps.evaluate import load_rows
 
-    return list(load_rows(path))
+    return load_rows(path)
 
 
 # The bench's copies of a user's rows use the plain field names (`hpd.apps.evaluate.load_rows`).
@@ -476,13 +477,15 @@ def score_model(model_dir: Path, rows_file: str, verifier: str, answer_pattern: 
     """Greedy answers to every row, verified: `{"verdicts": [...], "tasks": [...], "accuracy": ...,
     "completions": [...]}`. The answers are kept so that a graded score (`Verifier.partial_credit`)
     is read from them by the report, by the definition in the code, never from a stored number."""
-    from hpd.apps.evaluate import evaluate_rows
+    from hpd.apps.evaluate import check_rows, evaluate_rows
     from hpd.apps.verifiers import get_verifier
 
     rows = _read_rows(Path(rows_file))
     if n_per_task is not None:
         rows = _first_per_task(rows, n_per_task)
-    res = evaluate_rows(str(model_dir), rows, get_verifier(verifier, answer_pattern=answer_pattern))
+    v = get_verifier(verifier, answer_pattern=answer_pattern)
+    check_rows(v, rows, rows_file)  # a refused row fails naming its file, before the model loads
+    res = evaluate_rows(str(model_dir), rows, v)
     verdicts = [bool(x) for x in res.verdicts]
     return {"verdicts": verdicts, "tasks": [r.get("task", "") for r in rows], "accuracy": sum(verdicts) / max(len(verdicts), 1),
             "completions": [r["completion"] for r in res.records]}

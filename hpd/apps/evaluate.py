@@ -270,6 +270,18 @@ def load_rows(path: str | os.PathLike[str], *, prompt_field: str = "prompt", com
     return Rows(rows, [ex.source for ex in examples], stats.skipped)
 
 
+def check_rows(verifier: Verifier, rows: Sequence[Mapping[str, Any]], source: str | os.PathLike[str]) -> None:
+    """`verifier.check_rows(rows)`, its one-line error naming the file `source` the rows come from:
+    the row's file and line for rows of `load_rows` (`Rows.sources`), else the file and row index."""
+    sources = getattr(rows, "sources", None)
+    try:
+        verifier.check_rows(rows, sources)
+    except HPDError as e:
+        if sources is not None:
+            raise
+        raise HPDError(f"{os.fspath(source)}: {e}") from None
+
+
 def eval_data_cli(
     model_path: str,
     data: str,
@@ -287,6 +299,7 @@ def eval_data_cli(
     data: any source `hpd train` reads (JSONL, JSON, Parquet, a `save_to_disk` directory, `dir:split`)."""
     v = get_verifier(verifier, answer_pattern=answer_pattern)  # a bad spec fails before any loading
     rows = load_rows(data, on_bad_row=on_bad_row)
+    check_rows(v, rows, data)
     name = Path(data.rstrip("/\\"))
     label = f"{name.name} [{v.name}]"
     dest = eval_out(model_path, f"{name.stem}-{_file_safe(Path(v.name).name)}", out)

@@ -8,12 +8,15 @@ reads):
   default the bundled tasks' `Answer: ...` marker, else the last non-empty line) equals the row's
   `answer`, both stripped and compared case-insensitively;
 - `math`: the completion's final answer equals the row's `answer` mathematically ("1/2" = "0.5",
-  LaTeX, boxed), through math-verify (`hpd.apps.tasks.verify_free_form`);
+  LaTeX, boxed), through math-verify (`hpd.apps.tasks.verify_free_form`), in a helper process with
+  a deadline (2 s): an answer that takes longer (`9^9^9^9`) is wrong, from any thread;
 - both take the reference's final answer from the row's `completion` (a training row) when it has
   no `answer`: extracted as from a completion (`exact`), or the text after its last `Answer:`
   marker, else its last `\boxed{}`, else its last number (`math`);
 - `task`: rows written by `hpd data` (`task`, `answer`, `meta`), checked by that bundled task's own
-  verifier, so the bundled tasks are data files plus this verifier;
+  verifier, so the bundled tasks are data files plus this verifier; a row's `task` names a task
+  and problem parameters only (`hpd.apps.tasks.data_task`): an option such as
+  `code:unsafe_no_sandbox=1` in a data file is refused, naming the row;
 - `MODULE:FUNCTION` or `path/to/file.py:FUNCTION`: `FUNCTION(row: dict, completion: str) -> bool`.
 
 `VerifierReward(verifier)` makes one a reward function for TRL's `GRPOTrainer` (1.0 solved, 0.0
@@ -203,12 +206,13 @@ class TaskVerifier(Verifier):
     def _task_of(self, row: Mapping[str, Any]):
         if self.task is not None:
             return self.task
-        from hpd.apps.tasks import get_task
+        from hpd.apps.tasks import data_task, get_task
 
         name = str(row["task"])
         meta = row.get("meta") if isinstance(row.get("meta"), Mapping) else {}
         if name not in self._tasks:
-            self._tasks[name] = get_task(name)
+            # The row is data: it names a task and its problem parameters, never how code runs.
+            self._tasks[name] = data_task(name)
         # The task's own parameters recorded in the row (e.g. math's `steps`) set its generation
         # budget: a 20-step chain needs far more tokens than the default 4-step one.
         params = {k: meta[k] for k in self._tasks[name].params if k in meta}
