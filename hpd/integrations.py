@@ -313,11 +313,14 @@ class HFDistillation:
         parts = {"sums": {**out.sums, "value": out.value.detach().double() * denom.to(dev).double()},
                  "counts": {**out.counts, "value": out.num_active.to(dev).double()},
                  "mins": out.mins, "maxs": out.maxs}
-        acc = self._pending.setdefault(split, {kind: {} for kind in parts})
-        for kind, combine in (("sums", torch.add), ("counts", torch.add), ("mins", torch.minimum), ("maxs", torch.maximum)):
-            for name, t in parts[kind].items():
-                have = acc[kind].get(name)
-                acc[kind][name] = t.detach() if have is None else combine(have, t.detach())
+        # "run": the training value since the start, for the Trainer's closing `train_loss` (`into_logs`).
+        whole = {"sums": {"value": parts["sums"]["value"]}, "counts": {"value": parts["counts"]["value"]}, "mins": {}, "maxs": {}}
+        for key, part in ((split, parts), *((("run", whole),) if split == "train" else ())):
+            acc = self._pending.setdefault(key, {kind: {} for kind in parts})
+            for kind, combine in (("sums", torch.add), ("counts", torch.add), ("mins", torch.minimum), ("maxs", torch.maximum)):
+                for name, t in part[kind].items():
+                    have = acc[kind].get(name)
+                    acc[kind][name] = t.detach() if have is None else combine(have, t.detach())
 
     def pop_metrics(self, split: str, accelerator=None) -> dict[str, float]:
         """The objective's value and metrics since the last call, token means over every process."""
@@ -331,15 +334,16 @@ class HFDistillation:
         # Every process takes part in the gather, with or without statistics of its own.
         outputs = [] if acc is None else [ObjectiveOutput(loss=zero, value=zero, num_active=zero, **acc)]
         metrics = global_metrics(outputs, accelerator if processes > 1 else _ONE_PROCESS)
-        prefix = METRIC_PREFIX if split == "train" else f"eval_{METRIC_PREFIX}"
+        prefix = f"eval_{METRIC_PREFIX}" if split == "eval" else METRIC_PREFIX
         return {prefix + k: v for k, v in metrics.items()}
-
 
     def into_logs(self, logs: dict[str, float], accelerator=None) -> None:
         """Put the metrics since the last log into a Trainer's `logs`, and the objective's value as
         its `loss` (`eval_loss`): the Trainer's own number is the surrogate whose gradient is the
         objective's (`hpd.objectives.surrogate`), not a value to compare runs by (negative for
-        jsd, for instance); it stays in the logs as `hpd/surrogate` (`eval_hpd/surrogate`)."""
+        jsd, for instance); it stays in the logs as `hpd/surrogate` (`eval_hpd/surrogate`). The closing
+        `train_loss` of `Trainer.train` becomes the value over the whole run (`hpd/train_surrogate`
+        the Trainer's; `TrainOutput.training_loss`, which the Trainer keeps apart, stays its own)."""
         for split, prefix in (("train", ""), ("eval", "eval_")):
             if (prefix + "loss" in logs) if split == "train" else any(k.startswith("eval_") for k in logs):
                 logs.update(self.pop_metrics(split, accelerator))
@@ -347,6 +351,10 @@ class HFDistillation:
                 if value is not None and prefix + "loss" in logs:
                     logs[f"{prefix}{METRIC_PREFIX}surrogate"] = logs[prefix + "loss"]
                     logs[prefix + "loss"] = value
+        if "train_loss" in logs:
+            value = self.pop_metrics("run", accelerator).get(f"{METRIC_PREFIX}value")
+            if value is not None:
+                logs[f"{METRIC_PREFIX}train_surrogate"], logs["train_loss"] = logs["train_loss"], value
 
 
 class _OneProcess:

@@ -368,9 +368,12 @@ def test_the_logged_loss_is_the_objectives_value_and_the_backward_uses_the_surro
         loss_fn = HPDLoss(teacher=teacher, objective="jsd", objective_params=params)
         trainer = Trainer(model=student, compute_loss_func=loss_fn, **kw)
         loss_fn.attach(trainer)
-    trainer.train()
+    done = trainer.train()
     logged = trainer.state.log_history[0]
     assert logged["loss"] == logged["hpd/value"] == pytest.approx(want_metrics["value"], rel=1e-4)
+    # the closing summary too: the value over the run (one step here), the Trainer's own number beside it
+    assert done.metrics["train_loss"] == trainer.state.log_history[-1]["train_loss"] == logged["hpd/value"]
+    assert done.metrics["hpd/train_surrogate"] == pytest.approx(float(want_loss), rel=1e-4)
     assert logged["hpd/surrogate"] == pytest.approx(float(want_loss), abs=1e-4)  # the Trainer rounds it to 4 places
     ev = trainer.evaluate()
     assert ev["eval_loss"] == ev["eval_hpd/value"] == pytest.approx(want_metrics["value"], rel=1e-4)
