@@ -376,8 +376,7 @@ def _iter_rows(path: str) -> Iterator[_Located]:
         if is_hub_id(path):  # org/name[:config][:split] and no local path of that name (hpd.hub_data)
             yield from iter_hub_rows(path)
             return
-        raise HPDError(f"data file {path} not found: check the path (relative to {os.getcwd()}), or name a Hub "
-                       "dataset as org/name[:config][:split]")
+    _check_exists(path)
     lower = path.lower()
     if lower.endswith((".jsonl", ".ndjson")):
         yield from _iter_jsonl(path)
@@ -401,9 +400,11 @@ def parse_rows(
     on_bad_row: str = "error",
     require_completion: bool = True,
     stats: LoadStats,
+    skip_hint: str = "set data.on_bad_row=skip",
 ) -> Iterator[Example]:
     """The examples of raw rows `(location, source tag, row)` (`iter_rows`), one at a time: a bad
-    row raises `HPDError` naming its location, or is counted in `stats` with `on_bad_row="skip"`."""
+    row raises `HPDError` naming its location (and `skip_hint`, see `load_examples`), or is counted
+    in `stats` with `on_bad_row="skip"`."""
     if on_bad_row not in ("error", "skip"):
         raise HPDError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
     for loc, src, row in rows:
@@ -422,7 +423,7 @@ def parse_rows(
                 stats.note_skip(f"{loc}: {e}")
                 continue
             raise HPDError(
-                f"{loc}: {e}. Fix the row, or set on_bad_row='skip' to skip bad rows."
+                f"{loc}: {e}. Fix the row, or {skip_hint} to skip bad rows."
             ) from None
         yield Example(prompt=prompt, completion=completion, source=src, extra=extra)
 
@@ -439,6 +440,42 @@ def iter_rows(path: str, *, streaming: bool = False) -> Iterator[_Located]:
     return _iter_rows(path)
 
 
+def _check_exists(path: str) -> None:
+    if not os.path.exists(path):
+        raise HPDError(f"data file {path} not found: check the path (relative to {os.getcwd()}), or name a Hub "
+                       "dataset as org/name[:config][:split]")
+
+
+def data_digest(path: str | os.PathLike) -> str:
+    """A content hash of what a data path names (any form `load_examples` reads), for cache keys.
+
+    A file: sha256 of its bytes. A `save_to_disk` directory (`dir` or `dir:split`): its files,
+    each named by its path under the directory, and the split.
+    """
+    import hashlib
+    from pathlib import Path
+
+    from hpd.fingerprints import hash_files
+
+    path = os.fspath(path)
+    base, split = _split_path(path)
+    if not os.path.exists(base):
+        from hpd.hub_data import hub_digest, is_hub_id
+
+        if is_hub_id(path):  # a Hub dataset: the fingerprint datasets keeps of its content
+            return hub_digest(path)
+    if os.path.isdir(base):
+        root = Path(base)
+        files = sorted(p for p in root.rglob("*") if p.is_file())
+        return hashlib.sha256(f"{hash_files(files, root=root)}:{split or ''}".encode()).hexdigest()[:24]
+    _check_exists(path)
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()[:24]
+
+
 def load_examples(
     path: str,
     *,
@@ -447,6 +484,7 @@ def load_examples(
     messages_field: str = "messages",
     on_bad_row: str = "error",
     require_completion: bool = True,
+    skip_hint: str = "set data.on_bad_row=skip",
 ) -> tuple[list[Example], LoadStats]:
     """Load examples from a JSONL / JSON / parquet file or a `save_to_disk` directory.
 
@@ -455,12 +493,14 @@ def load_examples(
     last assistant turn is the completion). A malformed row raises `HPDError` naming the file and
     line (row index for parquet / datasets); with `on_bad_row="skip"` it is counted in the
     returned stats instead. `require_completion=False` accepts prompt-only rows (completion "").
+    Every command reads its data here (train, cache-teacher, generate, eval, bench); `skip_hint`
+    is how the calling command's user asks for `on_bad_row="skip"` (e.g. `pass --on-bad-row skip`).
     """
     path = os.fspath(path)
     stats = LoadStats()
     examples = list(parse_rows(_iter_rows(path), prompt_field=prompt_field, completion_field=completion_field,
                                messages_field=messages_field, on_bad_row=on_bad_row,
-                               require_completion=require_completion, stats=stats))
+                               require_completion=require_completion, stats=stats, skip_hint=skip_hint))
     stats.rows = len(examples)
     if not examples:
         why = (

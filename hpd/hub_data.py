@@ -87,10 +87,19 @@ def load_hub_dataset(spec: str, *, streaming: bool = False) -> Any:
     return ds
 
 
+def hub_digest(spec: str) -> str:
+    """A key of the Hub dataset's content for caches: `datasets`' fingerprint of the loaded split
+    (it follows the dataset's revision and files), with the id."""
+    import hashlib
+
+    ds = load_hub_dataset(spec)
+    return hashlib.sha256(f"{spec}:{getattr(ds, '_fingerprint', '')}".encode()).hexdigest()[:24]
+
+
 def iter_hub_rows(spec: str, *, streaming: bool = False) -> Iterator[tuple[str, str, Any]]:
     """The rows of the Hub dataset `spec` as `hpd.data` reads rows: (location, source tag, row)."""
     for i, row in enumerate(load_hub_dataset(spec, streaming=streaming)):
         yield f"{spec} row index {i}", f"{spec}[{i}]", row
 
 
-__all__ = ["is_hub_id", "iter_hub_rows", "load_hub_dataset", "parse_hub_id"]
+__all__ = ["hub_digest", "is_hub_id", "iter_hub_rows", "load_hub_dataset", "parse_hub_id"]

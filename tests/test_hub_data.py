@@ -156,3 +156,10 @@ def test_a_hub_dataset_streams_and_a_resumed_stream_sees_the_same_rows(hub_cache
     # 8 steps x 4 rows = 32 > 24 rows: the stream wrapped into a second epoch
     last = [json.loads(x) for x in (ref / "metrics.jsonl").read_text().splitlines() if '"train"' in x][-1]
     assert 1 < last["epoch"] < 2
+
+
+def test_a_hub_dataset_has_a_content_key_for_caches(hub_cache):
+    from hpd.data import data_digest
+
+    key = data_digest("acme/tiny-chat")
+    assert len(key) == 24 and key == data_digest("acme/tiny-chat") and key != data_digest("acme/tiny-chat:test")
