@@ -15,6 +15,7 @@ cache) in `prepare`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -40,6 +41,7 @@ class MicroBatch:
     teacher_mask: torch.Tensor | None = None
     teacher_index: torch.Tensor | None = None
     cache_rows: list[int] | None = None  # the teacher-cache rows of its sequences (with teacher.cache)
+    teacher_request: Any = None  # the served teacher's answer on its way (a Future, with teacher.server)
 
 
 def make_batch(prompts: list[list[int]], completions: list[list[int]], *, pad_id: int, vocab_size: int | None,
