@@ -69,14 +69,15 @@ class EngineServer:
     max_logprobs:   the most log-probabilities per position a request may ask for (the top-K).
     threads:        CPU threads of the engine (OMP_NUM_THREADS), None = the engine's default.
     cpus:           CPU list to pin the engine to (`taskset -c CPUS`), e.g. "1"; None = no pinning.
-    kv_cache_gib:   the CPU engine's KV cache (VLLM_CPU_KVCACHE_SPACE).
+    kv_cache_gib:   the engine's KV cache in GiB (`--kv-cache-memory-bytes`; a small model's short
+                    sequences need little).
     extra_args:     further command-line arguments for the server.
     log:            the file its output goes to (default: a temporary file, shown when it fails).
     """
 
     def __init__(self, model: str | os.PathLike, *, host: str = "127.0.0.1", port: int | None = None,
                  dtype: str = "float32", max_model_len: int = 512, max_logprobs: int = 64, threads: int | None = None,
-                 cpus: str | None = None, kv_cache_gib: float = 1, extra_args: list[str] | None = None,
+                 cpus: str | None = None, kv_cache_gib: float = 0.5, extra_args: list[str] | None = None,
                  log: str | os.PathLike | None = None, python: str | os.PathLike | None = None):
         self.model = str(Path(model).resolve()) if Path(model).exists() else str(model)
         if not Path(self.model).is_dir():
@@ -85,10 +86,11 @@ class EngineServer:
         self.python = Path(python) if python else engine_python()
         self.command = [str(self.python), "-m", "vllm.entrypoints.openai.api_server", "--model", self.model,
                         "--dtype", dtype, "--max-model-len", str(max_model_len), "--max-logprobs", str(max_logprobs),
-                        "--host", host, "--port", str(self.port), "--disable-uvicorn-access-log", *(extra_args or [])]
+                        "--host", host, "--port", str(self.port), "--disable-uvicorn-access-log",
+                        "--kv-cache-memory-bytes", str(int(kv_cache_gib * 2**30)), *(extra_args or [])]
         if cpus is not None:
             self.command = ["taskset", "-c", str(cpus), *self.command]
-        self.env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib), "TOKENIZERS_PARALLELISM": "false"}
+        self.env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
         if threads is not None:
             self.env["OMP_NUM_THREADS"] = str(threads)
         self.env.pop("PYTHONPATH", None)  # the engine's environment, not this checkout's packages
