@@ -305,7 +305,7 @@ def test_a_failing_server_stops_the_run_with_its_name_and_the_run_resumes_exactl
     with pytest.raises(HPDError, match=rf"{proxy.url}: .*{match}"):
         train(_cfg(run, proxy.url, *common))
     assert steps_taken == [1, 2, 3, 4, 5]  # step 6 never finished
-    assert [p.name for p in run.glob("checkpoint-*")] == ["checkpoint-3"] and not (run / "final").exists()
+    assert [p.name for p in (run / "checkpoints").glob("step-*")] == ["step-00000003"] and not (run / "final").exists()
     monkeypatch.setattr(hpd.trainer.Trainer, "train_step", real_step)
     whole = train(_cfg(tmp_path / "whole", teacher_server.url, *common))
     resumed = train(_cfg(run, teacher_server.url, *common))  # the server is back (elsewhere: teacher.server is run-neutral)
