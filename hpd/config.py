@@ -207,6 +207,12 @@ class TeacherConfig(ModelConfig):
         "the server's --max-logprobs; 0 = only the sequence token, enough for sft/orkl).",
         min=0,
     )
+    server_exact_samples: bool = field_(
+        False,
+        "With teacher.server and objective.name=hpd: the student's samples outside the served top-K "
+        "are scored exactly by a second request after the student's forward (else estimated from the "
+        "tail mass spread evenly); exact HPD weights at any K, for one more round trip per micro-batch.",
+    )
     server_timeout: float = field_(
         120.0, "With teacher.server: seconds a request may take before it is retried.", min=0, min_exclusive=True
     )

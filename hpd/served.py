@@ -237,6 +237,15 @@ class TeacherServers:
                 out[i] = s
         return out
 
+    def score_tokens(self, prefixes: Sequence[Sequence[int]], tokens: Sequence[int]) -> np.ndarray:
+        """The teacher's exact `log p(tokens[i] | prefixes[i])` for every i, `(N,)` float64 (one
+        request: each prefix with its token appended, the last prompt log-probability read)."""
+        if not len(tokens):
+            return np.empty(0)
+        seqs = [list(p) + [int(t)] for p, t in zip(prefixes, tokens)]
+        got = self._with_retries("to score sampled tokens", lambda url: self._score_on(url, seqs, 0))
+        return np.asarray([g.label_logp[-1] for g in got])
+
     def submit(self, fn: Callable, *args) -> Future:
         """Run `fn(*args)` on the pool's threads (requests overlap the caller's compute)."""
         return self.pool.submit(fn, *args)
@@ -306,9 +315,11 @@ class TeacherServers:
         self.pool.shutdown(wait=False, cancel_futures=True)
 
 
-def topk_teacher(scored: Sequence[Scored], T: int, top_k: int, vocab_size: int, temperature: float = 1.0):
+def topk_teacher(scored: Sequence[Scored], T: int, top_k: int, vocab_size: int, temperature: float = 1.0,
+                 score: Callable | None = None):
     """The `TopKTeacher` `(B, T)` / `(B, T, K)` of a right-padded batch whose row b is the scored
-    sequence b (position p of the batch predicts token p+1, as in `hpd.data.build_batch`)."""
+    sequence b (position p of the batch predicts token p+1, as in `hpd.data.build_batch`); `score`:
+    see `TopKTeacher` (`exact_scorer` makes one)."""
     from hpd.objectives import TopKTeacher
 
     B = len(scored)
@@ -319,8 +330,21 @@ def topk_teacher(scored: Sequence[Scored], T: int, top_k: int, vocab_size: int, 
         label[b, :n], tail[b, :n] = s.label_logp[:n], s.tail[:n]
         ids[b, :n], lp[b, :n] = s.topk_ids[:n], s.topk_logp[:n]
     return TopKTeacher(torch.from_numpy(label), torch.from_numpy(ids), torch.from_numpy(lp), torch.from_numpy(tail),
-                       vocab_size, temperature)
+                       vocab_size, temperature, score)
 
 
-__all__ = ["PROBE_TEXT", "Scored", "ServerError", "TeacherServers", "parse_prompt_logprobs",
+def exact_scorer(servers: TeacherServers, sequences: Sequence[Sequence[int]], T: int) -> Callable:
+    """`TopKTeacher.score` for a batch whose row b is `sequences[b]` (padded to T): the teacher's
+    log-probability of `tokens (N,)` at flat positions `positions (N,)` of `(B, T)`, asked of the
+    servers (position t of row b continues `sequences[b][:t + 1]`)."""
+
+    def score(positions: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        pos, tok = positions.tolist(), tokens.tolist()
+        prefixes = [sequences[p // T][:p % T + 1] for p in pos]
+        return torch.from_numpy(servers.score_tokens(prefixes, tok)).to(positions.device)
+
+    return score
+
+
+__all__ = ["PROBE_TEXT", "Scored", "exact_scorer", "ServerError", "TeacherServers", "parse_prompt_logprobs",
            "parse_urls", "topk_teacher"]

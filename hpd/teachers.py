@@ -293,16 +293,18 @@ class ServedTeacher(TeacherSource):
     prefetches = True  # the trainer prepares the next step's batches early, so their answers overlap this step
 
     def __init__(self, servers, top_k: int, vocab_size: int, device: torch.device,
-                 temperature: float = 1.0):
+                 temperature: float = 1.0, exact_samples: bool = False):
         if abs(temperature - 1.0) > 1e-12:
             raise HPDError(f"a served teacher returns log-probabilities at temperature 1, objective.temperature is "
                            f"{temperature:g}: use objective.temperature=1 with teacher.server")
         self.servers, self.top_k, self.vocab_size, self.device = servers, min(top_k, vocab_size), vocab_size, device
+        self.exact_samples = exact_samples  # hpd's samples outside the top-K asked for exactly (a second request)
 
     def _fetch(self, sequences: list[list[int]], T: int):
-        from hpd.served import topk_teacher
+        from hpd.served import exact_scorer, topk_teacher
 
-        return topk_teacher(self.servers.score(sequences, self.top_k), T, self.top_k, self.vocab_size)
+        return topk_teacher(self.servers.score(sequences, self.top_k), T, self.top_k, self.vocab_size,
+                            score=exact_scorer(self.servers, sequences, T) if self.exact_samples else None)
 
     def prepare(self, batch, examples, split, indices) -> None:
         batch.teacher_tokens = int(batch.attention_mask.sum())

@@ -506,7 +506,8 @@ class Trainer:
             self._check_prompt_endings()
         elif self.servers is not None:
             self.teacher_source = ServedTeacher(self.servers, cfg.teacher.server_top_k, self.vocab_size, device,
-                                                temperature=self.objective.temperature)
+                                                temperature=self.objective.temperature,
+                                                exact_samples=cfg.teacher.server_exact_samples)
         elif self.teacher is not None:
             self.teacher_source = ModelTeacher(self.teacher)
         self.sampler = EpochSampler(len(self.train_data), cfg.optim.batch_size, seed=cfg.seed,

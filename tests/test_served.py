@@ -72,6 +72,42 @@ def test_an_answer_becomes_the_cache_semantics_label_topk_and_tail():
     assert float(t.label_logprobs[0, 1]) == pytest.approx(np.log(0.05)) and float(t.label_logprobs[0, 3]) == 0
 
 
+def test_hpd_reads_samples_outside_the_topk_from_score_exactly():
+    """A top-2 teacher with `score` (here the exact log-probabilities of a teacher in memory) gives
+    hpd the loss and gradient of the full teacher; without it, the tail estimate differs."""
+    from hpd.objectives import TopKTeacher, get_objective
+
+    g = torch.Generator().manual_seed(0)
+    B, T, V, K = 3, 7, 11, 2
+    t_logits = torch.randn(B, T, V, generator=g) * 2
+    s_logits = (t_logits + torch.randn(B, T, V, generator=g)).requires_grad_()  # a student near the teacher
+    labels = torch.randint(0, V, (B, T), generator=g)
+    labels[:, :2] = -100
+    labels[:, -1] = -100  # aligned labels: the last position predicts nothing
+    logp = torch.log_softmax(t_logits, -1)
+    vals, ids = logp.topk(K, -1)
+    label_lp = logp.gather(-1, labels.clamp_min(0)[..., None]).squeeze(-1)
+    tail = logp.scatter(-1, ids, float("-inf")).logsumexp(-1)
+    asked = []
+
+    def score(positions, tokens):
+        asked.append(len(positions))
+        return logp.reshape(B * T, V)[positions, tokens]
+
+    def loss_grad(teacher):
+        out = get_objective("hpd")(s_logits, teacher, labels, generator=torch.Generator().manual_seed(3))
+        return out, torch.autograd.grad(out.loss, s_logits)[0]
+
+    full, g_full = loss_grad(t_logits)
+    exact, g_exact = loss_grad(TopKTeacher(label_lp, ids, vals, tail, V, score=score))
+    approx, g_approx = loss_grad(TopKTeacher(label_lp, ids, vals, tail, V))
+    assert asked and 0 < asked[0] < int((labels != -100).sum())  # only the samples outside the top-K were asked for
+    assert float(exact.metrics["frac_sample_outside_topk"]) > 0
+    torch.testing.assert_close(exact.loss, full.loss)
+    torch.testing.assert_close(g_exact, g_full)
+    assert (g_approx - g_full).abs().max() > 1e-4  # 1e-7 with score
+
+
 @pytest.mark.parametrize("entries,match", [
     ([None, _entry({2: -0.1, 7: -2.0})], r"for a 3-token sequence has 2 entries"),               # truncated
     ([None, _entry({9: -0.1, 7: -2.0}), _entry({3: -0.1, 4: -2.0})], r"position 1 lacks the sequence token 2"),
@@ -224,15 +260,21 @@ def test_the_served_view_is_the_in_process_teachers(teacher_server):
 
 
 @engine
-@pytest.mark.parametrize("name", ["hpd", "fkl"])
-def test_served_teacher_gives_the_in_process_loss_and_gradient(name, teacher_server):
-    """K = V (a complete teacher): the loss and gradient equal the in-process teacher's to fp32 tolerance."""
+@pytest.mark.parametrize("name,top_k,exact", [("hpd", 264, False), ("fkl", 264, False), ("hpd", 8, True)])
+def test_served_teacher_gives_the_in_process_loss_and_gradient(name, top_k, exact, teacher_server):
+    """K = V (a complete teacher), or hpd at K = 8 with its samples outside the top-8 scored by a
+    second request: the loss and gradient equal the in-process teacher's to fp32 tolerance."""
     from hpd.models import load_model
     from hpd.objectives import get_objective
+    from hpd.served import exact_scorer
 
     examples, tok = _examples()
     logits, b = _in_process(examples, tok)
-    served = _served(teacher_server.url, examples, b, 264)
+    if exact:
+        pool, seqs, T = TeacherServers(teacher_server.url), [e.prompt_ids + e.completion_ids for e in examples], b["input_ids"].shape[1]
+        served = topk_teacher(pool.score(seqs, top_k), T, top_k, 264, score=exact_scorer(pool, seqs, T))
+    else:
+        served = _served(teacher_server.url, examples, b, top_k)
     student = load_model(STUDENT, dtype="float32")[0]
     ids, mask, labels = b["input_ids"], b["attention_mask"], b["labels"]
     obj, params = get_objective(name), list(student.parameters())
@@ -242,6 +284,8 @@ def test_served_teacher_gives_the_in_process_loss_and_gradient(name, teacher_ser
                   generator=torch.Generator().manual_seed(11))
         results.append((out, torch.autograd.grad(out.loss, params, allow_unused=True)))
     (a, ga), (c, gc) = results
+    if exact:
+        assert float(c.metrics["frac_sample_outside_topk"]) > 0.05  # the second request had samples to score
     assert float(c.loss) == pytest.approx(float(a.loss), rel=1e-4, abs=1e-5)
     for x, y in zip(gc, ga):
         if x is not None:
@@ -253,7 +297,8 @@ def test_training_with_a_served_teacher_records_it_and_resumes_exactly(teacher_s
     import hpd.trainer
     from hpd.trainer import train
 
-    common = ["objective.name=hpd", "max_steps=6", "save.every=3"]
+    common = ["objective.name=hpd", "max_steps=6", "save.every=3", "teacher.server_top_k=8",
+              "teacher.server_exact_samples=true"]
     whole = train(_cfg(tmp_path / "whole", teacher_server.url, *common))
     info = json.loads((whole / "metrics.jsonl").read_text().splitlines()[0])
     assert info["teacher_server"]["servers"] == [teacher_server.url]
