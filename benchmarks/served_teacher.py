@@ -10,7 +10,8 @@ engine serves on CPU 1 with one thread (`taskset`), so the two never share a cor
 2. one request of the recipe's batch (32 sequences) at K = 0, 8, 32: seconds and bytes on the
    wire per scored token (JSON), the in-process teacher forward of the same batch beside it;
 3. HPD's sample `y_hat` outside the served top-K: the fraction, and what it does to the loss and
-   gradient of one batch against the in-process teacher (same draws);
+   gradient of one batch against the in-process teacher (same draws), with the tail estimate and
+   with the samples scored exactly (`teacher.server_exact_samples`);
 4. `hpd cache-teacher --server` with one server, then two (the second on CPU 0), and in process.
 
 Needs the engine (`make engine`). Prints the tables and writes OUT/results.md and OUT/results.json.
@@ -59,7 +60,7 @@ def main() -> None:
     from hpd.engine import EngineServer
     from hpd.models import load_model
     from hpd.objectives import get_objective
-    from hpd.served import TeacherServers, topk_teacher
+    from hpd.served import TeacherServers, exact_scorer, topk_teacher
     from hpd.teacher_cache import TeacherCache, build_teacher_cache
     from hpd.trainer import train as run_training
 
@@ -90,6 +91,9 @@ def main() -> None:
             f"hpd, cache (K={K})": ("hpd-cache", "hpd", [f"teacher.cache={cache_dir}"]),
             f"hpd, served (K={K}, prefetch)": ("hpd-served", "hpd", ["teacher.path=none", f"teacher.server={server.url}",
                                                                     f"teacher.server_top_k={K}"]),
+            f"hpd, served (K={K}, exact samples)": ("hpd-served-exact", "hpd", [
+                "teacher.path=none", f"teacher.server={server.url}", f"teacher.server_top_k={K}",
+                "teacher.server_exact_samples=true"]),
         }
         steps = {}
         for label, (name, objective, extra) in methods.items():
@@ -139,10 +143,11 @@ def main() -> None:
 
         ref, gref = loss_grad(logits)
         topk_rows = {}
-        for k in (8, 32, 64):
-            view = topk_teacher(pool.score(seqs, k), ids.shape[1], k, 264)
+        for k, exact in ((8, False), (32, False), (64, False), (8, True)):
+            view = topk_teacher(pool.score(seqs, k), ids.shape[1], k, 264,
+                                score=exact_scorer(pool, seqs, ids.shape[1]) if exact else None)
             o, g = loss_grad(view)
-            topk_rows[k] = {"frac_sample_outside_topk": float(o.metrics.get("frac_sample_outside_topk", float("nan"))),
+            topk_rows[f"{k}, exact samples" if exact else k] = {"frac_sample_outside_topk": float(o.metrics.get("frac_sample_outside_topk", float("nan"))),
                             "loss_rel_diff": abs(float(o.loss.detach()) - float(ref.loss.detach())) / abs(float(ref.loss.detach())),
                             "grad_rel_diff": float((g - gref).norm() / gref.norm()),
                             "grad_cosine": float(torch.nn.functional.cosine_similarity(g, gref, dim=0))}
