@@ -70,14 +70,14 @@ class EngineServer:
     threads:        CPU threads of the engine (OMP_NUM_THREADS), None = the engine's default.
     cpus:           CPU list to pin the engine to (`taskset -c CPUS`), e.g. "1"; None = no pinning.
     kv_cache_gib:   the engine's KV cache in GiB (`--kv-cache-memory-bytes`; a small model's short
-                    sequences need little).
+                    sequences need little); None = the engine's default (on GPUs: its share of memory).
     extra_args:     further command-line arguments for the server.
     log:            the file its output goes to (default: a temporary file, shown when it fails).
     """
 
     def __init__(self, model: str | os.PathLike, *, host: str = "127.0.0.1", port: int | None = None,
                  dtype: str = "float32", max_model_len: int = 512, max_logprobs: int = 64, threads: int | None = None,
-                 cpus: str | None = None, kv_cache_gib: float = 0.5, extra_args: list[str] | None = None,
+                 cpus: str | None = None, kv_cache_gib: float | None = None, extra_args: list[str] | None = None,
                  log: str | os.PathLike | None = None, python: str | os.PathLike | None = None):
         self.model = str(Path(model).resolve()) if Path(model).exists() else str(model)
         if not Path(self.model).is_dir():
@@ -86,8 +86,9 @@ class EngineServer:
         self.python = Path(python) if python else engine_python()
         self.command = [str(self.python), "-m", "vllm.entrypoints.openai.api_server", "--model", self.model,
                         "--dtype", dtype, "--max-model-len", str(max_model_len), "--max-logprobs", str(max_logprobs),
-                        "--host", host, "--port", str(self.port), "--disable-uvicorn-access-log",
-                        "--kv-cache-memory-bytes", str(int(kv_cache_gib * 2**30)), *(extra_args or [])]
+                        "--host", host, "--port", str(self.port), "--disable-uvicorn-access-log", *(extra_args or [])]
+        if kv_cache_gib is not None:
+            self.command += ["--kv-cache-memory-bytes", str(int(kv_cache_gib * 2**30))]
         if cpus is not None:
             self.command = ["taskset", "-c", str(cpus), *self.command]
         self.env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}

@@ -101,6 +101,7 @@ def start_engine() -> Iterator:
 
     def start(model, **kwargs):
         kwargs.setdefault("threads", 1)
+        kwargs.setdefault("kv_cache_gib", 0.5)  # the engine's default (4 GiB on a CPU) is more than a shared test machine has
         server = EngineServer(model, **kwargs)
         servers.append(server)
         return server.start()
@@ -116,5 +117,5 @@ def start_engine() -> Iterator:
 def teacher_server(start_engine, repo_root):
     """The bundled teacher (hpd/assets/teacher) served by vLLM in float32, every token's
     log-probability available (max_logprobs = its vocabulary, 264)."""
-    return start_engine(repo_root / "hpd" / "assets" / "teacher", max_model_len=256, max_logprobs=264,
+    return start_engine(repo_root / "hpd" / "assets" / "teacher", max_model_len=256, max_logprobs=264, kv_cache_gib=0.25,
                         extra_args=["--enforce-eager"])  # no compilation: it starts in about half the time

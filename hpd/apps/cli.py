@@ -542,6 +542,8 @@ def serve_teacher_cmd(
     dtype: str = typer.Option("float32", "--dtype", metavar="DTYPE", help="Engine dtype: float32 | bfloat16 | float16."),
     threads: Optional[int] = typer.Option(None, "--threads", metavar="N", min=1, help="CPU threads of the engine."),
     cpus: Optional[str] = typer.Option(None, "--cpus", metavar="LIST", help="Pin the engine to these CPUs (taskset -c LIST)."),
+    kv_cache_gib: Optional[float] = typer.Option(None, "--kv-cache-gib", metavar="GIB", min=0.01,
+                                                 help="The engine's KV cache in GiB [default: the engine's]."),
 ) -> None:
     """Serve a teacher model with vLLM (from `make engine`'s environment) for `teacher.server=URL`.
 
@@ -552,7 +554,7 @@ def serve_teacher_cmd(
         from hpd.engine import serve
 
         serve(str(model), host=host, port=port, max_model_len=max_model_len, max_logprobs=max_logprobs, dtype=dtype,
-              threads=threads, cpus=cpus)
+              threads=threads, cpus=cpus, kv_cache_gib=kv_cache_gib)
 
 
 # --------------------------------------------------------------------------------------------
