@@ -65,7 +65,7 @@ class EngineServer:
     model:          a Hugging Face model directory (the teacher).
     host, port:     where it listens (port None: a free one).
     dtype:          the engine's compute dtype (float32: log-probabilities comparable to an fp32 teacher).
-    max_model_len:  the longest sequence it accepts (prompt + one generated token).
+    max_model_len:  the longest sequence it accepts (prompt + one generated token); None = the model's.
     max_logprobs:   the most log-probabilities per position a request may ask for (the top-K).
     threads:        CPU threads of the engine (OMP_NUM_THREADS), None = the engine's default.
     cpus:           CPU list to pin the engine to (`taskset -c CPUS`), e.g. "1"; None = no pinning.
@@ -76,7 +76,7 @@ class EngineServer:
     """
 
     def __init__(self, model: str | os.PathLike, *, host: str = "127.0.0.1", port: int | None = None,
-                 dtype: str = "float32", max_model_len: int = 512, max_logprobs: int = 64, threads: int | None = None,
+                 dtype: str = "float32", max_model_len: int | None = None, max_logprobs: int = 64, threads: int | None = None,
                  cpus: str | None = None, kv_cache_gib: float | None = None, extra_args: list[str] | None = None,
                  log: str | os.PathLike | None = None, python: str | os.PathLike | None = None):
         self.model = str(Path(model).resolve()) if Path(model).exists() else str(model)
@@ -85,8 +85,10 @@ class EngineServer:
         self.host, self.port = host, port or free_port(host)
         self.python = Path(python) if python else engine_python()
         self.command = [str(self.python), "-m", "vllm.entrypoints.openai.api_server", "--model", self.model,
-                        "--dtype", dtype, "--max-model-len", str(max_model_len), "--max-logprobs", str(max_logprobs),
+                        "--dtype", dtype, "--max-logprobs", str(max_logprobs),
                         "--host", host, "--port", str(self.port), "--disable-uvicorn-access-log", *(extra_args or [])]
+        if max_model_len is not None:
+            self.command += ["--max-model-len", str(max_model_len)]
         if kv_cache_gib is not None:
             self.command += ["--kv-cache-memory-bytes", str(int(kv_cache_gib * 2**30))]
         if cpus is not None:

@@ -535,8 +535,9 @@ def serve_teacher_cmd(
     port: int = typer.Option(8000, "--port", metavar="PORT", min=1, max=65535, help="Port to listen on."),
     host: str = typer.Option("0.0.0.0", "--host", metavar="HOST",
                              help="Address to listen on (0.0.0.0: every interface, for trainers on other machines)."),
-    max_model_len: int = typer.Option(2048, "--max-model-len", metavar="N", min=2,
-                                      help="Longest sequence scored (the runs' data.max_length or more)."),
+    max_model_len: Optional[int] = typer.Option(None, "--max-model-len", metavar="N", min=2,
+                                                help="Longest sequence scored (the runs' data.max_length or more) "
+                                                     "[default: the model's]."),
     max_logprobs: int = typer.Option(64, "--max-logprobs", metavar="K", min=0,
                                      help="Most top-K tokens a request may ask for (teacher.server_top_k)."),
     dtype: str = typer.Option("float32", "--dtype", metavar="DTYPE", help="Engine dtype: float32 | bfloat16 | float16."),
