@@ -179,6 +179,14 @@ def _group_alive(pgid: int) -> bool:
 def serve(model: str, *, host: str, port: int, **kwargs) -> None:
     """Run a teacher server in the foreground until interrupted (`hpd serve-teacher`)."""
     server = EngineServer(model, host=host, port=port, **kwargs)
+
+    def interrupted(*_):
+        raise KeyboardInterrupt
+
+    # Ctrl-C and a plain kill both end the engine's processes (the finally below); SIGINT too when
+    # a shell started this command in the background with it ignored.
+    signal.signal(signal.SIGINT, interrupted)
+    signal.signal(signal.SIGTERM, interrupted)
     print(f"[hpd] starting the engine for {server.model} (log: {server.log_path})", file=sys.stderr, flush=True)
     try:
         server.start()
