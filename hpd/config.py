@@ -1000,7 +1000,10 @@ def _cross_checks(cfg: Config) -> list[str]:
                           "teacher generations need the teacher model here: use regime.name=dataset or student"),
                          (cfg.student.init_from_teacher is not None, "student.init_from_teacher needs the teacher's weights"),
                          (cfg.objective.temperature != 1.0, "a server returns log-probabilities at temperature 1: "
-                                                             "set objective.temperature=1")):
+                                                             "set objective.temperature=1"),
+                         # the exact scorer reads positions of the padded rows, not of a packed batch
+                         (cfg.teacher.server_exact_samples and cfg.data.packing,
+                          "teacher.server_exact_samples does not work with data.packing yet: set one of them to false")):
             if bad:
                 problems.append(f"teacher.server ({cfg.teacher.server}): {why}")
     needs_teacher = objective_class(cfg.objective.name).needs_teacher

@@ -324,10 +324,15 @@ class ServedTeacher(TeacherSource):
     def prepare(self, batch, examples, split, indices) -> None:
         batch.teacher_tokens = int(batch.attention_mask.sum())
         sequences = [list(p) + list(c) for p, c in zip(batch.prompts, batch.completions)]
-        batch.teacher_request = self.servers.submit(self._fetch, sequences, int(batch.input_ids.shape[1]))
+        # The servers score whole rows: the view is of the padded rows `(B, T)`, packed like the batch in `view`.
+        T = int((batch.row_labels if batch.packing is not None else batch.input_ids).shape[1])
+        batch.teacher_request = self.servers.submit(self._fetch, sequences, T)
 
     def view(self, batch):
-        return batch.teacher_request.result().to(self.device)
+        view = batch.teacher_request.result()
+        if batch.packing is not None:
+            view = batch.packing.pack_view(view)
+        return view.to(self.device)
 
 
 

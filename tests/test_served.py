@@ -136,6 +136,7 @@ def test_a_server_that_is_down_is_an_error_naming_it_after_the_retries():
     (["objective.temperature=2"], r"teacher.server .*temperature 1: set objective.temperature=1"),
     (["teacher.cache=somewhere"], r"teacher.server .*teacher.cache is set too"),
     (["regime.name=teacher"], r"teacher.server .*teacher generations need the teacher model here"),
+    (["teacher.server_exact_samples=true", "data.packing=true"], r"teacher.server .*does not work with data.packing"),
 ])
 def test_settings_a_served_teacher_cannot_serve_are_refused(extra, match, tmp_path):
     with pytest.raises(HPDError, match=match):
@@ -411,3 +412,15 @@ def test_a_cache_built_by_one_or_two_servers_equals_the_in_process_cache(teacher
         assert np.abs(got["topk_logp"] - ref["topk_logp"]).max() < 1e-4
         assert np.abs(np.exp(got["tail_logp"]) - np.exp(ref["tail_logp"])).max() < 1e-4
     np.testing.assert_array_equal(arrays(one)["label_logp"], arrays(two)["label_logp"])
+
+
+@engine
+def test_a_packed_run_with_a_served_teacher_trains_as_the_padded_one(teacher_server, tmp_path):
+    """The servers score whole rows; the view is packed like the batch, so packing changes nothing."""
+    from hpd.trainer import train
+
+    common = ["objective.name=hpd", "max_steps=3", "teacher.server_top_k=8"]
+    padded = _weights(train(_cfg(tmp_path / "padded", teacher_server.url, *common)))
+    packed = _weights(train(_cfg(tmp_path / "packed", teacher_server.url, *common, "data.packing=true")))
+    for k in padded:
+        torch.testing.assert_close(packed[k], padded[k], atol=1e-5, rtol=1e-4)
