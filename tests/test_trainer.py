@@ -547,8 +547,9 @@ def test_teacher_generations_are_generated_once_and_reused(monkeypatch, tiny_tea
     cache = tmp_path / "cache"
     common = ["regime.name=teacher", f"regime.teacher_cache={cache}", "max_steps=3"]
     train(config(tmp_path / "a", *common, teacher=tiny_teacher))
-    files = list(cache.iterdir())
-    assert len(files) == 1 and files[0].suffix == ".json"
+    files = sorted(p for p in cache.iterdir() if p.suffix == ".json")
+    assert len(files) == 1  # beside it: its record (.key) and its writers' hidden lock file
+    assert sorted(p.name for p in cache.iterdir() if not p.name.startswith(".")) == [files[0].name, files[0].name + ".key"]
     stamp = files[0].stat().st_mtime_ns
     completions = json.loads(files[0].read_text())["completions"]
     assert len(completions) == 84 and all(1 <= len(c) <= 8 for c in completions)
@@ -560,7 +561,7 @@ def test_teacher_generations_are_generated_once_and_reused(monkeypatch, tiny_tea
 
     monkeypatch.setattr(hpd.regimes, "rollout", no_generation)
     train(config(tmp_path / "b", *common, teacher=tiny_teacher))
-    assert list(cache.iterdir()) == files and files[0].stat().st_mtime_ns == stamp
+    assert sorted(p for p in cache.iterdir() if p.suffix == ".json") == files and files[0].stat().st_mtime_ns == stamp
     info = [r for r in read_metrics(tmp_path / "b") if r["type"] == "info"][0]
     assert info["teacher_generations"] == str(files[0])
 

@@ -176,9 +176,10 @@ def generate(
 ) -> None:
     """Generate a completion for every prompt of a JSONL file with a model (e.g. teacher data).
 
-    Cached on disk: OUT gets a sidecar OUT.key naming the model's content (weights, config,
-    tokenizer), the prompts and the settings; a rerun with the same inputs reuses OUT, and an interrupted run resumes from the
-    batches it finished (kept in OUT.partial).
+    Cached on disk: OUT gets a record OUT.key naming the model's content (weights, config,
+    tokenizer), the prompts and the settings, with OUT's sha256; a rerun with the same inputs reuses
+    an unchanged OUT, and an interrupted run resumes from the batches it finished (kept in
+    OUT.partial). A second run into the same OUT is refused while the first holds .OUT.lock.
     """
     with _user_errors():
         if top_p <= 0:
@@ -194,52 +195,76 @@ def generate(
         from hpd.hub import resolve_model_path
 
         model = resolve_model_path(model)  # a Hub id -> its local snapshot, whose files the cache key stamps
+        from hpd.files import check_output
+
+        check_output(out, {"--prompts": prompts, "--model": model}, what="--out", directory=False)
         from hpd.generation_cache import GenerationCache
 
         cache = GenerationCache(out, _generation_key(model, prompts, settings))
-        if cache.fresh():
-            typer.echo(f"{out} is up to date (same model, prompts and settings): reusing it")
-            return
-        from hpd.data import load_examples
-        from hpd.models import load_model
-        from hpd.progress import Progress
-        from hpd.rollout import generate_text
+        try:
+            with cache.writing():  # a second `hpd generate` into the same OUT is refused
+                _generate_into(cache, model, prompts, settings, trust_remote_code=trust_remote_code)
+        except OSError as e:
+            from hpd.files import space_error
 
-        examples, _stats = load_examples(str(prompts), require_completion=False)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        rows = cache.partial_rows()
-        lm, tokenizer = load_model(model, dtype=dtype, trust_remote_code=trust_remote_code)
-        lm.eval()
-        with Progress(len(examples), "generate", unit="prompt", initial=len(rows)) as progress:  # on stderr
-            # One call per batch so the bar moves; each batch gets its own seed (seed + i) so
-            # batches do not repeat the same random stream.
-            for i, start in enumerate(range(0, len(examples), batch_size)):
-                if start < len(rows):  # done by an interrupted run with the same key
-                    continue
-                batch = examples[start : start + batch_size]
-                texts = generate_text(
-                    lm,
-                    tokenizer,
-                    [ex.prompt for ex in batch],
-                    chat_template=chat_template,
-                    max_new_tokens=max_new_tokens,
-                    temperature=temperature,
-                    top_p=top_p,
-                    top_k=top_k,
-                    batch_size=batch_size,
-                    seed=seed + i,
-                )
-                new_rows = [_output_row(ex, text) for ex, text in zip(batch, texts)]
-                rows += new_rows
-                cache.append_partial(new_rows)
-                progress.update(len(batch))
-        # An empty answer has no token to train on, and training refuses such rows: leave them out
-        # of OUT (the partial file kept them, so that resuming counts batches right).
-        kept = [r for r in rows if str(r.get("completion", "")).strip()]
-        cache.store("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
-        empty = len(rows) - len(kept)
-        typer.echo(f"wrote {len(kept)} completions to {out}"
-                   + (f" ({empty} empty ones left out: nothing to train on)" if empty else ""))
+            if space_error(e) is None:
+                raise
+            raise HPDError(f"cannot write '{out}' ({space_error(e)}): free space or pick another --out, then rerun "
+                           "(the finished batches are kept and reused)") from None
+
+
+def _generate_into(cache: Any, model: str, prompts: Path, settings: dict[str, Any], *, trust_remote_code: bool) -> None:
+    """`hpd generate`'s work, under the lock of its output `cache` (a `GenerationCache`)."""
+    out, batch_size, seed = cache.path, settings["batch_size"], settings["seed"]
+    problem = cache.problem()
+    if problem is None:
+        typer.echo(f"{out} is up to date (same model, prompts and settings): reusing it")
+        return
+    if out.exists() and problem != "it was made with other inputs or settings":
+        typer.echo(f"{out} is not reused ({problem}): generating it again", err=True)
+    from hpd.data import load_examples
+    from hpd.models import load_model
+    from hpd.progress import Progress
+    from hpd.rollout import generate_text
+
+    examples, _stats = load_examples(str(prompts), require_completion=False)
+    done = cache.partial_batches()
+    starts = range(0, len(examples), batch_size)
+    lm, tokenizer = load_model(model, dtype=settings["dtype"], trust_remote_code=trust_remote_code)
+    lm.eval()
+    rows: list[dict[str, Any]] = []
+    initial = sum(len(done[i]) for i in range(len(starts)) if i in done)
+    with Progress(len(examples), "generate", unit="prompt", initial=initial) as progress:  # on stderr
+        # One call per batch so the bar moves; each batch gets its own seed (seed + i) so
+        # batches do not repeat the same random stream, and a batch redone after a kill is the same.
+        for i, start in enumerate(starts):
+            batch = examples[start : start + batch_size]
+            if i in done and len(done[i]) == len(batch):  # done by an interrupted run with the same key
+                rows += done[i]
+                continue
+            texts = generate_text(
+                lm,
+                tokenizer,
+                [ex.prompt for ex in batch],
+                chat_template=settings["chat_template"],
+                max_new_tokens=settings["max_new_tokens"],
+                temperature=settings["temperature"],
+                top_p=settings["top_p"],
+                top_k=settings["top_k"],
+                batch_size=batch_size,
+                seed=seed + i,
+            )
+            new_rows = [_output_row(ex, text) for ex, text in zip(batch, texts)]
+            rows += new_rows
+            cache.append_batch(i, new_rows)
+            progress.update(len(batch))
+    # An empty answer has no token to train on, and training refuses such rows: leave them out
+    # of OUT (the partial file kept them, so that resuming counts batches right).
+    kept = [r for r in rows if str(r.get("completion", "")).strip()]
+    cache.store("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
+    empty = len(rows) - len(kept)
+    typer.echo(f"wrote {len(kept)} completions to {out}"
+               + (f" ({empty} empty ones left out: nothing to train on)" if empty else ""))
 
 
 def _generation_key(model: str, prompts: Path, settings: dict[str, Any]) -> str:

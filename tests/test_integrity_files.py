@@ -1,0 +1,182 @@
+"""Caches and outputs under attack and failure: never reused wrong, never overwriting an input.
+
+- `hpd generate` and the teacher regime's generations: an output cut, edited or replaced under an
+  old key file is generated again, not reused; a partial file with repeated or cut batches resumes
+  to the same rows as a clean run; a second writer is refused; leftovers of a kill are removed;
+  a full disk is one error line;
+- teacher-cache shards are checked against the manifest's digests; damaged offsets, ids or shards
+  are one error line;
+- a run refuses an output that holds or is one of its inputs, and a filesystem root or home;
+- metrics.jsonl is appended to, never rewritten; config values out of range and undecodable data
+  rows are one error line (or skipped with data.on_bad_row=skip).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from hpd.cli import app
+from hpd.errors import HPDError
+
+runner = CliRunner()
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def invoke(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+# --------------------------------------------------------------------------------------------
+# hpd generate: the output is reused only when it is the one its key describes
+# --------------------------------------------------------------------------------------------
+
+N_PROMPTS, BATCH = 10, 4
+
+
+@pytest.fixture
+def prompts(tmp_path) -> Path:
+    p = tmp_path / "p.jsonl"
+    p.write_text("".join(json.dumps({"prompt": f"{i}+{i}=", "id": i}) + "\n" for i in range(N_PROMPTS)))
+    return p
+
+
+def gen_args(prompts: Path, out: Path, seed: int = 0) -> list[str]:
+    return ["generate", "--model", "tiny", "--prompts", str(prompts), "--out", str(out), "--max-new-tokens", "4",
+            "--batch-size", str(BATCH), "--seed", str(seed)]
+
+
+def generate(prompts: Path, out: Path, seed: int = 0):
+    result = invoke(*gen_args(prompts, out, seed))
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def the_key(prompts: Path, seed: int = 0) -> str:
+    from hpd.apps.cli import _generation_key
+
+    return _generation_key("tiny", prompts, dict(max_new_tokens=4, temperature=1.0, top_p=1.0, top_k=0, batch_size=BATCH,
+                                                 seed=seed, chat_template="auto", dtype="float32"))
+
+
+def test_generate_output_replaced_under_an_old_key_file_is_not_reused(prompts, tmp_path):
+    """A kill between renaming OUT (seed 1) and writing OUT.key leaves seed 0's key beside seed 1's rows."""
+    ref, out = tmp_path / "ref.jsonl", tmp_path / "gen.jsonl"
+    generate(prompts, ref, seed=0)
+    generate(prompts, tmp_path / "other.jsonl", seed=1)
+    generate(prompts, out, seed=0)
+    assert out.read_text() == ref.read_text()
+    other = (tmp_path / "other.jsonl").read_text()
+    assert other != ref.read_text()
+    out.write_text(other)  # the state the kill leaves: seed 1's output, seed 0's key file
+    result = generate(prompts, out, seed=0)
+    assert "up to date" not in result.stdout
+    assert out.read_text() == ref.read_text()  # generated again: seed 0's completions
+
+
+def test_generate_truncated_output_with_its_key_intact_is_generated_again(prompts, tmp_path):
+    ref, out = tmp_path / "ref.jsonl", tmp_path / "gen.jsonl"
+    generate(prompts, ref)
+    generate(prompts, out)
+    lines = out.read_text().splitlines(keepends=True)
+    out.write_text("".join(lines[:3]))
+    result = generate(prompts, out)
+    assert "up to date" not in result.stdout
+    assert out.read_text() == ref.read_text()
+    assert generate(prompts, out).stdout.startswith(f"{out} is up to date")  # and now reused
+
+
+@pytest.mark.parametrize("layout", ["rows", "batches"])
+def test_generate_resumes_from_a_partial_with_repeated_and_cut_batches_to_a_clean_runs_rows(prompts, tmp_path, layout):
+    """Two writers appending to one partial file repeat batches; a kill cuts the last line."""
+    ref, out = tmp_path / "ref.jsonl", tmp_path / "gen.jsonl"
+    generate(prompts, ref)
+    rows = [json.loads(line) for line in ref.read_text().splitlines()]
+    assert len(rows) == N_PROMPTS
+    head = json.dumps({"key": the_key(prompts)}) + "\n"
+    if layout == "rows":  # a row per line: batch 1 written twice, batch 2 cut
+        body = rows[:4] + rows[4:8] + rows[4:8]
+        text = head + "".join(json.dumps(r) + "\n" for r in body) + json.dumps(rows[8])[:20]
+    else:  # a batch per line: batch 1 written twice, batch 2 cut
+        lines = [{"batch": 0, "rows": rows[:4]}, {"batch": 1, "rows": rows[4:8]}, {"batch": 1, "rows": rows[4:8]}]
+        text = head + "".join(json.dumps(r) + "\n" for r in lines) + json.dumps({"batch": 2, "rows": rows[8:]})[:30]
+    (tmp_path / "gen.jsonl.partial").write_text(text)
+    generate(prompts, out)
+    assert out.read_text() == ref.read_text()  # every prompt once, in order, nothing repeated
+    assert not (tmp_path / "gen.jsonl.partial").exists()
+
+
+def test_a_second_generate_into_the_same_output_is_refused_and_writes_nothing(prompts, tmp_path):
+    out = tmp_path / "gen.jsonl"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\nfrom hpd.generation_cache import GenerationCache\n"
+        f"c = GenerationCache({str(out)!r}, 'k')\n"
+        "with c.writing():\n    print('held', flush=True)\n    time.sleep(60)\n")],
+        env=env(), stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        before = sorted(p.name for p in tmp_path.iterdir())
+        result = invoke(*gen_args(prompts, out))
+        assert result.exit_code == 2 and "being written by another hpd process" in result.stderr, result.output
+        assert sorted(p.name for p in tmp_path.iterdir()) == before  # no output, no partial file
+    finally:
+        holder.kill()
+        holder.wait()
+    generate(prompts, out)  # the lock of a killed holder is free
+
+
+def test_generate_removes_the_leftovers_of_a_killed_writer(prompts, tmp_path):
+    out = tmp_path / "gen.jsonl"
+    left = [tmp_path / ".gen.jsonl.ab12cd34.tmp", tmp_path / ".gen.jsonl.key.xy98zw76.tmp"]
+    other = tmp_path / ".gen.jsonl.x.ab12cd34.tmp"  # another output's temporary file: kept
+    for p in [*left, other]:
+        p.write_text("half")
+    generate(prompts, out)
+    assert not any(p.exists() for p in left) and other.exists()
+
+
+def test_generate_on_a_full_disk_is_one_error_line_and_keeps_finished_batches(prompts, tmp_path):
+    out = tmp_path / "gen.jsonl"
+
+    def small_files():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (600, 600))
+
+    res = subprocess.run([sys.executable, "-m", "hpd.cli", *gen_args(prompts, out)], cwd=ROOT, env=env(),
+                         capture_output=True, text=True, preexec_fn=small_files, timeout=300)
+    assert res.returncode == 2, res.stderr
+    err = res.stderr.splitlines()
+    assert err[-1].startswith(f"error: cannot write '{out}' (file too large for the file-size limit)"), res.stderr
+    assert "Traceback" not in res.stderr
+    assert not out.exists()
+    generate(prompts, out)  # without the limit: finishes, reusing the batches kept
+    assert len(out.read_text().splitlines()) == N_PROMPTS
+
+
+def test_edited_teacher_regime_generations_are_generated_again(tmp_path):
+    from hpd.models import load_model
+    from hpd.regimes import SamplingSettings, teacher_generations
+
+    model, tok = load_model("tiny", tiny={"num_layers": 1, "hidden_size": 32}, seed=0)
+    prompts = [tok.encode("1+1=")[:4], tok.encode("2+2=")[:4]]
+    settings = SamplingSettings(max_new_tokens=3, batch_size=2)
+    kw = dict(seed=0, max_length=16, cache_dir=tmp_path, log=lambda m: None)
+    first, path = teacher_generations(model, tok, prompts, settings, **kw)
+    data = json.loads(path.read_text())
+    data["completions"][0] = [7, 7, 7]  # edited: still valid JSON of the right length
+    path.write_text(json.dumps(data))
+    again, _ = teacher_generations(model, tok, prompts, settings, **kw)
+    assert again == first and json.loads(path.read_text())["completions"] == first
