@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from hpd.errors import HPDError
-from hpd.files import replace_dir
+from hpd.files import check_output, replace_dir
 from hpd.fingerprints import tokenizer_fingerprint, weights_fingerprint
 
 # The fingerprint a cache records of its teacher (the name it has always had here).
@@ -115,6 +115,7 @@ def build_teacher_cache(teacher: str | os.PathLike, data_files: Sequence[str | o
     if not Path(teacher).exists():
         raise HPDError(f"teacher '{teacher}' does not exist: pass a Hugging Face model directory or a .gguf file")
     out = Path(out)
+    check_output(out, {"teacher": teacher, **{f"data file {f}": f for f in data_files}}, what="the cache directory")
     if out.exists() and not overwrite:
         raise HPDError(f"'{out}' already exists: choose another --out, or pass --force to replace it")
     t0 = time.perf_counter()

@@ -69,7 +69,7 @@ from hpd.objectives import (
 from hpd.regimes import ResponseSource, derive_seed, has_rollouts, response_source, rollout_bias
 from hpd.rollout import select_backend
 from hpd.resume import RUN_NEUTRAL_KEYS, check_changes, config_changes, record_history, saved_config, schedule_note
-from hpd.run_dir import RunDirLock, describe_holder
+from hpd.run_dir import RunDirLock, check_run_paths, describe_holder
 from hpd.teacher_cache import TeacherCache
 from hpd.teachers import (
     CachedTeacher, ModelTeacher, OPSDTeacher, SelfTeacher, TeacherSource, prompt_ending_mismatches,
@@ -406,6 +406,7 @@ class Trainer:
         self.is_main = self.acc.is_main_process
         self.rank, self.world = self.acc.process_index, self.acc.num_processes
         self.run_dir = Path(cfg.output_dir)
+        check_run_paths(cfg)  # before anything is written: no root or home, no input inside
         # One run per directory: the main process holds an OS lock on it until the run ends (or
         # dies); a second run into it stops here with the holder's pid and start time.
         self.lock = RunDirLock(self.run_dir) if self.is_main else None

@@ -180,3 +180,117 @@ def test_edited_teacher_regime_generations_are_generated_again(tmp_path):
     path.write_text(json.dumps(data))
     again, _ = teacher_generations(model, tok, prompts, settings, **kw)
     assert again == first and json.loads(path.read_text())["completions"] == first
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs protected: no output over an input, no root or home as a directory to fill
+# --------------------------------------------------------------------------------------------
+
+RUN = ["configs/tiny.yaml", "data.max_length=48", "log.progress=false", "log.tensorboard=off", "teacher.path=none",
+       "objective.name=sft", "max_steps=2", "save.every=0"]
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def saved_model(tmp_path) -> Path:
+    from hpd.models import load_model
+
+    model, tok = load_model("tiny", tiny={"num_layers": 1, "hidden_size": 32}, seed=0)
+    out = tmp_path / "out" / "final"
+    model.save_pretrained(str(out))
+    tok.save_pretrained(str(out))
+    return out
+
+
+@pytest.mark.parametrize("key", ["student.path", "teacher.path", "data.train", "teacher.cache"])
+def test_a_run_refuses_an_output_dir_that_holds_one_of_its_inputs(saved_model, tmp_path, key, monkeypatch):
+    from hpd.config import load_config
+    from hpd.trainer import train
+
+    monkeypatch.chdir(ROOT)
+    out = saved_model.parent
+    extra = {"student.path": [f"student.path={saved_model}"],
+             "teacher.path": [f"teacher.path={saved_model}", "objective.name=fkl", "student.path=tiny"],
+             "data.train": [f"data.train={out / 'metrics.jsonl'}"],
+             "teacher.cache": [f"teacher.cache={out / 'cache'}", "objective.name=fkl", "teacher.path=none"]}[key]
+    (out / "metrics.jsonl").write_bytes((ROOT / "examples/tiny.jsonl").read_bytes())
+    (out / "cache").mkdir()
+    (out / "cache" / "manifest.json").write_text("{}")
+    before = tree(out)
+    with pytest.raises(HPDError, match=f"output_dir '{out}' holds the input {key} "):
+        train(load_config(RUN[0], [*RUN[1:], f"output_dir={out}", *extra]))
+    assert tree(out) == before  # the inputs byte-identical, nothing added (no lock file either)
+    result = invoke("train", *RUN, f"output_dir={out}", *extra)
+    assert result.exit_code == 2 and f"holds the input {key}" in result.stderr and tree(out) == before
+
+
+@pytest.mark.parametrize("where", ["root", "home"])
+def test_a_run_refuses_a_filesystem_root_or_home_before_writing_anything(tmp_path, monkeypatch, where):
+    from hpd.config import load_config
+    from hpd.run_dir import RunDirLock
+    from hpd.trainer import train
+
+    monkeypatch.chdir(ROOT)
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+
+    def no_writes(self):
+        raise AssertionError(f"the run went on to write into {self.path}")
+
+    monkeypatch.setattr(RunDirLock, "acquire", no_writes)  # were the check missing, nothing reaches `/`
+    out = "/" if where == "root" else str(home)
+    with pytest.raises(HPDError, match="is a filesystem root" if where == "root" else "is the home directory"):
+        train(load_config(RUN[0], [*RUN[1:], f"output_dir={out}"]))
+    result = invoke("train", *RUN, f"output_dir={out}")
+    assert result.exit_code == 2 and "error: output_dir" in result.stderr
+    assert list(home.iterdir()) == []
+
+
+def test_generate_refuses_to_overwrite_its_prompts(prompts, tmp_path):
+    before = prompts.read_bytes()
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(prompts)
+    for out in (prompts, link):
+        result = invoke(*gen_args(prompts, out))
+        assert result.exit_code == 2 and "is the input --prompts" in result.stderr, result.output
+    assert prompts.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["link.jsonl", "p.jsonl"]
+
+
+def test_eval_refuses_to_overwrite_its_data(tmp_path):
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{i}+{i}=", "answer": str(2 * i)}) + "\n" for i in range(2)))
+    before = data.read_bytes()
+    result = invoke("eval", "--model", "tiny", "--data", data, "--verifier", "exact", "--out", data,
+                    "--max-new-tokens", "2")
+    assert result.exit_code == 2 and "is the input --data" in result.stderr, result.output
+    assert data.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["rows.jsonl"]
+
+
+def test_cache_teacher_refuses_a_cache_directory_that_holds_its_data(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "cache"
+    out.mkdir()
+    data = out / "train.jsonl"
+    data.write_bytes((ROOT / "examples/tiny.jsonl").read_bytes())
+    result = invoke("cache-teacher", "--teacher", "hpd/assets/teacher", "--data", data, "--out", out, "--force",
+                    "--top-k", "4")
+    assert result.exit_code == 2 and "holds the input data file" in result.stderr, result.output
+    assert [p.name for p in out.iterdir()] == ["train.jsonl"] and data.read_bytes() == (ROOT / "examples/tiny.jsonl").read_bytes()
+
+
+def test_check_output_follows_links_and_skips_names_that_are_no_paths(tmp_path):
+    from hpd.files import check_output
+
+    model = tmp_path / "m"
+    model.mkdir()
+    (tmp_path / "alias").symlink_to(tmp_path)
+    with pytest.raises(HPDError, match="holds the input m"):
+        check_output(tmp_path / "alias", {"m": model})
+    with pytest.raises(HPDError, match="is inside the input m"):
+        check_output(model / "gen.jsonl", {"m": model}, directory=False)
+    check_output(tmp_path / "run", {"student.path": "tiny", "data.eval": None, "m": model})  # beside: fine
+    check_output(model / "run", {"m": model})  # a run directory inside a model's: its files untouched

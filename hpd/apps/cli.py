@@ -101,9 +101,9 @@ def train(
         if dry_run:
             typer.echo(cfg.to_yaml(), nl=False)
             return
-        from hpd.run_dir import check_output_dir
+        from hpd.run_dir import check_run_paths
 
-        check_output_dir(Path(cfg.output_dir))  # at once, before the heavy imports (the trainer checks again)
+        check_run_paths(cfg)  # at once, before the heavy imports (the trainer checks again)
         from hpd.trainer import train as run_training  # heavy: torch, transformers, accelerate
 
         run_dir = run_training(cfg)
@@ -129,7 +129,10 @@ def plot(
     """Plot training dynamics (loss, agreement, KL, entropy, ...) of one or more runs."""
     with _user_errors():
         from hpd.apps.plots import plot_runs
+        from hpd.files import check_output
 
+        if out is not None:
+            check_output(out, what="--out")  # no filesystem root or home
         written = plot_runs(run_dirs, out, smoothing=smooth)
         for path in written:
             typer.echo(str(path))
@@ -297,6 +300,9 @@ def convert(
     with _user_errors():
         if dtype not in ("float32", "bfloat16", "float16"):
             raise HPDError(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}")
+        from hpd.files import check_output
+
+        check_output(out_dir, {"GGUF_FILE": gguf_file}, what="OUT_DIR")
         if out_dir.exists() and not force:
             raise HPDError(f"'{out_dir}' already exists: choose another OUT_DIR or add --force")
         from hpd.models import convert_gguf
@@ -425,6 +431,9 @@ def demo_cmd(
             seed_list = tuple(int(x) for x in seeds.split(",") if x.strip())
         except ValueError:
             raise HPDError(f"--seeds takes comma-separated integers, got {seeds!r}") from None
+        from hpd.files import check_output
+
+        check_output(out, {"--teacher": teacher}, what="--out")
         run_demo(DemoSettings(out_dir=out, teacher=teacher or BUNDLED_TEACHER, start=start, baseline=baseline or DEMO_BASELINE,
                               steps=steps, n_eval=n, seeds=seed_list, jobs=jobs))
 
@@ -478,6 +487,10 @@ def bench_cmd(
             seed_list = [int(x) for x in split(seeds)]
         except ValueError:
             raise HPDError(f"--lr-grid and --seeds take comma-separated numbers, got {lr_grid!r} and {seeds!r}") from None
+        from hpd.files import check_output
+
+        check_output(out, {"--teacher": teacher, "--long-teacher": long_teacher, "--train": train, "--test": test,
+                           "--student": student}, what="--out")
         s = BenchSettings(out_dir=out, teacher=teacher or BUNDLED_TEACHER, methods=split(methods) if methods else list(DEFAULT_METHODS),
                           starts=split(starts), data=split(data), seeds=seed_list, lr_grid=grid, steps_scratch=steps_scratch,
                           steps_pretrained=steps_pretrained, n_eval=n, n_val=n_val, long_teacher=long_teacher or LONG_TEACHER, jobs=jobs,
