@@ -294,3 +294,102 @@ def test_check_output_follows_links_and_skips_names_that_are_no_paths(tmp_path):
         check_output(model / "gen.jsonl", {"m": model}, directory=False)
     check_output(tmp_path / "run", {"student.path": "tiny", "data.eval": None, "m": model})  # beside: fine
     check_output(model / "run", {"m": model})  # a run directory inside a model's: its files untouched
+
+
+# --------------------------------------------------------------------------------------------
+# Teacher-cache shards: checked against the manifest, damage is one error line
+# --------------------------------------------------------------------------------------------
+
+CACHE_RUN = ["data.max_length=48", "log.progress=false", "log.tensorboard=off", "log.every=1", "save.every=0",
+             "objective.name=fkl", "max_steps=2", "teacher.path=hpd/assets/teacher"]
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch) -> Path:
+    from hpd.config import DataConfig
+    from hpd.teacher_cache import build_teacher_cache
+
+    monkeypatch.chdir(ROOT)
+    return build_teacher_cache("hpd/assets/teacher", ["examples/tiny.jsonl"], tmp_path / "cache", top_k=4,
+                               data=DataConfig(max_length=48), shard_positions=300, log=None)
+
+
+def train_with_cache(cache: Path, out: Path, *extra: str) -> Path:
+    from hpd.config import load_config
+    from hpd.trainer import train
+
+    return train(load_config("configs/tiny.yaml", [*CACHE_RUN, f"teacher.cache={cache}", f"output_dir={out}", *extra]))
+
+
+def rewrite_array(path: Path, change) -> None:
+    """Change the values of a .npy file in place (its header and size kept)."""
+    import numpy as np
+
+    arr = np.load(path, mmap_mode="r+")
+    change(arr)
+    arr.flush()
+    del arr
+
+
+@pytest.mark.parametrize("damage", ["flipped", "zeroed"])
+def test_training_refuses_a_cache_shard_whose_topk_logp_bytes_changed(cache_dir, tmp_path, damage):
+    shards = sorted(cache_dir.glob("shard-*"))
+    assert len(shards) >= 2
+    target = shards[-1] / "topk_logp.npy"
+    raw = bytearray(target.read_bytes())
+    if damage == "flipped":
+        raw[-7] ^= 0x40
+    else:
+        raw[-64:] = bytes(64)
+    target.write_bytes(bytes(raw))
+    with pytest.raises(HPDError, match=r"is damaged: shard-\d+/topk_logp.npy does not match the manifest's sha256"):
+        train_with_cache(cache_dir, tmp_path / "run", "max_steps=8")
+
+
+@pytest.mark.parametrize("damage", ["ids out of range", "truncated shard", "offsets altered", "manifest cut"])
+def test_a_damaged_cache_is_one_error_line_not_a_traceback(cache_dir, tmp_path, damage):
+    import numpy as np
+
+    shard = sorted(cache_dir.glob("shard-*"))[0]
+    manifest = json.loads((cache_dir / "manifest.json").read_text())
+    if damage == "ids out of range":  # digests recomputed: only the range check stands
+        rewrite_array(shard / "topk_ids.npy", lambda a: a.__setitem__((slice(None), 0), 60000))
+        for sh in manifest["shards"]:
+            sh.pop("sha256", None)
+        manifest.pop("index_sha256", None)
+    elif damage == "truncated shard":
+        p = shard / "topk_logp.npy"
+        p.write_bytes(p.read_bytes()[:-100])
+    elif damage == "offsets altered":
+        offsets = np.load(cache_dir / "offsets.npy")
+        offsets[3] += 5
+        np.save(cache_dir / "offsets.npy", offsets)
+    if damage == "manifest cut":
+        (cache_dir / "manifest.json").write_text(json.dumps(manifest)[:200])
+    else:
+        (cache_dir / "manifest.json").write_text(json.dumps(manifest))
+    res = subprocess.run([sys.executable, "-m", "hpd.cli", "train", "configs/tiny.yaml", *CACHE_RUN,
+                          f"teacher.cache={cache_dir}", f"output_dir={tmp_path / 'run'}"],
+                         cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2, res.stderr[-2000:]
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert f"teacher cache '{cache_dir}'" in errors[0] and "rebuild it" in errors[0]
+
+
+def test_an_intact_cache_trains_and_each_shard_is_hashed_once_per_process(cache_dir, tmp_path, monkeypatch):
+    import hpd.teacher_cache as tc
+
+    calls = []
+    real = tc.file_sha256
+    monkeypatch.setattr(tc, "file_sha256", lambda p: calls.append(Path(p).relative_to(cache_dir)) or real(p))
+    monkeypatch.setattr(tc, "_VERIFIED", set())
+    train_with_cache(cache_dir, tmp_path / "a", "max_steps=6")
+    names = sorted(map(str, calls))
+    assert len(names) == len(set(names))  # no file hashed twice
+    assert {f"{n}.npy" for n in tc.INDEX_ARRAYS} <= set(names)
+    read = {n.split("/")[0] for n in names if "/" in n}
+    assert read and all(f"{d}/{n}.npy" in names for d in read for n in tc.ARRAYS)  # a shard read is checked whole
+    train_with_cache(cache_dir, tmp_path / "b", "max_steps=6", "seed=1")
+    names = list(map(str, calls))
+    assert len(names) == len(set(names))  # a second run in the same process hashes nothing again
