@@ -100,6 +100,35 @@ def replace_dir(tmp: str | os.PathLike, out: str | os.PathLike) -> Path:
     return out
 
 
+def temp_dir_for(out: str | os.PathLike, token: str | None = None) -> Path:
+    """Where a directory meant for `out` is built before `replace_dir` puts it in place: `.OUT.tmp-TOKEN` beside it."""
+    out = Path(out)
+    return out.parent / f".{out.name}.tmp-{token or uuid.uuid4().hex[:8]}"
+
+
+def recover_replaced_dir(out: str | os.PathLike) -> list[str]:
+    """Undo what a killed `temp_dir_for` + `replace_dir` left beside `out`; call it holding the lock
+    on `out`'s writers. Half-built `.OUT.tmp-*` directories go; an old `out` set aside
+    (`.OUT.old-*`) is put back when `out` is missing (the kill fell between the two renames), else
+    deleted. Returns what it did, one line each."""
+    out = Path(out)
+    done = []
+    if not out.parent.is_dir():
+        return done
+    pattern = re.compile(r"\." + re.escape(out.name) + r"\.(tmp|old)-[0-9a-f]{8}")
+    for p in sorted(out.parent.iterdir()):
+        m = pattern.fullmatch(p.name)
+        if not m or not p.is_dir():
+            continue
+        if m.group(1) == "old" and not out.exists():
+            os.replace(p, out)
+            done.append(f"put back {out} (set aside by a replacement that was interrupted)")
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+            done.append(f"removed {p.name} (left by an interrupted write)")
+    return done
+
+
 def clean_temporaries(path: str | os.PathLike) -> list[Path]:
     """Remove the temporary files `atomic_write` left next to `path` (and its `.key` record) when a
     kill stopped it; call it while holding the lock on `path`'s writers. Returns what went."""
@@ -229,4 +258,4 @@ def check_output(out: str | os.PathLike, inputs: Mapping[str, str | os.PathLike 
 
 
 __all__ = ["atomic_write", "atomic_write_text", "check_output", "clean_temporaries", "key_record_path",
-           "keyed_problem", "replace_dir", "space_error", "write_keyed"]
+           "keyed_problem", "recover_replaced_dir", "replace_dir", "space_error", "temp_dir_for", "write_keyed"]

@@ -393,3 +393,44 @@ def test_an_intact_cache_trains_and_each_shard_is_hashed_once_per_process(cache_
     train_with_cache(cache_dir, tmp_path / "b", "max_steps=6", "seed=1")
     names = list(map(str, calls))
     assert len(names) == len(set(names))  # a second run in the same process hashes nothing again
+
+
+def cache_teacher(out: Path, *extra: str):
+    return invoke("cache-teacher", "--teacher", "hpd/assets/teacher", "--data", "examples/tiny.jsonl", "--out", out,
+                  "--top-k", "4", "--max-length", "48", *extra)
+
+
+def test_a_second_cache_teacher_into_the_same_directory_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "cache"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import time\nfrom filelock import FileLock\n"
+        f"l = FileLock({str(tmp_path / '.cache.lock')!r}); l.acquire(); print('held', flush=True); time.sleep(60)")],
+        env=env(), stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        result = cache_teacher(out)
+        assert result.exit_code == 2 and "another hpd cache-teacher is writing" in result.stderr, result.output
+        assert sorted(p.name for p in tmp_path.iterdir()) == [".cache.lock"]  # nothing written
+    finally:
+        holder.kill()
+        holder.wait()
+    assert cache_teacher(out).exit_code == 0 and (out / "manifest.json").is_file()
+
+
+def test_cache_teacher_after_a_kill_during_force_puts_the_old_cache_back_and_cleans_up(tmp_path, monkeypatch):
+    from hpd.teacher_cache import TeacherCache
+
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "cache"
+    assert cache_teacher(out).exit_code == 0
+    before = tree(out)
+    # A kill inside replace_dir: the old cache set aside, the new one not yet renamed into place.
+    os.replace(out, tmp_path / ".cache.old-1234abcd")
+    (tmp_path / ".cache.tmp-deadbeef" / "shard-00000").mkdir(parents=True)
+    result = cache_teacher(out)  # without --force: the old cache is back, and kept
+    assert result.exit_code == 2 and "already exists" in result.stderr, result.output
+    assert tree(out) == before and sorted(p.name for p in tmp_path.iterdir()) == [".cache.lock", "cache"]
+    (tmp_path / ".cache.tmp-0badf00d").mkdir()
+    assert cache_teacher(out, "--force", "--top-k", "2").exit_code == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".cache.lock", "cache"] and TeacherCache(out).top_k == 2
