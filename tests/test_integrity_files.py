@@ -434,3 +434,56 @@ def test_cache_teacher_after_a_kill_during_force_puts_the_old_cache_back_and_cle
     (tmp_path / ".cache.tmp-0badf00d").mkdir()
     assert cache_teacher(out, "--force", "--top-k", "2").exit_code == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == [".cache.lock", "cache"] and TeacherCache(out).top_k == 2
+
+
+# --------------------------------------------------------------------------------------------
+# metrics.jsonl: appended to, never rewritten; read as the run stands
+# --------------------------------------------------------------------------------------------
+
+METRICS_RUN = [*RUN[1:], "max_steps=6", "save.every=2", "save.keep_last=5", "log.every=1", "log.eval_every=3"]
+
+
+def test_a_resume_appends_to_metrics_and_reads_like_an_uninterrupted_run(tmp_path, monkeypatch):
+    import shutil
+
+    from hpd.apps.experiments import last_step, read_records
+    from hpd.apps.plots import read_metrics
+    from hpd.config import load_config
+    from hpd.trainer import train
+
+    monkeypatch.chdir(ROOT)
+    ref = train(load_config(RUN[0], [*METRICS_RUN, f"output_dir={tmp_path / 'ref'}"]))
+    # A run killed after logging step 6 but before its checkpoint: its metrics run ahead of step 4.
+    run = tmp_path / "run"
+    shutil.copytree(ref, run)
+    for p in run.glob("checkpoints/step-0000000[56]"):
+        shutil.rmtree(p)
+    shutil.rmtree(run / "final")
+    (run / "metrics.jsonl").write_text((run / "metrics.jsonl").read_text() + '{"type": "train", "ste')  # a cut line
+    before = (run / "metrics.jsonl").read_bytes()
+    train(load_config(RUN[0], [*METRICS_RUN, f"output_dir={run}"]))
+    after = (run / "metrics.jsonl").read_bytes()
+    assert after.startswith(before)  # nothing rewritten: a kill or a size limit here loses no line
+    def strip(records):  # what a resumed run repeats exactly (not timings or memory)
+        return [{k: r.get(k) for k in ("type", "step", "loss", "lr", "grad_norm", "tokens", "ce")} for r in records]
+
+    for kind in ("train", "eval"):
+        assert strip(read_records(run, kind)) == strip(read_records(ref, kind)), kind  # steps 1-6 once each
+    assert last_step(run) == 6
+    assert read_metrics(run).series["train"]["loss"] == read_metrics(ref).series["train"]["loss"]
+
+
+def test_a_fresh_start_over_old_metrics_keeps_the_lines_and_reads_only_the_new_run(tmp_path, monkeypatch):
+    from hpd.apps.experiments import read_records
+    from hpd.config import load_config
+    from hpd.trainer import train
+
+    monkeypatch.chdir(ROOT)
+    run = tmp_path / "run"
+    run.mkdir()
+    old = '{"type": "train", "step": 1, "loss": 99.0}\n{"type": "train", "step": 2, "loss": 98.0}\n'
+    (run / "metrics.jsonl").write_text(old)  # a run killed before its first checkpoint
+    train(load_config(RUN[0], [*RUN[1:], f"output_dir={run}"]))
+    assert (run / "metrics.jsonl").read_text().startswith(old)
+    assert [r["step"] for r in read_records(run, "train")] == [1, 2] and 99.0 not in [r["loss"] for r in read_records(run)
+                                                                                        if "loss" in r]

@@ -73,7 +73,9 @@ def config(out: Path, *overrides: str, teacher: Path | str | None = None):
 
 def read_metrics(run_dir: Path) -> list[dict]:
     """The records of RUN_DIR/metrics.jsonl."""
-    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    from hpd.metrics_file import read_records
+
+    return read_records(Path(run_dir) / "metrics.jsonl")  # as the run stands: restart markers applied
 
 
 def safetensors_of(model_dir: Path) -> dict[str, torch.Tensor]:
