@@ -28,6 +28,7 @@ holding its own copy of the weights) is one new class: it syncs the student's ne
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -255,6 +256,25 @@ def encode_prompts(
     return out
 
 
+def check_context(model: PreTrainedModel, prompt_ids: list[list[int]], max_new_tokens: int) -> None:
+    """HPDError for a prompt longer than the model's context (`max_position_embeddings`): what it
+    would generate is noise. A warning when a prompt plus `max_new_tokens` passes it: the end of
+    such a completion is generated at positions the model never saw."""
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if not isinstance(context, int) or not prompt_ids:
+        return
+    lengths = [len(p) for p in prompt_ids]
+    longest = max(range(len(lengths)), key=lengths.__getitem__)
+    if lengths[longest] > context:
+        raise HPDError(f"prompt {longest} is {lengths[longest]} tokens, longer than the model's context of {context} "
+                       f"tokens ({sum(n > context for n in lengths)} such prompts): shorten them or leave them out")
+    over = sum(n + max_new_tokens > context for n in lengths)
+    if over:
+        warnings.warn(f"{over} of {len(lengths)} prompts plus max_new_tokens={max_new_tokens} pass the model's context "
+                      f"of {context} tokens: the ends of their completions are generated at positions it was not "
+                      "trained for; lower max_new_tokens to stay inside", stacklevel=3)
+
+
 def generate_text(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -275,6 +295,7 @@ def generate_text(
     `encode_prompts` for `chat_template`), else as plain text.
     """
     prompt_ids = encode_prompts(tokenizer, prompts, chat_template=chat_template)
+    check_context(model, prompt_ids, max_new_tokens)
     completions = generate_completions(
         model,
         tokenizer,

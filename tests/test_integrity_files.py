@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import resource
 import signal
@@ -487,3 +488,78 @@ def test_a_fresh_start_over_old_metrics_keeps_the_lines_and_reads_only_the_new_r
     assert (run / "metrics.jsonl").read_text().startswith(old)
     assert [r["step"] for r in read_records(run, "train")] == [1, 2] and 99.0 not in [r["loss"] for r in read_records(run)
                                                                                         if "loss" in r]
+
+
+# --------------------------------------------------------------------------------------------
+# Values out of range, undecodable rows, prompts past the context: one line each
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("override, match", [
+    ("optim.batch_size=1e9", r"optim.batch_size: must be \[1, 65536\], got 1000000000"),
+    ("seed=1e26", r"seed: must be at most 9223372036854775807 \(an int64\)"),
+    ("student.tiny_hidden=1e9", r"student.tiny_hidden: must be \[1, 65536\]"),
+    ("teacher.tiny_intermediate=1e12", r"teacher.tiny_intermediate: must be \[1, 262144\]"),
+    ("student.tiny_hidden=65536", r"student: the 'tiny' model .* would have about 3.4e\+10 parameters"),
+])
+def test_values_out_of_range_are_one_error_line_before_anything_is_built(override, match, tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+
+    def small_memory():
+        resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))  # a huge list or model fails fast, not the host
+
+    res = subprocess.run([sys.executable, "-m", "hpd.cli", "train", *RUN, override, f"output_dir={tmp_path / 'run'}"],
+                         cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300, preexec_fn=small_memory)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-1500:]
+    assert len(res.stderr.strip().splitlines()) == 1 and re.search(match, res.stderr), res.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_large_seed_in_range_trains(tmp_path, monkeypatch):
+    from hpd.config import load_config
+    from hpd.trainer import train
+
+    monkeypatch.chdir(ROOT)
+    train(load_config(RUN[0], [*RUN[1:], f"seed={2**62}", f"output_dir={tmp_path / 'run'}"]))
+    assert (tmp_path / "run" / "final" / "config.json").is_file()
+
+
+SURROGATE_ROWS = '{"prompt": "1+1=", "completion": "2"}\n{"prompt": "a\\ud800b", "completion": "x"}\n'
+
+
+def test_a_lone_surrogate_in_a_row_is_one_error_naming_the_line(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    data = tmp_path / "d.jsonl"
+    data.write_text(SURROGATE_ROWS + (ROOT / "examples/tiny.jsonl").read_text())
+    result = invoke("train", *RUN, f"data.train={data}", f"output_dir={tmp_path / 'run'}")
+    assert result.exit_code == 2, result.output
+    assert f"{data} line 2: field 'prompt' holds a lone surrogate" in result.stderr and "on_bad_row" in result.stderr
+
+
+def test_on_bad_row_skip_skips_a_row_with_a_lone_surrogate(tmp_path, monkeypatch):
+    from hpd.apps.experiments import read_records
+    from hpd.config import load_config
+    from hpd.trainer import train
+
+    monkeypatch.chdir(ROOT)
+    data = tmp_path / "d.jsonl"
+    data.write_text(SURROGATE_ROWS + (ROOT / "examples/tiny.jsonl").read_text())
+    run = train(load_config(RUN[0], [*RUN[1:], f"data.train={data}", "data.on_bad_row=skip", f"output_dir={tmp_path / 'run'}"]))
+    info = read_records(run, "info")[0]
+    assert info["train_skipped"] == 1 and info["train_rows"] == 1 + 96
+
+
+def test_generate_refuses_a_prompt_longer_than_the_context_and_warns_past_it(tmp_path):
+    from hpd.models import load_model
+    from hpd.rollout import generate_text
+
+    model, tok = load_model("tiny", tiny={"num_layers": 1, "hidden_size": 32, "max_positions": 16}, seed=0)
+    with pytest.raises(HPDError, match="prompt 1 is 40 tokens, longer than the model's context of 16 tokens"):
+        generate_text(model, tok, ["short", "x" * 40], chat_template="none", max_new_tokens=2)
+    with pytest.warns(UserWarning, match="1 of 2 prompts plus max_new_tokens=8 pass the model's context of 16"):
+        generate_text(model, tok, ["short", "x" * 12], chat_template="none", max_new_tokens=8)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "y" * 2000}) + "\n")
+    result = invoke("generate", "--model", "tiny", "--prompts", prompts, "--out", tmp_path / "g.jsonl")
+    assert result.exit_code == 2 and "longer than the model's context of 1024 tokens" in result.stderr, result.output
+    assert not (tmp_path / "g.jsonl").exists()
