@@ -12,10 +12,11 @@ position (where the sequence has a label):
 all at the loss temperature, in memory-mapped `.npy` shards, with a manifest holding a fingerprint
 of every sequence (a hash of its token ids), of the teacher's weights and of the tokenizer, K, the
 vocabulary size, the bytes per token and the sha256 of every array file. The cache is written to
-a temporary directory renamed into place. A reader checks the index arrays against their digests
-when it opens the cache and each shard when a batch first reads it (once per process: hashing
-runs at a few hundred MB/s, `benchmarks/cached_teacher.py` measures it against a training step), so
-a damaged or altered shard is an error that says so, never a different teacher. A run with `teacher.cache=CACHE` never loads the teacher: `TeacherCache` maps each
+a temporary directory renamed into place, one builder at a time (`.CACHE.lock`). A reader checks
+the index arrays against their digests when it opens the cache and each shard when a batch first
+reads it (once per process; `benchmarks/teacher_cache_verify.py` sets the cost against a training
+step), so a damaged or altered shard is an error that says so, never a different teacher.
+A run with `teacher.cache=CACHE` never loads the teacher: `TeacherCache` maps each
 training example to its cached rows by the hash of its token ids (so a mismatch of data, tokenizer,
 max_length or template is found before training, and says what differs) and hands the objective a
 `hpd.objectives.TopKTeacher` per batch.
@@ -114,10 +115,7 @@ def build_teacher_cache(teacher: str | os.PathLike, data_files: Sequence[str | o
                      else the first GPU if there is one, else the CPU), "cpu", "cuda", "cuda:1", ...
     """
     from hpd.config import DataConfig
-    from hpd.data import build_batch, encode_file
     from hpd.hub import resolve_model_path
-    from hpd.models import final_hidden_states, lm_head_of, load_model
-    from hpd.progress import Progress
 
     data = data if data is not None else DataConfig()
     if dtype not in LOGP_DTYPES:
@@ -135,177 +133,192 @@ def build_teacher_cache(teacher: str | os.PathLike, data_files: Sequence[str | o
     procs = _Processes()
     lock = _writers_lock(out, procs, log)  # one builder per cache directory; a killed one's leftovers cleaned
     try:
-        if out.exists() and not overwrite:
-            raise HPDError(f"'{out}' already exists: choose another --out, or pass --force to replace it")
-        t0 = time.perf_counter()
-        dev = procs.device() if device == "auto" else _parse_device(device)
-        model, tokenizer = load_model(str(teacher), dtype=teacher_dtype, trust_remote_code=trust_remote_code)
-        model.to(dev).eval().requires_grad_(False)
-        weight, bias = lm_head_of(model)
-        V = int(vocab_size) if vocab_size is not None else int(weight.shape[0])
-        if not 0 < V <= weight.shape[0]:
-            raise HPDError(f"vocab_size={V} must be in [1, {weight.shape[0]}] (the teacher's LM-head rows)")
-        K = min(top_k, V)
-        W = weight.detach()[:V].float()
-        b = None if bias is None else bias.detach()[:V].float()
-
-        examples, files = [], []
-        for f in data_files:
-            enc, stats = encode_file(str(f), tokenizer, data)
-            files.append({"path": str(f), "examples": len(enc), "rows": stats.rows, "skipped": stats.skipped,
-                          "truncated": stats.truncated})
-            examples += enc
-        spans = [_response_span(e.prompt_ids, e.completion_ids) for e in examples]
-        counts = np.asarray([n for _, n in spans], dtype=np.int64)
-        offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        hashes = np.asarray([sequence_hash(e.prompt_ids, e.completion_ids) for e in examples], dtype=np.int64)
-        total = int(offsets[-1])
-
-        # Shards: consecutive examples up to shard_positions positions each (at least one example).
-        shard_starts = [0]
-        for i in range(1, len(examples)):
-            if offsets[i] - offsets[shard_starts[-1]] + counts[i] > shard_positions:
-                shard_starts.append(i)
-        shard_bounds = [(s, e) for s, e in zip(shard_starts, shard_starts[1:] + [len(examples)])]
-
-        # Under `accelerate launch` process r builds shards r, r + world, ...; the main process writes
-        # the rest once all are done. The teacher's batches never cross a shard, so a shard's bytes do
-        # not depend on how many processes built the cache.
-        token = procs.same(uuid.uuid4().hex[:8])
-        tmp = temp_dir_for(out, token)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        id_dtype = np.uint16 if V <= 1 << 16 else np.int32
-        try:
-            if procs.is_main:
-                tmp.mkdir()
-            procs.barrier()
-            shards = []
-            for j, (s, e) in enumerate(shard_bounds):
-                d = tmp / f"shard-{j:05d}"
-                P = int(offsets[e] - offsets[s])
-                arrays = None
-                if j % procs.world == procs.rank:
-                    d.mkdir()
-                    arrays = {
-                        "label_logp": np.lib.format.open_memmap(d / "label_logp.npy", "w+", np.float32, (P,)),
-                        "tail_logp": np.lib.format.open_memmap(d / "tail_logp.npy", "w+", np.float32, (P,)),
-                        "topk_ids": np.lib.format.open_memmap(d / "topk_ids.npy", "w+", id_dtype, (P, K)),
-                        "topk_logp": np.lib.format.open_memmap(d / "topk_logp.npy", "w+", LOGP_DTYPES[dtype], (P, K)),
-                    }
-                shards.append({"dir": d.name, "first_example": s, "end_example": e, "first_position": int(offsets[s]),
-                               "positions": P, "arrays": arrays})
-            shard_of = np.zeros(len(examples), dtype=np.int64)
-            for j, (s, e) in enumerate(shard_bounds):
-                shard_of[s:e] = j
-
-            # This process's shards, each longest first (so batches pad little); every example's rows go
-            # where its offsets say.
-            def length(i: int) -> int:
-                return -(len(examples[i].prompt_ids) + len(examples[i].completion_ids))
-
-            batches = [order[k:k + batch_size] for j, (s, e) in enumerate(shard_bounds) if j % procs.world == procs.rank
-                       for order in [sorted(range(s, e), key=length)] for k in range(0, len(order), batch_size)]
-            mine = sum(e - s for j, (s, e) in enumerate(shard_bounds) if j % procs.world == procs.rank)
-            pad_id = tokenizer.pad_token_id
-            # On stderr, with an ETA (hpd.progress), on the main process (its share of the shards); quiet
-            # when log is None.
-            progress = Progress(mine, "cache-teacher" + (f" (process 0 of {procs.world})" if procs.world > 1 else ""),
-                                unit="sequence", enabled=log is not None and procs.is_main)
-            with torch.inference_mode(), progress:
-                for batch_ids in batches:
-                    idx = [i for i in batch_ids if counts[i] > 0]
-                    if not idx:
-                        progress.update(len(batch_ids))
-                        continue
-                    batch = build_batch([examples[i].prompt_ids for i in idx], [examples[i].completion_ids for i in idx],
-                                        pad_id=pad_id)
-                    batch = {k: v.to(dev) for k, v in batch.items()}
-                    hidden = final_hidden_states(model, batch["input_ids"], batch["attention_mask"])  # (B, T, H)
-                    sel = torch.cat([torch.arange(spans[i][0], spans[i][0] + spans[i][1]) + r * hidden.shape[1]
-                                     for r, i in enumerate(idx)]).to(dev)
-                    h = hidden.reshape(-1, hidden.shape[-1])[sel]  # (N, H): the response positions, in order
-                    labels = batch["input_ids"].reshape(-1)[sel + 1]  # (N,) the sequence tokens they predict
-                    label_lp, tail_lp, ids, lp = [], [], [], []
-                    for c in range(0, h.shape[0], chunk_size):
-                        z = h[c:c + chunk_size].float() @ W.T
-                        if b is not None:
-                            z += b
-                        logp = torch.log_softmax(z / temperature, -1)  # (C, V)
-                        y = labels[c:c + chunk_size]
-                        inside = y < V
-                        label_lp.append(torch.where(inside, logp.gather(1, y.clamp(max=V - 1)[:, None]).squeeze(1), 0.0))
-                        vals, top = logp.topk(K, -1)
-                        tail_lp.append(logp.scatter(1, top, float("-inf")).logsumexp(-1))
-                        ids.append(top)
-                        lp.append(vals)
-                    label_lp, tail_lp = torch.cat(label_lp).cpu().numpy(), torch.cat(tail_lp).cpu().numpy()
-                    ids, lp = torch.cat(ids).cpu().numpy(), torch.cat(lp).cpu().numpy()
-                    at = 0
-                    for i in idx:
-                        sh = shards[shard_of[i]]
-                        lo = int(offsets[i]) - sh["first_position"]
-                        n = int(counts[i])
-                        a = sh["arrays"]
-                        a["label_logp"][lo:lo + n] = label_lp[at:at + n]
-                        a["tail_logp"][lo:lo + n] = tail_lp[at:at + n]
-                        a["topk_ids"][lo:lo + n] = ids[at:at + n].astype(id_dtype)
-                        a["topk_logp"][lo:lo + n] = lp[at:at + n].astype(LOGP_DTYPES[dtype])
-                        at += n
-                    progress.update(len(batch_ids))
-            for sh in shards:
-                arrays = sh.pop("arrays")
-                for arr in (arrays or {}).values():
-                    arr.flush()
-            procs.barrier()
-            if not procs.is_main:
-                return out
-            np.save(tmp / "offsets.npy", offsets)
-            np.save(tmp / "hashes.npy", hashes)
-            np.save(tmp / "starts.npy", np.asarray([s for s, _ in spans], dtype=np.int64))
-            tokenizer.save_pretrained(str(tmp / "tokenizer"))
-            data_bytes = sum(f.stat().st_size for f in tmp.glob("shard-*/*.npy"))
-            # What a reader checks each file against (`TeacherCache`): a damaged shard is an error, never a
-            # different teacher.
-            for sh in shards:
-                sh["sha256"] = {name: file_sha256(tmp / sh["dir"] / f"{name}.npy") for name in ARRAYS}
-            index_sha256 = {name: file_sha256(tmp / f"{name}.npy") for name in INDEX_ARRAYS}
-            manifest = {
-                "format": FORMAT,
-                "top_k": K,
-                "vocab_size": V,
-                "temperature": float(temperature),
-                "logp_dtype": dtype,
-                "id_dtype": np.dtype(id_dtype).name,
-                "teacher": {"path": str(Path(teacher).resolve()), "fingerprint": teacher_fingerprint(teacher),
-                            "dtype": teacher_dtype},
-                "tokenizer": tokenizer_fingerprint(tokenizer),
-                "data": {"files": files, "settings": {k: getattr(data, k) for k in _DATA_KEYS}},
-                "examples": len(examples),
-                "positions": total,
-                "sequences": hashlib.sha256(hashes.tobytes()).hexdigest()[:24],
-                "index_sha256": index_sha256,
-                "shards": shards,
-                "bytes": data_bytes,
-                # Per cached position: label and tail log-probs (float32) plus K ids and K log-probs.
-                "bytes_per_token": 8 + K * (np.dtype(id_dtype).itemsize + np.dtype(LOGP_DTYPES[dtype]).itemsize),
-                "build_seconds": round(time.perf_counter() - t0, 3),
-            }
-            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-            replace_dir(tmp, out)
-        except BaseException:
-            if procs.is_main:
-                shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        finally:
-            procs.barrier()  # the others return once the cache is in place
-        if log is not None:
-            log(f"teacher cache: {len(examples)} sequences, {total} positions, top-{K}, "
-                f"{manifest['bytes_per_token']} bytes per token ({data_bytes / 2**20:.1f} MiB) in "
-                f"{manifest['build_seconds']:.1f} s -> {out}")
-        return out
+        return _build(teacher, data_files, out, procs, top_k=top_k, data=data, temperature=temperature, dtype=dtype,
+                      vocab_size=vocab_size, batch_size=batch_size, teacher_dtype=teacher_dtype,
+                      shard_positions=shard_positions, chunk_size=chunk_size, overwrite=overwrite,
+                      trust_remote_code=trust_remote_code, device=device, log=log)
     finally:
         if lock is not None:
             lock.release()
+
+
+def _build(teacher: str, data_files: Sequence[str | os.PathLike], out: Path, procs: "_Processes", *, top_k: int,
+           data: Any, temperature: float, dtype: str, vocab_size: int | None, batch_size: int, teacher_dtype: str,
+           shard_positions: int, chunk_size: int, overwrite: bool, trust_remote_code: bool, device: str,
+           log: Callable[[str], None] | None) -> Path:
+    """`build_teacher_cache`'s work, under the lock on `out`'s builders."""
+    from hpd.data import build_batch, encode_file
+    from hpd.models import final_hidden_states, lm_head_of, load_model
+    from hpd.progress import Progress
+
+    if out.exists() and not overwrite:
+        raise HPDError(f"'{out}' already exists: choose another --out, or pass --force to replace it")
+    t0 = time.perf_counter()
+    dev = procs.device() if device == "auto" else _parse_device(device)
+    model, tokenizer = load_model(str(teacher), dtype=teacher_dtype, trust_remote_code=trust_remote_code)
+    model.to(dev).eval().requires_grad_(False)
+    weight, bias = lm_head_of(model)
+    V = int(vocab_size) if vocab_size is not None else int(weight.shape[0])
+    if not 0 < V <= weight.shape[0]:
+        raise HPDError(f"vocab_size={V} must be in [1, {weight.shape[0]}] (the teacher's LM-head rows)")
+    K = min(top_k, V)
+    W = weight.detach()[:V].float()
+    b = None if bias is None else bias.detach()[:V].float()
+
+    examples, files = [], []
+    for f in data_files:
+        enc, stats = encode_file(str(f), tokenizer, data)
+        files.append({"path": str(f), "examples": len(enc), "rows": stats.rows, "skipped": stats.skipped,
+                      "truncated": stats.truncated})
+        examples += enc
+    spans = [_response_span(e.prompt_ids, e.completion_ids) for e in examples]
+    counts = np.asarray([n for _, n in spans], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    hashes = np.asarray([sequence_hash(e.prompt_ids, e.completion_ids) for e in examples], dtype=np.int64)
+    total = int(offsets[-1])
+
+    # Shards: consecutive examples up to shard_positions positions each (at least one example).
+    shard_starts = [0]
+    for i in range(1, len(examples)):
+        if offsets[i] - offsets[shard_starts[-1]] + counts[i] > shard_positions:
+            shard_starts.append(i)
+    shard_bounds = [(s, e) for s, e in zip(shard_starts, shard_starts[1:] + [len(examples)])]
+
+    # Under `accelerate launch` process r builds shards r, r + world, ...; the main process writes
+    # the rest once all are done. The teacher's batches never cross a shard, so a shard's bytes do
+    # not depend on how many processes built the cache.
+    token = procs.same(uuid.uuid4().hex[:8])
+    tmp = temp_dir_for(out, token)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    id_dtype = np.uint16 if V <= 1 << 16 else np.int32
+    try:
+        if procs.is_main:
+            tmp.mkdir()
+        procs.barrier()
+        shards = []
+        for j, (s, e) in enumerate(shard_bounds):
+            d = tmp / f"shard-{j:05d}"
+            P = int(offsets[e] - offsets[s])
+            arrays = None
+            if j % procs.world == procs.rank:
+                d.mkdir()
+                arrays = {
+                    "label_logp": np.lib.format.open_memmap(d / "label_logp.npy", "w+", np.float32, (P,)),
+                    "tail_logp": np.lib.format.open_memmap(d / "tail_logp.npy", "w+", np.float32, (P,)),
+                    "topk_ids": np.lib.format.open_memmap(d / "topk_ids.npy", "w+", id_dtype, (P, K)),
+                    "topk_logp": np.lib.format.open_memmap(d / "topk_logp.npy", "w+", LOGP_DTYPES[dtype], (P, K)),
+                }
+            shards.append({"dir": d.name, "first_example": s, "end_example": e, "first_position": int(offsets[s]),
+                           "positions": P, "arrays": arrays})
+        shard_of = np.zeros(len(examples), dtype=np.int64)
+        for j, (s, e) in enumerate(shard_bounds):
+            shard_of[s:e] = j
+
+        # This process's shards, each longest first (so batches pad little); every example's rows go
+        # where its offsets say.
+        def length(i: int) -> int:
+            return -(len(examples[i].prompt_ids) + len(examples[i].completion_ids))
+
+        batches = [order[k:k + batch_size] for j, (s, e) in enumerate(shard_bounds) if j % procs.world == procs.rank
+                   for order in [sorted(range(s, e), key=length)] for k in range(0, len(order), batch_size)]
+        mine = sum(e - s for j, (s, e) in enumerate(shard_bounds) if j % procs.world == procs.rank)
+        pad_id = tokenizer.pad_token_id
+        # On stderr, with an ETA (hpd.progress), on the main process (its share of the shards); quiet
+        # when log is None.
+        progress = Progress(mine, "cache-teacher" + (f" (process 0 of {procs.world})" if procs.world > 1 else ""),
+                            unit="sequence", enabled=log is not None and procs.is_main)
+        with torch.inference_mode(), progress:
+            for batch_ids in batches:
+                idx = [i for i in batch_ids if counts[i] > 0]
+                if not idx:
+                    progress.update(len(batch_ids))
+                    continue
+                batch = build_batch([examples[i].prompt_ids for i in idx], [examples[i].completion_ids for i in idx],
+                                    pad_id=pad_id)
+                batch = {k: v.to(dev) for k, v in batch.items()}
+                hidden = final_hidden_states(model, batch["input_ids"], batch["attention_mask"])  # (B, T, H)
+                sel = torch.cat([torch.arange(spans[i][0], spans[i][0] + spans[i][1]) + r * hidden.shape[1]
+                                 for r, i in enumerate(idx)]).to(dev)
+                h = hidden.reshape(-1, hidden.shape[-1])[sel]  # (N, H): the response positions, in order
+                labels = batch["input_ids"].reshape(-1)[sel + 1]  # (N,) the sequence tokens they predict
+                label_lp, tail_lp, ids, lp = [], [], [], []
+                for c in range(0, h.shape[0], chunk_size):
+                    z = h[c:c + chunk_size].float() @ W.T
+                    if b is not None:
+                        z += b
+                    logp = torch.log_softmax(z / temperature, -1)  # (C, V)
+                    y = labels[c:c + chunk_size]
+                    inside = y < V
+                    label_lp.append(torch.where(inside, logp.gather(1, y.clamp(max=V - 1)[:, None]).squeeze(1), 0.0))
+                    vals, top = logp.topk(K, -1)
+                    tail_lp.append(logp.scatter(1, top, float("-inf")).logsumexp(-1))
+                    ids.append(top)
+                    lp.append(vals)
+                label_lp, tail_lp = torch.cat(label_lp).cpu().numpy(), torch.cat(tail_lp).cpu().numpy()
+                ids, lp = torch.cat(ids).cpu().numpy(), torch.cat(lp).cpu().numpy()
+                at = 0
+                for i in idx:
+                    sh = shards[shard_of[i]]
+                    lo = int(offsets[i]) - sh["first_position"]
+                    n = int(counts[i])
+                    a = sh["arrays"]
+                    a["label_logp"][lo:lo + n] = label_lp[at:at + n]
+                    a["tail_logp"][lo:lo + n] = tail_lp[at:at + n]
+                    a["topk_ids"][lo:lo + n] = ids[at:at + n].astype(id_dtype)
+                    a["topk_logp"][lo:lo + n] = lp[at:at + n].astype(LOGP_DTYPES[dtype])
+                    at += n
+                progress.update(len(batch_ids))
+        for sh in shards:
+            arrays = sh.pop("arrays")
+            for arr in (arrays or {}).values():
+                arr.flush()
+        procs.barrier()
+        if not procs.is_main:
+            return out
+        np.save(tmp / "offsets.npy", offsets)
+        np.save(tmp / "hashes.npy", hashes)
+        np.save(tmp / "starts.npy", np.asarray([s for s, _ in spans], dtype=np.int64))
+        tokenizer.save_pretrained(str(tmp / "tokenizer"))
+        data_bytes = sum(f.stat().st_size for f in tmp.glob("shard-*/*.npy"))
+        # What a reader checks each file against (`TeacherCache`): a damaged shard is an error, never a
+        # different teacher.
+        for sh in shards:
+            sh["sha256"] = {name: file_sha256(tmp / sh["dir"] / f"{name}.npy") for name in ARRAYS}
+        index_sha256 = {name: file_sha256(tmp / f"{name}.npy") for name in INDEX_ARRAYS}
+        manifest = {
+            "format": FORMAT,
+            "top_k": K,
+            "vocab_size": V,
+            "temperature": float(temperature),
+            "logp_dtype": dtype,
+            "id_dtype": np.dtype(id_dtype).name,
+            "teacher": {"path": str(Path(teacher).resolve()), "fingerprint": teacher_fingerprint(teacher),
+                        "dtype": teacher_dtype},
+            "tokenizer": tokenizer_fingerprint(tokenizer),
+            "data": {"files": files, "settings": {k: getattr(data, k) for k in _DATA_KEYS}},
+            "examples": len(examples),
+            "positions": total,
+            "sequences": hashlib.sha256(hashes.tobytes()).hexdigest()[:24],
+            "index_sha256": index_sha256,
+            "shards": shards,
+            "bytes": data_bytes,
+            # Per cached position: label and tail log-probs (float32) plus K ids and K log-probs.
+            "bytes_per_token": 8 + K * (np.dtype(id_dtype).itemsize + np.dtype(LOGP_DTYPES[dtype]).itemsize),
+            "build_seconds": round(time.perf_counter() - t0, 3),
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        replace_dir(tmp, out)
+    except BaseException:
+        if procs.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        procs.barrier()  # the others return once the cache is in place
+    if log is not None:
+        log(f"teacher cache: {len(examples)} sequences, {total} positions, top-{K}, "
+            f"{manifest['bytes_per_token']} bytes per token ({data_bytes / 2**20:.1f} MiB) in "
+            f"{manifest['build_seconds']:.1f} s -> {out}")
+    return out
 
 
 def _writers_lock(out: Path, procs: "_Processes", log: Callable[[str], None] | None):
