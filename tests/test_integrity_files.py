@@ -563,3 +563,18 @@ def test_generate_refuses_a_prompt_longer_than_the_context_and_warns_past_it(tmp
     result = invoke("generate", "--model", "tiny", "--prompts", prompts, "--out", tmp_path / "g.jsonl")
     assert result.exit_code == 2 and "longer than the model's context of 1024 tokens" in result.stderr, result.output
     assert not (tmp_path / "g.jsonl").exists()
+
+
+@pytest.mark.parametrize("command", [
+    ["plot", ".", "--out", "/"],
+    ["bench", "--out", "/", "--report"],
+    ["demo", "--out", "/"],
+    ["convert", "x.gguf", "/"],
+    ["cache-teacher", "--teacher", "hpd/assets/teacher", "--data", "examples/tiny.jsonl", "--out", "/"],
+])
+def test_every_command_that_fills_a_directory_refuses_the_filesystem_root(command, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    before = sorted(os.listdir("/"))
+    result = invoke(*command)
+    assert result.exit_code == 2 and "is a filesystem root" in result.stderr, result.output
+    assert sorted(os.listdir("/")) == before
