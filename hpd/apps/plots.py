@@ -44,7 +44,7 @@ from typing import Any, Iterable, Sequence
 
 from hpd.errors import HPDError
 from hpd.files import atomic_write
-from hpd.metrics_file import read_records
+from hpd.metrics_file import RESTART, read_records
 
 __all__ = ["QUANTITIES", "DYNAMICS", "OBJECTIVE_OWN", "DIAGNOSTICS", "RunMetrics", "read_metrics", "read_accuracy",
            "plot_runs", "ema"]
@@ -135,7 +135,9 @@ def read_metrics(run_dir: str | os.PathLike[str]) -> RunMetrics:
         except json.JSONDecodeError:
             row = None
         step = row.get("step") if isinstance(row, dict) else None
-        if (not isinstance(row, dict) or isinstance(step, bool) or not isinstance(step, (int, float))) and lineno != len(lines):
+        # A line cut by a kill is the last one, or the one before a restart marker (a resume appends).
+        cut = lineno == len(lines) or f'"type": "{RESTART}"' in lines[lineno]
+        if (not isinstance(row, dict) or isinstance(step, bool) or not isinstance(step, (int, float))) and not cut:
             bad_inner.append(lineno)
     for row in read_records(path):
         step = row.get("step")
