@@ -264,8 +264,7 @@ class HFDistillation:
         kw = dict(generator=generator, num_tokens=num_items_in_batch, vocab_size=self.vocab_size(student, tokenizer),
                   diagnostics=self.diagnostics)
         if hidden is not None:
-            weight, bias = lm_head_of(student)
-            out = self.objective.chunked(hidden, weight, view, aligned, lm_head_bias=bias, chunk_size=self.chunk_size, **kw)
+            out = self.objective.chunked(hidden, lm_head_of(student), view, aligned, chunk_size=self.chunk_size, **kw)
         else:
             out = self.objective(logits, view, aligned, **kw)
         self._keep(split, out, num_items_in_batch)
@@ -316,10 +315,8 @@ class _CaptureHidden:
     """
 
     def __init__(self, student: nn.Module):
-        head = student.get_output_embeddings()
-        if not isinstance(head, nn.Linear):
-            lm_head_of(student)  # raises with the reason
-        self.head, self.hidden, self.handle = head, None, None
+        lm_head_of(student)  # a head whose logits hpd cannot reproduce is refused here, with the reason
+        self.head, self.hidden, self.handle = student.get_output_embeddings(), None, None
 
     def _hook(self, module, args, output):
         self.hidden = args[0]

@@ -122,13 +122,14 @@ def build_teacher_cache(teacher: str | os.PathLike, data_files: Sequence[str | o
     dev = procs.device() if device == "auto" else _parse_device(device)
     model, tokenizer = load_model(str(teacher), dtype=teacher_dtype, trust_remote_code=trust_remote_code)
     model.to(dev).eval().requires_grad_(False)
-    weight, bias = lm_head_of(model)
-    V = int(vocab_size) if vocab_size is not None else int(weight.shape[0])
-    if not 0 < V <= weight.shape[0]:
-        raise HPDError(f"vocab_size={V} must be in [1, {weight.shape[0]}] (the teacher's LM-head rows)")
+    head = lm_head_of(model)  # weight, bias and the model's logit transform (a softcap, a scale)
+    rows = head.vocab_size
+    V = int(vocab_size) if vocab_size is not None else rows
+    if not 0 < V <= rows:
+        raise HPDError(f"vocab_size={V} must be in [1, {rows}] (the teacher's LM-head rows)")
     K = min(top_k, V)
-    W = weight.detach()[:V].float()
-    b = None if bias is None else bias.detach()[:V].float()
+    W = head.weight.detach()[:V].float()
+    b = None if head.bias is None else head.bias.detach()[:V].float()
 
     examples, files = [], []
     for f in data_files:
@@ -211,6 +212,7 @@ def build_teacher_cache(teacher: str | os.PathLike, data_files: Sequence[str | o
                     z = h[c:c + chunk_size].float() @ W.T
                     if b is not None:
                         z += b
+                    head.transform.apply_(z)
                     logp = torch.log_softmax(z / temperature, -1)  # (C, V)
                     y = labels[c:c + chunk_size]
                     inside = y < V
@@ -250,6 +252,8 @@ def build_teacher_cache(teacher: str | os.PathLike, data_files: Sequence[str | o
             "top_k": K,
             "vocab_size": V,
             "temperature": float(temperature),
+            # what the teacher applies to h @ W.T + b (a softcap, a scale), applied to these log-probabilities
+            "logit_transform": {"scale": head.transform.scale, "softcap": head.transform.softcap},
             "logp_dtype": dtype,
             "id_dtype": np.dtype(id_dtype).name,
             "teacher": {"path": str(Path(teacher).resolve()), "fingerprint": teacher_fingerprint(teacher),

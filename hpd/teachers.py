@@ -74,11 +74,11 @@ def teacher_view(teacher: nn.Module | None, input_ids: Tensor, attention_mask: T
     if teacher is None:
         return None
     if chunked:
-        weight, bias = lm_head_of(teacher)
+        head = lm_head_of(teacher)
         hidden = final_hidden_states(teacher, input_ids, attention_mask)
         if index is not None:
             hidden = _gather_positions(hidden, index)
-        return HeadTeacher(hidden, weight.detach(), None if bias is None else bias.detach())
+        return HeadTeacher.of(hidden, head)
     logits = teacher(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
     return logits if index is None else _gather_positions(logits, index)
 

@@ -118,16 +118,14 @@ class DistillationLoss(nn.Module):
         if fix_weights:
             with torch.no_grad():
                 hidden = final_hidden_states(self.student, input_ids, attention_mask)
-                weight, bias = lm_head_of(self.student)
-                fixed, out = rollout_weights(self.objective, hidden, weight, teacher, labels, lm_head_bias=bias,
+                fixed, out = rollout_weights(self.objective, hidden, lm_head_of(self.student), teacher, labels,
                                              chunk_size=self.chunk_size or DEFAULT_CHUNK_SIZE, **kw)
             return {"rollout": fixed, "output": out}
         if rollout is not None:
             kw.update(rollout=rollout, clip=self.clip)
         if self.chunk_size > 0:
             hidden = final_hidden_states(self.student, input_ids, attention_mask)
-            weight, bias = lm_head_of(self.student)
-            out = self.objective.chunked(hidden, weight, teacher, labels, lm_head_bias=bias, chunk_size=self.chunk_size, **kw)
+            out = self.objective.chunked(hidden, lm_head_of(self.student), teacher, labels, chunk_size=self.chunk_size, **kw)
         else:
             logits = self.student(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
             out = self.objective(logits, teacher, labels, **kw)

@@ -48,8 +48,9 @@ def test_tiny_model_vocab_is_padded_to_multiple_of_8(tok):
     model = build_tiny_model(tok, **TINY)
     assert len(tok) == 263
     assert model.config.vocab_size == 264
-    W, b = lm_head_of(model)
-    assert W.shape == (264, 32) and b is None
+    head = lm_head_of(model)
+    W = head.weight
+    assert W.shape == (264, 32) and head.bias is None and head.transform.is_identity
     assert model.get_input_embeddings().weight.shape == (264, 32)
     assert model.config.tie_word_embeddings is False
     assert W.data_ptr() != model.get_input_embeddings().weight.data_ptr()
@@ -139,7 +140,7 @@ def test_shared_vocab_size(tok):
 
     b = build_tiny_model(tok, **TINY)
     b.resize_token_embeddings(272)
-    assert lm_head_of(b)[0].shape[0] == 272
+    assert lm_head_of(b).weight.shape[0] == 272
     assert shared_vocab_size(a, b, tok) == 264
     assert shared_vocab_size(b, a, tok) == 264
 
@@ -197,7 +198,7 @@ def test_hidden_states_times_head_equal_logits(tok):
     mask_BT[2, :1] = 0
     h_BTH = final_hidden_states(model, ids_BT, mask_BT)
     assert h_BTH.shape == (3, 9, 32)
-    W, b = lm_head_of(model)
+    W = lm_head_of(model).weight
     logits = model(input_ids=ids_BT, attention_mask=mask_BT).logits
     assert torch.allclose(h_BTH @ W.T, logits, atol=1e-5, rtol=0)
 
@@ -207,7 +208,7 @@ def test_hidden_states_with_lm_head_bias(tok):
     head = model.get_output_embeddings()
     head.bias = torch.nn.Parameter(torch.randn(head.out_features))
     ids_BT = torch.tensor([tok.encode("bias check")])
-    W, b = lm_head_of(model)
+    W, b = lm_head_of(model).weight, lm_head_of(model).bias
     assert b is not None and b.shape == (264,)
     h_BTH = final_hidden_states(model, ids_BT, None)
     logits = model(input_ids=ids_BT).logits
