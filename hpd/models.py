@@ -474,6 +474,9 @@ _UNSUPPORTED_HEADS: dict[str, str] = {
     "minicpm3": "its final hidden states divided by logits_scaling before the LM head",
 }
 
+# nn.Linear subclasses whose forward is h @ W.T + b still (in float32), only computed differently.
+_LINEAR_HEADS = {"ErgoLinearWithFP32Output"}  # casts the operands and accumulates in float32
+
 # Config fields that, on an architecture not listed above, would mean an unknown logit transform.
 _TRANSFORM_FIELD = re.compile(r"^(final_logit_softcapping|(output_)?logits?_soft_?cap(ping)?|logits?_scal(e|ing)|"
                               r"lm_head_multiplier|output_multiplier|logits?_multiplier|logits_mup.*)$")
@@ -507,7 +510,7 @@ def lm_head_of(model: PreTrainedModel) -> LMHead:
             f"{who} has no linear LM head (got {type(head).__name__}): "
             "use a causal LM whose get_output_embeddings() is an nn.Linear"
         )
-    if type(head).forward is not nn.Linear.forward:
+    if type(head).forward is not nn.Linear.forward and type(head).__name__ not in _LINEAR_HEADS:
         raise HPDError(f"{who}'s LM head {type(head).__name__} has its own forward, which hpd's hidden-state losses and "
                        "teacher views cannot reproduce: use a causal LM whose LM head is a plain nn.Linear")
     head_name = next((n for n, m in base.named_modules() if m is head), "")
