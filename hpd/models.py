@@ -488,15 +488,25 @@ def _unwrapped(model: nn.Module) -> nn.Module:
     return model.get_base_model() if is_peft_model(model) else model
 
 
-def lm_head_of(model: PreTrainedModel) -> LMHead:
+def lm_head_of(model: PreTrainedModel, *, hint: str = "") -> LMHead:
     """The model's LM head as the losses apply it: `model(...).logits` equals
     `lm_head_of(model).logits(final_hidden_states(model, ...))` (`hpd.objectives.head.LMHead`:
     weight `(V, H)`, bias `(V,)` or None, and the model's logit transform: Gemma 2's softcap,
     Granite's `logits_scaling`, Cohere's `logit_scale`, ...).
 
     Raises `HPDError`, naming what the model does, for a model whose logits are something else
-    (a prediction head, a head with its own forward, an unknown logit transform in its config).
+    (a prediction head, a head with its own forward, an unknown logit transform in its config);
+    `hint` (e.g. "set objective.chunk_size=0") ends that message: what the caller can do instead.
     """
+    try:
+        return _lm_head(model)
+    except HPDError as e:
+        if not hint:
+            raise
+        raise HPDError(f"{e}; or {hint}") from None
+
+
+def _lm_head(model: PreTrainedModel) -> LMHead:
     base = _unwrapped(model)
     config = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
     kind = getattr(config, "model_type", "") or ""

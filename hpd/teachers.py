@@ -226,6 +226,7 @@ class ModelTeacher(TeacherSource):
     """
 
     def __init__(self, model: nn.Module):
+        lm_head_of(model)  # a teacher whose logits its head view cannot reproduce is refused here, by name
         self.model = model
         self.parameters = sum(p.numel() for p in model.parameters())
 

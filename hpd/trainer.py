@@ -60,7 +60,7 @@ from hpd.progress import Progress
 from hpd.provenance import code_record
 from hpd.models import (
     apply_lora, enable_gradient_checkpointing, final_hidden_states, init_from_teacher, lm_head_of, load_model, save_model,
-    shared_vocab_size, vocab_rows,
+    vocab_rows,
 )
 from hpd.objectives import (
     COMMON_PARAMS, DEFAULT_CHUNK_SIZE, Objective, ObjectiveOutput, RatioClip, RolloutWeights, TeacherView,
@@ -75,7 +75,7 @@ from hpd.teachers import (
     CachedTeacher, ModelTeacher, OPSDTeacher, SelfTeacher, TeacherSource, prompt_ending_mismatches,
 )
 from hpd.trackers import finish_trackers, make_trackers, resolve_trackers, start_trackers, tracker_values
-from hpd.vocab import resolve_shared_vocab
+from hpd.vocab import resolve_shared_vocab, teacher_vocab_size
 
 
 # --------------------------------------------------------------------------------------------
@@ -98,6 +98,8 @@ class DistillationLoss(nn.Module):
         self.chunk_size = chunk_size
         self.vocab_size = vocab_size
         self.clip = clip
+        if chunk_size > 0:  # refused now, by name, rather than at the first step
+            lm_head_of(student, hint="set objective.chunk_size=0 (the loss then reads the student's own logits)")
 
     @property
     def _no_split_modules(self) -> list[str] | None:
@@ -206,12 +208,9 @@ def load_models(cfg: Config, cache: TeacherCache | None = None):
                            f"{shared} with it: rebuild the cache with --vocab-size {shared}")
         vocab_size = cache.vocab_size
     if teacher is not None:
-        if s_tok is not tokenizer and s_tok.get_vocab() != tokenizer.get_vocab():
-            raise HPDError(
-                f"the student's tokenizer ({len(s_tok)} tokens, {cfg.student.path}) differs from the teacher's "
-                f"({len(tokenizer)} tokens, {cfg.teacher.path}): logit distillation needs one tokenizer"
-            )
-        vocab_size = shared_vocab_size(student, teacher, s_tok)
+        vocab_size = teacher_vocab_size(vocab_rows(student), vocab_rows(teacher), s_tok, tokenizer,
+                                        student=f"the student ({cfg.student.path})",
+                                        teacher=f"the teacher ({cfg.teacher.path})")
         teacher.requires_grad_(False).eval()
     if cfg.student.gradient_checkpointing:
         enable_gradient_checkpointing(student)
