@@ -271,3 +271,21 @@ def test_hub_ids_are_told_from_local_paths(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "org" / "name").mkdir(parents=True)
     assert resolve_model_path("org/name") == "org/name"
+
+
+def test_teacher_vocab_size_is_one_check_for_every_teacher(tok):
+    """hpd train's teacher check (hpd.vocab.teacher_vocab_size): one tokenizer; padding rows only when both are known."""
+    import copy
+
+    from hpd.errors import HPDError
+    from hpd.vocab import teacher_vocab_size
+
+    assert teacher_vocab_size(264, 264) == 264  # equal heads, tokenizers unknown
+    assert teacher_vocab_size(264, 272, tok, tok) == 264  # padding past the one tokenizer's 263 tokens
+    with pytest.raises(HPDError, match="272 rows.*not known"):
+        teacher_vocab_size(264, 272, tok, None)  # the teacher's tokenizer unknown: padding or another vocabulary?
+    other = copy.deepcopy(tok)
+    other.add_tokens(["<x>"])
+    with pytest.raises(HPDError, match="differs"):
+        teacher_vocab_size(264, 264, tok, other)
+    assert teacher_vocab_size(264, 512, tok, other, cross_tokenizer=True) is None  # the hook: checks skipped
