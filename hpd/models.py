@@ -483,6 +483,16 @@ _TRANSFORM_FIELD = re.compile(r"^(final_logit_softcapping|(output_)?logits?_soft
 _NEUTRAL = (None, 1, 1.0, False)
 
 
+def logit_transform_field(config: dict) -> str | None:
+    """The logit-transform field (e.g. "final_logit_softcapping=30") that a model's config.json (a dict)
+    sets for an architecture that applies one, or None. For data written before hpd applied them."""
+    for c in (config, config.get("text_config") or {}):
+        rule = _LOGIT_TRANSFORMS.get(c.get("model_type", ""))
+        if rule is not None and c.get(rule[0]) not in (None, 1, 1.0):
+            return f"{rule[0]}={c[rule[0]]:g}"
+    return None
+
+
 def _unwrapped(model: nn.Module) -> nn.Module:
     """The model under a peft wrapper (its config and module names are the base model's)."""
     return model.get_base_model() if is_peft_model(model) else model

@@ -411,6 +411,17 @@ class TeacherCache:
                 raise HPDError(f"teacher.path '{teacher_path}' is not the teacher the cache '{self.path}' was built from "
                                f"({m['teacher']['path']}, weights changed or another model): rebuild the cache with "
                                "`hpd cache-teacher --teacher DIR ...`, or point teacher.path at that teacher")
+        if "logit_transform" not in m:  # built before hpd applied the teacher's logit transform
+            from hpd.models import logit_transform_field
+
+            config = Path(m["teacher"]["path"]) / "config.json"
+            try:
+                field = logit_transform_field(json.loads(config.read_text())) if config.is_file() else None
+            except (OSError, ValueError):
+                field = None
+            if field is not None:
+                raise HPDError(f"the teacher cache '{self.path}' was built by an hpd that skipped its teacher's {field}: "
+                               "its log-probabilities are another model's; rebuild it with `hpd cache-teacher`")
         if temperature is not None and abs(temperature - self.temperature) > 1e-12:
             raise HPDError(f"the teacher cache '{self.path}' was built at temperature {self.temperature:g}, "
                            f"objective.temperature is {temperature:g}: rebuild it with --temperature {temperature:g}")

@@ -207,6 +207,12 @@ def load_models(cfg: Config, cache: TeacherCache | None = None):
             raise HPDError(f"the teacher cache is normalized over {cache.vocab_size} tokens but the student shares "
                            f"{shared} with it: rebuild the cache with --vocab-size {shared}")
         vocab_size = cache.vocab_size
+    # Heads whose logits hpd's hidden-state views cannot reproduce are refused here, by name: the
+    # teacher's view is always its head; the student's only with the chunked loss.
+    if teacher is not None:
+        lm_head_of(teacher)
+    if cfg.objective.chunk_size > 0:
+        lm_head_of(student, hint="set objective.chunk_size=0 (the loss then reads the student's own logits)")
     if teacher is not None:
         vocab_size = teacher_vocab_size(vocab_rows(student), vocab_rows(teacher), s_tok, tokenizer,
                                         student=f"the student ({cfg.student.path})",

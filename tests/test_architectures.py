@@ -255,6 +255,19 @@ def test_the_teacher_cache_holds_the_models_log_probabilities(model_type, tmp_pa
     pos = (labels.reshape(-1) != -100).nonzero().squeeze(1)
     logp = view.chunker(VOCAB, 1.0)(pos, labels.reshape(-1)[pos]).logp
     torch.testing.assert_close(logp, ref.reshape(-1, VOCAB)[pos], atol=1e-5, rtol=1e-5)
+    # A cache from before the transform was applied (no record of it) is refused when its teacher has one.
+    import json
+
+    manifest = cache.path / "manifest.json"
+    m = json.loads(manifest.read_text())
+    del m["logit_transform"]
+    manifest.write_text(json.dumps(m))
+    old = TeacherCache(cache.path)
+    if model_type == "llama":
+        old.check_run()
+    else:
+        with pytest.raises(HPDError, match="skipped its teacher's"):
+            old.check_run()
 
 
 @pytest.mark.parametrize("model_type", sorted(TRANSFORMED))
@@ -296,3 +309,20 @@ def test_an_unknown_logit_transform_is_refused_by_name():
     finally:
         del model.config.logits_scaling
     assert lm_head_of(model).transform.is_identity
+
+
+def test_hpd_train_refuses_such_a_teacher_before_the_run_starts(tmp_path, repo_root, monkeypatch):
+    from hpd.config import load_config
+    from hpd.models import load_model, save_model
+    from hpd.trainer import train
+
+    monkeypatch.chdir(repo_root)
+    model, tok = load_model("tiny", tiny={"num_layers": 1, "hidden_size": 32}, seed=1)
+    model.config.logits_scaling = 2.0  # a logit transform hpd does not know llama to apply
+    teacher = save_model(model, tok, tmp_path / "teacher")
+    out = tmp_path / "run"
+    cfg = load_config("configs/tiny.yaml", [f"output_dir={out}", f"teacher.path={teacher}", "max_steps=1",
+                                            "log.progress=false", "log.tensorboard=off"])
+    with pytest.raises(HPDError, match="logits_scaling=2.0"):
+        train(cfg)
+    assert not list(out.glob("checkpoint*")) and not (out / "metrics.jsonl").exists()
