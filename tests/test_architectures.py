@@ -326,3 +326,40 @@ def test_hpd_train_refuses_such_a_teacher_before_the_run_starts(tmp_path, repo_r
     with pytest.raises(HPDError, match="logits_scaling=2.0"):
         train(cfg)
     assert not list(out.glob("checkpoint*")) and not (out / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("transform", [dict(scale=0.25), dict(softcap=2.0), dict(scale=3.0, softcap=5.0)])
+@pytest.mark.parametrize("name", ["fkl", "rkl", "jsd", "hpd", "tvd"])
+def test_the_chunked_loss_through_a_transformed_head_equals_autograd(name, transform):
+    """Loss and gradients (hidden states, weight, bias) against autograd through LMHead.logits, at temperature 2."""
+    from hpd.objectives import LMHead, LogitTransform
+
+    g = torch.Generator().manual_seed(0)
+    h = (torch.randn(2, 6, 8, generator=g) * 3).requires_grad_()
+    W = torch.randn(20, 8, generator=g).requires_grad_()
+    b = torch.randn(20, generator=g).requires_grad_()
+    head = LMHead(W, b, LogitTransform(**transform))
+    teacher = torch.randn(2, 6, 20, generator=g) * 4
+    labels = torch.randint(0, 20, (2, 6), generator=g)
+    labels[0, :2] = -100
+    obj = get_objective(name, temperature=2.0)
+    ref = obj(head.logits(h), teacher, labels, generator=torch.Generator().manual_seed(1))
+    want = torch.autograd.grad(ref.loss, (h, W, b))
+    out = obj.chunked(h, head, teacher, labels, chunk_size=3, generator=torch.Generator().manual_seed(1))
+    got = torch.autograd.grad(out.loss, (h, W, b))
+    assert float(out.loss) == pytest.approx(float(ref.loss), rel=1e-5)
+    for x, y in zip(got, want):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-4)
+
+
+def test_rollout_weights_read_the_policy_through_the_transformed_head():
+    from hpd.objectives import LMHead, LogitTransform, rollout_weights
+
+    g = torch.Generator().manual_seed(0)
+    h, W = torch.randn(2, 5, 8, generator=g) * 3, torch.randn(20, 8, generator=g)
+    head = LMHead(W, None, LogitTransform(scale=0.5, softcap=2.0))
+    labels = torch.randint(0, 20, (2, 5), generator=g)
+    rw, _ = rollout_weights(get_objective("hpd"), h, head, torch.randn(2, 5, 20, generator=g), labels, chunk_size=3,
+                            generator=torch.Generator().manual_seed(1))
+    want = torch.log_softmax(head.logits(h), -1).gather(-1, rw.tokens)
+    torch.testing.assert_close(rw.old_logp, want, atol=1e-5, rtol=1e-5)
