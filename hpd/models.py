@@ -518,7 +518,10 @@ def lm_head_of(model: PreTrainedModel, *, hint: str = "") -> LMHead:
 
 def _lm_head(model: PreTrainedModel) -> LMHead:
     base = _unwrapped(model)
-    config = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+    try:
+        config = base.config.get_text_config()
+    except (AttributeError, ValueError):  # none, or several (an audio model's): the config itself
+        config = base.config
     kind = getattr(config, "model_type", "") or ""
     who = f"{type(base).__name__} (model_type '{kind}')"
     head = model.get_output_embeddings()
