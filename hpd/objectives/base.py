@@ -150,6 +150,10 @@ class TeacherChunk:
     outside the top-K, and full-vocabulary objectives see it as K + 1 categories (`buckets`).
     """
 
+    # A partial teacher cannot score every token: `at` gives NaN there (across tokenizers, a student
+    # token whose text is no single teacher token); objectives then leave that term out.
+    partial = False
+
     def __init__(self, logp: Tensor, tokens: Tensor | None = None, *, tail: Tensor | None = None, num_topk: int = 0,
                  vocab_size: int | None = None):
         self.logp = logp  # (C, V) when tokens is None, else (C, K)
@@ -178,6 +182,11 @@ class TeacherChunk:
                 "teacher cache with top-K log-probabilities (hpd cache-teacher --top-k K)"
             )
         return self.logp
+
+    def distribution(self, objective: str) -> Tensor:
+        """The teacher's log-probabilities over its own vocabulary, `(C, V_t)`: for objectives that
+        compare distributions without matching tokens (`uld`); the same as `full` with one tokenizer."""
+        return self.full(objective)
 
     def buckets(self, objective: str) -> tuple[Tensor, Tensor]:
         """The teacher as K + 1 categories: top-K ids `(C, K)` and log-probabilities `(C, K + 1)`.
