@@ -293,8 +293,8 @@ class CrossTokenizerChunk(TeacherChunk):
         raise HPDError(f"objective '{objective}' reads the teacher's top tokens as student tokens, which another "
                        "tokenizer cannot give: across tokenizers use hpd, orkl, sft or uld")
 
-    def distribution(self, objective: str) -> Tensor:
-        return self.logp
+    def sorted_logp(self, objective: str) -> Tensor:
+        return self.logp.sort(-1, descending=True).values
 
     def at(self, tokens: Tensor) -> Tensor:
         mapped = self.mapping[tokens]

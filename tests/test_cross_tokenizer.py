@@ -142,7 +142,7 @@ def test_uld_matches_hand_computation():
     p = torch.tensor([[0.1, 0.6, 0.25, 0.05]], dtype=torch.float64)
     # sorted: q (0.5, 0.3, 0.2, 0), p (0.6, 0.25, 0.1, 0.05): |.| sum = 0.1 + 0.05 + 0.1 + 0.05 = 0.3
     z = q.log().clone().requires_grad_(True)
-    chunk = type("C", (), {"distribution": lambda self, name: p.log()})()
+    chunk = type("C", (), {"sorted_logp": lambda self, name: p.log().sort(-1, descending=True).values})()
     obj = get_objective("uld")
     tw = obj.weights(torch.log_softmax(z.detach(), -1), chunk, torch.tensor([0]), None)
     assert float(tw.value) == pytest.approx(0.3, abs=1e-12)

@@ -183,10 +183,15 @@ class TeacherChunk:
             )
         return self.logp
 
-    def distribution(self, objective: str) -> Tensor:
-        """The teacher's log-probabilities over its own vocabulary, `(C, V_t)`: for objectives that
-        compare distributions without matching tokens (`uld`); the same as `full` with one tokenizer."""
-        return self.full(objective)
+    def sorted_logp(self, objective: str) -> Tensor:
+        """The teacher's log-probabilities over its own vocabulary in decreasing order, `(C, V_t)`:
+        for objectives that compare distributions without matching tokens (`uld`). A top-K teacher
+        gives its top-K and its tail mass spread evenly over the other `V - K` tokens."""
+        if self.is_topk:
+            K, V = self.num_topk, self.vocab_size
+            rest = (upcast(self.tail) - math.log(V - K))[:, None].expand(-1, V - K)
+            return torch.cat([upcast(self.logp[:, -K:]), rest], 1).sort(-1, descending=True).values
+        return self.full(objective).sort(-1, descending=True).values
 
     def buckets(self, objective: str) -> tuple[Tensor, Tensor]:
         """The teacher as K + 1 categories: top-K ids `(C, K)` and log-probabilities `(C, K + 1)`.

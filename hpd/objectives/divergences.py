@@ -212,9 +212,8 @@ class UniversalLogitDistillation(Objective):
 
     def weights(self, logq, teacher: TeacherChunk, labels, sample):
         q = logq.exp()
-        p = teacher.distribution(self.name).exp().to(q.dtype)
+        ps = teacher.sorted_logp(self.name).exp().to(q.dtype)
         qs, order = q.sort(-1, descending=True)
-        ps = p.sort(-1, descending=True).values
         n = max(qs.shape[1], ps.shape[1])
         diff = torch.nn.functional.pad(qs, (0, n - qs.shape[1])) - torch.nn.functional.pad(ps, (0, n - ps.shape[1]))
         w = torch.empty_like(q).scatter_(1, order, -qs * diff[:, :qs.shape[1]].sign())
