@@ -42,6 +42,40 @@ def bpe():
 
 
 @pytest.fixture(scope="module")
+def spm():
+    """A SentencePiece-style tokenizer like Gemma's: spaces as '▁', BPE merges, byte fallback for the rest."""
+    from tokenizers import normalizers
+
+    words = ["▁the", "▁capital", "▁of", "▁is", "an", "in", "er", "▁a"]
+    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
+    for b in range(256):
+        vocab[f"<0x{b:02X}>"] = len(vocab)
+    for c in "▁abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,:+-":
+        vocab.setdefault(c, len(vocab))
+    merges = []
+    for w in words:  # left-to-right merges that build each word
+        for k in range(2, len(w) + 1):
+            left, right = w[:k - 1], w[k - 1]
+            vocab.setdefault(w[:k], len(vocab))
+            if (left, right) not in merges:
+                merges.append((left, right))
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=True, fuse_unk=False))
+    backend.normalizer = normalizers.Replace(" ", "\u2581")
+    backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    backend.add_special_tokens(list(SPECIAL_TOKENS))
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|bos|>", eos_token="<|eos|>",
+                                  pad_token="<|pad|>", clean_up_tokenization_spaces=False)
+
+
+def test_sentencepiece_style_bytes(spm):
+    tb = token_bytes(spm)
+    text = "the capital of Été is 東京 🙂\n"
+    ids = spm(text, add_special_tokens=False)["input_ids"]
+    assert "▁capital" in spm.convert_ids_to_tokens(ids) and "<0xE6>" in spm.convert_ids_to_tokens(ids)
+    assert b"".join(tb[i] for i in ids) == text.encode()
+
+
+@pytest.fixture(scope="module")
 def byte_tok():
     return byte_tokenizer()
 
@@ -100,9 +134,10 @@ def test_align_response_closed_form(bpe, byte_tok):
 @settings(max_examples=80, deadline=None)
 @given(text=st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=40)
        | st.text(alphabet=" \n\t ab.Réé東🙂", max_size=40),
-       eos=st.booleans(), student_is_bytes=st.booleans())
-def test_alignment_covers_text_once_in_order(bpe, byte_tok, text, eos, student_is_bytes):
-    s_tok, t_tok = (byte_tok, bpe) if student_is_bytes else (bpe, byte_tok)
+       eos=st.booleans(), pair=st.sampled_from(["byte-bpe", "bpe-byte", "bpe-spm", "spm-byte"]))
+def test_alignment_covers_text_once_in_order(bpe, byte_tok, spm, text, eos, pair):
+    toks = {"byte": byte_tok, "bpe": bpe, "spm": spm}
+    s_tok, t_tok = (toks[k] for k in pair.split("-"))
     sb, tb = token_bytes(s_tok), token_bytes(t_tok)
     ids = s_tok(text, add_special_tokens=False)["input_ids"]
     assert b"".join(sb[i] for i in ids) == text.encode()  # the table spells the student's tokens exactly
