@@ -288,9 +288,9 @@ def test_train_refuses_another_tokenizer_without_the_flag_and_runs_with_it(bpe, 
             "optim": {"batch_size": 4}, "max_steps": 1, "log": {"progress": False}}
     with pytest.raises(HPDError, match="teacher.cross_tokenizer=true"):
         train({**base, "objective": {"name": "hpd"}, "output_dir": str(tmp_path / "refused")})
-    for name in ("hpd", "uld"):
+    for name, regime in (("hpd", "dataset"), ("uld", "dataset"), ("hpd", "student")):
         cfg = {**base, "teacher": {"path": str(tdir), "cross_tokenizer": True}, "objective": {"name": name},
-               "output_dir": str(tmp_path / name)}
+               "regime": {"name": regime, "max_new_tokens": 12}, "output_dir": str(tmp_path / f"{name}-{regime}")}
         run = train(cfg)
         lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
         step = [x for x in lines if x.get("type") == "train"][-1]
