@@ -253,7 +253,7 @@ def test_hpd_across_tokenizers_equals_hand_computation(bpe, byte_tok):
             n += 1
     assert masked == batch.xtok_masked and n == batch.num_active > 0
     assert float(out.loss) == pytest.approx(total / n, rel=1e-5, abs=1e-6)
-    assert 0.0 <= out.metrics["frac_sample_unscored"] <= 1.0
+    assert 0.0 < out.metrics["frac_sample_unscored"] < 1.0  # random bytes: some are half a character
 
 
 def test_vocab_objectives_refused_across_tokenizers(bpe, byte_tok):
