@@ -226,6 +226,14 @@ class TeacherConfig(ModelConfig):
         "exponential backoff from 1 s) before the run stops with an error naming the server.",
         min=0,
     )
+    cross_tokenizer: bool = field_(
+        False,
+        "Distill across tokenizers: the teacher runs on its own tokenization of each response "
+        "(its own chat template for the prompt), lined up with the student's by byte offsets. "
+        "hpd, orkl and sft read the teacher's log-probability of the same text span (positions "
+        "whose token is no whole aligned span are masked); uld compares sorted distributions. "
+        "Needs an online teacher and regime.name dataset or student (docs/objectives.md).",
+    )
 
 
 @dataclass
@@ -986,6 +994,11 @@ def _flatten(d: Any, where: str) -> list[tuple[str, Any]]:
 # --------------------------------------------------------------------------------------------
 
 
+# The objectives that work across tokenizers (teacher.cross_tokenizer=true): those that read the
+# teacher at the student's own tokens (per aligned text span), and ULD.
+XTOK_OBJECTIVES = ("hpd", "orkl", "sft", "uld")
+
+
 def _cross_checks(cfg: Config) -> list[str]:
     """Rules that involve more than one field."""
     problems: list[str] = []
@@ -1030,6 +1043,26 @@ def _cross_checks(cfg: Config) -> list[str]:
             "regime.name=self with objective.name=sft: sft never reads the teacher; for SFT on "
             "the reference solutions use regime.name=dataset with data.completion_field set to them"
         )
+    if cfg.teacher.cross_tokenizer:
+        if cfg.objective.name not in XTOK_OBJECTIVES:
+            problems.append(
+                f"teacher.cross_tokenizer=true: objective '{cfg.objective.name}' needs one vocabulary for both "
+                f"models; across tokenizers use one of {', '.join(XTOK_OBJECTIVES)} (uld for a vocabulary-sized loss)"
+            )
+        if cfg.teacher.cache is not None or no_teacher or cfg.teacher.server is not None:
+            problems.append("teacher.cross_tokenizer=true needs the teacher model online (teacher.path, no "
+                            "teacher.cache or teacher.server yet)")
+        for on, key in ((cfg.data.packing, "data.packing"), (cfg.data.streaming, "data.streaming")):
+            if on:  # the teacher's own sequences are built per padded row, from the whole data set
+                problems.append(f"teacher.cross_tokenizer=true does not work with {key} yet: set {key}=false")
+        if cfg.regime.name not in ("dataset", "student"):
+            problems.append(
+                f"teacher.cross_tokenizer=true works with regime.name dataset or student, not {cfg.regime.name!r}: "
+                "write teacher answers once with `hpd generate --model TEACHER` and train on them with regime.name=dataset"
+            )
+        if cfg.student.init_from_teacher is not None:
+            problems.append("teacher.cross_tokenizer=true: student.init_from_teacher builds the student with the "
+                            "teacher's tokenizer; load a student of its own tokenizer instead")
     template = cfg.opsd.teacher_template
     for slot in ("{privileged}", "{prompt}"):
         if self_regime and template.count(slot) != 1:
