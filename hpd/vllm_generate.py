@@ -246,7 +246,11 @@ class VLLMGenerate(GenerationBackend):
                 msg = r.text
             raise HPDError(f"the vLLM server {self.url} failed {what}: HTTP {r.status_code} {str(msg)[:300]}"
                            f"{self._hint()}")
-        return r.json() if r.content else None
+        try:
+            return r.json() if r.content else None
+        except ValueError:
+            raise HPDError(f"the vLLM server {self.url} answered {what} with a malformed or truncated response "
+                           f"({len(r.content)} bytes that are not JSON){self._hint()}") from None
 
     def _hint(self) -> str:
         if self.server is not None:
