@@ -192,6 +192,36 @@ class TeacherConfig(ModelConfig):
         "loaded, its log-probabilities are read from the cache (exact at the sequence token, top-K "
         "plus a tail bucket elsewhere). Only with regime.name=dataset; null = run the teacher.",
     )
+    server: str | None = field_(
+        None,
+        "Teacher inference servers (OpenAI-compatible completions with prompt log-probabilities, "
+        "e.g. `hpd serve-teacher DIR` or vLLM), as URL[,URL...]: the teacher is never loaded here, "
+        "each micro-batch's log-probabilities are asked of the servers in turn while the student "
+        "computes (exact at the sequence token, top-K plus a tail elsewhere, as a cache). Checked "
+        "at start against the student's tokenizer and vocabulary; needs objective.temperature=1. "
+        "null = no server.",
+    )
+    server_top_k: int = field_(
+        32,
+        "With teacher.server: teacher tokens asked per position besides the sequence token (at most "
+        "the server's --max-logprobs; 0 = only the sequence token, enough for sft/orkl).",
+        min=0,
+    )
+    server_exact_samples: bool = field_(
+        False,
+        "With teacher.server and objective.name=hpd: the student's samples outside the served top-K "
+        "are scored exactly by a second request after the student's forward (else estimated from the "
+        "tail mass spread evenly); exact HPD weights at any K, for one more round trip per micro-batch.",
+    )
+    server_timeout: float = field_(
+        120.0, "With teacher.server: seconds a request may take before it is retried.", min=0, min_exclusive=True
+    )
+    server_retries: int = field_(
+        3,
+        "With teacher.server: further tries of a failed request (each on the next server, with "
+        "exponential backoff from 1 s) before the run stops with an error naming the server.",
+        min=0,
+    )
 
 
 @dataclass
@@ -199,10 +229,13 @@ class DataConfig:
     """Training and evaluation data (JSONL with prompt/completion or chat messages)."""
 
     train: str = field_(
-        "examples/tiny.jsonl", "Training data: a JSONL file (one example per line).", nonempty=True
+        "examples/tiny.jsonl",
+        "Training data: a .jsonl/.json/.parquet file, a datasets save_to_disk directory (dir:split), or a "
+        "Hub dataset org/name[:split] or org/name:config:split (a local path of that name wins).",
+        nonempty=True,
     )
     eval: str | None = field_(
-        None, "Evaluation data (JSONL); null = none, or a split of train (see eval_fraction)."
+        None, "Evaluation data (as data.train); null = none, or a split of train (see eval_fraction)."
     )
     prompt_field: str = field_("prompt", "Row key holding the prompt text.", nonempty=True)
     completion_field: str = field_(
@@ -231,6 +264,29 @@ class DataConfig:
         "Fraction of train held out for evaluation when data.eval is null (0 = no split).",
         min=0.0,
         max=0.5,
+    )
+    packing: bool = field_(
+        False,
+        "Sequence packing: each micro-batch's rows end to end in sequences of data.pack_length tokens, "
+        "positions restarted per row and attention kept within it (attention eager, sdpa, "
+        "flex_attention or flash_attention_2/3); the same loss as padded rows.",
+    )
+    streaming: bool = field_(
+        False,
+        "Read data.train as a stream (for data larger than memory: a JSONL file line by line, a Hub "
+        "dataset through datasets' streaming), through a seeded shuffle buffer; its position is saved in "
+        "checkpoints. Needs max_steps (not epochs), a data.eval file (not eval_fraction), and the dataset, "
+        "student or mixed (off_policy dataset) regime without teacher.cache.",
+    )
+    shuffle_buffer: int = field_(
+        10000, "data.streaming: rows held for the seeded shuffle of the stream (0 = the source's order).", min=0
+    )
+    pack_length: int = field_(
+        0,
+        "data.packing: tokens per packed sequence; 0 = the micro-batch's longest row (attention never "
+        "costs more than padded); a value >= batch_size x max_length = the whole micro-batch in one "
+        "sequence, no padding (best with flash_attention_2's varlen kernel).",
+        min=0,
     )
 
 
@@ -460,7 +516,7 @@ class LogConfig:
         [],
         "Experiment trackers that receive every metrics.jsonl line, through accelerate's trackers (as "
         "transformers' report_to): a list such as [tensorboard, wandb] or tensorboard,mlflow; each needs its "
-        "package (pip install 'hpd[trackers]'). Offline: tensorboard writes RUN/tensorboard/, mlflow a file "
+        "package (pip install 'hpd-distill[trackers]'). Offline: tensorboard writes RUN/tensorboard/, mlflow a file "
         "store in RUN/mlruns/ (unless MLFLOW_TRACKING_URI is set), wandb RUN/wandb/ (WANDB_MODE=offline for "
         "no network). [] = log.tensorboard decides; [none] = no tracker at all.",
         choices=["tensorboard", "wandb", "mlflow", "none"],
@@ -953,8 +1009,22 @@ def _cross_checks(cfg: Config) -> list[str]:
                "--prompts FILE --out GEN.jsonl`, cache it with `hpd cache-teacher --data GEN.jsonl`, and train "
                "on GEN.jsonl with regime.name=dataset" if cfg.regime.name == "teacher" else "")
         )
+    served = cfg.teacher.server is not None
+    if served:
+        for bad, why in ((cfg.teacher.cache is not None, "teacher.cache is set too: choose one"),
+                         (self_regime, "regime.name=self: the student is its own teacher"),
+                         (cfg.regime.name == "teacher" or (cfg.regime.name == "mixed" and cfg.regime.off_policy == "teacher"),
+                          "teacher generations need the teacher model here: use regime.name=dataset or student"),
+                         (cfg.student.init_from_teacher is not None, "student.init_from_teacher needs the teacher's weights"),
+                         (cfg.objective.temperature != 1.0, "a server returns log-probabilities at temperature 1: "
+                                                             "set objective.temperature=1"),
+                         # the exact scorer reads positions of the padded rows, not of a packed batch
+                         (cfg.teacher.server_exact_samples and cfg.data.packing,
+                          "teacher.server_exact_samples does not work with data.packing yet: set one of them to false")):
+            if bad:
+                problems.append(f"teacher.server ({cfg.teacher.server}): {why}")
     needs_teacher = objective_class(cfg.objective.name).needs_teacher
-    if no_teacher and needs_teacher and cfg.teacher.cache is None and not self_regime:
+    if no_teacher and needs_teacher and cfg.teacher.cache is None and not self_regime and not served:
         problems.append(
             f"teacher.path: 'none' is allowed only with objective.name=sft, teacher.cache or regime.name=self "
             f"(objective.name is {cfg.objective.name!r}); name a teacher model, set teacher.cache, or use sft"

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -310,12 +310,15 @@ def _iter_json(path: str) -> Iterator[_Located]:
 def _iter_parquet(path: str) -> Iterator[_Located]:
     import pyarrow.parquet as pq
 
+    # Record batch by record batch, so that a streamed run (data.streaming) holds one batch, not the file.
+    i = 0
     try:
-        rows = pq.read_table(path).to_pylist()
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+            for row in batch.to_pylist():
+                yield f"{path} row index {i}", f"{path}[{i}]", row
+                i += 1
     except Exception as e:  # pyarrow raises several types for corrupt / non-parquet files
         raise HPDError(f"could not read parquet file {path}: {e}") from None
-    for i, row in enumerate(rows):
-        yield f"{path} row index {i}", f"{path}[{i}]", row
 
 
 def _split_path(path: str) -> tuple[str, str | None]:
@@ -368,7 +371,12 @@ def _iter_rows(path: str) -> Iterator[_Located]:
         yield from _iter_saved_dataset(base, split, path)
         return
     if not os.path.exists(path):
-        raise HPDError(f"data file {path} not found: check the path (relative to {os.getcwd()})")
+        from hpd.hub_data import is_hub_id, iter_hub_rows
+
+        if is_hub_id(path):  # org/name[:config][:split] and no local path of that name (hpd.hub_data)
+            yield from iter_hub_rows(path)
+            return
+    _check_exists(path)
     lower = path.lower()
     if lower.endswith((".jsonl", ".ndjson")):
         yield from _iter_jsonl(path)
@@ -383,29 +391,23 @@ def _iter_rows(path: str) -> Iterator[_Located]:
         )
 
 
-def load_examples(
-    path: str,
+def parse_rows(
+    rows: Iterable[_Located],
     *,
     prompt_field: str = "prompt",
     completion_field: str = "completion",
     messages_field: str = "messages",
     on_bad_row: str = "error",
     require_completion: bool = True,
-) -> tuple[list[Example], LoadStats]:
-    """Load examples from a JSONL / JSON / parquet file or a `save_to_disk` directory.
-
-    `path` may be `dir:split` for a saved `DatasetDict` (default split: "train", or the only one).
-    Each row holds `prompt_field` + `completion_field`, or `messages_field` (chat messages whose
-    last assistant turn is the completion). A malformed row raises `HPDError` naming the file and
-    line (row index for parquet / datasets); with `on_bad_row="skip"` it is counted in the
-    returned stats instead. `require_completion=False` accepts prompt-only rows (completion "").
-    """
+    stats: LoadStats,
+    skip_hint: str = "set data.on_bad_row=skip",
+) -> Iterator[Example]:
+    """The examples of raw rows `(location, source tag, row)` (`iter_rows`), one at a time: a bad
+    row raises `HPDError` naming its location (and `skip_hint`, see `load_examples`), or is counted
+    in `stats` with `on_bad_row="skip"`."""
     if on_bad_row not in ("error", "skip"):
         raise HPDError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
-    path = os.fspath(path)
-    stats = LoadStats()
-    examples: list[Example] = []
-    for loc, src, row in _iter_rows(path):
+    for loc, src, row in rows:
         try:
             if isinstance(row, _RowError):
                 raise row
@@ -421,9 +423,84 @@ def load_examples(
                 stats.note_skip(f"{loc}: {e}")
                 continue
             raise HPDError(
-                f"{loc}: {e}. Fix the row, or set on_bad_row='skip' to skip bad rows."
+                f"{loc}: {e}. Fix the row, or {skip_hint} to skip bad rows."
             ) from None
-        examples.append(Example(prompt=prompt, completion=completion, source=src, extra=extra))
+        yield Example(prompt=prompt, completion=completion, source=src, extra=extra)
+
+
+def iter_rows(path: str, *, streaming: bool = False) -> Iterator[_Located]:
+    """The raw rows of a data source, lazily where it can be (JSONL line by line, a Hub dataset
+    streamed with `streaming=True`): `(location for messages, source tag, row or row error)`."""
+    path = os.fspath(path)
+    if streaming and not os.path.exists(path):
+        from hpd.hub_data import is_hub_id, iter_hub_rows
+
+        if is_hub_id(path):
+            return iter_hub_rows(path, streaming=True)
+    return _iter_rows(path)
+
+
+def _check_exists(path: str) -> None:
+    if not os.path.exists(path):
+        raise HPDError(f"data file {path} not found: check the path (relative to {os.getcwd()}), or name a Hub "
+                       "dataset as org/name[:config][:split]")
+
+
+def data_digest(path: str | os.PathLike) -> str:
+    """A content hash of what a data path names (any form `load_examples` reads), for cache keys.
+
+    A file: sha256 of its bytes. A `save_to_disk` directory (`dir` or `dir:split`): its files,
+    each named by its path under the directory, and the split.
+    """
+    import hashlib
+    from pathlib import Path
+
+    from hpd.fingerprints import hash_files
+
+    path = os.fspath(path)
+    base, split = _split_path(path)
+    if not os.path.exists(base):
+        from hpd.hub_data import hub_digest, is_hub_id
+
+        if is_hub_id(path):  # a Hub dataset: the fingerprint datasets keeps of its content
+            return hub_digest(path)
+    if os.path.isdir(base):
+        root = Path(base)
+        files = sorted(p for p in root.rglob("*") if p.is_file())
+        return hashlib.sha256(f"{hash_files(files, root=root)}:{split or ''}".encode()).hexdigest()[:24]
+    _check_exists(path)
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()[:24]
+
+
+def load_examples(
+    path: str,
+    *,
+    prompt_field: str = "prompt",
+    completion_field: str = "completion",
+    messages_field: str = "messages",
+    on_bad_row: str = "error",
+    require_completion: bool = True,
+    skip_hint: str = "set data.on_bad_row=skip",
+) -> tuple[list[Example], LoadStats]:
+    """Load examples from a JSONL / JSON / parquet file or a `save_to_disk` directory.
+
+    `path` may be `dir:split` for a saved `DatasetDict` (default split: "train", or the only one).
+    Each row holds `prompt_field` + `completion_field`, or `messages_field` (chat messages whose
+    last assistant turn is the completion). A malformed row raises `HPDError` naming the file and
+    line (row index for parquet / datasets); with `on_bad_row="skip"` it is counted in the
+    returned stats instead. `require_completion=False` accepts prompt-only rows (completion "").
+    Every command reads its data here (train, cache-teacher, generate, eval, bench); `skip_hint`
+    is how the calling command's user asks for `on_bad_row="skip"` (e.g. `pass --on-bad-row skip`).
+    """
+    path = os.fspath(path)
+    stats = LoadStats()
+    examples = list(parse_rows(_iter_rows(path), prompt_field=prompt_field, completion_field=completion_field,
+                               messages_field=messages_field, on_bad_row=on_bad_row,
+                               require_completion=require_completion, stats=stats, skip_hint=skip_hint))
     stats.rows = len(examples)
     if not examples:
         why = (

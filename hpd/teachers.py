@@ -4,9 +4,9 @@ A `TeacherSource` is what the trainer asks for the teacher: `prepare(batch, exam
 indices)` adds to a micro-batch what the source reads (the privileged sequences, the cache rows),
 `view(batch)` returns the teacher view the objectives understand (`hpd.objectives.TeacherView`),
 `after_step()` runs after each optimizer step (the EMA), and `state_dict()` / `load_state_dict()`
-carry its state through checkpoints. Three implementations: `ModelTeacher` (a teacher model run
-online), `CachedTeacher` (a top-K cache built by `hpd cache-teacher`) and `OPSDTeacher` (the
-student shown a privileged context). A new source is one new class with these five methods.
+carry its state through checkpoints. Four implementations: `ModelTeacher` (a teacher model run
+online), `CachedTeacher` (a top-K cache built by `hpd cache-teacher`), `ServedTeacher` (a teacher
+behind inference servers, `hpd.served`) and `OPSDTeacher` (the student shown a privileged context). A new source is one new class with these five methods.
 
 On-policy self-distillation (OPSD, arXiv 2601.18734) needs no second model: the same network,
 shown a privileged context (a verified reference solution before the question), teaches its own
@@ -52,6 +52,7 @@ from hpd.data import build_batch
 from hpd.errors import HPDError
 from hpd.models import final_hidden_states, is_peft_model, lm_head_of
 from hpd.objectives import IGNORE_INDEX, HeadTeacher, TeacherView
+from hpd.packing import model_inputs
 
 TEACHER_WEIGHTS = ("frozen", "ema", "live")
 
@@ -63,23 +64,24 @@ def _gather_positions(x_BTD: Tensor, index_BT: Tensor) -> Tensor:
 
 @torch.no_grad()
 def teacher_view(teacher: nn.Module | None, input_ids: Tensor, attention_mask: Tensor, chunked: bool,
-                 index: Tensor | None = None):
+                 index: Tensor | None = None, position_ids: Tensor | None = None):
     """What the objective reads of the teacher: its hidden states and head (chunked), or its logits.
 
     input_ids, attention_mask: `(B, T')` the teacher's sequences. index: `(B, T)` optional, the
     teacher position aligned with each student position (see `aligned_positions`); the view is then
-    `(B, T, .)` like the student's. The head is detached, so it keeps the weights of this moment
+    `(B, T, .)` like the student's. position_ids: `(B, T')` of a packed batch (`hpd.packing`), the
+    same packing the student sees. The head is detached, so it keeps the weights of this moment
     even if the parameters are swapped or stepped afterwards.
     """
     if teacher is None:
         return None
     if chunked:
         weight, bias = lm_head_of(teacher)
-        hidden = final_hidden_states(teacher, input_ids, attention_mask)
+        hidden = final_hidden_states(teacher, input_ids, attention_mask, position_ids)
         if index is not None:
             hidden = _gather_positions(hidden, index)
         return HeadTeacher(hidden, weight.detach(), None if bias is None else bias.detach())
-    logits = teacher(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    logits = teacher(input_ids=input_ids, **model_inputs(attention_mask, position_ids), use_cache=False).logits
     return logits if index is None else _gather_positions(logits, index)
 
 
@@ -164,9 +166,10 @@ class SelfTeacher:
             self.student.train(was_training)
 
     @torch.no_grad()
-    def view(self, input_ids: Tensor, attention_mask: Tensor, chunked: bool, index: Tensor | None = None):
+    def view(self, input_ids: Tensor, attention_mask: Tensor, chunked: bool, index: Tensor | None = None,
+             position_ids: Tensor | None = None):
         with self.weights_in_place() as model:
-            return teacher_view(model, input_ids, attention_mask, chunked, index)
+            return teacher_view(model, input_ids, attention_mask, chunked, index, position_ids)
 
     @torch.no_grad()
     def update(self) -> None:
@@ -233,7 +236,8 @@ class ModelTeacher(TeacherSource):
         batch.teacher_tokens = int(batch.attention_mask.sum())
 
     def view(self, batch) -> TeacherView:
-        return teacher_view(self.model, batch.input_ids, batch.attention_mask, chunked=True)
+        return teacher_view(self.model, batch.input_ids, batch.attention_mask, chunked=True,
+                            position_ids=batch.position_ids)
 
 
 class CachedTeacher(TeacherSource):
@@ -249,6 +253,8 @@ class CachedTeacher(TeacherSource):
         batch.cache_rows = [self.rows[split][i] for i in indices]
 
     def view(self, batch) -> TeacherView:
+        if batch.packing is not None:  # the cache holds padded rows: read them so, then pack like the batch
+            return batch.packing.pack_view(self.cache.teacher(batch.cache_rows, batch.row_labels)).to(self.device)
         return self.cache.teacher(batch.cache_rows, batch.cpu_labels).to(self.device)
 
 
@@ -265,14 +271,23 @@ class OPSDTeacher(TeacherSource):
     def prepare(self, batch, examples, split, indices) -> None:
         teacher_prompts = [e.teacher_prompt_ids for e in examples]
         t = build_batch(teacher_prompts, batch.completions, pad_id=self.pad_id)
-        index = aligned_positions(batch.cpu_labels, t["labels"], [len(p) for p in batch.prompts],
+        labels = batch.row_labels if batch.packing is not None else batch.cpu_labels
+        index = aligned_positions(labels, t["labels"], [len(p) for p in batch.prompts],
                                   [len(p) for p in teacher_prompts])
+        batch.teacher_tokens = int(t["attention_mask"].sum())
+        if batch.packing is not None:
+            # The teacher's sequences packed like the student's (the same rows together), positions restarted,
+            # the aligned index pointing into the packed row.
+            tp = batch.packing.like([len(p) + len(c) for p, c in zip(teacher_prompts, batch.completions)])
+            index = batch.packing.pack_index(index, tp)
+            t = {"input_ids": tp.pack(t["input_ids"], fill=self.pad_id), "attention_mask": tp.pack(t["attention_mask"])}
+            batch.teacher_positions = tp.position_ids(self.device)
         batch.teacher_ids, batch.teacher_mask = t["input_ids"].to(self.device), t["attention_mask"].to(self.device)
         batch.teacher_index = index.to(self.device)
-        batch.teacher_tokens = int(t["attention_mask"].sum())
 
     def view(self, batch) -> TeacherView:
-        return self.teacher.view(batch.teacher_ids, batch.teacher_mask, chunked=True, index=batch.teacher_index)
+        return self.teacher.view(batch.teacher_ids, batch.teacher_mask, chunked=True, index=batch.teacher_index,
+                                 position_ids=batch.teacher_positions)
 
     def after_step(self) -> None:
         self.teacher.update()
@@ -284,5 +299,43 @@ class OPSDTeacher(TeacherSource):
         self.teacher.load_state_dict(state or {})
 
 
-__all__ = ["CachedTeacher", "ModelTeacher", "OPSDTeacher", "SelfTeacher", "TEACHER_WEIGHTS", "TeacherSource",
+class ServedTeacher(TeacherSource):
+    """A teacher behind inference servers (`teacher.server`; `hpd.served.TeacherServers`): the cache's
+    semantics (`TopKTeacher`: exact at the sequence token, top-K plus a tail elsewhere) with no model
+    here. A micro-batch's request leaves in `prepare` (on a thread, so it overlaps the student's
+    compute on the batches before it) and is awaited in `view`."""
+
+    prefetches = True  # the trainer prepares the next step's batches early, so their answers overlap this step
+
+    def __init__(self, servers, top_k: int, vocab_size: int, device: torch.device,
+                 temperature: float = 1.0, exact_samples: bool = False):
+        if abs(temperature - 1.0) > 1e-12:
+            raise HPDError(f"a served teacher returns log-probabilities at temperature 1, objective.temperature is "
+                           f"{temperature:g}: use objective.temperature=1 with teacher.server")
+        self.servers, self.top_k, self.vocab_size, self.device = servers, min(top_k, vocab_size), vocab_size, device
+        self.exact_samples = exact_samples  # hpd's samples outside the top-K asked for exactly (a second request)
+
+    def _fetch(self, sequences: list[list[int]], T: int):
+        from hpd.served import exact_scorer, topk_teacher
+
+        return topk_teacher(self.servers.score(sequences, self.top_k), T, self.top_k, self.vocab_size,
+                            score=exact_scorer(self.servers, sequences, T) if self.exact_samples else None)
+
+    def prepare(self, batch, examples, split, indices) -> None:
+        batch.teacher_tokens = int(batch.attention_mask.sum())
+        sequences = [list(p) + list(c) for p, c in zip(batch.prompts, batch.completions)]
+        # The servers score whole rows: the view is of the padded rows `(B, T)`, packed like the batch in `view`.
+        T = int((batch.row_labels if batch.packing is not None else batch.input_ids).shape[1])
+        batch.teacher_request = self.servers.submit(self._fetch, sequences, T)
+
+    def view(self, batch):
+        view = batch.teacher_request.result()
+        if batch.packing is not None:
+            view = batch.packing.pack_view(view)
+        return view.to(self.device)
+
+
+
+
+__all__ = ["CachedTeacher", "ModelTeacher", "OPSDTeacher", "SelfTeacher", "ServedTeacher", "TEACHER_WEIGHTS", "TeacherSource",
            "aligned_positions", "prompt_ending_mismatches", "teacher_view"]

@@ -32,6 +32,7 @@ uninterrupted run would have.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -56,7 +57,9 @@ from hpd.distributed import (
 from hpd.errors import DivergedError, HPDError
 from hpd.model_card import model_card
 from hpd.hub import resolve_model_path
+from hpd.packing import check_packing, model_inputs
 from hpd.progress import Progress
+from hpd.streaming import StreamSampler, check_streaming
 from hpd.provenance import code_record
 from hpd.models import (
     apply_lora, enable_gradient_checkpointing, final_hidden_states, init_from_teacher, lm_head_of, load_model, save_model,
@@ -70,9 +73,10 @@ from hpd.regimes import ResponseSource, derive_seed, has_rollouts, response_sour
 from hpd.rollout import select_backend
 from hpd.resume import RUN_NEUTRAL_KEYS, check_changes, config_changes, record_history, saved_config, schedule_note
 from hpd.run_dir import RunDirLock, describe_holder
+from hpd.served import TeacherServers
 from hpd.teacher_cache import TeacherCache
 from hpd.teachers import (
-    CachedTeacher, ModelTeacher, OPSDTeacher, SelfTeacher, TeacherSource, prompt_ending_mismatches,
+    CachedTeacher, ModelTeacher, OPSDTeacher, SelfTeacher, ServedTeacher, TeacherSource, prompt_ending_mismatches,
 )
 from hpd.trackers import finish_trackers, make_trackers, resolve_trackers, start_trackers, tracker_values
 from hpd.vocab import resolve_shared_vocab
@@ -108,8 +112,10 @@ class DistillationLoss(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, teacher: Any, *,
                 num_tokens: torch.Tensor, generator: torch.Generator | None, diagnostics: bool,
-                rollout: RolloutWeights | None = None, fix_weights: bool = False) -> dict[str, Any]:
-        """input_ids, attention_mask, labels: `(B, T)`; teacher: a `TeacherView` (or logits `(B, T, V)`) or None.
+                rollout: RolloutWeights | None = None, fix_weights: bool = False,
+                position_ids: torch.Tensor | None = None) -> dict[str, Any]:
+        """input_ids, attention_mask, labels: `(B, T)`; teacher: a `TeacherView` (or logits `(B, T, V)`) or None;
+        position_ids: `(B, T)` of a packed batch (`hpd.packing`), else None.
 
         Reused rollouts: `fix_weights=True` (at rollout time, no gradient) returns the objective's
         weights under the current student as `{"rollout": RolloutWeights, "output": ...}`; a later
@@ -117,7 +123,7 @@ class DistillationLoss(nn.Module):
         kw = dict(generator=generator, num_tokens=num_tokens, vocab_size=self.vocab_size, diagnostics=diagnostics)
         if fix_weights:
             with torch.no_grad():
-                hidden = final_hidden_states(self.student, input_ids, attention_mask)
+                hidden = final_hidden_states(self.student, input_ids, attention_mask, position_ids)
                 weight, bias = lm_head_of(self.student)
                 fixed, out = rollout_weights(self.objective, hidden, weight, teacher, labels, lm_head_bias=bias,
                                              chunk_size=self.chunk_size or DEFAULT_CHUNK_SIZE, **kw)
@@ -125,11 +131,11 @@ class DistillationLoss(nn.Module):
         if rollout is not None:
             kw.update(rollout=rollout, clip=self.clip)
         if self.chunk_size > 0:
-            hidden = final_hidden_states(self.student, input_ids, attention_mask)
+            hidden = final_hidden_states(self.student, input_ids, attention_mask, position_ids)
             weight, bias = lm_head_of(self.student)
             out = self.objective.chunked(hidden, weight, teacher, labels, lm_head_bias=bias, chunk_size=self.chunk_size, **kw)
         else:
-            logits = self.student(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+            logits = self.student(input_ids=input_ids, **model_inputs(attention_mask, position_ids), use_cache=False).logits
             out = self.objective(logits, teacher, labels, **kw)
         return {"loss": out.loss, "output": out}
 
@@ -176,14 +182,15 @@ def load_models(cfg: Config, cache: TeacherCache | None = None):
     """(student, teacher or None, tokenizer, shared vocabulary size).
 
     With a teacher `cache` the teacher is not loaded: a tiny student takes the cache's tokenizer,
-    and the vocabulary is the one the cache is normalized over. The student is wrapped with LoRA
+    and the vocabulary is the one the cache is normalized over. With `teacher.server` it is not
+    loaded either: the served model is checked against the student in `Trainer._setup`. The student is wrapped with LoRA
     adapters when `student.lora_rank > 0`. With `regime.name=self` there is no teacher model: the
     student is its own teacher (`hpd.teachers.SelfTeacher`).
     """
     teacher, tokenizer = None, None
     if cache is not None:
         tokenizer = cache.tokenizer() if cfg.student.path == "tiny" else None
-    elif cfg.teacher.path.strip().lower() != "none":
+    elif cfg.teacher.server is None and cfg.teacher.path.strip().lower() != "none":
         seed = cfg.teacher.init_seed if cfg.teacher.init_seed is not None else derive_seed(cfg.seed, "teacher") % 2**31
         teacher, tokenizer = load_model(cfg.teacher.path, dtype=cfg.teacher.dtype, trust_remote_code=cfg.teacher.trust_remote_code,
                                         tiny=_tiny_kwargs(cfg.teacher) if cfg.teacher.path == "tiny" else None, seed=seed,
@@ -242,9 +249,12 @@ def load_data(cfg: Config, tokenizer) -> tuple[list[EncodedExample], list[Encode
         def encode(path):
             return encode_file(path, tokenizer, d)
 
-    train, stats = encode(d.train)
-    info = {"train_rows": stats.rows, "train_skipped": stats.skipped, "train_truncated": stats.truncated,
-            "skip_reasons": stats.skip_reasons[:5]}
+    if d.streaming:  # read as training goes (hpd.streaming.StreamSampler)
+        train, info = [], {"train_streaming": True}
+    else:
+        train, stats = encode(d.train)
+        info = {"train_rows": stats.rows, "train_skipped": stats.skipped, "train_truncated": stats.truncated,
+                "skip_reasons": stats.skip_reasons[:5]}
     evals: list[EncodedExample] = []
     if d.eval:
         evals, es = encode(d.eval)
@@ -445,6 +455,12 @@ class Trainer:
         self.cache = TeacherCache(cfg.teacher.cache) if cfg.teacher.cache else None
         student, teacher, self.tokenizer, self.vocab_size = load_models(cfg, self.cache)
         self._check_rollout_bias(cfg, student)
+        if cfg.data.packing:  # before any data is read: a model that cannot keep packed rows apart stops here
+            check_packing(student, "student")
+            if teacher is not None:
+                check_packing(teacher, "teacher")
+        if cfg.data.streaming:
+            check_streaming(cfg)
         self.train_data, self.eval_data, self.data_info = load_data(cfg, self.tokenizer)
         if cfg.epochs is not None:  # before the resume check and the schedule, which both read max_steps
             cfg.max_steps = steps_for_epochs(cfg.epochs, len(self.train_data), cfg.optim.batch_size * cfg.optim.grad_accum,
@@ -466,12 +482,17 @@ class Trainer:
         self.objective = objective_from_config(cfg)
         self.self_distill = cfg.regime.name == "self"
         self.train_rows = self.eval_rows = None
+        self.servers: TeacherServers | None = None
         if self.cache is not None:
             self.cache.check_run(temperature=self.objective.temperature, support=self.objective.support,
                                  objective=self.objective.name)
             self.train_rows = self.cache.rows_of(self.train_data, "training", cfg.data)
             self.eval_rows = self.cache.rows_of(self.eval_data, "evaluation", cfg.data) if self.eval_data else []
             self.data_info["teacher_cache"] = str(self.cache.path)
+        elif cfg.teacher.server is not None:
+            self.servers = TeacherServers(cfg.teacher.server, timeout=cfg.teacher.server_timeout,
+                                          retries=cfg.teacher.server_retries, log=self.log)
+            self.vocab_size = self._check_servers(cfg, student)
         elif teacher is None and self.objective.needs_teacher and not self.self_distill:
             raise HPDError(f"objective '{cfg.objective.name}' needs a teacher: set teacher.path")
         self.pad_id = self.tokenizer.pad_token_id
@@ -499,10 +520,20 @@ class Trainer:
             self.teacher_source = OPSDTeacher(SelfTeacher(self.unwrapped, cfg.opsd.teacher_weights, cfg.opsd.ema_decay),
                                               self.pad_id, device)
             self._check_prompt_endings()
+        elif self.servers is not None:
+            self.teacher_source = ServedTeacher(self.servers, cfg.teacher.server_top_k, self.vocab_size, device,
+                                                temperature=self.objective.temperature,
+                                                exact_samples=cfg.teacher.server_exact_samples)
         elif self.teacher is not None:
             self.teacher_source = ModelTeacher(self.teacher)
-        self.sampler = EpochSampler(len(self.train_data), cfg.optim.batch_size, seed=cfg.seed,
-                                    num_replicas=self.world, rank=self.rank)
+        if cfg.data.streaming:  # the sampler holds each batch's examples: it is the training data
+            self.sampler = self.train_data = StreamSampler(cfg.data.train, self.tokenizer, cfg.data,
+                                                           batch_size=cfg.optim.batch_size, seed=cfg.seed,
+                                                           num_replicas=self.world, rank=self.rank)
+            self.sampler.check()
+        else:
+            self.sampler = EpochSampler(len(self.train_data), cfg.optim.batch_size, seed=cfg.seed,
+                                        num_replicas=self.world, rank=self.rank)
         self.step = 0
         self.bad_in_row = 0
         # Cumulative costs, kept across resumes: training wall time, tokens through the teacher's
@@ -518,6 +549,7 @@ class Trainer:
                                                          rank=self.rank, cache_dir=generations,
                                                          backend=self._generation_backend(cfg) if has_rollouts(cfg) else None)
         self._gen: torch.Generator | None = None
+        self._ahead: dict[tuple[int, tuple[int, ...]], MicroBatch] = {}  # the next step's batches, prepared early
         self._save_due = False  # a checkpoint postponed out of a run of non-finite steps
 
     # ---- helpers ----
@@ -542,6 +574,23 @@ class Trainer:
     def unwrapped(self) -> nn.Module:
         return self.acc.unwrap_model(self.module).student
 
+    def _check_servers(self, cfg: Config, student: nn.Module) -> int:
+        """The vocabulary the served teacher and the student share; `HPDError` when the servers serve
+        another tokenizer or vocabulary than the student's (both named). Recorded in the run's info."""
+        rows = vocab_rows(student)
+        info = self.servers.check(self.tokenizer, None, cfg.teacher.server_top_k, student=f"the student ({cfg.student.path})",
+                                  guess=rows)
+        served = info["vocab_size"]
+        shared = resolve_shared_vocab(rows, served, len(self.tokenizer)) if rows != served else rows
+        if shared != served:
+            raise HPDError(f"teacher server {self.servers.urls[0]} serves {info['models'][0]} with {served} vocabulary "
+                           f"rows, the student ({cfg.student.path}) has {rows} and its tokenizer {len(self.tokenizer)} "
+                           f"tokens: they share {shared}, but a served teacher is normalized over all {served}")
+        self.data_info["teacher_server"] = info
+        self.log(f"teacher served by {', '.join(f'{u} ({m})' for u, m in zip(info['servers'], info['models']))}: "
+                 f"vocabulary {served}, top-{info['top_k']} per position")
+        return served
+
     def _check_prompt_endings(self) -> None:
         """Warn when the teacher template makes the first response token follow another context."""
         rows = self.train_data
@@ -560,7 +609,8 @@ class Trainer:
         are given) as a batch, with what the teacher source reads."""
         completions = completions if completions is not None else [e.completion_ids for e in examples]
         batch = make_batch([e.prompt_ids for e in examples], completions, pad_id=self.pad_id, vocab_size=self.vocab_size,
-                           device=self.acc.device)
+                           device=self.acc.device, pack=self.cfg.data.packing,
+                           pack_length=self.cfg.data.pack_length)
         if self.teacher_source is not None:
             self.teacher_source.prepare(batch, examples, split, indices)
         return batch
@@ -568,13 +618,29 @@ class Trainer:
     def _micro_batches(self) -> tuple[list[MicroBatch], int]:
         """This step's micro-batches on this process, and the tokens sampled for them."""
         batches, generated = [], 0
+        ahead, self._ahead = self._ahead, {}
         for micro in range(self.cfg.optim.grad_accum):
             idx = next(self.sampler)
             examples = [self.train_data[i] for i in idx]
             completions, sampled = self.responses.completions(examples, idx, step=self.step, micro=micro)
             generated += sampled
-            batches.append(self._examples_batch(examples, idx, "train", completions))
+            early = ahead.get((micro, tuple(idx))) if completions is None else None
+            batches.append(early if early is not None else self._examples_batch(examples, idx, "train", completions))
+        self._prefetch_next_step()
         return batches, generated
+
+    def _prefetch_next_step(self) -> None:
+        """Prepare the next step's micro-batches now, so that a teacher source that asks a server
+        (`prefetches`) has their answers on the way while this step trains. Only where the next
+        responses are known now (the data's own completions); the sampler is peeked at, not moved,
+        so checkpoints and resumes are untouched."""
+        if not (getattr(self.teacher_source, "prefetches", False) and self.cfg.regime.name == "dataset"
+                and self.reuse is None and self.step + 1 < self.cfg.max_steps):
+            return
+        peek = copy.deepcopy(self.sampler)
+        for micro in range(self.cfg.optim.grad_accum):
+            idx = next(peek)
+            self._ahead[(micro, tuple(idx))] = self._examples_batch([self.train_data[i] for i in idx], idx, "train")
 
     def _check_rollout_bias(self, cfg: Config, student: nn.Module) -> None:
         """Refuse (or with regime.allow_biased_rollouts, warn about) rollouts that are not samples of
@@ -616,7 +682,8 @@ class Trainer:
                 with self.acc.autocast():
                     teach = self._teacher_view(b) if self.has_teacher else None
                     res = self.module(b.input_ids, b.attention_mask, b.labels, teach, num_tokens=num_tokens,
-                                      generator=self._generator(micro), diagnostics=diagnostics, fix_weights=True)
+                                      generator=self._generator(micro), diagnostics=diagnostics, fix_weights=True,
+                                      position_ids=b.position_ids)
                 fixed.append(res["rollout"])
                 outputs.append(res["output"])
             teacher_tokens = sum(b.teacher_tokens for _, b in batches) if self.objective.needs_teacher else 0
@@ -786,7 +853,7 @@ class Trainer:
             with self.acc.autocast():
                 teach = self._teacher_view(b) if self.has_teacher else None
                 res = self.module(b.input_ids, b.attention_mask, b.labels, teach, num_tokens=n_active,
-                                  generator=self._generator(i, "eval"), diagnostics=True)
+                                  generator=self._generator(i, "eval"), diagnostics=True, position_ids=b.position_ids)
             outputs.append(res["output"])
             loss_sum += float(res["output"].value)
         self.module.train()
@@ -845,7 +912,7 @@ class Trainer:
         if self.is_main:  # only the main process writes metrics.jsonl; the others need not hash the source
             metrics_log.write({"type": "code", "step": self.step, **code_record()})
         self.log(f"training {cfg.objective.name} ({cfg.regime.name} regime) for {cfg.max_steps} steps; "
-                 f"{len(self.train_data)} training examples; run dir {self.run_dir}")
+                 f"{'streamed' if cfg.data.streaming else len(self.train_data)} training examples; run dir {self.run_dir}")
         skipped = self.data_info.get("train_skipped", 0) + self.data_info.get("eval_skipped", 0)
         if skipped:
             reasons = self.data_info.get("skip_reasons") or ["?"]
@@ -909,7 +976,8 @@ class Trainer:
             with (nullcontext() if last else acc.no_sync(self.module)), acc.autocast():
                 teach = self._teacher_view(b) if use_teacher else None
                 res = self.module(b.input_ids, b.attention_mask, b.labels, teach, num_tokens=num_tokens,
-                                  generator=self._generator(micro), diagnostics=diagnostics, rollout=fixed[micro])
+                                  generator=self._generator(micro), diagnostics=diagnostics, rollout=fixed[micro],
+                                  position_ids=b.position_ids)
                 # DDP averages gradients over processes; the loss is already a share of the global
                 # token mean, so scale it back up to keep the gradient of the global mean.
                 acc.backward(res["loss"] * self.world)
@@ -956,7 +1024,8 @@ class Trainer:
         record = {"type": "train", "step": self.step + 1, "loss": loss, "value": value, "lr": lr, "grad_norm": gnorm,
                   "regime": regime, "tokens": float(num_tokens), "tokens_per_s": float(num_tokens) / dt, "step_time_s": dt,
                   "peak_mem_mb": peak_memory_mb(acc.device),
-                  "epoch": self.sampler.epoch + self.sampler.position / self.sampler.num_examples, **self.totals,
+                  "epoch": self.sampler.progress if self.cfg.data.streaming
+                  else self.sampler.epoch + self.sampler.position / self.sampler.num_examples, **self.totals,
                   **self.responses.metrics(), **reuse_info}
         if (self.step + 1) % cfg.log.every == 0 or self.step + 1 == cfg.max_steps:
             record.update(global_metrics(outputs, acc))
