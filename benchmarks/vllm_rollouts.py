@@ -44,7 +44,7 @@ from hpd.models import load_model  # noqa: E402
 from hpd.regimes import SamplingSettings  # noqa: E402
 from hpd.rollout import HFGenerate, encode_prompts  # noqa: E402
 from hpd.trainer import Trainer  # noqa: E402
-from hpd.vllm_generate import VLLMGenerate  # noqa: E402
+from hpd.vllm_generate import VLLMGenerate, group_cpu_seconds  # noqa: E402
 
 STUDENTS = {"llama-3x128": ROOT / "hpd" / "assets" / "students" / "llama-3x128", "teacher-size": BUNDLED_TEACHER}
 BATCH, NEW_TOKENS, MAX_LENGTH = 32, 64, 160
@@ -59,13 +59,17 @@ def rollout_figures(student: Path, prompts: list[list[int]], reps: int) -> dict[
         try:
             backend.generate(model, tok, prompts, settings, seed=999)  # warm-up (and the server's start)
             server = getattr(backend, "server", None)
-            s0, c0, t0 = server.cpu_seconds() if server else 0.0, time.process_time(), time.perf_counter()
+
+            def server_cpu():
+                return group_cpu_seconds(server.proc.pid) if server else 0.0
+
+            s0, c0, t0 = server_cpu(), time.process_time(), time.perf_counter()
             tokens = sum(len(c) for r in range(reps) for c in backend.generate(model, tok, prompts, settings, seed=r))
             wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-            server_cpu = (server.cpu_seconds() - s0) if server else 0.0
+            server_s = server_cpu() - s0
         finally:
             backend.close()
-        out[name] = {"tokens": tokens, "wall_s": wall, "cpu_s": cpu, "server_cpu_s": server_cpu}
+        out[name] = {"tokens": tokens, "wall_s": wall, "cpu_s": cpu, "server_cpu_s": server_s}
     return out
 
 

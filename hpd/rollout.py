@@ -199,11 +199,12 @@ def select_backend(name: str = "auto", *, url: str | None = None, python: str | 
     environment is there; else hf). The other arguments are `VLLMGenerate`'s."""
     if name not in BACKENDS:
         raise HPDError(f"unknown generation backend {name!r}: choose one of {', '.join(BACKENDS)}")
-    from hpd.vllm_generate import DEFAULT_ENGINE_PYTHON, VLLMGenerate
+    from hpd.engine import engine_python
+    from hpd.vllm_generate import VLLMGenerate
 
     if name == "auto":
-        engine = Path(python).expanduser() if python else DEFAULT_ENGINE_PYTHON
-        name = "vllm" if url or (torch.cuda.is_available() and engine.is_file()) else "hf"
+        engine = Path(python).expanduser().is_file() if python else engine_python(required=False) is not None
+        name = "vllm" if url or (torch.cuda.is_available() and engine) else "hf"
     if name == "hf":
         return HFGenerate()
     return VLLMGenerate(url=url, python=python, args=args, max_model_len=max_model_len,

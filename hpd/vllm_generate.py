@@ -4,10 +4,10 @@
 environment (`make engine`: its pins conflict with the project's), so the backend talks to a vLLM
 server process over HTTP rather than importing vLLM:
 
-- the server: started by the backend at the first rollout, from the engine environment's python
-  (`regime.vllm_python`, default the repository's `.venv-vllm`), on a directory holding the
-  student's config and weights (`VLLMServer`), on 127.0.0.1 and a free port, stopped with the
-  run; or one already running, given by URL (`regime.vllm_url`, started with
+- the server: started by the backend at the first rollout (`hpd.engine.EngineServer`, as
+  `rollout_server` sets it up), from the engine environment's python (`regime.vllm_python`, default
+  `hpd.engine`'s), on a directory holding the student's config and weights, on 127.0.0.1 and a
+  free port, stopped with the run; or one already running, given by URL (`regime.vllm_url`, started with
   `VLLM_SERVER_DEV_MODE=1` on this machine, since the weights travel through files);
 - rollouts: one `/v1/completions` request per prompt (token-id prompt, the sampling settings,
   the stop ids HF `generate` stops at, and a seed derived from the call's seed and the prompt's
@@ -35,9 +35,6 @@ from __future__ import annotations
 import copy
 import os
 import shlex
-import signal
-import socket
-import subprocess
 import tempfile
 import threading
 import time
@@ -48,12 +45,11 @@ from typing import Any
 
 import torch
 
+from hpd.engine import INSTALL_HINT, EngineServer, engine_python
 from hpd.errors import HPDError
 from hpd.files import atomic_write, atomic_write_text
 from hpd.rollout import GenerationBackend, HFGenerate, _eos_ids
 
-ENGINE_TARGET = "make engine"
-DEFAULT_ENGINE_PYTHON = Path(__file__).resolve().parent.parent / ".venv-vllm" / "bin" / "python"
 WEIGHTS_FILE = "model.safetensors"
 _DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
@@ -65,34 +61,14 @@ def per_prompt_seeds(seed: int, n: int) -> list[int]:
     return [derive_seed(seed, i, "vllm") % 2**31 for i in range(n)]
 
 
-def engine_python(path: str | os.PathLike | None = None) -> Path:
-    """The engine environment's python (`path`, else the repository's `.venv-vllm`), checked to exist."""
-    p = Path(path).expanduser() if path else DEFAULT_ENGINE_PYTHON
-    if not p.is_file():
-        raise HPDError(f"regime.backend=vllm needs the vLLM engine environment, and {p} does not exist: run "
-                       f"`{ENGINE_TARGET}` in the repository, set regime.vllm_python to the python of an environment "
-                       "with vLLM, or regime.vllm_url to a running vLLM server")
-    return p
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    """Stop a server and the engine processes it spawned (its own session: group id = its pid)."""
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
-    except ProcessLookupError:
-        return
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
+def resolve_engine(python: str | os.PathLike | None = None) -> Path:
+    """The engine environment's python: `python` (regime.vllm_python), else `hpd.engine`'s
+    (`$HPD_ENGINE_PYTHON`, else the repository's `.venv-vllm`), checked to exist."""
+    if python is None:
+        return engine_python()
+    if not Path(python).expanduser().is_file():
+        raise HPDError(f"regime.vllm_python={python} does not exist: {INSTALL_HINT}")
+    return Path(python).expanduser()
 
 
 def group_cpu_seconds(pgid: int) -> float:
@@ -110,82 +86,36 @@ def group_cpu_seconds(pgid: int) -> float:
     return total
 
 
-class VLLMServer:
-    """A vLLM OpenAI-compatible server on `model_dir`, run from the engine environment's `python`
-    (on a GPU when `gpu_memory_utilization` is given, else on the CPU).
+def log_errors(path: Path, lines: int = 3) -> str:
+    """The last error lines of a server's log (else its last lines), for one-line messages."""
+    try:
+        text = Path(path).read_text(errors="replace").splitlines()
+    except OSError:
+        return "(no log)"
+    errors = [ln.strip() for ln in text if "Error" in ln and "Warning" not in ln]
+    return " | ".join((errors or [ln.strip() for ln in text])[-lines:])[-600:]
 
-    `start()` returns once `/v1/models` answers; a server that exits first, or is not up within
-    `startup_timeout` seconds, is an `HPDError` quoting its log. `stop()` ends it and its engine
-    processes (also done at interpreter exit)."""
 
-    def __init__(self, model_dir: str | os.PathLike, *, python: str | os.PathLike | None = None, dtype: str = "float32",
-                 max_model_len: int | None = None, extra_args: str = "", gpu_memory_utilization: float | None = None,
-                 startup_timeout: float = 600.0, log_path: str | os.PathLike | None = None):
-        self.model_dir, self.python = Path(model_dir), engine_python(python)
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = Path(log_path) if log_path else self.model_dir.parent / f"vllm-{self.port}.log"
-        self.args = ["-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model_dir), "--dtype", dtype,
-                     "--host", "127.0.0.1", "--port", str(self.port),
-                     # Token ids in and out: no tokenizer needed; the model's sampling defaults ignored.
-                     "--skip-tokenizer-init", "--generation-config", "vllm", "--disable-uvicorn-access-log"]
-        if max_model_len:
-            self.args += ["--max-model-len", str(max_model_len)]
-        self.gpu = gpu_memory_utilization is not None
-        if self.gpu:
-            self.args += ["--gpu-memory-utilization", str(gpu_memory_utilization)]
-        self.args += shlex.split(extra_args)
-        self.startup_timeout = startup_timeout
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> "VLLMServer":
-        import requests
-
-        env = dict(os.environ, VLLM_SERVER_DEV_MODE="1")  # the weight-reload and cache-reset routes
-        args = list(self.args)
-        if not self.gpu:
-            env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; vLLM's own default takes far more
-            # The engine in the server's process: as separate processes, the worker busy-polls its
-            # queue for a second after every request, a core taken from the trainer (measured: 0.9
-            # CPU s per idle 5 s, against 0.04 in-process).
-            env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-            if env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0":
-                args += ["--distributed-executor-backend", "uni"]
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen([str(self.python), *args], stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, env=env, start_new_session=True)
-        self._finalizer = weakref.finalize(self, _kill_group, self.proc)
-        deadline = time.monotonic() + self.startup_timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise HPDError(f"the vLLM server ({self.python} {' '.join(self.args[:4])}) exited with code "
-                               f"{self.proc.returncode} while starting: {self.log_tail()} (log: {self.log_path})")
-            try:
-                if requests.get(self.url + "/v1/models", timeout=5).status_code == 200:
-                    return self
-            except requests.RequestException:
-                pass
-            time.sleep(1.0)
-        self.stop()
-        raise HPDError(f"the vLLM server did not answer within {self.startup_timeout:g} s (log: {self.log_path})")
-
-    def log_tail(self, lines: int = 3) -> str:
-        """The last error lines of the server's log (or its last lines), for messages."""
-        try:
-            text = self.log_path.read_text(errors="replace").splitlines()
-        except OSError:
-            return "(no log)"
-        errors = [ln.strip() for ln in text if "Error" in ln and "Warning" not in ln]
-        return " | ".join((errors or [ln.strip() for ln in text])[-lines:])[-600:]
-
-    def cpu_seconds(self) -> float:
-        """CPU seconds the server's processes (API server, engine core, workers) have used so far."""
-        return group_cpu_seconds(self.proc.pid) if self.proc is not None and self.proc.poll() is None else 0.0
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self._finalizer()
-            self.proc = None
+def rollout_server(model_dir: Path, *, python: Path, dtype: str, max_model_len: int | None, extra_args: str,
+                   gpu_memory_utilization: float | None, log: Path) -> EngineServer:
+    """An `EngineServer` (not started) set up to serve rollouts of the student in `model_dir`: token
+    ids in and out (no tokenizer), the model's sampling defaults ignored, the weight-reload and
+    cache-reset routes on (`VLLM_SERVER_DEV_MODE=1`); on a GPU `gpu_memory_utilization` of it."""
+    args = ["--skip-tokenizer-init", "--generation-config", "vllm"]
+    if gpu_memory_utilization is not None:
+        args += ["--gpu-memory-utilization", str(gpu_memory_utilization)]
+    server = EngineServer(model_dir, dtype=dtype, max_model_len=max_model_len, max_logprobs=1, python=python,
+                          kv_cache_gib=None if gpu_memory_utilization is not None else 1.0,
+                          extra_args=args + shlex.split(extra_args), log=log)
+    server.env["VLLM_SERVER_DEV_MODE"] = "1"
+    if gpu_memory_utilization is None:
+        # The engine in the server's process: as separate processes, the worker busy-polls its
+        # queue for a second after every request, a core taken from the trainer (measured: 0.9 CPU
+        # s per idle 5 s, against 0.04 in-process).
+        server.env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        if server.env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0":
+            server.command += ["--distributed-executor-backend", "uni"]
+    return server
 
 
 def merged_state_dict(model) -> dict[str, torch.Tensor]:
@@ -218,13 +148,13 @@ class VLLMGenerate(GenerationBackend):
                  max_model_len: int | None = None, gpu_memory_utilization: float = 0.3,
                  request_timeout: float = 600.0, startup_timeout: float = 600.0):
         if url is None:
-            engine_python(python)  # missing engine: refused now, before any training
+            resolve_engine(python)  # missing engine: refused now, before any training
         self.given_url = url.rstrip("/") if url else None
         self.url = self.given_url
         self.python, self.args, self.max_model_len = python, args, max_model_len
         self.gpu_memory_utilization = gpu_memory_utilization
         self.request_timeout, self.startup_timeout = request_timeout, startup_timeout
-        self.server: VLLMServer | None = None
+        self.server: EngineServer | None = None
         self.model_name: str | None = None
         self.model_ref: weakref.ref | None = None
         self.stale = True  # whether the served weights lag the student's
@@ -264,7 +194,7 @@ class VLLMGenerate(GenerationBackend):
 
     def _hint(self) -> str:
         if self.server is not None:
-            return f"; its log says: {self.server.log_tail()} ({self.server.log_path})"
+            return f"; its log says: {log_errors(self.server.log_path)} ({self.server.log_path})"
         return "; check that it runs (started with VLLM_SERVER_DEV_MODE=1, on this machine)"
 
     # ---- the server and its weights ----
@@ -287,10 +217,12 @@ class VLLMGenerate(GenerationBackend):
             limit = getattr(base.config, "max_position_embeddings", None)
             if max_len and limit:
                 max_len = min(max_len, int(limit))
-            self.server = VLLMServer(weights, python=self.python, dtype=dtype, max_model_len=max_len,
-                                     extra_args=self.args, startup_timeout=self.startup_timeout,
-                                     gpu_memory_utilization=self.gpu_memory_utilization if torch.cuda.is_available() else None,
-                                     log_path=Path(self._dir.name) / "server.log").start()
+            self.server = rollout_server(
+                weights, python=resolve_engine(self.python), dtype=dtype, max_model_len=max_len, extra_args=self.args,
+                gpu_memory_utilization=self.gpu_memory_utilization if torch.cuda.is_available() else None,
+                log=Path(self._dir.name) / "server.log")
+            self._finalizer = weakref.finalize(self, self.server.stop)  # also at interpreter exit
+            self.server.start(timeout=self.startup_timeout)
             self.url = self.server.url
             self.stale = False
         self._weights_dir = weights
@@ -379,7 +311,7 @@ class VLLMGenerate(GenerationBackend):
         out = {"vllm_syncs": float(self.stats["syncs"]), "vllm_sync_s": self.stats["sync_s"],
                "vllm_last_sync_s": self.stats["last_sync_s"]}
         if self.server is not None:
-            out["vllm_server_cpu_s"] = self.server.cpu_seconds()
+            out["vllm_server_cpu_s"] = group_cpu_seconds(self.server.proc.pid) if self.server.alive() else 0.0
         return out
 
     def close(self) -> None:
@@ -393,5 +325,5 @@ class VLLMGenerate(GenerationBackend):
         self.model_ref, self.url, self.stale = None, self.given_url, True
 
 
-__all__ = ["DEFAULT_ENGINE_PYTHON", "ENGINE_TARGET", "VLLMGenerate", "VLLMServer", "engine_python",
+__all__ = ["VLLMGenerate", "log_errors", "resolve_engine", "rollout_server",
            "group_cpu_seconds", "merged_state_dict", "per_prompt_seeds"]

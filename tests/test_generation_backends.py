@@ -42,10 +42,14 @@ def test_auto_selects_vllm_with_a_server_or_a_gpu_and_the_engine(monkeypatch, tm
     assert isinstance(backend, VLLMGenerate) and backend.server is None  # started at the first rollout
     assert type(backend.for_teacher()) is HFGenerate
     assert type(select_backend("auto", python=MISSING)) is HFGenerate
+    monkeypatch.setenv("HPD_ENGINE_PYTHON", MISSING)  # hpd.engine's default python, absent
+    assert type(select_backend("auto")) is HFGenerate
+    monkeypatch.setenv("HPD_ENGINE_PYTHON", str(python))
+    assert isinstance(select_backend("auto"), VLLMGenerate)
 
 
 def test_vllm_without_its_engine_environment_is_a_clear_error():
-    with pytest.raises(HPDError, match=r"needs the vLLM engine environment.*run `make engine`"):
+    with pytest.raises(HPDError, match=r"regime.vllm_python=/nonexistent.* does not exist: install the engine with `make engine`"):
         select_backend("vllm", python=MISSING)
     with pytest.raises(HPDError, match="unknown generation backend 'vlm'"):
         select_backend("vlm")

@@ -1,7 +1,7 @@
 """Student rollouts on a real vLLM server (`regime.backend=vllm`), against Hugging Face `generate`.
 
-Every test here starts vLLM on 127.0.0.1 from the engine environment (the repository's
-.venv-vllm, `make engine`) on one of the bundled models and is skipped without it. A server takes
+Every test here starts vLLM on 127.0.0.1 from the engine environment (`hpd.engine`: the
+repository's .venv-vllm, `make engine`) on one of the bundled models and is skipped without it. A server takes
 30-60 s to start on a CPU, so these tests are marked slow (`make test-slow`).
 
 What they show: greedy rollouts equal HF `generate`'s token for token (Llama and Qwen2); sampled
@@ -27,7 +27,8 @@ from hpd.models import apply_lora, load_model
 from hpd.regimes import SamplingSettings
 from hpd.rollout import encode_prompts, generate_completions
 from hpd.trainer import Trainer
-from hpd.vllm_generate import DEFAULT_ENGINE_PYTHON, ENGINE_TARGET, VLLMGenerate
+from hpd.engine import INSTALL_HINT, engine_python
+from hpd.vllm_generate import VLLMGenerate
 
 ASSETS = Path(__file__).resolve().parents[1] / "hpd" / "assets"
 TEACHER = ASSETS / "teacher"  # Llama, head_dim 48
@@ -37,8 +38,8 @@ QWEN = ASSETS / "students" / "writer"  # Qwen2, head_dim 32
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not DEFAULT_ENGINE_PYTHON.is_file(),
-                       reason=f"the vLLM engine environment is absent ({DEFAULT_ENGINE_PYTHON}): run `{ENGINE_TARGET}`"),
+    pytest.mark.skipif(engine_python(required=False) is None,
+                       reason=f"the vLLM engine environment is absent: {INSTALL_HINT}"),
     pytest.mark.usefixtures("single_torch_thread", "server_on_one_thread"),
 ]
 
