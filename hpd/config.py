@@ -373,14 +373,31 @@ class RegimeConfig:
     top_k: int = field_(0, "Rollout top-k sampling (0 = off).", min=0)
     backend: str = field_(
         "hf",
-        "Student rollouts: hf = Hugging Face generate in the training process (every device); vllm = "
-        "EXPERIMENTAL vLLM engine colocated on the GPU, weights synced after each optimizer step "
-        "(needs vLLM and a CUDA GPU; never yet run on one, so not the default); auto = vllm when "
-        "both are there, else hf.",
+        "Student rollouts: hf = Hugging Face generate in the training process; vllm = a vLLM server "
+        "(regime.vllm_url, or started from the engine environment, `make engine`) holding a copy "
+        "of the student, its weights pushed before each rollout that follows an optimizer step "
+        "(tested on CPUs; not yet run on a GPU); auto = vllm when regime.vllm_url is set, or a "
+        "CUDA GPU is visible and the engine environment is there, else hf.",
         choices=["auto", "hf", "vllm"],
     )
+    vllm_url: str | None = field_(
+        None,
+        "regime.backend=vllm: a running vLLM server (http://HOST:PORT) to sample rollouts from "
+        "instead of starting one; started with VLLM_SERVER_DEV_MODE=1 and able to read this "
+        "machine's files (the student's weights reach it as a safetensors file).",
+    )
+    vllm_python: str | None = field_(
+        None,
+        "regime.backend=vllm: the python of the environment with vLLM that starts the server "
+        "(null = the repository's .venv-vllm, made by `make engine`).",
+    )
+    vllm_args: str = field_(
+        "",
+        "regime.backend=vllm: extra arguments for the server it starts (e.g. \"--enforce-eager\"); "
+        "its environment is this process's (e.g. VLLM_CPU_OMP_THREADS_BIND, VLLM_CPU_KVCACHE_SPACE).",
+    )
     vllm_gpu_memory: float = field_(
-        0.3, "regime.backend=vllm: fraction of the GPU's memory the vLLM engine may take.",
+        0.3, "regime.backend=vllm on a GPU: fraction of the GPU's memory the vLLM server may take.",
         min=0.0, max=1.0, min_exclusive=True,
     )
     allow_biased_rollouts: bool = field_(

@@ -408,6 +408,9 @@ class Trainer:
 
     def close(self, cleanup: bool = False) -> None:
         """Release the run directory (cleanup: also remove the lock files this run created)."""
+        responses = getattr(self, "responses", None)
+        if responses is not None:  # a generation server the run started
+            responses.close()
         if self._trackers_started:  # however the run ended: flush TensorBoard, end the MLflow/W&B run
             self._trackers_started = False
             finish_trackers(self.acc)
@@ -530,14 +533,20 @@ class Trainer:
         self.responses: ResponseSource = response_source(cfg, student=self.unwrapped, teacher=self.teacher,
                                                          tokenizer=self.tokenizer, train_data=self.train_data,
                                                          rank=self.rank, cache_dir=generations,
-                                                         backend=select_backend(cfg.regime.backend,
-                                                                                gpu_memory_utilization=cfg.regime.vllm_gpu_memory)
-                                                         if has_rollouts(cfg) else None)
+                                                         backend=self._generation_backend(cfg) if has_rollouts(cfg) else None)
         self._gen: torch.Generator | None = None
         self._ahead: dict[tuple[int, tuple[int, ...]], MicroBatch] = {}  # the next step's batches, prepared early
         self._save_due = False  # a checkpoint postponed out of a run of non-finite steps
 
     # ---- helpers ----
+
+    @staticmethod
+    def _generation_backend(cfg: Config):
+        r = cfg.regime
+        # A rollout is at most max_new_tokens after a prompt of at most data.max_length tokens.
+        return select_backend(r.backend, url=r.vllm_url, python=r.vllm_python, args=r.vllm_args,
+                              max_model_len=cfg.data.max_length + r.max_new_tokens,
+                              gpu_memory_utilization=r.vllm_gpu_memory)
 
     @property
     def has_teacher(self) -> bool:
@@ -1003,7 +1012,7 @@ class Trainer:
                   "peak_mem_mb": peak_memory_mb(acc.device),
                   "epoch": self.sampler.progress if self.cfg.data.streaming
                   else self.sampler.epoch + self.sampler.position / self.sampler.num_examples, **self.totals,
-                  **reuse_info}
+                  **self.responses.metrics(), **reuse_info}
         if (self.step + 1) % cfg.log.every == 0 or self.step + 1 == cfg.max_steps:
             record.update(global_metrics(outputs, acc))
             if self.teacher_source is not None:
