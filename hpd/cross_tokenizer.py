@@ -39,6 +39,7 @@ from hpd.errors import HPDError
 from hpd.models import final_hidden_states, lm_head_of
 from hpd.objectives import IGNORE_INDEX, TeacherChunk, TeacherView
 from hpd.objectives.base import upcast
+from hpd.objectives.head import IDENTITY, LogitTransform
 from hpd.teachers import TeacherSource
 from hpd.tokenizer import _bytes_to_unicode
 
@@ -326,10 +327,13 @@ class CrossTokenizerView(TeacherView):
     span_hi: Tensor
     mapping: Tensor
     chunk_size: int = 1024
+    transform: LogitTransform = IDENTITY  # what the teacher applies to h @ W.T + b (a softcap, a scale)
     vocab_size = None  # the teacher's vocabulary is another one: the loss runs over the student's
 
     def _logits(self, h: Tensor, w: Tensor, b: Tensor | None, tau: float) -> Tensor:
         z = torch.addmm(b, h, w.T) if b is not None else h @ w.T
+        if not self.transform.is_identity:
+            z = self.transform(z)
         return z.div_(tau) if tau != 1.0 else z
 
     def chunker(self, V, tau):
@@ -419,11 +423,11 @@ class CrossTokenizerTeacher(TeacherSource):
 
     @torch.no_grad()
     def view(self, batch) -> TeacherView:
-        weight, bias = lm_head_of(self.model)
+        head = lm_head_of(self.model).detached()
         hidden = final_hidden_states(self.model, batch.teacher_ids, batch.teacher_mask)
         labels, context, lo, hi = batch.xtok
-        return CrossTokenizerView(hidden, weight.detach(), None if bias is None else bias.detach(), labels, context,
-                                  lo, hi, self.mapping, chunk_size=self.chunk_size)
+        return CrossTokenizerView(hidden, head.weight, head.bias, labels, context, lo, hi, self.mapping,
+                                  chunk_size=self.chunk_size, transform=head.transform)
 
     def stats(self) -> dict[str, float]:
         """The fraction of the student's response positions masked so far (not alignable)."""
