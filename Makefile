@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The CPU build of PyTorch unless CUDA is present (an unpinned torch would pull a multi-GB CUDA build).
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch" || echo "torch==2.13.0")
 
-.PHONY: install demo test test-slow bench-objectives readme clean
+.PHONY: install demo test test-slow bench-objectives readme docs clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -28,8 +28,11 @@ test-slow: install
 bench-objectives: install
 	$(BIN)/python benchmarks/objective_memory.py
 
+docs: install
+	DISABLE_MKDOCS_2_WARNING=true NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build site *.egg-info
 
 readme: install
 	$(BIN)/python scripts/update_readme.py
