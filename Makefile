@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The CPU build of PyTorch unless CUDA is present (an unpinned torch would pull a multi-GB CUDA build).
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch" || echo "torch==2.13.0")
 
-.PHONY: install demo test test-slow bench-objectives readme docs clean
+.PHONY: install demo test test-slow bench-objectives docs clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -34,5 +34,3 @@ docs: install
 clean:
 	rm -rf $(VENV) build site *.egg-info
 
-readme: install
-	$(BIN)/python scripts/update_readme.py

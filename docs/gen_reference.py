@@ -76,8 +76,24 @@ def api_pages() -> dict[str, str]:
     return pages
 
 
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def home_page() -> str:
+    """The README, the project's front door, as the site's home page (its links made site-relative)."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    return text.replace("](docs/", "](").replace("](benchmarks/RESULTS.md)", "](results.md)")
+
+
+def results_page() -> str:
+    """benchmarks/RESULTS.md, where every measured table lives, as the site's results section."""
+    return (ROOT / "benchmarks" / "RESULTS.md").read_text(encoding="utf-8")
+
+
 def pages() -> dict[str, str]:
-    out = {"reference/config.md": config_page(), "reference/cli.md": cli_page()}
+    history = (ROOT / "benchmarks" / "results" / "HISTORY.md").read_text(encoding="utf-8")
+    out = {"index.md": home_page(), "results.md": results_page(), "results/HISTORY.md": history,
+           "reference/config.md": config_page(), "reference/cli.md": cli_page()}
     out.update(api_pages())
     return out
 
