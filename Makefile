@@ -11,6 +11,8 @@ $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	@# this project was the distribution `hpd` before `hpd-distill`: no two copies in one .venv
+	$(BIN)/pip uninstall -q -y hpd 2>/dev/null || true
 	$(BIN)/pip install -q -e ".[test]"
 	touch $@
 

@@ -15,7 +15,12 @@ it also measures older code: `PYTHONPATH=/path/to/old/checkout python benchmarks
 
 A second table (with the OS sandbox only) splits the cost by layer: one fork server runs
 `--layer-jobs` trivial jobs plain, with the per-child seccomp filter, inside bubblewrap, and with
-both, in rotation; it gives the median CPU milliseconds per job the server reported.
+both, in rotation; it gives the median CPU milliseconds per job the server reported. Its last
+row runs both with the child filter before issue 35 (thread clones allowed).
+
+A third table prices the thread bound of issue 35 (the child may not clone at all) against the
+filter before it (thread clones allowed): the `correct` batch verified with each child filter in
+turn, `--rounds` times each, alternating; completions/s and CPU ms per completion (medians).
 
     OMP_NUM_THREADS=1 python benchmarks/code_sandbox.py --n 200 --rounds 5
 """
@@ -75,8 +80,9 @@ def _layers(jobs_n: int, rounds: int) -> None:
 
     def cpu_ms_per_job(child_filter: bool, boxed: bool) -> float:
         payload = json.dumps({"jobs": jobs, "timeout": 2, "memory": 256 << 20, "cpu": 2,
-                              "result_limit": sb.RESULT_LIMIT,
-                              "filter": found.child_filter.hex() if child_filter else None}).encode()
+                              "result_limit": sb.RESULT_LIMIT, "max_depth": sb.RESULT_DEPTH,
+                              "filter": (child_filter if isinstance(child_filter, bytes) else found.child_filter).hex()
+                              if child_filter else None}).encode()
         args, fds = ["-I", "-S", "-B", "-c", sb._SERVER], ()
         if boxed:
             r, w = os.pipe()
@@ -90,8 +96,10 @@ def _layers(jobs_n: int, rounds: int) -> None:
             os.close(fd)
         return json.loads(out.stdout.splitlines()[-1])["cpu_s"] / jobs_n * 1e3
 
+    old_filter = sb._compile_filters(child_threads=True)[1]
     variants = {"plain fork server": (False, False), "+ child seccomp filter": (True, False),
-                "in bubblewrap (+ its filter)": (False, True), "both (what verify runs)": (True, True)}
+                "in bubblewrap (+ its filter)": (False, True), "both (what verify runs)": (True, True),
+                "both, child filter allowing threads (before issue 35)": (old_filter, True)}
     got: dict[str, list[float]] = {k: [] for k in variants}
     for _ in range(rounds):
         for name, (child_filter, boxed) in variants.items():
@@ -103,11 +111,37 @@ def _layers(jobs_n: int, rounds: int) -> None:
         print(f"| {name} | {statistics.median(values):.2f} |")
 
 
+def _thread_bound(task: CodeTask, items: list, rounds: int) -> None:
+    """The `correct` batch with the child filter of today (no clone) and of before (threads allowed)."""
+    import dataclasses
+
+    from hpd.apps.tasks import sandbox as sb
+
+    now = sb.isolation()
+    before = dataclasses.replace(now, child_filter=sb._compile_filters(child_threads=True)[1])
+    completions = [it.reference for it in items]
+    got: dict[str, list[tuple[float, float, int]]] = {"threads allowed (before issue 35)": [], "no clone at all (now)": []}
+    try:
+        for _ in range(rounds):
+            for name, found in zip(got, (before, now)):
+                sb._found = found  # the isolation every later batch of this process uses
+                got[name].append(_measure(task, items, completions, 1))
+    finally:
+        sb._found = now
+    print(f"\nthe thread bound: {len(items)} correct completions, each child filter {rounds} times, alternating\n")
+    print("| child filter | completions/s | CPU ms per completion | scored True |")
+    print("|---|---:|---:|---:|")
+    for name, runs in got.items():
+        wall, cpu = statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
+        print(f"| {name} | {len(items) / wall:.0f} | {cpu / len(items) * 1e3:.2f} | {runs[-1][2]}/{len(items)} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=200, help="completions per batch")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--layer-jobs", type=int, default=300, help="jobs per run of the per-layer table (0 = skip)")
+    ap.add_argument("--no-bound", dest="bound", action="store_false", help="skip the thread-bound table")
     args = ap.parse_args()
 
     task = CodeTask()
@@ -127,6 +161,8 @@ def main() -> None:
         print(f"| {name} | {args.n / wall:.0f} | {wall:.3f} | {cpu:.3f} | {correct}/{args.n} |")
     if args.layer_jobs and hasattr(task, "sandbox_mode"):
         _layers(args.layer_jobs, args.rounds)
+    if args.bound and hasattr(task, "sandbox_mode"):
+        _thread_bound(task, items, args.rounds)
 
 
 if __name__ == "__main__":

@@ -443,7 +443,7 @@ class LogConfig:
         [],
         "Experiment trackers that receive every metrics.jsonl line, through accelerate's trackers (as "
         "transformers' report_to): a list such as [tensorboard, wandb] or tensorboard,mlflow; each needs its "
-        "package (pip install 'hpd[trackers]'). Offline: tensorboard writes RUN/tensorboard/, mlflow a file "
+        "package (pip install 'hpd-distill[trackers]'). Offline: tensorboard writes RUN/tensorboard/, mlflow a file "
         "store in RUN/mlruns/ (unless MLFLOW_TRACKING_URI is set), wandb RUN/wandb/ (WANDB_MODE=offline for "
         "no network). [] = log.tensorboard decides; [none] = no tracker at all.",
         choices=["tensorboard", "wandb", "mlflow", "none"],

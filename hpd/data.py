@@ -367,8 +367,7 @@ def _iter_rows(path: str) -> Iterator[_Located]:
     if os.path.isdir(base):
         yield from _iter_saved_dataset(base, split, path)
         return
-    if not os.path.exists(path):
-        raise HPDError(f"data file {path} not found: check the path (relative to {os.getcwd()})")
+    _check_exists(path)
     lower = path.lower()
     if lower.endswith((".jsonl", ".ndjson")):
         yield from _iter_jsonl(path)
@@ -383,6 +382,36 @@ def _iter_rows(path: str) -> Iterator[_Located]:
         )
 
 
+def _check_exists(path: str) -> None:
+    if not os.path.exists(path):
+        raise HPDError(f"data file {path} not found: check the path (relative to {os.getcwd()})")
+
+
+def data_digest(path: str | os.PathLike) -> str:
+    """A content hash of what a data path names (any form `load_examples` reads), for cache keys.
+
+    A file: sha256 of its bytes. A `save_to_disk` directory (`dir` or `dir:split`): its files,
+    each named by its path under the directory, and the split.
+    """
+    import hashlib
+    from pathlib import Path
+
+    from hpd.fingerprints import hash_files
+
+    path = os.fspath(path)
+    base, split = _split_path(path)
+    if os.path.isdir(base):
+        root = Path(base)
+        files = sorted(p for p in root.rglob("*") if p.is_file())
+        return hashlib.sha256(f"{hash_files(files, root=root)}:{split or ''}".encode()).hexdigest()[:24]
+    _check_exists(path)
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()[:24]
+
+
 def load_examples(
     path: str,
     *,
@@ -391,6 +420,7 @@ def load_examples(
     messages_field: str = "messages",
     on_bad_row: str = "error",
     require_completion: bool = True,
+    skip_hint: str = "set data.on_bad_row=skip",
 ) -> tuple[list[Example], LoadStats]:
     """Load examples from a JSONL / JSON / parquet file or a `save_to_disk` directory.
 
@@ -399,6 +429,8 @@ def load_examples(
     last assistant turn is the completion). A malformed row raises `HPDError` naming the file and
     line (row index for parquet / datasets); with `on_bad_row="skip"` it is counted in the
     returned stats instead. `require_completion=False` accepts prompt-only rows (completion "").
+    Every command reads its data here (train, cache-teacher, generate, eval, bench); `skip_hint`
+    is how the calling command's user asks for `on_bad_row="skip"` (e.g. `pass --on-bad-row skip`).
     """
     if on_bad_row not in ("error", "skip"):
         raise HPDError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
@@ -421,7 +453,7 @@ def load_examples(
                 stats.note_skip(f"{loc}: {e}")
                 continue
             raise HPDError(
-                f"{loc}: {e}. Fix the row, or set on_bad_row='skip' to skip bad rows."
+                f"{loc}: {e}. Fix the row, or {skip_hint} to skip bad rows."
             ) from None
         examples.append(Example(prompt=prompt, completion=completion, source=src, extra=extra))
     stats.rows = len(examples)

@@ -19,7 +19,11 @@ Both shift the labels themselves (`hpd.objectives.shift_labels`), normalize by t
 call the objective's one loss routine (`Objective.__call__` / `.chunked`), the code `hpd train`
 runs: same loss, same gradients. The objective's value and metrics (`frac_A`, `frac_B`,
 `r_mean`, `r_hat_mean`, teacher agreement, `kl`, ...) appear in the logs as `hpd/<name>`
-(`eval_hpd/<name>` for evaluation).
+(`eval_hpd/<name>` for evaluation). The logged `loss` (`eval_loss`) is the objective's value, the
+number to compare runs by; the Trainer's own, the surrogate that carries the gradient, is logged
+as `hpd/surrogate`. Responses are the Trainer's batches: on-policy regimes (GKD's `mixed`,
+`student`) are `hpd train`'s, and asking for one here (`regime=`, or TRL's `lmbda`) is refused
+with the `hpd train` command that runs it.
 
     >>> import torch
     >>> from transformers import TrainingArguments
@@ -127,6 +131,28 @@ def teacher_source(teacher: Any) -> tuple[TeacherSource | None, Any]:
                    f"got {type(teacher).__name__}")
 
 
+def on_policy_refusal(objective: str | Objective, params: dict[str, Any], regime: str, mixed_lambda: float = 0.5) -> HPDError:
+    """The one-line refusal of a response regime other than "dataset", naming its `hpd train` command.
+
+    The Trainer integrations distill on the batches the Trainer gives; rollouts of the student
+    (on-policy GKD: `mixed`, `student`), teacher generations and self-distillation are `hpd train`'s
+    regimes (`hpd.regimes`), which generate, cache and seed them.
+
+        >>> print(on_policy_refusal("jsd", {"beta": 0.5}, "mixed", 0.5))  # doctest: +ELLIPSIS
+        the Trainer integration distills on the Trainer's own batches ...: hpd train CONFIG objective.name=jsd objective.beta=0.5 regime.name=mixed regime.mixed_lambda=0.5
+    """
+    from hpd.regimes import REGIMES
+
+    if regime not in REGIMES:
+        return HPDError(f"unknown regime {regime!r}: the Trainer integration takes 'dataset'; hpd train takes "
+                        f"{', '.join(REGIMES)}")
+    name = objective.name if isinstance(objective, Objective) else objective
+    command = " ".join([f"hpd train CONFIG objective.name={name}", *(f"objective.{k}={v}" for k, v in params.items()),
+                        f"regime.name={regime}", *([f"regime.mixed_lambda={mixed_lambda:g}"] if regime == "mixed" else [])])
+    return HPDError(f"the Trainer integration distills on the Trainer's own batches (regime 'dataset'); regime "
+                    f"'{regime}' generates its responses during training, which hpd train does: {command}")
+
+
 def make_objective(objective: str | Objective, params: dict[str, float] | None = None) -> Objective:
     """An objective of the registry by name (or `module:Class`) with its parameters, or one given as is."""
     if isinstance(objective, Objective):
@@ -167,11 +193,20 @@ class HFDistillation:
                       directory, a teacher cache (`TeacherCache` or its directory), or None (`sft`).
     chunk_size:       positions per chunk of the memory-lean path (0: the model's logits).
     diagnostics:      also log teacher agreement, KL(teacher || student) and student entropy.
+    regime:           where the response tokens come from: only "dataset" (the Trainer's batches);
+                      on-policy ones (GKD's "mixed", "student") are refused with the `hpd train`
+                      command that runs them (`on_policy_refusal`).
     """
 
     def __init__(self, teacher: Any = None, objective: str | Objective = "hpd", objective_params: dict | None = None, *,
-                 chunk_size: int = DEFAULT_CHUNK_SIZE, diagnostics: bool = True):
-        self.objective = make_objective(objective, objective_params)
+                 chunk_size: int = DEFAULT_CHUNK_SIZE, diagnostics: bool = True, regime: str = "dataset",
+                 mixed_lambda: float = 0.5):
+        params = dict(objective_params or {})
+        if "lmbda" in params:  # TRL's GKDConfig name for the share of on-policy steps
+            regime, mixed_lambda = "mixed", float(params.pop("lmbda"))
+        if regime != "dataset":
+            raise on_policy_refusal(objective, params, regime, mixed_lambda)
+        self.objective = make_objective(objective, params)
         self.teacher, self.teacher_tokenizer = teacher_source(teacher)
         if self.teacher is None and self.objective.needs_teacher:
             raise HPDError(f"objective '{self.objective.name}' needs a teacher: pass teacher=MODEL, a model directory "
@@ -278,11 +313,14 @@ class HFDistillation:
         parts = {"sums": {**out.sums, "value": out.value.detach().double() * denom.to(dev).double()},
                  "counts": {**out.counts, "value": out.num_active.to(dev).double()},
                  "mins": out.mins, "maxs": out.maxs}
-        acc = self._pending.setdefault(split, {kind: {} for kind in parts})
-        for kind, combine in (("sums", torch.add), ("counts", torch.add), ("mins", torch.minimum), ("maxs", torch.maximum)):
-            for name, t in parts[kind].items():
-                have = acc[kind].get(name)
-                acc[kind][name] = t.detach() if have is None else combine(have, t.detach())
+        # "run": the training value since the start, for the Trainer's closing `train_loss` (`into_logs`).
+        whole = {"sums": {"value": parts["sums"]["value"]}, "counts": {"value": parts["counts"]["value"]}, "mins": {}, "maxs": {}}
+        for key, part in ((split, parts), *((("run", whole),) if split == "train" else ())):
+            acc = self._pending.setdefault(key, {kind: {} for kind in parts})
+            for kind, combine in (("sums", torch.add), ("counts", torch.add), ("mins", torch.minimum), ("maxs", torch.maximum)):
+                for name, t in part[kind].items():
+                    have = acc[kind].get(name)
+                    acc[kind][name] = t.detach() if have is None else combine(have, t.detach())
 
     def pop_metrics(self, split: str, accelerator=None) -> dict[str, float]:
         """The objective's value and metrics since the last call, token means over every process."""
@@ -296,8 +334,27 @@ class HFDistillation:
         # Every process takes part in the gather, with or without statistics of its own.
         outputs = [] if acc is None else [ObjectiveOutput(loss=zero, value=zero, num_active=zero, **acc)]
         metrics = global_metrics(outputs, accelerator if processes > 1 else _ONE_PROCESS)
-        prefix = METRIC_PREFIX if split == "train" else f"eval_{METRIC_PREFIX}"
+        prefix = f"eval_{METRIC_PREFIX}" if split == "eval" else METRIC_PREFIX
         return {prefix + k: v for k, v in metrics.items()}
+
+    def into_logs(self, logs: dict[str, float], accelerator=None) -> None:
+        """Put the metrics since the last log into a Trainer's `logs`, and the objective's value as
+        its `loss` (`eval_loss`): the Trainer's own number is the surrogate whose gradient is the
+        objective's (`hpd.objectives.surrogate`), not a value to compare runs by (negative for
+        jsd, for instance); it stays in the logs as `hpd/surrogate` (`eval_hpd/surrogate`). The closing
+        `train_loss` of `Trainer.train` becomes the value over the whole run (`hpd/train_surrogate`
+        the Trainer's; `TrainOutput.training_loss`, which the Trainer keeps apart, stays its own)."""
+        for split, prefix in (("train", ""), ("eval", "eval_")):
+            if (prefix + "loss" in logs) if split == "train" else any(k.startswith("eval_") for k in logs):
+                logs.update(self.pop_metrics(split, accelerator))
+                value = logs.get(f"{prefix}{METRIC_PREFIX}value")
+                if value is not None and prefix + "loss" in logs:
+                    logs[f"{prefix}{METRIC_PREFIX}surrogate"] = logs[prefix + "loss"]
+                    logs[prefix + "loss"] = value
+        if "train_loss" in logs:
+            value = self.pop_metrics("run", accelerator).get(f"{METRIC_PREFIX}value")
+            if value is not None:
+                logs[f"{METRIC_PREFIX}train_surrogate"], logs["train_loss"] = logs["train_loss"], value
 
 
 class _OneProcess:
@@ -347,11 +404,12 @@ class DistillationMixin:
     """
 
     def __init__(self, *args, teacher: Any = None, objective: str | Objective = "hpd", objective_params: dict | None = None,
-                 chunk_size: int = DEFAULT_CHUNK_SIZE, diagnostics: bool = True, **kwargs):
+                 chunk_size: int = DEFAULT_CHUNK_SIZE, diagnostics: bool = True, regime: str = "dataset",
+                 mixed_lambda: float = 0.5, **kwargs):
         if kwargs.get("compute_loss_func") is not None:
             raise HPDError("a DistillationTrainer computes its own loss: drop compute_loss_func")
         self.distillation = HFDistillation(teacher, objective, objective_params, chunk_size=chunk_size,
-                                           diagnostics=diagnostics)
+                                           diagnostics=diagnostics, regime=regime, mixed_lambda=mixed_lambda)
         super().__init__(*args, **kwargs)
         # The loss is normalized by num_items_in_batch (the whole accumulated batch), never a per-batch mean.
         self.loss_is_scaled_for_ga = True
@@ -388,10 +446,7 @@ class DistillationMixin:
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
-        if "loss" in logs:
-            logs.update(self.distillation.pop_metrics("train", self.accelerator))
-        if any(k.startswith("eval_") for k in logs):
-            logs.update(self.distillation.pop_metrics("eval", self.accelerator))
+        self.distillation.into_logs(logs, self.accelerator)
         super().log(logs, *args, **kwargs)
 
 
@@ -422,8 +477,9 @@ class HPDLoss(HFDistillation):
     """
 
     def __init__(self, teacher: Any = None, objective: str | Objective = "hpd", objective_params: dict | None = None, *,
-                 diagnostics: bool = True):
-        super().__init__(teacher, objective, objective_params, chunk_size=0, diagnostics=diagnostics)
+                 diagnostics: bool = True, regime: str = "dataset", mixed_lambda: float = 0.5):
+        super().__init__(teacher, objective, objective_params, chunk_size=0, diagnostics=diagnostics, regime=regime,
+                         mixed_lambda=mixed_lambda)
         self.trainer = None
         self.student: nn.Module | None = None
         self._inputs: dict[str, Tensor] | None = None
@@ -443,14 +499,9 @@ class HPDLoss(HFDistillation):
 
         class _Metrics(TrainerCallback):
             def on_log(self, args, state, control, logs=None, **kwargs):
-                added = {}
-                if "loss" in logs:
-                    added.update(loss.pop_metrics("train", trainer.accelerator))
-                if any(k.startswith("eval_") for k in logs):
-                    added.update(loss.pop_metrics("eval", trainer.accelerator))
-                logs.update(added)
-                if state.log_history:
-                    state.log_history[-1].update(added)
+                loss.into_logs(logs, trainer.accelerator)
+                if state.log_history:  # the Trainer recorded the logs before its callbacks ran
+                    state.log_history[-1].update(logs)
 
         # First, so that the trackers' callbacks (report_to) see the metrics too.
         trainer.callback_handler.callbacks.insert(0, _Metrics())
@@ -477,12 +528,12 @@ class HPDLoss(HFDistillation):
 
 
 def __getattr__(name: str):
-    # TRL is optional (pip install 'hpd[trl]'): its trainer class is built when first asked for.
+    # TRL is optional (pip install 'hpd-distill[trl]'): its trainer class is built when first asked for.
     if name == "DistillationSFTTrainer":
         try:
             from trl import SFTTrainer
         except ImportError:
-            raise HPDError("DistillationSFTTrainer needs TRL: pip install 'hpd[trl]'") from None
+            raise HPDError("DistillationSFTTrainer needs TRL: pip install 'hpd-distill[trl]'") from None
 
         cls = type("DistillationSFTTrainer", (DistillationMixin, SFTTrainer), {
             "__doc__": "TRL's `SFTTrainer` distilling with one of hpd's objectives (see `DistillationMixin`).",

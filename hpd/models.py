@@ -263,7 +263,7 @@ def _load_gguf(
         import gguf  # noqa: F401
     except ImportError:
         raise HPDError(
-            f"loading '{file}' needs the gguf package: pip install gguf (or pip install 'hpd[gguf]')"
+            f"loading '{file}' needs the gguf package: pip install gguf (or pip install 'hpd-distill[gguf]')"
         ) from None
     directory, name = str(file.parent), file.name
     # Without a dtype transformers picks the file's own (float32 for quantized files).
@@ -355,7 +355,7 @@ def apply_lora(model: PreTrainedModel, *, rank: int, alpha: float, dropout: floa
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError:
-        raise HPDError("student.lora_rank > 0 needs peft: pip install peft (or pip install 'hpd[lora]')") from None
+        raise HPDError("student.lora_rank > 0 needs peft: pip install peft (or pip install 'hpd-distill[lora]')") from None
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules="all-linear",
                         task_type="CAUSAL_LM")
     import warnings

@@ -53,7 +53,7 @@ def resolve_trackers(report_to: list[str], tensorboard: str) -> list[str]:
     for name in names:
         if not _installed(name):
             why = "log.tensorboard=on" if name == "tensorboard" and name not in report_to else f"log.report_to lists {name}"
-            raise HPDError(f"{why} but {name} is not installed: pip install {name} (or pip install 'hpd[trackers]')")
+            raise HPDError(f"{why} but {name} is not installed: pip install {name} (or pip install 'hpd-distill[trackers]')")
     return names
 
 

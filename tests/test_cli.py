@@ -154,7 +154,7 @@ def test_generate_writes_one_row_per_prompt_with_completion(tmp_path):
 def test_generate_user_errors(tmp_path):
     result = invoke("generate", "--model", "tiny", "--prompts", str(tmp_path / "no.jsonl"),
                     "--out", str(tmp_path / "o.jsonl"))
-    assert result.exit_code == 2 and "prompts file" in result.stderr
+    assert result.exit_code == 2 and f"data file {tmp_path / 'no.jsonl'} not found" in result.stderr
     bad = invoke("generate", "--model", "tiny", "--prompts", "x", "--out", "y", "--top-p", "0")
     assert bad.exit_code == 2 and "--top-p" in bad.stderr
 

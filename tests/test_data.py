@@ -206,7 +206,7 @@ def test_bad_row_error_names_file_line_and_problem(tmp_path, kind):
     msg = str(err.value)
     assert msg.startswith(f"{path} line 3: "), msg
     assert reason in msg
-    assert "on_bad_row='skip'" in msg  # says how to get past it
+    assert "set data.on_bad_row=skip" in msg  # says how to get past it
 
     exs, stats = load_examples(str(path), on_bad_row="skip")
     assert len(exs) == 2 and stats.rows == 2

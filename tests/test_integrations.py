@@ -235,7 +235,7 @@ def test_a_teacher_cache_in_the_trainer_gives_the_online_teachers_loss(models, t
 
 
 def test_trl_sft_trainer_distills_with_hpds_loss(models, tmp_path):
-    trl = pytest.importorskip("trl", reason="TRL is optional: pip install 'hpd[trl]'")
+    trl = pytest.importorskip("trl", reason="TRL is optional: pip install 'hpd-distill[trl]'")
     from datasets import Dataset
 
     from hpd.integrations import DistillationSFTTrainer
@@ -342,3 +342,53 @@ if __name__ == "__main__":  # the worker of the two-process test
 
     torch.set_num_threads(1)
     _grads_of_one_step(sys.argv[1], *map(int, sys.argv[2:]))
+
+
+@pytest.mark.parametrize("way", ["trainer", "loss_func"])
+def test_the_logged_loss_is_the_objectives_value_and_the_backward_uses_the_surrogate(models, tmp_path, way):
+    """jsd's surrogate (what the gradient comes from) is not its value: the logs show the value as `loss`.
+
+    The backward is unchanged: the step returns the surrogate with `hpd train`'s gradients
+    (test_a_trainer_step_gives_hpd_trains_loss_and_gradients, jsd among its cases), logged here as hpd/surrogate.
+    """
+    teacher, student0, tok = models
+    prompts, completions = _tokens(tok)
+    params = {"beta": 0.5}
+    want_loss, _, _, want_metrics = _hpd_train_loss(copy.deepcopy(student0), teacher, tok, prompts, completions,
+                                                    get_objective("jsd", **params), 0, seed=3)
+    assert abs(float(want_loss) - want_metrics["value"]) > 1e-3  # the two differ here, so the test can tell them apart
+    rows, _ = _hf_batch(tok, prompts, completions)
+    kw = dict(args=_args(tmp_path, learning_rate=0.0), train_dataset=rows, eval_dataset=rows,
+              data_collator=lambda r: collate(r, tok.pad_token_id))
+    student = copy.deepcopy(student0)
+    if way == "trainer":
+        trainer = DistillationTrainer(model=student, teacher=teacher, objective="jsd", objective_params=params,
+                                      chunk_size=0, **kw)
+    else:
+        loss_fn = HPDLoss(teacher=teacher, objective="jsd", objective_params=params)
+        trainer = Trainer(model=student, compute_loss_func=loss_fn, **kw)
+        loss_fn.attach(trainer)
+    done = trainer.train()
+    logged = trainer.state.log_history[0]
+    assert logged["loss"] == logged["hpd/value"] == pytest.approx(want_metrics["value"], rel=1e-4)
+    # the closing summary too: the value over the run (one step here), the Trainer's own number beside it
+    assert done.metrics["train_loss"] == trainer.state.log_history[-1]["train_loss"] == logged["hpd/value"]
+    assert done.metrics["hpd/train_surrogate"] == pytest.approx(float(want_loss), rel=1e-4)
+    assert logged["hpd/surrogate"] == pytest.approx(float(want_loss), abs=1e-4)  # the Trainer rounds it to 4 places
+    ev = trainer.evaluate()
+    assert ev["eval_loss"] == ev["eval_hpd/value"] == pytest.approx(want_metrics["value"], rel=1e-4)
+    assert ev["eval_hpd/surrogate"] == pytest.approx(float(want_loss), rel=1e-4)
+
+
+def test_on_policy_regimes_are_refused_with_the_hpd_train_command(models, tmp_path):
+    teacher, student0, _ = models
+    with pytest.raises(HPDError, match=r"hpd train CONFIG objective.name=jsd objective.beta=0.5 regime.name=mixed "
+                                       r"regime.mixed_lambda=0.3$"):
+        DistillationTrainer(model=student0, args=_args(tmp_path), teacher=teacher, objective="jsd",
+                            objective_params={"beta": 0.5}, regime="mixed", mixed_lambda=0.3)
+    with pytest.raises(HPDError, match=r"objective.name=jsd objective.beta=0.9 regime.name=mixed regime.mixed_lambda=1$"):
+        HPDLoss(teacher=teacher, objective="jsd", objective_params={"beta": 0.9, "lmbda": 1.0})  # TRL GKDConfig's name
+    with pytest.raises(HPDError, match=r"objective.name=rkl regime.name=student$"):
+        HPDLoss(teacher=teacher, objective="rkl", regime="student")
+    with pytest.raises(HPDError, match="unknown regime 'onpolicy'"):
+        HPDLoss(teacher=teacher, regime="onpolicy")

@@ -2,9 +2,12 @@
 generators are deterministic and their splits disjoint."""
 
 import json
+import os
+import subprocess
 import re
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -470,3 +473,57 @@ def test_capitals_training_questions_never_name_a_held_out_country():
     assert mentions("i flew to HAVANA last year") == "HAVANA"
     assert mentions("Irelandish Chinatown") is None
     assert mentions("Paris, the capital of France") is None
+
+
+def test_verify_free_form_is_bounded_off_the_main_thread():
+    """`Answer: 9^9^9^9` (a power tower math-verify tries to evaluate, in C, holding the GIL) is
+    scored wrong within the timeout from any thread; the checker recovers for the next answer
+    (issue 35). Run in a child process, so that a hang fails the test instead of holding it."""
+    pytest.importorskip("math_verify")
+    program = (
+        "import threading, time, warnings\n"
+        "from hpd.apps.tasks.math import verify_free_form\n"
+        "assert verify_free_form('Answer: 3', '3')  # the checker started (once per process)\n"
+        "out = {}\n"
+        "def check():\n"
+        "    with warnings.catch_warnings(record=True) as w:\n"
+        "        warnings.simplefilter('always')\n"
+        "        t = time.monotonic()\n"
+        "        out['bomb'] = verify_free_form('Answer: 9^9^9^9', '3', timeout_s=1.0)\n"
+        "        out['s'] = time.monotonic() - t\n"
+        "        out['warned'] = [str(x.message) for x in w]\n"
+        "    out['next'] = verify_free_form('so x = \\\\frac{1}{2}', '0.5', timeout_s=1.0)\n"
+        "t = threading.Thread(target=check)\n"
+        "t.start()\n"
+        "t.join()\n"
+        "print(out)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    try:
+        res = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, env=env, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("verifying 'Answer: 9^9^9^9' off the main thread did not end in 60 s")
+    assert res.returncode == 0, res.stderr
+    out = eval(res.stdout.strip().splitlines()[-1])  # noqa: S307 (our own print of a dict)
+    assert out["bomb"] is False and out["next"] is True, out
+    assert out["s"] < 1.0 + 2.0, out
+    assert len(out["warned"]) == 1 and "scored wrong" in out["warned"][0] and "\n" not in out["warned"][0], out
+
+
+def test_a_forked_process_checks_with_its_own_math_helper():
+    """A fork (a bench worker) must not share the parent's helper: their answers would mix."""
+    pytest.importorskip("math_verify")
+    program = (
+        "import os\n"
+        "from hpd.apps.tasks.math import verify_free_form, _checker\n"
+        "assert verify_free_form('Answer: 3', '3')\n"
+        "helper = _checker._proc.pid\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    ok = verify_free_form('Answer: 4', '4') and not verify_free_form('Answer: 5', '4')\n"
+        "    os._exit(0 if ok and _checker._proc.pid != helper else 1)\n"
+        "print(os.waitpid(pid, 0)[1], verify_free_form('Answer: 3', '3'), _checker._proc.pid == helper)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    res = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, env=env, timeout=60)
+    assert res.stdout.split() == ["0", "True", "True"], res.stdout + res.stderr

@@ -1,7 +1,7 @@
 """Experiment trackers (`log.report_to`): each writes its files under the run directory, offline,
 with the numbers of metrics.jsonl; a tracker whose package is missing stops the run before it starts.
 
-Each tracker's test is skipped when its package is not installed (pip install 'hpd[trackers]').
+Each tracker's test is skipped when its package is not installed (pip install 'hpd-distill[trackers]').
 """
 
 from __future__ import annotations

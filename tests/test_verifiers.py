@@ -124,14 +124,29 @@ def test_bad_functions_say_what_is_wrong(tmp_path):
 
 
 @pytest.mark.parametrize("spec,row,field", [
-    ("exact", {"prompt": "p", "completion": "c"}, "answer"),
-    ("math", {"prompt": "p", "answer": None}, "answer"),
-    ("task", {"prompt": "p", "answer": "1", "meta": {}}, "task"),
-    ("task", {"prompt": "p", "answer": "1", "task": "math"}, "meta"),
+    ("exact", {"prompt": "p", "answer": None}, "'answer' or 'completion'"),  # a reference of either kind
+    ("math", {"prompt": "p", "answer": None}, "'answer' or 'completion'"),
+    ("task", {"prompt": "p", "answer": "1", "meta": {}}, "'task'"),
+    ("task", {"prompt": "p", "answer": "1", "task": "math"}, "'meta'"),
 ])
 def test_a_row_without_the_needed_field_names_it(spec, row, field):
-    with pytest.raises(HPDError, match=rf"reads the field '{field}' of every row, but row 1 \(0-based; prompt 'p'\) has none"):
+    with pytest.raises(HPDError, match=rf"reads the field {field} of every row, but row 1 \(0-based; prompt 'p'\) has none"):
         get_verifier(spec).verify_batch([{"prompt": "q", "answer": "1", "task": "math", "meta": {}}, row], ["a", "b"])
+    with pytest.raises(HPDError, match=rf"reads the field {field} of every row, but data.jsonl:7 has none"):
+        get_verifier(spec).check_rows([{"prompt": "q", "answer": "1", "task": "math", "meta": {}}, row],
+                                      ["data.jsonl:3", "data.jsonl:7"])
+
+
+@pytest.mark.parametrize("spec,second,right,wrong", [
+    ("exact", "The capital of France is\nParis", "paris", "Lyon"),  # extracted as from a completion: the last line
+    ("math", "so the result is $\\boxed{\\frac{1}{2}}$", "Answer: 0.5", "Answer: 2"),  # its last boxed value
+])
+def test_without_an_answer_the_reference_is_the_completions_final_answer(spec, second, right, wrong):
+    v = get_verifier(spec)
+    rows = [{"prompt": "p", "completion": "7+5=12. 12*2=24. Answer: 24"}, {"prompt": "p", "completion": second},
+            {"prompt": "p", "completion": "wrong: Answer: 3", "answer": "24"}]  # an answer field wins
+    got = v.verify_batch(rows * 2, ["Answer: 24", right, "Answer: 24", "Answer: 12", wrong, "Answer: 3"])
+    assert got == [True, True, True, False, False, False]
 
 
 def test_task_rows_naming_an_unknown_task():
@@ -205,7 +220,7 @@ def test_eval_data_errors_exit_2_with_one_line(math_files, tmp_path):
     res = invoke("eval", "--model", BUNDLED_TEACHER, "--data", plain, "--verifier", "exakt")
     assert res.exit_code == 2 and "did you mean 'exact'" in res.stderr and "Traceback" not in res.output
     res = invoke("eval", "--model", BUNDLED_TEACHER, "--data", plain, "--verifier", "task")
-    assert res.exit_code == 2 and "reads the field 'task' of every row, but row 0" in res.stderr
+    assert res.exit_code == 2 and f"reads the field 'task' of every row, but {plain}:1 has none" in res.stderr
     raising = _write(tmp_path, "raising.py", "def check(row, completion):\n    raise ValueError('cannot parse ' + row['answer'])\n")
     res = invoke("eval", "--model", BUNDLED_TEACHER, "--data", plain, "--verifier", f"{raising}:check", "--n", 1,
                  "--max-new-tokens", 2)
@@ -245,3 +260,29 @@ def test_verifier_reward_scores_plain_and_chat_completions_for_grpo():
     assert reward.generated_tokens == 19
     with pytest.raises(HPDError, match="string or a list of chat messages"):
         reward(prompts=[rows[0]["prompt"]], completions=[42], **{k: [rows[0][k]] for k in cols})
+
+
+def test_eval_data_refuses_a_row_that_switches_the_sandbox_off(tmp_path):
+    """`hpd eval --data F --verifier task` with a row `code:unsafe_no_sandbox=1`: exit 2 before the
+    model loads, one line naming the file and the row (issue 35)."""
+    item = get_task("code").generate("test", 1, seed=0)[0]
+    data = tmp_path / "rows.jsonl"
+    data.write_text(json.dumps(task_row(item)) + "\n" + json.dumps({**task_row(item), "task": "code:unsafe_no_sandbox=1"}) + "\n")
+    res = invoke("eval", "--model", tmp_path / "no-such-model", "--data", data, "--verifier", "task")
+    assert res.exit_code == 2, res.output
+    line = res.stderr.strip()
+    assert "\n" not in line and "Traceback" not in res.output
+    assert line.startswith(f"error: verifier 'task': {data}:2: the task spec 'code:unsafe_no_sandbox=1' "
+                           "of a data row may set only"), line
+
+
+def test_bench_scoring_refuses_a_row_that_switches_the_sandbox_off(tmp_path):
+    """The bench scores its rows files through the same check: refused before any model loads."""
+    from hpd.apps.bench import score_model
+
+    item = get_task("code").generate("test", 1, seed=0)[0]
+    data = tmp_path / "test.jsonl"
+    data.write_text(json.dumps(task_row(item)) + "\n" + json.dumps({**task_row(item), "task": "code:unsafe_no_sandbox=1"}) + "\n")
+    with pytest.raises(HPDError, match=rf"^verifier 'task': {re.escape(str(data))}:2: the task spec "
+                                       r"'code:unsafe_no_sandbox=1' of a data row may set only"):
+        score_model(tmp_path / "no-such-model", str(data), "task", None)

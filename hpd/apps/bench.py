@@ -30,6 +30,10 @@ On a user's own task the same protocol runs on files:
 
     hpd bench --teacher T --student S --train train.jsonl --test test.jsonl --verifier exact --out runs/mine
 
+The files are read as `hpd train` reads data (`hpd.apps.evaluate.load_rows`): JSONL, JSON, Parquet,
+saved datasets, with the runs' data settings (`--set data.on_bad_row=skip`, `data.prompt_field=...`)
+and row errors naming your file and line; the bench trains and scores on plain copies under OUT/data/user.
+
 Every run keeps its directory, so an interrupted benchmark resumes (finished runs and evaluations
 are reused; unfinished runs resume from their checkpoint); the tables are rewritten after each
 condition. `--archive DIR` also keeps each finished run's small files (config, metrics, scores) in
@@ -155,6 +159,7 @@ class Condition:
     verifier: str
     note: str = ""
     overrides: tuple[str, ...] = ()  # the condition's own settings (sequence lengths), after the start's
+    last: tuple[str, ...] = ()  # after every other override: how the runs read the bench's copies of a user's rows
 
 
 @dataclass(frozen=True)
@@ -215,7 +220,31 @@ def _first_per_task(rows: list[dict], n: int) -> list[dict]:
 
 
 def _read_rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The rows of a file the bench wrote (`_write_rows`), read by the reader of every command
+    (`hpd.apps.evaluate.Rows`: their errors name the file and line)."""
+    from hpd.apps.evaluate import load_rows
+
+    return load_rows(path)
+
+
+# The bench's copies of a user's rows use the plain field names (`hpd.apps.evaluate.load_rows`).
+PLAIN_FIELDS = {"prompt_field": "prompt", "completion_field": "completion"}
+
+
+def _user_rows(s: BenchSettings) -> tuple[Any, Any, tuple[str, ...]]:
+    """A user's training and test rows, read as `hpd train` reads data with the runs' data settings
+    (`--set data.on_bad_row=skip`, `data.prompt_field=...`): every format, row errors naming the
+    user's file and line; and the overrides under which the runs read the bench's plain copies."""
+    from hpd.apps.evaluate import load_rows
+    from hpd.config import load_config
+
+    d = load_config(None, list(s.overrides)).data
+    read = functools.partial(load_rows, prompt_field=d.prompt_field, completion_field=d.completion_field,
+                             messages_field=d.messages_field, on_bad_row=d.on_bad_row,
+                             skip_hint="pass --set data.on_bad_row=skip")
+    plain = tuple(f"data.{k}={v}" for k, v in PLAIN_FIELDS.items() if getattr(d, k) != v)
+    # Training rows need a completion (as the runs will read them); test rows need only a prompt.
+    return read(s.user_train, require_completion=True), read(s.user_test), plain
 
 
 def _task_rows(tasks: list[str], split: str, per_task: int, seed: int) -> dict[str, list[dict]]:
@@ -312,14 +341,15 @@ def heldout_data(data_dir: Path, tasks: list[str], n: int, name: str) -> Path:
 def manifest_settings(s: BenchSettings) -> dict[str, Any]:
     """What shapes OUT's data files and teaches its runs (hpd.apps.bench_manifest): settings, a
     user's files by content, and the weights of the teacher, the data-making models and the starts."""
-    from hpd.apps.bench_manifest import file_sha256
+    from hpd.data import data_digest
     from hpd.fingerprints import weights_fingerprint
 
     # The weights alone: a config.json may gain keys that change nothing (hpd.portable's).
     weights = functools.partial(weights_fingerprint, with_config=False)
     m: dict[str, Any] = {"data.n_val": s.n_val, "teacher": weights(s.teacher)}
     if s.user_train is not None:
-        m.update({"user.train": file_sha256(s.user_train), "user.test": file_sha256(s.user_test)})
+        # (a file's digest is its bytes' sha256, as before saved datasets were read: earlier OUTs stay valid)
+        m.update({"user.train": data_digest(s.user_train), "user.test": data_digest(s.user_test)})
         starts = [s.user_student or "scratch"]
     else:
         m.update({"data.train_per_task": s.train_per_task, "data.n_eval": s.n_eval, "data.n_curve": s.n_curve})
@@ -346,13 +376,26 @@ def build_conditions(s: BenchSettings) -> tuple[list[Condition], list[str]]:
     out = Path(s.out_dir)
     data_dir = out / "data"
     if s.user_train is not None:
+        from hpd.apps.verifiers import get_verifier
+
         start = resolve_start(s.user_student or "scratch", s)
-        rows = _read_rows(s.user_train)
+        rows, test_rows, plain = _user_rows(s)
+        if len(rows) < 2:
+            raise HPDError(f"{s.user_train} has {len(rows)} usable row(s)"
+                           + (f" ({rows.skipped} bad ones skipped)" if rows.skipped else "")
+                           + ": the bench needs rows to train on and a validation share of them")
         n_val = min(s.n_val, max(1, len(rows) // 10))
+        v = get_verifier(s.verifier or "exact", answer_pattern=s.answer_pattern)
+        v.check_rows(rows[:n_val], rows.sources[:n_val])  # scored rows lack nothing the verifier reads: said before training
+        v.check_rows(test_rows, test_rows.sources)
         train = _write_rows(rows[n_val:], data_dir / "user" / "train.jsonl")
         val = _write_rows(rows[:n_val], data_dir / "user" / "val.jsonl")
-        cond = Condition(f"{start.name}-user", start, "user", Path(s.teacher), train, val, Path(s.user_test),
-                         s.verifier or "exact", note=f"{s.user_train}: {len(rows) - n_val} training rows, {n_val} validation")
+        test = _write_rows(test_rows, data_dir / "user" / "test.jsonl")
+        cond = Condition(f"{start.name}-user", start, "user", Path(s.teacher), train, val, test,
+                         s.verifier or "exact", last=plain,
+                         note=f"{s.user_train}: {len(rows) - n_val} training rows, {n_val} validation"
+                              + "".join(f", {r.skipped} bad rows of {f} skipped" for r, f in ((rows, s.user_train),
+                                        (test_rows, s.user_test)) if r.skipped))
         return [cond], []
     conditions, missing = [], []
     gold_train = gold_val = None
@@ -420,7 +463,8 @@ def run_spec(cond: Condition, method: str, lr: float, seed: int, s: BenchSetting
     overrides = (f"output_dir={run_dir}", f"teacher.path={cond.teacher}", f"data.train={cond.train}", f"data.eval={cond.val}",
                  f"objective.name={objective}", f"max_steps={steps}", f"seed={seed}", f"log.eval_every={max(steps // 4, 1)}",
                  "resume=auto", "log.progress=false", *TRAIN_SETTINGS, *cond.start.overrides, *cond.overrides, f"optim.lr={lr:g}", *save,
-                 f"regime.teacher_cache={Path(s.out_dir) / 'teacher_generations' / cond.data}", *extra, *s.overrides)
+                 f"regime.teacher_cache={Path(s.out_dir) / 'teacher_generations' / cond.data}", *extra, *s.overrides,
+                 *cond.last)
     evals = (("test", str(cond.test)),) + ((("val", str(cond.val)),) if grid else ())
     return RunSpec(cond.name, method, lr, seed, run_dir, overrides, evals, curve=grid)
 
@@ -433,13 +477,15 @@ def score_model(model_dir: Path, rows_file: str, verifier: str, answer_pattern: 
     """Greedy answers to every row, verified: `{"verdicts": [...], "tasks": [...], "accuracy": ...,
     "completions": [...]}`. The answers are kept so that a graded score (`Verifier.partial_credit`)
     is read from them by the report, by the definition in the code, never from a stored number."""
-    from hpd.apps.evaluate import evaluate_rows
+    from hpd.apps.evaluate import check_rows, evaluate_rows
     from hpd.apps.verifiers import get_verifier
 
     rows = _read_rows(Path(rows_file))
     if n_per_task is not None:
         rows = _first_per_task(rows, n_per_task)
-    res = evaluate_rows(str(model_dir), rows, get_verifier(verifier, answer_pattern=answer_pattern))
+    v = get_verifier(verifier, answer_pattern=answer_pattern)
+    check_rows(v, rows, rows_file)  # a refused row fails naming its file, before the model loads
+    res = evaluate_rows(str(model_dir), rows, v)
     verdicts = [bool(x) for x in res.verdicts]
     return {"verdicts": verdicts, "tasks": [r.get("task", "") for r in rows], "accuracy": sum(verdicts) / max(len(verdicts), 1),
             "completions": [r["completion"] for r in res.records]}

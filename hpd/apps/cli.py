@@ -158,7 +158,8 @@ def _output_row(example: Any, completion: str) -> dict[str, Any]:
 @app.command()
 def generate(
     model: str = typer.Option(..., "--model", "-m", metavar="PATH", help="HF model directory, Hub id (org/name), .gguf file, or 'tiny'."),
-    prompts: Path = typer.Option(..., "--prompts", "-p", metavar="FILE.jsonl", help="JSONL with a prompt or messages per row."),
+    prompts: Path = typer.Option(..., "--prompts", "-p", metavar="DATA",
+                                 help="Rows with a prompt or messages: JSONL, JSON, Parquet, or a saved dataset (DIR, DIR:SPLIT)."),
     out: Path = typer.Option(..., "--out", "-o", metavar="FILE.jsonl", help="Output JSONL: each input row plus 'completion'."),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", metavar="N", min=1, help="Maximum new tokens."),
     temperature: float = typer.Option(1.0, "--temperature", metavar="T", min=0.0, help="Sampling temperature (0 = greedy)."),
@@ -173,8 +174,10 @@ def generate(
     trust_remote_code: bool = typer.Option(
         False, "--trust-remote-code", help="Allow model code shipped with the checkpoint to run."
     ),
+    on_bad_row: str = typer.Option("error", "--on-bad-row", metavar="MODE",
+                                   help="error | skip: a malformed row stops the command (naming its file and line), or is skipped."),
 ) -> None:
-    """Generate a completion for every prompt of a JSONL file with a model (e.g. teacher data).
+    """Generate a completion for every prompt of a data file (any format hpd train reads) with a model (e.g. teacher data).
 
     Cached on disk: OUT gets a sidecar OUT.key naming the model's content (weights, config,
     tokenizer), the prompts and the settings; a rerun with the same inputs reuses OUT, and an interrupted run resumes from the
@@ -187,16 +190,17 @@ def generate(
             raise HPDError(f"--chat-template must be auto, on or none, got {chat_template!r}")
         if dtype not in ("float32", "bfloat16", "float16", "auto"):
             raise HPDError(f"--dtype must be float32, bfloat16, float16 or auto, got {dtype!r}")
-        if not prompts.is_file():
-            raise HPDError(f"prompts file '{prompts}' not found: pass a JSONL file with --prompts")
         settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                         batch_size=batch_size, seed=seed, chat_template=chat_template, dtype=dtype)
+        if _on_bad_row(on_bad_row) == "skip":  # which rows are generated for: part of what OUT is
+            settings["on_bad_row"] = "skip"
+        digest = _prompts_digest(prompts)
         from hpd.hub import resolve_model_path
 
         model = resolve_model_path(model)  # a Hub id -> its local snapshot, whose files the cache key stamps
         from hpd.generation_cache import GenerationCache
 
-        cache = GenerationCache(out, _generation_key(model, prompts, settings))
+        cache = GenerationCache(out, _generation_key(model, digest, settings))
         if cache.fresh():
             typer.echo(f"{out} is up to date (same model, prompts and settings): reusing it")
             return
@@ -205,7 +209,8 @@ def generate(
         from hpd.progress import Progress
         from hpd.rollout import generate_text
 
-        examples, _stats = load_examples(str(prompts), require_completion=False)
+        examples, _stats = load_examples(str(prompts), require_completion=False, on_bad_row=on_bad_row,
+                                         skip_hint="pass --on-bad-row skip")
         out.parent.mkdir(parents=True, exist_ok=True)
         rows = cache.partial_rows()
         lm, tokenizer = load_model(model, dtype=dtype, trust_remote_code=trust_remote_code)
@@ -242,15 +247,33 @@ def generate(
                    + (f" ({empty} empty ones left out: nothing to train on)" if empty else ""))
 
 
-def _generation_key(model: str, prompts: Path, settings: dict[str, Any]) -> str:
+def _on_bad_row(mode: str) -> str:
+    if mode not in ("error", "skip"):
+        raise HPDError(f"--on-bad-row must be error or skip, got {mode!r}")
+    return mode
+
+
+def _prompts_digest(prompts: Path) -> bytes:
+    """The prompts' content: a file's bytes, a saved dataset's files (`hpd.data.data_digest`); a
+    missing one is an error here, before any model is resolved."""
+    import hashlib
+
+    from hpd.data import data_digest
+
+    if prompts.is_file():  # a file's key as before saved datasets were read (its caches stay valid)
+        return hashlib.sha256(prompts.read_bytes()).digest()
+    return data_digest(prompts).encode()
+
+
+def _generation_key(model: str, prompts_digest: bytes, settings: dict[str, Any]) -> str:
     """A hash of the model's content (`model_content_hash`: weights, config, tokenizer), the
-    prompts' bytes and the settings; files written beside the model do not change it."""
+    prompts' (`_prompts_digest`) and the settings; files written beside the model do not change it."""
     import hashlib
 
     from hpd.fingerprints import model_content_hash
 
     h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
-    h.update(hashlib.sha256(prompts.read_bytes()).digest())
+    h.update(prompts_digest)
     h.update(model_content_hash(model).encode())
     return h.hexdigest()[:24]
 
@@ -318,7 +341,8 @@ def eval_cmd(
                                         help="Your own problems instead of --task: rows with a prompt (JSONL, JSON, parquet, "
                                              "or a saved dataset), checked by --verifier."),
     verifier: Optional[str] = typer.Option(None, "--verifier", metavar="SPEC",
-                                           help="With --data: exact (final answer vs the row's answer), math (math-verify), "
+                                           help="With --data: exact (final answer vs the row's answer, else its completion's "
+                                                "final answer), math (math-verify), "
                                                 "task (rows written by hpd data), or MODULE:FUNCTION / file.py:FUNCTION "
                                                 "taking (row, completion) -> bool."),
     answer_pattern: Optional[str] = typer.Option(None, "--answer-pattern", metavar="RE",
@@ -336,6 +360,8 @@ def eval_cmd(
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", metavar="N", min=1,
                                                  help="Generation budget [default: the task's, or 256 for --data rows "
                                                       "without a task]."),
+    on_bad_row: str = typer.Option("error", "--on-bad-row", metavar="MODE",
+                                   help="error | skip: a malformed row stops the command (naming its file and line), or is skipped."),
 ) -> None:
     """Accuracy of a model on verifiable problems (a bundled --task, or --data FILE with a --verifier),
     greedy decoding, with a 95% confidence interval and one record per problem."""
@@ -348,7 +374,8 @@ def eval_cmd(
             from hpd.apps.evaluate import eval_data_cli
 
             eval_data_cli(model, str(data), verifier, answer_pattern=answer_pattern, n=n,
-                          out=None if out is None else str(out), batch_size=batch_size, max_new_tokens=max_new_tokens)
+                          out=None if out is None else str(out), batch_size=batch_size, max_new_tokens=max_new_tokens,
+                          on_bad_row=_on_bad_row(on_bad_row))
             return
         if verifier is not None or answer_pattern is not None:
             raise HPDError("--verifier and --answer-pattern go with --data; a --task is checked by its own verifier")
@@ -423,8 +450,8 @@ def bench_cmd(
     n_val: int = typer.Option(100, "--n-val", metavar="N", min=1, help="Validation problems per task (from the training split)."),
     teacher: Optional[Path] = typer.Option(None, "--teacher", metavar="DIR", help="Teacher [default: the bundled one]."),
     long_teacher: Optional[Path] = typer.Option(None, "--long-teacher", metavar="DIR", help="Teacher of the longmath condition [default: the bundled one]."),
-    train: Optional[Path] = typer.Option(None, "--train", metavar="FILE", help="Your training rows (prompt, completion, answer...)."),
-    test: Optional[Path] = typer.Option(None, "--test", metavar="FILE", help="Your held-out rows (with --train)."),
+    train: Optional[Path] = typer.Option(None, "--train", metavar="FILE", help="Your training rows (prompt + completion, or messages; answer...): JSONL, JSON, Parquet or a saved dataset."),
+    test: Optional[Path] = typer.Option(None, "--test", metavar="FILE", help="Your held-out rows (with --train), in any of those formats."),
     student: Optional[str] = typer.Option(None, "--student", metavar="START", help="Your student (with --train): a model directory or a start."),
     verifier: Optional[str] = typer.Option(None, "--verifier", metavar="SPEC", help="With --train: exact, math, task or MODULE:FUNCTION."),
     answer_pattern: Optional[str] = typer.Option(None, "--answer-pattern", metavar="RE", help="Final-answer regex of the exact verifier."),

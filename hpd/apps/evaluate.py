@@ -96,17 +96,18 @@ def evaluate_rows(
     """
     if isinstance(verifier, str):
         verifier = get_verifier(verifier)
+    sources = getattr(rows, "sources", None)  # rows of `load_rows`: errors name the file and line
     if n is not None:
         if n < 1:
             raise HPDError(f"n must be at least 1 to evaluate, got {n}")
-        rows = rows[:n]
+        rows, sources = rows[:n], None if sources is None else sources[:n]
     if not rows:
         raise HPDError("no rows to evaluate: the data is empty")
     for i, row in enumerate(rows):
         prompt = row.get("prompt") if isinstance(row, Mapping) else None
         if not isinstance(prompt, (str, list)) or not prompt:
             raise HPDError(f"row {i} (0-based) has no 'prompt' (a string, or chat messages) to generate from")
-    verifier.check_rows(rows)
+    verifier.check_rows(rows, sources)
     if isinstance(model, (str, os.PathLike)):
         from hpd.models import load_model
 
@@ -237,16 +238,48 @@ def eval_cli(
     return result
 
 
-def load_rows(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """The rows of a data file (any format `hpd.data.load_examples` reads) as dicts with their prompt.
+class Rows(list):
+    """Data rows (dicts); `sources`: where each one comes from ("train.jsonl:17", "data.parquet[3]");
+    `skipped`: the bad rows left out (`on_bad_row="skip"`)."""
 
-    A chat row's `prompt` is its messages before the last assistant turn; every other field is kept.
+    def __init__(self, rows: Sequence[dict[str, Any]], sources: Sequence[str], skipped: int = 0):
+        super().__init__(rows)
+        self.sources = list(sources)
+        self.skipped = skipped
+
+
+def load_rows(path: str | os.PathLike[str], *, prompt_field: str = "prompt", completion_field: str = "completion",
+              messages_field: str = "messages", on_bad_row: str = "error", require_completion: bool = False,
+              skip_hint: str = "pass --on-bad-row skip") -> Rows:
+    """The rows of a data source as dicts `{"prompt", "completion", ...}`, read by `hpd.data.load_examples`
+    (the reader of `hpd train`: every format, its row errors naming the file and line).
+
+    A chat row's `prompt` is its messages before the last assistant turn, its `completion` that turn
+    (absent for a prompt-only row; `require_completion`: such a row is a bad row); every other field is kept. The fields are the data settings'
+    (`data.prompt_field`, ...); the dicts use the plain names, so a file written from them reads back
+    with the default settings.
     """
     from hpd.data import load_examples
 
-    examples, _ = load_examples(os.fspath(path), require_completion=False)
-    return [{**ex.extra, "prompt": ex.prompt, **({"completion": ex.completion} if ex.completion else {})}
-            for ex in examples]
+    examples, stats = load_examples(os.fspath(path), prompt_field=prompt_field, completion_field=completion_field,
+                                    messages_field=messages_field, on_bad_row=on_bad_row,
+                                    require_completion=require_completion,
+                                    skip_hint=skip_hint)
+    rows = [{"prompt": ex.prompt, **({"completion": ex.completion} if ex.completion else {}),
+             **{k: v for k, v in ex.extra.items() if k not in ("prompt", "completion")}} for ex in examples]
+    return Rows(rows, [ex.source for ex in examples], stats.skipped)
+
+
+def check_rows(verifier: Verifier, rows: Sequence[Mapping[str, Any]], source: str | os.PathLike[str]) -> None:
+    """`verifier.check_rows(rows)`, its one-line error naming the file `source` the rows come from:
+    the row's file and line for rows of `load_rows` (`Rows.sources`), else the file and row index."""
+    sources = getattr(rows, "sources", None)
+    try:
+        verifier.check_rows(rows, sources)
+    except HPDError as e:
+        if sources is not None:
+            raise
+        raise HPDError(f"{os.fspath(source)}: {e}") from None
 
 
 def eval_data_cli(
@@ -259,12 +292,17 @@ def eval_data_cli(
     out: str | None = None,
     batch_size: int = 32,
     max_new_tokens: int | None = None,
+    on_bad_row: str = "error",
 ) -> EvalResult:
-    """`hpd eval --data`: check the verifier and rows, load the model, evaluate, print, write records."""
+    """`hpd eval --data`: check the verifier and rows, load the model, evaluate, print, write records.
+
+    data: any source `hpd train` reads (JSONL, JSON, Parquet, a `save_to_disk` directory, `dir:split`)."""
     v = get_verifier(verifier, answer_pattern=answer_pattern)  # a bad spec fails before any loading
-    rows = load_rows(data)
-    label = f"{Path(data).name} [{v.name}]"
-    dest = eval_out(model_path, f"{Path(data).stem}-{_file_safe(Path(v.name).name)}", out)
+    rows = load_rows(data, on_bad_row=on_bad_row)
+    check_rows(v, rows, data)
+    name = Path(data.rstrip("/\\"))
+    label = f"{name.name} [{v.name}]"
+    dest = eval_out(model_path, f"{name.stem}-{_file_safe(Path(v.name).name)}", out)
     result = evaluate_rows(model_path, rows, v, max_new_tokens=max_new_tokens, batch_size=batch_size, n=n, label=label,
                            progress=True)
     write_records(result, dest)

@@ -8,9 +8,15 @@ reads):
   default the bundled tasks' `Answer: ...` marker, else the last non-empty line) equals the row's
   `answer`, both stripped and compared case-insensitively;
 - `math`: the completion's final answer equals the row's `answer` mathematically ("1/2" = "0.5",
-  LaTeX, boxed), through math-verify (`hpd.apps.tasks.verify_free_form`);
+  LaTeX, boxed), through math-verify (`hpd.apps.tasks.verify_free_form`), in a helper process with
+  a deadline (2 s): an answer that takes longer (`9^9^9^9`) is wrong, from any thread;
+- both take the reference's final answer from the row's `completion` (a training row) when it has
+  no `answer`: extracted as from a completion (`exact`), or the text after its last `Answer:`
+  marker, else its last `\boxed{}`, else its last number (`math`);
 - `task`: rows written by `hpd data` (`task`, `answer`, `meta`), checked by that bundled task's own
-  verifier, so the bundled tasks are data files plus this verifier;
+  verifier, so the bundled tasks are data files plus this verifier; a row's `task` names a task
+  and problem parameters only (`hpd.apps.tasks.data_task`): an option such as
+  `code:unsafe_no_sandbox=1` in a data file is refused, naming the row;
 - `MODULE:FUNCTION` or `path/to/file.py:FUNCTION`: `FUNCTION(row: dict, completion: str) -> bool`.
 
 `VerifierReward(verifier)` makes one a reward function for TRL's `GRPOTrainer` (1.0 solved, 0.0
@@ -24,6 +30,8 @@ import, a row without the field a verifier reads, a verifier that raises (naming
     >>> v.verify_batch([{"prompt": "2+2?", "answer": "4"}] * 3, ["so... Answer: 4", "Answer: 5", "4"])
     [True, False, True]
     >>> get_verifier("math").verify_batch([{"answer": "0.5"}], ["x = \\\\frac{1}{2}"])
+    [True]
+    >>> v.verify_batch([{"prompt": "2+3?", "completion": "2+3=5. Answer: 5"}], ["Answer: 5"])  # no answer field
     [True]
 """
 
@@ -58,16 +66,23 @@ class Verifier:
     """Scores completions of data rows. Subclasses set `name`, `fields` and implement `verify`."""
 
     name: str = ""
-    fields: tuple[str, ...] = ()  # what every row must hold, besides its prompt
+    # What every row must hold, besides its prompt: a field, or a tuple of fields of which one will do.
+    fields: tuple[str | tuple[str, ...], ...] = ()
 
-    def check_rows(self, rows: Sequence[Mapping[str, Any]]) -> None:
-        """Raise `HPDError` naming the first row without a field this verifier reads (before generating)."""
+    def check_rows(self, rows: Sequence[Mapping[str, Any]], sources: Sequence[str] | None = None) -> None:
+        """Raise `HPDError` naming the first row without a field this verifier reads (before generating).
+
+        sources: where each row comes from (`hpd.apps.evaluate.load_rows`: "train.jsonl:17"), named
+        in the message instead of the row's position."""
         for i, row in enumerate(rows):
             for key in self.fields:
-                if not isinstance(row, Mapping) or row.get(key) is None:
-                    raise HPDError(f"verifier '{self.name}' reads the field '{key}' of every row, but row {i} "
-                                   f"(0-based; prompt {_short(row.get('prompt', '') if isinstance(row, Mapping) else row)}) "
-                                   f"has none: add '{key}' to every row")
+                keys = key if isinstance(key, tuple) else (key,)
+                if not isinstance(row, Mapping) or all(row.get(k) is None for k in keys):
+                    where = sources[i] if sources is not None else (
+                        f"row {i} (0-based; prompt {_short(row.get('prompt', '') if isinstance(row, Mapping) else row)})")
+                    wanted = " or ".join(f"'{k}'" for k in keys)
+                    raise HPDError(f"verifier '{self.name}' reads the field {wanted} of every row, but {where} "
+                                   f"has none: add {keys[0]!r} to every row")
 
     def max_new_tokens(self, row: Mapping[str, Any]) -> int | None:
         """The generation budget this row calls for, or None for the caller's default."""
@@ -111,7 +126,7 @@ class ExactVerifier(Verifier):
     """The extracted final answer equals the row's `answer` (stripped, case-insensitive)."""
 
     name = "exact"
-    fields = ("answer",)
+    fields = (("answer", "completion"),)
 
     def __init__(self, answer_pattern: str | None = None):
         self.pattern_text = answer_pattern or DEFAULT_ANSWER_PATTERN
@@ -133,19 +148,45 @@ class ExactVerifier(Verifier):
         return lines[-1] if lines else ""
 
     def verify(self, row, completion):
-        return self.extract(completion).casefold() == str(row["answer"]).strip().casefold()
+        reference = row.get("answer")
+        reference = self.extract(str(row["completion"])) if reference is None else str(reference)
+        return self.extract(completion).casefold() == reference.strip().casefold()
+
+
+_BOXED = re.compile(r"\\boxed\s*\{((?:[^{}]|\{[^{}]*\})*)\}")
+_LAST_NUMBER = re.compile(r"-?\d+(?:[.,/]\d+)*")
+
+
+def reference_answer(completion: str) -> str:
+    """The final answer of a reference solution: after its last `Answer:` marker, else its last
+    `\\boxed{}`, else its last number, else its last non-empty line.
+
+        >>> reference_answer("3*4=12. 12-2=10. Answer: 10"), reference_answer("so $\\\\boxed{\\\\frac{1}{2}}$")
+        ('10', '\\\\frac{1}{2}')
+    """
+    marker = list(re.finditer(r"answer\s*[:=]", completion, re.IGNORECASE))
+    if marker:
+        return completion[marker[-1].end():].strip()
+    for pattern in (_BOXED, _LAST_NUMBER):
+        found = pattern.findall(completion)
+        if found:
+            return found[-1].strip()
+    lines = [line.strip() for line in completion.splitlines() if line.strip()]
+    return lines[-1] if lines else ""
 
 
 class MathVerifier(Verifier):
-    """The completion's final answer equals the row's `answer` mathematically (math-verify)."""
+    """The completion's final answer equals the row's `answer` (else its `completion`'s final
+    answer, `reference_answer`) mathematically (math-verify)."""
 
     name = "math"
-    fields = ("answer",)
+    fields = (("answer", "completion"),)
 
     def verify(self, row, completion):
         from hpd.apps.tasks import verify_free_form
 
-        return verify_free_form(completion, str(row["answer"]))
+        reference = row.get("answer")
+        return verify_free_form(completion, reference_answer(str(row["completion"])) if reference is None else str(reference))
 
 
 class TaskVerifier(Verifier):
@@ -165,12 +206,13 @@ class TaskVerifier(Verifier):
     def _task_of(self, row: Mapping[str, Any]):
         if self.task is not None:
             return self.task
-        from hpd.apps.tasks import get_task
+        from hpd.apps.tasks import data_task, get_task
 
         name = str(row["task"])
         meta = row.get("meta") if isinstance(row.get("meta"), Mapping) else {}
         if name not in self._tasks:
-            self._tasks[name] = get_task(name)
+            # The row is data: it names a task and its problem parameters, never how code runs.
+            self._tasks[name] = data_task(name)
         # The task's own parameters recorded in the row (e.g. math's `steps`) set its generation
         # budget: a 20-step chain needs far more tokens than the default 4-step one.
         params = {k: meta[k] for k in self._tasks[name].params if k in meta}
@@ -179,17 +221,18 @@ class TaskVerifier(Verifier):
             self._tasks[key] = get_task(name, **params)
         return self._tasks[key]
 
-    def check_rows(self, rows):
-        super().check_rows(rows)
+    def check_rows(self, rows, sources=None):
+        super().check_rows(rows, sources)
         used: dict[int, Any] = {}
         for i, row in enumerate(rows):
+            where = sources[i] if sources is not None else f"row {i} (0-based)"
             if not isinstance(row["meta"], Mapping):
-                raise HPDError(f"verifier 'task': row {i} (0-based) has a 'meta' that is not an object: "
+                raise HPDError(f"verifier 'task': {where} has a 'meta' that is not an object: "
                                "write the file with `hpd data`")
             try:
                 task = self._task_of(row)
             except HPDError as e:
-                raise HPDError(f"verifier 'task': row {i} (0-based): {e}") from None
+                raise HPDError(f"verifier 'task': {where}: {e}") from None
             used[id(task)] = task
         for task in used.values():
             task.preflight()  # e.g. the code task without its sandbox: say so before generating
@@ -339,4 +382,4 @@ def get_verifier(spec: str, *, answer_pattern: str | None = None) -> Verifier:
 
 
 __all__ = ["DEFAULT_ANSWER_PATTERN", "KINDS", "ExactVerifier", "FunctionVerifier", "MathVerifier", "TaskVerifier",
-           "Verifier", "VerifierReward", "get_verifier"]
+           "Verifier", "VerifierReward", "get_verifier", "reference_answer"]

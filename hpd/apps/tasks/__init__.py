@@ -8,7 +8,10 @@ pretrained models such as SmolLM2-135M-Instruct. `get_task("math", steps=4)` or 
 builds one; `mixed_dataset` draws a shuffled mix; `write_jsonl` writes training rows
 `{"prompt", "completion", "task", "answer", "meta"}` (`task_row`) that `hpd.data` loads and that
 `task_item` turns back into items, so a data file is all a task's verifier needs (`hpd eval
---data FILE --verifier task`).
+--data FILE --verifier task`). A row's `task` field goes through `data_task`, which accepts a task
+name and the task's problem parameters only (`math:steps=8`): how generated code runs (the
+sandbox, its time and memory limits, its workers) is set by whoever runs the command, never by a
+data file, so a downloaded file cannot switch the code sandbox off.
 
     >>> import os, tempfile
     >>> from hpd.apps.tasks import TASKS, get_task, mixed_dataset, write_jsonl
@@ -46,7 +49,7 @@ TASKS: dict[str, type[Task]] = {
 }
 
 __all__ = [
-    "SPLITS", "TASKS", "CapitalsTask", "CodeTask", "DialogueTask", "MathTask", "Task", "TaskItem", "get_task",
+    "SPLITS", "TASKS", "CapitalsTask", "CodeTask", "DialogueTask", "MathTask", "Task", "TaskItem", "data_task", "get_task",
     "mixed_dataset", "parse_task_spec", "split_of", "task_item", "task_row", "verify_free_form", "write_jsonl",
 ]
 
@@ -88,6 +91,37 @@ def get_task(name: str, **params: Any) -> Task:
             f"task {base!r}: bad parameters {sorted({**spec_params, **params})} ({e}): see the "
             f"docstring of {cls.__module__}.{cls.__name__}"
         ) from None
+
+
+def data_task(spec: str) -> Task:
+    """The task a data row's `task` field names: a task name, with problem parameters at most.
+
+    The options a row may set are the task's problem parameters (the keys of `Task.params`, e.g.
+    math's `steps`, code's `kinds` and `max_ops`), which only change what problems look like. Any
+    other option (code's `unsafe_no_sandbox`, `timeout_s`, `memory_mb`, `workers`) is refused:
+    those weaken or load the verifier and come only from the person running the command (`--task
+    SPEC`, the config, `HPD_CODE_UNSAFE_NO_SANDBOX=1`).
+
+        >>> data_task("math:steps=8").steps
+        8
+        >>> data_task("code:unsafe_no_sandbox=1")
+        Traceback (most recent call last):
+        hpd.errors.HPDError: the task spec 'code:unsafe_no_sandbox=1' of a data row may set only ...
+    """
+    base, params = parse_task_spec(spec)
+    cls = TASKS.get(base)
+    if cls is None:
+        raise HPDError(f"unknown task {base!r}: choose one of {sorted(TASKS)}")
+    allowed = list(cls().params)
+    refused = sorted(set(params) - set(allowed))
+    if refused:
+        raise HPDError(
+            f"the task spec {spec!r} of a data row may set only the problem parameters of {base!r} "
+            f"({', '.join(allowed) or 'none'}), not {', '.join(refused)}: how a task's checks run (sandbox, "
+            "limits, workers) is set by whoever runs the command (hpd eval --task SPEC, the config; only for "
+            "trusted code HPD_CODE_UNSAFE_NO_SANDBOX=1), never by a data file; remove it from the row"
+        )
+    return get_task(base, **params)
 
 
 def mixed_dataset(

@@ -78,7 +78,11 @@ class Task(ABC):
 
     @property
     def params(self) -> dict[str, Any]:
-        """The parameters that shape the problem distribution (part of the generator's seed)."""
+        """The parameters that shape the problem distribution (part of the generator's seed).
+
+        A data row's task spec may set these and nothing else (`hpd.apps.tasks.data_task`), so
+        they must never say how a completion is checked (a sandbox, a limit): those weaken the
+        checks and come only from the person running the command."""
         return {}
 
     def preflight(self) -> None:

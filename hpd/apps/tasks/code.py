@@ -21,8 +21,10 @@ libseccomp (through `pyseccomp`) is the reference way to compile a system-call f
 filtering in the kernel holds whatever Python tricks the code plays, which the audit hooks and
 patched modules of the old verifier did not. Without them `verify_batch` raises `HPDError`
 saying what to install; `CodeTask(unsafe_no_sandbox=True)`, the spec `code:unsafe_no_sandbox=1`
-or the environment variable `HPD_CODE_UNSAFE_NO_SANDBOX=1` runs the code with resource limits
-only (trusted code only: it can then read, change and send your files).
+(from the person running the command: `hpd eval --task`; a data row's `task` field cannot set
+it, nor `timeout_s`, `memory_mb` or `workers`: `hpd.apps.tasks.data_task`) or the environment
+variable `HPD_CODE_UNSAFE_NO_SANDBOX=1` runs the code with resource limits only (trusted code
+only: it can then read, change and send your files).
 
     >>> from hpd.apps.tasks.code import CodeTask
     >>> task = CodeTask()

@@ -18,9 +18,18 @@ the marked final answer, so any correct chain (or none) passes.
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import math
+import os
 import random
 import re
+import select
+import subprocess
+import sys
 import threading
+import time
+import warnings
 from fractions import Fraction
 from typing import Any
 
@@ -35,6 +44,9 @@ MAX_STEPS = 32  # long chains (16-32 steps) make answers of a few hundred tokens
 _STEP_RE = re.compile(r"(-?\d+)\s*([-+*/])\s*(\d+)\s*=\s*(-?\d+)")
 _ANSWER_RE = re.compile(r"answer\s*[:=]?\s*(-?\d+(?:\.\d+)?)", re.IGNORECASE)
 _NUMBER_RE = re.compile(r"-?\d+(?:\.\d+)?(?:/\d+)?")
+# How long math-verify may take over one answer, and to start (Python and sympy, once).
+VERIFY_TIMEOUT_S = 2.0
+STARTUP_TIMEOUT_S = 60.0
 
 
 def extract_answer(completion: str) -> str | None:
@@ -50,27 +62,137 @@ def _as_number(text: str) -> Fraction | None:
         return None
 
 
-def verify_free_form(completion: str, reference_answer: str) -> bool:
+def verify_free_form(completion: str, reference_answer: str, timeout_s: float = VERIFY_TIMEOUT_S) -> bool:
     """Whether a free-form math answer equals the reference (e.g. "1/2" vs "0.5", LaTeX, boxed).
 
-    Uses `math_verify` (`pip install math-verify`) when installed; otherwise compares the last
+    Uses `math_verify` (`pip install math-verify`) when installed, in a helper process with a
+    deadline of `timeout_s` seconds (`MathChecker`): an answer that takes longer (`9^9^9^9`) is
+    scored wrong, with a one-line warning, from any thread. Without math-verify, compares the last
     number in the completion with the reference numerically. A "Answer:" marker, when present,
     narrows the completion to what follows it, so numbers in a chain of thought do not count.
     """
     marker = list(re.finditer(r"answer\s*[:=]", completion, re.IGNORECASE))
     if marker:
         completion = completion[marker[-1].end():]
+    if not _have_math_verify():
+        return _numeric_equal(completion, reference_answer)
+    verdict = _checker.check(completion, reference_answer, timeout_s)
+    if verdict is None:  # math-verify could not read one of them: compare the numbers
+        return _numeric_equal(completion, reference_answer)
+    return verdict
+
+
+def _have_math_verify() -> bool:
+    if "math_verify" in sys.modules:  # None there: made unimportable (as a test does)
+        return sys.modules["math_verify"] is not None
+    return importlib.util.find_spec("math_verify") is not None
+
+
+# The helper process: reads [completion, reference] lines, writes true, false, or null (not
+# parsed). math-verify's own SIGALRM timeouts work here (its main thread) for slow Python; a
+# CPU limit reset before each request ends it if it overruns in C with its parent gone.
+_CHECKER = r"""
+import json, math, resource, sys
+from math_verify import parse, verify
+budget = int(sys.argv[1])
+sys.stdout.write("ready\n")
+sys.stdout.flush()
+for line in sys.stdin:
+    completion, reference = json.loads(line)
+    used = resource.getrusage(resource.RUSAGE_SELF)
+    resource.setrlimit(resource.RLIMIT_CPU, (math.ceil(used.ru_utime + used.ru_stime) + budget + 1,
+                                             resource.RLIM_INFINITY))
     try:
-        from math_verify import parse, verify
-    except ImportError:
-        return _numeric_equal(completion, reference_answer)
-    # math_verify times out with SIGALRM, which only the main thread may set.
-    timeout: int | None = 5 if threading.current_thread() is threading.main_thread() else None
-    gold = parse(reference_answer, parsing_timeout=timeout)
-    pred = parse(completion, parsing_timeout=timeout)
-    if not gold or not pred:
-        return _numeric_equal(completion, reference_answer)
-    return bool(verify(gold, pred, timeout_seconds=timeout))
+        gold = parse(reference, parsing_timeout=budget)
+        pred = parse(completion, parsing_timeout=budget)
+        verdict = bool(verify(gold, pred, timeout_seconds=budget)) if gold and pred else None
+    except Exception:
+        verdict = False
+    sys.stdout.write(json.dumps(verdict) + "\n")
+    sys.stdout.flush()
+"""
+
+
+class MathChecker:
+    """math-verify in a helper process of its own, so that every check has a deadline.
+
+    math-verify bounds its work with SIGALRM, which only a main thread may set, and which cannot
+    stop a big-integer power computed in C (holding the GIL, it stalls every thread): `Answer:
+    9^9^9^9` took 5.5 s in the main thread and did not end in minutes in another. Here the
+    process gets one request at a time; one that runs past `timeout_s` is killed (the check is
+    False) and the next check starts a new one (about a second: Python and sympy). Its data is
+    two strings, parsed by math-verify's LaTeX and number grammars (no `eval` of the text), so it
+    runs without a sandbox; its memory is bounded by the deadline.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._proc: subprocess.Popen | None = None
+        self._buffer = b""
+        self.timeouts = 0
+        self._warned = False
+
+    def check(self, completion: str, reference: str, timeout_s: float) -> bool | None:
+        """True/False, None when math-verify parses nothing; False (and a warning) past the deadline."""
+        with self._lock:
+            proc = self._proc if self._proc is not None and self._proc.poll() is None else self._start(timeout_s)
+            line = json.dumps([completion, reference]) + "\n"
+            try:
+                proc.stdin.write(line.encode())
+                proc.stdin.flush()
+                answer = self._read_line(proc, time.monotonic() + timeout_s)
+            except OSError:  # it died (e.g. out of memory): the check failed
+                answer = None
+            if answer is not None:
+                return json.loads(answer)
+            self._stop()
+            self.timeouts += 1
+        if not self._warned:
+            self._warned = True
+            warnings.warn(f"math: checking an answer took over {timeout_s:g} s (e.g. a power tower such as "
+                          f"9^9^9^9): scored wrong", RuntimeWarning, stacklevel=3)
+        return False
+
+    def _start(self, timeout_s: float) -> subprocess.Popen:
+        self._stop()
+        self._proc = subprocess.Popen(
+            [sys.executable, "-c", _CHECKER, str(max(1, math.ceil(timeout_s)))],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True,
+        )
+        if self._read_line(self._proc, time.monotonic() + STARTUP_TIMEOUT_S) != b"ready":
+            self._stop()
+            raise HPDError(f"math: the math-verify checker did not start in {STARTUP_TIMEOUT_S:g} s: check that "
+                           f"`{sys.executable} -c 'import math_verify'` works")
+        return self._proc
+
+    def _read_line(self, proc: subprocess.Popen, deadline: float) -> bytes | None:
+        """The next line from the helper, or None when it does not come by `deadline`."""
+        fd = proc.stdout.fileno()
+        while b"\n" not in self._buffer:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                return None
+            data = os.read(fd, 1 << 16)
+            if not data:
+                return None
+            self._buffer += data
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        return line
+
+    def _stop(self) -> None:
+        if self._proc is not None:
+            if self._proc.poll() is None:
+                self._proc.kill()
+            self._proc.wait()
+            for f in (self._proc.stdin, self._proc.stdout):
+                f.close()
+        self._proc, self._buffer = None, b""
+
+
+_checker = MathChecker()
+# A forked process (a bench worker) starts its own helper: sharing the parent's pipes would mix
+# their answers, and the lock may have been held by a thread that the fork left behind.
+os.register_at_fork(after_in_child=lambda: _checker.__init__())
 
 
 def _numeric_equal(completion: str, reference_answer: str) -> bool:

@@ -20,12 +20,32 @@ Layers, outermost first:
    io_uring, bpf, perf events, keyrings and module or kexec loading.
 3. For each job the server forks a child, which sets its resource limits (address space
    `memory_mb`, CPU seconds, file size 0, 64 open files, 32 processes), loads a second seccomp
-   filter (no `execve`, no `fork`/`vfork`/`clone` except of threads, no signals to other
-   processes, no `setsid`/`setpgid`, no file creation or change even in `/tmp`, no `memfd`), and
-   only then compiles and runs the completion. The server kills a child that overruns the
+   filter (no `execve`, no new process or thread at all: `fork`, `vfork`, `clone` refused,
+   `clone3` ENOSYS; no signals to other processes, no `setsid`/`setpgid`, no file creation or
+   change even in `/tmp`, no `memfd`), and only then compiles and runs the completion. The server kills a child that overruns the
    wall-clock limit or sends too much. Forking costs about a millisecond against some 25 ms for a
    fresh interpreter, and every job still has a process of its own: nothing one does (patching
    builtins, exhausting memory, exiting) reaches another.
+
+The bound on threads and processes. A completion's process can create no other task, so a
+batch holds at most four per worker (bwrap, the namespace's PID 1, the fork server, the running
+child), whoever runs it. The ways it could have been bounded, and why this one:
+
+- RLIMIT_NPROC does not bind uid 0 (the kernel exempts the root user and CAP_SYS_RESOURCE, and a
+  user namespace does not change who the kernel counts), and we run as root in containers;
+- the address-space limit bounds threads with stacks only: raw `clone(CLONE_VM|CLONE_SIGHAND|
+  CLONE_THREAD)` with no stack, from machine code in an executable mapping, made 4000 threads in
+  0.05 s under the old filter, which allowed thread clones;
+- a cgroup `pids.max` would bound the whole sandbox, but it needs a writable, delegated cgroup
+  (cgroup v2 under systemd hands one to a user only through a delegated scope; a v1 host such as
+  ours lets only root write it), so it cannot be the bound that always holds;
+- a counter in the fork server sees threads only after they exist and is racy at 80,000
+  clones a second; seccomp cannot count;
+- a seccomp rule that refuses every `clone` in the child holds for any uid and any way of making
+  the call, and costs nothing per completion (`benchmarks/code_sandbox.py`: the same CPU per job
+  as the filter that allowed threads). The code task never needs a thread: a solution is one
+  expression or `def f` over an int, a string or a list (a `threading.Thread(...).start()` raises
+  RuntimeError, and the completion scores False).
 
 The filters are compiled with libseccomp (`pyseccomp`) in this process and handed to the
 sandbox as BPF bytes, so nothing inside needs libseccomp. `isolation()` checks once per process
@@ -60,11 +80,12 @@ from typing import Any
 from hpd.errors import HPDError
 
 RESULT_LIMIT = 1 << 16  # bytes of results a child may send back before it is killed
+RESULT_DEPTH = 64  # nesting of lists and objects in a child's results beyond which they count as none
 TMPFS_BYTES = 1 << 20  # size of the sandbox's private /tmp
 UNSAFE_ENV = "HPD_CODE_UNSAFE_NO_SANDBOX"
 UNSAFE_HINT = (
     f"or, only for trusted code, run without isolation: CodeTask(unsafe_no_sandbox=True), the "
-    f"task spec code:unsafe_no_sandbox=1, or {UNSAFE_ENV}=1"
+    f"task spec code:unsafe_no_sandbox=1 (hpd eval --task; a data row cannot set it), or {UNSAFE_ENV}=1"
 )
 
 # The fork server. Reads {"jobs": [...], "timeout", "memory", "cpu", "filter": hex BPF or null}
@@ -73,6 +94,7 @@ _SERVER = r"""
 import sys, os, json, resource, select, signal, time
 payload = json.loads(sys.stdin.read())
 TIMEOUT, LIMIT = float(payload["timeout"]), int(payload["result_limit"])
+MAX_DEPTH = int(payload["max_depth"])
 def _limit(res, value):
     try:
         resource.setrlimit(res, (value, value))
@@ -81,7 +103,7 @@ def _limit(res, value):
 _limit(resource.RLIMIT_AS, payload["memory"])
 _limit(resource.RLIMIT_CORE, 0)
 # RLIMIT_NPROC does not bind a host root (uid 0 is exempt); the child's filter, which refuses
-# new processes, is what holds there; threads are bounded by the address space.
+# every new process and thread, is what holds there (see the module docstring).
 CHILD_LIMITS = [(resource.RLIMIT_CPU, payload["cpu"]), (resource.RLIMIT_FSIZE, 0),
                 (resource.RLIMIT_NOFILE, 64), (resource.RLIMIT_NPROC, 32)]
 
@@ -187,9 +209,22 @@ def _run(job):
     if status != 0:
         return None
     try:
-        return json.loads(b"".join(chunks))
-    except ValueError:
+        result = json.loads(b"".join(chunks))
+    except (ValueError, RecursionError):  # not JSON, or nested past the parser (a bomb)
         return None
+    return result if _shallow(result) else None
+
+def _shallow(value):
+    # Answers are lists of [tag, value] with plain values: a few levels. Deeper ones are refused
+    # here, so the verifier's process (which may parse from deep in its own stack) never sees them.
+    stack = [(value, 0)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            return False
+        if isinstance(value, (list, dict)):
+            stack.extend((v, depth + 1) for v in (value.values() if isinstance(value, dict) else value))
+    return True
 
 for job in payload["jobs"]:
     sys.stdout.write(json.dumps(_run(job)) + "\n")
@@ -233,11 +268,13 @@ CHILD_DENY = (
 )
 
 
-def _compile_filters() -> tuple[bytes, bytes]:
+def _compile_filters(child_threads: bool = False) -> tuple[bytes, bytes]:
     """(sandbox filter, child filter) as BPF programs; refused calls fail with EPERM.
 
     clone3 fails with ENOSYS instead: its flags sit in memory a filter cannot read, and glibc
-    then falls back to clone, whose flags it can (threads allowed, processes and namespaces not).
+    then falls back to clone, whose flags it can. The child may not clone at all (no process, no
+    thread); `child_threads=True` gives the filter before issue 35, which allowed thread clones,
+    for `benchmarks/code_sandbox.py`'s comparison only.
     """
     import pyseccomp as sc  # loads libseccomp.so.2; raises if it is missing
 
@@ -260,7 +297,10 @@ def _compile_filters() -> tuple[bytes, bytes]:
     rules(inner, CHILD_DENY)
     inner.add_rule(nosys, "clone3")
     inner.add_rule(nosys, "openat2")
-    inner.add_rule(deny, "clone", sc.Arg(0, sc.MASKED_EQ, CLONE_THREAD, 0))  # a new process
+    if child_threads:  # the old rule: a new process refused, a thread allowed
+        inner.add_rule(deny, "clone", sc.Arg(0, sc.MASKED_EQ, CLONE_THREAD, 0))
+    else:  # no task at all: bounds threads for uid 0 and stackless clones alike
+        inner.add_rule(deny, "clone")
     inner.add_rule(deny, "prlimit64", sc.Arg(0, sc.NE, 0))  # another process's limits
     for flag in OPEN_WRITE_FLAGS:
         for call, arg in (("open", 1), ("openat", 2)):
@@ -402,7 +442,7 @@ def _serve(
     """
     payload = json.dumps({
         "jobs": jobs, "timeout": timeout_s, "memory": memory_mb << 20,
-        "cpu": max(1, math.ceil(timeout_s)), "result_limit": RESULT_LIMIT,
+        "cpu": max(1, math.ceil(timeout_s)), "result_limit": RESULT_LIMIT, "max_depth": RESULT_DEPTH,
         "filter": None if found is None else found.child_filter.hex(),
     }).encode()
     python_args = ["-I", "-S", "-B", "-c", _SERVER]
@@ -440,8 +480,10 @@ def _serve(
     for line in stdout.decode("utf-8", "replace").splitlines():
         try:
             answer = json.loads(line)
-        except ValueError:
+        except ValueError:  # a line cut short: the server died writing it
             break
+        except RecursionError:  # the server lets no deep answer through; should one come, it failed
+            answer = None
         if len(answers) == len(jobs):
             cpu_s = float(answer["cpu_s"]) if isinstance(answer, dict) else 0.0
             break
