@@ -20,6 +20,7 @@ import torch
 
 from hpd.data import build_batch
 from hpd.objectives import IGNORE_INDEX
+from hpd.packing import Packing
 
 
 @dataclass
@@ -40,17 +41,35 @@ class MicroBatch:
     teacher_mask: torch.Tensor | None = None
     teacher_index: torch.Tensor | None = None
     cache_rows: list[int] | None = None  # the teacher-cache rows of its sequences (with teacher.cache)
+    # Packed (data.packing, `hpd.packing`): the tensors above are `(R, W)`, the rows end to end;
+    # position_ids restart per row, packing says where each row sits, row_labels are the labels `(B, T)`
+    # of the padded rows (what a teacher cache is read with).
+    position_ids: torch.Tensor | None = None
+    packing: Packing | None = None
+    row_labels: torch.Tensor | None = None
+    teacher_positions: torch.Tensor | None = None  # OPSD, packed: the teacher sequences' position_ids
 
 
 def make_batch(prompts: list[list[int]], completions: list[list[int]], *, pad_id: int, vocab_size: int | None,
-               device: torch.device) -> MicroBatch:
-    """Prompts + completions as a `MicroBatch` on `device`; labels past `vocab_size` are ignored."""
+               device: torch.device, pack: bool = False, pack_length: int = 0) -> MicroBatch:
+    """Prompts + completions as a `MicroBatch` on `device`; labels past `vocab_size` are ignored.
+
+    pack: the rows end to end in packed rows of `pack_length` tokens at most (0: the longest row's
+    length), positions restarted per row (`hpd.packing.Packing`)."""
     b = build_batch(prompts, completions, pad_id=pad_id)
     labels = b["labels"]
     if vocab_size is not None:
         labels = labels.masked_fill(labels >= vocab_size, IGNORE_INDEX)
-    return MicroBatch(b["input_ids"].to(device), b["attention_mask"].to(device), labels.to(device), cpu_labels=labels,
-                      num_active=int((labels != IGNORE_INDEX).sum()), prompts=prompts, completions=completions)
+    num_active = int((labels != IGNORE_INDEX).sum())
+    if not pack:
+        return MicroBatch(b["input_ids"].to(device), b["attention_mask"].to(device), labels.to(device),
+                          cpu_labels=labels, num_active=num_active, prompts=prompts, completions=completions)
+    p = Packing([len(q) + len(c) for q, c in zip(prompts, completions)], width=pack_length)
+    packed = p.pack(labels, fill=IGNORE_INDEX)
+    return MicroBatch(p.pack(b["input_ids"], fill=pad_id).to(device), p.pack(b["attention_mask"]).to(device),
+                      packed.to(device),
+                      cpu_labels=packed, num_active=num_active, prompts=prompts, completions=completions,
+                      position_ids=p.position_ids(device), packing=p, row_labels=labels)
 
 
 __all__ = ["MicroBatch", "make_batch"]

@@ -199,10 +199,13 @@ class DataConfig:
     """Training and evaluation data (JSONL with prompt/completion or chat messages)."""
 
     train: str = field_(
-        "examples/tiny.jsonl", "Training data: a JSONL file (one example per line).", nonempty=True
+        "examples/tiny.jsonl",
+        "Training data: a .jsonl/.json/.parquet file, a datasets save_to_disk directory (dir:split), or a "
+        "Hub dataset org/name[:split] or org/name:config:split (a local path of that name wins).",
+        nonempty=True,
     )
     eval: str | None = field_(
-        None, "Evaluation data (JSONL); null = none, or a split of train (see eval_fraction)."
+        None, "Evaluation data (as data.train); null = none, or a split of train (see eval_fraction)."
     )
     prompt_field: str = field_("prompt", "Row key holding the prompt text.", nonempty=True)
     completion_field: str = field_(
@@ -231,6 +234,29 @@ class DataConfig:
         "Fraction of train held out for evaluation when data.eval is null (0 = no split).",
         min=0.0,
         max=0.5,
+    )
+    packing: bool = field_(
+        False,
+        "Sequence packing: each micro-batch's rows end to end in sequences of data.pack_length tokens, "
+        "positions restarted per row and attention kept within it (attention eager, sdpa, "
+        "flex_attention or flash_attention_2/3); the same loss as padded rows.",
+    )
+    streaming: bool = field_(
+        False,
+        "Read data.train as a stream (for data larger than memory: a JSONL file line by line, a Hub "
+        "dataset through datasets' streaming), through a seeded shuffle buffer; its position is saved in "
+        "checkpoints. Needs max_steps (not epochs), a data.eval file (not eval_fraction), and the dataset, "
+        "student or mixed (off_policy dataset) regime without teacher.cache.",
+    )
+    shuffle_buffer: int = field_(
+        10000, "data.streaming: rows held for the seeded shuffle of the stream (0 = the source's order).", min=0
+    )
+    pack_length: int = field_(
+        0,
+        "data.packing: tokens per packed sequence; 0 = the micro-batch's longest row (attention never "
+        "costs more than padded); a value >= batch_size x max_length = the whole micro-batch in one "
+        "sequence, no padding (best with flash_attention_2's varlen kernel).",
+        min=0,
     )
 
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -310,12 +310,15 @@ def _iter_json(path: str) -> Iterator[_Located]:
 def _iter_parquet(path: str) -> Iterator[_Located]:
     import pyarrow.parquet as pq
 
+    # Record batch by record batch, so that a streamed run (data.streaming) holds one batch, not the file.
+    i = 0
     try:
-        rows = pq.read_table(path).to_pylist()
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+            for row in batch.to_pylist():
+                yield f"{path} row index {i}", f"{path}[{i}]", row
+                i += 1
     except Exception as e:  # pyarrow raises several types for corrupt / non-parquet files
         raise HPDError(f"could not read parquet file {path}: {e}") from None
-    for i, row in enumerate(rows):
-        yield f"{path} row index {i}", f"{path}[{i}]", row
 
 
 def _split_path(path: str) -> tuple[str, str | None]:
@@ -367,6 +370,12 @@ def _iter_rows(path: str) -> Iterator[_Located]:
     if os.path.isdir(base):
         yield from _iter_saved_dataset(base, split, path)
         return
+    if not os.path.exists(path):
+        from hpd.hub_data import is_hub_id, iter_hub_rows
+
+        if is_hub_id(path):  # org/name[:config][:split] and no local path of that name (hpd.hub_data)
+            yield from iter_hub_rows(path)
+            return
     _check_exists(path)
     lower = path.lower()
     if lower.endswith((".jsonl", ".ndjson")):
@@ -382,9 +391,59 @@ def _iter_rows(path: str) -> Iterator[_Located]:
         )
 
 
+def parse_rows(
+    rows: Iterable[_Located],
+    *,
+    prompt_field: str = "prompt",
+    completion_field: str = "completion",
+    messages_field: str = "messages",
+    on_bad_row: str = "error",
+    require_completion: bool = True,
+    stats: LoadStats,
+    skip_hint: str = "set data.on_bad_row=skip",
+) -> Iterator[Example]:
+    """The examples of raw rows `(location, source tag, row)` (`iter_rows`), one at a time: a bad
+    row raises `HPDError` naming its location (and `skip_hint`, see `load_examples`), or is counted
+    in `stats` with `on_bad_row="skip"`."""
+    if on_bad_row not in ("error", "skip"):
+        raise HPDError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
+    for loc, src, row in rows:
+        try:
+            if isinstance(row, _RowError):
+                raise row
+            prompt, completion, extra = _parse_row(
+                row,
+                prompt_field=prompt_field,
+                completion_field=completion_field,
+                messages_field=messages_field,
+                require_completion=require_completion,
+            )
+        except _RowError as e:
+            if on_bad_row == "skip":
+                stats.note_skip(f"{loc}: {e}")
+                continue
+            raise HPDError(
+                f"{loc}: {e}. Fix the row, or {skip_hint} to skip bad rows."
+            ) from None
+        yield Example(prompt=prompt, completion=completion, source=src, extra=extra)
+
+
+def iter_rows(path: str, *, streaming: bool = False) -> Iterator[_Located]:
+    """The raw rows of a data source, lazily where it can be (JSONL line by line, a Hub dataset
+    streamed with `streaming=True`): `(location for messages, source tag, row or row error)`."""
+    path = os.fspath(path)
+    if streaming and not os.path.exists(path):
+        from hpd.hub_data import is_hub_id, iter_hub_rows
+
+        if is_hub_id(path):
+            return iter_hub_rows(path, streaming=True)
+    return _iter_rows(path)
+
+
 def _check_exists(path: str) -> None:
     if not os.path.exists(path):
-        raise HPDError(f"data file {path} not found: check the path (relative to {os.getcwd()})")
+        raise HPDError(f"data file {path} not found: check the path (relative to {os.getcwd()}), or name a Hub "
+                       "dataset as org/name[:config][:split]")
 
 
 def data_digest(path: str | os.PathLike) -> str:
@@ -400,6 +459,11 @@ def data_digest(path: str | os.PathLike) -> str:
 
     path = os.fspath(path)
     base, split = _split_path(path)
+    if not os.path.exists(base):
+        from hpd.hub_data import hub_digest, is_hub_id
+
+        if is_hub_id(path):  # a Hub dataset: the fingerprint datasets keeps of its content
+            return hub_digest(path)
     if os.path.isdir(base):
         root = Path(base)
         files = sorted(p for p in root.rglob("*") if p.is_file())
@@ -432,30 +496,11 @@ def load_examples(
     Every command reads its data here (train, cache-teacher, generate, eval, bench); `skip_hint`
     is how the calling command's user asks for `on_bad_row="skip"` (e.g. `pass --on-bad-row skip`).
     """
-    if on_bad_row not in ("error", "skip"):
-        raise HPDError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
     path = os.fspath(path)
     stats = LoadStats()
-    examples: list[Example] = []
-    for loc, src, row in _iter_rows(path):
-        try:
-            if isinstance(row, _RowError):
-                raise row
-            prompt, completion, extra = _parse_row(
-                row,
-                prompt_field=prompt_field,
-                completion_field=completion_field,
-                messages_field=messages_field,
-                require_completion=require_completion,
-            )
-        except _RowError as e:
-            if on_bad_row == "skip":
-                stats.note_skip(f"{loc}: {e}")
-                continue
-            raise HPDError(
-                f"{loc}: {e}. Fix the row, or {skip_hint} to skip bad rows."
-            ) from None
-        examples.append(Example(prompt=prompt, completion=completion, source=src, extra=extra))
+    examples = list(parse_rows(_iter_rows(path), prompt_field=prompt_field, completion_field=completion_field,
+                               messages_field=messages_field, on_bad_row=on_bad_row,
+                               require_completion=require_completion, stats=stats, skip_hint=skip_hint))
     stats.rows = len(examples)
     if not examples:
         why = (

@@ -58,6 +58,7 @@ from hpd.models import lm_head_of, load_model, shared_vocab_size, vocab_rows
 from hpd.objectives import (
     DEFAULT_CHUNK_SIZE, IGNORE_INDEX, Objective, ObjectiveOutput, get_objective, resolve_shared_vocab, shift_labels,
 )
+from hpd.packing import check_packing
 from hpd.regimes import derive_seed
 from hpd.teacher_cache import TeacherCache
 from hpd.teachers import ModelTeacher, TeacherSource
@@ -223,6 +224,7 @@ class HFDistillation:
         # constant memory whatever the logging interval, and no host read until the log.
         self._pending: dict[str, dict[str, dict[str, Tensor]]] = {}
         self._micro: dict[str, tuple[int, int]] = {}  # split -> (step, micro-batches seen in it)
+        self._packing_checked = False
 
     def generator(self, seed: int, step: int, rank: int, split: str, device: torch.device) -> torch.Generator:
         """The draws (HPD's sample) of the next micro-batch of optimizer step `step`, seeded as `hpd train`
@@ -259,9 +261,10 @@ class HFDistillation:
         self._vocab = (rows, size)
         return size
 
-    def teacher_view(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, hf_labels: Tensor, split: str):
+    def teacher_view(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, hf_labels: Tensor, split: str,
+                     position_ids: Tensor | None = None):
         """The teacher's view of the batch `(B, T)` (aligned `labels`, and the batch's own `hf_labels`);
-        None without a teacher."""
+        None without a teacher. position_ids: a packed batch's, which the teacher reads it with."""
         if self.teacher is None or not (self.objective.needs_teacher or self.diagnostics):
             return None
         if isinstance(self.teacher, ModelTeacher):
@@ -270,32 +273,45 @@ class HFDistillation:
                 self.teacher.model.to(device)
         cpu_labels = labels.cpu()
         batch = MicroBatch(input_ids, attention_mask, labels, cpu_labels=cpu_labels,
-                           num_active=int((cpu_labels != IGNORE_INDEX).sum()), prompts=[], completions=[])
+                           num_active=int((cpu_labels != IGNORE_INDEX).sum()), prompts=[], completions=[],
+                           position_ids=position_ids)
         examples = _examples_of(input_ids, attention_mask, hf_labels) if isinstance(self.teacher, _CacheTeacher) else []
         self.teacher.prepare(batch, examples, split, range(input_ids.shape[0]))
         return self.teacher.view(batch)
 
     def loss(self, *, student: nn.Module, input_ids: Tensor, attention_mask: Tensor | None, labels: Tensor,
              num_items_in_batch: Tensor | int | None, logits: Tensor | None = None, hidden: Tensor | None = None,
-             generator: torch.Generator | None = None, tokenizer=None, packed: bool = False) -> Tensor:
+             generator: torch.Generator | None = None, tokenizer=None, position_ids: Tensor | None = None) -> Tensor:
         """The loss of one HF batch: `labels (B, T)` unshifted, and the student's `logits (B, T, V)`
-        or its final `hidden` states `(B, T, H)` (the chunked path, through `student`'s LM head);
-        `packed`: the batch came without an attention mask but with position_ids (refused).
+        or its final `hidden` states `(B, T, H)` (the chunked path, through `student`'s LM head).
+
+        A packed (padding-free) batch comes without an attention mask and with `position_ids (B, T)`
+        restarting at each packed row (TRL's `padding_free`, `DataCollatorWithFlattening`): the
+        teacher reads it with the same position ids (so attention stays within each row), and no
+        position predicts across a row boundary.
 
         The objective's output is kept for the logs (`pop_metrics`), filed under train or eval by
         `student.training`.
         """
         if labels is None:
             raise HPDError("the batch has no labels: distillation needs HF labels (-100 where ignored) in the batch")
+        packed = attention_mask is None and position_ids is not None
+        if packed and isinstance(self.teacher, _CacheTeacher):
+            raise HPDError("a teacher cache is read by padded rows: packed / padding-free batches (position_ids, no "
+                           "attention_mask) need an online teacher; set packing=False and padding_free=False")
+        if packed and not self._packing_checked:  # once: models whose attention would leak across rows stop here
+            check_packing(student, "student")
+            if isinstance(self.teacher, ModelTeacher):
+                check_packing(self.teacher.model.to(input_ids.device), "teacher")
+            self._packing_checked = True
         if attention_mask is None:
-            if packed:
-                # The teacher would read the packed row as one sequence, each one attending to the ones before it.
-                raise HPDError("packed / padding-free batches (position_ids, no attention_mask) are not supported: "
-                               "set packing=False and padding_free=False")
             attention_mask = torch.ones_like(input_ids)
         aligned = shift_labels(labels.to(input_ids.device))
+        if packed:  # the last token of a packed row predicts nothing: the next row starts anew
+            aligned = aligned.masked_fill(shift_labels(position_ids.to(aligned.device)) == 0, IGNORE_INDEX)
         split = "train" if student.training else "eval"
-        view = self.teacher_view(input_ids, attention_mask, aligned, labels, split)
+        view = self.teacher_view(input_ids, attention_mask, aligned, labels, split,
+                                 position_ids=position_ids if packed else None)
         kw = dict(generator=generator, num_tokens=num_items_in_batch, vocab_size=self.vocab_size(student, tokenizer),
                   diagnostics=self.diagnostics)
         if hidden is not None:
@@ -437,7 +453,7 @@ class DistillationMixin:
         loss = self.distillation.loss(student=student, input_ids=ids, attention_mask=inputs.get("attention_mask"),
                                       labels=labels, num_items_in_batch=num_items_in_batch, logits=logits, hidden=hidden,
                                       generator=g, tokenizer=getattr(self, "processing_class", None),
-                                      packed="position_ids" in inputs)
+                                      position_ids=inputs.get("position_ids"))
         if num_items_in_batch is None and student.training:
             loss = loss / self.current_gradient_accumulation_steps  # a per-batch mean: the Trainer's GA scaling
         elif self.args.average_tokens_across_devices and num_items_in_batch is not None:
@@ -511,7 +527,7 @@ class HPDLoss(HFDistillation):
         ids = kwargs.get("input_ids", args[0] if args else None)
         if ids is not None:
             self._inputs = {"input_ids": ids, "attention_mask": kwargs.get("attention_mask"),
-                            "packed": kwargs.get("position_ids") is not None}
+                            "position_ids": kwargs.get("position_ids")}
 
     def __call__(self, outputs, labels: Tensor, num_items_in_batch: Tensor | int | None = None) -> Tensor:
         if self.trainer is None or self._inputs is None:
@@ -524,7 +540,7 @@ class HPDLoss(HFDistillation):
                            "train" if self.student.training else "eval", logits.device)
         return self.loss(student=self.student, input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
                          labels=labels, num_items_in_batch=num_items_in_batch, logits=logits, generator=g,
-                         tokenizer=getattr(self.trainer, "processing_class", None), packed=inputs["packed"])
+                         tokenizer=getattr(self.trainer, "processing_class", None), position_ids=inputs["position_ids"])
 
 
 def __getattr__(name: str):

@@ -484,14 +484,18 @@ def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
 
 
 def final_hidden_states(
-    model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+    model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Final (normed) hidden states (B, T, H) of `input_ids` (B, T), without computing logits.
 
     `lm_head_of(model)` maps them to the logits `model(...)` would return, so a loss can project
-    a chunk of positions at a time.
+    a chunk of positions at a time. With `position_ids` (B, T) the batch is packed (`hpd.packing`):
+    the attention mask is dropped so the model keeps attention within each row.
     """
-    out = _decoder_of(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    from hpd.packing import model_inputs
+
+    out = _decoder_of(model)(input_ids=input_ids, **model_inputs(attention_mask, position_ids), use_cache=False)
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
 

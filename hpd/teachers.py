@@ -52,6 +52,7 @@ from hpd.data import build_batch
 from hpd.errors import HPDError
 from hpd.models import final_hidden_states, is_peft_model, lm_head_of
 from hpd.objectives import IGNORE_INDEX, HeadTeacher, TeacherView
+from hpd.packing import model_inputs
 
 TEACHER_WEIGHTS = ("frozen", "ema", "live")
 
@@ -63,23 +64,24 @@ def _gather_positions(x_BTD: Tensor, index_BT: Tensor) -> Tensor:
 
 @torch.no_grad()
 def teacher_view(teacher: nn.Module | None, input_ids: Tensor, attention_mask: Tensor, chunked: bool,
-                 index: Tensor | None = None):
+                 index: Tensor | None = None, position_ids: Tensor | None = None):
     """What the objective reads of the teacher: its hidden states and head (chunked), or its logits.
 
     input_ids, attention_mask: `(B, T')` the teacher's sequences. index: `(B, T)` optional, the
     teacher position aligned with each student position (see `aligned_positions`); the view is then
-    `(B, T, .)` like the student's. The head is detached, so it keeps the weights of this moment
+    `(B, T, .)` like the student's. position_ids: `(B, T')` of a packed batch (`hpd.packing`), the
+    same packing the student sees. The head is detached, so it keeps the weights of this moment
     even if the parameters are swapped or stepped afterwards.
     """
     if teacher is None:
         return None
     if chunked:
         weight, bias = lm_head_of(teacher)
-        hidden = final_hidden_states(teacher, input_ids, attention_mask)
+        hidden = final_hidden_states(teacher, input_ids, attention_mask, position_ids)
         if index is not None:
             hidden = _gather_positions(hidden, index)
         return HeadTeacher(hidden, weight.detach(), None if bias is None else bias.detach())
-    logits = teacher(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    logits = teacher(input_ids=input_ids, **model_inputs(attention_mask, position_ids), use_cache=False).logits
     return logits if index is None else _gather_positions(logits, index)
 
 
@@ -164,9 +166,10 @@ class SelfTeacher:
             self.student.train(was_training)
 
     @torch.no_grad()
-    def view(self, input_ids: Tensor, attention_mask: Tensor, chunked: bool, index: Tensor | None = None):
+    def view(self, input_ids: Tensor, attention_mask: Tensor, chunked: bool, index: Tensor | None = None,
+             position_ids: Tensor | None = None):
         with self.weights_in_place() as model:
-            return teacher_view(model, input_ids, attention_mask, chunked, index)
+            return teacher_view(model, input_ids, attention_mask, chunked, index, position_ids)
 
     @torch.no_grad()
     def update(self) -> None:
@@ -233,7 +236,8 @@ class ModelTeacher(TeacherSource):
         batch.teacher_tokens = int(batch.attention_mask.sum())
 
     def view(self, batch) -> TeacherView:
-        return teacher_view(self.model, batch.input_ids, batch.attention_mask, chunked=True)
+        return teacher_view(self.model, batch.input_ids, batch.attention_mask, chunked=True,
+                            position_ids=batch.position_ids)
 
 
 class CachedTeacher(TeacherSource):
@@ -249,6 +253,8 @@ class CachedTeacher(TeacherSource):
         batch.cache_rows = [self.rows[split][i] for i in indices]
 
     def view(self, batch) -> TeacherView:
+        if batch.packing is not None:  # the cache holds padded rows: read them so, then pack like the batch
+            return batch.packing.pack_view(self.cache.teacher(batch.cache_rows, batch.row_labels)).to(self.device)
         return self.cache.teacher(batch.cache_rows, batch.cpu_labels).to(self.device)
 
 
@@ -265,14 +271,23 @@ class OPSDTeacher(TeacherSource):
     def prepare(self, batch, examples, split, indices) -> None:
         teacher_prompts = [e.teacher_prompt_ids for e in examples]
         t = build_batch(teacher_prompts, batch.completions, pad_id=self.pad_id)
-        index = aligned_positions(batch.cpu_labels, t["labels"], [len(p) for p in batch.prompts],
+        labels = batch.row_labels if batch.packing is not None else batch.cpu_labels
+        index = aligned_positions(labels, t["labels"], [len(p) for p in batch.prompts],
                                   [len(p) for p in teacher_prompts])
+        batch.teacher_tokens = int(t["attention_mask"].sum())
+        if batch.packing is not None:
+            # The teacher's sequences packed like the student's (the same rows together), positions restarted,
+            # the aligned index pointing into the packed row.
+            tp = batch.packing.like([len(p) + len(c) for p, c in zip(teacher_prompts, batch.completions)])
+            index = batch.packing.pack_index(index, tp)
+            t = {"input_ids": tp.pack(t["input_ids"], fill=self.pad_id), "attention_mask": tp.pack(t["attention_mask"])}
+            batch.teacher_positions = tp.position_ids(self.device)
         batch.teacher_ids, batch.teacher_mask = t["input_ids"].to(self.device), t["attention_mask"].to(self.device)
         batch.teacher_index = index.to(self.device)
-        batch.teacher_tokens = int(t["attention_mask"].sum())
 
     def view(self, batch) -> TeacherView:
-        return self.teacher.view(batch.teacher_ids, batch.teacher_mask, chunked=True, index=batch.teacher_index)
+        return self.teacher.view(batch.teacher_ids, batch.teacher_mask, chunked=True, index=batch.teacher_index,
+                                 position_ids=batch.teacher_positions)
 
     def after_step(self) -> None:
         self.teacher.update()

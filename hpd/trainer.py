@@ -56,7 +56,9 @@ from hpd.distributed import (
 from hpd.errors import DivergedError, HPDError
 from hpd.model_card import model_card
 from hpd.hub import resolve_model_path
+from hpd.packing import check_packing, model_inputs
 from hpd.progress import Progress
+from hpd.streaming import StreamSampler, check_streaming
 from hpd.provenance import code_record
 from hpd.models import (
     apply_lora, enable_gradient_checkpointing, final_hidden_states, init_from_teacher, lm_head_of, load_model, save_model,
@@ -108,8 +110,10 @@ class DistillationLoss(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, teacher: Any, *,
                 num_tokens: torch.Tensor, generator: torch.Generator | None, diagnostics: bool,
-                rollout: RolloutWeights | None = None, fix_weights: bool = False) -> dict[str, Any]:
-        """input_ids, attention_mask, labels: `(B, T)`; teacher: a `TeacherView` (or logits `(B, T, V)`) or None.
+                rollout: RolloutWeights | None = None, fix_weights: bool = False,
+                position_ids: torch.Tensor | None = None) -> dict[str, Any]:
+        """input_ids, attention_mask, labels: `(B, T)`; teacher: a `TeacherView` (or logits `(B, T, V)`) or None;
+        position_ids: `(B, T)` of a packed batch (`hpd.packing`), else None.
 
         Reused rollouts: `fix_weights=True` (at rollout time, no gradient) returns the objective's
         weights under the current student as `{"rollout": RolloutWeights, "output": ...}`; a later
@@ -117,7 +121,7 @@ class DistillationLoss(nn.Module):
         kw = dict(generator=generator, num_tokens=num_tokens, vocab_size=self.vocab_size, diagnostics=diagnostics)
         if fix_weights:
             with torch.no_grad():
-                hidden = final_hidden_states(self.student, input_ids, attention_mask)
+                hidden = final_hidden_states(self.student, input_ids, attention_mask, position_ids)
                 weight, bias = lm_head_of(self.student)
                 fixed, out = rollout_weights(self.objective, hidden, weight, teacher, labels, lm_head_bias=bias,
                                              chunk_size=self.chunk_size or DEFAULT_CHUNK_SIZE, **kw)
@@ -125,11 +129,11 @@ class DistillationLoss(nn.Module):
         if rollout is not None:
             kw.update(rollout=rollout, clip=self.clip)
         if self.chunk_size > 0:
-            hidden = final_hidden_states(self.student, input_ids, attention_mask)
+            hidden = final_hidden_states(self.student, input_ids, attention_mask, position_ids)
             weight, bias = lm_head_of(self.student)
             out = self.objective.chunked(hidden, weight, teacher, labels, lm_head_bias=bias, chunk_size=self.chunk_size, **kw)
         else:
-            logits = self.student(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+            logits = self.student(input_ids=input_ids, **model_inputs(attention_mask, position_ids), use_cache=False).logits
             out = self.objective(logits, teacher, labels, **kw)
         return {"loss": out.loss, "output": out}
 
@@ -242,9 +246,12 @@ def load_data(cfg: Config, tokenizer) -> tuple[list[EncodedExample], list[Encode
         def encode(path):
             return encode_file(path, tokenizer, d)
 
-    train, stats = encode(d.train)
-    info = {"train_rows": stats.rows, "train_skipped": stats.skipped, "train_truncated": stats.truncated,
-            "skip_reasons": stats.skip_reasons[:5]}
+    if d.streaming:  # read as training goes (hpd.streaming.StreamSampler)
+        train, info = [], {"train_streaming": True}
+    else:
+        train, stats = encode(d.train)
+        info = {"train_rows": stats.rows, "train_skipped": stats.skipped, "train_truncated": stats.truncated,
+                "skip_reasons": stats.skip_reasons[:5]}
     evals: list[EncodedExample] = []
     if d.eval:
         evals, es = encode(d.eval)
@@ -442,6 +449,12 @@ class Trainer:
         self.cache = TeacherCache(cfg.teacher.cache) if cfg.teacher.cache else None
         student, teacher, self.tokenizer, self.vocab_size = load_models(cfg, self.cache)
         self._check_rollout_bias(cfg, student)
+        if cfg.data.packing:  # before any data is read: a model that cannot keep packed rows apart stops here
+            check_packing(student, "student")
+            if teacher is not None:
+                check_packing(teacher, "teacher")
+        if cfg.data.streaming:
+            check_streaming(cfg)
         self.train_data, self.eval_data, self.data_info = load_data(cfg, self.tokenizer)
         if cfg.epochs is not None:  # before the resume check and the schedule, which both read max_steps
             cfg.max_steps = steps_for_epochs(cfg.epochs, len(self.train_data), cfg.optim.batch_size * cfg.optim.grad_accum,
@@ -498,8 +511,14 @@ class Trainer:
             self._check_prompt_endings()
         elif self.teacher is not None:
             self.teacher_source = ModelTeacher(self.teacher)
-        self.sampler = EpochSampler(len(self.train_data), cfg.optim.batch_size, seed=cfg.seed,
-                                    num_replicas=self.world, rank=self.rank)
+        if cfg.data.streaming:  # the sampler holds each batch's examples: it is the training data
+            self.sampler = self.train_data = StreamSampler(cfg.data.train, self.tokenizer, cfg.data,
+                                                           batch_size=cfg.optim.batch_size, seed=cfg.seed,
+                                                           num_replicas=self.world, rank=self.rank)
+            self.sampler.check()
+        else:
+            self.sampler = EpochSampler(len(self.train_data), cfg.optim.batch_size, seed=cfg.seed,
+                                        num_replicas=self.world, rank=self.rank)
         self.step = 0
         self.bad_in_row = 0
         # Cumulative costs, kept across resumes: training wall time, tokens through the teacher's
@@ -551,7 +570,8 @@ class Trainer:
         are given) as a batch, with what the teacher source reads."""
         completions = completions if completions is not None else [e.completion_ids for e in examples]
         batch = make_batch([e.prompt_ids for e in examples], completions, pad_id=self.pad_id, vocab_size=self.vocab_size,
-                           device=self.acc.device)
+                           device=self.acc.device, pack=self.cfg.data.packing,
+                           pack_length=self.cfg.data.pack_length)
         if self.teacher_source is not None:
             self.teacher_source.prepare(batch, examples, split, indices)
         return batch
@@ -607,7 +627,8 @@ class Trainer:
                 with self.acc.autocast():
                     teach = self._teacher_view(b) if self.has_teacher else None
                     res = self.module(b.input_ids, b.attention_mask, b.labels, teach, num_tokens=num_tokens,
-                                      generator=self._generator(micro), diagnostics=diagnostics, fix_weights=True)
+                                      generator=self._generator(micro), diagnostics=diagnostics, fix_weights=True,
+                                      position_ids=b.position_ids)
                 fixed.append(res["rollout"])
                 outputs.append(res["output"])
             teacher_tokens = sum(b.teacher_tokens for _, b in batches) if self.objective.needs_teacher else 0
@@ -777,7 +798,7 @@ class Trainer:
             with self.acc.autocast():
                 teach = self._teacher_view(b) if self.has_teacher else None
                 res = self.module(b.input_ids, b.attention_mask, b.labels, teach, num_tokens=n_active,
-                                  generator=self._generator(i, "eval"), diagnostics=True)
+                                  generator=self._generator(i, "eval"), diagnostics=True, position_ids=b.position_ids)
             outputs.append(res["output"])
             loss_sum += float(res["output"].value)
         self.module.train()
@@ -836,7 +857,7 @@ class Trainer:
         if self.is_main:  # only the main process writes metrics.jsonl; the others need not hash the source
             metrics_log.write({"type": "code", "step": self.step, **code_record()})
         self.log(f"training {cfg.objective.name} ({cfg.regime.name} regime) for {cfg.max_steps} steps; "
-                 f"{len(self.train_data)} training examples; run dir {self.run_dir}")
+                 f"{'streamed' if cfg.data.streaming else len(self.train_data)} training examples; run dir {self.run_dir}")
         skipped = self.data_info.get("train_skipped", 0) + self.data_info.get("eval_skipped", 0)
         if skipped:
             reasons = self.data_info.get("skip_reasons") or ["?"]
@@ -900,7 +921,8 @@ class Trainer:
             with (nullcontext() if last else acc.no_sync(self.module)), acc.autocast():
                 teach = self._teacher_view(b) if use_teacher else None
                 res = self.module(b.input_ids, b.attention_mask, b.labels, teach, num_tokens=num_tokens,
-                                  generator=self._generator(micro), diagnostics=diagnostics, rollout=fixed[micro])
+                                  generator=self._generator(micro), diagnostics=diagnostics, rollout=fixed[micro],
+                                  position_ids=b.position_ids)
                 # DDP averages gradients over processes; the loss is already a share of the global
                 # token mean, so scale it back up to keep the gradient of the global mean.
                 acc.backward(res["loss"] * self.world)
@@ -947,7 +969,8 @@ class Trainer:
         record = {"type": "train", "step": self.step + 1, "loss": loss, "value": value, "lr": lr, "grad_norm": gnorm,
                   "regime": regime, "tokens": float(num_tokens), "tokens_per_s": float(num_tokens) / dt, "step_time_s": dt,
                   "peak_mem_mb": peak_memory_mb(acc.device),
-                  "epoch": self.sampler.epoch + self.sampler.position / self.sampler.num_examples, **self.totals,
+                  "epoch": self.sampler.progress if self.cfg.data.streaming
+                  else self.sampler.epoch + self.sampler.position / self.sampler.num_examples, **self.totals,
                   **reuse_info}
         if (self.step + 1) % cfg.log.every == 0 or self.step + 1 == cfg.max_steps:
             record.update(global_metrics(outputs, acc))

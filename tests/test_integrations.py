@@ -201,14 +201,9 @@ def test_hpd_loss_needs_attach_and_a_teacher(models, tmp_path):
         trainer.training_step(trainer.model, dict(inputs), num_items_in_batch=torch.tensor(9))
 
 
-def test_packed_batches_and_a_second_loss_are_refused(models, tmp_path):
+def test_a_second_loss_is_refused(models, tmp_path):
+    # (packed batches are taken: tests/test_packing.py)
     teacher, student0, tok = models
-    trainer = DistillationTrainer(model=copy.deepcopy(student0), args=_args(tmp_path), teacher=teacher)
-    _, inputs = _hf_batch(tok, *_tokens(tok))
-    ids, labels = inputs["input_ids"].reshape(1, -1), inputs["labels"].reshape(1, -1)
-    packed = {"input_ids": ids, "labels": labels, "position_ids": torch.arange(ids.shape[1])[None]}
-    with pytest.raises(HPDError, match="packed"):
-        trainer.training_step(trainer.model, packed, num_items_in_batch=torch.tensor(9))
     with pytest.raises(HPDError, match="computes its own loss"):
         DistillationTrainer(model=student0, args=_args(tmp_path), teacher=teacher, compute_loss_func=lambda *a, **k: 0)
 
