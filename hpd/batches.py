@@ -15,6 +15,7 @@ cache) in `prepare`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -48,6 +49,7 @@ class MicroBatch:
     packing: Packing | None = None
     row_labels: torch.Tensor | None = None
     teacher_positions: torch.Tensor | None = None  # OPSD, packed: the teacher sequences' position_ids
+    teacher_request: Any = None  # the served teacher's answer on its way (a Future, with teacher.server)
 
 
 def make_batch(prompts: list[list[int]], completions: list[list[int]], *, pad_id: int, vocab_size: int | None,

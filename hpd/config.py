@@ -192,6 +192,36 @@ class TeacherConfig(ModelConfig):
         "loaded, its log-probabilities are read from the cache (exact at the sequence token, top-K "
         "plus a tail bucket elsewhere). Only with regime.name=dataset; null = run the teacher.",
     )
+    server: str | None = field_(
+        None,
+        "Teacher inference servers (OpenAI-compatible completions with prompt log-probabilities, "
+        "e.g. `hpd serve-teacher DIR` or vLLM), as URL[,URL...]: the teacher is never loaded here, "
+        "each micro-batch's log-probabilities are asked of the servers in turn while the student "
+        "computes (exact at the sequence token, top-K plus a tail elsewhere, as a cache). Checked "
+        "at start against the student's tokenizer and vocabulary; needs objective.temperature=1. "
+        "null = no server.",
+    )
+    server_top_k: int = field_(
+        32,
+        "With teacher.server: teacher tokens asked per position besides the sequence token (at most "
+        "the server's --max-logprobs; 0 = only the sequence token, enough for sft/orkl).",
+        min=0,
+    )
+    server_exact_samples: bool = field_(
+        False,
+        "With teacher.server and objective.name=hpd: the student's samples outside the served top-K "
+        "are scored exactly by a second request after the student's forward (else estimated from the "
+        "tail mass spread evenly); exact HPD weights at any K, for one more round trip per micro-batch.",
+    )
+    server_timeout: float = field_(
+        120.0, "With teacher.server: seconds a request may take before it is retried.", min=0, min_exclusive=True
+    )
+    server_retries: int = field_(
+        3,
+        "With teacher.server: further tries of a failed request (each on the next server, with "
+        "exponential backoff from 1 s) before the run stops with an error naming the server.",
+        min=0,
+    )
 
 
 @dataclass
@@ -962,8 +992,22 @@ def _cross_checks(cfg: Config) -> list[str]:
                "--prompts FILE --out GEN.jsonl`, cache it with `hpd cache-teacher --data GEN.jsonl`, and train "
                "on GEN.jsonl with regime.name=dataset" if cfg.regime.name == "teacher" else "")
         )
+    served = cfg.teacher.server is not None
+    if served:
+        for bad, why in ((cfg.teacher.cache is not None, "teacher.cache is set too: choose one"),
+                         (self_regime, "regime.name=self: the student is its own teacher"),
+                         (cfg.regime.name == "teacher" or (cfg.regime.name == "mixed" and cfg.regime.off_policy == "teacher"),
+                          "teacher generations need the teacher model here: use regime.name=dataset or student"),
+                         (cfg.student.init_from_teacher is not None, "student.init_from_teacher needs the teacher's weights"),
+                         (cfg.objective.temperature != 1.0, "a server returns log-probabilities at temperature 1: "
+                                                             "set objective.temperature=1"),
+                         # the exact scorer reads positions of the padded rows, not of a packed batch
+                         (cfg.teacher.server_exact_samples and cfg.data.packing,
+                          "teacher.server_exact_samples does not work with data.packing yet: set one of them to false")):
+            if bad:
+                problems.append(f"teacher.server ({cfg.teacher.server}): {why}")
     needs_teacher = objective_class(cfg.objective.name).needs_teacher
-    if no_teacher and needs_teacher and cfg.teacher.cache is None and not self_regime:
+    if no_teacher and needs_teacher and cfg.teacher.cache is None and not self_regime and not served:
         problems.append(
             f"teacher.path: 'none' is allowed only with objective.name=sft, teacher.cache or regime.name=self "
             f"(objective.name is {cfg.objective.name!r}); name a teacher model, set teacher.cache, or use sft"

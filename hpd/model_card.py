@@ -33,6 +33,8 @@ def _teacher(cfg: Config) -> str:
         return f"self ({cfg.student.path} with privileged context, OPSD)"
     if cfg.teacher.cache:
         return f"{cfg.teacher.path} (cached: {cfg.teacher.cache})"
+    if cfg.teacher.server:  # the models the servers named are in metrics.jsonl's info record
+        return f"served by {cfg.teacher.server}" + (f" ({cfg.teacher.path})" if cfg.teacher.path not in ("none", "tiny") else "")
     return cfg.teacher.path
 
 

@@ -45,6 +45,9 @@ RUN_NEUTRAL_KEYS = frozenset({
     "save.every", "save.keep_last", "save.dtype",  # save.dtype: only final/'s copy on disk
     "optim.max_bad_steps",
     "regime.teacher_cache", "regime.vllm_gpu_memory", "regime.allow_biased_rollouts",
+    # Where the teacher is served and how patiently it is asked: a run resumes against servers that
+    # came back elsewhere (the served model is checked against the student at every start).
+    "teacher.server", "teacher.server_timeout", "teacher.server_retries",
 })
 
 

@@ -81,7 +81,7 @@ def build_teacher_cache(teacher: str | os.PathLike, data_files: Sequence[str | o
                         top_k: int = 32, data: Any = None, temperature: float = 1.0, dtype: str = "float16",
                         vocab_size: int | None = None, batch_size: int = 16, teacher_dtype: str = "float32",
                         shard_positions: int = 1 << 22, chunk_size: int = 1024, overwrite: bool = False,
-                        trust_remote_code: bool = False, device: str = "auto",
+                        trust_remote_code: bool = False, device: str = "auto", servers: Any = None,
                         log: Callable[[str], None] | None = print) -> Path:
     """Run `teacher` once over every sequence of `data_files`; write the cache to `out`; return it.
 
@@ -96,6 +96,9 @@ def build_teacher_cache(teacher: str | os.PathLike, data_files: Sequence[str | o
     shard_positions: positions per shard file (shards hold whole examples).
     device:          where the teacher runs: "auto" (this process's GPU under `accelerate launch`,
                      else the first GPU if there is one, else the CPU), "cpu", "cuda", "cuda:1", ...
+    servers:         teacher inference servers (`URL[,URL...]` or a `hpd.served.TeacherServers`)
+                     that score the sequences instead of a model here (the batches spread over them;
+                     `teacher` then only gives the tokenizer and the fingerprint); temperature 1 only.
     """
     from hpd.config import DataConfig
     from hpd.data import build_batch, encode_file
@@ -119,16 +122,30 @@ def build_teacher_cache(teacher: str | os.PathLike, data_files: Sequence[str | o
         raise HPDError(f"'{out}' already exists: choose another --out, or pass --force to replace it")
     t0 = time.perf_counter()
     procs = _Processes()
-    dev = procs.device() if device == "auto" else _parse_device(device)
-    model, tokenizer = load_model(str(teacher), dtype=teacher_dtype, trust_remote_code=trust_remote_code)
-    model.to(dev).eval().requires_grad_(False)
-    weight, bias = lm_head_of(model)
-    V = int(vocab_size) if vocab_size is not None else int(weight.shape[0])
-    if not 0 < V <= weight.shape[0]:
-        raise HPDError(f"vocab_size={V} must be in [1, {weight.shape[0]}] (the teacher's LM-head rows)")
-    K = min(top_k, V)
-    W = weight.detach()[:V].float()
-    b = None if bias is None else bias.detach()[:V].float()
+    served = None
+    if servers is not None:
+        from hpd.models import load_saved_tokenizer
+        from hpd.served import TeacherServers
+
+        if abs(temperature - 1.0) > 1e-12:
+            raise HPDError(f"teacher servers return log-probabilities at temperature 1, not {temperature:g}: "
+                           "build the cache from the model (--teacher DIR without --server)")
+        served = servers if isinstance(servers, TeacherServers) else TeacherServers(servers, log=log)
+        tokenizer = load_saved_tokenizer(teacher, trust_remote_code=trust_remote_code)
+        info = served.check(tokenizer, vocab_size, top_k, student=f"the tokenizer of {teacher}")
+        V, K = info["vocab_size"], info["top_k"]
+        teacher_dtype = "served"
+    else:
+        dev = procs.device() if device == "auto" else _parse_device(device)
+        model, tokenizer = load_model(str(teacher), dtype=teacher_dtype, trust_remote_code=trust_remote_code)
+        model.to(dev).eval().requires_grad_(False)
+        weight, bias = lm_head_of(model)
+        V = int(vocab_size) if vocab_size is not None else int(weight.shape[0])
+        if not 0 < V <= weight.shape[0]:
+            raise HPDError(f"vocab_size={V} must be in [1, {weight.shape[0]}] (the teacher's LM-head rows)")
+        K = min(top_k, V)
+        W = weight.detach()[:V].float()
+        b = None if bias is None else bias.detach()[:V].float()
 
     examples, files = [], []
     for f in data_files:
@@ -192,12 +209,10 @@ def build_teacher_cache(teacher: str | os.PathLike, data_files: Sequence[str | o
         # when log is None.
         progress = Progress(mine, "cache-teacher" + (f" (process 0 of {procs.world})" if procs.world > 1 else ""),
                             unit="sequence", enabled=log is not None and procs.is_main)
-        with torch.inference_mode(), progress:
-            for batch_ids in batches:
-                idx = [i for i in batch_ids if counts[i] > 0]
-                if not idx:
-                    progress.update(len(batch_ids))
-                    continue
+        def score_model(idx: list[int]):
+            """(label log-probs (N,), tail (N,), top-K ids (N, K), log-probs (N, K)) of the response
+            positions of examples `idx`, in order, from the teacher model here."""
+            with torch.inference_mode():
                 batch = build_batch([examples[i].prompt_ids for i in idx], [examples[i].completion_ids for i in idx],
                                     pad_id=pad_id)
                 batch = {k: v.to(dev) for k, v in batch.items()}
@@ -219,8 +234,28 @@ def build_teacher_cache(teacher: str | os.PathLike, data_files: Sequence[str | o
                     tail_lp.append(logp.scatter(1, top, float("-inf")).logsumexp(-1))
                     ids.append(top)
                     lp.append(vals)
-                label_lp, tail_lp = torch.cat(label_lp).cpu().numpy(), torch.cat(tail_lp).cpu().numpy()
-                ids, lp = torch.cat(ids).cpu().numpy(), torch.cat(lp).cpu().numpy()
+                return (torch.cat(label_lp).cpu().numpy(), torch.cat(tail_lp).cpu().numpy(), torch.cat(ids).cpu().numpy(),
+                        torch.cat(lp).cpu().numpy())
+
+        def score_served(idx: list[int]):
+            """`score_model`'s result from the servers (one request per batch)."""
+            got = served.score([list(examples[i].prompt_ids) + list(examples[i].completion_ids) for i in idx], K)
+            parts = [(g.label_logp[s:s + n], g.tail[s:s + n], g.topk_ids[s:s + n], g.topk_logp[s:s + n])
+                     for i, g in zip(idx, got) for s, n in [spans[i]]]
+            return tuple(np.concatenate([p[k] for p in parts]) for k in range(4))
+
+        todo = [[i for i in batch_ids if counts[i] > 0] for batch_ids in batches]
+        if served is None:
+            results = (score_model(idx) if idx else None for idx in todo)
+        else:  # requests in flight on every server at once, their answers taken in order
+            results = _in_order(lambda idx: served.submit(score_served, idx) if idx else None, todo,
+                                window=2 * len(served.urls))
+        with progress:
+            for batch_ids, idx, result in zip(batches, todo, results):
+                if not idx:
+                    progress.update(len(batch_ids))
+                    continue
+                label_lp, tail_lp, ids, lp = result
                 at = 0
                 for i in idx:
                     sh = shards[shard_of[i]]
@@ -252,8 +287,9 @@ def build_teacher_cache(teacher: str | os.PathLike, data_files: Sequence[str | o
             "temperature": float(temperature),
             "logp_dtype": dtype,
             "id_dtype": np.dtype(id_dtype).name,
-            "teacher": {"path": str(Path(teacher).resolve()), "fingerprint": teacher_fingerprint(teacher),
-                        "dtype": teacher_dtype},
+            "teacher": {"path": str(Path(teacher).resolve()), "fingerprint": _fingerprint_or_none(teacher),
+                        "dtype": teacher_dtype,
+                        **({"servers": served.urls, "models": [served.models[u] for u in served.urls]} if served else {})},
             "tokenizer": tokenizer_fingerprint(tokenizer),
             "data": {"files": files, "settings": {k: getattr(data, k) for k in _DATA_KEYS}},
             "examples": len(examples),
@@ -278,6 +314,31 @@ def build_teacher_cache(teacher: str | os.PathLike, data_files: Sequence[str | o
             f"{manifest['bytes_per_token']} bytes per token ({data_bytes / 2**20:.1f} MiB) in "
             f"{manifest['build_seconds']:.1f} s -> {out}")
     return out
+
+
+def _fingerprint_or_none(teacher) -> str | None:
+    """The teacher's weights fingerprint; None for a directory without weights (a served teacher's
+    tokenizer alone)."""
+    try:
+        return teacher_fingerprint(teacher)
+    except HPDError:
+        return None
+
+
+def _in_order(submit: Callable[[Any], Any], items: Sequence[Any], window: int):
+    """`submit(item).result()` of every item in order, with up to `window` submitted ahead."""
+    pending: list[Any] = []
+    it = iter(items)
+    for item in it:
+        pending.append(submit(item))
+        if len(pending) >= window:
+            break
+    for item in it:
+        head = pending.pop(0)
+        yield head.result() if head is not None else None
+        pending.append(submit(item))
+    for head in pending:
+        yield head.result() if head is not None else None
 
 
 def _parse_device(device: str) -> torch.device:
@@ -402,7 +463,7 @@ class TeacherCache:
         if tokenizer is not None and tokenizer_fingerprint(tokenizer) != m["tokenizer"]:
             raise HPDError(f"the student's tokenizer differs from the one the teacher cache '{self.path}' was built "
                            f"with ({m['teacher']['path']}): logit distillation needs one tokenizer")
-        if teacher_path is not None and Path(teacher_path).exists():
+        if teacher_path is not None and Path(teacher_path).exists() and m["teacher"].get("fingerprint"):
             if teacher_fingerprint(teacher_path) != m["teacher"]["fingerprint"]:
                 raise HPDError(f"teacher.path '{teacher_path}' is not the teacher the cache '{self.path}' was built from "
                                f"({m['teacher']['path']}, weights changed or another model): rebuild the cache with "

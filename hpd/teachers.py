@@ -4,9 +4,9 @@ A `TeacherSource` is what the trainer asks for the teacher: `prepare(batch, exam
 indices)` adds to a micro-batch what the source reads (the privileged sequences, the cache rows),
 `view(batch)` returns the teacher view the objectives understand (`hpd.objectives.TeacherView`),
 `after_step()` runs after each optimizer step (the EMA), and `state_dict()` / `load_state_dict()`
-carry its state through checkpoints. Three implementations: `ModelTeacher` (a teacher model run
-online), `CachedTeacher` (a top-K cache built by `hpd cache-teacher`) and `OPSDTeacher` (the
-student shown a privileged context). A new source is one new class with these five methods.
+carry its state through checkpoints. Four implementations: `ModelTeacher` (a teacher model run
+online), `CachedTeacher` (a top-K cache built by `hpd cache-teacher`), `ServedTeacher` (a teacher
+behind inference servers, `hpd.served`) and `OPSDTeacher` (the student shown a privileged context). A new source is one new class with these five methods.
 
 On-policy self-distillation (OPSD, arXiv 2601.18734) needs no second model: the same network,
 shown a privileged context (a verified reference solution before the question), teaches its own
@@ -299,5 +299,43 @@ class OPSDTeacher(TeacherSource):
         self.teacher.load_state_dict(state or {})
 
 
-__all__ = ["CachedTeacher", "ModelTeacher", "OPSDTeacher", "SelfTeacher", "TEACHER_WEIGHTS", "TeacherSource",
+class ServedTeacher(TeacherSource):
+    """A teacher behind inference servers (`teacher.server`; `hpd.served.TeacherServers`): the cache's
+    semantics (`TopKTeacher`: exact at the sequence token, top-K plus a tail elsewhere) with no model
+    here. A micro-batch's request leaves in `prepare` (on a thread, so it overlaps the student's
+    compute on the batches before it) and is awaited in `view`."""
+
+    prefetches = True  # the trainer prepares the next step's batches early, so their answers overlap this step
+
+    def __init__(self, servers, top_k: int, vocab_size: int, device: torch.device,
+                 temperature: float = 1.0, exact_samples: bool = False):
+        if abs(temperature - 1.0) > 1e-12:
+            raise HPDError(f"a served teacher returns log-probabilities at temperature 1, objective.temperature is "
+                           f"{temperature:g}: use objective.temperature=1 with teacher.server")
+        self.servers, self.top_k, self.vocab_size, self.device = servers, min(top_k, vocab_size), vocab_size, device
+        self.exact_samples = exact_samples  # hpd's samples outside the top-K asked for exactly (a second request)
+
+    def _fetch(self, sequences: list[list[int]], T: int):
+        from hpd.served import exact_scorer, topk_teacher
+
+        return topk_teacher(self.servers.score(sequences, self.top_k), T, self.top_k, self.vocab_size,
+                            score=exact_scorer(self.servers, sequences, T) if self.exact_samples else None)
+
+    def prepare(self, batch, examples, split, indices) -> None:
+        batch.teacher_tokens = int(batch.attention_mask.sum())
+        sequences = [list(p) + list(c) for p, c in zip(batch.prompts, batch.completions)]
+        # The servers score whole rows: the view is of the padded rows `(B, T)`, packed like the batch in `view`.
+        T = int((batch.row_labels if batch.packing is not None else batch.input_ids).shape[1])
+        batch.teacher_request = self.servers.submit(self._fetch, sequences, T)
+
+    def view(self, batch):
+        view = batch.teacher_request.result()
+        if batch.packing is not None:
+            view = batch.packing.pack_view(view)
+        return view.to(self.device)
+
+
+
+
+__all__ = ["CachedTeacher", "ModelTeacher", "OPSDTeacher", "SelfTeacher", "ServedTeacher", "TEACHER_WEIGHTS", "TeacherSource",
            "aligned_positions", "prompt_ending_mismatches", "teacher_view"]

@@ -32,6 +32,7 @@ uninterrupted run would have.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -72,9 +73,10 @@ from hpd.regimes import ResponseSource, derive_seed, has_rollouts, response_sour
 from hpd.rollout import select_backend
 from hpd.resume import RUN_NEUTRAL_KEYS, check_changes, config_changes, record_history, saved_config, schedule_note
 from hpd.run_dir import RunDirLock, describe_holder
+from hpd.served import TeacherServers
 from hpd.teacher_cache import TeacherCache
 from hpd.teachers import (
-    CachedTeacher, ModelTeacher, OPSDTeacher, SelfTeacher, TeacherSource, prompt_ending_mismatches,
+    CachedTeacher, ModelTeacher, OPSDTeacher, SelfTeacher, ServedTeacher, TeacherSource, prompt_ending_mismatches,
 )
 from hpd.trackers import finish_trackers, make_trackers, resolve_trackers, start_trackers, tracker_values
 from hpd.vocab import resolve_shared_vocab
@@ -180,14 +182,15 @@ def load_models(cfg: Config, cache: TeacherCache | None = None):
     """(student, teacher or None, tokenizer, shared vocabulary size).
 
     With a teacher `cache` the teacher is not loaded: a tiny student takes the cache's tokenizer,
-    and the vocabulary is the one the cache is normalized over. The student is wrapped with LoRA
+    and the vocabulary is the one the cache is normalized over. With `teacher.server` it is not
+    loaded either: the served model is checked against the student in `Trainer._setup`. The student is wrapped with LoRA
     adapters when `student.lora_rank > 0`. With `regime.name=self` there is no teacher model: the
     student is its own teacher (`hpd.teachers.SelfTeacher`).
     """
     teacher, tokenizer = None, None
     if cache is not None:
         tokenizer = cache.tokenizer() if cfg.student.path == "tiny" else None
-    elif cfg.teacher.path.strip().lower() != "none":
+    elif cfg.teacher.server is None and cfg.teacher.path.strip().lower() != "none":
         seed = cfg.teacher.init_seed if cfg.teacher.init_seed is not None else derive_seed(cfg.seed, "teacher") % 2**31
         teacher, tokenizer = load_model(cfg.teacher.path, dtype=cfg.teacher.dtype, trust_remote_code=cfg.teacher.trust_remote_code,
                                         tiny=_tiny_kwargs(cfg.teacher) if cfg.teacher.path == "tiny" else None, seed=seed,
@@ -476,12 +479,17 @@ class Trainer:
         self.objective = objective_from_config(cfg)
         self.self_distill = cfg.regime.name == "self"
         self.train_rows = self.eval_rows = None
+        self.servers: TeacherServers | None = None
         if self.cache is not None:
             self.cache.check_run(temperature=self.objective.temperature, support=self.objective.support,
                                  objective=self.objective.name)
             self.train_rows = self.cache.rows_of(self.train_data, "training", cfg.data)
             self.eval_rows = self.cache.rows_of(self.eval_data, "evaluation", cfg.data) if self.eval_data else []
             self.data_info["teacher_cache"] = str(self.cache.path)
+        elif cfg.teacher.server is not None:
+            self.servers = TeacherServers(cfg.teacher.server, timeout=cfg.teacher.server_timeout,
+                                          retries=cfg.teacher.server_retries, log=self.log)
+            self.vocab_size = self._check_servers(cfg, student)
         elif teacher is None and self.objective.needs_teacher and not self.self_distill:
             raise HPDError(f"objective '{cfg.objective.name}' needs a teacher: set teacher.path")
         self.pad_id = self.tokenizer.pad_token_id
@@ -509,6 +517,10 @@ class Trainer:
             self.teacher_source = OPSDTeacher(SelfTeacher(self.unwrapped, cfg.opsd.teacher_weights, cfg.opsd.ema_decay),
                                               self.pad_id, device)
             self._check_prompt_endings()
+        elif self.servers is not None:
+            self.teacher_source = ServedTeacher(self.servers, cfg.teacher.server_top_k, self.vocab_size, device,
+                                                temperature=self.objective.temperature,
+                                                exact_samples=cfg.teacher.server_exact_samples)
         elif self.teacher is not None:
             self.teacher_source = ModelTeacher(self.teacher)
         if cfg.data.streaming:  # the sampler holds each batch's examples: it is the training data
@@ -536,6 +548,7 @@ class Trainer:
                                                                                 gpu_memory_utilization=cfg.regime.vllm_gpu_memory)
                                                          if has_rollouts(cfg) else None)
         self._gen: torch.Generator | None = None
+        self._ahead: dict[tuple[int, tuple[int, ...]], MicroBatch] = {}  # the next step's batches, prepared early
         self._save_due = False  # a checkpoint postponed out of a run of non-finite steps
 
     # ---- helpers ----
@@ -551,6 +564,23 @@ class Trainer:
     @property
     def unwrapped(self) -> nn.Module:
         return self.acc.unwrap_model(self.module).student
+
+    def _check_servers(self, cfg: Config, student: nn.Module) -> int:
+        """The vocabulary the served teacher and the student share; `HPDError` when the servers serve
+        another tokenizer or vocabulary than the student's (both named). Recorded in the run's info."""
+        rows = vocab_rows(student)
+        info = self.servers.check(self.tokenizer, None, cfg.teacher.server_top_k, student=f"the student ({cfg.student.path})",
+                                  guess=rows)
+        served = info["vocab_size"]
+        shared = resolve_shared_vocab(rows, served, len(self.tokenizer)) if rows != served else rows
+        if shared != served:
+            raise HPDError(f"teacher server {self.servers.urls[0]} serves {info['models'][0]} with {served} vocabulary "
+                           f"rows, the student ({cfg.student.path}) has {rows} and its tokenizer {len(self.tokenizer)} "
+                           f"tokens: they share {shared}, but a served teacher is normalized over all {served}")
+        self.data_info["teacher_server"] = info
+        self.log(f"teacher served by {', '.join(f'{u} ({m})' for u, m in zip(info['servers'], info['models']))}: "
+                 f"vocabulary {served}, top-{info['top_k']} per position")
+        return served
 
     def _check_prompt_endings(self) -> None:
         """Warn when the teacher template makes the first response token follow another context."""
@@ -579,13 +609,29 @@ class Trainer:
     def _micro_batches(self) -> tuple[list[MicroBatch], int]:
         """This step's micro-batches on this process, and the tokens sampled for them."""
         batches, generated = [], 0
+        ahead, self._ahead = self._ahead, {}
         for micro in range(self.cfg.optim.grad_accum):
             idx = next(self.sampler)
             examples = [self.train_data[i] for i in idx]
             completions, sampled = self.responses.completions(examples, idx, step=self.step, micro=micro)
             generated += sampled
-            batches.append(self._examples_batch(examples, idx, "train", completions))
+            early = ahead.get((micro, tuple(idx))) if completions is None else None
+            batches.append(early if early is not None else self._examples_batch(examples, idx, "train", completions))
+        self._prefetch_next_step()
         return batches, generated
+
+    def _prefetch_next_step(self) -> None:
+        """Prepare the next step's micro-batches now, so that a teacher source that asks a server
+        (`prefetches`) has their answers on the way while this step trains. Only where the next
+        responses are known now (the data's own completions); the sampler is peeked at, not moved,
+        so checkpoints and resumes are untouched."""
+        if not (getattr(self.teacher_source, "prefetches", False) and self.cfg.regime.name == "dataset"
+                and self.reuse is None and self.step + 1 < self.cfg.max_steps):
+            return
+        peek = copy.deepcopy(self.sampler)
+        for micro in range(self.cfg.optim.grad_accum):
+            idx = next(peek)
+            self._ahead[(micro, tuple(idx))] = self._examples_batch([self.train_data[i] for i in idx], idx, "train")
 
     def _check_rollout_bias(self, cfg: Config, student: nn.Module) -> None:
         """Refuse (or with regime.allow_biased_rollouts, warn about) rollouts that are not samples of

