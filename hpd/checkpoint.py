@@ -36,7 +36,6 @@ such a file is refused with a message.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
@@ -50,6 +49,7 @@ import numpy as np
 import torch
 
 from hpd.errors import HPDError
+from hpd.files import space_error
 
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 STATE = "trainer_state"
@@ -317,29 +317,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------------------------
 # Writing
 # --------------------------------------------------------------------------------------------
-
-_SPACE_ERRNOS = {errno.ENOSPC: "no space left on device", errno.EFBIG: "file too large for the file-size limit",
-                 errno.EDQUOT: "disk quota exceeded"}
-_SPACE_TEXTS = {"No space left": "no space left on device", "File too large": "file too large for the file-size limit",
-                "os error 28": "no space left on device", "os error 27": "file too large for the file-size limit",
-                "Disk quota": "disk quota exceeded"}
-
-
-def space_error(e: BaseException) -> str | None:
-    """'no space left on device' (or the file-size limit, a quota) when `e` is that, else None.
-
-    safetensors writes from Rust, so its error is a message, not an OSError with an errno."""
-    seen = e
-    while seen is not None:
-        if isinstance(seen, OSError) and seen.errno in _SPACE_ERRNOS:
-            return _SPACE_ERRNOS[seen.errno]
-        text = str(seen)
-        for pattern, what in _SPACE_TEXTS.items():
-            if pattern in text:
-                return what
-        seen = seen.__cause__ or seen.__context__
-    return None
-
 
 def prune(run_dir: Path, step: int, keep_last: int) -> None:
     """Delete the checkpoints before `step` beyond the newest `keep_last` (`step`'s included)."""

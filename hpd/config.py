@@ -79,6 +79,10 @@ __all__ = [
 OBJECTIVE_NAMES = tuple(OBJECTIVES)
 OBJECTIVE_PARAM_FIELDS: dict[str, dict[str, str]] = {n: param_fields(c) for n, c in OBJECTIVES.items() if c.params}
 
+INT_MAX = 2**63 - 1  # the largest int any field takes (an int64)
+# The most parameters a 'tiny' model may have: beyond, building it would exhaust memory, not fail.
+TINY_MAX_PARAMETERS = 2 * 10**9
+
 _CHECK_KEYS = {"choices", "min", "max", "min_exclusive", "max_exclusive", "nonempty", "import_path"}
 
 
@@ -123,11 +127,11 @@ class ModelConfig:
     )
     tiny_arch: str = field_("llama", "Architecture of the 'tiny' model (both use the byte-level tokenizer).",
                             choices=["llama", "qwen2"])
-    tiny_layers: int = field_(2, "Layers of the 'tiny' model.", min=1)
-    tiny_hidden: int = field_(64, "Hidden size of the 'tiny' model (divisible by tiny_heads).", min=1)
-    tiny_heads: int = field_(4, "Attention heads of the 'tiny' model.", min=1)
-    tiny_intermediate: int = field_(128, "MLP intermediate size of the 'tiny' model.", min=1)
-    tiny_max_positions: int = field_(1024, "Maximum sequence length of the 'tiny' model.", min=8)
+    tiny_layers: int = field_(2, "Layers of the 'tiny' model.", min=1, max=1024)
+    tiny_hidden: int = field_(64, "Hidden size of the 'tiny' model (divisible by tiny_heads).", min=1, max=65536)
+    tiny_heads: int = field_(4, "Attention heads of the 'tiny' model.", min=1, max=1024)
+    tiny_intermediate: int = field_(128, "MLP intermediate size of the 'tiny' model.", min=1, max=262144)
+    tiny_max_positions: int = field_(1024, "Maximum sequence length of the 'tiny' model.", min=8, max=1 << 20)
     init_seed: int | None = field_(
         None, "Seed of the 'tiny' model's random initialisation; null = the top-level seed."
     )
@@ -180,12 +184,12 @@ class TeacherConfig(ModelConfig):
         "teacher).",
         nonempty=True,
     )
-    tiny_layers: int = field_(4, "Layers of the 'tiny' model.", min=1)
+    tiny_layers: int = field_(4, "Layers of the 'tiny' model.", min=1, max=1024)
     tiny_hidden: int = field_(
-        128, "Hidden size of the 'tiny' model (divisible by tiny_heads).", min=1
+        128, "Hidden size of the 'tiny' model (divisible by tiny_heads).", min=1, max=65536
     )
-    tiny_heads: int = field_(4, "Attention heads of the 'tiny' model.", min=1)
-    tiny_intermediate: int = field_(256, "MLP intermediate size of the 'tiny' model.", min=1)
+    tiny_heads: int = field_(4, "Attention heads of the 'tiny' model.", min=1, max=1024)
+    tiny_intermediate: int = field_(256, "MLP intermediate size of the 'tiny' model.", min=1, max=262144)
     cache: str | None = field_(
         None,
         "A teacher cache built by `hpd cache-teacher` over this run's data: the teacher is never "
@@ -468,8 +472,8 @@ class OptimConfig:
     min_lr_ratio: float = field_(
         0.0, "Final learning rate as a fraction of lr (cosine/linear).", min=0.0, max=1.0
     )
-    batch_size: int = field_(8, "Sequences per micro-batch, per process.", min=1)
-    grad_accum: int = field_(1, "Micro-batches accumulated per optimizer step.", min=1)
+    batch_size: int = field_(8, "Sequences per micro-batch, per process.", min=1, max=65536)
+    grad_accum: int = field_(1, "Micro-batches accumulated per optimizer step.", min=1, max=65536)
     max_grad_norm: float = field_(1.0, "Gradient-norm clipping threshold (0 = off).", min=0.0)
     mixed_precision: str = field_(
         "no",
@@ -704,6 +708,8 @@ def _field_type(tp: Any, meta: dict[str, Any]) -> Any:
         constraints["gt" if meta.get("min_exclusive") else "ge"] = meta["min"]
     if meta.get("max") is not None:
         constraints["lt" if meta.get("max_exclusive") else "le"] = meta["max"]
+    elif inner is int:
+        constraints["le"] = INT_MAX  # seeds and counts end up in int64 tensors and C longs
     if meta.get("nonempty"):
         constraints["pattern"] = r"\S"  # at least one non-blank character
     if meta.get("import_path"):
@@ -759,6 +765,8 @@ def _message(err: Any) -> str:
     key = ".".join(str(part) for part in err["loc"] if not isinstance(part, int))
     kind, value = err["type"], err["input"]
     tp, meta = _field_of(key)
+    if kind == "less_than_equal" and meta.get("max") is None:
+        return f"{key}: must be at most {INT_MAX} (an int64), got {value!r}"
     if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal", "choice", "literal_error"):
         msg = f"{key}: must be {_describe_checks(meta)}, got {value!r}"
         hint = _suggest(str(value), [str(c) for c in meta["choices"]]) if "choices" in meta else None
@@ -1065,6 +1073,14 @@ def _cross_checks(cfg: Config) -> list[str]:
             problems.append(
                 f"{section}.tiny_hidden ({model.tiny_hidden}) must be divisible by "
                 f"{section}.tiny_heads ({model.tiny_heads})"
+            )
+        h, i = model.tiny_hidden, model.tiny_intermediate
+        n = model.tiny_layers * (4 * h * h + 3 * h * i) + 2 * 512 * h  # attention, MLP, embeddings and head
+        if model.path == "tiny" and n > TINY_MAX_PARAMETERS:
+            problems.append(
+                f"{section}: the 'tiny' model of tiny_layers={model.tiny_layers}, tiny_hidden={h}, "
+                f"tiny_intermediate={i} would have about {n:.2g} parameters (at most {TINY_MAX_PARAMETERS:.0g}): "
+                "make it smaller, or load a real model with path=DIR"
             )
     problems += _reuse_checks(cfg)
     report_to = cfg.log.report_to

@@ -85,6 +85,22 @@ class _RowError(Exception):
     """A row-level problem; the loader adds the file and line before it reaches the user."""
 
 
+def _lone_surrogate(value: Any, where: str = "") -> str | None:
+    """The place ('messages[1].content') of the first string holding a lone surrogate, else None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return repr(where or "value")
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        found = _lone_surrogate(item, f"{where}[{key}]" if isinstance(key, int) else f"{where}.{key}" if where else str(key))
+        if found is not None:
+            return found
+    return None
+
+
 def _type_name(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 
@@ -130,6 +146,12 @@ def _parse_row(
     """Turn one raw row into (prompt, completion, extra), or raise `_RowError` saying why."""
     if not isinstance(row, dict):
         raise _RowError(f"expected a JSON object, got {_type_name(row)}")
+    bad = _lone_surrogate(row)
+    if bad is not None:
+        # JSON may spell one half of a UTF-16 pair ("\\ud800") alone: no character, so no tokenizer
+        # or UTF-8 file can take it.
+        raise _RowError(f"field {bad} holds a lone surrogate (a \\ud800-\\udfff escape without its pair), "
+                        "which is not a Unicode character")
 
     # A row may carry both (ultrachat has a `prompt` column next to `messages`): messages win and
     # the other fields go to `extra`. None counts as absent because columnar formats fill missing

@@ -94,14 +94,19 @@ def teacher_generations(teacher, tokenizer, prompts: list[list[int]], settings: 
     key = hashlib.sha256(json.dumps(
         {"teacher": model_fingerprint(teacher), "prompts": prompts, "settings": asdict(settings), "seed": seed,
          "max_length": max_length}, sort_keys=True).encode()).hexdigest()[:20]
-    # The key is in the file's name: no sidecar.
-    cache = GenerationCache(Path(cache_dir) / f"teacher-{key}.json", key, sidecar=False)
+    # The key is also in the file's name, so generations for other settings sit beside it; the
+    # record (`.key`: key, size, sha256) catches a file cut or edited since it was written.
+    cache = GenerationCache(Path(cache_dir) / f"teacher-{key}.json", key)
     path = cache.path
-    if is_main and not cache.fresh():
-        log(f"generating teacher responses for {len(prompts)} prompts (cached at {path})")
-        completions = rollout(teacher, tokenizer, prompts, settings, seed=derive_seed(seed, "teacher"), max_length=max_length,
-                              backend=backend)
-        cache.store(json.dumps({"key": key, "completions": completions}))
+    if is_main:
+        with cache.writing(wait=True):  # another run making the same file: wait for it, then reuse it
+            problem = cache.problem()
+            if problem is not None:
+                log(f"generating teacher responses for {len(prompts)} prompts (cached at {path})"
+                    + ("" if problem == "it does not exist" else f"; the cached file is not reused: {problem}"))
+                completions = rollout(teacher, tokenizer, prompts, settings, seed=derive_seed(seed, "teacher"),
+                                      max_length=max_length, backend=backend)
+                cache.store(json.dumps({"key": key, "completions": completions}))
     barrier()
     data = json.loads(cache.read_text())
     if len(data["completions"]) != len(prompts):

@@ -255,6 +255,21 @@ def encode_prompts(
     return out
 
 
+def check_context(model: PreTrainedModel, prompt_ids: list[list[int]]) -> None:
+    """HPDError for a prompt longer than the model's context (`max_position_embeddings`): what it
+    would generate from there is noise. (A prompt that fits but leaves fewer than `max_new_tokens`
+    positions is generated as asked: most answers end well before, and the bundled models' task
+    budgets do pass their 256-token context.)"""
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if not isinstance(context, int) or not prompt_ids:
+        return
+    lengths = [len(p) for p in prompt_ids]
+    longest = max(range(len(lengths)), key=lengths.__getitem__)
+    if lengths[longest] > context:
+        raise HPDError(f"prompt {longest} is {lengths[longest]} tokens, longer than the model's context of {context} "
+                       f"tokens ({sum(n > context for n in lengths)} such prompts): shorten them or leave them out")
+
+
 def generate_text(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -275,6 +290,7 @@ def generate_text(
     `encode_prompts` for `chat_template`), else as plain text.
     """
     prompt_ids = encode_prompts(tokenizer, prompts, chat_template=chat_template)
+    check_context(model, prompt_ids)
     completions = generate_completions(
         model,
         tokenizer,

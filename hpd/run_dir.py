@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 from hpd.errors import HPDError
-from hpd.files import atomic_write_text
+from hpd.files import atomic_write_text, check_output
 
 LOCK_FILE = ".hpd.lock"
 HOLDER_FILE = ".hpd.lock.json"
@@ -52,6 +52,19 @@ def check_output_dir(path: Path) -> None:
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise HPDError(f"output_dir '{path}' is not writable ('{ancestor}': permission denied or a read-only file "
                        "system): pick another output_dir or fix its permissions")
+
+
+def run_inputs(cfg) -> dict[str, str | None]:
+    """The paths a run reads, by config key: what its output_dir must not hold."""
+    return {"student.path": cfg.student.path, "teacher.path": cfg.teacher.path, "teacher.cache": cfg.teacher.cache,
+            "data.train": cfg.data.train, "data.eval": cfg.data.eval}
+
+
+def check_run_paths(cfg) -> None:
+    """The run directory of config `cfg` can be written without harm: a writable directory that is
+    no filesystem root or home and holds none of the run's inputs (`hpd.files.check_output`)."""
+    check_output(cfg.output_dir, run_inputs(cfg), what="output_dir")
+    check_output_dir(Path(cfg.output_dir))
 
 
 def describe_holder(holder: dict) -> str:

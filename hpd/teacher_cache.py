@@ -11,8 +11,12 @@ position (where the sequence has a label):
 
 all at the loss temperature, in memory-mapped `.npy` shards, with a manifest holding a fingerprint
 of every sequence (a hash of its token ids), of the teacher's weights and of the tokenizer, K, the
-vocabulary size, and the bytes per token. The cache is written to a temporary directory renamed
-into place. A run with `teacher.cache=CACHE` never loads the teacher: `TeacherCache` maps each
+vocabulary size, the bytes per token and the sha256 of every array file. The cache is written to
+a temporary directory renamed into place, one builder at a time (`.CACHE.lock`). A reader checks
+the index arrays against their digests when it opens the cache and each shard when a batch first
+reads it (once per process; `benchmarks/teacher_cache_verify.py` sets the cost against a training
+step), so a damaged or altered shard is an error that says so, never a different teacher.
+A run with `teacher.cache=CACHE` never loads the teacher: `TeacherCache` maps each
 training example to its cached rows by the hash of its token ids (so a mismatch of data, tokenizer,
 max_length or template is found before training, and says what differs) and hands the objective a
 `hpd.objectives.TopKTeacher` per batch.
@@ -42,7 +46,7 @@ import numpy as np
 import torch
 
 from hpd.errors import HPDError
-from hpd.files import replace_dir
+from hpd.files import check_output, recover_replaced_dir, replace_dir, temp_dir_for
 from hpd.fingerprints import tokenizer_fingerprint, weights_fingerprint
 
 # The fingerprint a cache records of its teacher (the name it has always had here).
@@ -51,6 +55,19 @@ teacher_fingerprint = weights_fingerprint
 FORMAT = "hpd-teacher-cache-1"
 _DATA_KEYS = ("prompt_field", "completion_field", "messages_field", "on_bad_row", "max_length", "chat_template")
 LOGP_DTYPES = {"float16": np.float16, "float32": np.float32}
+ARRAYS = ("label_logp", "tail_logp", "topk_ids", "topk_logp")  # per shard
+INDEX_ARRAYS = ("offsets", "hashes", "starts")  # per cache
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes (what the manifest records of each array file)."""
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+# Files this process has checked against their manifest digest: (path, size, mtime_ns). Each shard
+# is hashed once per process, however many `TeacherCache`s read it.
+_VERIFIED: set[tuple[str, int, int]] = set()
 
 
 # --------------------------------------------------------------------------------------------
@@ -101,10 +118,7 @@ def build_teacher_cache(teacher: str | os.PathLike, data_files: Sequence[str | o
                      `teacher` then only gives the tokenizer and the fingerprint); temperature 1 only.
     """
     from hpd.config import DataConfig
-    from hpd.data import build_batch, encode_file
     from hpd.hub import resolve_model_path
-    from hpd.models import final_hidden_states, lm_head_of, load_model
-    from hpd.progress import Progress
 
     data = data if data is not None else DataConfig()
     if dtype not in LOGP_DTYPES:
@@ -118,10 +132,31 @@ def build_teacher_cache(teacher: str | os.PathLike, data_files: Sequence[str | o
     if not Path(teacher).exists():
         raise HPDError(f"teacher '{teacher}' does not exist: pass a Hugging Face model directory or a .gguf file")
     out = Path(out)
+    check_output(out, {"teacher": teacher, **{f"data file {f}": f for f in data_files}}, what="the cache directory")
+    procs = _Processes()
+    lock = _writers_lock(out, procs, log)  # one builder per cache directory; a killed one's leftovers cleaned
+    try:
+        return _build(teacher, data_files, out, procs, top_k=top_k, data=data, temperature=temperature, dtype=dtype,
+                      vocab_size=vocab_size, batch_size=batch_size, teacher_dtype=teacher_dtype,
+                      shard_positions=shard_positions, chunk_size=chunk_size, overwrite=overwrite,
+                      trust_remote_code=trust_remote_code, device=device, servers=servers, log=log)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _build(teacher: str, data_files: Sequence[str | os.PathLike], out: Path, procs: "_Processes", *, top_k: int,
+           data: Any, temperature: float, dtype: str, vocab_size: int | None, batch_size: int, teacher_dtype: str,
+           shard_positions: int, chunk_size: int, overwrite: bool, trust_remote_code: bool, device: str,
+           servers: Any, log: Callable[[str], None] | None) -> Path:
+    """`build_teacher_cache`'s work, under the lock on `out`'s builders."""
+    from hpd.data import build_batch, encode_file
+    from hpd.models import final_hidden_states, lm_head_of, load_model
+    from hpd.progress import Progress
+
     if out.exists() and not overwrite:
         raise HPDError(f"'{out}' already exists: choose another --out, or pass --force to replace it")
     t0 = time.perf_counter()
-    procs = _Processes()
     served = None
     if servers is not None:
         from hpd.models import load_saved_tokenizer
@@ -170,7 +205,7 @@ def build_teacher_cache(teacher: str | os.PathLike, data_files: Sequence[str | o
     # the rest once all are done. The teacher's batches never cross a shard, so a shard's bytes do
     # not depend on how many processes built the cache.
     token = procs.same(uuid.uuid4().hex[:8])
-    tmp = out.parent / f".{out.name}.tmp-{token}"
+    tmp = temp_dir_for(out, token)
     out.parent.mkdir(parents=True, exist_ok=True)
     id_dtype = np.uint16 if V <= 1 << 16 else np.int32
     try:
@@ -280,6 +315,11 @@ def build_teacher_cache(teacher: str | os.PathLike, data_files: Sequence[str | o
         np.save(tmp / "starts.npy", np.asarray([s for s, _ in spans], dtype=np.int64))
         tokenizer.save_pretrained(str(tmp / "tokenizer"))
         data_bytes = sum(f.stat().st_size for f in tmp.glob("shard-*/*.npy"))
+        # What a reader checks each file against (`TeacherCache`): a damaged shard is an error, never a
+        # different teacher.
+        for sh in shards:
+            sh["sha256"] = {name: file_sha256(tmp / sh["dir"] / f"{name}.npy") for name in ARRAYS}
+        index_sha256 = {name: file_sha256(tmp / f"{name}.npy") for name in INDEX_ARRAYS}
         manifest = {
             "format": FORMAT,
             "top_k": K,
@@ -295,6 +335,7 @@ def build_teacher_cache(teacher: str | os.PathLike, data_files: Sequence[str | o
             "examples": len(examples),
             "positions": total,
             "sequences": hashlib.sha256(hashes.tobytes()).hexdigest()[:24],
+            "index_sha256": index_sha256,
             "shards": shards,
             "bytes": data_bytes,
             # Per cached position: label and tail log-probs (float32) plus K ids and K log-probs.
@@ -339,6 +380,30 @@ def _in_order(submit: Callable[[Any], Any], items: Sequence[Any], window: int):
         pending.append(submit(item))
     for head in pending:
         yield head.result() if head is not None else None
+
+
+def _writers_lock(out: Path, procs: "_Processes", log: Callable[[str], None] | None):
+    """The main process's lock on `out`'s builders (`.OUT.lock` beside it; the `filelock` library, as
+    for run directories), or HPDError on every process when another build holds it. Under it, what a
+    killed build left goes: half-built `.OUT.tmp-*` directories, and an old cache set aside by an
+    interrupted `--force` is put back (the old cache stays until a new one is complete)."""
+    from filelock import FileLock, Timeout
+
+    lock = None
+    if procs.is_main:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(out.parent / f".{out.name}.lock"), timeout=0)
+        try:
+            lock.acquire()
+        except Timeout:
+            lock = None
+    if not procs.same(lock is not None):
+        raise HPDError(f"another hpd cache-teacher is writing '{out}': wait for it to end, or pick another --out")
+    if procs.is_main:
+        for line in recover_replaced_dir(out):
+            if log is not None:
+                log(f"teacher cache: {line}")
+    return lock
 
 
 def _parse_device(device: str) -> torch.device:
@@ -397,24 +462,97 @@ class TeacherCache:
         if not mf.is_file():
             raise HPDError(f"teacher.cache '{self.path}' is not a teacher cache (no manifest.json): build one with "
                            "`hpd cache-teacher --teacher DIR --data FILE --out CACHE`")
-        self.manifest = json.loads(mf.read_text())
-        if self.manifest.get("format") != FORMAT:
-            raise HPDError(f"teacher cache '{self.path}' has format {self.manifest.get('format')!r}, this hpd reads "
+        try:
+            self.manifest = json.loads(mf.read_text())
+        except (OSError, ValueError) as e:
+            raise self._damaged(f"manifest.json cannot be read ({e})") from None
+        if not isinstance(self.manifest, dict) or self.manifest.get("format") != FORMAT:
+            found = self.manifest.get("format") if isinstance(self.manifest, dict) else None
+            raise HPDError(f"teacher cache '{self.path}' has format {found!r}, this hpd reads "
                            f"{FORMAT!r}: rebuild it with `hpd cache-teacher`")
-        self.top_k = int(self.manifest["top_k"])
-        self.vocab_size = int(self.manifest["vocab_size"])
-        self.temperature = float(self.manifest["temperature"])
-        self.offsets = np.load(self.path / "offsets.npy")
-        self.starts = np.load(self.path / "starts.npy")
-        self.hashes = np.load(self.path / "hashes.npy")
+        try:
+            self._open()
+        except HPDError:
+            raise
+        except (KeyError, TypeError, ValueError, OSError) as e:  # a manifest or array file not as built
+            raise self._damaged(f"{type(e).__name__}: {e}") from None
+
+    def _damaged(self, what: str) -> HPDError:
+        return HPDError(f"teacher cache '{self.path}' is damaged: {what}; rebuild it with `hpd cache-teacher ... "
+                        "--force`")
+
+    def _verified(self, rel: str, digest: str | None) -> Path:
+        """`self.path / rel`, its bytes checked once per process against the manifest's sha256."""
+        p = self.path / rel
+        try:
+            st = p.stat()
+        except OSError:
+            raise self._damaged(f"{rel} is missing") from None
+        ident = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+        if digest is not None and ident not in _VERIFIED:
+            if file_sha256(p) != digest:
+                raise self._damaged(f"{rel} does not match the manifest's sha256 (its bytes changed since the build)")
+            _VERIFIED.add(ident)
+        return p
+
+    def _open(self) -> None:
+        m = self.manifest
+        self.top_k = int(m["top_k"])
+        self.vocab_size = int(m["vocab_size"])
+        self.temperature = float(m["temperature"])
+        digests = m.get("index_sha256")
+        if digests is None:  # built before shards had digests
+            import warnings
+
+            warnings.warn(f"teacher cache '{self.path}' has no file digests (built by an older hpd): its shards cannot "
+                          "be checked for damage; rebuild it with `hpd cache-teacher ... --force`", stacklevel=3)
+            digests = {}
+        index = {name: np.load(self._verified(f"{name}.npy", digests.get(name)), allow_pickle=False)
+                 for name in INDEX_ARRAYS}
+        self.offsets, self.starts, self.hashes = index["offsets"], index["starts"], index["hashes"]
+        n, total = int(m["examples"]), int(m["positions"])
+        counts = np.diff(self.offsets) if len(self.offsets) else self.offsets
+        if (self.offsets.shape != (n + 1,) or self.starts.shape != (n,) or self.hashes.shape != (n,)
+                or self.offsets[0] != 0 or self.offsets[-1] != total or (counts < 0).any() or (self.starts < 0).any()):
+            raise self._damaged(f"offsets.npy, starts.npy and hashes.npy do not describe its {n} sequences and "
+                                f"{total} positions")
         self._order = np.argsort(self.hashes, kind="stable")  # lookups by binary search, first copy wins
         self._sorted = self.hashes[self._order]
-        self._shards = []
-        for sh in self.manifest["shards"]:
-            d = self.path / sh["dir"]
-            arrays = {k: np.load(d / f"{k}.npy", mmap_mode="r") for k in ("label_logp", "tail_logp", "topk_ids", "topk_logp")}
-            self._shards.append((sh["first_example"], sh["end_example"], sh["first_position"], arrays))
+        id_dtype = np.dtype(m["id_dtype"])
+        shapes = {"label_logp": ((), np.float32), "tail_logp": ((), np.float32), "topk_ids": ((self.top_k,), id_dtype),
+                  "topk_logp": ((self.top_k,), np.dtype(LOGP_DTYPES[m["logp_dtype"]]))}
+        self._shards, self._shard_digests, self._checked = [], [], set()
+        expected_first = 0
+        for sh in m["shards"]:
+            d, (s, e, first, P) = sh["dir"], (int(sh[k]) for k in ("first_example", "end_example", "first_position", "positions"))
+            if first != expected_first or first != self.offsets[s] or first + P != self.offsets[e]:
+                raise self._damaged(f"{d}'s positions do not follow the offsets")
+            expected_first = first + P
+            arrays = {}
+            for name in ARRAYS:
+                try:
+                    arr = np.load(self.path / d / f"{name}.npy", mmap_mode="r", allow_pickle=False)
+                except (OSError, ValueError) as err:  # a cut file cannot be mapped
+                    raise self._damaged(f"{d}/{name}.npy cannot be read ({err})") from None
+                tail, dtype = shapes[name]
+                if arr.shape != (P, *tail) or arr.dtype != dtype:
+                    raise self._damaged(f"{d}/{name}.npy holds {arr.dtype}{list(arr.shape)}, the manifest says "
+                                        f"{np.dtype(dtype)}{[P, *tail]}")
+                arrays[name] = arr
+            self._shards.append((s, e, first, arrays))
+            self._shard_digests.append(sh.get("sha256") or {})
+        if expected_first != total:
+            raise self._damaged(f"its shards hold {expected_first} positions, the manifest {total}")
         self._shard_ends = np.asarray([e for _, e, _, _ in self._shards], dtype=np.int64)
+
+    def _check_shard(self, j: int) -> None:
+        """Shard `j`'s files against their digests: once per process, when a batch first reads it."""
+        if j in self._checked:
+            return
+        d = self.manifest["shards"][j]["dir"]
+        for name in ARRAYS:
+            self._verified(f"{d}/{name}.npy", self._shard_digests[j].get(name))
+        self._checked.add(j)
 
     def tokenizer(self):
         """The teacher's tokenizer, saved with the cache (for students that have none of their own)."""
@@ -485,6 +623,9 @@ class TeacherCache:
         B, T = labels.shape
         K = self.top_k
         rows = np.asarray(rows, dtype=np.int64)
+        if len(rows) and (rows.min() < 0 or rows.max() >= len(self.hashes)):
+            raise HPDError(f"cache rows {rows.tolist()} are not rows of the teacher cache '{self.path}' "
+                           f"({len(self.hashes)} sequences)")
         first, counts, starts = self.offsets[rows], self.offsets[rows + 1] - self.offsets[rows], self.starts[rows]
         # Every cached position of the batch at once: its batch row, its column, its cache position.
         row_of = np.repeat(np.arange(B), counts)
@@ -502,11 +643,14 @@ class TeacherCache:
         out = {"label_logp": label_lp.numpy(), "tail_logp": tail.numpy(), "topk_ids": ids.numpy(), "topk_logp": lp.numpy()}
         shard = np.searchsorted(self._shard_ends, rows, side="right")[row_of]
         for j in np.unique(shard):
+            self._check_shard(int(j))
             _, _, first_pos, a = self._shards[j]
             at = shard == j
             r, c, local = row_of[at], col[at], src[at] - first_pos
             for name, dest in out.items():
                 dest[r, c] = a[name][local]
+        if K and int(ids.max()) >= self.vocab_size:  # ids past the vocabulary would index out of the student's logits
+            raise self._damaged(f"it holds token id {int(ids.max())} for a vocabulary of {self.vocab_size}")
         return TopKTeacher(label_lp, ids, lp, tail, self.vocab_size, self.temperature)
 
 

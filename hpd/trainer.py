@@ -72,7 +72,8 @@ from hpd.objectives import (
 from hpd.regimes import ResponseSource, derive_seed, has_rollouts, response_source, rollout_bias
 from hpd.rollout import select_backend
 from hpd.resume import RUN_NEUTRAL_KEYS, check_changes, config_changes, record_history, saved_config, schedule_note
-from hpd.run_dir import RunDirLock, describe_holder
+from hpd.metrics_file import MetricsLog
+from hpd.run_dir import RunDirLock, check_run_paths, describe_holder
 from hpd.served import TeacherServers
 from hpd.teacher_cache import TeacherCache
 from hpd.teachers import (
@@ -312,44 +313,6 @@ def make_optimizer(cfg: Config, student: nn.Module):
 # --------------------------------------------------------------------------------------------
 
 
-class MetricsLog:
-    """metrics.jsonl (one JSON object per line), each line also handed to `log_to(record)` (the
-    run's experiment trackers, `hpd.trackers`) when given."""
-
-    def __init__(self, run_dir: Path, enabled: bool, resume_step: int | None,
-                 log_to: Callable[[dict[str, Any]], None] | None = None):
-        self.path = run_dir / "metrics.jsonl"
-        self.log_to = log_to
-        self.enabled = enabled
-        if not enabled:
-            return
-        if resume_step is None and self.path.exists():
-            # A fresh start (e.g. a rerun of a run killed before its first checkpoint): the old
-            # lines describe steps that will be trained again, so they go.
-            self.path.write_text("")
-        elif resume_step is not None and self.path.exists():
-            # Lines written after the checkpoint by the killed run are replaced by the resumed run's.
-            kept = []
-            for line in self.path.read_text().splitlines():
-                try:
-                    rec = json.loads(line)
-                    # The resumed run evaluates again at its first step: drop that evaluation.
-                    if rec.get("step", 0) < resume_step or (rec.get("step") == resume_step and rec.get("type") != "eval"):
-                        kept.append(line)
-                except json.JSONDecodeError:
-                    pass  # a line cut by the kill
-            self.path.write_text("".join(k + "\n" for k in kept))
-
-    def write(self, record: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
-        with self.path.open("a") as f:
-            f.write(json.dumps(clean) + "\n")
-        if self.log_to is not None and "step" in record:
-            self.log_to(record)
-
-
 def global_metrics(outputs: list[ObjectiveOutput], accelerator) -> dict[str, float]:
     """Token-weighted metrics over this step's micro-batches on every process."""
     local: dict[str, list[float]] = {}
@@ -416,6 +379,7 @@ class Trainer:
         self.is_main = self.acc.is_main_process
         self.rank, self.world = self.acc.process_index, self.acc.num_processes
         self.run_dir = Path(cfg.output_dir)
+        check_run_paths(cfg)  # before anything is written: no root or home, no input inside
         # One run per directory: the main process holds an OS lock on it until the run ends (or
         # dies); a second run into it stops here with the holder's pid and start time.
         self.lock = RunDirLock(self.run_dir) if self.is_main else None

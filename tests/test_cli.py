@@ -147,8 +147,9 @@ def test_generate_writes_one_row_per_prompt_with_completion(tmp_path):
     # same seed, same completions
     first = out.read_text()
     assert invoke(*args).exit_code == 0 and out.read_text() == first
-    # atomic write, no temp or partial file left; the key file marks the output as up to date
-    assert sorted(p.name for p in out.parent.iterdir()) == ["out.jsonl", "out.jsonl.key"]
+    # atomic write, no temp or partial file left; the key file marks the output as up to date (the
+    # hidden lock file of its writers stays: removing it would race with a waiting writer)
+    assert sorted(p.name for p in out.parent.iterdir()) == [".out.jsonl.lock", "out.jsonl", "out.jsonl.key"]
 
 
 def test_generate_user_errors(tmp_path):

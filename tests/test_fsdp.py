@@ -59,7 +59,9 @@ def _train(processes: int, overrides: list[str]) -> None:
 
 
 def _metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    from hpd.metrics_file import read_records
+
+    return read_records(run / "metrics.jsonl")  # as the run stands: restart markers applied
 
 
 def _weights(run: Path) -> dict[str, torch.Tensor]:

@@ -311,7 +311,9 @@ def _run(out: Path, *overrides: str):
 
 
 def _records(run_dir: Path, kind="train"):
-    return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["type"] == kind]
+    from hpd.metrics_file import read_records
+
+    return read_records(run_dir / "metrics.jsonl", kind)
 
 
 @pytest.mark.usefixtures("_at_root")

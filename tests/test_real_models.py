@@ -347,11 +347,12 @@ def test_generate_reuses_its_output_and_resumes_a_partial_run(tmp_path):
     assert again.exit_code == 0 and "up to date" in again.stdout and out.read_text() == full
     # An interrupted run left the first batch (2 rows) in the partial file: only the rest is made,
     # and the result equals an uninterrupted run (batch i always uses seed + i).
-    key = (tmp_path / "g.jsonl.key").read_text().strip()
+    key = json.loads((tmp_path / "g.jsonl.key").read_text())["key"]
     out.unlink()
     rows = full.splitlines()
-    marked = json.dumps({**json.loads(rows[0]), "completion": "KEPT"})
-    (tmp_path / "g.jsonl.partial").write_text(json.dumps({"key": key}) + "\n" + marked + "\n" + rows[1] + "\n")
+    marked = {**json.loads(rows[0]), "completion": "KEPT"}
+    batch = {"batch": 0, "rows": [marked, json.loads(rows[1])]}
+    (tmp_path / "g.jsonl.partial").write_text(json.dumps({"key": key}) + "\n" + json.dumps(batch) + "\n")
     resumed = runner.invoke(app, args)
     assert resumed.exit_code == 0
     new_rows = out.read_text().splitlines()

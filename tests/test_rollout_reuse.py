@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -36,8 +35,9 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def train_records(run_dir: Path) -> list[dict]:
-    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["type"] == "train"]
+    from hpd.metrics_file import read_records
+
+    return read_records(Path(run_dir) / "metrics.jsonl", "train")
 
 
 # --------------------------------------------------------------------------------------------

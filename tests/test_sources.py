@@ -70,19 +70,17 @@ def test_student_rollouts_are_seeded_by_step_micro_batch_and_rank():
     assert a == seeds(0) and len(set(a)) == 4 and not set(a) & set(seeds(1))
 
 
-def test_generation_cache_is_fresh_for_its_key_and_resumes_partial_rows(tmp_path):
+def test_generation_cache_is_fresh_for_its_key_and_resumes_partial_batches(tmp_path):
     out = tmp_path / "gen.jsonl"
     cache = GenerationCache(out, "k1")
-    assert not cache.fresh() and cache.partial_rows() == []
-    cache.append_partial([{"completion": "a"}])
-    cache.append_partial([{"completion": "b"}])
-    assert GenerationCache(out, "k1").partial_rows() == [{"completion": "a"}, {"completion": "b"}]
-    assert GenerationCache(out, "k2").partial_rows() == [] and not cache.partial.exists()  # stale: removed
+    assert not cache.fresh() and cache.partial_batches() == {}
+    cache.append_batch(0, [{"completion": "a"}])
+    cache.append_batch(1, [{"completion": "b"}])
+    assert GenerationCache(out, "k1").partial_batches() == {0: [{"completion": "a"}], 1: [{"completion": "b"}]}
+    assert GenerationCache(out, "k2").partial_batches() == {} and not cache.partial.exists()  # stale: removed
     cache.store("x\n")
-    assert cache.fresh() and not GenerationCache(out, "k2").fresh() and cache.key_file.read_text() == "k1\n"
-    named = GenerationCache(tmp_path / "teacher-k3.json", "k3", sidecar=False)
-    named.store(json.dumps({"key": "k3"}))
-    assert named.fresh() and sorted(p.name for p in tmp_path.iterdir()) == ["gen.jsonl", "gen.jsonl.key", "teacher-k3.json"]
+    assert cache.fresh() and not GenerationCache(out, "k2").fresh() and json.loads(cache.key_file.read_text())["key"] == "k1"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gen.jsonl", "gen.jsonl.key"]
 
 
 def test_teacher_views_chunk_themselves_and_unknown_teachers_are_refused():

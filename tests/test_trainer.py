@@ -73,7 +73,9 @@ def config(out: Path, *overrides: str, teacher: Path | str | None = None):
 
 def read_metrics(run_dir: Path) -> list[dict]:
     """The records of RUN_DIR/metrics.jsonl."""
-    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    from hpd.metrics_file import read_records
+
+    return read_records(Path(run_dir) / "metrics.jsonl")  # as the run stands: restart markers applied
 
 
 def safetensors_of(model_dir: Path) -> dict[str, torch.Tensor]:
@@ -547,8 +549,9 @@ def test_teacher_generations_are_generated_once_and_reused(monkeypatch, tiny_tea
     cache = tmp_path / "cache"
     common = ["regime.name=teacher", f"regime.teacher_cache={cache}", "max_steps=3"]
     train(config(tmp_path / "a", *common, teacher=tiny_teacher))
-    files = list(cache.iterdir())
-    assert len(files) == 1 and files[0].suffix == ".json"
+    files = sorted(p for p in cache.iterdir() if p.suffix == ".json")
+    assert len(files) == 1  # beside it: its record (.key) and its writers' hidden lock file
+    assert sorted(p.name for p in cache.iterdir() if not p.name.startswith(".")) == [files[0].name, files[0].name + ".key"]
     stamp = files[0].stat().st_mtime_ns
     completions = json.loads(files[0].read_text())["completions"]
     assert len(completions) == 84 and all(1 <= len(c) <= 8 for c in completions)
@@ -560,7 +563,7 @@ def test_teacher_generations_are_generated_once_and_reused(monkeypatch, tiny_tea
 
     monkeypatch.setattr(hpd.regimes, "rollout", no_generation)
     train(config(tmp_path / "b", *common, teacher=tiny_teacher))
-    assert list(cache.iterdir()) == files and files[0].stat().st_mtime_ns == stamp
+    assert sorted(p for p in cache.iterdir() if p.suffix == ".json") == files and files[0].stat().st_mtime_ns == stamp
     info = [r for r in read_metrics(tmp_path / "b") if r["type"] == "info"][0]
     assert info["teacher_generations"] == str(files[0])
 

@@ -102,9 +102,9 @@ def train(
         if dry_run:
             typer.echo(cfg.to_yaml(), nl=False)
             return
-        from hpd.run_dir import check_output_dir
+        from hpd.run_dir import check_run_paths
 
-        check_output_dir(Path(cfg.output_dir))  # at once, before the heavy imports (the trainer checks again)
+        check_run_paths(cfg)  # at once, before the heavy imports (the trainer checks again)
         from hpd.trainer import train as run_training  # heavy: torch, transformers, accelerate
 
         run_dir = run_training(cfg)
@@ -130,7 +130,10 @@ def plot(
     """Plot training dynamics (loss, agreement, KL, entropy, ...) of one or more runs."""
     with _user_errors():
         from hpd.apps.plots import plot_runs
+        from hpd.files import check_output
 
+        if out is not None:
+            check_output(out, what="--out")  # no filesystem root or home
         written = plot_runs(run_dirs, out, smoothing=smooth)
         for path in written:
             typer.echo(str(path))
@@ -180,9 +183,10 @@ def generate(
 ) -> None:
     """Generate a completion for every prompt of a data file (any format hpd train reads) with a model (e.g. teacher data).
 
-    Cached on disk: OUT gets a sidecar OUT.key naming the model's content (weights, config,
-    tokenizer), the prompts and the settings; a rerun with the same inputs reuses OUT, and an interrupted run resumes from the
-    batches it finished (kept in OUT.partial).
+    Cached on disk: OUT gets a record OUT.key naming the model's content (weights, config,
+    tokenizer), the prompts and the settings, with OUT's sha256; a rerun with the same inputs reuses
+    an unchanged OUT, and an interrupted run resumes from the batches it finished (kept in
+    OUT.partial). A second run into the same OUT is refused while the first holds .OUT.lock.
     """
     with _user_errors():
         if top_p <= 0:
@@ -199,53 +203,79 @@ def generate(
         from hpd.hub import resolve_model_path
 
         model = resolve_model_path(model)  # a Hub id -> its local snapshot, whose files the cache key stamps
+        from hpd.files import check_output
+
+        check_output(out, {"--prompts": prompts, "--model": model}, what="--out", directory=False)
         from hpd.generation_cache import GenerationCache
 
         cache = GenerationCache(out, _generation_key(model, digest, settings))
-        if cache.fresh():
-            typer.echo(f"{out} is up to date (same model, prompts and settings): reusing it")
-            return
-        from hpd.data import load_examples
-        from hpd.models import load_model
-        from hpd.progress import Progress
-        from hpd.rollout import generate_text
+        try:
+            with cache.writing():  # a second `hpd generate` into the same OUT is refused
+                _generate_into(cache, model, prompts, settings, trust_remote_code=trust_remote_code,
+                               on_bad_row=on_bad_row)
+        except OSError as e:
+            from hpd.files import space_error
 
-        examples, _stats = load_examples(str(prompts), require_completion=False, on_bad_row=on_bad_row,
-                                         skip_hint="pass --on-bad-row skip")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        rows = cache.partial_rows()
-        lm, tokenizer = load_model(model, dtype=dtype, trust_remote_code=trust_remote_code)
-        lm.eval()
-        with Progress(len(examples), "generate", unit="prompt", initial=len(rows)) as progress:  # on stderr
-            # One call per batch so the bar moves; each batch gets its own seed (seed + i) so
-            # batches do not repeat the same random stream.
-            for i, start in enumerate(range(0, len(examples), batch_size)):
-                if start < len(rows):  # done by an interrupted run with the same key
-                    continue
-                batch = examples[start : start + batch_size]
-                texts = generate_text(
-                    lm,
-                    tokenizer,
-                    [ex.prompt for ex in batch],
-                    chat_template=chat_template,
-                    max_new_tokens=max_new_tokens,
-                    temperature=temperature,
-                    top_p=top_p,
-                    top_k=top_k,
-                    batch_size=batch_size,
-                    seed=seed + i,
-                )
-                new_rows = [_output_row(ex, text) for ex, text in zip(batch, texts)]
-                rows += new_rows
-                cache.append_partial(new_rows)
-                progress.update(len(batch))
-        # An empty answer has no token to train on, and training refuses such rows: leave them out
-        # of OUT (the partial file kept them, so that resuming counts batches right).
-        kept = [r for r in rows if str(r.get("completion", "")).strip()]
-        cache.store("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
-        empty = len(rows) - len(kept)
-        typer.echo(f"wrote {len(kept)} completions to {out}"
-                   + (f" ({empty} empty ones left out: nothing to train on)" if empty else ""))
+            if space_error(e) is None:
+                raise
+            raise HPDError(f"cannot write '{out}' ({space_error(e)}): free space or pick another --out, then rerun "
+                           "(the finished batches are kept and reused)") from None
+
+
+def _generate_into(cache: Any, model: str, prompts: Path, settings: dict[str, Any], *, trust_remote_code: bool,
+                   on_bad_row: str) -> None:
+    """`hpd generate`'s work, under the lock of its output `cache` (a `GenerationCache`)."""
+    out, batch_size, seed = cache.path, settings["batch_size"], settings["seed"]
+    problem = cache.problem()
+    if problem is None:
+        typer.echo(f"{out} is up to date (same model, prompts and settings): reusing it")
+        return
+    if out.exists() and problem != "it was made with other inputs or settings":
+        typer.echo(f"{out} is not reused ({problem}): generating it again", err=True)
+    from hpd.data import load_examples
+    from hpd.models import load_model
+    from hpd.progress import Progress
+    from hpd.rollout import generate_text
+
+    examples, _stats = load_examples(str(prompts), require_completion=False, on_bad_row=on_bad_row,
+                                     skip_hint="pass --on-bad-row skip")
+    done = cache.partial_batches()
+    starts = range(0, len(examples), batch_size)
+    lm, tokenizer = load_model(model, dtype=settings["dtype"], trust_remote_code=trust_remote_code)
+    lm.eval()
+    rows: list[dict[str, Any]] = []
+    initial = sum(len(done[i]) for i in range(len(starts)) if i in done)
+    with Progress(len(examples), "generate", unit="prompt", initial=initial) as progress:  # on stderr
+        # One call per batch so the bar moves; each batch gets its own seed (seed + i) so
+        # batches do not repeat the same random stream, and a batch redone after a kill is the same.
+        for i, start in enumerate(starts):
+            batch = examples[start : start + batch_size]
+            if i in done and len(done[i]) == len(batch):  # done by an interrupted run with the same key
+                rows += done[i]
+                continue
+            texts = generate_text(
+                lm,
+                tokenizer,
+                [ex.prompt for ex in batch],
+                chat_template=settings["chat_template"],
+                max_new_tokens=settings["max_new_tokens"],
+                temperature=settings["temperature"],
+                top_p=settings["top_p"],
+                top_k=settings["top_k"],
+                batch_size=batch_size,
+                seed=seed + i,
+            )
+            new_rows = [_output_row(ex, text) for ex, text in zip(batch, texts)]
+            rows += new_rows
+            cache.append_batch(i, new_rows)
+            progress.update(len(batch))
+    # An empty answer has no token to train on, and training refuses such rows: leave them out
+    # of OUT (the partial file kept them, so that resuming counts batches right).
+    kept = [r for r in rows if str(r.get("completion", "")).strip()]
+    cache.store("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
+    empty = len(rows) - len(kept)
+    typer.echo(f"wrote {len(kept)} completions to {out}"
+               + (f" ({empty} empty ones left out: nothing to train on)" if empty else ""))
 
 
 def _on_bad_row(mode: str) -> str:
@@ -296,6 +326,9 @@ def convert(
     with _user_errors():
         if dtype not in ("float32", "bfloat16", "float16"):
             raise HPDError(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}")
+        from hpd.files import check_output
+
+        check_output(out_dir, {"GGUF_FILE": gguf_file}, what="OUT_DIR")
         if out_dir.exists() and not force:
             raise HPDError(f"'{out_dir}' already exists: choose another OUT_DIR or add --force")
         from hpd.models import convert_gguf
@@ -428,6 +461,9 @@ def demo_cmd(
             seed_list = tuple(int(x) for x in seeds.split(",") if x.strip())
         except ValueError:
             raise HPDError(f"--seeds takes comma-separated integers, got {seeds!r}") from None
+        from hpd.files import check_output
+
+        check_output(out, {"--teacher": teacher}, what="--out")
         run_demo(DemoSettings(out_dir=out, teacher=teacher or BUNDLED_TEACHER, start=start, baseline=baseline or DEMO_BASELINE,
                               steps=steps, n_eval=n, seeds=seed_list, jobs=jobs))
 
@@ -481,6 +517,10 @@ def bench_cmd(
             seed_list = [int(x) for x in split(seeds)]
         except ValueError:
             raise HPDError(f"--lr-grid and --seeds take comma-separated numbers, got {lr_grid!r} and {seeds!r}") from None
+        from hpd.files import check_output
+
+        check_output(out, {"--teacher": teacher, "--long-teacher": long_teacher, "--train": train, "--test": test,
+                           "--student": student}, what="--out")
         s = BenchSettings(out_dir=out, teacher=teacher or BUNDLED_TEACHER, methods=split(methods) if methods else list(DEFAULT_METHODS),
                           starts=split(starts), data=split(data), seeds=seed_list, lr_grid=grid, steps_scratch=steps_scratch,
                           steps_pretrained=steps_pretrained, n_eval=n, n_val=n_val, long_teacher=long_teacher or LONG_TEACHER, jobs=jobs,

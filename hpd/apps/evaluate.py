@@ -32,6 +32,7 @@ from typing import Any
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from hpd.errors import HPDError
+from hpd.files import check_output
 from hpd.progress import Progress
 from hpd.rollout import generate_text
 from hpd.stats import Z_95, wilson_interval  # noqa: F401  (re-exported: hpd.apps.evaluate.wilson_interval)
@@ -303,6 +304,7 @@ def eval_data_cli(
     name = Path(data.rstrip("/\\"))
     label = f"{name.name} [{v.name}]"
     dest = eval_out(model_path, f"{name.stem}-{_file_safe(Path(v.name).name)}", out)
+    check_output(dest, {"--data": data}, what="--out", directory=False)  # never over the rows it reads
     result = evaluate_rows(model_path, rows, v, max_new_tokens=max_new_tokens, batch_size=batch_size, n=n, label=label,
                            progress=True)
     write_records(result, dest)

@@ -18,7 +18,6 @@ tasks.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -28,6 +27,7 @@ from typing import Any
 
 from hpd.config import Config, save_config
 from hpd.errors import HPDError
+from hpd.metrics_file import read_records as metrics_records
 from hpd.progress import Progress
 
 
@@ -36,15 +36,7 @@ def last_step(run_dir: Path) -> int:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         return 0
-    step = 0
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if rec.get("type") in ("train", "skip"):
-            step = max(step, int(rec.get("step", 0)))
-    return step
+    return max((int(r.get("step", 0)) for r in metrics_records(path) if r.get("type") in ("train", "skip")), default=0)
 
 
 def run_slug(label: str) -> str:
@@ -53,15 +45,8 @@ def run_slug(label: str) -> str:
 
 
 def read_records(run_dir: Path, kind: str = "train") -> list[dict[str, Any]]:
-    out = []
-    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if rec.get("type") == kind:
-            out.append(rec)
-    return out
+    """The records of one type of a run's metrics.jsonl, as the run stands (`hpd.metrics_file`)."""
+    return metrics_records(Path(run_dir) / "metrics.jsonl", kind)
 
 
 def run_configs(configs: list[Config], *, jobs: int = 2, labels: list[str] | None = None, progress: bool = True,

@@ -44,6 +44,7 @@ from typing import Any, Iterable, Sequence
 
 from hpd.errors import HPDError
 from hpd.files import atomic_write
+from hpd.metrics_file import RESTART, read_records
 
 __all__ = ["QUANTITIES", "DYNAMICS", "OBJECTIVE_OWN", "DIAGNOSTICS", "RunMetrics", "read_metrics", "read_accuracy",
            "plot_runs", "ema"]
@@ -121,12 +122,12 @@ def read_metrics(run_dir: str | os.PathLike[str]) -> RunMetrics:
             f"no metrics file '{path}': pass a run directory written by `hpd train` "
             f"(its output_dir), which holds metrics.jsonl"
         )
-    # (kind, quantity) -> {step: value}; a dict so that a re-logged step (after resume) replaces
-    # the earlier value instead of drawing a zigzag.
+    # (kind, quantity) -> {step: value}, from the records as the run stands (a resumed run's
+    # restart markers applied, `hpd.metrics_file`); a dict, so a step logged twice draws no zigzag.
     points: dict[tuple[str, str], dict[int, float]] = {}
     lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
     bad_inner: list[int] = []
-    for lineno, line in enumerate(lines, start=1):
+    for lineno, line in enumerate(lines, start=1):  # damage before the last line is worth a warning
         if not line.strip():
             continue
         try:
@@ -134,9 +135,13 @@ def read_metrics(run_dir: str | os.PathLike[str]) -> RunMetrics:
         except json.JSONDecodeError:
             row = None
         step = row.get("step") if isinstance(row, dict) else None
-        if not isinstance(row, dict) or isinstance(step, bool) or not isinstance(step, (int, float)):
-            if lineno != len(lines):
-                bad_inner.append(lineno)
+        # A line cut by a kill is the last one, or the one before a restart marker (a resume appends).
+        cut = lineno == len(lines) or f'"type": "{RESTART}"' in lines[lineno]
+        if (not isinstance(row, dict) or isinstance(step, bool) or not isinstance(step, (int, float))) and not cut:
+            bad_inner.append(lineno)
+    for row in read_records(path):
+        step = row.get("step")
+        if isinstance(step, bool) or not isinstance(step, (int, float)):
             continue
         kind = row.get("type", "train")
         if kind not in _KINDS:
