@@ -54,7 +54,7 @@ from torch import Tensor, nn
 
 from hpd.batches import MicroBatch
 from hpd.errors import HPDError
-from hpd.models import lm_head_of, load_model, shared_vocab_size, vocab_rows
+from hpd.models import lm_head_of, load_model, vocab_rows
 from hpd.objectives import (
     DEFAULT_CHUNK_SIZE, IGNORE_INDEX, Objective, ObjectiveOutput, get_objective, resolve_shared_vocab, shift_labels,
 )
@@ -62,6 +62,7 @@ from hpd.packing import check_packing
 from hpd.regimes import derive_seed
 from hpd.teacher_cache import TeacherCache
 from hpd.teachers import ModelTeacher, TeacherSource
+from hpd.vocab import teacher_vocab_size
 
 METRIC_PREFIX = "hpd/"
 
@@ -192,6 +193,9 @@ class HFDistillation:
                       `kd_weight`, `temperature`.
     teacher:          a teacher model (`nn.Module`, moved to the batch's device at first use), a model
                       directory, a teacher cache (`TeacherCache` or its directory), or None (`sft`).
+    teacher_tokenizer: the tokenizer of a teacher model object (a directory brings its own). The
+                      teacher is checked as `hpd train` checks one (`hpd.vocab.teacher_vocab_size`):
+                      one tokenizer; heads that differ only by padding rows need both tokenizers.
     chunk_size:       positions per chunk of the memory-lean path (0: the model's logits).
     diagnostics:      also log teacher agreement, KL(teacher || student) and student entropy.
     regime:           where the response tokens come from: only "dataset" (the Trainer's batches);
@@ -199,9 +203,13 @@ class HFDistillation:
                       command that runs them (`on_policy_refusal`).
     """
 
+    # The hook of a cross-tokenizer mode: True would skip the one-tokenizer checks (nothing aligns
+    # two tokenizations yet, so it stays False).
+    cross_tokenizer = False
+
     def __init__(self, teacher: Any = None, objective: str | Objective = "hpd", objective_params: dict | None = None, *,
                  chunk_size: int = DEFAULT_CHUNK_SIZE, diagnostics: bool = True, regime: str = "dataset",
-                 mixed_lambda: float = 0.5):
+                 mixed_lambda: float = 0.5, teacher_tokenizer: Any = None):
         params = dict(objective_params or {})
         if "lmbda" in params:  # TRL's GKDConfig name for the share of on-policy steps
             regime, mixed_lambda = "mixed", float(params.pop("lmbda"))
@@ -209,6 +217,11 @@ class HFDistillation:
             raise on_policy_refusal(objective, params, regime, mixed_lambda)
         self.objective = make_objective(objective, params)
         self.teacher, self.teacher_tokenizer = teacher_source(teacher)
+        if teacher_tokenizer is not None:
+            if not isinstance(self.teacher, ModelTeacher):
+                raise HPDError("teacher_tokenizer goes with a teacher model object: a model directory brings its own "
+                               "tokenizer, and a teacher cache records the one it was built with")
+            self.teacher_tokenizer = teacher_tokenizer
         if self.teacher is None and self.objective.needs_teacher:
             raise HPDError(f"objective '{self.objective.name}' needs a teacher: pass teacher=MODEL, a model directory "
                            "or a teacher cache")
@@ -243,15 +256,12 @@ class HFDistillation:
         size = None
         tokenizer = tokenizer if hasattr(tokenizer, "get_vocab") else None  # a processor or None: not checked
         tok_len = len(tokenizer) if tokenizer is not None else None
-        if tokenizer is not None and self.teacher_tokenizer is not None \
-                and tokenizer.get_vocab() != self.teacher_tokenizer.get_vocab():
-            raise HPDError(f"the student's tokenizer ({len(tokenizer)} tokens) differs from the teacher's "
-                           f"({len(self.teacher_tokenizer)} tokens): logit distillation needs one tokenizer")
         if isinstance(self.teacher, _CacheTeacher) and tokenizer is not None:
             self.teacher.cache.check_run(tokenizer=tokenizer)
         if isinstance(self.teacher, ModelTeacher):
-            size = shared_vocab_size(student, self.teacher.model, None) if tok_len is None else resolve_shared_vocab(
-                rows, vocab_rows(self.teacher.model), tok_len)
+            # The check `hpd train` makes of a teacher path, for a directory and a model object alike.
+            size = teacher_vocab_size(rows, vocab_rows(self.teacher.model), tokenizer, self.teacher_tokenizer,
+                                      cross_tokenizer=self.cross_tokenizer)
         elif isinstance(self.teacher, _CacheTeacher):
             cached = self.teacher.cache.vocab_size
             size = rows if rows == cached else resolve_shared_vocab(rows, cached, tok_len)
@@ -315,8 +325,7 @@ class HFDistillation:
         kw = dict(generator=generator, num_tokens=num_items_in_batch, vocab_size=self.vocab_size(student, tokenizer),
                   diagnostics=self.diagnostics)
         if hidden is not None:
-            weight, bias = lm_head_of(student)
-            out = self.objective.chunked(hidden, weight, view, aligned, lm_head_bias=bias, chunk_size=self.chunk_size, **kw)
+            out = self.objective.chunked(hidden, lm_head_of(student), view, aligned, chunk_size=self.chunk_size, **kw)
         else:
             out = self.objective(logits, view, aligned, **kw)
         self._keep(split, out, num_items_in_batch)
@@ -389,10 +398,9 @@ class _CaptureHidden:
     """
 
     def __init__(self, student: nn.Module):
-        head = student.get_output_embeddings()
-        if not isinstance(head, nn.Linear):
-            lm_head_of(student)  # raises with the reason
-        self.head, self.hidden, self.handle = head, None, None
+        # A head whose logits hpd cannot reproduce is refused here, with the reason.
+        lm_head_of(student, hint="pass chunk_size=0 (the loss then reads the model's logits)")
+        self.head, self.hidden, self.handle = student.get_output_embeddings(), None, None
 
     def _hook(self, module, args, output):
         self.hidden = args[0]
@@ -415,18 +423,25 @@ class _CaptureHidden:
 class DistillationMixin:
     """`compute_loss` and `log` of a Trainer that distills; put it first: `class T(DistillationMixin, SFTTrainer)`.
 
-    Keyword arguments taken besides the Trainer's own: `teacher`, `objective` (default "hpd"),
-    `objective_params`, `chunk_size`, `diagnostics` (see `HFDistillation`).
+    Keyword arguments taken besides the Trainer's own: `teacher`, `teacher_tokenizer`, `objective`
+    (default "hpd"), `objective_params`, `chunk_size`, `diagnostics` (see `HFDistillation`).
+    The student's head and the teacher's vocabulary are checked here, before any step.
     """
 
     def __init__(self, *args, teacher: Any = None, objective: str | Objective = "hpd", objective_params: dict | None = None,
                  chunk_size: int = DEFAULT_CHUNK_SIZE, diagnostics: bool = True, regime: str = "dataset",
-                 mixed_lambda: float = 0.5, **kwargs):
+                 mixed_lambda: float = 0.5, teacher_tokenizer: Any = None, **kwargs):
         if kwargs.get("compute_loss_func") is not None:
             raise HPDError("a DistillationTrainer computes its own loss: drop compute_loss_func")
         self.distillation = HFDistillation(teacher, objective, objective_params, chunk_size=chunk_size,
-                                           diagnostics=diagnostics, regime=regime, mixed_lambda=mixed_lambda)
+                                           diagnostics=diagnostics, regime=regime, mixed_lambda=mixed_lambda,
+                                           teacher_tokenizer=teacher_tokenizer)
         super().__init__(*args, **kwargs)
+        if self.model is not None:  # (None with model_init: checked at the first loss)
+            student = self.accelerator.unwrap_model(self.model)
+            if chunk_size:
+                lm_head_of(student, hint="pass chunk_size=0 (the loss then reads the model's logits)")
+            self.distillation.vocab_size(student, getattr(self, "processing_class", None))
         # The loss is normalized by num_items_in_batch (the whole accumulated batch), never a per-batch mean.
         self.loss_is_scaled_for_ga = True
         # Makes the Trainer count num_items_in_batch (it does so for models taking loss kwargs).
@@ -493,9 +508,10 @@ class HPDLoss(HFDistillation):
     """
 
     def __init__(self, teacher: Any = None, objective: str | Objective = "hpd", objective_params: dict | None = None, *,
-                 diagnostics: bool = True, regime: str = "dataset", mixed_lambda: float = 0.5):
+                 diagnostics: bool = True, regime: str = "dataset", mixed_lambda: float = 0.5,
+                 teacher_tokenizer: Any = None):
         super().__init__(teacher, objective, objective_params, chunk_size=0, diagnostics=diagnostics, regime=regime,
-                         mixed_lambda=mixed_lambda)
+                         mixed_lambda=mixed_lambda, teacher_tokenizer=teacher_tokenizer)
         self.trainer = None
         self.student: nn.Module | None = None
         self._inputs: dict[str, Tensor] | None = None
@@ -510,6 +526,7 @@ class HPDLoss(HFDistillation):
             raise HPDError("this HPDLoss is attached already: make one HPDLoss per trainer")
         self.trainer = trainer
         self.student = trainer.accelerator.unwrap_model(trainer.model)
+        self.vocab_size(self.student, getattr(trainer, "processing_class", None))  # refused here, before any step
         self.student.register_forward_pre_hook(self._remember_inputs, with_kwargs=True)
         loss = self
 

@@ -170,17 +170,20 @@ def _build(teacher: str, data_files: Sequence[str | os.PathLike], out: Path, pro
         info = served.check(tokenizer, vocab_size, top_k, student=f"the tokenizer of {teacher}")
         V, K = info["vocab_size"], info["top_k"]
         teacher_dtype = "served"
+        transform = None  # the engine runs the model's own forward, its logit transform included
     else:
         dev = procs.device() if device == "auto" else _parse_device(device)
         model, tokenizer = load_model(str(teacher), dtype=teacher_dtype, trust_remote_code=trust_remote_code)
         model.to(dev).eval().requires_grad_(False)
-        weight, bias = lm_head_of(model)
-        V = int(vocab_size) if vocab_size is not None else int(weight.shape[0])
-        if not 0 < V <= weight.shape[0]:
-            raise HPDError(f"vocab_size={V} must be in [1, {weight.shape[0]}] (the teacher's LM-head rows)")
+        head = lm_head_of(model)  # weight, bias and the model's logit transform (a softcap, a scale)
+        rows = head.vocab_size
+        V = int(vocab_size) if vocab_size is not None else rows
+        if not 0 < V <= rows:
+            raise HPDError(f"vocab_size={V} must be in [1, {rows}] (the teacher's LM-head rows)")
         K = min(top_k, V)
-        W = weight.detach()[:V].float()
-        b = None if bias is None else bias.detach()[:V].float()
+        W = head.weight.detach()[:V].float()
+        b = None if head.bias is None else head.bias.detach()[:V].float()
+        transform = {"scale": head.transform.scale, "softcap": head.transform.softcap}
 
     examples, files = [], []
     for f in data_files:
@@ -261,6 +264,7 @@ def _build(teacher: str, data_files: Sequence[str | os.PathLike], out: Path, pro
                     z = h[c:c + chunk_size].float() @ W.T
                     if b is not None:
                         z += b
+                    head.transform.apply_(z)
                     logp = torch.log_softmax(z / temperature, -1)  # (C, V)
                     y = labels[c:c + chunk_size]
                     inside = y < V
@@ -325,6 +329,9 @@ def _build(teacher: str, data_files: Sequence[str | os.PathLike], out: Path, pro
             "top_k": K,
             "vocab_size": V,
             "temperature": float(temperature),
+            # what the teacher applies to h @ W.T + b (a softcap, a scale), applied to these log-probabilities
+            # (a served cache: {"applied_by": "server"}, the engine ran the model's own forward)
+            "logit_transform": transform if transform is not None else {"applied_by": "server"},
             "logp_dtype": dtype,
             "id_dtype": np.dtype(id_dtype).name,
             "teacher": {"path": str(Path(teacher).resolve()), "fingerprint": _fingerprint_or_none(teacher),
@@ -606,6 +613,17 @@ class TeacherCache:
                 raise HPDError(f"teacher.path '{teacher_path}' is not the teacher the cache '{self.path}' was built from "
                                f"({m['teacher']['path']}, weights changed or another model): rebuild the cache with "
                                "`hpd cache-teacher --teacher DIR ...`, or point teacher.path at that teacher")
+        if "logit_transform" not in m:  # built before hpd applied the teacher's logit transform
+            from hpd.models import logit_transform_field
+
+            config = Path(m["teacher"]["path"]) / "config.json"
+            try:
+                field = logit_transform_field(json.loads(config.read_text())) if config.is_file() else None
+            except (OSError, ValueError):
+                field = None
+            if field is not None:
+                raise HPDError(f"the teacher cache '{self.path}' was built by an hpd that skipped its teacher's {field}: "
+                               "its log-probabilities are another model's; rebuild it with `hpd cache-teacher`")
         if temperature is not None and abs(temperature - self.temperature) > 1e-12:
             raise HPDError(f"the teacher cache '{self.path}' was built at temperature {self.temperature:g}, "
                            f"objective.temperature is {temperature:g}: rebuild it with --temperature {temperature:g}")

@@ -76,11 +76,11 @@ def teacher_view(teacher: nn.Module | None, input_ids: Tensor, attention_mask: T
     if teacher is None:
         return None
     if chunked:
-        weight, bias = lm_head_of(teacher)
+        head = lm_head_of(teacher)
         hidden = final_hidden_states(teacher, input_ids, attention_mask, position_ids)
         if index is not None:
             hidden = _gather_positions(hidden, index)
-        return HeadTeacher(hidden, weight.detach(), None if bias is None else bias.detach())
+        return HeadTeacher.of(hidden, head)
     logits = teacher(input_ids=input_ids, **model_inputs(attention_mask, position_ids), use_cache=False).logits
     return logits if index is None else _gather_positions(logits, index)
 
@@ -229,6 +229,7 @@ class ModelTeacher(TeacherSource):
     """
 
     def __init__(self, model: nn.Module):
+        lm_head_of(model)  # a teacher whose logits its head view cannot reproduce is refused here, by name
         self.model = model
         self.parameters = sum(p.numel() for p in model.parameters())
 

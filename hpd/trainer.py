@@ -63,7 +63,7 @@ from hpd.streaming import StreamSampler, check_streaming
 from hpd.provenance import code_record
 from hpd.models import (
     apply_lora, enable_gradient_checkpointing, final_hidden_states, init_from_teacher, lm_head_of, load_model, save_model,
-    shared_vocab_size, vocab_rows,
+    vocab_rows,
 )
 from hpd.objectives import (
     COMMON_PARAMS, DEFAULT_CHUNK_SIZE, Objective, ObjectiveOutput, RatioClip, RolloutWeights, TeacherView,
@@ -80,7 +80,7 @@ from hpd.teachers import (
     CachedTeacher, ModelTeacher, OPSDTeacher, SelfTeacher, ServedTeacher, TeacherSource, prompt_ending_mismatches,
 )
 from hpd.trackers import finish_trackers, make_trackers, resolve_trackers, start_trackers, tracker_values
-from hpd.vocab import resolve_shared_vocab
+from hpd.vocab import resolve_shared_vocab, teacher_vocab_size
 
 
 # --------------------------------------------------------------------------------------------
@@ -103,6 +103,8 @@ class DistillationLoss(nn.Module):
         self.chunk_size = chunk_size
         self.vocab_size = vocab_size
         self.clip = clip
+        if chunk_size > 0:  # refused now, by name, rather than at the first step
+            lm_head_of(student, hint="set objective.chunk_size=0 (the loss then reads the student's own logits)")
 
     @property
     def _no_split_modules(self) -> list[str] | None:
@@ -125,16 +127,14 @@ class DistillationLoss(nn.Module):
         if fix_weights:
             with torch.no_grad():
                 hidden = final_hidden_states(self.student, input_ids, attention_mask, position_ids)
-                weight, bias = lm_head_of(self.student)
-                fixed, out = rollout_weights(self.objective, hidden, weight, teacher, labels, lm_head_bias=bias,
+                fixed, out = rollout_weights(self.objective, hidden, lm_head_of(self.student), teacher, labels,
                                              chunk_size=self.chunk_size or DEFAULT_CHUNK_SIZE, **kw)
             return {"rollout": fixed, "output": out}
         if rollout is not None:
             kw.update(rollout=rollout, clip=self.clip)
         if self.chunk_size > 0:
             hidden = final_hidden_states(self.student, input_ids, attention_mask, position_ids)
-            weight, bias = lm_head_of(self.student)
-            out = self.objective.chunked(hidden, weight, teacher, labels, lm_head_bias=bias, chunk_size=self.chunk_size, **kw)
+            out = self.objective.chunked(hidden, lm_head_of(self.student), teacher, labels, chunk_size=self.chunk_size, **kw)
         else:
             logits = self.student(input_ids=input_ids, **model_inputs(attention_mask, position_ids), use_cache=False).logits
             out = self.objective(logits, teacher, labels, **kw)
@@ -215,13 +215,16 @@ def load_models(cfg: Config, cache: TeacherCache | None = None):
             raise HPDError(f"the teacher cache is normalized over {cache.vocab_size} tokens but the student shares "
                            f"{shared} with it: rebuild the cache with --vocab-size {shared}")
         vocab_size = cache.vocab_size
+    # Heads whose logits hpd's hidden-state views cannot reproduce are refused here, by name: the
+    # teacher's view is always its head; the student's only with the chunked loss.
     if teacher is not None:
-        if s_tok is not tokenizer and s_tok.get_vocab() != tokenizer.get_vocab():
-            raise HPDError(
-                f"the student's tokenizer ({len(s_tok)} tokens, {cfg.student.path}) differs from the teacher's "
-                f"({len(tokenizer)} tokens, {cfg.teacher.path}): logit distillation needs one tokenizer"
-            )
-        vocab_size = shared_vocab_size(student, teacher, s_tok)
+        lm_head_of(teacher)
+    if cfg.objective.chunk_size > 0:
+        lm_head_of(student, hint="set objective.chunk_size=0 (the loss then reads the student's own logits)")
+    if teacher is not None:
+        vocab_size = teacher_vocab_size(vocab_rows(student), vocab_rows(teacher), s_tok, tokenizer,
+                                        student=f"the student ({cfg.student.path})",
+                                        teacher=f"the teacher ({cfg.teacher.path})")
         teacher.requires_grad_(False).eval()
     if cfg.student.gradient_checkpointing:
         enable_gradient_checkpointing(student)

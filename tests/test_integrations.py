@@ -339,6 +339,49 @@ if __name__ == "__main__":  # the worker of the two-process test
     _grads_of_one_step(sys.argv[1], *map(int, sys.argv[2:]))
 
 
+def test_a_teacher_object_of_another_vocabulary_is_refused_before_any_step(models, tmp_path):
+    """A teacher model object is checked as `hpd train` checks a teacher path (hpd.vocab.teacher_vocab_size)."""
+    teacher, student0, tok = models
+    bigger = copy.deepcopy(teacher)
+    bigger.resize_token_embeddings(512)  # another tokenizer's head: 512 rows against the student's 264
+    # Its tokenizer unknown, the extra rows could be anything: refused, even with the student's tokenizer at hand.
+    with pytest.raises(HPDError, match="512 rows.*not known"):
+        DistillationTrainer(model=copy.deepcopy(student0), args=_args(tmp_path), teacher=bigger, processing_class=tok)
+    loss_fn = HPDLoss(teacher=bigger)
+    trainer = Trainer(model=copy.deepcopy(student0), args=_args(tmp_path), compute_loss_func=loss_fn,
+                      processing_class=tok)
+    with pytest.raises(HPDError, match="512 rows"):
+        loss_fn.attach(trainer)
+    # Its own tokenizer given, and not the student's: refused by name.
+    other = copy.deepcopy(tok)
+    other.add_tokens([f"<extra{i}>" for i in range(200)])
+    with pytest.raises(HPDError, match="differs"):
+        DistillationTrainer(model=copy.deepcopy(student0), args=_args(tmp_path), teacher=bigger, teacher_tokenizer=other,
+                            processing_class=tok)
+    # The student's tokenizer: the extra rows are padding, and the loss runs over the shared 264.
+    ok = DistillationTrainer(model=copy.deepcopy(student0), args=_args(tmp_path), teacher=bigger, teacher_tokenizer=tok,
+                             processing_class=tok, chunk_size=4)
+    assert ok.distillation.vocab_size(ok.model, tok) == 264
+    _, inputs = _hf_batch(tok, *_tokens(tok))
+    loss = ok.training_step(ok.model, dict(inputs), num_items_in_batch=(inputs["labels"][:, 1:] != -100).sum())
+    assert torch.isfinite(loss)
+    with pytest.raises(HPDError, match="teacher model object"):
+        HPDLoss(teacher=None, objective="sft", teacher_tokenizer=tok)
+
+
+def test_a_matching_teacher_object_still_distills_and_a_student_head_hpd_cannot_view_is_refused(models, tmp_path):
+    teacher, student0, tok = models
+    trainer = DistillationTrainer(model=copy.deepcopy(student0), args=_args(tmp_path), teacher=teacher,
+                                  teacher_tokenizer=tok, processing_class=tok, chunk_size=4)
+    _, inputs = _hf_batch(tok, *_tokens(tok))
+    assert torch.isfinite(trainer.training_step(trainer.model, dict(inputs), num_items_in_batch=torch.tensor(9)))
+    odd = copy.deepcopy(student0)
+    odd.config.logits_scaling = 2.0  # a logit transform hpd does not know llama to apply
+    with pytest.raises(HPDError, match="logits_scaling.*chunk_size=0"):
+        DistillationTrainer(model=odd, args=_args(tmp_path), teacher=teacher, chunk_size=4)
+    DistillationTrainer(model=odd, args=_args(tmp_path), teacher=teacher, chunk_size=0)  # the model's own logits
+
+
 @pytest.mark.parametrize("way", ["trainer", "loss_func"])
 def test_the_logged_loss_is_the_objectives_value_and_the_backward_uses_the_surrogate(models, tmp_path, way):
     """jsd's surrogate (what the gradient comes from) is not its value: the logs show the value as `loss`.

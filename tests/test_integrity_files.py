@@ -68,9 +68,9 @@ def generate(prompts: Path, out: Path, seed: int = 0):
 
 
 def the_key(prompts: Path, seed: int = 0) -> str:
-    from hpd.apps.cli import _generation_key
+    from hpd.apps.cli import _generation_key, _prompts_digest
 
-    return _generation_key("tiny", prompts, dict(max_new_tokens=4, temperature=1.0, top_p=1.0, top_k=0, batch_size=BATCH,
+    return _generation_key("tiny", _prompts_digest(prompts), dict(max_new_tokens=4, temperature=1.0, top_p=1.0, top_k=0, batch_size=BATCH,
                                                  seed=seed, chat_template="auto", dtype="float32"))
 
 

@@ -48,8 +48,9 @@ def test_tiny_model_vocab_is_padded_to_multiple_of_8(tok):
     model = build_tiny_model(tok, **TINY)
     assert len(tok) == 263
     assert model.config.vocab_size == 264
-    W, b = lm_head_of(model)
-    assert W.shape == (264, 32) and b is None
+    head = lm_head_of(model)
+    W = head.weight
+    assert W.shape == (264, 32) and head.bias is None and head.transform.is_identity
     assert model.get_input_embeddings().weight.shape == (264, 32)
     assert model.config.tie_word_embeddings is False
     assert W.data_ptr() != model.get_input_embeddings().weight.data_ptr()
@@ -139,7 +140,7 @@ def test_shared_vocab_size(tok):
 
     b = build_tiny_model(tok, **TINY)
     b.resize_token_embeddings(272)
-    assert lm_head_of(b)[0].shape[0] == 272
+    assert lm_head_of(b).weight.shape[0] == 272
     assert shared_vocab_size(a, b, tok) == 264
     assert shared_vocab_size(b, a, tok) == 264
 
@@ -197,7 +198,7 @@ def test_hidden_states_times_head_equal_logits(tok):
     mask_BT[2, :1] = 0
     h_BTH = final_hidden_states(model, ids_BT, mask_BT)
     assert h_BTH.shape == (3, 9, 32)
-    W, b = lm_head_of(model)
+    W = lm_head_of(model).weight
     logits = model(input_ids=ids_BT, attention_mask=mask_BT).logits
     assert torch.allclose(h_BTH @ W.T, logits, atol=1e-5, rtol=0)
 
@@ -207,7 +208,7 @@ def test_hidden_states_with_lm_head_bias(tok):
     head = model.get_output_embeddings()
     head.bias = torch.nn.Parameter(torch.randn(head.out_features))
     ids_BT = torch.tensor([tok.encode("bias check")])
-    W, b = lm_head_of(model)
+    W, b = lm_head_of(model).weight, lm_head_of(model).bias
     assert b is not None and b.shape == (264,)
     h_BTH = final_hidden_states(model, ids_BT, None)
     logits = model(input_ids=ids_BT).logits
@@ -270,3 +271,21 @@ def test_hub_ids_are_told_from_local_paths(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "org" / "name").mkdir(parents=True)
     assert resolve_model_path("org/name") == "org/name"
+
+
+def test_teacher_vocab_size_is_one_check_for_every_teacher(tok):
+    """hpd train's teacher check (hpd.vocab.teacher_vocab_size): one tokenizer; padding rows only when both are known."""
+    import copy
+
+    from hpd.errors import HPDError
+    from hpd.vocab import teacher_vocab_size
+
+    assert teacher_vocab_size(264, 264) == 264  # equal heads, tokenizers unknown
+    assert teacher_vocab_size(264, 272, tok, tok) == 264  # padding past the one tokenizer's 263 tokens
+    with pytest.raises(HPDError, match="272 rows.*not known"):
+        teacher_vocab_size(264, 272, tok, None)  # the teacher's tokenizer unknown: padding or another vocabulary?
+    other = copy.deepcopy(tok)
+    other.add_tokens(["<x>"])
+    with pytest.raises(HPDError, match="differs"):
+        teacher_vocab_size(264, 264, tok, other)
+    assert teacher_vocab_size(264, 512, tok, other, cross_tokenizer=True) is None  # the hook: checks skipped

@@ -130,7 +130,7 @@ def test_complete_cache_gives_the_online_teachers_loss_and_gradient(name, teache
                 from hpd.models import final_hidden_states, lm_head_of
 
                 hidden = final_hidden_states(student, ids, mask)
-                out = obj.chunked(hidden, lm_head_of(student)[0], teacher, labels, chunk_size=16, generator=g)
+                out = obj.chunked(hidden, lm_head_of(student), teacher, labels, chunk_size=16, generator=g)
             else:
                 out = obj(student(input_ids=ids, attention_mask=mask).logits, teacher, labels, generator=g)
             results.append((out, torch.autograd.grad(out.loss, params, allow_unused=True)))

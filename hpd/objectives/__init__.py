@@ -7,7 +7,7 @@ user's own objective outside the package loads by import path (`objective.name=m
 `(B, T, V)`, a teacher and labels `(B, T)` aligned with them (`labels[:, t]` is the token
 `logits[:, t]` predicts; `shift_labels` turns Hugging Face's unshifted labels into those, and
 labels that look unshifted are refused) returns an `ObjectiveOutput` (`.loss`, `.value`,
-`.metrics`). `.chunked(hidden, lm_head_weight, teacher, labels)` computes the same loss without
+`.metrics`). `.chunked(hidden, lm_head, teacher, labels)` (an `LMHead` or its weight) computes the same loss without
 ever holding `(B, T, V)` logits. See `docs/objectives.md` for the mathematics.
 
     >>> import torch
@@ -43,6 +43,7 @@ _FROM_SURROGATE = (
 
 
 _FROM_CLIP = ("RatioClip", "RolloutWeights")
+_FROM_HEAD = ("LMHead", "LogitTransform")
 
 
 def __getattr__(name: str):
@@ -50,6 +51,8 @@ def __getattr__(name: str):
         return getattr(importlib.import_module("hpd.objectives.surrogate"), name)
     if name in _FROM_CLIP:
         return getattr(importlib.import_module("hpd.objectives.clip"), name)
+    if name in _FROM_HEAD:
+        return getattr(importlib.import_module("hpd.objectives.head"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 OBJECTIVES: dict[str, type[Objective]] = {
@@ -126,5 +129,5 @@ __all__ = [
     "DEFAULT_CHUNK_SIZE", "GatheredTeacher", "HeadTeacher", "IGNORE_INDEX", "LogitsTeacher", "TeacherView", "as_teacher_view", "OBJECTIVES", "Objective", "ObjectiveOutput",
     "Param", "TeacherChunk", "COMMON_PARAMS", "config_params", "objective_class", "param_fields", "TokenWeights", "TopKTeacher", "chunked_objective_loss", "describe_objectives", "get_objective",
     "objective_loss", "reduce_metrics", "refuse_unshifted_labels", "resolve_shared_vocab", "shift_labels",
-    "RatioClip", "RolloutWeights", "rollout_weights",
+    "RatioClip", "RolloutWeights", "rollout_weights", "LMHead", "LogitTransform",
 ]

@@ -414,7 +414,7 @@ class Objective:
 
         return objective_loss(self, student_logits, teacher, labels, **kwargs)
 
-    def chunked(self, hidden: Tensor, lm_head_weight: Tensor, teacher, labels: Tensor, **kwargs) -> ObjectiveOutput:
+    def chunked(self, hidden: Tensor, lm_head_weight, teacher, labels: Tensor, **kwargs) -> ObjectiveOutput:
         """The memory-lean path: see `hpd.objectives.surrogate.chunked_objective_loss`."""
         from hpd.objectives.surrogate import chunked_objective_loss
 

@@ -14,9 +14,11 @@ Two paths share all of that and differ only in how the gradient is obtained:
 - `objective_loss` (the reference): student logits `(B, T, V)` in, autograd through
   `log_softmax` for the gradient.
 - `chunked_objective_loss` (the memory-lean path): final hidden states `(B, T, H)` and the LM head
-  `(V, H)` in; logits are computed for `chunk_size` positions at a time and the gradient of the
-  surrogate with respect to them is written in closed form, `dL/dz = (q sum_v w(v) - w) / tau`, and
-  pushed straight into the hidden states and the head. No `(B, T, V)` tensor ever exists.
+  (`hpd.objectives.head.LMHead`: weight `(V, H)`, bias, and the model's logit transform, e.g. a
+  softcap) in; logits are computed for `chunk_size` positions at a time and the gradient of the
+  surrogate with respect to them is written in closed form, `dL/dz = (q sum_v w(v) - w) / tau`
+  (times the transform's derivative), and pushed straight into the hidden states and the head. No
+  `(B, T, V)` tensor ever exists.
 
 The teacher may be given as logits `(B, T, V)`, as a `HeadTeacher` (its hidden states and LM
 head: chunked alike, so neither model's full logits exist), for one-hot objectives as a
@@ -48,6 +50,7 @@ from hpd.objectives.base import (
     IGNORE_INDEX, Objective, ObjectiveOutput, TeacherChunk, TokenWeights, bucket_logq, kl, refuse_unshifted_labels, upcast,
 )
 from hpd.objectives.clip import RatioClip, RolloutWeights
+from hpd.objectives.head import LMHead, LogitTransform, as_lm_head
 
 DEFAULT_CHUNK_SIZE = 1024
 
@@ -189,12 +192,21 @@ class TopKTeacher(TeacherView):
 class HeadTeacher(TeacherView):
     """A teacher given by its final hidden states and LM head, so its logits can be chunked too.
 
-    hidden: `(B, T, H)` final (normed) hidden states; weight: `(V, H)`; bias: `(V,)` or None.
+    hidden: `(B, T, H)` final (normed) hidden states; weight: `(V, H)`; bias: `(V,)` or None;
+    transform: what the model applies to `h @ W.T + b` (`LogitTransform`; None: nothing).
+    `HeadTeacher.of(hidden, head)` builds one from an `LMHead` (`hpd.models.lm_head_of`).
     """
 
     hidden: Tensor
     weight: Tensor
     bias: Tensor | None = None
+    transform: LogitTransform | None = None
+
+    @classmethod
+    def of(cls, hidden: Tensor, head: LMHead) -> HeadTeacher:
+        """The view of `hidden (B, T, H)` through `head`, detached."""
+        head = head.detached()
+        return cls(hidden.detach(), head.weight, head.bias, head.transform)
 
     @property
     def vocab_size(self) -> int:
@@ -205,9 +217,13 @@ class HeadTeacher(TeacherView):
         b = None if self.bias is None else upcast(self.bias.detach()[:V])
         hid = self.hidden.detach().reshape(-1, self.hidden.shape[-1])
 
+        transform = self.transform
+
         def chunk(pos: Tensor, labels: Tensor) -> TeacherChunk:
             h = upcast(hid[pos])
             z = torch.addmm(b, h, w.T) if b is not None else h @ w.T
+            if transform is not None:
+                transform.apply_(z)
             if tau != 1.0:
                 z.div_(tau)  # z is this chunk's own tensor (a product)
             return TeacherChunk(torch.log_softmax(z, -1))
@@ -445,8 +461,10 @@ class _ChunkedSurrogate(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, plan: _Plan, chunk_size: int) -> Tensor:
+    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, transform: LogitTransform, plan: _Plan,
+                chunk_size: int) -> Tensor:
         V, tau = plan.V, plan.tau
+        plain = transform.is_identity
         W = upcast(weight[:V])
         b = None if bias is None else upcast(bias[:V])
         dt = W.dtype
@@ -463,6 +481,7 @@ class _ChunkedSurrogate(torch.autograd.Function):
             sl = slice(start, min(start + chunk_size, plan.N))
             h = hidden[sl].to(dt)
             z = torch.addmm(b, h, W.T) if b is not None else h @ W.T
+            deriv = None if plain else transform.apply_(z)  # (C, V) for a softcap, else None
             if tau != 1.0:
                 z.div_(tau)
             logq = torch.log_softmax(z, -1)
@@ -477,6 +496,9 @@ class _ChunkedSurrogate(torch.autograd.Function):
                 g.scatter_add_(1, tw.tokens, -tw.weights)
             if tau != 1.0:
                 g.div_(tau)
+            if not plain:
+                transform.backward_(g, deriv)  # the chain rule through the model's logit transform
+            del deriv
             if need_h:
                 torch.mm(g, W, out=grad_h[sl])
             if need_w:
@@ -501,19 +523,21 @@ class _ChunkedSurrogate(torch.autograd.Function):
         scale = grad_out / ctx.denom
         grads = [None if g is None else g.mul_(scale).to(dtype) for g, dtype in zip(ctx.grads, ctx.dtypes)]
         ctx.grads = None
-        return (*grads, None, None)
+        return (*grads, None, None, None)
 
 
-def chunked_objective_loss(obj: Objective, hidden: Tensor, lm_head_weight: Tensor, teacher, labels: Tensor, *,
+def chunked_objective_loss(obj: Objective, hidden: Tensor, lm_head_weight: Tensor | LMHead, teacher, labels: Tensor, *,
                            lm_head_bias: Tensor | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE,
                            sampled_tokens: Tensor | None = None, generator: torch.Generator | None = None,
                            num_tokens: int | Tensor | None = None, vocab_size: int | None = None,
                            diagnostics: bool = True, rollout: RolloutWeights | None = None,
                            clip: RatioClip | None = None, check_alignment: bool = True) -> ObjectiveOutput:
-    """The memory-lean path: same loss and gradients as `objective_loss(obj, hidden @ W.T + b, ...)`.
+    """The memory-lean path: same loss and gradients as `objective_loss(obj, head.logits(hidden), ...)`.
 
     hidden:         `(B, T, H)` the student's final hidden states (gradients flow into them).
-    lm_head_weight: `(V_s, H)` the student's LM head; lm_head_bias: `(V_s,)` or None.
+    lm_head_weight: the student's LM head: an `LMHead` (`hpd.models.lm_head_of(model)`: weight,
+                    bias and the model's logit transform), or its weight `(V_s, H)` alone (then
+                    logits = h @ W.T + b with lm_head_bias `(V_s,)` or None).
     chunk_size:     active positions per chunk; peak extra memory is about a few `(chunk_size, V)`
                     float32 buffers.
     Other arguments as in `objective_loss`.
@@ -521,17 +545,18 @@ def chunked_objective_loss(obj: Objective, hidden: Tensor, lm_head_weight: Tenso
     if chunk_size < 1:
         raise HPDError(f"chunk_size must be >= 1, got {chunk_size}")
     B, T, H = hidden.shape
+    head = as_lm_head(lm_head_weight, lm_head_bias)
     with _full_precision(hidden.device):
-        plan = _Plan(obj, teacher, labels, lm_head_weight.shape[0], sampled_tokens=sampled_tokens, generator=generator,
+        plan = _Plan(obj, teacher, labels, head.vocab_size, sampled_tokens=sampled_tokens, generator=generator,
                      num_tokens=num_tokens, vocab_size=vocab_size, diagnostics=diagnostics, device=hidden.device,
                      rollout=rollout, clip=clip, check_alignment=check_alignment)
         active_hidden = hidden.reshape(B * T, H)[plan.pos]
-        loss = _ChunkedSurrogate.apply(active_hidden, lm_head_weight, lm_head_bias, plan, chunk_size)
+        loss = _ChunkedSurrogate.apply(active_hidden, head.weight, head.bias, head.transform, plan, chunk_size)
     return plan.output(loss)
 
 
 @torch.no_grad()
-def rollout_weights(obj: Objective, hidden: Tensor, lm_head_weight: Tensor, teacher, labels: Tensor, *,
+def rollout_weights(obj: Objective, hidden: Tensor, lm_head_weight: Tensor | LMHead, teacher, labels: Tensor, *,
                     lm_head_bias: Tensor | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE,
                     generator: torch.Generator | None = None, num_tokens: int | Tensor | None = None,
                     vocab_size: int | None = None, diagnostics: bool = True) -> tuple[RolloutWeights, ObjectiveOutput]:
@@ -550,11 +575,12 @@ def rollout_weights(obj: Objective, hidden: Tensor, lm_head_weight: Tensor, teac
                        "reuse cannot clip (it needs sampled tokens): reuse rollouts with orkl or hpd, or set "
                        "regime.minibatches=1 regime.epochs=1")
     B, T, H = hidden.shape
+    head = as_lm_head(lm_head_weight, lm_head_bias)
     with _full_precision(hidden.device):
-        plan = _Plan(obj, teacher, labels, lm_head_weight.shape[0], sampled_tokens=None, generator=generator,
+        plan = _Plan(obj, teacher, labels, head.vocab_size, sampled_tokens=None, generator=generator,
                      num_tokens=num_tokens, vocab_size=vocab_size, diagnostics=diagnostics, device=hidden.device)
-        W = upcast(lm_head_weight[:plan.V])
-        b = None if lm_head_bias is None else upcast(lm_head_bias[:plan.V])
+        W = upcast(head.weight[:plan.V])
+        b = None if head.bias is None else upcast(head.bias[:plan.V])
         active = hidden.reshape(B * T, H)[plan.pos]
         parts: list[tuple[Tensor, Tensor, Tensor]] = []
         for start in range(0, plan.N, chunk_size):
@@ -562,6 +588,7 @@ def rollout_weights(obj: Objective, hidden: Tensor, lm_head_weight: Tensor, teac
             z = active[sl].to(W.dtype) @ W.T
             if b is not None:
                 z = z + b
+            head.transform.apply_(z)
             logq = torch.log_softmax(z / plan.tau if plan.tau != 1.0 else z, -1)
             tw = plan.terms(logq, sl)
             parts.append((tw.weights, tw.tokens, logq.gather(1, tw.tokens)))
