@@ -226,6 +226,14 @@ class TeacherConfig(ModelConfig):
         "exponential backoff from 1 s) before the run stops with an error naming the server.",
         min=0,
     )
+    cross_tokenizer: bool = field_(
+        False,
+        "Distill across tokenizers: the teacher runs on its own tokenization of each response "
+        "(its own chat template for the prompt), lined up with the student's by byte offsets. "
+        "hpd, orkl and sft read the teacher's log-probability of the same text span (positions "
+        "whose token is no whole aligned span are masked); uld compares sorted distributions. "
+        "Needs an online teacher and regime.name dataset or student (docs/objectives.md).",
+    )
 
 
 @dataclass
@@ -365,14 +373,31 @@ class RegimeConfig:
     top_k: int = field_(0, "Rollout top-k sampling (0 = off).", min=0)
     backend: str = field_(
         "hf",
-        "Student rollouts: hf = Hugging Face generate in the training process (every device); vllm = "
-        "EXPERIMENTAL vLLM engine colocated on the GPU, weights synced after each optimizer step "
-        "(needs vLLM and a CUDA GPU; never yet run on one, so not the default); auto = vllm when "
-        "both are there, else hf.",
+        "Student rollouts: hf = Hugging Face generate in the training process; vllm = a vLLM server "
+        "(regime.vllm_url, or started from the engine environment, `make engine`) holding a copy "
+        "of the student, its weights pushed before each rollout that follows an optimizer step "
+        "(tested on CPUs; not yet run on a GPU); auto = vllm when regime.vllm_url is set, or a "
+        "CUDA GPU is visible and the engine environment is there, else hf.",
         choices=["auto", "hf", "vllm"],
     )
+    vllm_url: str | None = field_(
+        None,
+        "regime.backend=vllm: a running vLLM server (http://HOST:PORT) to sample rollouts from "
+        "instead of starting one; started with VLLM_SERVER_DEV_MODE=1 and able to read this "
+        "machine's files (the student's weights reach it as a safetensors file).",
+    )
+    vllm_python: str | None = field_(
+        None,
+        "regime.backend=vllm: the python of the environment with vLLM that starts the server "
+        "(null = the repository's .venv-vllm, made by `make engine`).",
+    )
+    vllm_args: str = field_(
+        "",
+        "regime.backend=vllm: extra arguments for the server it starts (e.g. \"--enforce-eager\"); "
+        "its environment is this process's (e.g. VLLM_CPU_OMP_THREADS_BIND, VLLM_CPU_KVCACHE_SPACE).",
+    )
     vllm_gpu_memory: float = field_(
-        0.3, "regime.backend=vllm: fraction of the GPU's memory the vLLM engine may take.",
+        0.3, "regime.backend=vllm on a GPU: fraction of the GPU's memory the vLLM server may take.",
         min=0.0, max=1.0, min_exclusive=True,
     )
     allow_biased_rollouts: bool = field_(
@@ -986,6 +1011,11 @@ def _flatten(d: Any, where: str) -> list[tuple[str, Any]]:
 # --------------------------------------------------------------------------------------------
 
 
+# The objectives that work across tokenizers (teacher.cross_tokenizer=true): those that read the
+# teacher at the student's own tokens (per aligned text span), and ULD.
+XTOK_OBJECTIVES = ("hpd", "orkl", "sft", "uld")
+
+
 def _cross_checks(cfg: Config) -> list[str]:
     """Rules that involve more than one field."""
     problems: list[str] = []
@@ -1030,6 +1060,26 @@ def _cross_checks(cfg: Config) -> list[str]:
             "regime.name=self with objective.name=sft: sft never reads the teacher; for SFT on "
             "the reference solutions use regime.name=dataset with data.completion_field set to them"
         )
+    if cfg.teacher.cross_tokenizer:
+        if cfg.objective.name not in XTOK_OBJECTIVES:
+            problems.append(
+                f"teacher.cross_tokenizer=true: objective '{cfg.objective.name}' needs one vocabulary for both "
+                f"models; across tokenizers use one of {', '.join(XTOK_OBJECTIVES)} (uld for a vocabulary-sized loss)"
+            )
+        if cfg.teacher.cache is not None or no_teacher or cfg.teacher.server is not None:
+            problems.append("teacher.cross_tokenizer=true needs the teacher model online (teacher.path, no "
+                            "teacher.cache or teacher.server yet)")
+        for on, key in ((cfg.data.packing, "data.packing"), (cfg.data.streaming, "data.streaming")):
+            if on:  # the teacher's own sequences are built per padded row, from the whole data set
+                problems.append(f"teacher.cross_tokenizer=true does not work with {key} yet: set {key}=false")
+        if cfg.regime.name not in ("dataset", "student"):
+            problems.append(
+                f"teacher.cross_tokenizer=true works with regime.name dataset or student, not {cfg.regime.name!r}: "
+                "write teacher answers once with `hpd generate --model TEACHER` and train on them with regime.name=dataset"
+            )
+        if cfg.student.init_from_teacher is not None:
+            problems.append("teacher.cross_tokenizer=true: student.init_from_teacher builds the student with the "
+                            "teacher's tokenizer; load a student of its own tokenizer instead")
     template = cfg.opsd.teacher_template
     for slot in ("{privileged}", "{prompt}"):
         if self_regime and template.count(slot) != 1:

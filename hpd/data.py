@@ -721,17 +721,28 @@ def encode_dataset(
     return out
 
 
-def encode_file(path: str, tokenizer: Any, settings: Any) -> tuple[list[EncodedExample], LoadStats]:
+def encode_file(path: str, tokenizer: Any, settings: Any,
+                teacher_tokenizer: Any = None) -> tuple[list[EncodedExample], LoadStats]:
     """A data file loaded and tokenized exactly as training does (the one place for that).
 
     settings: the `data` config section (`hpd.config.DataConfig`): its row fields, `on_bad_row`,
     `max_length` and `chat_template` are used. Training and the teacher cache both call this, so
     the cache holds the very sequences a run trains on.
+
+    With `teacher_tokenizer` (another tokenizer than the student's: cross-tokenizer distillation),
+    each example also gets `teacher_prompt_ids`: its prompt rendered and encoded as the teacher's
+    own (its chat template), cut to `max_length` at its start.
     """
     examples, stats = load_examples(path, prompt_field=settings.prompt_field, completion_field=settings.completion_field,
                                     messages_field=settings.messages_field, on_bad_row=settings.on_bad_row)
     encoded = encode_dataset(examples, tokenizer, max_length=settings.max_length, chat_template=settings.chat_template,
                              stats=stats)
+    if teacher_tokenizer is not None:
+        kept = [ex for ex in examples if ex.completion]  # encode_dataset drops exactly the others
+        use = _use_template(teacher_tokenizer, settings.chat_template)
+        adds_bos = not use and _adds_bos(teacher_tokenizer)
+        for enc, ex in zip(encoded, kept, strict=True):
+            enc.teacher_prompt_ids = _encode_prompt(ex.prompt, teacher_tokenizer, use, adds_bos)[-settings.max_length:]
     return encoded, stats
 
 

@@ -142,6 +142,13 @@ class ResponseSource:
     def after_optimizer_step(self, model) -> None:
         """Called with the student after every optimizer step taken (a generation backend's weight sync)."""
 
+    def metrics(self) -> dict[str, float]:
+        """Cumulative figures for the run's log (the generation backend's); none by default."""
+        return {}
+
+    def close(self) -> None:
+        """Called once when the run ends: release the generation backend (a server it started)."""
+
 
 class DatasetResponses(ResponseSource):
     """The data's own completions (regime `dataset`; regime `self` with `opsd.response=reference`)."""
@@ -188,6 +195,12 @@ class StudentRollouts(ResponseSource):
     def after_optimizer_step(self, model) -> None:
         self.backend.after_optimizer_step(model)
 
+    def metrics(self) -> dict[str, float]:
+        return self.backend.metrics()
+
+    def close(self) -> None:
+        self.backend.close()
+
 
 class MixedResponses(ResponseSource):
     """Each step on-policy with probability `mixed_lambda`, else off-policy (`step_regime`'s draw)."""
@@ -209,6 +222,12 @@ class MixedResponses(ResponseSource):
 
     def after_optimizer_step(self, model) -> None:
         self.sources["student"].after_optimizer_step(model)
+
+    def metrics(self) -> dict[str, float]:
+        return self.sources["student"].metrics()
+
+    def close(self) -> None:
+        self.sources["student"].close()
 
 
 def has_rollouts(cfg) -> bool:

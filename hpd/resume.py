@@ -45,6 +45,8 @@ RUN_NEUTRAL_KEYS = frozenset({
     "save.every", "save.keep_last", "save.dtype",  # save.dtype: only final/'s copy on disk
     "optim.max_bad_steps",
     "regime.teacher_cache", "regime.vllm_gpu_memory", "regime.allow_biased_rollouts",
+    # where and how rollouts are served: the same weights sample the same distribution
+    "regime.vllm_url", "regime.vllm_python", "regime.vllm_args",
     # Where the teacher is served and how patiently it is asked: a run resumes against servers that
     # came back elsewhere (the served model is checked against the student at every start).
     "teacher.server", "teacher.server_timeout", "teacher.server_retries",

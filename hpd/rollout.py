@@ -11,7 +11,8 @@ settings, seed)` plus the hook `after_optimizer_step(model)`); `HFGenerate` is t
 Face `generate` in the training process. A backend that serves generation elsewhere (e.g. vLLM
 holding its own copy of the weights) is one new class: it syncs the student's new weights in
 `after_optimizer_step`, which the trainer calls after every optimizer step it takes: `VLLMGenerate`
-(`hpd.vllm_generate`, experimental) is that, chosen by `select_backend` (`regime.backend`).
+(`hpd.vllm_generate`, a vLLM server on the student's weights) is that, chosen by `select_backend`
+(`regime.backend`).
 
     >>> from hpd.models import load_model
     >>> from hpd.rollout import generate_completions, generate_text
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -169,6 +171,13 @@ class GenerationBackend:
         """The backend for the teacher's generations (a backend bound to one model gives another)."""
         return self
 
+    def metrics(self) -> dict[str, float]:
+        """Cumulative figures the run logs with each step (e.g. weight-sync seconds); none by default."""
+        return {}
+
+    def close(self) -> None:
+        """Release what the backend holds (a server process it started); called when the run ends."""
+
 
 class HFGenerate(GenerationBackend):
     """Hugging Face `generate` on the model itself, in this process (`generate_completions`)."""
@@ -182,26 +191,24 @@ class HFGenerate(GenerationBackend):
 BACKENDS = ("auto", "hf", "vllm")
 
 
-def select_backend(name: str = "auto", *, gpu_memory_utilization: float = 0.3) -> GenerationBackend:
-    """The generation backend `name` names: `hf` (Hugging Face `generate`, every device), `vllm`
-    (experimental, `hpd.vllm_generate`: needs vLLM and a CUDA GPU), or `auto` (vllm when both are
-    there, else hf)."""
-    import importlib.util
-
+def select_backend(name: str = "auto", *, url: str | None = None, python: str | None = None, args: str = "",
+                   max_model_len: int | None = None, gpu_memory_utilization: float = 0.3) -> GenerationBackend:
+    """The generation backend `name` names: `hf` (Hugging Face `generate`, every device), `vllm` (a vLLM
+    server, `hpd.vllm_generate.VLLMGenerate`, given by `url` or started from the engine environment's
+    `python`), or `auto` (vllm when a server is given, or a CUDA GPU is visible and the engine
+    environment is there; else hf). The other arguments are `VLLMGenerate`'s."""
     if name not in BACKENDS:
         raise HPDError(f"unknown generation backend {name!r}: choose one of {', '.join(BACKENDS)}")
-    have_vllm = importlib.util.find_spec("vllm") is not None
-    have_gpu = torch.cuda.is_available()
-    if name == "hf" or (name == "auto" and not (have_vllm and have_gpu)):
-        return HFGenerate()
-    if not have_vllm:
-        raise HPDError("regime.backend=vllm needs vLLM, which is not installed: pip install vllm (on a machine with a "
-                       "CUDA GPU), or set regime.backend=hf")
-    if not have_gpu:
-        raise HPDError("regime.backend=vllm needs a CUDA GPU and none is visible: set regime.backend=hf (or auto)")
+    from hpd.engine import engine_python
     from hpd.vllm_generate import VLLMGenerate
 
-    return VLLMGenerate(gpu_memory_utilization=gpu_memory_utilization)
+    if name == "auto":
+        engine = Path(python).expanduser().is_file() if python else engine_python(required=False) is not None
+        name = "vllm" if url or (torch.cuda.is_available() and engine) else "hf"
+    if name == "hf":
+        return HFGenerate()
+    return VLLMGenerate(url=url, python=python, args=args, max_model_len=max_model_len,
+                        gpu_memory_utilization=gpu_memory_utilization)
 
 
 def _until_eos(new_ids: list[int], eos_ids: list[int]) -> list[int]:

@@ -212,6 +212,10 @@ class TeacherSource:
     def after_step(self) -> None:
         """Called after every optimizer step that was taken."""
 
+    def stats(self) -> dict[str, float]:
+        """What this source has to report in the logged metrics (e.g. positions it could not score)."""
+        return {}
+
     def state_dict(self) -> dict[str, Any] | None:
         """What a checkpoint must hold to continue this source (None: nothing)."""
         return None

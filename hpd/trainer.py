@@ -76,6 +76,7 @@ from hpd.metrics_file import MetricsLog
 from hpd.run_dir import RunDirLock, check_run_paths, describe_holder
 from hpd.served import TeacherServers
 from hpd.teacher_cache import TeacherCache
+from hpd.cross_tokenizer import CrossTokenizerTeacher
 from hpd.teachers import (
     CachedTeacher, ModelTeacher, OPSDTeacher, SelfTeacher, ServedTeacher, TeacherSource, prompt_ending_mismatches,
 )
@@ -179,8 +180,12 @@ def _tiny_kwargs(m) -> dict[str, int]:
                 intermediate_size=m.tiny_intermediate, max_positions=m.tiny_max_positions)
 
 
-def load_models(cfg: Config, cache: TeacherCache | None = None):
-    """(student, teacher or None, tokenizer, shared vocabulary size).
+def load_models(cfg: Config, cache: TeacherCache | None = None, *, with_teacher_tokenizer: bool = False):
+    """(student, teacher or None, tokenizer, shared vocabulary size), and the teacher's tokenizer
+    last when `with_teacher_tokenizer` (None without a teacher model).
+
+    With `teacher.cross_tokenizer` the two tokenizers may differ (a tiny student keeps its own
+    byte-level one) and no vocabulary is shared: the loss runs over the student's.
 
     With a teacher `cache` the teacher is not loaded: a tiny student takes the cache's tokenizer,
     and the vocabulary is the one the cache is normalized over. With `teacher.server` it is not
@@ -200,7 +205,8 @@ def load_models(cfg: Config, cache: TeacherCache | None = None):
     if cfg.student.init_from_teacher is not None:
         student, s_tok = init_from_teacher(teacher, cfg.student.init_from_teacher, dtype=cfg.student.dtype), tokenizer
     else:
-        student, s_tok = load_model(cfg.student.path, tokenizer=tokenizer if cfg.student.path == "tiny" else None,
+        own = cfg.student.path != "tiny" or cfg.teacher.cross_tokenizer
+        student, s_tok = load_model(cfg.student.path, tokenizer=None if own else tokenizer,
                                     dtype=cfg.student.dtype, trust_remote_code=cfg.student.trust_remote_code,
                                     tiny=_tiny_kwargs(cfg.student) if cfg.student.path == "tiny" else None, seed=seed,
                                     role="student")
@@ -222,20 +228,27 @@ def load_models(cfg: Config, cache: TeacherCache | None = None):
     if cfg.objective.chunk_size > 0:
         lm_head_of(student, hint="set objective.chunk_size=0 (the loss then reads the student's own logits)")
     if teacher is not None:
+        # across tokenizers the two are lined up by byte offsets (hpd.cross_tokenizer): no shared vocabulary
         vocab_size = teacher_vocab_size(vocab_rows(student), vocab_rows(teacher), s_tok, tokenizer,
                                         student=f"the student ({cfg.student.path})",
-                                        teacher=f"the teacher ({cfg.teacher.path})")
+                                        teacher=f"the teacher ({cfg.teacher.path})",
+                                        cross_tokenizer=cfg.teacher.cross_tokenizer)
         teacher.requires_grad_(False).eval()
     if cfg.student.gradient_checkpointing:
         enable_gradient_checkpointing(student)
     if cfg.student.lora_rank > 0:
         student = apply_lora(student, rank=cfg.student.lora_rank, alpha=cfg.student.lora_alpha,
                              dropout=cfg.student.lora_dropout, seed=derive_seed(seed, "lora") % 2**31)
+    if with_teacher_tokenizer:
+        return student, teacher, s_tok, vocab_size, tokenizer if teacher is not None else None
     return student, teacher, s_tok, vocab_size
 
 
-def load_data(cfg: Config, tokenizer) -> tuple[list[EncodedExample], list[EncodedExample], dict[str, Any]]:
-    """Encoded train and eval examples, and the counts worth logging (rows, skipped, truncated)."""
+def load_data(cfg: Config, tokenizer, teacher_tokenizer=None) -> tuple[list[EncodedExample], list[EncodedExample], dict[str, Any]]:
+    """Encoded train and eval examples, and the counts worth logging (rows, skipped, truncated).
+
+    With `teacher_tokenizer` (cross-tokenizer runs) each example also gets the teacher's own prompt.
+    """
     d = cfg.data
     if cfg.regime.name == "self":
         # (question, privileged text) rows: the completion field is optional, the privileged one is not.
@@ -251,7 +264,7 @@ def load_data(cfg: Config, tokenizer) -> tuple[list[EncodedExample], list[Encode
                                             on_bad_row=d.on_bad_row, stats=stats), stats
     else:
         def encode(path):
-            return encode_file(path, tokenizer, d)
+            return encode_file(path, tokenizer, d, teacher_tokenizer=teacher_tokenizer)
 
     if d.streaming:  # read as training goes (hpd.streaming.StreamSampler)
         train, info = [], {"train_streaming": True}
@@ -395,6 +408,9 @@ class Trainer:
 
     def close(self, cleanup: bool = False) -> None:
         """Release the run directory (cleanup: also remove the lock files this run created)."""
+        responses = getattr(self, "responses", None)
+        if responses is not None:  # a generation server the run started
+            responses.close()
         if self._trackers_started:  # however the run ended: flush TensorBoard, end the MLflow/W&B run
             self._trackers_started = False
             finish_trackers(self.acc)
@@ -417,7 +433,8 @@ class Trainer:
         # A teacher cache replaces the teacher: it is checked against this run's data, tokenizer,
         # temperature and objective here, and the teacher model is never built.
         self.cache = TeacherCache(cfg.teacher.cache) if cfg.teacher.cache else None
-        student, teacher, self.tokenizer, self.vocab_size = load_models(cfg, self.cache)
+        student, teacher, self.tokenizer, self.vocab_size, teacher_tok = load_models(cfg, self.cache,
+                                                                                     with_teacher_tokenizer=True)
         self._check_rollout_bias(cfg, student)
         if cfg.data.packing:  # before any data is read: a model that cannot keep packed rows apart stops here
             check_packing(student, "student")
@@ -425,7 +442,8 @@ class Trainer:
                 check_packing(teacher, "teacher")
         if cfg.data.streaming:
             check_streaming(cfg)
-        self.train_data, self.eval_data, self.data_info = load_data(cfg, self.tokenizer)
+        self.train_data, self.eval_data, self.data_info = load_data(
+            cfg, self.tokenizer, teacher_tok if cfg.teacher.cross_tokenizer else None)
         if cfg.epochs is not None:  # before the resume check and the schedule, which both read max_steps
             cfg.max_steps = steps_for_epochs(cfg.epochs, len(self.train_data), cfg.optim.batch_size * cfg.optim.grad_accum,
                                              self.world)
@@ -488,6 +506,10 @@ class Trainer:
             self.teacher_source = ServedTeacher(self.servers, cfg.teacher.server_top_k, self.vocab_size, device,
                                                 temperature=self.objective.temperature,
                                                 exact_samples=cfg.teacher.server_exact_samples)
+        elif self.teacher is not None and cfg.teacher.cross_tokenizer:
+            self.teacher_source = CrossTokenizerTeacher(self.teacher, teacher_tok, self.tokenizer, device,
+                                                        whole_spans=self.objective.support != "vocab",
+                                                        chunk_size=cfg.objective.chunk_size or DEFAULT_CHUNK_SIZE)
         elif self.teacher is not None:
             self.teacher_source = ModelTeacher(self.teacher)
         if cfg.data.streaming:  # the sampler holds each batch's examples: it is the training data
@@ -511,14 +533,20 @@ class Trainer:
         self.responses: ResponseSource = response_source(cfg, student=self.unwrapped, teacher=self.teacher,
                                                          tokenizer=self.tokenizer, train_data=self.train_data,
                                                          rank=self.rank, cache_dir=generations,
-                                                         backend=select_backend(cfg.regime.backend,
-                                                                                gpu_memory_utilization=cfg.regime.vllm_gpu_memory)
-                                                         if has_rollouts(cfg) else None)
+                                                         backend=self._generation_backend(cfg) if has_rollouts(cfg) else None)
         self._gen: torch.Generator | None = None
         self._ahead: dict[tuple[int, tuple[int, ...]], MicroBatch] = {}  # the next step's batches, prepared early
         self._save_due = False  # a checkpoint postponed out of a run of non-finite steps
 
     # ---- helpers ----
+
+    @staticmethod
+    def _generation_backend(cfg: Config):
+        r = cfg.regime
+        # A rollout is at most max_new_tokens after a prompt of at most data.max_length tokens.
+        return select_backend(r.backend, url=r.vllm_url, python=r.vllm_python, args=r.vllm_args,
+                              max_model_len=cfg.data.max_length + r.max_new_tokens,
+                              gpu_memory_utilization=r.vllm_gpu_memory)
 
     @property
     def has_teacher(self) -> bool:
@@ -984,9 +1012,11 @@ class Trainer:
                   "peak_mem_mb": peak_memory_mb(acc.device),
                   "epoch": self.sampler.progress if self.cfg.data.streaming
                   else self.sampler.epoch + self.sampler.position / self.sampler.num_examples, **self.totals,
-                  **reuse_info}
+                  **self.responses.metrics(), **reuse_info}
         if (self.step + 1) % cfg.log.every == 0 or self.step + 1 == cfg.max_steps:
             record.update(global_metrics(outputs, acc))
+            if self.teacher_source is not None:
+                record.update(self.teacher_source.stats())
         return record
 
 

@@ -53,7 +53,8 @@ def teacher_vocab_size(student_rows: int, teacher_rows: int, student_tokenizer=N
     if student_tokenizer is not None and teacher_tokenizer is not None:
         if student_tokenizer is not teacher_tokenizer and student_tokenizer.get_vocab() != teacher_tokenizer.get_vocab():
             raise HPDError(f"the tokenizer of {student} ({len(student_tokenizer)} tokens) differs from that of {teacher} "
-                           f"({len(teacher_tokenizer)} tokens): logit distillation needs one tokenizer")
+                           f"({len(teacher_tokenizer)} tokens): logit distillation needs one tokenizer (hpd train: "
+                           "teacher.cross_tokenizer=true distills across tokenizers with hpd, orkl, sft or uld)")
         return resolve_shared_vocab(student_rows, teacher_rows, len(student_tokenizer))
     if student_rows != teacher_rows:
         unknown = "the teacher's" if teacher_tokenizer is None else "the student's"

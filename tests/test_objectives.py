@@ -137,7 +137,7 @@ def grad_of(loss, x):
 
 def test_registry_lists_every_objective():
     assert set(OBJECTIVES) == {"sft", "fkl", "rkl", "jsd", "skl", "srkl", "tvd", "akl", "todi", "abkl", "orkl", "hpd",
-                               "hpdk"}
+                               "hpdk", "uld"}
 
 
 def test_every_objective_parameter_has_its_config_field():

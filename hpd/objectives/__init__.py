@@ -13,7 +13,7 @@ ever holding `(B, T, V)` logits. See `docs/objectives.md` for the mathematics.
     >>> import torch
     >>> from hpd.objectives import get_objective, OBJECTIVES
     >>> sorted(OBJECTIVES)
-    ['abkl', 'akl', 'fkl', 'hpd', 'hpdk', 'jsd', 'orkl', 'rkl', 'sft', 'skl', 'srkl', 'todi', 'tvd']
+    ['abkl', 'akl', 'fkl', 'hpd', 'hpdk', 'jsd', 'orkl', 'rkl', 'sft', 'skl', 'srkl', 'todi', 'tvd', 'uld']
     >>> obj = get_objective("skl", alpha=0.2)
     >>> out = obj(torch.randn(2, 3, 5, requires_grad=True), torch.randn(2, 3, 5), torch.zeros(2, 3, dtype=torch.long))
     >>> out.loss.backward()
@@ -30,6 +30,7 @@ from hpd.objectives.base import (
 )
 from hpd.objectives.divergences import (
     AdaptiveKL, AlphaBetaDivergence, ForwardKL, JensenShannon, ReverseKL, SkewForwardKL, SkewReverseKL, TokenwiseDivergence, TotalVariation,
+    UniversalLogitDistillation,
 )
 from hpd.objectives.sampled import SFT, HybridPolicy, HybridPolicyTopK, OnPolicyReverseKL
 from hpd.vocab import resolve_shared_vocab
@@ -60,6 +61,7 @@ OBJECTIVES: dict[str, type[Objective]] = {
     for cls in (
         SFT, ForwardKL, ReverseKL, JensenShannon, SkewForwardKL, SkewReverseKL, TotalVariation, AdaptiveKL,
         TokenwiseDivergence, AlphaBetaDivergence, OnPolicyReverseKL, HybridPolicy, HybridPolicyTopK,
+        UniversalLogitDistillation,
     )
 }
 

@@ -150,6 +150,10 @@ class TeacherChunk:
     outside the top-K, and full-vocabulary objectives see it as K + 1 categories (`buckets`).
     """
 
+    # A partial teacher cannot score every token: `at` gives NaN there (across tokenizers, a student
+    # token whose text is no single teacher token); objectives then leave that term out.
+    partial = False
+
     def __init__(self, logp: Tensor, tokens: Tensor | None = None, *, tail: Tensor | None = None, num_topk: int = 0,
                  vocab_size: int | None = None):
         self.logp = logp  # (C, V) when tokens is None, else (C, K)
@@ -178,6 +182,16 @@ class TeacherChunk:
                 "teacher cache with top-K log-probabilities (hpd cache-teacher --top-k K)"
             )
         return self.logp
+
+    def sorted_logp(self, objective: str) -> Tensor:
+        """The teacher's log-probabilities over its own vocabulary in decreasing order, `(C, V_t)`:
+        for objectives that compare distributions without matching tokens (`uld`). A top-K teacher
+        gives its top-K and its tail mass spread evenly over the other `V - K` tokens."""
+        if self.is_topk:
+            K, V = self.num_topk, self.vocab_size
+            rest = (upcast(self.tail) - math.log(V - K))[:, None].expand(-1, V - K)
+            return torch.cat([upcast(self.logp[:, -K:]), rest], 1).sort(-1, descending=True).values
+        return self.full(objective).sort(-1, descending=True).values
 
     def buckets(self, objective: str) -> tuple[Tensor, Tensor]:
         """The teacher as K + 1 categories: top-K ids `(C, K)` and log-probabilities `(C, K + 1)`.

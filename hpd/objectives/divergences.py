@@ -192,3 +192,29 @@ class AlphaBetaDivergence(_VocabObjective):
             s = a + b
             per = -torch.exp(s * logq) * (torch.expm1(a * d) - a / s * torch.expm1(s * d)) / (a * b)
         return w, per.sum(-1)
+
+
+class UniversalLogitDistillation(Objective):
+    """ULD, the Universal Logit Distillation loss (Boizard et al. 2024, arXiv 2402.12030), as TRL's GOLD uses it.
+
+    The Wasserstein-1 distance between the two next-token distributions under a transport cost
+    that ignores which token is which: both probability vectors sorted in decreasing order, the
+    shorter one padded with zeros, `D = sum_i |q_(i) - p_(i)|`. It needs no shared vocabulary, so
+    it is the vocabulary-sized objective across tokenizers (`teacher.cross_tokenizer=true`); the
+    authors train `CE + lambda * D` (here `ce_weight=1, kd_weight=lambda`). The weight of token v,
+    at student rank k, is `-q(v) sign(q(v) - p_(k))` (`dD/dq(v)` with the ranks held fixed, which
+    is the gradient wherever no two probabilities tie).
+    """
+
+    name = "uld"
+    support = "vocab"
+    summary = "ULD: L1 between sorted probability vectors (Boizard et al. 2024); needs no shared vocabulary"
+
+    def weights(self, logq, teacher: TeacherChunk, labels, sample):
+        q = logq.exp()
+        ps = teacher.sorted_logp(self.name).exp().to(q.dtype)
+        qs, order = q.sort(-1, descending=True)
+        n = max(qs.shape[1], ps.shape[1])
+        diff = torch.nn.functional.pad(qs, (0, n - qs.shape[1])) - torch.nn.functional.pad(ps, (0, n - ps.shape[1]))
+        w = torch.empty_like(q).scatter_(1, order, -qs * diff[:, :qs.shape[1]].sign())
+        return TokenWeights(weights=w, tokens=None, value=diff.abs().sum(-1))

@@ -84,6 +84,9 @@ class HybridPolicy(Objective):
     def weights(self, logq, teacher: TeacherChunk, labels, sample):
         s, t = _at(logq, labels), teacher.at(labels)
         s_hat, t_hat = _at(logq, sample), teacher.at(sample)
+        if teacher.partial:  # a sample the teacher cannot score (across tokenizers): its term is left out
+            unscored = t_hat.isnan()
+            t_hat = torch.where(unscored, s_hat, t_hat)  # r_hat = 0: B false, no sample weight
         r, A, w_cover = _covering(s, t)
         r_hat = s_hat.exp() * (t_hat - s_hat)
         B = r_hat < 0
@@ -99,6 +102,8 @@ class HybridPolicy(Objective):
             "r": r,
             "r_hat": torch.where(differs, r_hat, nan),
         }
+        if teacher.partial:
+            stats["frac_sample_unscored"] = unscored.to(r.dtype)
         return TokenWeights(
             weights=torch.stack([w_y, w_hat], 1),
             tokens=torch.stack([labels, sample], 1),

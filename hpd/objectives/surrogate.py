@@ -375,6 +375,9 @@ class _Plan:
             st.add("agreement", (logq.argmax(-1) == logp.argmax(-1)).float())
             st.add("kl", kl(logp, logq))
             st.add("entropy", -(logq.exp() * logq).sum(-1))
+        elif self.diagnostics and teacher is not None and teacher.partial:  # another tokenizer: top-1 spelled alike
+            st.add("agreement", teacher.agrees(logq.argmax(-1)).float())
+            st.add("entropy", -(logq.exp() * logq).sum(-1))
         elif self.diagnostics and teacher is not None and teacher.is_topk:
             ids, logp_b = teacher.buckets(self.obj.name)
             top1 = ids.gather(1, logp_b[:, :-1].argmax(1, keepdim=True)).squeeze(1)

@@ -1,0 +1,439 @@
+"""Distillation across tokenizers: the two tokenizations of one text, lined up by byte offsets.
+
+A teacher of another family tokenizes the same response differently. Both tokenizations spell
+the same bytes, so each token is a byte span of the response, and the two are compared where
+their boundaries agree (docs/objectives.md, "Across tokenizers"):
+
+- `token_bytes(tokenizer)`: the bytes every token id spells (byte-level BPE, SentencePiece with
+  byte fallback, added tokens); special tokens are markers that only the same special matches.
+- `joint_spans(a, b)`: the smallest runs of both tokenizations whose byte spans coincide; they
+  tile the text once, in order.
+- `align_response(...)`: one response in student tokens -> the teacher's tokens of the same
+  text, and for each student token the teacher token starting at the same byte (the same
+  context for both) and, where the student token is one joint span by itself, the teacher
+  tokens spelling exactly its bytes.
+- `CrossTokenizerTeacher` (a `hpd.teachers.TeacherSource`) and `CrossTokenizerView` (its
+  `TeacherView`): the online teacher runs on its own tokenization; HPD, orkl and sft read the
+  teacher's log-probability of a student token as the sum of the log-probabilities of the teacher
+  tokens spelling it; `uld` reads the teacher's next-token distribution over its own vocabulary.
+  A source that already has the teacher's per-token log-probabilities over its own tokenization
+  (a served teacher's prompt log-probabilities) builds the same view from `align_response`.
+
+    >>> from hpd.cross_tokenizer import joint_spans
+    >>> joint_spans([1, 2, 1], [3, 1])   # byte lengths of student and teacher tokens
+    [(0, 2, 0, 1, 0, 3), (2, 3, 1, 2, 3, 4)]
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from hpd.data import build_batch
+from hpd.errors import HPDError
+from hpd.models import final_hidden_states, lm_head_of
+from hpd.objectives import IGNORE_INDEX, TeacherChunk, TeacherView
+from hpd.objectives.base import upcast
+from hpd.objectives.head import IDENTITY, LogitTransform
+from hpd.teachers import TeacherSource
+from hpd.tokenizer import _bytes_to_unicode
+
+# A special token's "bytes": 0xFF never occurs in UTF-8 text, so a marker matches only the same
+# special (the end of the response matches the teacher's eos, whatever the two are called).
+_MARK = b"\xff"
+EOS_MARKER = _MARK + b"eos" + _MARK
+
+
+def _decoder_kinds(tokenizer) -> set[str]:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise HPDError("cross-tokenizer distillation needs fast tokenizers (tokenizer.json) for both models")
+    decoder = json.loads(backend.to_str()).get("decoder") or {}
+    kinds = {decoder.get("type")}
+    for d in decoder.get("decoders") or []:
+        kinds.add(d.get("type"))
+        if d.get("type") == "Replace" and d.get("pattern", {}).get("String") == "\u2581":
+            kinds.add("Metaspace")
+    return kinds
+
+
+def token_bytes(tokenizer) -> list[bytes]:
+    """The bytes each token id spells in text, indexed by id (`len(tokenizer)` entries).
+
+    Byte-level BPE tokens map back through GPT-2's byte alphabet; SentencePiece tokens turn `▁`
+    into a space and `<0xHH>` into that byte; added tokens spell their content. Special tokens
+    get a marker (`0xFF name 0xFF`, never valid UTF-8), the eos token `EOS_MARKER`.
+    """
+    kinds = _decoder_kinds(tokenizer)
+    byte_level = "ByteLevel" in kinds
+    metaspace = "Metaspace" in kinds or "ByteFallback" in kinds
+    inverse = {c: b for b, c in _bytes_to_unicode().items()}
+    n = len(tokenizer)
+    pieces = tokenizer.convert_ids_to_tokens(list(range(n)))
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    special_ids = set(tokenizer.all_special_ids)
+    out: list[bytes] = []
+    for i, piece in enumerate(pieces):
+        tok = added.get(i)
+        if i == tokenizer.eos_token_id:
+            out.append(EOS_MARKER)
+        elif i in special_ids or (tok is not None and tok.special):
+            out.append(_MARK + (piece or str(i)).encode() + _MARK)
+        elif tok is not None or piece is None:
+            out.append((tok.content if tok is not None else "").encode())
+        elif byte_level:
+            try:
+                out.append(bytes(inverse[c] for c in piece))
+            except KeyError:  # a vocabulary entry outside the byte alphabet: spell it as text
+                out.append(piece.encode())
+        elif metaspace and len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            out.append(bytes([int(piece[3:5], 16)]))
+        elif metaspace:
+            out.append(piece.replace("\u2581", " ").encode())
+        else:
+            out.append(piece.encode())
+    return out
+
+
+def joint_spans(a: Sequence[int], b: Sequence[int]) -> list[tuple[int, int, int, int, int, int]]:
+    """The smallest runs of two tokenizations of one text whose byte spans coincide.
+
+    a, b: byte lengths of the tokens of each (both summing to the text's length). Returns, in
+    order, `(a0, a1, b0, b1, byte0, byte1)`: tokens `a[a0:a1]` and `b[b0:b1]` spell exactly bytes
+    `byte0:byte1`. The spans tile the text once, in order, and cover every token of both once.
+    """
+    if sum(a) != sum(b):
+        raise HPDError(f"the two tokenizations spell texts of different lengths ({sum(a)} and {sum(b)} bytes)")
+    spans, i, j, ea, eb, start, i0, j0 = [], 0, 0, 0, 0, 0, 0, 0
+    while i < len(a) or j < len(b):
+        # Advance the side that ends first; a span closes where both end at the same byte.
+        if i < len(a) and (ea <= eb or j >= len(b)):
+            ea += a[i]
+            i += 1
+        else:
+            eb += b[j]
+            j += 1
+        if ea == eb and i > i0 and j > j0:
+            spans.append((i0, i, j0, j, start, ea))
+            i0, j0, start = i, j, ea
+    if (i0, j0) != (len(a), len(b)):  # zero-length tokens at the end join the last span
+        s = spans.pop() if spans else (0, 0, 0, 0, 0, 0)
+        spans.append((s[0], len(a), s[2], len(b), s[4], ea))
+    return spans
+
+
+@dataclass
+class ResponseAlignment:
+    """One response in both tokenizations (student token i, teacher token j).
+
+    teacher_ids: the teacher's tokens of the response text (its eos where the student's ends).
+    start:       per student token, the teacher token that starts at the same byte (both models
+                 then predict it after the same text), or -1.
+    span:        per student token, `(j, l)`: teacher tokens `j..l-1` spell exactly its bytes
+                 (it is a joint span by itself), or None.
+    """
+
+    teacher_ids: list[int]
+    start: list[int]
+    span: list[tuple[int, int] | None]
+
+
+def _valid_utf8_prefix(data: bytes) -> int:
+    """Length of the longest prefix of `data` that is valid UTF-8."""
+    try:
+        data.decode("utf-8")
+        return len(data)
+    except UnicodeDecodeError as e:
+        return e.start
+
+
+def align_response(student_ids: Sequence[int], student_bytes: Sequence[bytes], teacher_tokenizer,
+                   teacher_bytes: Sequence[bytes], markers: dict[bytes, int] | None = None) -> ResponseAlignment:
+    """Tokenize a student response's text with the teacher and line the two up (see the class).
+
+    The text between special tokens is encoded by the teacher in one piece (its own canonical
+    tokenization); the student's eos becomes the teacher's eos. From the first byte that is not
+    valid UTF-8 (a byte-level rollout cut inside a character) on, the teacher sees nothing and the
+    student tokens there are unaligned. Raises `HPDError` when the teacher's tokens do not spell
+    the text (a tokenizer that normalizes text) or a special token has no teacher counterpart.
+    markers: `special_markers(teacher_bytes)`, computed when not given.
+    """
+    pieces = [student_bytes[i] for i in student_ids]
+    teacher_ids: list[int] = []
+    marker_ids = markers
+    run: list[bytes] = []
+    t_lengths: list[int] = []
+    usable = 0  # bytes of the response the teacher sequence spells
+
+    def flush() -> bool:
+        nonlocal usable
+        text = b"".join(run)
+        run.clear()
+        if not text:
+            return True
+        good = _valid_utf8_prefix(text)
+        if good:
+            ids = teacher_tokenizer(text[:good].decode("utf-8"), add_special_tokens=False)["input_ids"]
+            spelled = b"".join(teacher_bytes[t] for t in ids)
+            if spelled != text[:good]:
+                raise HPDError(
+                    f"the teacher's tokenizer does not spell the text back byte for byte ({text[:good][:40]!r} -> "
+                    f"{spelled[:40]!r}): it normalizes text, so the two tokenizations cannot be lined up exactly"
+                )
+            teacher_ids.extend(ids)
+            t_lengths.extend(len(teacher_bytes[t]) for t in ids)
+            usable += good
+        return good == len(text)
+
+    complete = True
+    for piece in pieces:
+        if piece.startswith(_MARK):
+            if not (complete := flush()):
+                break
+            if marker_ids is None:
+                marker_ids = special_markers(teacher_bytes)
+            if piece not in marker_ids:
+                raise HPDError(f"the student's special token {piece.strip(_MARK).decode(errors='replace')!r} in a "
+                               "response has no counterpart among the teacher's special tokens")
+            teacher_ids.append(marker_ids[piece])
+            t_lengths.append(len(piece))
+            usable += len(piece)
+        else:
+            run.append(piece)
+    if complete:
+        flush()
+
+    s_lengths = [len(p) for p in pieces]
+    # Student tokens past the bytes the teacher spells stay unaligned: cut the student side there.
+    n_aligned, total = 0, 0
+    while n_aligned < len(pieces) and total + s_lengths[n_aligned] <= usable:
+        total += s_lengths[n_aligned]
+        n_aligned += 1
+    # A cut inside a student token: that token is a virtual piece of the bytes the teacher has,
+    # and the joint span holding it is left out.
+    s_len = s_lengths[:n_aligned] + ([usable - total] if usable > total else [])
+    spans = joint_spans(s_len, t_lengths)
+    if usable > total:
+        spans = spans[:-1]
+    start, span = [-1] * len(pieces), [None] * len(pieces)
+    for s0, s1, t0, t1, _, _ in spans:
+        if s0 < s1 and t0 < t1:
+            start[s0] = t0
+            if s1 - s0 == 1:
+                span[s0] = (t0, t1)
+    return ResponseAlignment(teacher_ids, start, span)
+
+
+def special_markers(token_bytes_: Sequence[bytes]) -> dict[bytes, int]:
+    """Marker -> id of every special token of a `token_bytes` table (the first id of a marker)."""
+    out: dict[bytes, int] = {}
+    for i, b in enumerate(token_bytes_):
+        if b.startswith(_MARK):
+            out.setdefault(b, i)
+    return out
+
+
+def token_map(student_bytes: Sequence[bytes], teacher_tokenizer, teacher_bytes: Sequence[bytes]) -> Tensor:
+    """`(V_s,)` long: the teacher token that spells each student token's text alone, or -1.
+
+    A student token maps when the teacher's own tokenization of its text is one token (eos maps to
+    eos, a special to the same special); partial UTF-8 tokens and multi-token texts map to -1.
+    """
+    out = torch.full((len(student_bytes),), -1, dtype=torch.long)
+    markers = special_markers(teacher_bytes)
+    texts, ids = [], []
+    for i, b in enumerate(student_bytes):
+        if b.startswith(_MARK):
+            out[i] = markers.get(b, -1)
+        elif b and _valid_utf8_prefix(b) == len(b):
+            texts.append(b.decode("utf-8"))
+            ids.append(i)
+    if texts:
+        encoded = teacher_tokenizer(texts, add_special_tokens=False)["input_ids"]
+        for i, b, enc in zip(ids, (student_bytes[i] for i in ids), encoded):
+            if len(enc) == 1 and teacher_bytes[enc[0]] == b:
+                out[i] = enc[0]
+    return out
+
+
+class CrossTokenizerChunk(TeacherChunk):
+    """The teacher at C student positions, across tokenizers (see `CrossTokenizerView`).
+
+    At the sequence token it holds the exact span log-probability; at any other student token, the
+    teacher's log-probability of the teacher token spelling the same text alone (`token_map`), NaN
+    where there is none (`partial`: HPD then leaves its sample term out and counts it). Its
+    distribution is over the teacher's vocabulary, read by `uld` only.
+    """
+
+    partial = True
+
+    def __init__(self, logp_teacher: Tensor, label_logp: Tensor, labels: Tensor, mapping: Tensor):
+        super().__init__(logp_teacher, None)
+        self.label_logp, self.labels, self.mapping = label_logp, labels, mapping
+
+    @property
+    def is_full(self) -> bool:
+        return False  # over the teacher's vocabulary, not the student's
+
+    def agrees(self, student_top1: Tensor) -> Tensor:
+        """`(C,)` bool: the student's most probable token spells the teacher's most probable token."""
+        return self.mapping[student_top1] == self.logp.argmax(-1)
+
+    def full(self, objective: str) -> Tensor:
+        raise HPDError(
+            f"objective '{objective}' compares the two distributions token by token, which needs one vocabulary; "
+            "across tokenizers use uld (ULD's sorted probabilities), hpd, orkl or sft"
+        )
+
+    def top(self, k: int, objective: str):
+        raise HPDError(f"objective '{objective}' reads the teacher's top tokens as student tokens, which another "
+                       "tokenizer cannot give: across tokenizers use hpd, orkl, sft or uld")
+
+    def sorted_logp(self, objective: str) -> Tensor:
+        return self.logp.sort(-1, descending=True).values
+
+    def at(self, tokens: Tensor) -> Tensor:
+        mapped = self.mapping[tokens]
+        other = self.logp.gather(1, mapped.clamp_min(0)[:, None]).squeeze(1)
+        other = torch.where(mapped >= 0, other, torch.full_like(other, float("nan")))
+        return torch.where(tokens == self.labels, self.label_logp.to(other.dtype), other)
+
+
+@dataclass
+class CrossTokenizerView(TeacherView):
+    """The teacher's view of a student batch, from the teacher run on its own tokenization.
+
+    hidden:     `(B, T', H_t)` the teacher's final hidden states over its sequences; weight `(V_t, H_t)`,
+                bias `(V_t,)` or None: its LM head.
+    labels:     `(B, T')` the teacher's shifted labels (its response tokens).
+    context:    `(B, T)` long: the teacher position predicting the teacher token that starts where the
+                student's token at that position starts (read where the student position is active).
+    span_lo, span_hi: `(B, T)` long: the teacher positions `[lo, hi)` predicting the teacher tokens
+                that spell the student's token exactly; the label's log-probability is their sum.
+    mapping:    `(V_s,)` long: `token_map`.
+    """
+
+    hidden: Tensor
+    weight: Tensor
+    bias: Tensor | None
+    labels: Tensor
+    context: Tensor
+    span_lo: Tensor
+    span_hi: Tensor
+    mapping: Tensor
+    chunk_size: int = 1024
+    transform: LogitTransform = IDENTITY  # what the teacher applies to h @ W.T + b (a softcap, a scale)
+    vocab_size = None  # the teacher's vocabulary is another one: the loss runs over the student's
+
+    def _logits(self, h: Tensor, w: Tensor, b: Tensor | None, tau: float) -> Tensor:
+        z = torch.addmm(b, h, w.T) if b is not None else h @ w.T
+        if not self.transform.is_identity:
+            z = self.transform(z)
+        return z.div_(tau) if tau != 1.0 else z
+
+    def chunker(self, V, tau):
+        w = upcast(self.weight.detach())
+        b = None if self.bias is None else upcast(self.bias.detach())
+        hid = self.hidden.detach().reshape(-1, self.hidden.shape[-1])
+        B, Tt = self.labels.shape
+        flat_labels = self.labels.reshape(-1)
+        # The teacher's log-probability of each of its own response tokens, chunked, then summed
+        # over spans through a cumulative sum (float64: long responses do not drift).
+        token_logp = torch.zeros(B * Tt, dtype=torch.float64, device=hid.device)
+        active = (flat_labels != IGNORE_INDEX).nonzero().squeeze(1)
+        for s in range(0, active.numel(), self.chunk_size):
+            p = active[s:s + self.chunk_size]
+            logp = torch.log_softmax(self._logits(upcast(hid[p]), w, b, tau), -1)
+            token_logp[p] = logp.gather(1, flat_labels[p][:, None]).squeeze(1).double()
+        cum = torch.nn.functional.pad(token_logp.reshape(B, Tt).cumsum(1), (1, 0))  # cum[:, k] = sum_{p<k}
+        rows = torch.arange(B, device=hid.device)[:, None]
+        label_logp = (cum[rows, self.span_hi] - cum[rows, self.span_lo]).reshape(-1)
+        context = (self.context + rows * Tt).reshape(-1)
+        mapping = self.mapping.to(hid.device)
+
+        def chunk(pos: Tensor, labels: Tensor) -> TeacherChunk:
+            logp = torch.log_softmax(self._logits(upcast(hid[context[pos]]), w, b, tau), -1)
+            return CrossTokenizerChunk(logp, label_logp[pos].to(logp.dtype), labels, mapping)
+        return chunk
+
+
+class CrossTokenizerTeacher(TeacherSource):
+    """An online teacher with another tokenizer: a `hpd.teachers.TeacherSource`.
+
+    `prepare` re-tokenizes each response's text with the teacher (`align_response`), builds the
+    teacher's sequences (its own prompt: `EncodedExample.teacher_prompt_ids`, the prompt rendered
+    with the teacher's chat template) and the index maps, and masks the student positions the
+    objective cannot score (labels -100): for hpd, orkl and sft, tokens that are not a joint span by
+    themselves; for uld, tokens that do not start at a teacher boundary. It counts them in
+    `batch.xtok_masked` / `batch.xtok_positions`; `stats()` returns the running fractions.
+    """
+
+    parameters: int = 0
+
+    def __init__(self, model: nn.Module, teacher_tokenizer, student_tokenizer, device: torch.device, *,
+                 whole_spans: bool = True, chunk_size: int = 1024):
+        self.model, self.t_tok, self.device = model, teacher_tokenizer, device
+        self.parameters = sum(p.numel() for p in model.parameters())
+        self.whole_spans, self.chunk_size = whole_spans, chunk_size
+        self.s_bytes, self.t_bytes = token_bytes(student_tokenizer), token_bytes(teacher_tokenizer)
+        self.mapping = token_map(self.s_bytes, teacher_tokenizer, self.t_bytes)
+        self.markers = special_markers(self.t_bytes)
+        self.pad_id = teacher_tokenizer.pad_token_id if teacher_tokenizer.pad_token_id is not None else 0
+        self.counts = {"positions": 0, "masked": 0}
+
+    def prepare(self, batch, examples: Sequence[Any], split: str, indices: Sequence[int]) -> None:
+        t_prompts = []
+        for e in examples:
+            if e.teacher_prompt_ids is None:
+                raise HPDError("cross-tokenizer distillation needs the teacher's prompts (teacher.cross_tokenizer=true "
+                               "renders them when the data is loaded)")
+            t_prompts.append(e.teacher_prompt_ids)
+        aligned = [align_response(c, self.s_bytes, self.t_tok, self.t_bytes, self.markers) for c in batch.completions]
+        t = build_batch(t_prompts, [a.teacher_ids for a in aligned], pad_id=self.pad_id)
+        B, T = batch.cpu_labels.shape
+        context = torch.zeros(B, T, dtype=torch.long)
+        lo, hi = torch.zeros(B, T, dtype=torch.long), torch.zeros(B, T, dtype=torch.long)
+        keep = torch.zeros(B, T, dtype=torch.bool)
+        for row, (a, sp, tp) in enumerate(zip(aligned, batch.prompts, t_prompts)):
+            for i, (j, span) in enumerate(zip(a.start, a.span)):
+                pos = len(sp) + i - 1
+                if pos < 0 or pos >= T or j < 0 or (self.whole_spans and span is None):
+                    continue
+                keep[row, pos] = True
+                context[row, pos] = len(tp) + j - 1
+                if span is not None:
+                    lo[row, pos], hi[row, pos] = len(tp) + span[0] - 1, len(tp) + span[1] - 1
+        active = batch.cpu_labels != IGNORE_INDEX
+        masked = active & ~keep
+        batch.xtok_positions, batch.xtok_masked = int(active.sum()), int(masked.sum())
+        self.counts["positions"] += batch.xtok_positions
+        self.counts["masked"] += batch.xtok_masked
+        if batch.xtok_masked:
+            batch.cpu_labels = batch.cpu_labels.masked_fill(masked, IGNORE_INDEX)
+            batch.labels = batch.cpu_labels.to(batch.labels.device)
+            batch.num_active = int((batch.cpu_labels != IGNORE_INDEX).sum())
+        batch.teacher_ids, batch.teacher_mask = t["input_ids"].to(self.device), t["attention_mask"].to(self.device)
+        batch.xtok = (t["labels"].to(self.device), context.to(self.device), lo.to(self.device), hi.to(self.device))
+        batch.teacher_tokens = int(t["attention_mask"].sum())
+
+    @torch.no_grad()
+    def view(self, batch) -> TeacherView:
+        head = lm_head_of(self.model).detached()
+        hidden = final_hidden_states(self.model, batch.teacher_ids, batch.teacher_mask)
+        labels, context, lo, hi = batch.xtok
+        return CrossTokenizerView(hidden, head.weight, head.bias, labels, context, lo, hi, self.mapping,
+                                  chunk_size=self.chunk_size, transform=head.transform)
+
+    def stats(self) -> dict[str, float]:
+        """The fraction of the student's response positions masked so far (not alignable)."""
+        n = self.counts["positions"]
+        return {"xtok_frac_masked": self.counts["masked"] / n if n else float("nan")}
+
+
+__all__ = ["CrossTokenizerChunk", "CrossTokenizerTeacher", "CrossTokenizerView", "EOS_MARKER", "ResponseAlignment",
+           "align_response", "joint_spans", "special_markers", "token_bytes", "token_map"]
