@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The CPU build of PyTorch unless CUDA is present (an unpinned torch would pull a multi-GB CUDA build).
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch" || echo "torch==2.13.0")
 
-.PHONY: install engine demo test test-slow bench-objectives readme clean
+.PHONY: install engine demo test test-slow test-engine bench-objectives docs clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -45,11 +45,17 @@ test: install
 test-slow: install
 	$(BIN)/pytest -q -m slow
 
+# The tests against a real vLLM engine on 127.0.0.1 (served teacher, rollouts): CI runs them after
+# `make test`; each engine takes a minute or two to start on a CPU.
+test-engine: install engine
+	HPD_ENGINE_PYTHON=$(CURDIR)/$(ENGINE_VENV)/bin/python $(BIN)/pytest -q -m engine
+
 bench-objectives: install
 	$(BIN)/python benchmarks/objective_memory.py
 
-clean:
-	rm -rf $(VENV) $(ENGINE_VENV) build *.egg-info
+docs: install
+	DISABLE_MKDOCS_2_WARNING=true NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
-readme: install
-	$(BIN)/python scripts/update_readme.py
+clean:
+	rm -rf $(VENV) $(ENGINE_VENV) build site *.egg-info
+

@@ -7,6 +7,8 @@
   together. Pairing removes the problem-to-problem spread that both methods share, so the interval
   is much narrower than two separate Wilson intervals.
 
+For example:
+
     >>> from hpd.stats import paired_bootstrap, wilson_interval
     >>> [round(v, 3) for v in wilson_interval(41, 200)]
     [0.155, 0.266]

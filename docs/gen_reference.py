@@ -1,0 +1,113 @@
+"""Write the reference pages from the code at build time (run by mkdocs-gen-files).
+
+The config keys come from the typed config (`hpd.config.config_help`), the command line from the
+typer app's own click commands, the Python API from the docstrings (one mkdocstrings page per
+library module), so a reference page cannot disagree with the code it documents.
+
+    python docs/gen_reference.py --print cli   # the CLI page on stdout, without mkdocs
+"""
+
+from __future__ import annotations
+
+import pkgutil
+import sys
+
+import click
+
+
+def config_page() -> str:
+    from hpd.config import config_help
+
+    return (
+        "# Config keys\n\n"
+        "Every key of `hpd train`, with its type, default and range; set them in YAML or as\n"
+        "`key=value` after the config file. Generated from `hpd.config` (`hpd train --help`\n"
+        "prints the same).\n\n```text\n" + config_help().rstrip() + "\n```\n"
+    )
+
+
+def cli_page() -> str:
+    import typer
+
+    from hpd.apps.cli import app
+
+    group = typer.main.get_command(app)
+    parts = ["# Command line\n\nEvery `hpd` command and its options, from the command definitions.\n"]
+    root = click.Context(group, info_name="hpd")
+    for name in group.list_commands(root):
+        command = group.get_command(root, name)
+        ctx = click.Context(command, info_name=f"hpd {name}", parent=root, terminal_width=100, max_content_width=100)
+        parts.append(f"## hpd {name}\n\n```text\n{command.get_help(ctx).rstrip()}\n```\n")
+    return "\n".join(parts)
+
+
+def library_modules() -> list[str]:
+    """The public modules of the package, applications included, in import-path order.
+
+    Old import paths that only alias a moved module (`hpd._moved`) are left out: their page would
+    be the new module's twice.
+    """
+    import importlib.util
+
+    import hpd
+
+    names: list[str] = []
+    names_moved: list[str] = []
+    for info in pkgutil.walk_packages(hpd.__path__, "hpd."):
+        if any(part.startswith("_") for part in info.name.split(".")):
+            continue
+        if any(info.name == old or info.name.startswith(old + ".") for old in names_moved):
+            continue
+        origin = importlib.util.find_spec(info.name).origin
+        if origin and "hpd._moved import alias" in open(origin, encoding="utf-8").read():
+            names_moved.append(info.name)
+            continue
+        names.append(info.name)
+    return sorted(names)
+
+
+def api_pages() -> dict[str, str]:
+    pages = {}
+    index = ["# Python API\n", "Generated from the docstrings, one page per module.\n"]
+    for name in library_modules():
+        pages[f"reference/api/{name}.md"] = f"# `{name}`\n\n::: {name}\n"
+        index.append(f"- [`{name}`](api/{name}.md)")
+    pages["reference/api.md"] = "\n".join(index) + "\n"
+    return pages
+
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def home_page() -> str:
+    """The README, the project's front door, as the site's home page (its links made site-relative)."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    return text.replace("](docs/", "](").replace("](benchmarks/RESULTS.md)", "](results.md)")
+
+
+def results_page() -> str:
+    """benchmarks/RESULTS.md, where every measured table lives, as the site's results section."""
+    return (ROOT / "benchmarks" / "RESULTS.md").read_text(encoding="utf-8")
+
+
+def pages() -> dict[str, str]:
+    history = (ROOT / "benchmarks" / "results" / "HISTORY.md").read_text(encoding="utf-8")
+    out = {"index.md": home_page(), "results.md": results_page(), "results/HISTORY.md": history,
+           "reference/config.md": config_page(), "reference/cli.md": cli_page()}
+    out.update(api_pages())
+    return out
+
+
+def main() -> None:
+    if "--print" in sys.argv:
+        key = sys.argv[sys.argv.index("--print") + 1]
+        print({"config": config_page, "cli": cli_page}[key]())
+        return
+    import mkdocs_gen_files
+
+    for path, text in pages().items():
+        with mkdocs_gen_files.open(path, "w") as f:
+            f.write(text)
+
+
+main()
