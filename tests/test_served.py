@@ -33,7 +33,11 @@ FAST = ["data.max_length=64", "log.progress=false", "log.tensorboard=off", "log.
         "optim.batch_size=8", f"student.path={STUDENT}", "teacher.path=none"]
 pytestmark = [pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad"),
               pytest.mark.usefixtures("single_torch_thread")]
-engine = pytest.mark.slow  # a real engine: minutes to start on a shared CPU
+
+
+def engine(test):
+    """A test against a real engine: slow (minutes to start on a shared CPU), run by `make test-engine`."""
+    return pytest.mark.engine(pytest.mark.slow(test))
 
 
 @pytest.fixture(autouse=True)

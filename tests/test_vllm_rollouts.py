@@ -38,6 +38,7 @@ QWEN = ASSETS / "students" / "writer"  # Qwen2, head_dim 32
 
 pytestmark = [
     pytest.mark.slow,
+    pytest.mark.engine,  # a real vLLM server: `make test-engine`
     pytest.mark.skipif(engine_python(required=False) is None,
                        reason=f"the vLLM engine environment is absent: {INSTALL_HINT}"),
     pytest.mark.usefixtures("single_torch_thread", "server_on_one_thread"),
