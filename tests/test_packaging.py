@@ -63,7 +63,10 @@ def test_pip_install_from_a_clone_resolves_to_this_project(tmp_path):
         "                  'extras': d.metadata.get_all('Provides-Extra'), 'requires': d.requires,\n"
         "                  'scripts': [e.value for e in d.entry_points if e.name == 'hpd']}))\n"
     )
-    got = json.loads(run(str(python), "-c", probe).stdout)
+    # run from an empty folder: `-c` puts the working directory first on sys.path, and a checkout's
+    # *.egg-info there (an older editable install) would be found as an installed distribution
+    got = json.loads(subprocess.run([str(python), "-c", probe], check=True, capture_output=True, text=True,
+                                    cwd=env).stdout)
     assert got["version"] == hpd.__version__ and not got["other"]
     installed = Path(got["init"])
     assert installed.is_relative_to(env) and installed.read_bytes() == (ROOT / "hpd" / "__init__.py").read_bytes()

@@ -90,8 +90,9 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
 
 
 def _losses(run: Path) -> list[tuple[int, float]]:
-    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r["loss"]) for r in recs if r["type"] == "train"]
+    from hpd.metrics_file import read_records  # metrics.jsonl is appended to: read as the run stands
+
+    return [(r["step"], r["loss"]) for r in read_records(run / "metrics.jsonl", "train")]
 
 
 @pytest.mark.parametrize("stop_at", [6, 12])  # mid-epoch; at the end of epoch 0 (12 x 8 = 96 rows, tiny.jsonl's count)
