@@ -222,7 +222,7 @@ def test_package_import_and_help_import_no_torch():
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]", f"imported at help time: {proc.stdout}"
     # The lazily bound torch of the objectives is the real one once used.
-    proc = subprocess.run([sys.executable, "-c", "import torch, hpd\nimport hpd.objectives.base as b\n"
+    proc = subprocess.run([sys.executable, "-c", "import torch, hpd\nimport hpd.objectives.tensors as b\n"
                            "out = hpd.get_objective('fkl')(torch.zeros(1, 2, 3), torch.zeros(1, 2, 3), torch.zeros(1, 2, dtype=torch.long))\n"
                            "print(b.torch is torch, float(out.value))"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr

@@ -28,14 +28,10 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Literal
 
-from hpd._lazy import lazy_module
 from hpd.errors import HPDError
 
-if TYPE_CHECKING:
-    import torch
+if TYPE_CHECKING:  # annotations only: the registry and the config stay torch-free
     from torch import Tensor
-else:
-    torch = lazy_module("torch", globals())  # imported on first use: the registry and the config stay torch-free
 
 from hpd.objectives.tensors import (  # noqa: F401 (re-exported: their historical home)
     IGNORE_INDEX, ObjectiveOutput, TeacherChunk, TokenWeights, bucket_logq, kl, reduce_metrics, refuse_unshifted_labels,
