@@ -1,7 +1,7 @@
 """Cached teacher vs online teacher vs plain SFT: step time, cache size, held-out accuracy.
 
-On the bundled-task recipe (`hpd demo`'s default student, `hpd.demo.student_config`, data from
-`hpd.demo.write_task_data`, the bundled teacher `hpd/assets/teacher`), one process at a time,
+On the bundled-task recipe (`hpd demo`'s default student, `hpd.apps.demo.student_config`, data from
+`hpd.apps.demo.write_task_data`, the bundled teacher `hpd/assets/teacher`), one process at a time,
 one torch thread each (OMP_NUM_THREADS=1):
 
 1. builds a teacher cache over the training and held-out files with `hpd cache-teacher`'s
@@ -33,7 +33,7 @@ import os
 import statistics
 from pathlib import Path
 
-from hpd.demo import BUNDLED_TEACHER, TASKS, student_config, write_task_data
+from hpd.apps.demo import BUNDLED_TEACHER, TASKS, student_config, write_task_data
 
 
 def _step_stats(run_dir: Path, warmup: int = 5) -> dict:

@@ -86,11 +86,11 @@ def main() -> None:
         kls = []
         for label, chunk in (("plain", ["objective.chunk_size=0"]), ("chunked", [])):
             out = work / f"{model_type}-{gain:g}" / label
-            cmd = [sys.executable, "-m", "hpd.cli", "train", str(ROOT / "configs/tiny.yaml"), f"output_dir={out}",
+            cmd = [sys.executable, "-m", "hpd.apps.cli", "train", str(ROOT / "configs/tiny.yaml"), f"output_dir={out}",
                    f"student.path={student}", f"teacher.path={teacher}", "objective.name=fkl", "max_steps=1",
                    "log.progress=false", "log.tensorboard=off", "log.eval_every=0", "save.every=0",
                    f"data.train={ROOT / 'examples/tiny.jsonl'}", "optim.warmup_ratio=0", *chunk]
-            # cwd: not the checkout, so that `-m hpd.cli` imports the hpd that PYTHONPATH names
+            # cwd: not the checkout, so that `-m hpd.apps.cli` imports the hpd that PYTHONPATH names
             subprocess.run(cmd, check=True, env=env, cwd=work, capture_output=True)
             kls.append(kl_to_teacher(out / "final", teacher))
         print(f"{name:16s} {kl_to_teacher(student, teacher):11.3f} {kls[0]:21.3f} {kls[1]:18.3f}", flush=True)

@@ -56,7 +56,7 @@ def main() -> None:
 
     torch.set_num_threads(1)
     from hpd.data import build_batch, encode_file
-    from hpd.demo import BUNDLED_TEACHER, student_config, write_task_data
+    from hpd.apps.demo import BUNDLED_TEACHER, student_config, write_task_data
     from hpd.engine import EngineServer
     from hpd.models import load_model
     from hpd.objectives import get_objective

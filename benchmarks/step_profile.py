@@ -19,7 +19,7 @@ targets: hpd / (sft + teacher fwd) <= 1.1 and hpd cached / sft <= 1.15.
         --teacher-dir models/smollm2 --steps 3 --warmup 1
 
 `--recipe bundled`: the bundled teacher (`hpd/assets/teacher`) and the demo student
-(`hpd.demo.student_config`: batch 32, max_length 160, unchunked loss) on the three tasks' data.
+(`hpd.apps.demo.student_config`: batch 32, max_length 160, unchunked loss) on the three tasks' data.
 `--recipe smollm2`: the converted SmolLM2-135M teacher (read only) and a 10-layer student made of
 every third layer, batch 4, max_length 160, chunk_size 256 (configs/smollm2-135m-to-10l.yaml) on
 64 chat rows with one fixed made-up reply (only the timing matters). `--profile` also prints
@@ -47,7 +47,7 @@ METHODS = ("sft", "teacher fwd", "hpd", "hpd cached", "fkl")
 def recipe_configs(args) -> dict:
     """The run config of every trained method; builds the data, the cache (and the smollm2 student) once."""
     from hpd.config import load_config
-    from hpd.demo import BUNDLED_TEACHER, student_config, write_task_data
+    from hpd.apps.demo import BUNDLED_TEACHER, student_config, write_task_data
 
     out = args.out / args.recipe
     quiet = ["log.eval_every=0", "log.diagnostics_every=1000000", "log.progress=false", "log.tensorboard=off",

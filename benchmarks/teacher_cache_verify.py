@@ -1,7 +1,7 @@
 """What checking a teacher cache against its manifest costs, next to the training it serves.
 
 Builds a teacher cache of the bundled teacher over the bundled-task training data
-(`hpd.demo.write_task_data`, `--per-task` problems per task, top-K `--top-k`, float16), then:
+(`hpd.apps.demo.write_task_data`, `--per-task` problems per task, top-K `--top-k`, float16), then:
 
 1. times hashing every array file once (what a training process does: the index arrays when it
    opens the cache, each shard when a batch first reads it), as seconds and MB/s;
@@ -21,7 +21,7 @@ import statistics
 import time
 from pathlib import Path
 
-from hpd.demo import BUNDLED_TEACHER, student_config, write_task_data
+from hpd.apps.demo import BUNDLED_TEACHER, student_config, write_task_data
 
 
 def main() -> None:

@@ -84,7 +84,7 @@ def peak_rss() -> float:
 
 def method_config(args, method: str):
     from hpd.config import load_config
-    from hpd.demo import student_config
+    from hpd.apps.demo import student_config
 
     save_every = max(args.steps // 4, 1)
     extra = ["log.every=1", "log.diagnostics_every=1000000", "log.eval_every=0", f"save.every={save_every}",
@@ -272,7 +272,7 @@ def checkpoints(run_dir: Path) -> dict[int, Path]:
 
 
 def accuracy(model_dir: Path, cache: Path, args) -> dict:
-    from hpd.demo import TASKS
+    from hpd.apps.demo import TASKS
     from hpd.apps.experiments import evaluate_on_tasks
 
     if not cache.is_file():
@@ -307,7 +307,7 @@ def time_to(row: dict, target: float) -> dict | None:
 
 
 def tables(args, rows: list[dict]) -> str:
-    from hpd.demo import TASKS
+    from hpd.apps.demo import TASKS
 
     by = {r["method"]: r for r in rows}
     ref = by.get("gkd l0")
@@ -376,7 +376,7 @@ def main() -> None:
                     help="training file of the smollm2 recipe (benchmarks/smollm2_cpu.sh writes it)")
     args = ap.parse_args()
     from hpd.config import load_config
-    from hpd.demo import BUNDLED_TEACHER, write_task_data
+    from hpd.apps.demo import BUNDLED_TEACHER, write_task_data
 
     if args.recipe == "smollm2":
         args.teacher = Path(load_config(args.config).teacher.path)

@@ -42,27 +42,11 @@ def cli_page() -> str:
 
 
 def library_modules() -> list[str]:
-    """The public modules of the package, applications included, in import-path order.
-
-    Old import paths that only alias a moved module (`hpd._moved`) are left out: their page would
-    be the new module's twice.
-    """
-    import importlib.util
-
+    """The public modules of the package, applications included, in import-path order."""
     import hpd
 
-    names: list[str] = []
-    names_moved: list[str] = []
-    for info in pkgutil.walk_packages(hpd.__path__, "hpd."):
-        if any(part.startswith("_") for part in info.name.split(".")):
-            continue
-        if any(info.name == old or info.name.startswith(old + ".") for old in names_moved):
-            continue
-        origin = importlib.util.find_spec(info.name).origin
-        if origin and "hpd._moved import alias" in open(origin, encoding="utf-8").read():
-            names_moved.append(info.name)
-            continue
-        names.append(info.name)
+    names = [info.name for info in pkgutil.walk_packages(hpd.__path__, "hpd.")
+             if not any(part.startswith("_") for part in info.name.split("."))]
     return sorted(names)
 
 

@@ -10,8 +10,7 @@
 
 from hpd.errors import HPDError
 from hpd.objectives import get_objective, OBJECTIVES
-
-__version__ = "0.1.0"
+from hpd.version import __version__
 
 __all__ = ["HPDError", "get_objective", "OBJECTIVES", "__version__"]
 

@@ -594,6 +594,14 @@ def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
+def model_inputs(attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None) -> dict[str, torch.Tensor | None]:
+    """The mask arguments of a forward: a packed batch gives position_ids and no 2D mask (HF then
+    builds the per-row mask from the restarted positions), a padded one its attention mask."""
+    if position_ids is not None:
+        return {"attention_mask": None, "position_ids": position_ids}
+    return {"attention_mask": attention_mask}
+
+
 def final_hidden_states(
     model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
     position_ids: torch.Tensor | None = None,
@@ -604,8 +612,6 @@ def final_hidden_states(
     project a chunk of positions at a time. With `position_ids` (B, T) the batch is packed
     (`hpd.packing`): the attention mask is dropped so the model keeps attention within each row.
     """
-    from hpd.packing import model_inputs
-
     out = _decoder_of(model)(input_ids=input_ids, **model_inputs(attention_mask, position_ids), use_cache=False)
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 

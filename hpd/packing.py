@@ -118,14 +118,6 @@ class Packing:
         return dataclasses.replace(view, **changes)
 
 
-def model_inputs(attention_mask: Tensor | None, position_ids: Tensor | None) -> dict[str, Tensor | None]:
-    """The mask arguments of a forward: a packed batch gives position_ids and no 2D mask (HF then
-    builds the per-row mask from the restarted positions), a padded one its attention mask."""
-    if position_ids is not None:
-        return {"attention_mask": None, "position_ids": position_ids}
-    return {"attention_mask": attention_mask}
-
-
 @torch.no_grad()
 def check_packing(model: nn.Module, role: str = "student") -> None:
     """Refuse packing for a model whose attention would not stay within each packed row.
@@ -172,4 +164,4 @@ def check_packing(model: nn.Module, role: str = "student") -> None:
                        "restart positions or keep attention within rows; set data.packing=false")
 
 
-__all__ = ["PACKED_ATTENTION", "Packing", "check_packing", "model_inputs"]
+__all__ = ["PACKED_ATTENTION", "Packing", "check_packing"]

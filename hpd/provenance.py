@@ -62,7 +62,7 @@ def code_record() -> dict[str, Any]:
     import torch
     import transformers
 
-    from hpd import __version__
+    from hpd.version import __version__
 
     return {"hpd": __version__, "source": source_digest(), "git": git_commit(),
             "torch": torch.__version__, "transformers": transformers.__version__,

@@ -37,15 +37,10 @@ import torch
 
 from hpd.fingerprints import model_fingerprint
 from hpd.generation_cache import GenerationCache
+from hpd.seeds import derive_seed
 from hpd.rollout import GenerationBackend, HFGenerate
 
 REGIMES = ("dataset", "teacher", "student", "mixed", "self")
-
-
-def derive_seed(*parts: int | str) -> int:
-    """A stable 63-bit seed from several parts (seed, step, rank, ...)."""
-    digest = hashlib.sha256(",".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 def step_regime(name: str, mixed_lambda: float, off_policy: str, *, seed: int, step: int) -> str:

@@ -33,6 +33,7 @@ import yaml
 
 from hpd.config import Config, config_to_dict
 from hpd.errors import HPDError
+from hpd.schedule import lr_lambda
 
 # Keys that never alter the weights a run ends with: where the run lives, what is logged and how
 # often, how often and how many checkpoints are kept, when a diverging run gives up, and where
@@ -113,8 +114,6 @@ def check_changes(changes: dict[str, tuple[Any, Any]], cfg: Config, ckpt: Path, 
 
 def schedule_note(saved: dict[str, Any], cfg: Config, step: int) -> str | None:
     """What happens to the learning rate at `step` when max_steps or the schedule changed, else None."""
-    from hpd.trainer import lr_lambda
-
     old_cfg = copy.deepcopy(cfg)
     flat = _flat(saved)
     keys = ("max_steps", "optim.lr", "optim.schedule", "optim.warmup_ratio", "optim.min_lr_ratio")

@@ -11,7 +11,7 @@ settings, seed)` plus the hook `after_optimizer_step(model)`); `HFGenerate` is t
 Face `generate` in the training process. A backend that serves generation elsewhere (e.g. vLLM
 holding its own copy of the weights) is one new class: it syncs the student's new weights in
 `after_optimizer_step`, which the trainer calls after every optimizer step it takes: `VLLMGenerate`
-(`hpd.vllm_generate`, a vLLM server on the student's weights) is that, chosen by `select_backend`
+(`hpd.vllm_generate`, a vLLM server on the student's weights) is that, chosen by `hpd.backends.select_backend`
 (`regime.backend`).
 
     >>> from hpd.models import load_model
@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -186,29 +185,6 @@ class HFGenerate(GenerationBackend):
         s = settings
         return generate_completions(model, tokenizer, prompt_ids, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
                                     top_p=s.top_p, top_k=s.top_k, batch_size=s.batch_size, seed=seed)
-
-
-BACKENDS = ("auto", "hf", "vllm")
-
-
-def select_backend(name: str = "auto", *, url: str | None = None, python: str | None = None, args: str = "",
-                   max_model_len: int | None = None, gpu_memory_utilization: float = 0.3) -> GenerationBackend:
-    """The generation backend `name` names: `hf` (Hugging Face `generate`, every device), `vllm` (a vLLM
-    server, `hpd.vllm_generate.VLLMGenerate`, given by `url` or started from the engine environment's
-    `python`), or `auto` (vllm when a server is given, or a CUDA GPU is visible and the engine
-    environment is there; else hf). The other arguments are `VLLMGenerate`'s."""
-    if name not in BACKENDS:
-        raise HPDError(f"unknown generation backend {name!r}: choose one of {', '.join(BACKENDS)}")
-    from hpd.engine import engine_python
-    from hpd.vllm_generate import VLLMGenerate
-
-    if name == "auto":
-        engine = Path(python).expanduser().is_file() if python else engine_python(required=False) is not None
-        name = "vllm" if url or (torch.cuda.is_available() and engine) else "hf"
-    if name == "hf":
-        return HFGenerate()
-    return VLLMGenerate(url=url, python=python, args=args, max_model_len=max_model_len,
-                        gpu_memory_utilization=gpu_memory_utilization)
 
 
 def _until_eos(new_ids: list[int], eos_ids: list[int]) -> list[int]:

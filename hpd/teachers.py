@@ -50,9 +50,8 @@ from torch import Tensor, nn
 
 from hpd.data import build_batch
 from hpd.errors import HPDError
-from hpd.models import final_hidden_states, is_peft_model, lm_head_of
+from hpd.models import final_hidden_states, is_peft_model, lm_head_of, model_inputs
 from hpd.objectives import IGNORE_INDEX, HeadTeacher, TeacherView
-from hpd.packing import model_inputs
 
 TEACHER_WEIGHTS = ("frozen", "ema", "live")
 

@@ -57,20 +57,21 @@ from hpd.distributed import (
 from hpd.errors import DivergedError, HPDError
 from hpd.model_card import model_card
 from hpd.hub import resolve_model_path
-from hpd.packing import check_packing, model_inputs
+from hpd.packing import check_packing
 from hpd.progress import Progress
 from hpd.streaming import StreamSampler, check_streaming
 from hpd.provenance import code_record
 from hpd.models import (
-    apply_lora, enable_gradient_checkpointing, final_hidden_states, init_from_teacher, lm_head_of, load_model, save_model,
-    vocab_rows,
+    apply_lora, enable_gradient_checkpointing, final_hidden_states, init_from_teacher, lm_head_of, load_model, model_inputs,
+    save_model, vocab_rows,
 )
 from hpd.objectives import (
     COMMON_PARAMS, DEFAULT_CHUNK_SIZE, Objective, ObjectiveOutput, RatioClip, RolloutWeights, TeacherView,
     objective_class, param_fields, rollout_weights,
 )
 from hpd.regimes import ResponseSource, derive_seed, has_rollouts, response_source, rollout_bias
-from hpd.rollout import select_backend
+from hpd.backends import select_backend
+from hpd.schedule import lr_lambda
 from hpd.resume import RUN_NEUTRAL_KEYS, check_changes, config_changes, record_history, saved_config, schedule_note
 from hpd.metrics_file import MetricsLog
 from hpd.run_dir import RunDirLock, check_run_paths, describe_holder
@@ -286,26 +287,6 @@ def load_data(cfg: Config, tokenizer, teacher_tokenizer=None) -> tuple[list[Enco
         train = [train[i] for i in sorted(order[n_eval:])]
         info.update(eval_rows=len(evals))
     return train, evals, info
-
-
-def lr_lambda(cfg: Config):
-    """The learning-rate factor of each step (0-based): linear warm-up, then the schedule to min_lr_ratio."""
-    o, total = cfg.optim, cfg.max_steps
-    warmup = int(round(o.warmup_ratio * total))
-
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        progress = (step - warmup) / max(1, total - warmup)
-        if o.schedule == "constant":
-            decay = 1.0
-        elif o.schedule == "linear":
-            decay = 1.0 - progress
-        else:
-            decay = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-        return o.min_lr_ratio + (1.0 - o.min_lr_ratio) * decay
-
-    return f
 
 
 def make_optimizer(cfg: Config, student: nn.Module):

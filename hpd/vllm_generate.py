@@ -49,6 +49,7 @@ from hpd.engine import INSTALL_HINT, EngineServer, engine_python
 from hpd.errors import HPDError
 from hpd.files import atomic_write, atomic_write_text
 from hpd.rollout import GenerationBackend, HFGenerate, _eos_ids
+from hpd.seeds import derive_seed
 
 WEIGHTS_FILE = "model.safetensors"
 _DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -56,8 +57,6 @@ _DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: 
 
 def per_prompt_seeds(seed: int, n: int) -> list[int]:
     """The engine seed of each of `n` prompts of a call seeded `seed` (distinct, reproducible)."""
-    from hpd.regimes import derive_seed
-
     return [derive_seed(seed, i, "vllm") % 2**31 for i in range(n)]
 
 

@@ -9,8 +9,9 @@ import sys
 
 import pytest
 
+from hpd.apps.bench_run import run_bench
 from hpd.apps.bench import (
-    METHODS, BenchSettings, Condition, build_conditions, plan_grid, plan_tuned, resolve_start, run_bench, run_spec,
+    METHODS, BenchSettings, Condition, build_conditions, plan_grid, plan_tuned, resolve_start, run_spec,
     tuned_lr,
 )
 from hpd.apps.bench_report import grad_norm_spread, loss_spikes
@@ -53,7 +54,7 @@ def test_bench_protocol_end_to_end(tmp_path):
     train_prompts = {json.loads(l)["prompt"] for l in cond.train.read_text().splitlines()}
     test_prompts = {json.loads(l)["prompt"] for l in cond.test.read_text().splitlines()}
     assert not val_prompts & train_prompts and not val_prompts & test_prompts and not train_prompts & test_prompts
-    from hpd.tasks import split_of
+    from hpd.apps.tasks import split_of
 
     assert {split_of(p) for p in val_prompts} == {"val"} and {split_of(p) for p in test_prompts} == {"test"}
     # Seed 1 ran at the base rate (equal-lr table) and, where the tuned rate differs, at that one.
@@ -237,7 +238,7 @@ def test_starts(tmp_path):
 
 
 def _user_files(tmp_path):
-    from hpd.tasks import get_task, task_row
+    from hpd.apps.tasks import get_task, task_row
 
     task = get_task("math", steps=1)
     train = [task_row(it) for it in task.generate("train", 40, seed=0)]
@@ -252,7 +253,7 @@ def _user_files(tmp_path):
 def test_where_every_validation_problem_is_graded_the_rate_is_also_tuned_on_the_graded_score(tmp_path):
     from hpd.apps.bench import tuning_criteria
     from hpd.apps.bench_report import condition_tables
-    from hpd.tasks import get_task, task_row
+    from hpd.apps.tasks import get_task, task_row
 
     task = get_task("math", steps=4)
     for split, n, name in (("train", 40, "train.jsonl"), ("test", 6, "test.jsonl")):
@@ -305,7 +306,7 @@ def test_bench_on_a_users_own_task(tmp_path, verifier):
     assert len(ev["completions"]) == 6  # kept, so any later metric can be read without generating again
     if verifier == "task":  # math grades steps right: read from the kept answers, reported beside accuracy
         from hpd.apps.bench_report import grader
-        from hpd.tasks import get_task, task_item
+        from hpd.apps.tasks import get_task, task_item
 
         rows = [json.loads(line) for line in test.read_text().splitlines()]
         want = [get_task("math", steps=1).partial_credit(task_item(r), c) for r, c in zip(rows, ev["completions"])]
@@ -327,7 +328,7 @@ def test_bench_verifier_that_raises_is_a_clear_error(tmp_path):
 
 def test_bench_cli_errors(tmp_path):
     train, test = _user_files(tmp_path)
-    hpd = [sys.executable, "-m", "hpd.cli", "bench", "--out", str(tmp_path / "b")]
+    hpd = [sys.executable, "-m", "hpd.apps.cli", "bench", "--out", str(tmp_path / "b")]
     bad = subprocess.run([*hpd, "--train", str(train), "--test", str(test), "--verifier", "exakt"], capture_output=True, text=True)
     assert bad.returncode == 2 and "exact" in bad.stderr and "Traceback" not in bad.stderr
     assert not (tmp_path / "b" / "runs").exists()  # refused before any training

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from hpd.cli import app
+from hpd.apps.cli import app
 from hpd.config import Config, config_to_dict, iter_fields, load_config
 
 runner = CliRunner()
@@ -162,15 +162,15 @@ def test_generate_user_errors(tmp_path):
 
 @pytest.mark.parametrize("argv", [["--help"], ["train", "--help"]])
 def test_console_script_entry_point_runs(argv):
-    # `python -m hpd.cli` goes through main(), like the installed `hpd` script.
-    proc = subprocess.run([sys.executable, "-m", "hpd.cli", *argv], capture_output=True, text=True,
+    # `python -m hpd.apps.cli` goes through main(), like the installed `hpd` script.
+    proc = subprocess.run([sys.executable, "-m", "hpd.apps.cli", *argv], capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert "Usage:" in proc.stdout
 
 
 def test_main_reports_user_errors_with_exit_2(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "hpd.cli", "train", str(tmp_path / "x.yaml")],
+    proc = subprocess.run([sys.executable, "-m", "hpd.apps.cli", "train", str(tmp_path / "x.yaml")],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: config file") and "Traceback" not in proc.stderr
@@ -222,7 +222,7 @@ def test_package_import_and_help_import_no_torch():
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]", f"imported at help time: {proc.stdout}"
     # The lazily bound torch of the objectives is the real one once used.
-    proc = subprocess.run([sys.executable, "-c", "import torch, hpd\nimport hpd.objectives.base as b\n"
+    proc = subprocess.run([sys.executable, "-c", "import torch, hpd\nimport hpd.objectives.tensors as b\n"
                            "out = hpd.get_objective('fkl')(torch.zeros(1, 2, 3), torch.zeros(1, 2, 3), torch.zeros(1, 2, dtype=torch.long))\n"
                            "print(b.torch is torch, float(out.value))"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr

@@ -24,9 +24,9 @@ from pathlib import Path
 import pytest
 
 from hpd.errors import HPDError
-from hpd.tasks import get_task, sandbox
-from hpd.tasks.base import TaskItem
-from hpd.tasks.code import CodeTask
+from hpd.apps.tasks import get_task, sandbox
+from hpd.apps.tasks.base import TaskItem
+from hpd.apps.tasks.code import CodeTask
 
 PY = sys.executable
 # The controls run attacks unsandboxed on purpose; the warning that says so is expected here.
@@ -261,8 +261,8 @@ def test_killing_the_verifier_leaves_no_sandbox_behind(tmp_path):
     script = tmp_path / "verify_forever.py"
     script.write_text(
         "import subprocess, sys\n"
-        "from hpd.tasks import sandbox\n"
-        "from hpd.tasks.code import CodeTask\n"
+        "from hpd.apps.tasks import sandbox\n"
+        "from hpd.apps.tasks.code import CodeTask\n"
         "class Spy(subprocess.Popen):  # print the pid of every bwrap started\n"
         "    def __init__(self, *args, **kwargs):\n"
         "        super().__init__(*args, **kwargs)\n"
@@ -376,14 +376,14 @@ return x*2+1
 
 
 def _code_row(task: str) -> dict:
-    from hpd.tasks import task_row
+    from hpd.apps.tasks import task_row
 
     return {**task_row(_item()), "task": task}
 
 
 def test_a_data_row_cannot_switch_the_sandbox_off(tmp_path):
     """A row's task spec `code:unsafe_no_sandbox=1` is refused, naming the row; nothing happens."""
-    from hpd.verifiers import TaskVerifier, get_verifier
+    from hpd.apps.verifiers import TaskVerifier, get_verifier
 
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
@@ -423,15 +423,15 @@ def test_a_data_row_cannot_switch_the_sandbox_off(tmp_path):
 @pytest.mark.parametrize("spec", ["code:timeout_s=1000", "code:memory_mb=100000", "code:workers=512",
                                   "code:kinds=int,unsafe_no_sandbox=0"])
 def test_a_data_row_sets_only_problem_parameters(spec):
-    from hpd.verifiers import get_verifier
+    from hpd.apps.verifiers import get_verifier
 
     with pytest.raises(HPDError, match=rf"row 1 \(0-based\).*{re.escape(spec)}.*may set only .*kinds, max_ops"):
         get_verifier("task").check_rows([_code_row("code:kinds=int"), _code_row(spec)])
 
 
 def test_problem_parameters_in_a_data_row_still_work():
-    from hpd.tasks import task_row
-    from hpd.verifiers import get_verifier
+    from hpd.apps.tasks import task_row
+    from hpd.apps.verifiers import get_verifier
 
     math = get_task("math:steps=3").generate("test", 1, seed=0)[0]
     rows = [_code_row("code"), _code_row("code:kinds=int,max_ops=2"), {**task_row(math), "task": "math:steps=3"}]

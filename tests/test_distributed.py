@@ -38,11 +38,11 @@ def _run(out: Path, processes: int, batch_size: int, objective: str) -> list[dic
                  "log.progress=false", "save.every=0", "data.eval_fraction=0", "log.eval_every=0", "data.max_length=48"]
     bin_dir = Path(sys.executable).parent
     if processes == 1:
-        cmd = [sys.executable, "-m", "hpd.cli", "train", "configs/tiny.yaml", *overrides]
+        cmd = [sys.executable, "-m", "hpd.apps.cli", "train", "configs/tiny.yaml", *overrides]
     else:
         cmd = [str(bin_dir / "accelerate"), "launch", "--config_file", "configs/accelerate/cpu-2proc.yaml",
                "--num_processes", str(processes), "--main_process_port", str(_free_port()),
-               "-m", "hpd.cli", "train", "configs/tiny.yaml", *overrides]
+               "-m", "hpd.apps.cli", "train", "configs/tiny.yaml", *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -82,13 +82,13 @@ def test_two_nodes_of_one_process_match_one_node_of_two(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     bin_dir = Path(sys.executable).parent
     single = subprocess.run([str(bin_dir / "torchrun"), "--nnodes", "1", "--nproc-per-node", "2", "--master-addr",
-                             "127.0.0.1", "--master-port", str(_free_port()), "-m", "hpd.cli", "train",
+                             "127.0.0.1", "--master-port", str(_free_port()), "-m", "hpd.apps.cli", "train",
                              "configs/tiny.yaml", f"output_dir={tmp_path / 'single'}", *overrides],
                             cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert single.returncode == 0, single.stderr[-3000:]
     port = str(_free_port())
     nodes = [subprocess.Popen([str(bin_dir / "torchrun"), "--nnodes", "2", "--nproc-per-node", "1", "--node-rank",
-                               str(i), "--master-addr", "127.0.0.1", "--master-port", port, "-m", "hpd.cli", "train",
+                               str(i), "--master-addr", "127.0.0.1", "--master-port", port, "-m", "hpd.apps.cli", "train",
                                "configs/tiny.yaml", f"output_dir={tmp_path / 'nodes'}", *overrides],
                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
              for i in (0, 1)]
@@ -116,12 +116,12 @@ def test_teacher_cache_built_by_two_processes_is_the_serial_one_byte_for_byte(tm
     args = ["cache-teacher", "--teacher", "hpd/assets/teacher", "--data", "examples/tiny.jsonl", "--top-k", "8",
             "--shard-positions", "200", "--batch-size", "4"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    serial = subprocess.run([sys.executable, "-m", "hpd.cli", *args, "--out", str(tmp_path / "serial")], cwd=ROOT,
+    serial = subprocess.run([sys.executable, "-m", "hpd.apps.cli", *args, "--out", str(tmp_path / "serial")], cwd=ROOT,
                             capture_output=True, text=True, timeout=300, env=env)
     assert serial.returncode == 0, serial.stderr[-3000:]
     two = subprocess.run([str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
                           "configs/accelerate/cpu-2proc.yaml", "--main_process_port", str(_free_port()),
-                          "-m", "hpd.cli", *args, "--out", str(tmp_path / "two")],
+                          "-m", "hpd.apps.cli", *args, "--out", str(tmp_path / "two")],
                          cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert two.returncode == 0, two.stderr[-3000:]
 

@@ -6,12 +6,12 @@ import re
 
 import pytest
 
-import hpd.evaluate as ev
+import hpd.apps.evaluate as ev
 from hpd.errors import HPDError
-from hpd.evaluate import EvalResult, eval_cli, evaluate_model, wilson_interval, write_records
+from hpd.apps.evaluate import EvalResult, eval_cli, evaluate_model, wilson_interval, write_records
 from hpd.apps.evaluate import eval_out
 from hpd.models import build_tiny_model, save_model
-from hpd.tasks import get_task
+from hpd.apps.tasks import get_task
 from hpd.tokenizer import byte_tokenizer
 
 

@@ -1,5 +1,5 @@
 """FSDP2 on CPU (gloo), launched as a user would: `accelerate launch --config_file
-configs/accelerate/fsdp-cpu-2proc.yaml -m hpd.cli train ...`.
+configs/accelerate/fsdp-cpu-2proc.yaml -m hpd.apps.cli train ...`.
 
 - 2 processes under FSDP give the loss curve of 1 plain process with the same global batch. With
   `fkl` every quantity is deterministic, so the curves agree to float32 reduction-order noise: we
@@ -43,9 +43,9 @@ def _free_port() -> int:
 
 def _cmd(processes: int, overrides: list[str]) -> list[str]:
     if processes == 1:
-        return [sys.executable, "-m", "hpd.cli", "train", "configs/tiny.yaml", *COMMON, *overrides]
+        return [sys.executable, "-m", "hpd.apps.cli", "train", "configs/tiny.yaml", *COMMON, *overrides]
     return [ACCELERATE, "launch", "--config_file", "configs/accelerate/fsdp-cpu-2proc.yaml", "--num_processes",
-            str(processes), "--main_process_port", str(_free_port()), "-m", "hpd.cli", "train", "configs/tiny.yaml",
+            str(processes), "--main_process_port", str(_free_port()), "-m", "hpd.apps.cli", "train", "configs/tiny.yaml",
             *COMMON, *overrides]
 
 

@@ -15,7 +15,8 @@ from hpd.config import load_config
 from hpd.errors import HPDError
 from hpd.models import apply_lora, load_model
 from hpd.regimes import SamplingSettings
-from hpd.rollout import HFGenerate, select_backend
+from hpd.backends import select_backend
+from hpd.rollout import HFGenerate
 from hpd.trainer import Trainer
 from hpd.vllm_generate import VLLMGenerate, merged_state_dict
 

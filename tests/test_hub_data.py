@@ -122,7 +122,7 @@ def test_the_command_line_honours_hf_home_and_hf_datasets_offline(tmp_path, repo
     write_hub_cache(tmp_path / "home" / "datasets", "acme/tiny-chat", {"train": TRAIN})
     env = {**os.environ, "HF_HOME": str(tmp_path / "home"), "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     env.pop("HF_DATASETS_CACHE", None)
-    cmd = [sys.executable, "-m", "hpd.cli", "train", "configs/tiny.yaml", f"output_dir={tmp_path / 'run'}", "max_steps=1",
+    cmd = [sys.executable, "-m", "hpd.apps.cli", "train", "configs/tiny.yaml", f"output_dir={tmp_path / 'run'}", "max_steps=1",
            "log.progress=false", "log.tensorboard=off", "save.every=0", "data.eval_fraction=0", "data.max_length=48",
            "data.prompt_field=question", "data.completion_field=answer"]
     ok = subprocess.run([*cmd, "data.train=acme/tiny-chat"], cwd=repo_root, env=env, capture_output=True, text=True)

@@ -35,7 +35,7 @@ from hpd.checkpoint import (
     MANIFEST, _discard, checkpoint_dirs, clean_leftovers, latest_checkpoint, load_state, prune, save_state,
     verify_checkpoint,
 )
-from hpd.cli import app
+from hpd.apps.cli import app
 from hpd.config import load_config
 from hpd.errors import HPDError
 from hpd.run_dir import HOLDER_FILE, LOCK_FILE, RunDirLock
@@ -332,7 +332,7 @@ def test_the_lock_of_a_killed_run_is_taken_over(tmp_path, repo_root, capsys):
     """A real `hpd train` holds the directory; a second run is refused naming its pid; SIGKILL; then
     the directory is free again and the next run says whose lock it took over."""
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "hpd.cli", "train", "configs/tiny.yaml", *BASE, f"output_dir={run}",
+    cmd = [sys.executable, "-m", "hpd.apps.cli", "train", "configs/tiny.yaml", *BASE, f"output_dir={run}",
            "max_steps=100000", "save.every=0"]
     proc = subprocess.Popen(cmd, cwd=repo_root, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -388,7 +388,7 @@ def _in_mount_namespace(tmp_path: Path, mount_opts: str, hpd_args: list[str]) ->
     prints `rc=N` and what the tmpfs holds afterwards (it vanishes with the namespace)."""
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    train_cmd = " ".join([sys.executable, "-m", "hpd.cli", "train", "configs/tiny.yaml", *hpd_args])
+    train_cmd = " ".join([sys.executable, "-m", "hpd.apps.cli", "train", "configs/tiny.yaml", *hpd_args])
     script = (f"mount -t tmpfs -o {mount_opts} tmpfs {mnt} && {{ {train_cmd}; echo rc=$?; "
               f"find {mnt} -mindepth 1 | sort; }}")
     return subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script],
@@ -426,7 +426,7 @@ def test_a_file_size_limit_during_a_checkpoint_is_one_line_and_no_partial_dir(tm
     def limit_file_size():
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
-    res = subprocess.run([sys.executable, "-m", "hpd.cli", "train", "configs/tiny.yaml", *BASE, f"output_dir={run}"],
+    res = subprocess.run([sys.executable, "-m", "hpd.apps.cli", "train", "configs/tiny.yaml", *BASE, f"output_dir={run}"],
                          cwd=repo_root, env=env(), capture_output=True, text=True, preexec_fn=limit_file_size, timeout=300)
     assert res.returncode == 2, res.stderr
     assert res.stderr.startswith("error: file too large for the file-size limit while writing checkpoint step-00000002")
@@ -530,7 +530,7 @@ def _fault_injection(trials: int, tiny_teacher: Path, tmp_path: Path, repo_root:
     reference = tmp_path / "reference"
     train(load_config("configs/tiny.yaml", [*common, f"output_dir={reference}", "save.keep_last=100"]))
     run = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "hpd.cli", "train", "configs/tiny.yaml", *common, f"output_dir={run}", "save.keep_last=2"]
+    cmd = [sys.executable, "-m", "hpd.apps.cli", "train", "configs/tiny.yaml", *common, f"output_dir={run}", "save.keep_last=2"]
     rng = random.Random(seed)
     landed = []
     for _ in range(trials):

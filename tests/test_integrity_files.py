@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from hpd.cli import app
+from hpd.apps.cli import app
 from hpd.errors import HPDError
 
 runner = CliRunner()
@@ -157,7 +157,7 @@ def test_generate_on_a_full_disk_is_one_error_line_and_keeps_finished_batches(pr
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG
         resource.setrlimit(resource.RLIMIT_FSIZE, (600, 600))
 
-    res = subprocess.run([sys.executable, "-m", "hpd.cli", *gen_args(prompts, out)], cwd=ROOT, env=env(),
+    res = subprocess.run([sys.executable, "-m", "hpd.apps.cli", *gen_args(prompts, out)], cwd=ROOT, env=env(),
                          capture_output=True, text=True, preexec_fn=small_files, timeout=300)
     assert res.returncode == 2, res.stderr
     err = res.stderr.splitlines()
@@ -370,7 +370,7 @@ def test_a_damaged_cache_is_one_error_line_not_a_traceback(cache_dir, tmp_path, 
         (cache_dir / "manifest.json").write_text(json.dumps(manifest)[:200])
     else:
         (cache_dir / "manifest.json").write_text(json.dumps(manifest))
-    res = subprocess.run([sys.executable, "-m", "hpd.cli", "train", "configs/tiny.yaml", *CACHE_RUN,
+    res = subprocess.run([sys.executable, "-m", "hpd.apps.cli", "train", "configs/tiny.yaml", *CACHE_RUN,
                           f"teacher.cache={cache_dir}", f"output_dir={tmp_path / 'run'}"],
                          cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
     assert res.returncode == 2, res.stderr[-2000:]
@@ -511,7 +511,7 @@ def test_values_out_of_range_are_one_error_line_before_anything_is_built(overrid
     def small_memory():
         resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))  # a huge list or model fails fast, not the host
 
-    res = subprocess.run([sys.executable, "-m", "hpd.cli", "train", *RUN, override, f"output_dir={tmp_path / 'run'}"],
+    res = subprocess.run([sys.executable, "-m", "hpd.apps.cli", "train", *RUN, override, f"output_dir={tmp_path / 'run'}"],
                          cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300, preexec_fn=small_memory)
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-1500:]
     assert len(res.stderr.strip().splitlines()) == 1 and re.search(match, res.stderr), res.stderr

@@ -1,5 +1,7 @@
 """The library never imports the applications (`hpd.apps`): checked on the import graph at run
-time and on every import statement in the source, including the lazy ones inside functions."""
+time and on every import statement in the source, including the lazy ones inside functions. No
+module imports itself back through others (no import cycle), and the old paths of the moved
+applications are gone."""
 
 from __future__ import annotations
 
@@ -13,10 +15,10 @@ from pathlib import Path
 import hpd
 
 ROOT = Path(__file__).resolve().parents[1]
-APPS = ("hpd.apps", "hpd.cli", "hpd.plots", "hpd.evaluate", "hpd.verifiers", "hpd.experiments", "hpd.tasks",
-        "hpd.bench", "hpd.bench_report", "hpd.demo")
-# The old-path shims of the moved modules (`hpd._moved`) are allowed to import the apps.
-NOT_LIBRARY = {"hpd._moved", *APPS}
+APPS = ("hpd.apps",)
+NOT_LIBRARY = set(APPS)
+# The applications' old top-level paths (before they moved to `hpd.apps`): removed, nothing released used them.
+OLD_PATHS = ("cli", "plots", "evaluate", "verifiers", "experiments", "tasks", "bench", "bench_report", "demo")
 
 
 def library_modules() -> list[str]:
@@ -71,21 +73,101 @@ def test_importing_the_library_loads_no_app():
     assert json.loads(proc.stdout.strip().splitlines()[-1]) is None
 
 
-def test_old_paths_of_the_moved_apps_are_the_new_modules(tmp_path):
-    # One release of grace: `hpd.tasks`, `hpd.evaluate`, ... are the moved modules themselves, so
-    # a monkeypatch through the old path reaches the code, and a pickle naming it loads.
-    import importlib
-    import pickle
+def test_old_paths_of_the_moved_apps_are_gone():
+    # Looked up in this checkout's package folder only (an editable install elsewhere may still have them).
+    top = {m.name for m in pkgutil.iter_modules(hpd.__path__)}
+    apps = {m.name for m in pkgutil.iter_modules([str(Path(hpd.__path__[0]) / "apps")])}
+    assert sorted(top & set(OLD_PATHS)) == [], "old paths exist again: the modules are under hpd.apps"
+    assert set(OLD_PATHS) <= apps and "_moved" not in top
 
-    for old in ("cli", "plots", "evaluate", "verifiers", "experiments", "tasks", "tasks.code", "tasks.sandbox"):
-        assert importlib.import_module(f"hpd.{old}") is importlib.import_module(f"hpd.apps.{old}"), old
-    from hpd.apps.tasks import get_task
 
-    task = get_task("capitals")
-    # protocol 2 names the class as text (GLOBAL "module name"), with no length to keep in step
-    blob = pickle.dumps(task, protocol=2).replace(b"hpd.apps.tasks.capitals", b"hpd.tasks.capitals")
-    assert b"hpd.tasks.capitals" in blob and b"hpd.apps" not in blob
-    code = f"import pickle, sys; t = pickle.loads({blob!r}); print(type(t).__module__, t.name)"
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.split() == ["hpd.apps.tasks.capitals", "capitals"]
+def import_graph(root: Path = ROOT) -> dict[str, set[str]]:
+    """hpd's modules -> the hpd modules each imports: every import statement that runs, at module
+    level or inside a function, absolute or relative (`from hpd import x` counts as `hpd` and
+    `hpd.x`); those under `if TYPE_CHECKING:` are left out (they never run)."""
+    paths = {}
+    for path in (root / "hpd").rglob("*.py"):
+        parts = path.relative_to(root).with_suffix("").parts
+        paths[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+
+    def module_of(name: str) -> str:
+        while name and name not in paths:
+            name = name.rpartition(".")[0]
+        return name
+
+    graph: dict[str, set[str]] = {}
+    for module, path in paths.items():
+        package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+        targets: set[str] = set()
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        # `if TYPE_CHECKING:` imports never run (names for annotations only): not edges.
+        for node in ast.walk(tree):
+            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+                node.body = []
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                targets.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    up = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join(up + ([base] if base else []))
+                targets.add(base)
+                targets.update(f"{base}.{alias.name}" for alias in node.names)
+        graph[module] = {t for t in map(module_of, (t for t in targets if t == "hpd" or t.startswith("hpd."))) if t and t != module}
+    return graph
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    cycles: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return sorted(cycles)
+
+
+def test_the_import_graph_sees_function_level_and_relative_imports(tmp_path):
+    (tmp_path / "hpd" / "sub").mkdir(parents=True)
+    (tmp_path / "hpd" / "__init__.py").write_text("")
+    (tmp_path / "hpd" / "a.py").write_text("def f():\n    from hpd.sub import b\n")
+    (tmp_path / "hpd" / "sub" / "__init__.py").write_text("")
+    (tmp_path / "hpd" / "sub" / "b.py").write_text("from ..a import f\nimport os\n")
+    (tmp_path / "hpd" / "c.py").write_text("import hpd.a\nif TYPE_CHECKING:\n    import hpd.sub.b\n")
+    graph = import_graph(tmp_path)
+    assert graph["hpd.a"] == {"hpd.sub", "hpd.sub.b"} and graph["hpd.sub.b"] == {"hpd.a"} and graph["hpd.c"] == {"hpd.a"}
+    assert import_cycles(graph) == [["hpd.a", "hpd.sub.b"]]
+
+
+def test_no_import_cycles():
+    # A cycle means two modules each need a piece of the other: move the shared piece down into a
+    # module both import (a lazy import inside a function hides the cycle; it still counts here).
+    cycles = import_cycles(import_graph())
+    assert cycles == [], "import cycles (move the shared piece into a module both import): " + "; ".join(
+        " <-> ".join(c) for c in cycles)

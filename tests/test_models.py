@@ -251,7 +251,7 @@ def test_a_hub_id_absent_from_the_cache_offline_is_a_clear_user_error(tmp_path):
 
     (tmp_path / "hub").mkdir()
     (tmp_path / "p.jsonl").write_text('{"prompt": "hi"}\n')
-    proc = subprocess.run([sys.executable, "-m", "hpd.cli", "generate", "--model", "hpd-test/absent", "--prompts",
+    proc = subprocess.run([sys.executable, "-m", "hpd.apps.cli", "generate", "--model", "hpd-test/absent", "--prompts",
                            str(tmp_path / "p.jsonl"), "--out", str(tmp_path / "o.jsonl")],
                           env=_offline_env(tmp_path / "hub"), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr

@@ -8,7 +8,7 @@ import math
 import pytest
 
 from hpd.errors import HPDError
-from hpd.plots import DIAGNOSTICS, DYNAMICS, QUANTITIES, ema, plot_runs, read_accuracy, read_metrics
+from hpd.apps.plots import DIAGNOSTICS, DYNAMICS, QUANTITIES, ema, plot_runs, read_accuracy, read_metrics
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

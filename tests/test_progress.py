@@ -10,7 +10,7 @@ import re
 import pytest
 from typer.testing import CliRunner
 
-from hpd.cli import app
+from hpd.apps.cli import app
 from hpd.config import load_config
 from hpd.progress import Progress, format_duration
 

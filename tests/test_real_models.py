@@ -12,7 +12,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 from typer.testing import CliRunner
 
-from hpd.cli import app
+from hpd.apps.cli import app
 from hpd.config import load_config
 from hpd.errors import HPDError
 from hpd.models import (

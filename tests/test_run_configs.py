@@ -1,4 +1,4 @@
-"""`hpd.experiments.run_configs`: several `hpd train` processes at once, one progress bar, resumable."""
+"""`hpd.apps.experiments.run_configs`: several `hpd train` processes at once, one progress bar, resumable."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 
 from hpd.config import load_config
 from hpd.errors import HPDError
-from hpd.experiments import run_configs
+from hpd.apps.experiments import run_configs
 
 FAST = ["teacher.path=none", "objective.name=sft", "student.path=tiny", "data.train=examples/tiny.jsonl",
         "data.eval=null", "data.max_length=48", "max_steps=2", "optim.batch_size=2", "log.every=1",

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from hpd.errors import HPDError
-from hpd.tasks import (
+from hpd.apps.tasks import (
     TASKS,
     CodeTask,
     DialogueTask,
@@ -25,7 +25,7 @@ from hpd.tasks import (
     verify_free_form,
     write_jsonl,
 )
-from hpd.tasks.dialogue import NAMES
+from hpd.apps.tasks.dialogue import NAMES
 
 # capitals (for real pretrained models) has a small fixed prompt space: see its own tests below.
 ALL_TASKS = sorted(set(TASKS) - {"capitals"})
@@ -149,7 +149,7 @@ def test_math_partial_credit_counts_each_step_done_right_on_the_answers_own_valu
     assert task.partial_credit(div, "7+5=12. 12/4=3.") == 1.0 and task.partial_credit(div, "7+5=13. 13/4=3.") == 0.0
     assert get_task("dialogue").partial_credit(get_task("dialogue").generate("test", 1)[0], "x") is None
     from hpd.apps.verifiers import get_verifier
-    from hpd.tasks import task_row
+    from hpd.apps.tasks import task_row
 
     row = task_row(item)
     assert get_verifier("task").partial_credit({**row, "task": "math"}, "7+5=12. 12*2=25.") == 0.25
@@ -404,7 +404,7 @@ def test_items_fit_a_tiny_byte_model():
 
 
 def test_capitals_references_pass_and_wrong_or_echoed_answers_fail():
-    from hpd.tasks.capitals import CAPITALS, country_split
+    from hpd.apps.tasks.capitals import CAPITALS, country_split
 
     task = get_task("capitals")
     items = task.generate("test", 60, seed=0)
@@ -420,7 +420,7 @@ def test_capitals_references_pass_and_wrong_or_echoed_answers_fail():
 
 
 def test_capitals_aliases_and_no_country_contains_its_capital():
-    from hpd.tasks.capitals import CAPITALS, TEMPLATES, first_capital
+    from hpd.apps.tasks.capitals import CAPITALS, TEMPLATES, first_capital
 
     task = get_task("capitals")
     kyiv = next(i for i in task.generate("train", 300, seed=0) + task.generate("test", 60, seed=0)
@@ -441,7 +441,7 @@ HELD_OUT_COUNTRIES = [
 
 
 def test_capitals_split_is_by_country_and_stable():
-    from hpd.tasks.capitals import CAPITALS, TEMPLATES, countries, country_split, questions
+    from hpd.apps.tasks.capitals import CAPITALS, TEMPLATES, countries, country_split, questions
 
     assert countries("test") == HELD_OUT_COUNTRIES
     assert sorted(countries("train") + countries("test")) == sorted(CAPITALS)
@@ -460,7 +460,7 @@ def test_capitals_split_is_by_country_and_stable():
 
 
 def test_capitals_training_questions_never_name_a_held_out_country():
-    from hpd.tasks.capitals import CAPITALS, ALIASES, countries, country_name, mentions
+    from hpd.apps.tasks.capitals import CAPITALS, ALIASES, countries, country_name, mentions
 
     held_out = {country_name(c) for c in HELD_OUT_COUNTRIES} | {CAPITALS[c] for c in HELD_OUT_COUNTRIES}
     held_out |= {a for c in HELD_OUT_COUNTRIES for a in ALIASES.get(CAPITALS[c], ())}

@@ -14,7 +14,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from hpd.cli import app
+from hpd.apps.cli import app
 from hpd.config import DataConfig, load_config
 from hpd.data import build_batch, encode_file
 from hpd.errors import HPDError

@@ -22,7 +22,7 @@ import torch
 from typer.testing import CliRunner
 
 from hpd.checkpoint import latest_checkpoint
-from hpd.cli import app
+from hpd.apps.cli import app
 from hpd.config import config_to_dict, load_config
 from hpd.errors import HPDError
 from hpd.regimes import step_regime
@@ -137,11 +137,11 @@ def test_distillation_brings_the_student_closer_to_the_teacher(objective, regime
 
 
 def _start_and_kill(overrides: list[str], run_dir: Path, repo_root: Path, timeout: float = 240.0) -> int:
-    """Run `python -m hpd.cli train` until a checkpoint exists and a later step was logged, then SIGKILL.
+    """Run `python -m hpd.apps.cli train` until a checkpoint exists and a later step was logged, then SIGKILL.
 
     Returns the step of the latest complete checkpoint at kill time.
     """
-    cmd = [sys.executable, "-m", "hpd.cli", "train", "configs/tiny.yaml", *overrides]
+    cmd = [sys.executable, "-m", "hpd.apps.cli", "train", "configs/tiny.yaml", *overrides]
     output = run_dir.parent / f"{run_dir.name}.out"
     metrics = run_dir / "metrics.jsonl"
     deadline = time.monotonic() + timeout
@@ -432,7 +432,7 @@ def test_hpd_plot_writes_pngs_for_a_real_run(distilled_run):
 def test_documented_tiny_command_works_as_written(tmp_path, repo_root):
     """`hpd train configs/tiny.yaml output_dir=... max_steps=20 seed=1`, the console script."""
     hpd = Path(sys.executable).parent / "hpd"
-    cmd = [str(hpd)] if hpd.exists() else [sys.executable, "-m", "hpd.cli"]
+    cmd = [str(hpd)] if hpd.exists() else [sys.executable, "-m", "hpd.apps.cli"]
     out = tmp_path / "run"
     proc = subprocess.run([*cmd, "train", "configs/tiny.yaml", f"output_dir={out}", "max_steps=20", "seed=1"],
                           cwd=repo_root, capture_output=True, text=True, timeout=300, env=subprocess_env())

@@ -1,4 +1,4 @@
-"""Verifiers for a user's own data (hpd.verifiers) and `hpd eval --data FILE --verifier SPEC`.
+"""Verifiers for a user's own data (hpd.apps.verifiers) and `hpd eval --data FILE --verifier SPEC`.
 
 The end-to-end tests run the bundled teacher (1.9M parameters, it solves most `math` problems) on
 a few problems whose every other answer is made wrong, so the verdicts mix True and False, and
@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from hpd.cli import app
-from hpd.demo import BUNDLED_TEACHER
+from hpd.apps.cli import app
+from hpd.apps.demo import BUNDLED_TEACHER
 from hpd.errors import HPDError
-from hpd.tasks import TaskItem, get_task, mixed_dataset, task_row
-from hpd.verifiers import get_verifier
+from hpd.apps.tasks import TaskItem, get_task, mixed_dataset, task_row
+from hpd.apps.verifiers import get_verifier
 
 runner = CliRunner()
 N = 6
@@ -204,7 +204,7 @@ def test_eval_data_with_each_verifier_kind(kind, math_files, tmp_path):
 
 
 def test_evaluate_rows_python_api(math_files):
-    from hpd.evaluate import evaluate_rows, load_rows
+    from hpd.apps.evaluate import evaluate_rows, load_rows
 
     rows = load_rows(math_files[1])
     math = get_task("math")

@@ -60,7 +60,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from hpd.apps.demo import BUNDLED_TEACHER, STUDENT_OVERRIDES, TASKS, preflight_tasks
+from hpd.apps.recipe import BUNDLED_TEACHER, STUDENT_OVERRIDES, TASKS
 from hpd.errors import DivergedError, HPDError
 from hpd.files import atomic_write_text
 from hpd.progress import format_duration
@@ -714,58 +714,3 @@ def plan_tuned(cond: Condition, s: BenchSettings) -> list[RunSpec]:
                 spec = run_spec(cond, m, lr, seed, s)
                 specs.setdefault(spec.run_dir, spec)
     return list(specs.values())
-
-
-def run_bench(s: BenchSettings) -> Path:
-    unknown = [m for m in s.methods if m not in METHODS]
-    if unknown:
-        raise HPDError(f"unknown bench method(s) {unknown}; choose from: {', '.join(METHODS)}")
-    if 1.0 not in s.lr_grid:
-        raise HPDError(f"--lr-grid {s.lr_grid} must contain 1 (the base rate, which the equal-lr table uses)")
-    if REFERENCE not in s.methods:
-        raise HPDError(f"the bench compares every method with {REFERENCE!r}: include it in --methods")
-    if not (Path(s.teacher) / "config.json").is_file():
-        raise HPDError(f"no teacher at {s.teacher}: pass --teacher DIR or run `bash scripts/build_teacher.sh`")
-    if s.verifier is not None:
-        from hpd.apps.verifiers import get_verifier
-
-        get_verifier(s.verifier, answer_pattern=s.answer_pattern)  # a bad spec fails before any training
-    else:
-        preflight_tasks()  # e.g. no sandbox for generated code: say so before training
-    out = Path(s.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if s.report_only:
-        return _bench(s, out)
-    from hpd.apps.bench_manifest import exclusive
-
-    with exclusive(out):
-        return _bench(s, out)
-
-
-def _bench(s: BenchSettings, out: Path) -> Path:
-    from hpd.apps.bench_manifest import check_manifest
-    from hpd.apps.bench_report import write_report
-
-    settings = manifest_settings(s)
-    check_manifest(out, settings)  # before any data file under OUT is reused
-    if s.archive is not None:  # nor any run restored from the archive
-        check_manifest(Path(s.archive), settings, flag="--archive")
-    conditions, missing = build_conditions(s)
-    for line in missing:
-        print(f"[bench] not run: {line}", flush=True)
-    t0 = time.perf_counter()
-    for cond in conditions if s.report_only else []:
-        grid = plan_grid(cond, s)
-        restore_archived(grid, s)  # the tuned rates are read from the grid's (restored) scores
-        reuse(grid + plan_tuned(cond, s), s)
-    for cond in [] if s.report_only else conditions:
-        print(f"[bench] condition {cond.name}: {cond.note}; {len(s.methods)} methods, grid {s.lr_grid} x base lr "
-              f"{cond.start.lr:g}, seeds {s.seeds}, {cond.start.steps} steps", flush=True)
-        run_all(plan_grid(cond, s), s, cond.verifier)
-        run_all(plan_tuned(cond, s), s, cond.verifier)
-        if cond is not conditions[-1]:  # the tables so far; the last condition's are written below
-            write_report(s, conditions, missing)
-    path = write_report(s, conditions, missing)
-    print(path.read_text())
-    print(f"[bench] done in {time.perf_counter() - t0:.0f} s: {path}")
-    return out

@@ -306,7 +306,7 @@ def condition_tables(cond: Condition, s: BenchSettings) -> str:
 
 
 def _teacher_name(path: Path) -> str:
-    from hpd.apps.demo import BUNDLED_TEACHER
+    from hpd.apps.recipe import BUNDLED_TEACHER
 
     return "the bundled one" if Path(path).resolve() == BUNDLED_TEACHER.resolve() else str(path)
 

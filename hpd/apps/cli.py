@@ -503,7 +503,8 @@ def bench_cmd(
 ) -> None:
     """Which objective should I use? Every method, learning rate tuned on validation, seeds, paired differences."""
     with _user_errors():
-        from hpd.apps.bench import DEFAULT_METHODS, LONG_TEACHER, BenchSettings, run_bench
+        from hpd.apps.bench import DEFAULT_METHODS, LONG_TEACHER, BenchSettings
+        from hpd.apps.bench_run import run_bench
         from hpd.apps.demo import BUNDLED_TEACHER
 
         def split(text: str) -> list[str]:

@@ -19,7 +19,7 @@ is clipped when `A > 0, rho > 1 + eps_hi` (high), `A < 0, rho < 1 - eps_lo` (low
 logged value is the PPO loss itself.
 
     >>> import torch
-    >>> from hpd.objectives.base import TokenWeights
+    >>> from hpd.objectives.tensors import TokenWeights
     >>> from hpd.objectives.clip import RatioClip
     >>> tw = TokenWeights(weights=torch.tensor([[1.0, -1.0]]), tokens=torch.tensor([[3, 4]]), value=torch.zeros(1))
     >>> old = torch.log(torch.tensor([[0.5, 0.5]])); new = torch.log(torch.tensor([[0.7, 0.2]]))
@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from hpd.errors import HPDError
-from hpd.objectives.base import TokenWeights
+from hpd.objectives.tensors import TokenWeights
 
 
 @dataclass(frozen=True)

@@ -39,18 +39,21 @@ bucket elsewhere.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import Tensor
 
 from hpd.errors import HPDError
 from hpd.vocab import resolve_shared_vocab
-from hpd.objectives.base import (
-    IGNORE_INDEX, Objective, ObjectiveOutput, TeacherChunk, TokenWeights, bucket_logq, kl, refuse_unshifted_labels, upcast,
+from hpd.objectives.tensors import (
+    IGNORE_INDEX, ObjectiveOutput, TeacherChunk, TokenWeights, bucket_logq, kl, refuse_unshifted_labels, upcast,
 )
 from hpd.objectives.clip import RatioClip, RolloutWeights
 from hpd.objectives.head import LMHead, LogitTransform, as_lm_head
+
+if TYPE_CHECKING:  # only a type here; `Objective`'s calls enter this module, which never imports it back
+    from hpd.objectives.base import Objective
 
 DEFAULT_CHUNK_SIZE = 1024
 

@@ -1,5 +1,0 @@
-"""Moved to `hpd.apps.verifiers`; this old path works for one release (see `hpd._moved`)."""
-
-from hpd._moved import alias
-
-alias(__name__, "hpd.apps.verifiers")
