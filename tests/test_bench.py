@@ -173,6 +173,7 @@ def test_the_papers_training_length_many_epochs_over_a_modest_set(tmp_path):
     """gold-epochs and traces-epochs: the first rows of each task, passed over `epochs` times (the
     steps follow from the rows and the batch), gold and the writer's answers to the same prompts."""
     import math
+    from dataclasses import replace
 
     s = _fast(tmp_path, data=["gold-epochs", "traces-epochs"], train_per_task=12, epochs_per_task=5, epochs=7)
     (gold, traces), missing = build_conditions(s)
@@ -185,6 +186,11 @@ def test_the_papers_training_length_many_epochs_over_a_modest_set(tmp_path):
     assert gold.start.steps == traces.start.steps == math.ceil(7 * 15 / 32) == 4
     assert "7 epochs over 15 rows" in gold.note and "% wrong" in traces.note and "7 epochs" in traces.note
     assert "max_steps=4" in run_spec(gold, "hpd", gold.start.lr, 1, s).overrides
+    # the seed-0 curve keeps a checkpoint at every quarter, the last one the final step's
+    for steps, every in ((626, 157), (240, 60), (4, 1), (3, 1)):
+        spec = run_spec(replace(gold, start=replace(gold.start, steps=steps)), "hpd", gold.start.lr, 0, s)
+        assert f"save.every={every}" in spec.overrides and "save.keep_last=4" in spec.overrides
+        assert len({min(k * every, steps) for k in range(1, 5)} | {steps}) <= 4
     assert resolve_start("pretrained", s).steps == s.steps_pretrained  # the start itself is unchanged
     # the traces are the writer's answers to those prompts, with their own record of the share wrong
     tr = rows(traces.train)

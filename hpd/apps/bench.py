@@ -508,7 +508,9 @@ def run_spec(cond: Condition, method: str, lr: float, seed: int, s: BenchSetting
     objective, extra = METHODS[method]
     steps = cond.start.steps
     grid = seed == s.seeds[0]
-    save = [f"save.every={max(steps // 4, 1)}", "save.keep_last=4"] if grid else [f"save.every={max(steps // 2, 1)}", "save.keep_last=1"]
+    # ceil: the final step's save is the fourth checkpoint, never a fifth that drops the first
+    # quarter (626 steps: 157, 314, 471, 626; a multiple of 4 gives the same saves as steps // 4)
+    save = [f"save.every={-(-steps // 4)}", "save.keep_last=4"] if grid else [f"save.every={max(steps // 2, 1)}", "save.keep_last=1"]
     overrides = (f"output_dir={run_dir}", f"teacher.path={cond.teacher}", f"data.train={cond.train}", f"data.eval={cond.val}",
                  f"objective.name={objective}", f"max_steps={steps}", f"seed={seed}", f"log.eval_every={max(steps // 4, 1)}",
                  "resume=auto", "log.progress=false", *TRAIN_SETTINGS, *cond.start.overrides, *cond.overrides, f"optim.lr={lr:g}", *save,
