@@ -170,6 +170,69 @@ def test_data_conditions_traces_and_limited(tmp_path):
     assert any(r["completion"] != g["completion"] for r, g in zip(tr, rows(gold.train)))
 
 
+def test_the_papers_training_length_many_epochs_over_a_modest_set(tmp_path):
+    """gold-epochs and traces-epochs: the first rows of each task, passed over `epochs` times (the
+    steps follow from the rows and the batch), gold and the writer's answers to the same prompts."""
+    import math
+    from dataclasses import replace
+
+    s = _fast(tmp_path, data=["gold-epochs", "traces-epochs"], train_per_task=12, epochs_per_task=5, epochs=7)
+    (gold, traces), missing = build_conditions(s)
+    assert not missing and [c.name for c in (gold, traces)] == ["pretrained-gold-epochs", "pretrained-traces-epochs"]
+    rows = lambda p: [json.loads(l) for l in p.read_text().splitlines()]  # noqa: E731
+    few, all_gold = rows(gold.train), rows(tmp_path / "bench" / "data" / "gold" / "train.jsonl")
+    assert {t: sum(r["task"] == t for r in few) for t in ("math", "code", "dialogue")} == {"math": 5, "code": 5, "dialogue": 5}
+    assert [r for r in all_gold if r in few] == few  # the first of the gold rows, in their order
+    # 7 epochs x 15 rows / batch 32 = 3.3 -> 4 steps, for the grid's runs and the seeds' alike
+    assert gold.start.steps == traces.start.steps == math.ceil(7 * 15 / 32) == 4
+    assert "7 epochs over 15 rows" in gold.note and "% wrong" in traces.note and "7 epochs" in traces.note
+    assert "max_steps=4" in run_spec(gold, "hpd", gold.start.lr, 1, s).overrides
+    # the seed-0 curve keeps a checkpoint at every quarter, the last one the final step's
+    for steps, every in ((626, 157), (240, 60), (4, 1), (3, 1)):
+        spec = run_spec(replace(gold, start=replace(gold.start, steps=steps)), "hpd", gold.start.lr, 0, s)
+        assert f"save.every={every}" in spec.overrides and "save.keep_last=4" in spec.overrides
+        assert len({min(k * every, steps) for k in range(1, 5)} | {steps}) <= 4
+    assert resolve_start("pretrained", s).steps == s.steps_pretrained  # the start itself is unchanged
+    # the traces are the writer's answers to those prompts, with their own record of the share wrong
+    tr = rows(traces.train)
+    assert {r["prompt"] for r in tr} <= {r["prompt"] for r in few} and len(tr) > 0
+    assert any(r["completion"] != g["completion"] for r, g in zip(tr, few))
+    stats = json.loads((traces.train.parent / "stats.json").read_text())
+    assert traces.train.parent.name == "traces-epochs" and stats["rows"] == len(tr)
+    # a bigger batch: fewer steps for the same epochs
+    (g16,), _ = build_conditions(_fast(tmp_path, data=["gold-epochs"], train_per_task=12, epochs_per_task=5, epochs=7,
+                                       overrides=["optim.batch_size=8"]))
+    assert g16.start.steps == math.ceil(7 * 15 / 8)
+    # more rows per task than the gold rows hold: said, not silently fewer
+    with pytest.raises(HPDError, match="--epochs-per-task 13 needs"):
+        build_conditions(_fast(tmp_path / "more", data=["gold-epochs"], train_per_task=12, epochs_per_task=13))
+    # the record: another epoch count or row count in the same OUT is refused, naming the key
+    run_bench(_fast(tmp_path, data=["gold-epochs"], train_per_task=12, epochs_per_task=5, epochs=7, report_only=True))
+    for change, key in [(dict(epochs=8), "epochs.epochs: 7 -> 8"), (dict(epochs_per_task=4), "epochs.per_task: 5 -> 4")]:
+        with pytest.raises(HPDError, match=f"other settings \\({key}\\)"):
+            run_bench(_fast(tmp_path, report_only=True, **{**dict(data=["gold-epochs"], train_per_task=12,
+                                                                   epochs_per_task=5, epochs=7), **change}))
+
+
+def test_every_conditions_seed0_grid_runs_before_any_other_seed(tmp_path, monkeypatch):
+    """The validation picks are known first: seed 0 at every rate of every condition (the reference
+    first, each method at all its rates), then each condition's other seeds."""
+    import hpd.apps.bench as bench
+
+    ran = []
+    monkeypatch.setattr(bench, "run_all", lambda specs, s, verifier: ran.extend(
+        (sp.condition, sp.method, round(sp.lr / 1e-3, 3), sp.seed) for sp in specs))
+    s = _fast(tmp_path, data=["gold-epochs", "gold"], train_per_task=12, epochs_per_task=5, seeds=[0, 1],
+              lr_grid=[0.1, 0.333, 1.0], methods=["sft", "hpd"])
+    run_bench(s)
+    first = [r for r in ran if r[3] == 0][:12]
+    assert ran[:12] == first and len({r[:3] for r in first}) == 12  # 2 conditions x 2 methods x 3 rates, seed 0
+    assert [r[:2] for r in first[:3]] == [("pretrained-gold-epochs", "hpd")] * 3
+    assert [r[0] for r in first] == ["pretrained-gold-epochs"] * 6 + ["pretrained-gold"] * 6
+    assert {r[2] for r in first[:3]} == {0.1, 0.333, 1.0}
+    assert all(r[3] == 1 or r[:3] in {f[:3] for f in first} for r in ran[12:])
+
+
 def test_an_archive_made_in_another_checkout_is_restored_in_this_one(tmp_path):
     """The archived configs name the bundled models by absolute path (/work/main/hpd/assets/...);
     a clone elsewhere has them at another path, with the same weights (checked by bench.json)."""

@@ -24,7 +24,14 @@ shipped in `hpd/assets/students/`, built by `scripts/build_students.sh`), `prune
 a layer subset of the teacher), or a model directory. Data conditions (`--data`): `gold` (the
 reference solutions), `traces` (sampled generations of a weaker model, its mistakes kept; the
 fraction wrong is measured and reported), `limited` (a few hundred gold rows), `longmath` (math
-with many steps, answers of a few hundred tokens, with its own teacher).
+with many steps, answers of a few hundred tokens, with its own teacher), and the paper's training
+length, `gold-epochs` and `traces-epochs`: `epochs` passes (10, as the authors' recipe) over a
+modest set (`epochs_per_task` rows per task, the first of the gold rows; the traces are the
+writer's answers to those prompts), the run's steps set by the epochs instead of the start's.
+A longer grid downward (`--lr-grid 0.1,0.333,1`) answers whether a rate was too high for a method.
+
+The seed-0 grid of every condition runs first (so each method's validation pick is known early),
+then each condition's other seeds; the tables are rewritten after each condition.
 
 On a user's own task the same protocol runs on files:
 
@@ -93,7 +100,9 @@ METHODS: dict[str, tuple[str, list[str]]] = {
 }
 DEFAULT_METHODS = ["sft", "fkl", "rkl", "gkd", "orkl", "akl", "todi", "abkl", "hpd", "hpdk"]
 REFERENCE = "hpd"  # every paired difference is taken against this method
-DATA_CONDITIONS = ("gold", "traces", "limited", "longmath")
+DATA_CONDITIONS = ("gold", "traces", "limited", "longmath", "gold-epochs", "traces-epochs")
+# The conditions of the paper's training length: many epochs over a modest set (`epoch_data`).
+EPOCH_CONDITIONS = ("gold-epochs", "traces-epochs")
 # A condition's training settings beyond the student (shared by every start).
 TRAIN_SETTINGS = [o for o in STUDENT_OVERRIDES if not o.startswith("student.")]
 
@@ -133,6 +142,11 @@ class BenchSettings:
     writer_temperature: float = 1.0
     long_teacher: Path = LONG_TEACHER
     long_steps: int = 20       # math steps of the long-generation condition
+    # The paper's training length (gold-epochs, traces-epochs): passes over the data, and its rows
+    # per task. 667 per task (2,001 rows) x 10 epochs is 626 steps of batch 32: about 4 CPU minutes
+    # per run from the pretrained start (benchmarks/RESULTS.md, issue 37).
+    epochs: int = 10
+    epochs_per_task: int = 667
     jobs: int = 2
     overrides: list[str] = field(default_factory=list)  # applied to every run, after the method's own
     report_only: bool = False
@@ -272,10 +286,11 @@ def gold_data(data_dir: Path, tasks: list[str], s: BenchSettings) -> tuple[Path,
     return train, val
 
 
-def _traces(data_dir: Path, gold_train: Path, s: BenchSettings) -> tuple[Path, str]:
-    """The gold prompts answered by a weaker model (sampled, its mistakes kept); the share wrong."""
-    out = data_dir / "traces" / "train.jsonl"
-    stats_path = data_dir / "traces" / "stats.json"
+def _traces(data_dir: Path, gold_train: Path, s: BenchSettings, name: str = "traces") -> tuple[Path, str]:
+    """The gold prompts answered by a weaker model (sampled, its mistakes kept); the share wrong.
+    Written to `data_dir/name/`: `traces` for the gold rows, `traces-epochs` for the epochs' rows."""
+    out = data_dir / name / "train.jsonl"
+    stats_path = data_dir / name / "stats.json"
     kept = _archived_data(stats_path, s)
     if not out.is_file() and s.report_only and kept is not None:
         # The tables need only what the traces were (the archive's record, made by the same
@@ -331,6 +346,27 @@ def _limited(data_dir: Path, gold_train: Path, s: BenchSettings) -> Path:
     return out
 
 
+def epoch_data(data_dir: Path, gold_train: Path, s: BenchSettings) -> Path:
+    """The gold rows of the paper's training length: the first `epochs_per_task` of each task."""
+    out = data_dir / "gold-epochs" / "train.jsonl"
+    if not out.is_file():
+        rows = _first_per_task(_read_rows(gold_train), s.epochs_per_task)
+        if len(rows) < s.epochs_per_task * len(TASKS):
+            raise HPDError(f"--epochs-per-task {s.epochs_per_task} needs that many gold rows per task; the bench has "
+                           f"{s.train_per_task}: lower it or raise the training rows per task")
+        _write_rows(rows, out)
+    return out
+
+
+def epoch_steps(rows: int, s: BenchSettings, start: Start) -> int:
+    """Optimizer steps of `s.epochs` passes over `rows` rows, at the runs' batch size (as the
+    config's `epochs` key derives them, but known before a run starts: checkpoints, resume checks)."""
+    from hpd.config import load_config
+
+    o = load_config(None, [*TRAIN_SETTINGS, *start.overrides, *s.overrides]).optim
+    return max(1, math.ceil(s.epochs * rows / (o.batch_size * o.grad_accum)))
+
+
 def heldout_data(data_dir: Path, tasks: list[str], n: int, name: str) -> Path:
     path = data_dir / f"test-{name}.jsonl"
     if not path.is_file():
@@ -355,7 +391,9 @@ def manifest_settings(s: BenchSettings) -> dict[str, Any]:
         m.update({"data.train_per_task": s.train_per_task, "data.n_eval": s.n_eval, "data.n_curve": s.n_curve})
         if "limited" in s.data:
             m["limited.per_task"] = s.limited_per_task
-        if "traces" in s.data and (Path(s.writer) / "config.json").is_file():
+        if any(d in s.data for d in EPOCH_CONDITIONS):
+            m.update({"epochs.per_task": s.epochs_per_task, "epochs.epochs": s.epochs})
+        if {"traces", "traces-epochs"} & set(s.data) and (Path(s.writer) / "config.json").is_file():
             m.update({"traces.writer": weights(s.writer), "traces.temperature": s.writer_temperature})
         if "longmath" in s.data:
             m["longmath.steps"] = s.long_steps
@@ -435,6 +473,17 @@ def build_conditions(s: BenchSettings) -> tuple[list[Condition], list[str]]:
                 train, note = gold_train, f"gold references, {s.train_per_task} per task"
             elif data == "limited":
                 train, note = _limited(data_dir, gold_train, s), f"gold references, {s.limited_per_task} per task"
+            elif data in EPOCH_CONDITIONS:
+                gold_few = epoch_data(data_dir, gold_train, s)
+                if data == "gold-epochs":
+                    train, note = gold_few, f"gold references, {s.epochs_per_task} per task"
+                else:
+                    train, note = _traces(data_dir, gold_few, s, name="traces-epochs")
+                rows = s.epochs_per_task * len(TASKS)
+                start_here = replace(start, steps=epoch_steps(rows, s, start))
+                note += f"; {s.epochs} epochs over {rows} rows"
+                conditions.append(Condition(name, start_here, data, Path(s.teacher), train, gold_val, test, "task", note=note))
+                continue
             else:
                 train, note = _traces(data_dir, gold_train, s)
             conditions.append(Condition(name, start, data, Path(s.teacher), train, gold_val, test, "task", note=note))
@@ -459,7 +508,9 @@ def run_spec(cond: Condition, method: str, lr: float, seed: int, s: BenchSetting
     objective, extra = METHODS[method]
     steps = cond.start.steps
     grid = seed == s.seeds[0]
-    save = [f"save.every={max(steps // 4, 1)}", "save.keep_last=4"] if grid else [f"save.every={max(steps // 2, 1)}", "save.keep_last=1"]
+    # ceil: the final step's save is the fourth checkpoint, never a fifth that drops the first
+    # quarter (626 steps: 157, 314, 471, 626; a multiple of 4 gives the same saves as steps // 4)
+    save = [f"save.every={-(-steps // 4)}", "save.keep_last=4"] if grid else [f"save.every={max(steps // 2, 1)}", "save.keep_last=1"]
     overrides = (f"output_dir={run_dir}", f"teacher.path={cond.teacher}", f"data.train={cond.train}", f"data.eval={cond.val}",
                  f"objective.name={objective}", f"max_steps={steps}", f"seed={seed}", f"log.eval_every={max(steps // 4, 1)}",
                  "resume=auto", "log.progress=false", *TRAIN_SETTINGS, *cond.start.overrides, *cond.overrides, f"optim.lr={lr:g}", *save,
@@ -691,15 +742,20 @@ def tuned_lr(cond: Condition, method: str, s: BenchSettings, on: str = "accuracy
     return max(scored)[2], scores
 
 
-def plan_grid(cond: Condition, s: BenchSettings) -> list[RunSpec]:
-    """Phase 1: seed 0 at every grid rate (validation and test scores), seeds > 0 at the base rate.
-
-    Ordered so that an interrupted bench leaves the most useful partial tables: the reference
-    first, every method's base-rate seeds (the equal-lr table) before the other grid rates."""
+def plan_rates(cond: Condition, s: BenchSettings) -> list[RunSpec]:
+    """Seed 0 at every grid rate (validation and test scores): what picks each method's rate.
+    The reference first, each method at every rate before the next method."""
     methods = sorted(s.methods, key=lambda m: m != REFERENCE)
-    specs = [run_spec(cond, m, cond.start.lr, seed, s) for m in methods for seed in s.seeds]
-    specs += [run_spec(cond, m, cond.start.lr * mult, s.seeds[0], s) for m in methods for mult in s.lr_grid if mult != 1.0]
-    return specs
+    return [run_spec(cond, m, cond.start.lr * mult, s.seeds[0], s) for m in methods for mult in s.lr_grid]
+
+
+def plan_grid(cond: Condition, s: BenchSettings) -> list[RunSpec]:
+    """Phase 1: seed 0 at every grid rate (`plan_rates`), then seeds > 0 at the base rate (the
+    equal-lr table). Ordered so that an interrupted bench leaves the most useful partial tables:
+    every method's validation pick first (the bench runs every condition's `plan_rates` before
+    any other run), the reference first."""
+    methods = sorted(s.methods, key=lambda m: m != REFERENCE)
+    return plan_rates(cond, s) + [run_spec(cond, m, cond.start.lr, seed, s) for m in methods for seed in s.seeds[1:]]
 
 
 def plan_tuned(cond: Condition, s: BenchSettings) -> list[RunSpec]:

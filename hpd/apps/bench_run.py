@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 
 from hpd.apps.bench import (
-    METHODS, REFERENCE, BenchSettings, build_conditions, manifest_settings, plan_grid, plan_tuned, restore_archived,
-    reuse, run_all,
+    METHODS, REFERENCE, BenchSettings, build_conditions, manifest_settings, plan_grid, plan_rates, plan_tuned,
+    restore_archived, reuse, run_all,
 )
 from hpd.apps.bench_manifest import check_manifest, exclusive
 from hpd.apps.bench_report import write_report
@@ -62,6 +62,15 @@ def _bench(s: BenchSettings, out: Path) -> Path:
     for cond in [] if s.report_only else conditions:
         print(f"[bench] condition {cond.name}: {cond.note}; {len(s.methods)} methods, grid {s.lr_grid} x base lr "
               f"{cond.start.lr:g}, seeds {s.seeds}, {cond.start.steps} steps", flush=True)
+    # Every condition's seed-0 grid first: the validation picks are the first thing an interrupted
+    # bench should know (each method's rate, and whether the grid's edge was picked).
+    for cond in [] if s.report_only else conditions:
+        print(f"[bench] {cond.name}: seed {s.seeds[0]} at every rate of the grid", flush=True)
+        run_all(plan_rates(cond, s), s, cond.verifier)
+    if not s.report_only and len(conditions) > 1:
+        write_report(s, conditions, missing)
+    for cond in [] if s.report_only else conditions:
+        print(f"[bench] {cond.name}: the other seeds", flush=True)
         run_all(plan_grid(cond, s), s, cond.verifier)
         run_all(plan_tuned(cond, s), s, cond.verifier)
         if cond is not conditions[-1]:  # the tables so far; the last condition's are written below

@@ -477,7 +477,11 @@ def bench_cmd(
     starts: str = typer.Option("pretrained,scratch", "--starts", metavar="LIST",
                                help="Student starts: scratch, pretrained[:NAME], pruned[:every:K] or a model directory."),
     data: str = typer.Option("gold,traces,limited,longmath", "--data", metavar="LIST",
-                             help="Data conditions: gold, traces, limited, longmath."),
+                             help="Data conditions: gold, traces, limited, longmath; gold-epochs, traces-epochs "
+                                  "(the paper's training length: --epochs passes over --epochs-per-task rows per task)."),
+    epochs: int = typer.Option(10, "--epochs", metavar="N", min=1, help="Passes over the data of gold-epochs and traces-epochs."),
+    epochs_per_task: int = typer.Option(667, "--epochs-per-task", metavar="N", min=1,
+                                        help="Gold rows per task of gold-epochs and traces-epochs (the first of the gold rows)."),
     seeds: str = typer.Option("0,1,2", "--seeds", metavar="LIST", help="Comma-separated seeds (the first one runs the grid)."),
     lr_grid: str = typer.Option("0.333,1", "--lr-grid", metavar="LIST", help="Learning rates tried, as multiples of the start's base rate (e.g. 0.333,1,3 for a wider grid)."),
     steps_scratch: int = typer.Option(500, "--steps-scratch", metavar="N", min=1, help="Optimizer steps from scratch."),
@@ -524,7 +528,7 @@ def bench_cmd(
                            "--student": student}, what="--out")
         s = BenchSettings(out_dir=out, teacher=teacher or BUNDLED_TEACHER, methods=split(methods) if methods else list(DEFAULT_METHODS),
                           starts=split(starts), data=split(data), seeds=seed_list, lr_grid=grid, steps_scratch=steps_scratch,
-                          steps_pretrained=steps_pretrained, n_eval=n, n_val=n_val, long_teacher=long_teacher or LONG_TEACHER, jobs=jobs,
+                          steps_pretrained=steps_pretrained, epochs=epochs, epochs_per_task=epochs_per_task, n_eval=n, n_val=n_val, long_teacher=long_teacher or LONG_TEACHER, jobs=jobs,
                           overrides=list(overrides or []), report_only=report, archive=archive, user_train=train, user_test=test,
                           user_student=student, verifier=verifier, answer_pattern=answer_pattern)
         if smoke:
