@@ -217,10 +217,10 @@ def test_the_papers_training_length_many_epochs_over_a_modest_set(tmp_path):
 def test_every_conditions_seed0_grid_runs_before_any_other_seed(tmp_path, monkeypatch):
     """The validation picks are known first: seed 0 at every rate of every condition (the reference
     first, each method at all its rates), then each condition's other seeds."""
-    import hpd.apps.bench as bench
+    import hpd.apps.bench_run as bench_run  # the bench's entry point, which calls run_all
 
     ran = []
-    monkeypatch.setattr(bench, "run_all", lambda specs, s, verifier: ran.extend(
+    monkeypatch.setattr(bench_run, "run_all", lambda specs, s, verifier: ran.extend(
         (sp.condition, sp.method, round(sp.lr / 1e-3, 3), sp.seed) for sp in specs))
     s = _fast(tmp_path, data=["gold-epochs", "gold"], train_per_task=12, epochs_per_task=5, seeds=[0, 1],
               lr_grid=[0.1, 0.333, 1.0], methods=["sft", "hpd"])
