@@ -83,6 +83,6 @@ def test_bad_input_says_what_is_wrong(a, b, kw, match):
 
 
 def test_wilson_interval_is_one_function_reexported_by_evaluate():
-    from hpd import evaluate
+    from hpd.apps import evaluate
 
     assert evaluate.wilson_interval is wilson_interval
