@@ -345,7 +345,7 @@ def test_a_failing_server_stops_the_run_with_its_name_and_the_run_resumes_exactl
 
     def turns_bad(self):
         if self.step == 4:
-            proxy.mode = mode  # from here on (step 5's teacher was asked at step 4: prefetched)
+            proxy.mode = mode  # from here on (step 5's teacher was asked during step 4: prefetched)
         out = real_step(self)
         steps_taken.append(self.step + 1)
         return out
@@ -354,7 +354,10 @@ def test_a_failing_server_stops_the_run_with_its_name_and_the_run_resumes_exactl
     run = tmp_path / "run"
     with pytest.raises(HPDError, match=rf"{proxy.url}: .*{match}"):
         train(_cfg(run, proxy.url, *common))
-    assert steps_taken == [1, 2, 3, 4, 5]  # step 6 never finished
+    # The proxy turns bad while step 5 starts: step 6's request meets the fault, and so does step 5's
+    # when the prefetch thread had not sent it yet (a loaded machine). Either way the step whose
+    # answer is bad never finishes, and steps 1-4 trained on good answers.
+    assert steps_taken in ([1, 2, 3, 4], [1, 2, 3, 4, 5])
     assert [p.name for p in (run / "checkpoints").glob("step-*")] == ["step-00000003"] and not (run / "final").exists()
     monkeypatch.setattr(hpd.trainer.Trainer, "train_step", real_step)
     whole = train(_cfg(tmp_path / "whole", teacher_server.url, *common))
