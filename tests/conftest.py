@@ -119,3 +119,24 @@ def teacher_server(start_engine, repo_root):
     log-probability available (max_logprobs = its vocabulary, 264)."""
     return start_engine(repo_root / "hpd" / "assets" / "teacher", max_model_len=256, max_logprobs=264, kv_cache_gib=0.25,
                         extra_args=["--enforce-eager"])  # no compilation: it starts in about half the time
+
+
+@contextlib.contextmanager
+def interrupted_at_step(monkeypatch, step: int) -> Iterator[None]:
+    """Inside the block a run is interrupted (KeyboardInterrupt) as it starts optimizer step
+    `step` (1-based), after the steps before it and their checkpoints; after it, runs train again."""
+    import hpd.trainer
+
+    real_step = hpd.trainer.Trainer.train_step
+
+    def dies(self):
+        if self.step == step - 1:
+            raise KeyboardInterrupt
+        return real_step(self)
+
+    monkeypatch.setattr(hpd.trainer.Trainer, "train_step", dies)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            yield
+    finally:
+        monkeypatch.setattr(hpd.trainer.Trainer, "train_step", real_step)

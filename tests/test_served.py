@@ -299,7 +299,7 @@ def test_served_teacher_gives_the_in_process_loss_and_gradient(name, top_k, exac
 
 @engine
 def test_training_with_a_served_teacher_records_it_and_resumes_exactly(teacher_server, tmp_path, monkeypatch):
-    import hpd.trainer
+    from conftest import interrupted_at_step
     from hpd.trainer import train
 
     common = ["objective.name=hpd", "max_steps=6", "save.every=3", "teacher.server_top_k=8",
@@ -308,17 +308,8 @@ def test_training_with_a_served_teacher_records_it_and_resumes_exactly(teacher_s
     info = json.loads((whole / "metrics.jsonl").read_text().splitlines()[0])
     assert info["teacher_server"]["servers"] == [teacher_server.url]
     assert info["teacher_server"]["models"] == [str(Path(TEACHER).resolve())] and info["teacher_server"]["vocab_size"] == 264
-    real_step = hpd.trainer.Trainer.train_step
-
-    def dies_at_step_5(self):
-        if self.step == 4:
-            raise KeyboardInterrupt
-        return real_step(self)
-
-    monkeypatch.setattr(hpd.trainer.Trainer, "train_step", dies_at_step_5)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at_step(monkeypatch, 5):
         train(_cfg(tmp_path / "resumed", teacher_server.url, *common))
-    monkeypatch.setattr(hpd.trainer.Trainer, "train_step", real_step)
     a, c = _weights(whole), _weights(train(_cfg(tmp_path / "resumed", teacher_server.url, *common)))
     assert all(torch.equal(a[k], c[k]) for k in a)
 

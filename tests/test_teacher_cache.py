@@ -270,22 +270,13 @@ def test_training_with_a_complete_cache_equals_training_with_the_teacher(teacher
 
 
 def test_resume_with_a_cache_equals_an_uninterrupted_run(teacher_dir, k8_cache, tmp_path, monkeypatch):
-    import hpd.trainer
+    from conftest import interrupted_at_step
     from hpd.trainer import train
 
     common = [f"teacher.cache={k8_cache}", "objective.name=hpd", "max_steps=6", "save.every=3"]
     whole = train(_cfg(tmp_path / "whole", teacher_dir, *common))
-    real_step = hpd.trainer.Trainer.train_step
-
-    def dies_at_step_5(self):
-        if self.step == 4:
-            raise KeyboardInterrupt
-        return real_step(self)
-
-    monkeypatch.setattr(hpd.trainer.Trainer, "train_step", dies_at_step_5)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at_step(monkeypatch, 5):
         train(_cfg(tmp_path / "resumed", teacher_dir, *common))
-    monkeypatch.setattr(hpd.trainer.Trainer, "train_step", real_step)
     resumed = train(_cfg(tmp_path / "resumed", teacher_dir, *common))
     from safetensors.torch import load_file
 
