@@ -232,7 +232,9 @@ class TeacherConfig(ModelConfig):
         "(its own chat template for the prompt), lined up with the student's by byte offsets. "
         "hpd, orkl and sft read the teacher's log-probability of the same text span (positions "
         "whose token is no whole aligned span are masked); uld compares sorted distributions. "
-        "Needs an online teacher and regime.name dataset or student (docs/objectives.md).",
+        "With the online teacher, a cache built across tokenizers (`hpd cache-teacher --student`) "
+        "or teacher.server (teacher.path then names the teacher's tokenizer); regime.name dataset "
+        "or student (docs/objectives.md).",
     )
 
 
@@ -1066,12 +1068,12 @@ def _cross_checks(cfg: Config) -> list[str]:
                 f"teacher.cross_tokenizer=true: objective '{cfg.objective.name}' needs one vocabulary for both "
                 f"models; across tokenizers use one of {', '.join(XTOK_OBJECTIVES)} (uld for a vocabulary-sized loss)"
             )
-        if cfg.teacher.cache is not None or no_teacher or cfg.teacher.server is not None:
-            problems.append("teacher.cross_tokenizer=true needs the teacher model online (teacher.path, no "
-                            "teacher.cache or teacher.server yet)")
-        for on, key in ((cfg.data.packing, "data.packing"), (cfg.data.streaming, "data.streaming")):
-            if on:  # the teacher's own sequences are built per padded row, from the whole data set
-                problems.append(f"teacher.cross_tokenizer=true does not work with {key} yet: set {key}=false")
+        if cfg.teacher.cache is None and (no_teacher or cfg.teacher.path.strip() == "tiny") and served:
+            problems.append("teacher.cross_tokenizer=true with teacher.server tokenizes the teacher's sequences here: "
+                            "set teacher.path to a directory holding the served teacher's tokenizer")
+        elif cfg.teacher.cache is None and no_teacher and not served:
+            problems.append("teacher.cross_tokenizer=true needs a teacher: teacher.path, teacher.cache (built with "
+                            "`hpd cache-teacher --student DIR`) or teacher.server")
         if cfg.regime.name not in ("dataset", "student"):
             problems.append(
                 f"teacher.cross_tokenizer=true works with regime.name dataset or student, not {cfg.regime.name!r}: "

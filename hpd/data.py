@@ -739,11 +739,19 @@ def encode_file(path: str, tokenizer: Any, settings: Any,
                              stats=stats)
     if teacher_tokenizer is not None:
         kept = [ex for ex in examples if ex.completion]  # encode_dataset drops exactly the others
-        use = _use_template(teacher_tokenizer, settings.chat_template)
-        adds_bos = not use and _adds_bos(teacher_tokenizer)
-        for enc, ex in zip(encoded, kept, strict=True):
-            enc.teacher_prompt_ids = _encode_prompt(ex.prompt, teacher_tokenizer, use, adds_bos)[-settings.max_length:]
+        add_teacher_prompts(encoded, kept, teacher_tokenizer, settings)
     return encoded, stats
+
+
+def add_teacher_prompts(encoded: Sequence[EncodedExample], examples: Sequence[Example], teacher_tokenizer: Any,
+                        settings: Any) -> None:
+    """Give each encoded example `teacher_prompt_ids`: its example's prompt rendered and encoded as
+    the teacher's own (its chat template, per `settings.chat_template`), cut to `settings.max_length`
+    at its start (cross-tokenizer distillation; `encode_file` and the streamed data both use it)."""
+    use = _use_template(teacher_tokenizer, settings.chat_template)
+    adds_bos = not use and _adds_bos(teacher_tokenizer)
+    for enc, ex in zip(encoded, examples, strict=True):
+        enc.teacher_prompt_ids = _encode_prompt(ex.prompt, teacher_tokenizer, use, adds_bos)[-settings.max_length:]
 
 
 def privileged_prompt(prompt: str | list[dict], privileged: str, template: str) -> str | list[dict]:

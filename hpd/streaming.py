@@ -34,7 +34,7 @@ import random
 from collections.abc import Iterator
 from typing import Any
 
-from hpd.data import EncodedExample, LoadStats, encode_example, iter_rows, parse_rows
+from hpd.data import EncodedExample, LoadStats, add_teacher_prompts, encode_example, iter_rows, parse_rows
 from hpd.errors import HPDError
 from hpd.regimes import derive_seed
 
@@ -65,14 +65,15 @@ class StreamSampler:
     """The next global batches of a streamed training source (see the module docstring).
 
     settings: the `data` section (`hpd.config.DataConfig`): its row fields, `on_bad_row`,
-    `max_length`, `chat_template` and `shuffle_buffer`.
+    `max_length`, `chat_template` and `shuffle_buffer`. teacher_tokenizer: across tokenizers, the
+    teacher's; each example then gets its teacher prompt as `hpd.data.encode_file` gives it.
     """
 
     def __init__(self, path: str, tokenizer: Any, settings: Any, *, batch_size: int, seed: int = 0,
-                 num_replicas: int = 1, rank: int = 0):
+                 num_replicas: int = 1, rank: int = 0, teacher_tokenizer: Any = None):
         if batch_size < 1:
             raise HPDError(f"batch_size must be >= 1, got {batch_size}")
-        self.path, self.tokenizer, self.settings = path, tokenizer, settings
+        self.path, self.tokenizer, self.settings, self.teacher_tokenizer = path, tokenizer, settings, teacher_tokenizer
         self.batch_size, self.seed, self.num_replicas, self.rank = batch_size, seed, num_replicas, rank
         self.epoch = 0
         self.position = 0  # rows of this epoch the shuffle buffer has handed out (parsed or not)
@@ -129,6 +130,8 @@ class StreamSampler:
                 self.stats.note_skip(f"{ex.source}: no completion to train on")
                 continue
             self.stats.truncated += int(enc.truncated)
+            if self.teacher_tokenizer is not None:
+                add_teacher_prompts([enc], [ex], self.teacher_tokenizer, d)
             yield enc
 
     def _next_example(self) -> EncodedExample:

@@ -99,7 +99,7 @@ def build_teacher_cache(teacher: str | os.PathLike, data_files: Sequence[str | o
                         vocab_size: int | None = None, batch_size: int = 16, teacher_dtype: str = "float32",
                         shard_positions: int = 1 << 22, chunk_size: int = 1024, overwrite: bool = False,
                         trust_remote_code: bool = False, device: str = "auto", servers: Any = None,
-                        log: Callable[[str], None] | None = print) -> Path:
+                        student: Any = None, log: Callable[[str], None] | None = print) -> Path:
     """Run `teacher` once over every sequence of `data_files`; write the cache to `out`; return it.
 
     data:            the `data` config section (`hpd.config.DataConfig`) whose fields say how the
@@ -116,6 +116,12 @@ def build_teacher_cache(teacher: str | os.PathLike, data_files: Sequence[str | o
     servers:         teacher inference servers (`URL[,URL...]` or a `hpd.served.TeacherServers`)
                      that score the sequences instead of a model here (the batches spread over them;
                      `teacher` then only gives the tokenizer and the fingerprint); temperature 1 only.
+    student:         a cache across tokenizers (`teacher.cross_tokenizer`): the student's tokenizer (a
+                     model or tokenizer directory, "tiny" for the byte tokenizer, or a tokenizer object).
+                     The data is encoded as that run encodes it (the student's tokens, the teacher's own
+                     prompt), each response's text re-tokenized by the teacher (`hpd.cross_tokenizer.
+                     align_response`), and the teacher's view stored over its own tokens, found by the
+                     student's sequence; the teacher's tokenizer is saved with it and keys it.
     """
     from hpd.config import DataConfig
     from hpd.hub import resolve_model_path
@@ -139,7 +145,7 @@ def build_teacher_cache(teacher: str | os.PathLike, data_files: Sequence[str | o
         return _build(teacher, data_files, out, procs, top_k=top_k, data=data, temperature=temperature, dtype=dtype,
                       vocab_size=vocab_size, batch_size=batch_size, teacher_dtype=teacher_dtype,
                       shard_positions=shard_positions, chunk_size=chunk_size, overwrite=overwrite,
-                      trust_remote_code=trust_remote_code, device=device, servers=servers, log=log)
+                      trust_remote_code=trust_remote_code, device=device, servers=servers, student=student, log=log)
     finally:
         if lock is not None:
             lock.release()
@@ -148,7 +154,7 @@ def build_teacher_cache(teacher: str | os.PathLike, data_files: Sequence[str | o
 def _build(teacher: str, data_files: Sequence[str | os.PathLike], out: Path, procs: "_Processes", *, top_k: int,
            data: Any, temperature: float, dtype: str, vocab_size: int | None, batch_size: int, teacher_dtype: str,
            shard_positions: int, chunk_size: int, overwrite: bool, trust_remote_code: bool, device: str,
-           servers: Any, log: Callable[[str], None] | None) -> Path:
+           servers: Any, student: Any, log: Callable[[str], None] | None) -> Path:
     """`build_teacher_cache`'s work, under the lock on `out`'s builders."""
     from hpd.data import build_batch, encode_file
     from hpd.models import final_hidden_states, lm_head_of, load_model
@@ -185,16 +191,29 @@ def _build(teacher: str, data_files: Sequence[str | os.PathLike], out: Path, pro
         b = None if head.bias is None else head.bias.detach()[:V].float()
         transform = {"scale": head.transform.scale, "softcap": head.transform.softcap}
 
+    s_tok = _student_tokenizer(student, trust_remote_code) if student is not None else None
     examples, files = [], []
     for f in data_files:
-        enc, stats = encode_file(str(f), tokenizer, data)
+        enc, stats = encode_file(str(f), s_tok or tokenizer, data, teacher_tokenizer=tokenizer if s_tok else None)
         files.append({"path": str(f), "examples": len(enc), "rows": stats.rows, "skipped": stats.skipped,
                       "truncated": stats.truncated})
         examples += enc
-    spans = [_response_span(e.prompt_ids, e.completion_ids) for e in examples]
+    # The sequences the teacher scores: the examples' own, or across tokenizers the teacher's
+    # prompt and its tokens of each response's text, exactly as `hpd.cross_tokenizer` builds them.
+    if s_tok is not None:
+        from hpd.cross_tokenizer import align_response, special_markers, token_bytes
+
+        s_bytes, t_bytes = token_bytes(s_tok), token_bytes(tokenizer)
+        markers = special_markers(t_bytes)
+        seqs = [(list(e.teacher_prompt_ids), align_response(e.completion_ids, s_bytes, tokenizer, t_bytes,
+                                                            markers).teacher_ids) for e in examples]
+    else:
+        seqs = [(e.prompt_ids, e.completion_ids) for e in examples]
+    spans = [_response_span(p, c) for p, c in seqs]
     counts = np.asarray([n for _, n in spans], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     hashes = np.asarray([sequence_hash(e.prompt_ids, e.completion_ids) for e in examples], dtype=np.int64)
+    teacher_hashes = np.asarray([sequence_hash(p, c) for p, c in seqs], dtype=np.int64) if s_tok is not None else None
     total = int(offsets[-1])
 
     # Shards: consecutive examples up to shard_positions positions each (at least one example).
@@ -237,12 +256,12 @@ def _build(teacher: str, data_files: Sequence[str | os.PathLike], out: Path, pro
         # This process's shards, each longest first (so batches pad little); every example's rows go
         # where its offsets say.
         def length(i: int) -> int:
-            return -(len(examples[i].prompt_ids) + len(examples[i].completion_ids))
+            return -(len(seqs[i][0]) + len(seqs[i][1]))
 
         batches = [order[k:k + batch_size] for j, (s, e) in enumerate(shard_bounds) if j % procs.world == procs.rank
                    for order in [sorted(range(s, e), key=length)] for k in range(0, len(order), batch_size)]
         mine = sum(e - s for j, (s, e) in enumerate(shard_bounds) if j % procs.world == procs.rank)
-        pad_id = tokenizer.pad_token_id
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         # On stderr, with an ETA (hpd.progress), on the main process (its share of the shards); quiet
         # when log is None.
         progress = Progress(mine, "cache-teacher" + (f" (process 0 of {procs.world})" if procs.world > 1 else ""),
@@ -251,7 +270,7 @@ def _build(teacher: str, data_files: Sequence[str | os.PathLike], out: Path, pro
             """(label log-probs (N,), tail (N,), top-K ids (N, K), log-probs (N, K)) of the response
             positions of examples `idx`, in order, from the teacher model here."""
             with torch.inference_mode():
-                batch = build_batch([examples[i].prompt_ids for i in idx], [examples[i].completion_ids for i in idx],
+                batch = build_batch([seqs[i][0] for i in idx], [seqs[i][1] for i in idx],
                                     pad_id=pad_id)
                 batch = {k: v.to(dev) for k, v in batch.items()}
                 hidden = final_hidden_states(model, batch["input_ids"], batch["attention_mask"])  # (B, T, H)
@@ -278,7 +297,7 @@ def _build(teacher: str, data_files: Sequence[str | os.PathLike], out: Path, pro
 
         def score_served(idx: list[int]):
             """`score_model`'s result from the servers (one request per batch)."""
-            got = served.score([list(examples[i].prompt_ids) + list(examples[i].completion_ids) for i in idx], K)
+            got = served.score([list(seqs[i][0]) + list(seqs[i][1]) for i in idx], K)
             parts = [(g.label_logp[s:s + n], g.tail[s:s + n], g.topk_ids[s:s + n], g.topk_logp[s:s + n])
                      for i, g in zip(idx, got) for s, n in [spans[i]]]
             return tuple(np.concatenate([p[k] for p in parts]) for k in range(4))
@@ -317,13 +336,17 @@ def _build(teacher: str, data_files: Sequence[str | os.PathLike], out: Path, pro
         np.save(tmp / "offsets.npy", offsets)
         np.save(tmp / "hashes.npy", hashes)
         np.save(tmp / "starts.npy", np.asarray([s for s, _ in spans], dtype=np.int64))
+        index_names = INDEX_ARRAYS
+        if teacher_hashes is not None:  # across tokenizers: the teacher sequence of each row, checked at training
+            np.save(tmp / "teacher_hashes.npy", teacher_hashes)
+            index_names = (*INDEX_ARRAYS, "teacher_hashes")
         tokenizer.save_pretrained(str(tmp / "tokenizer"))
         data_bytes = sum(f.stat().st_size for f in tmp.glob("shard-*/*.npy"))
         # What a reader checks each file against (`TeacherCache`): a damaged shard is an error, never a
         # different teacher.
         for sh in shards:
             sh["sha256"] = {name: file_sha256(tmp / sh["dir"] / f"{name}.npy") for name in ARRAYS}
-        index_sha256 = {name: file_sha256(tmp / f"{name}.npy") for name in INDEX_ARRAYS}
+        index_sha256 = {name: file_sha256(tmp / f"{name}.npy") for name in index_names}
         manifest = {
             "format": FORMAT,
             "top_k": K,
@@ -337,7 +360,9 @@ def _build(teacher: str, data_files: Sequence[str | os.PathLike], out: Path, pro
             "teacher": {"path": str(Path(teacher).resolve()), "fingerprint": _fingerprint_or_none(teacher),
                         "dtype": teacher_dtype,
                         **({"servers": served.urls, "models": [served.models[u] for u in served.urls]} if served else {})},
-            "tokenizer": tokenizer_fingerprint(tokenizer),
+            # the tokenizer of the sequences the cache is found by (the student's, across tokenizers)
+            "tokenizer": tokenizer_fingerprint(s_tok or tokenizer),
+            **({"cross_tokenizer": {"teacher_tokenizer": tokenizer_fingerprint(tokenizer)}} if s_tok is not None else {}),
             "data": {"files": files, "settings": {k: getattr(data, k) for k in _DATA_KEYS}},
             "examples": len(examples),
             "positions": total,
@@ -362,6 +387,24 @@ def _build(teacher: str, data_files: Sequence[str | os.PathLike], out: Path, pro
             f"{manifest['bytes_per_token']} bytes per token ({data_bytes / 2**20:.1f} MiB) in "
             f"{manifest['build_seconds']:.1f} s -> {out}")
     return out
+
+
+def _student_tokenizer(student: Any, trust_remote_code: bool):
+    """The student's tokenizer of a cache across tokenizers: an object, "tiny" (the byte tokenizer),
+    or a model or tokenizer directory (a Hub id resolved to its local snapshot)."""
+    if not isinstance(student, (str, os.PathLike)):
+        return student
+    if str(student) == "tiny":
+        from hpd.tokenizer import byte_tokenizer
+
+        return byte_tokenizer()
+    from hpd.hub import resolve_model_path
+    from hpd.models import load_saved_tokenizer
+
+    path = resolve_model_path(str(student), role="student")
+    if not Path(path).is_dir():
+        raise HPDError(f"--student '{student}' is not a directory: pass the student model (or its tokenizer) directory")
+    return load_saved_tokenizer(path, trust_remote_code=trust_remote_code)
 
 
 def _fingerprint_or_none(teacher) -> str | None:
@@ -514,13 +557,17 @@ class TeacherCache:
             warnings.warn(f"teacher cache '{self.path}' has no file digests (built by an older hpd): its shards cannot "
                           "be checked for damage; rebuild it with `hpd cache-teacher ... --force`", stacklevel=3)
             digests = {}
+        self.cross_tokenizer = m.get("cross_tokenizer")  # built across tokenizers: the teacher's tokenizer keys it
+        names = (*INDEX_ARRAYS, "teacher_hashes") if self.cross_tokenizer else INDEX_ARRAYS
         index = {name: np.load(self._verified(f"{name}.npy", digests.get(name)), allow_pickle=False)
-                 for name in INDEX_ARRAYS}
+                 for name in names}
+        self.teacher_hashes = index.get("teacher_hashes")
         self.offsets, self.starts, self.hashes = index["offsets"], index["starts"], index["hashes"]
         n, total = int(m["examples"]), int(m["positions"])
         counts = np.diff(self.offsets) if len(self.offsets) else self.offsets
         if (self.offsets.shape != (n + 1,) or self.starts.shape != (n,) or self.hashes.shape != (n,)
-                or self.offsets[0] != 0 or self.offsets[-1] != total or (counts < 0).any() or (self.starts < 0).any()):
+                or self.offsets[0] != 0 or self.offsets[-1] != total or (counts < 0).any() or (self.starts < 0).any()
+                or (self.teacher_hashes is not None and self.teacher_hashes.shape != (n,))):
             raise self._damaged(f"offsets.npy, starts.npy and hashes.npy do not describe its {n} sequences and "
                                 f"{total} positions")
         self._order = np.argsort(self.hashes, kind="stable")  # lookups by binary search, first copy wins
@@ -602,12 +649,32 @@ class TeacherCache:
         )
 
     def check_run(self, *, tokenizer=None, teacher_path: str | None = None, temperature: float | None = None,
-                  support: str | None = None, objective: str = "") -> None:
-        """Errors for a run the cache cannot serve: another teacher, tokenizer, temperature, or K = 0."""
+                  support: str | None = None, objective: str = "", cross_tokenizer: bool | None = None,
+                  teacher_tokenizer=None) -> None:
+        """Errors for a run the cache cannot serve: another teacher, tokenizer, temperature, or K = 0.
+
+        cross_tokenizer: whether the run distills across tokenizers (a cache built with or without
+        `--student` serves only such runs); teacher_tokenizer: the run's teacher tokenizer, compared
+        with the one a cache across tokenizers was built with."""
         m = self.manifest
+        if cross_tokenizer is not None and cross_tokenizer != bool(self.cross_tokenizer):
+            raise HPDError(
+                f"the teacher cache '{self.path}' was built across tokenizers (hpd cache-teacher --student), this run has "
+                "teacher.cross_tokenizer=false: set teacher.cross_tokenizer=true, or rebuild the cache without --student"
+                if self.cross_tokenizer else
+                f"teacher.cross_tokenizer=true needs a cache built across tokenizers, but '{self.path}' was built over "
+                "the student's own tokens: rebuild it with `hpd cache-teacher --config RUN.yaml` (the run's "
+                "student.path gives the student's tokenizer) or `--student DIR`")
         if tokenizer is not None and tokenizer_fingerprint(tokenizer) != m["tokenizer"]:
             raise HPDError(f"the student's tokenizer differs from the one the teacher cache '{self.path}' was built "
-                           f"with ({m['teacher']['path']}): logit distillation needs one tokenizer")
+                           f"with ({m['teacher']['path']}): "
+                           + ("a cache across tokenizers is found by the student's sequences; rebuild it with this "
+                              "student (--student DIR)" if self.cross_tokenizer else "logit distillation needs one tokenizer"))
+        if (teacher_tokenizer is not None and self.cross_tokenizer
+                and tokenizer_fingerprint(teacher_tokenizer) != self.cross_tokenizer["teacher_tokenizer"]):
+            raise HPDError(f"the teacher's tokenizer differs from the one the teacher cache '{self.path}' was built with "
+                           f"({m['teacher']['path']}): the cache holds another teacher's tokens; rebuild it with "
+                           "`hpd cache-teacher --teacher DIR --student DIR ...`")
         if teacher_path is not None and Path(teacher_path).exists() and m["teacher"].get("fingerprint"):
             if teacher_fingerprint(teacher_path) != m["teacher"]["fingerprint"]:
                 raise HPDError(f"teacher.path '{teacher_path}' is not the teacher the cache '{self.path}' was built from "

@@ -63,7 +63,7 @@ from hpd.streaming import StreamSampler, check_streaming
 from hpd.provenance import code_record
 from hpd.models import (
     apply_lora, enable_gradient_checkpointing, final_hidden_states, init_from_teacher, lm_head_of, load_model, model_inputs,
-    save_model, vocab_rows,
+    load_saved_tokenizer, save_model, vocab_rows,
 )
 from hpd.objectives import (
     COMMON_PARAMS, DEFAULT_CHUNK_SIZE, Objective, ObjectiveOutput, RatioClip, RolloutWeights, TeacherView,
@@ -77,7 +77,7 @@ from hpd.metrics_file import MetricsLog
 from hpd.run_dir import RunDirLock, check_run_paths, describe_holder
 from hpd.served import TeacherServers
 from hpd.teacher_cache import TeacherCache
-from hpd.cross_tokenizer import CrossTokenizerTeacher
+from hpd.cross_tokenizer import CachedCrossTokenizerTeacher, CrossTokenizerTeacher, ServedCrossTokenizerTeacher
 from hpd.teachers import (
     CachedTeacher, ModelTeacher, OPSDTeacher, SelfTeacher, ServedTeacher, TeacherSource, prompt_ending_mismatches,
 )
@@ -195,8 +195,12 @@ def load_models(cfg: Config, cache: TeacherCache | None = None, *, with_teacher_
     student is its own teacher (`hpd.teachers.SelfTeacher`).
     """
     teacher, tokenizer = None, None
+    xtok = cfg.teacher.cross_tokenizer
     if cache is not None:
-        tokenizer = cache.tokenizer() if cfg.student.path == "tiny" else None
+        # the teacher's tokenizer is saved with the cache: a tiny student takes it, a run across tokenizers aligns with it
+        tokenizer = cache.tokenizer() if cfg.student.path == "tiny" or xtok else None
+    elif cfg.teacher.server is not None and xtok:  # the served teacher's tokenizer, to tokenize its sequences here
+        tokenizer = load_saved_tokenizer(_teacher_tokenizer_dir(cfg), trust_remote_code=cfg.teacher.trust_remote_code)
     elif cfg.teacher.server is None and cfg.teacher.path.strip().lower() != "none":
         seed = cfg.teacher.init_seed if cfg.teacher.init_seed is not None else derive_seed(cfg.seed, "teacher") % 2**31
         teacher, tokenizer = load_model(cfg.teacher.path, dtype=cfg.teacher.dtype, trust_remote_code=cfg.teacher.trust_remote_code,
@@ -213,9 +217,12 @@ def load_models(cfg: Config, cache: TeacherCache | None = None, *, with_teacher_
                                     role="student")
     vocab_size = None
     if cache is not None:
-        cache.check_run(tokenizer=s_tok if s_tok is not tokenizer else None,
-                        teacher_path=resolve_model_path(cfg.teacher.path, download=False)  # checked when at hand
-                        if cfg.teacher.path not in ("tiny", "none") else None)
+        at_hand = resolve_model_path(cfg.teacher.path, download=False) if cfg.teacher.path not in ("tiny", "none") else None
+        cache.check_run(tokenizer=s_tok if s_tok is not tokenizer else None, teacher_path=at_hand,  # checked when at hand
+                        cross_tokenizer=xtok,
+                        teacher_tokenizer=load_saved_tokenizer(at_hand) if xtok and at_hand and Path(at_hand).is_dir()
+                        and any(Path(at_hand).glob("tokenizer*")) else None)
+    if cache is not None and not xtok:
         rows = vocab_rows(student)
         shared = resolve_shared_vocab(rows, cache.vocab_size, len(s_tok)) if rows != cache.vocab_size else rows
         if shared != cache.vocab_size:
@@ -241,8 +248,18 @@ def load_models(cfg: Config, cache: TeacherCache | None = None, *, with_teacher_
         student = apply_lora(student, rank=cfg.student.lora_rank, alpha=cfg.student.lora_alpha,
                              dropout=cfg.student.lora_dropout, seed=derive_seed(seed, "lora") % 2**31)
     if with_teacher_tokenizer:
-        return student, teacher, s_tok, vocab_size, tokenizer if teacher is not None else None
+        return student, teacher, s_tok, vocab_size, tokenizer if teacher is not None or xtok else None
     return student, teacher, s_tok, vocab_size
+
+
+def _teacher_tokenizer_dir(cfg: Config) -> str:
+    """teacher.path as the directory of the teacher's tokenizer (a served teacher across tokenizers)."""
+    path = resolve_model_path(cfg.teacher.path, download=False) if cfg.teacher.path not in ("tiny", "none") else None
+    if path is None or not Path(path).is_dir():
+        raise HPDError(f"teacher.server with teacher.cross_tokenizer=true tokenizes the teacher's sequences here: "
+                       f"teacher.path must be a directory holding the served teacher's tokenizer (its weights are not "
+                       f"loaded), got {cfg.teacher.path!r}")
+    return str(path)
 
 
 def load_data(cfg: Config, tokenizer, teacher_tokenizer=None) -> tuple[list[EncodedExample], list[EncodedExample], dict[str, Any]]:
@@ -425,6 +442,7 @@ class Trainer:
             check_streaming(cfg)
         self.train_data, self.eval_data, self.data_info = load_data(
             cfg, self.tokenizer, teacher_tok if cfg.teacher.cross_tokenizer else None)
+        self.teacher_tokenizer = teacher_tok
         if cfg.epochs is not None:  # before the resume check and the schedule, which both read max_steps
             cfg.max_steps = steps_for_epochs(cfg.epochs, len(self.train_data), cfg.optim.batch_size * cfg.optim.grad_accum,
                                              self.world)
@@ -455,7 +473,10 @@ class Trainer:
         elif cfg.teacher.server is not None:
             self.servers = TeacherServers(cfg.teacher.server, timeout=cfg.teacher.server_timeout,
                                           retries=cfg.teacher.server_retries, log=self.log)
-            self.vocab_size = self._check_servers(cfg, student)
+            if cfg.teacher.cross_tokenizer:  # checked against the teacher's tokenizer; the loss runs over the student's
+                self.served_vocab = self._check_servers(cfg, student, teacher_tok)
+            else:
+                self.vocab_size = self._check_servers(cfg, student)
         elif teacher is None and self.objective.needs_teacher and not self.self_distill:
             raise HPDError(f"objective '{cfg.objective.name}' needs a teacher: set teacher.path")
         self.pad_id = self.tokenizer.pad_token_id
@@ -477,26 +498,34 @@ class Trainer:
         self.module, self.optimizer = self.acc.prepare(self.module, optimizer)
         # The one place that knows the kinds of teacher: the step below only asks the source.
         self.teacher_source: TeacherSource | None = None
-        if self.cache is not None:
+        xtok = dict(whole_spans=self.objective.support != "vocab")  # what a source across tokenizers masks
+        if self.cache is not None and cfg.teacher.cross_tokenizer:
+            self.teacher_source = CachedCrossTokenizerTeacher(self.cache, {"train": self.train_rows, "eval": self.eval_rows},
+                                                              teacher_tok, self.tokenizer, device, **xtok)
+        elif self.cache is not None:
             self.teacher_source = CachedTeacher(self.cache, {"train": self.train_rows, "eval": self.eval_rows}, device)
         elif self.self_distill:
             self.teacher_source = OPSDTeacher(SelfTeacher(self.unwrapped, cfg.opsd.teacher_weights, cfg.opsd.ema_decay),
                                               self.pad_id, device)
             self._check_prompt_endings()
+        elif self.servers is not None and cfg.teacher.cross_tokenizer:
+            self.teacher_source = ServedCrossTokenizerTeacher(
+                self.servers, cfg.teacher.server_top_k, self.served_vocab, teacher_tok, self.tokenizer, device, **xtok,
+                temperature=self.objective.temperature, exact_samples=cfg.teacher.server_exact_samples)
         elif self.servers is not None:
             self.teacher_source = ServedTeacher(self.servers, cfg.teacher.server_top_k, self.vocab_size, device,
                                                 temperature=self.objective.temperature,
                                                 exact_samples=cfg.teacher.server_exact_samples)
         elif self.teacher is not None and cfg.teacher.cross_tokenizer:
-            self.teacher_source = CrossTokenizerTeacher(self.teacher, teacher_tok, self.tokenizer, device,
-                                                        whole_spans=self.objective.support != "vocab",
+            self.teacher_source = CrossTokenizerTeacher(self.teacher, teacher_tok, self.tokenizer, device, **xtok,
                                                         chunk_size=cfg.objective.chunk_size or DEFAULT_CHUNK_SIZE)
         elif self.teacher is not None:
             self.teacher_source = ModelTeacher(self.teacher)
         if cfg.data.streaming:  # the sampler holds each batch's examples: it is the training data
             self.sampler = self.train_data = StreamSampler(cfg.data.train, self.tokenizer, cfg.data,
                                                            batch_size=cfg.optim.batch_size, seed=cfg.seed,
-                                                           num_replicas=self.world, rank=self.rank)
+                                                           num_replicas=self.world, rank=self.rank,
+                                                           teacher_tokenizer=teacher_tok if cfg.teacher.cross_tokenizer else None)
             self.sampler.check()
         else:
             self.sampler = EpochSampler(len(self.train_data), cfg.optim.batch_size, seed=cfg.seed,
@@ -541,9 +570,19 @@ class Trainer:
     def unwrapped(self) -> nn.Module:
         return self.acc.unwrap_model(self.module).student
 
-    def _check_servers(self, cfg: Config, student: nn.Module) -> int:
+    def _check_servers(self, cfg: Config, student: nn.Module, teacher_tokenizer=None) -> int:
         """The vocabulary the served teacher and the student share; `HPDError` when the servers serve
-        another tokenizer or vocabulary than the student's (both named). Recorded in the run's info."""
+        another tokenizer or vocabulary than the student's (both named). Recorded in the run's info.
+        teacher_tokenizer: across tokenizers, the teacher's (teacher.path): the servers must read text
+        as it does; their vocabulary is returned (the teacher's, not shared)."""
+        if teacher_tokenizer is not None:
+            info = self.servers.check(teacher_tokenizer, None, cfg.teacher.server_top_k,
+                                      student=f"the teacher tokenizer at teacher.path ({cfg.teacher.path})",
+                                      guess=len(teacher_tokenizer))
+            self.data_info["teacher_server"] = info
+            self.log(f"teacher served by {', '.join(f'{u} ({m})' for u, m in zip(info['servers'], info['models']))} "
+                     f"across tokenizers: vocabulary {info['vocab_size']}, top-{info['top_k']} per position")
+            return info["vocab_size"]
         rows = vocab_rows(student)
         info = self.servers.check(self.tokenizer, None, cfg.teacher.server_top_k, student=f"the student ({cfg.student.path})",
                                   guess=rows)

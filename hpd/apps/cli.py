@@ -571,6 +571,11 @@ def cache_teacher_cmd(
                                          help="Teacher inference servers (`hpd serve-teacher`, vLLM) that score the "
                                               "sequences, the batches spread over them; --teacher DIR then only gives "
                                               "the tokenizer (temperature 1 only)."),
+    student: Optional[str] = typer.Option(None, "--student", metavar="DIR",
+                                          help="Build across tokenizers (teacher.cross_tokenizer): the student's model "
+                                               "or tokenizer directory ('tiny': the byte tokenizer); the teacher's view "
+                                               "is stored over its own tokens of each response [default: the config's "
+                                               "student.path when it sets teacher.cross_tokenizer=true]."),
 ) -> None:
     """Run the teacher once over the training sequences and store what training reads of it.
 
@@ -597,7 +602,9 @@ def cache_teacher_cmd(
                                    dtype=dtype, vocab_size=vocab_size, batch_size=batch_size, overwrite=force,
                                    shard_positions=shard_positions, device=device,
                                    teacher_dtype=cfg.teacher.dtype, trust_remote_code=cfg.teacher.trust_remote_code,
-                                   servers=server, log=lambda m: typer.echo(m, err=True))
+                                   servers=server, log=lambda m: typer.echo(m, err=True),
+                                   student=student or (cfg.student.path if config is not None and cfg.teacher.cross_tokenizer
+                                                       else None))
         typer.echo(str(path))
 
 
