@@ -271,7 +271,8 @@ def test_the_teacher_cache_holds_the_models_log_probabilities(model_type, tmp_pa
     examples = encode_file(str(data), tok, DataConfig(max_length=16))[0]
     b = build_batch([e.prompt_ids for e in examples], [e.completion_ids for e in examples], pad_id=tok.pad_token_id)
     with torch.no_grad():
-        ref = torch.log_softmax(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, -1)
+        ref = torch.log_softmax(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                                      use_cache=False).logits.float(), -1)
     labels = b["labels"]
     view = cache.teacher(cache.rows_of(examples, "test"), labels)
     pos = (labels.reshape(-1) != -100).nonzero().squeeze(1)
