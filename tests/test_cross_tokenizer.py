@@ -24,6 +24,11 @@ SHIPPED = "examples/tiny.jsonl"
 @pytest.fixture(scope="module")
 def bpe():
     """A small byte-level BPE tokenizer trained offline on the shipped examples (300 tokens)."""
+    return train_bpe()
+
+
+def train_bpe():
+    """The `bpe` fixture's tokenizer (also the student of the served teacher's test across tokenizers)."""
     texts = []
     for line in open(SHIPPED):
         row = json.loads(line)
@@ -298,12 +303,209 @@ def test_train_refuses_another_tokenizer_without_the_flag_and_runs_with_it(bpe, 
 
 
 @pytest.mark.parametrize("extra,match", [
-    (["teacher.server=http://127.0.0.1:9"], r"needs the teacher model online"),
-    (["data.packing=true"], r"does not work with data.packing"),
-    (["data.streaming=true", "max_steps=2", "data.eval=examples/tiny.jsonl"], r"does not work with data.streaming"),
+    (["teacher.server=http://127.0.0.1:9", "teacher.path=none"], r"teacher.path to a directory holding the served teacher's tokenizer"),
+    (["teacher.path=none"], r"needs a teacher"),
 ])
-def test_cross_tokenizer_refuses_what_it_does_not_line_up_yet(extra, match):
+def test_cross_tokenizer_refuses_a_teacher_it_cannot_line_up(extra, match):
     from hpd.config import load_config
 
     with pytest.raises(HPDError, match=match):
         load_config(None, overrides=["teacher.cross_tokenizer=true", "objective.name=hpd", *extra])
+
+
+# --- the cache across tokenizers ----------------------------------------------------------------------------------
+
+
+def _pair(bpe, tmp_path):
+    """A BPE teacher and a byte-level student, saved; the student's examples with their teacher prompts."""
+    from hpd.config import DataConfig
+    from hpd.data import encode_file
+    from hpd.models import save_model
+
+    teacher, student = _tiny(bpe, 3), _tiny(byte_tokenizer(), 4)
+    tdir = save_model(teacher, bpe, tmp_path / "teacher")
+    sdir = save_model(student, byte_tokenizer(), tmp_path / "student")
+    examples = encode_file(SHIPPED, byte_tokenizer(), DataConfig(max_length=64), teacher_tokenizer=bpe)[0]
+    return teacher, student, tdir, sdir, examples
+
+
+def _loss_and_grad(student, source, examples, rows, name, samples_seed=0, **batch_kw):
+    from hpd.batches import make_batch
+
+    tok = byte_tokenizer()
+    batch = make_batch([e.prompt_ids for e in examples], [e.completion_ids for e in examples], pad_id=tok.pad_token_id,
+                       vocab_size=None, device=torch.device("cpu"), **batch_kw)
+    source.prepare(batch, examples, "train", rows)
+    view = source.view(batch)
+    rows = batch.row_labels if batch.packing is not None else batch.labels
+    samples = torch.randint(0, 258, rows.shape, generator=torch.Generator().manual_seed(samples_seed))
+    if batch.packing is not None:  # the same draws, laid out as the packed batch
+        samples = batch.packing.pack(samples)
+    kw = dict(position_ids=batch.position_ids) if batch.position_ids is not None else dict(attention_mask=batch.attention_mask)
+    logits = student(input_ids=batch.input_ids, **kw, use_cache=False).logits  # no KV cache: HF keeps packed rows apart
+    out = get_objective(name)(logits, view, batch.labels, sampled_tokens=samples if name == "hpd" else None)
+    params = [p for p in student.parameters() if p.requires_grad]
+    return out, torch.autograd.grad(out.loss, params), batch
+
+
+@pytest.mark.parametrize("name", ["hpd", "orkl", "sft", "uld"])
+def test_a_cache_across_tokenizers_gives_the_online_loss_and_gradient(bpe, tmp_path, name):
+    """Built with --student over the teacher's own tokens, K = V_t in float32: the loss and the student's
+    gradients equal the online cross-tokenizer teacher's to fp32 tolerance, for every objective that runs
+    across tokenizers."""
+    from hpd.cross_tokenizer import CachedCrossTokenizerTeacher, CrossTokenizerTeacher
+    from hpd.config import DataConfig
+    from hpd.teacher_cache import TeacherCache, build_teacher_cache
+
+    teacher, student, tdir, _, examples = _pair(bpe, tmp_path)
+    cache = TeacherCache(build_teacher_cache(tdir, [SHIPPED], tmp_path / "cache", top_k=10**6, dtype="float32",
+                                             data=DataConfig(max_length=64), student="tiny", log=None))
+    assert cache.cross_tokenizer and cache.top_k == cache.vocab_size == teacher.get_output_embeddings().weight.shape[0]
+    assert cache.teacher_hashes is not None
+    examples = examples[:6]
+    rows = cache.rows_of(examples, "test")
+    whole = get_objective(name).support != "vocab"
+    online = CrossTokenizerTeacher(teacher, bpe, byte_tokenizer(), torch.device("cpu"), whole_spans=whole)
+    cached = CachedCrossTokenizerTeacher(cache, {"train": rows}, cache.tokenizer(), byte_tokenizer(), torch.device("cpu"),
+                                         whole_spans=whole)
+    (a, ga, ba), (c, gc, bc) = (_loss_and_grad(student, src, examples, list(range(6)), name) for src in (online, cached))
+    assert torch.equal(ba.labels, bc.labels) and ba.num_active == bc.num_active > 0
+    assert float(c.loss) == pytest.approx(float(a.loss), rel=1e-5, abs=1e-6)
+    for x, y in zip(gc, ga):
+        torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-4)
+    if name == "hpd":
+        assert a.metrics["frac_sample_unscored"] == pytest.approx(c.metrics["frac_sample_unscored"])
+        assert a.metrics["agreement"] == pytest.approx(c.metrics["agreement"])
+
+
+def test_a_topk_cache_across_tokenizers_reads_y_exactly_and_estimates_samples_from_the_tail(bpe, tmp_path):
+    """K = 8: orkl (the sequence token only) equals the online teacher; hpd reads a sample's teacher
+    token from the top-K when it is there (exact) and from the tail spread evenly otherwise (counted)."""
+    from hpd.cross_tokenizer import CachedCrossTokenizerTeacher, CrossTokenizerTeacher
+    from hpd.config import DataConfig
+    from hpd.teacher_cache import TeacherCache, build_teacher_cache
+
+    teacher, student, tdir, _, examples = _pair(bpe, tmp_path)
+    cache = TeacherCache(build_teacher_cache(tdir, [SHIPPED], tmp_path / "cache", top_k=8, dtype="float32",
+                                             data=DataConfig(max_length=64), student="tiny", log=None))
+    examples = examples[:6]
+    rows = cache.rows_of(examples, "test")
+    online = CrossTokenizerTeacher(teacher, bpe, byte_tokenizer(), torch.device("cpu"))
+    cached = CachedCrossTokenizerTeacher(cache, {"train": rows}, cache.tokenizer(), byte_tokenizer(), torch.device("cpu"))
+    (a, ga, _), (c, gc, _) = (_loss_and_grad(student, src, examples, list(range(6)), "orkl") for src in (online, cached))
+    assert float(c.loss) == pytest.approx(float(a.loss), rel=1e-5)
+    # hpd, chunk by chunk: the cached teacher at every student token equals the online one where the
+    # mapped teacher token is the teacher's own or in its top-8, and the tail estimate elsewhere.
+    from hpd.batches import make_batch
+
+    tok = byte_tokenizer()
+    views = []
+    for src in (online, cached):
+        b = make_batch([e.prompt_ids for e in examples], [e.completion_ids for e in examples], pad_id=tok.pad_token_id,
+                       vocab_size=None, device=torch.device("cpu"))
+        src.prepare(b, examples, "train", list(range(6)))
+        views.append(src.view(b))
+    pos = (b.labels.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)
+    y = b.labels.reshape(-1)[pos]
+    on, ca = (v.chunker(258, 1.0)(pos, y) for v in views)
+    tokens = torch.randint(0, 258, y.shape, generator=torch.Generator().manual_seed(0))
+    inverse = {int(t): i for i, t in enumerate(online.mapping.tolist()) if t >= 0}
+    for i in range(0, len(tokens), 2):  # every other token: one spelling a teacher top-8 token, where there is one
+        spelled = [inverse[int(t)] for t in ca.tokens[i, -8:] if int(t) in inverse and inverse[int(t)] != int(y[i])]
+        tokens[i] = spelled[0] if spelled else tokens[i]
+    want, got = on.at(tokens), ca.at(tokens)
+    outside = ca.outside_topk(tokens)
+    inside = ~outside & ~want.isnan()
+    assert 0 < int(outside.sum()) < len(tokens) and int(inside.sum()) > 0
+    torch.testing.assert_close(got[inside], want[inside], atol=1e-5, rtol=1e-5)
+    mapped = online.mapping[tokens[outside]]
+    estimate = ca.tail[outside] - math.log(cache.vocab_size - 8)
+    torch.testing.assert_close(got[outside], estimate.to(got.dtype))
+    assert bool(want.isnan().eq(got.isnan()).all()) and bool((mapped >= 0).all())
+    torch.testing.assert_close(ca.at(y), on.at(y), atol=1e-5, rtol=1e-5)  # the sequence token: its exact span
+    # ULD reads the top-8 and the tail spread evenly over the other V_t - 8 teacher tokens
+    torch.testing.assert_close(ca.sorted_logp("uld")[:, :8], on.sorted_logp("uld")[:, :8], atol=1e-5, rtol=1e-5)
+
+
+def test_a_cache_across_tokenizers_is_refused_for_another_teacher_tokenizer_or_mode(bpe, tmp_path, spm):
+    from hpd.config import DataConfig
+    from hpd.models import save_model
+    from hpd.teacher_cache import TeacherCache, build_teacher_cache
+
+    _, _, tdir, _, _ = _pair(bpe, tmp_path)
+    cache = TeacherCache(build_teacher_cache(tdir, [SHIPPED], tmp_path / "cache", top_k=4, data=DataConfig(max_length=64),
+                                             student="tiny", log=None))
+    cache.check_run(tokenizer=byte_tokenizer(), cross_tokenizer=True, teacher_tokenizer=bpe)  # the right pair passes
+    with pytest.raises(HPDError, match="teacher's tokenizer differs"):
+        cache.check_run(cross_tokenizer=True, teacher_tokenizer=spm)
+    with pytest.raises(HPDError, match="student's tokenizer differs.*rebuild it with this student"):
+        cache.check_run(tokenizer=bpe, cross_tokenizer=True)
+    with pytest.raises(HPDError, match="built across tokenizers .*set teacher.cross_tokenizer=true"):
+        cache.check_run(cross_tokenizer=False)
+    same = TeacherCache(build_teacher_cache(tdir, [SHIPPED], tmp_path / "same", top_k=4, data=DataConfig(max_length=64),
+                                            log=None))
+    with pytest.raises(HPDError, match="needs a cache built across tokenizers"):
+        same.check_run(cross_tokenizer=True)
+    del save_model
+
+
+def test_train_from_a_cache_across_tokenizers_equals_the_online_run(bpe, tmp_path):
+    """`hpd cache-teacher --config RUN.yaml` (student.path and teacher.cross_tokenizer from the run) then
+    `hpd train teacher.cache=CACHE`: the teacher is never loaded and two hpd steps give the online run's weights;
+    another teacher at teacher.path (another tokenizer) is refused before training."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from hpd.apps.cli import app
+    from hpd.models import save_model
+    from hpd.trainer import train
+
+    _, _, tdir, sdir, _ = _pair(bpe, tmp_path)
+    base = {"student": {"path": str(sdir)}, "teacher": {"path": str(tdir), "cross_tokenizer": True},
+            "data": {"train": SHIPPED, "max_length": 64}, "objective": {"name": "hpd"},
+            "optim": {"batch_size": 4}, "max_steps": 2, "log": {"progress": False, "tensorboard": "off"}}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(base))
+    res = CliRunner().invoke(app, ["cache-teacher", "--config", str(tmp_path / "run.yaml"), "--out", str(tmp_path / "cache"),
+                                   "--top-k", "1000000", "--dtype", "float32"])
+    assert res.exit_code == 0, res.output
+    online = train({**base, "output_dir": str(tmp_path / "online")})
+    cached = train({**base, "teacher": {"path": "none", "cache": str(tmp_path / "cache"), "cross_tokenizer": True},
+                    "output_dir": str(tmp_path / "cached")})
+    from safetensors.torch import load_file
+
+    a, c = (load_file(str(r / "final" / "model.safetensors")) for r in (online, cached))
+    for k in a:
+        torch.testing.assert_close(c[k], a[k], atol=1e-5, rtol=1e-4)
+    lines = [json.loads(x) for x in (cached / "metrics.jsonl").read_text().splitlines()]
+    assert [x for x in lines if x.get("type") == "train"][-1]["xtok_frac_masked"] > 0
+    other = save_model(_tiny(byte_tokenizer(), 5), byte_tokenizer(), tmp_path / "other-teacher")
+    with pytest.raises(HPDError, match="teacher's tokenizer differs"):
+        train({**base, "teacher": {"path": str(other), "cache": str(tmp_path / "cache"), "cross_tokenizer": True},
+               "output_dir": str(tmp_path / "refused")})
+
+
+def test_packed_and_streamed_runs_across_tokenizers(bpe, tmp_path):
+    """data.packing: the maps are packed like the labels, so a packed step gives the padded step's loss and
+    gradients; data.streaming: the teacher prompts come with each streamed example, and training runs."""
+    from hpd.cross_tokenizer import CrossTokenizerTeacher
+    from hpd.trainer import train
+
+    teacher, student, tdir, sdir, examples = _pair(bpe, tmp_path)
+    examples = examples[:5]
+    for name in ("hpd", "uld"):
+        src = CrossTokenizerTeacher(teacher, bpe, byte_tokenizer(), torch.device("cpu"),
+                                    whole_spans=get_objective(name).support != "vocab")
+        (a, ga, ba), (c, gc, bc) = (_loss_and_grad(student, src, examples, list(range(5)), name, pack=p, pack_length=400)
+                                    for p in (False, True))
+        assert bc.packing is not None and bc.labels.shape[0] < ba.labels.shape[0]  # several rows per packed row
+        assert ba.num_active == bc.num_active
+        assert float(c.loss) == pytest.approx(float(a.loss), rel=1e-5)
+        for x, y in zip(gc, ga):
+            torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-4)
+    cfg = {"student": {"path": str(sdir)}, "teacher": {"path": str(tdir), "cross_tokenizer": True},
+           "data": {"train": SHIPPED, "eval": SHIPPED, "max_length": 64, "streaming": True}, "objective": {"name": "hpd"},
+           "optim": {"batch_size": 4}, "max_steps": 2, "log": {"progress": False, "tensorboard": "off"},
+           "output_dir": str(tmp_path / "streamed")}
+    run = train(cfg)
+    step = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"train"' in x][-1]
+    assert math.isfinite(step["loss"]) and 0.0 < step["xtok_frac_masked"] < 1.0
