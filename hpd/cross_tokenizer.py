@@ -351,12 +351,10 @@ class CrossTokenizerTopKChunk(CrossTokenizerChunk):
         return torch.where(tokens == self.labels, self.label_logp.to(value.dtype), value)
 
     def outside_topk(self, tokens: Tensor) -> Tensor:
-        """`(C,)` bool: `tokens` has a teacher counterpart whose value `at` estimates from the tail."""
+        """`(C,)` bool: `tokens` has a teacher counterpart that is neither the teacher's own token there nor
+        in its top-K (`at` estimates it from the tail, unless `with_exact` gave its exact value)."""
         mapped = self.mapping[tokens]
-        out = (mapped >= 0) & ~self._held(mapped)[0] & (tokens != self.labels)
-        if self.exact is not None:
-            out &= tokens != self.exact[0]
-        return out
+        return (mapped >= 0) & ~self._held(mapped)[0] & (tokens != self.labels)
 
     def with_exact(self, tokens: Tensor, logp: Tensor) -> CrossTokenizerTopKChunk:
         return CrossTokenizerTopKChunk(self.inner, self.label_logp, self.labels, self.mapping, (tokens, logp))

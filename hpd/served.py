@@ -289,14 +289,16 @@ class TeacherServers:
                                              {"model": model, "prompt": PROBE_TEXT, "add_special_tokens": False}, timeout=30)
                 if status != 200 or not isinstance(body, dict) or "tokens" not in body:
                     raise ServerError(f"/tokenize answered {status} without tokens")
+                tokens = body["tokens"]
+                if list(tokens) != list(probe):  # before any request holds the probe's ids (they may not be the server's)
+                    at = next((i for i, (a, b) in enumerate(zip(tokens, probe)) if a != b), min(len(tokens), len(probe)))
+                    raise HPDError(f"teacher server {u} serves {model}, whose tokenizer reads the probe text "
+                                   f"{PROBE_TEXT!r} as other token ids than {student}'s (first difference at token {at}: "
+                                   f"served {tokens[at:at + 4]}, student {probe[at:at + 4]}): logit distillation needs "
+                                   "one tokenizer")
                 served_vocab = self.served_vocab_size(u, vocab_size or guess)
-                return model, body["tokens"], served_vocab, self._score_on(u, [probe], min(top_k, served_vocab))[0]
-            model, tokens, served_vocab, scored = self._with_retries("the start-up check", one)
-            if list(tokens) != list(probe):
-                at = next((i for i, (a, b) in enumerate(zip(tokens, probe)) if a != b), min(len(tokens), len(probe)))
-                raise HPDError(f"teacher server {url} serves {model}, whose tokenizer reads the probe text {PROBE_TEXT!r} "
-                               f"as other token ids than {student}'s (first difference at token {at}: served "
-                               f"{tokens[at:at + 4]}, student {probe[at:at + 4]}): logit distillation needs one tokenizer")
+                return model, served_vocab, self._score_on(u, [probe], min(top_k, served_vocab))[0]
+            model, served_vocab, scored = self._with_retries("the start-up check", one)
             if vocab_size is None:
                 vocab_size = served_vocab
             elif served_vocab != vocab_size:

@@ -422,3 +422,82 @@ def test_a_packed_run_with_a_served_teacher_trains_as_the_padded_one(teacher_ser
     packed = _weights(train(_cfg(tmp_path / "packed", teacher_server.url, *common, "data.packing=true")))
     for k in padded:
         torch.testing.assert_close(packed[k], padded[k], atol=1e-4, rtol=1e-4)  # Adam: a sign-like first step
+
+
+# --- across tokenizers ----------------------------------------------------------------------------------------------
+
+
+def _bpe_student(tmp_path=None):
+    """A BPE student (the tokenizer trained offline in test_cross_tokenizer) of the bundled byte-level teacher."""
+    from test_cross_tokenizer import _tiny, train_bpe
+
+    bpe = train_bpe()
+    student = _tiny(bpe, 4)
+    if tmp_path is not None:
+        from hpd.models import save_model
+
+        save_model(student, bpe, tmp_path / "bpe-student")
+    return student, bpe
+
+
+@engine
+@pytest.mark.parametrize("top_k,exact", [(264, False), (8, True)])
+def test_a_served_teacher_across_tokenizers_gives_the_online_loss_and_gradient(top_k, exact, teacher_server):
+    """A BPE student, the bundled byte-level teacher served: its sequences tokenized here with its
+    tokenizer, the engine's prompt log-probabilities over them lined up as online. K = V: hpd's loss and
+    gradient equal the online cross-tokenizer teacher's; K = 8 with the samples outside the top-8 asked
+    for by a second request: equal too (without it the tail estimate is used; the fractions are printed)."""
+    from hpd.batches import make_batch
+    from hpd.cross_tokenizer import CrossTokenizerTeacher, ServedCrossTokenizerTeacher
+    from hpd.models import load_model, load_saved_tokenizer
+    from hpd.objectives import get_objective
+
+    student, bpe = _bpe_student()
+    t_tok = load_saved_tokenizer(TEACHER)
+    teacher = load_model(TEACHER, dtype="float32")[0]
+    examples = encode_file(DATA, bpe, DataConfig(max_length=64), teacher_tokenizer=t_tok)[0][:6]
+    pool = TeacherServers(teacher_server.url)
+    assert pool.check(t_tok, None, top_k, guess=len(t_tok))["vocab_size"] == 264
+    cpu = torch.device("cpu")
+    sources = {"online": CrossTokenizerTeacher(teacher, t_tok, bpe, cpu),
+               "served": ServedCrossTokenizerTeacher(pool, top_k, 264, t_tok, bpe, cpu, exact_samples=exact)}
+    if exact:
+        sources["tail"] = ServedCrossTokenizerTeacher(pool, top_k, 264, t_tok, bpe, cpu)
+    params = list(student.parameters())
+    results = {}
+    for name, src in sources.items():
+        b = make_batch([e.prompt_ids for e in examples], [e.completion_ids for e in examples], pad_id=bpe.pad_token_id,
+                       vocab_size=None, device=cpu)
+        src.prepare(b, examples, "train", list(range(len(examples))))
+        out = get_objective("hpd")(student(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False).logits,
+                                   src.view(b), b.labels, generator=torch.Generator().manual_seed(11))
+        results[name] = (out, torch.autograd.grad(out.loss, params, allow_unused=True), b)
+    (a, ga, ba), (c, gc, bc) = results["online"], results["served"]
+    assert torch.equal(ba.labels, bc.labels) and ba.num_active > 0 and bc.xtok_masked == ba.xtok_masked
+    if exact:
+        assert float(c.metrics["frac_sample_outside_topk"]) > 0.05  # the second request had samples to score
+        t = results["tail"][0].metrics
+        print(f"\n[served across tokenizers, top-{top_k}] samples unscored (no single teacher token): "
+              f"{t['frac_sample_unscored']:.3f}; scored from the tail estimate: {t['frac_sample_outside_topk']:.3f}")
+    assert float(c.loss) == pytest.approx(float(a.loss), rel=1e-4, abs=1e-5)
+    for x, y in zip(gc, ga):
+        if x is not None:
+            torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-3)
+
+
+@engine
+def test_training_with_a_served_teacher_across_tokenizers(teacher_server, tmp_path):
+    """`hpd train teacher.server=URL teacher.cross_tokenizer=true teacher.path=TOKENIZER_DIR` with a BPE
+    student: checked against the teacher's tokenizer, trains; the student's tokenizer as teacher.path is refused."""
+    from hpd.trainer import train
+
+    _bpe_student(tmp_path)
+    common = [f"student.path={tmp_path / 'bpe-student'}", "teacher.cross_tokenizer=true", "objective.name=hpd",
+              "max_steps=2", "teacher.server_top_k=8", "teacher.server_exact_samples=true"]
+    run = train(_cfg(tmp_path / "run", teacher_server.url, *common, f"teacher.path={TEACHER}"))
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert lines[0]["teacher_server"]["vocab_size"] == 264
+    step = [x for x in lines if x.get("type") == "train"][-1]
+    assert np.isfinite(step["loss"]) and 0.0 <= step["xtok_frac_masked"] < 1.0
+    with pytest.raises(HPDError, match="reads the probe text .* as other token ids than the teacher tokenizer"):
+        train(_cfg(tmp_path / "refused", teacher_server.url, *common, f"teacher.path={tmp_path / 'bpe-student'}"))
