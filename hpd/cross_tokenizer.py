@@ -12,12 +12,15 @@ their boundaries agree (docs/objectives.md, "Across tokenizers"):
   text, and for each student token the teacher token starting at the same byte (the same
   context for both) and, where the student token is one joint span by itself, the teacher
   tokens spelling exactly its bytes.
-- `CrossTokenizerTeacher` (a `hpd.teachers.TeacherSource`) and `CrossTokenizerView` (its
-  `TeacherView`): the online teacher runs on its own tokenization; HPD, orkl and sft read the
-  teacher's log-probability of a student token as the sum of the log-probabilities of the teacher
-  tokens spelling it; `uld` reads the teacher's next-token distribution over its own vocabulary.
-  A source that already has the teacher's per-token log-probabilities over its own tokenization
-  (a served teacher's prompt log-probabilities) builds the same view from `align_response`.
+- `CrossTokenizerSource` (a `hpd.teachers.TeacherSource`): lines each batch up with the teacher
+  (its sequences, the index maps, the masked positions); three sources differ only in where the
+  teacher's log-probabilities come from. `CrossTokenizerTeacher`: the online teacher runs on its own
+  tokenization (`CrossTokenizerView`); HPD, orkl and sft read the teacher's log-probability of a
+  student token as the sum of the log-probabilities of the teacher tokens spelling it; `uld` reads
+  the teacher's next-token distribution over its own vocabulary. `CachedCrossTokenizerTeacher` (a
+  cache built with `hpd cache-teacher --student`) and `ServedCrossTokenizerTeacher` (inference
+  servers) have them as a top-K over the teacher's own tokens (`CrossTokenizerTopKView`): the same
+  span sums at the sequence token, the cache's top-K semantics elsewhere (exact at K = V_t).
 
     >>> from hpd.cross_tokenizer import joint_spans
     >>> joint_spans([1, 2, 1], [3, 1])   # byte lengths of student and teacher tokens

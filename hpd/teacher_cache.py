@@ -19,7 +19,10 @@ step), so a damaged or altered shard is an error that says so, never a different
 A run with `teacher.cache=CACHE` never loads the teacher: `TeacherCache` maps each
 training example to its cached rows by the hash of its token ids (so a mismatch of data, tokenizer,
 max_length or template is found before training, and says what differs) and hands the objective a
-`hpd.objectives.TopKTeacher` per batch.
+`hpd.objectives.TopKTeacher` per batch. Built with `student=` (`--student DIR`), the cache holds the
+teacher's view over its own tokenization of each response, for a run across tokenizers
+(`hpd.cross_tokenizer.CachedCrossTokenizerTeacher`), keyed by the student's sequences and the
+teacher's tokenizer.
 
     >>> from hpd.config import DataConfig
     >>> from hpd.teacher_cache import TeacherCache, build_teacher_cache
