@@ -501,3 +501,13 @@ def test_training_with_a_served_teacher_across_tokenizers(teacher_server, tmp_pa
     assert np.isfinite(step["loss"]) and 0.0 <= step["xtok_frac_masked"] < 1.0
     with pytest.raises(HPDError, match="reads the probe text .* as other token ids than the teacher tokenizer"):
         train(_cfg(tmp_path / "refused", teacher_server.url, *common, f"teacher.path={tmp_path / 'bpe-student'}"))
+    # A cache across tokenizers built by the server holds the one built from the model here.
+    from hpd.teacher_cache import TeacherCache, build_teacher_cache
+
+    kw = dict(top_k=8, data=DataConfig(max_length=64), dtype="float32", student=tmp_path / "bpe-student", log=None)
+    local = TeacherCache(build_teacher_cache(TEACHER, [DATA], tmp_path / "local", **kw))
+    served = TeacherCache(build_teacher_cache(TEACHER, [DATA], tmp_path / "served", servers=teacher_server.url, **kw))
+    assert served.cross_tokenizer == local.cross_tokenizer and np.array_equal(served.teacher_hashes, local.teacher_hashes)
+    assert np.array_equal(served.hashes, local.hashes) and np.array_equal(served.offsets, local.offsets)
+    got, ref = (np.concatenate([sh[3]["label_logp"] for sh in c._shards]) for c in (served, local))
+    assert np.abs(got - ref).max() < 1e-4
