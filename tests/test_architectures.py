@@ -12,7 +12,9 @@ from its config class, and either `lm_head_of` refuses it by name (`REFUSED`), o
   (against the reference loss on the model's logits);
 - the online teacher's view (`hpd.teachers.teacher_view`, a `HeadTeacher`);
 - the Trainer integrations' view (the LM head's input captured by `_CaptureHidden`);
-- the teacher cache (built from the saved model) for the transform-bearing architectures and llama.
+- the teacher cache (built from the saved model, or refused by name): by default for the
+  transform-bearing architectures and llama, for every buildable one in the slow sweep
+  (`make test-slow`; 142 types, about 70 s on two shared cores).
 
 Gradients of the chunked loss equal autograd's through `model(...).logits` for gemma2, granite and
 cohere. `SKIPPED` lists the model types that cannot be built tiny from a generic config offline,
