@@ -442,7 +442,6 @@ class Trainer:
             check_streaming(cfg)
         self.train_data, self.eval_data, self.data_info = load_data(
             cfg, self.tokenizer, teacher_tok if cfg.teacher.cross_tokenizer else None)
-        self.teacher_tokenizer = teacher_tok
         if cfg.epochs is not None:  # before the resume check and the schedule, which both read max_steps
             cfg.max_steps = steps_for_epochs(cfg.epochs, len(self.train_data), cfg.optim.batch_size * cfg.optim.grad_accum,
                                              self.world)
