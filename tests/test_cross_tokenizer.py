@@ -429,7 +429,6 @@ def test_a_topk_cache_across_tokenizers_reads_y_exactly_and_estimates_samples_fr
 
 def test_a_cache_across_tokenizers_is_refused_for_another_teacher_tokenizer_or_mode(bpe, tmp_path, spm):
     from hpd.config import DataConfig
-    from hpd.models import save_model
     from hpd.teacher_cache import TeacherCache, build_teacher_cache
 
     _, _, tdir, _, _ = _pair(bpe, tmp_path)
@@ -446,7 +445,6 @@ def test_a_cache_across_tokenizers_is_refused_for_another_teacher_tokenizer_or_m
                                             log=None))
     with pytest.raises(HPDError, match="needs a cache built across tokenizers"):
         same.check_run(cross_tokenizer=True)
-    del save_model
 
 
 def test_train_from_a_cache_across_tokenizers_equals_the_online_run(bpe, tmp_path):
