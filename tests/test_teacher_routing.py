@@ -1,0 +1,274 @@
+"""A teacher per row (`teacher.named`, `data.teacher_column`, `hpd.teacher_routing`).
+
+Two random tiny teachers saved to disk (no training needed: routing must reproduce whatever each
+teacher computes), a copy of examples/tiny.jsonl whose rows name them; everything runs in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from hpd.apps.cli import app
+from hpd.batches import make_batch
+from hpd.config import DataConfig, load_config
+from hpd.data import encode_file
+from hpd.errors import HPDError
+from hpd.models import final_hidden_states, lm_head_of, load_model, save_model
+from hpd.objectives import get_objective
+from hpd.teacher_cache import TeacherCache, build_teacher_cache
+from hpd.teacher_routing import RoutedTeacher
+from hpd.teachers import CachedTeacher, ModelTeacher
+
+DATA = "examples/tiny.jsonl"
+MAX_LEN = 48
+FAST = ["data.max_length=48", "log.progress=false", "log.tensorboard=off", "log.every=1", "save.every=0",
+        "log.eval_every=0", "optim.batch_size=8"]
+TINY = {"num_layers": 1, "hidden_size": 32, "intermediate_size": 64}
+pytestmark = [pytest.mark.usefixtures("single_torch_thread")]
+
+
+@pytest.fixture(autouse=True)
+def _at_repo_root(monkeypatch, repo_root):
+    monkeypatch.chdir(repo_root)
+
+
+@pytest.fixture(scope="module")
+def teachers(tmp_path_factory) -> dict[str, Path]:
+    """Two random tiny teachers of the student's byte tokenizer, `a` and `b`, saved."""
+    out = tmp_path_factory.mktemp("teachers")
+    dirs = {}
+    for name, seed in (("a", 7), ("b", 8)):
+        model, tok = load_model("tiny", tiny=TINY, seed=seed)
+        dirs[name] = save_model(model, tok, out / name)
+    return dirs
+
+
+@pytest.fixture(scope="module")
+def routed_data(tmp_path_factory) -> Path:
+    """examples/tiny.jsonl with a teacher per row: a, b, or none (the default) in turn."""
+    rows = [json.loads(line) for line in Path(DATA).read_text().splitlines()]
+    for i, r in enumerate(rows):
+        if i % 3:
+            r["teacher"] = "a" if i % 3 == 1 else "b"
+    path = tmp_path_factory.mktemp("data") / "routed.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def b_cache(teachers, tmp_path_factory) -> Path:
+    """A top-8 cache of teacher b over the data (float32, so only the top-K semantics differ)."""
+    return build_teacher_cache(teachers["b"], [DATA], tmp_path_factory.mktemp("c") / "b8", top_k=8, dtype="float32",
+                               data=DataConfig(max_length=MAX_LEN), log=None)
+
+
+def _cfg(run_dir: Path, data: Path, teachers: dict[str, Path], *extra: str):
+    return load_config("configs/tiny.yaml", [f"output_dir={run_dir}", f"data.train={data}", *FAST,
+                                             *(f"teacher.named.{n}.path={p}" for n, p in teachers.items()), *extra])
+
+
+def _setting(teachers, route):
+    """A student, a micro-batch of 6 examples routed as `route` says, its routed teacher source."""
+    tok = load_model(str(teachers["a"]))[1]
+    examples = encode_file(DATA, tok, DataConfig(max_length=MAX_LEN))[0][:len(route)]
+    models = {n: load_model(str(p))[0].eval() for n, p in teachers.items()}
+    student = load_model("tiny", tokenizer=tok, tiny=TINY, seed=3)[0]
+
+    def batch(exs, completions=None):
+        """A batch of examples `exs`, or of prompts `exs` and `completions` (the routed source's builder)."""
+        prompts = exs if completions is not None else [e.prompt_ids for e in exs]
+        completions = completions if completions is not None else [e.completion_ids for e in exs]
+        return make_batch(prompts, completions, pad_id=tok.pad_token_id, vocab_size=None, device=torch.device("cpu"))
+
+    return tok, examples, models, student, batch
+
+
+def _loss(obj, student, b, teacher, **kw):
+    hidden = final_hidden_states(student, b.input_ids, b.attention_mask)
+    out = obj.chunked(hidden, lm_head_of(student), teacher, b.labels, chunk_size=16, **kw)
+    return out, torch.autograd.grad(out.loss, list(student.parameters()))
+
+
+def _close(a, b):
+    (oa, ga), (ob, gb) = a, b
+    torch.testing.assert_close(oa.loss, ob.loss, atol=1e-6, rtol=1e-5)
+    for x, y in zip(ga, gb):
+        torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["hpd", "fkl", "hpdk", "jsd"])
+def test_a_mixed_batch_equals_each_row_taught_by_its_own_teacher(name, teachers):
+    """Rows of teachers a and b in one micro-batch: loss and gradient equal those of one batch whose
+    teacher logits are, row by row, its own teacher's (the same global normalization and draws)."""
+    route = [1, 2, 1, 2, 2, 1]  # indices into (default, a, b)
+    tok, examples, models, student, batch = _setting(teachers, route)
+    source = RoutedTeacher(["default", "a", "b"], [None, ModelTeacher(models["a"]), ModelTeacher(models["b"])],
+                           {"train": route}, batch)
+    b = batch(examples)
+    source.prepare(b, examples, "train", list(range(len(examples))))
+    obj = get_objective(name)
+    routed = _loss(obj, student, b, source.view(b), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        logits = {n: m(input_ids=b.input_ids, attention_mask=b.attention_mask).logits for n, m in models.items()}
+    own = torch.stack([logits["a" if r == 1 else "b"][i] for i, r in enumerate(route)])
+    by_hand = _loss(obj, student, b, own, generator=torch.Generator().manual_seed(5))
+    _close(routed, by_hand)
+    assert source.step_counts() == {"routed_tokens_a": float(sum(batch([examples[i]]).num_active for i in (0, 2, 5))),
+                                    "routed_tokens_b": float(sum(batch([examples[i]]).num_active for i in (1, 3, 4)))}
+    assert set(source.step_counts().values()) == {0.0}  # reset by the call
+
+
+def test_the_routed_loss_is_the_sum_of_each_teachers_rows_under_the_global_token_count(teachers):
+    route = [2, 1, 1, 2, 1, 2]
+    tok, examples, models, student, batch = _setting(teachers, route)
+    source = RoutedTeacher(["default", "a", "b"], [None, ModelTeacher(models["a"]), ModelTeacher(models["b"])],
+                           {"train": route}, batch)
+    b = batch(examples)
+    source.prepare(b, examples, "train", list(range(len(examples))))
+    obj = get_objective("fkl")
+    routed = _loss(obj, student, b, source.view(b))
+    N = b.num_active
+    total, grads = 0.0, None
+    for r, n in ((1, "a"), (2, "b")):
+        sub = batch([e for e, x in zip(examples, route) if x == r])
+        with torch.no_grad():
+            t = models[n](input_ids=sub.input_ids, attention_mask=sub.attention_mask).logits
+        out, g = _loss(obj, student, sub, t, num_tokens=N)
+        total = total + out.loss
+        grads = g if grads is None else [x + y for x, y in zip(grads, g)]
+    _close(routed, (type(routed[0])(total, *(routed[0].value, routed[0].num_active)), grads))
+    assert b.teacher_tokens == int(b.attention_mask.sum())  # each teacher ran over its own rows once
+
+
+@pytest.mark.parametrize("name", ["hpd", "fkl"])
+def test_an_online_and_a_cached_teacher_in_one_batch_each_keep_their_own_semantics(name, teachers, b_cache):
+    """Teacher a online (its full distribution), teacher b from a top-8 cache (top-K + tail): each row
+    is weighed as its teacher alone would weigh it; nothing is converted between the kinds."""
+    route = [1, 2, 2, 1, 2, 1]
+    tok, examples, models, student, batch = _setting(teachers, route)
+    cache = TeacherCache(b_cache)
+    cached = CachedTeacher(cache, {"train": cache.rows_of(examples, "test")}, torch.device("cpu"))
+    source = RoutedTeacher(["default", "a", "b"], [None, ModelTeacher(models["a"]), cached], {"train": route}, batch)
+    b = batch(examples)
+    source.prepare(b, examples, "train", list(range(len(examples))))
+    assert b.teacher_tokens == int(batch([examples[i] for i in (0, 3, 5)]).attention_mask.sum())  # b costs no forward
+    samples = torch.randint(0, 264, b.labels.shape, generator=torch.Generator().manual_seed(2))
+    obj = get_objective(name)
+    kw = {"sampled_tokens": samples} if name == "hpd" else {}
+    routed = _loss(obj, student, b, source.view(b), **kw)
+    N, total, grads = b.num_active, 0.0, None
+    for r in (1, 2):
+        rows = [i for i, x in enumerate(route) if x == r]
+        sub = batch([examples[i] for i in rows])
+        if r == 1:
+            with torch.no_grad():
+                t = models["a"](input_ids=sub.input_ids, attention_mask=sub.attention_mask).logits
+        else:
+            t = cache.teacher(cache.rows_of([examples[i] for i in rows], "test"), sub.labels)
+        sub_kw = {"sampled_tokens": samples[rows][:, :sub.labels.shape[1]]} if name == "hpd" else {}
+        out, g = _loss(obj, student, sub, t, num_tokens=N, **sub_kw)
+        total = total + out.loss
+        grads = g if grads is None else [x + y for x, y in zip(grads, g)]
+    _close(routed, (type(routed[0])(total, routed[0].value, routed[0].num_active), grads))
+    # The logged diagnostics stay each kind's own: the full KL over a's rows, the bucketed one over b's.
+    out = routed[0]
+    assert {"kl", "kl_topk"} <= set(out.sums)
+    assert int(out.counts["kl"]) + int(out.counts["kl_topk"]) == N
+
+
+def test_hpd_train_with_a_routed_file_logs_each_teachers_tokens_and_resumes_exactly(teachers, routed_data, tmp_path,
+                                                                                   monkeypatch):
+    from conftest import interrupted_at_step
+    from hpd.trainer import train
+
+    cfg = _cfg(tmp_path / "whole", routed_data, teachers, "objective.name=hpd", "max_steps=4", "save.every=2")
+    path = tmp_path / "run.yaml"
+    path.write_text(cfg.to_yaml())
+    assert "named:" in path.read_text()  # the teachers are in the run's config, as YAML reads them back
+    res = CliRunner().invoke(app, ["train", str(path)])
+    assert res.exit_code == 0, res.output
+    whole = tmp_path / "whole"
+    recs = [json.loads(line) for line in (whole / "metrics.jsonl").read_text().splitlines()]
+    info = recs[0]
+    assert info["teachers"] == {"a": {"path": str(teachers["a"])}, "b": {"path": str(teachers["b"])}}
+    assert "named" in (whole / "config.yaml").read_text()
+    train_recs = [r for r in recs if r["type"] == "train"]
+    last = train_recs[-1]
+    taught = [last[f"routed_tokens_{n}"] for n in ("default", "a", "b")]
+    assert all(t > 0 for t in taught) and sum(taught) == sum(r["tokens"] for r in train_recs)
+    # Interrupted at step 3 (after the checkpoint of step 2), resumed: the same weights and counts.
+    with interrupted_at_step(monkeypatch, 3):
+        train(_cfg(tmp_path / "resumed", routed_data, teachers, "objective.name=hpd", "max_steps=4", "save.every=2"))
+    resumed = train(_cfg(tmp_path / "resumed", routed_data, teachers, "objective.name=hpd", "max_steps=4",
+                         "save.every=2"))
+    from safetensors.torch import load_file
+
+    a, c = load_file(str(whole / "final" / "model.safetensors")), load_file(str(resumed / "final" / "model.safetensors"))
+    assert all(torch.equal(a[k], c[k]) for k in a)
+    again = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert [r for r in again if r["type"] == "train"][-1]["routed_tokens_b"] == last["routed_tokens_b"]
+
+
+def test_packed_batches_route_as_padded_ones(teachers, routed_data, tmp_path):
+    from hpd.trainer import train
+
+    losses = []
+    for packing in ("false", "true"):
+        run = train(_cfg(tmp_path / packing, routed_data, teachers, "objective.name=fkl", "max_steps=2",
+                         f"data.packing={packing}"))
+        recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        losses.append([r["loss"] for r in recs if r["type"] == "train"])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_a_row_naming_an_unknown_teacher_is_refused_naming_the_row_and_the_teachers(teachers, routed_data, tmp_path):
+    from hpd.trainer import Trainer
+
+    rows = routed_data.read_text().splitlines()
+    rows[4] = json.dumps({**json.loads(rows[4]), "teacher": "c"})
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join(rows) + "\n")
+    with pytest.raises(HPDError, match=r"bad.jsonl:5: teacher 'c' \(column 'teacher'\) is not one of the run's "
+                                       r"teachers \(default, a, b\)"):
+        Trainer(_cfg(tmp_path / "run", bad, teachers))
+    # Without a default teacher (teacher.path=none) a row that names none is refused too.
+    with pytest.raises(HPDError, match=r"routed.jsonl:1: the row names no teacher \(column 'teacher'\) and the run "
+                                       r"has no default teacher \(teacher.path=none\): name one of a, b"):
+        Trainer(_cfg(tmp_path / "run2", routed_data, teachers, "teacher.path=none"))
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").glob("checkpoint-*"))
+
+
+def test_a_named_teacher_of_another_vocabulary_is_refused_at_start_by_name(teachers, routed_data, tmp_path):
+    from hpd.trainer import Trainer
+
+    model, tok = load_model("tiny", tiny=TINY, seed=9)
+    tok.add_tokens(["<extra>"])
+    model.resize_token_embeddings(len(tok))
+    other = save_model(model, tok, tmp_path / "other")
+    with pytest.raises(HPDError, match=r"teacher 'b' \(path .*other\): the tokenizer of the student .* differs from "
+                                       r"that of teacher 'b'"):
+        Trainer(_cfg(tmp_path / "run", routed_data, {"a": teachers["a"], "b": other}))
+
+
+def test_the_named_teachers_config_reads_yaml_and_overrides_and_refuses_what_routing_cannot_do(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("teacher:\n  path: none\n  named:\n    math: {path: models/math}\n    chat: {server: http://b:8000}\n"
+                    "data:\n  teacher_column: expert\n")
+    cfg = load_config(path, ["teacher.named.code.cache=cache/"])
+    assert {n: t.source() for n, t in cfg.teacher.named.items()} == {
+        "math": ("path", "models/math"), "chat": ("server", "http://b:8000"), "code": ("cache", "cache/")}
+    assert cfg.data.teacher_column == "expert"
+    for extra, match in [(["teacher.named.math.cache=c/"], r"teacher.named.math: give exactly one of path, cache or server"),
+                         (["teacher.named.x.pth=d"], r"teacher.named.x.pth: unknown key; teacher.named.x takes cache, "
+                                                     r"path, server"),
+                         (["teacher.named.default.path=d"], r"'default' names the teacher of the teacher section"),
+                         (["regime.name=student"], r"teacher.named.code.cache holds the teacher on the data's "
+                                                   r"sequences only"),
+                         (["data.streaming=true", "data.eval=x.jsonl"], r"does not work with data.streaming=true")]:
+        with pytest.raises(HPDError, match=match):
+            load_config(path, ["teacher.named.code.cache=cache/", *extra])
