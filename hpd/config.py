@@ -72,6 +72,7 @@ __all__ = [
     "save_config",
     "config_help",
     "iter_fields",
+    "mapping_fields",
     "ALIASES",
 ]
 
@@ -874,6 +875,12 @@ def _mapping_field(key: str) -> str | None:
     return None
 
 
+def mapping_fields() -> list[str]:
+    """The dotted keys of the fields whose value is a mapping of names (`teacher.named`): compared,
+    saved and shown as one value."""
+    return [k for k, (tp, _meta) in _field_table().items() if typing.get_origin(_split_optional(tp)[0]) is dict]
+
+
 def _mapping_keys(parent: str) -> list[str]:
     """The keys of one entry of the mapping field that `parent` (`teacher.named.NAME`) lies in."""
     field_key = _mapping_field(parent)
@@ -1390,6 +1397,8 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
 def _yaml_scalar(value: Any) -> str:
     # Dump inside a flow list so YAML quotes what needs quoting ('on', '1e-3' strings...) and no
     # document-end marker is added; then strip the brackets.
+    if isinstance(value, dict):  # a mapping field's entries (teacher.named) as plain mappings
+        value = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in value.items()}
     text = yaml.safe_dump([value], default_flow_style=True, width=10_000).strip()
     return text[1:-1]
 

@@ -272,3 +272,15 @@ def test_the_named_teachers_config_reads_yaml_and_overrides_and_refuses_what_rou
                          (["data.streaming=true", "data.eval=x.jsonl"], r"does not work with data.streaming=true")]:
         with pytest.raises(HPDError, match=match):
             load_config(path, ["teacher.named.code.cache=cache/", *extra])
+
+
+def test_a_resume_with_other_named_teachers_is_a_change_of_the_run(tmp_path):
+    """teacher.named is compared as one value: a teacher added, removed or moved changes the run."""
+    from hpd.config import config_to_dict
+    from hpd.resume import RUN_NEUTRAL_KEYS, config_changes
+
+    before = load_config(None, ["teacher.named.a.path=x"])
+    for extra in (["teacher.named.a.path=x", "teacher.named.c.path=y"], ["teacher.named.a.path=z"], []):
+        changes = config_changes(config_to_dict(before), load_config(None, extra))
+        assert list(changes) == ["teacher.named"] and "teacher.named" not in RUN_NEUTRAL_KEYS
+    assert config_changes(config_to_dict(before), load_config(None, ["teacher.named.a.path=x"])) == {}
