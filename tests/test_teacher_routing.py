@@ -284,3 +284,54 @@ def test_a_resume_with_other_named_teachers_is_a_change_of_the_run(tmp_path):
         changes = config_changes(config_to_dict(before), load_config(None, extra))
         assert list(changes) == ["teacher.named"] and "teacher.named" not in RUN_NEUTRAL_KEYS
     assert config_changes(config_to_dict(before), load_config(None, ["teacher.named.a.path=x"])) == {}
+
+
+@pytest.fixture(scope="module")
+def b_exact_cache(teachers, tmp_path_factory) -> Path:
+    """Teacher b's whole distribution (K = V, float32): a cache that must teach as b itself does."""
+    return build_teacher_cache(teachers["b"], [DATA], tmp_path_factory.mktemp("c") / "bV", top_k=10**6,
+                               dtype="float32", data=DataConfig(max_length=MAX_LEN), log=None)
+
+
+def test_a_named_cache_of_a_teacher_trains_as_that_teacher_online(teachers, routed_data, b_exact_cache, tmp_path):
+    """Teacher b as a complete cache (K = V) among online teachers: the run ends with the weights of
+    the run where b runs online (fp32 tolerance), and b's rows cost no teacher forward."""
+    from safetensors.torch import load_file
+    from hpd.trainer import train
+
+    runs = {}
+    for how, b in (("online", f"teacher.named.b.path={teachers['b']}"), ("cache", f"teacher.named.b.cache={b_exact_cache}")):
+        runs[how] = train(_cfg(tmp_path / how, routed_data, {"a": teachers["a"]}, b, "objective.name=hpd",
+                               "max_steps=3", f"teacher.path={teachers['a']}"))
+    recs = {how: [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] for how, run in runs.items()}
+    assert recs["cache"][0]["teachers"]["b"] == {"cache": str(b_exact_cache)}
+    online, cached = ([r for r in recs[how] if r["type"] == "train"][-1] for how in ("online", "cache"))
+    assert cached["routed_tokens_b"] == online["routed_tokens_b"] > 0
+    assert cached["teacher_tokens_total"] < online["teacher_tokens_total"]  # b's rows were read, not run
+    a, c = (load_file(str(runs[how] / "final" / "model.safetensors")) for how in ("online", "cache"))
+    for k in a:
+        torch.testing.assert_close(c[k], a[k], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.engine
+@pytest.mark.slow
+def test_a_served_teacher_as_one_route_trains_as_that_teacher_online(teacher_server, routed_data, tmp_path):
+    """The bundled teacher served by vLLM (K = V) teaches the rows of `b`, the same teacher online
+    those of `a` and the default: the run ends with the weights of the all-online run (to the
+    engine's fp32 numerics), the servers and model are recorded, and b's requests are prefetched."""
+    from safetensors.torch import load_file
+    from hpd.trainer import train
+
+    teacher, student = "hpd/assets/teacher", "hpd/assets/students/llama-2x96"
+    common = [f"output_dir={tmp_path}", f"data.train={routed_data}", *FAST, "data.max_length=64", "objective.name=fkl",
+              "max_steps=3", f"student.path={student}", f"teacher.path={teacher}", f"teacher.named.a.path={teacher}",
+              "teacher.server_top_k=264"]
+    runs = {}
+    for how, b in (("online", f"teacher.named.b.path={teacher}"), ("served", f"teacher.named.b.server={teacher_server.url}")):
+        runs[how] = train(load_config("configs/tiny.yaml", [*common, f"output_dir={tmp_path / how}", b]))
+    info = json.loads((runs["served"] / "metrics.jsonl").read_text().splitlines()[0])
+    assert info["teachers"]["b"]["server"]["servers"] == [teacher_server.url]
+    assert info["teachers"]["b"]["server"]["vocab_size"] == 264
+    a, c = (load_file(str(runs[how] / "final" / "model.safetensors")) for how in ("online", "served"))
+    for k in a:
+        torch.testing.assert_close(c[k], a[k], atol=1e-4, rtol=1e-3)
