@@ -318,7 +318,7 @@ def test_a_named_cache_of_a_teacher_trains_as_that_teacher_online(teachers, rout
 def test_a_served_teacher_as_one_route_trains_as_that_teacher_online(teacher_server, routed_data, tmp_path):
     """The bundled teacher served by vLLM (K = V) teaches the rows of `b`, the same teacher online
     those of `a` and the default: the run ends with the weights of the all-online run (to the
-    engine's fp32 numerics), the servers and model are recorded, and b's requests are prefetched."""
+    engine's fp32 numerics) and the servers and model are recorded."""
     from safetensors.torch import load_file
     from hpd.trainer import train
 
