@@ -211,7 +211,6 @@ class NamedTeachers:
 
     def __init__(self, cfg, student, tokenizer, objective, device: torch.device, log: Callable[[str], None]):
         from hpd.models import load_model, lm_head_of, vocab_rows
-        from hpd.packing import check_packing
         from hpd.served import TeacherServers
         from hpd.teacher_cache import TeacherCache
         from hpd.vocab import resolve_shared_vocab, teacher_vocab_size
@@ -229,10 +228,9 @@ class NamedTeachers:
                     lm_head_of(model)
                     shared = teacher_vocab_size(rows, vocab_rows(model), tokenizer, tok, student=student_name,
                                                 teacher=f"teacher '{name}' ({what})")
-                    if cfg.data.packing:
-                        check_packing(model, f"teacher '{name}'")
                     # A full replica on every process (never sharded: the processes' batches need not
-                    # hold rows of the same teachers, and a sharded forward needs them all).
+                    # hold rows of the same teachers, and a sharded forward needs them all). It runs on
+                    # its rows padded, never packed, so any attention implementation does.
                     thing, exact = model.requires_grad_(False).eval().to(device), False
                     record: Any = what
                 elif kind == "cache":

@@ -197,6 +197,8 @@ def test_hpd_train_with_a_routed_file_logs_each_teachers_tokens_and_resumes_exac
     info = recs[0]
     assert info["teachers"] == {"a": {"path": str(teachers["a"])}, "b": {"path": str(teachers["b"])}}
     assert "named" in (whole / "config.yaml").read_text()
+    card = (whole / "final" / "README.md").read_text()  # the model card names every teacher
+    assert f"default: tiny; a: {teachers['a']}; b: {teachers['b']}" in card
     train_recs = [r for r in recs if r["type"] == "train"]
     last = train_recs[-1]
     taught = [last[f"routed_tokens_{n}"] for n in ("default", "a", "b")]
