@@ -200,6 +200,17 @@ def route_rows(examples: Sequence[Any], names: Sequence[str], has_default: bool,
     return out
 
 
+def cache_rows(cache, examples: Sequence[Any], what: str, data: Any, mine: Callable[[Any], bool] | None = None) -> list[int]:
+    """The cache row of every example that `mine` keeps (all without it), -1 at the others (never
+    read); `HPDError` saying what differs when the cache lacks some (`TeacherCache.rows_of`)."""
+    keep = [j for j, e in enumerate(examples) if mine is None or mine(e)]
+    found = cache.rows_of([examples[j] for j in keep], what, data) if keep else []
+    rows = [-1] * len(examples)
+    for j, row in zip(keep, found):
+        rows[j] = row
+    return rows
+
+
 class NamedTeachers:
     """The run's named teachers (`teacher.named`), loaded and checked against the student at start.
 
@@ -289,15 +300,9 @@ class NamedTeachers:
             if e["kind"] == "path":
                 sources.append(ModelTeacher(e["thing"]))
             elif e["kind"] == "cache":
-                # Each split's cache rows at the examples this teacher teaches (-1 at the others: never read).
-                rows = {}
-                for split, examples in data.items():
-                    mine = [j for j, r in enumerate(routes[split]) if r == i]
-                    found = e["thing"].rows_of([examples[j] for j in mine], f"{split} (teacher '{e['name']}')",
-                                               cfg.data) if mine else []
-                    rows[split] = [-1] * len(examples)
-                    for j, row in zip(mine, found):
-                        rows[split][j] = row
+                rows = {split: cache_rows(e["thing"], examples, f"{split} (teacher '{e['name']}')", cfg.data,
+                                          lambda x, name=e["name"]: x.teacher == name)
+                        for split, examples in data.items()}
                 sources.append(CachedTeacher(e["thing"], rows, self.device))
             else:
                 t = cfg.teacher
@@ -307,4 +312,4 @@ class NamedTeachers:
         return RoutedTeacher(names, sources, routes, make_batch)
 
 
-__all__ = ["DEFAULT", "NamedTeachers", "RoutedTeacher", "RoutedView", "route_rows"]
+__all__ = ["DEFAULT", "NamedTeachers", "cache_rows", "RoutedTeacher", "RoutedView", "route_rows"]

@@ -77,7 +77,7 @@ from hpd.metrics_file import MetricsLog
 from hpd.run_dir import RunDirLock, check_run_paths, describe_holder
 from hpd.served import TeacherServers
 from hpd.teacher_cache import TeacherCache
-from hpd.teacher_routing import NamedTeachers
+from hpd.teacher_routing import DEFAULT, NamedTeachers, cache_rows
 from hpd.cross_tokenizer import CrossTokenizerTeacher
 from hpd.teachers import (
     CachedTeacher, ModelTeacher, OPSDTeacher, SelfTeacher, ServedTeacher, TeacherSource, prompt_ending_mismatches,
@@ -450,8 +450,10 @@ class Trainer:
         if self.cache is not None:
             self.cache.check_run(temperature=self.objective.temperature, support=self.objective.support,
                                  objective=self.objective.name)
-            self.train_rows = self.cache.rows_of(self.train_data, "training", cfg.data)
-            self.eval_rows = self.cache.rows_of(self.eval_data, "evaluation", cfg.data) if self.eval_data else []
+            # With a teacher per row the cache holds the rows of the default teacher only.
+            mine = (lambda e: e.teacher in (None, DEFAULT)) if cfg.teacher.named else None
+            self.train_rows = cache_rows(self.cache, self.train_data, "training", cfg.data, mine)
+            self.eval_rows = cache_rows(self.cache, self.eval_data, "evaluation", cfg.data, mine)
             self.data_info["teacher_cache"] = str(self.cache.path)
         elif cfg.teacher.server is not None:
             self.servers = TeacherServers(cfg.teacher.server, timeout=cfg.teacher.server_timeout,

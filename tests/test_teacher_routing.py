@@ -252,6 +252,8 @@ def test_a_named_teacher_of_another_vocabulary_is_refused_at_start_by_name(teach
     tok.add_tokens(["<extra>"])
     model.resize_token_embeddings(len(tok))
     other = save_model(model, tok, tmp_path / "other")
+    with pytest.raises(HPDError, match=r"output_dir '.*' holds the input teacher.named.b.path"):
+        Trainer(_cfg(other.parent, routed_data, {"a": teachers["a"], "b": other}))  # never written over
     with pytest.raises(HPDError, match=r"teacher 'b' \(path .*other\): the tokenizer of the student .* differs from "
                                        r"that of teacher 'b'"):
         Trainer(_cfg(tmp_path / "run", routed_data, {"a": teachers["a"], "b": other}))
@@ -310,6 +312,25 @@ def test_a_named_cache_of_a_teacher_trains_as_that_teacher_online(teachers, rout
     online, cached = ([r for r in recs[how] if r["type"] == "train"][-1] for how in ("online", "cache"))
     assert cached["routed_tokens_b"] == online["routed_tokens_b"] > 0
     assert cached["teacher_tokens_total"] < online["teacher_tokens_total"]  # b's rows were read, not run
+    a, c = (load_file(str(runs[how] / "final" / "model.safetensors")) for how in ("online", "cache"))
+    for k in a:
+        torch.testing.assert_close(c[k], a[k], atol=1e-5, rtol=1e-4)
+
+
+def test_a_default_cache_needs_only_the_rows_of_the_default_teacher(teachers, routed_data, tmp_path):
+    """teacher.cache as the default teacher, built over the rows that name no teacher alone: the run
+    reads it for those rows only and ends as the run with that teacher online."""
+    from safetensors.torch import load_file
+    from hpd.trainer import train
+
+    own = tmp_path / "default-rows.jsonl"
+    own.write_text("".join(line + "\n" for line in routed_data.read_text().splitlines()
+                           if "teacher" not in json.loads(line)))
+    cache = build_teacher_cache(teachers["a"], [own], tmp_path / "a-cache", top_k=10**6, dtype="float32",
+                                data=DataConfig(max_length=MAX_LEN), log=None)
+    runs = {how: train(_cfg(tmp_path / how, routed_data, teachers, "objective.name=fkl", "max_steps=2", *extra))
+            for how, extra in (("online", [f"teacher.path={teachers['a']}"]),
+                               ("cache", ["teacher.path=none", f"teacher.cache={cache}"]))}
     a, c = (load_file(str(runs[how] / "final" / "model.safetensors")) for how in ("online", "cache"))
     for k in a:
         torch.testing.assert_close(c[k], a[k], atol=1e-5, rtol=1e-4)
