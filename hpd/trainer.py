@@ -475,8 +475,11 @@ class Trainer:
         device = self.acc.device
         check_supported(cfg, self.acc.distributed_type)
         r = cfg.regime
-        self.teacher = place_teacher(teacher, self.acc, log=self.log, sampled_by_main=r.name == "teacher" or (
-            r.name == "mixed" and r.off_policy == "teacher"))
+        if self.named is not None and teacher is not None:  # a replica, as the named ones (`NamedTeachers`)
+            self.teacher = teacher.to(device)
+        else:
+            self.teacher = place_teacher(teacher, self.acc, log=self.log, sampled_by_main=r.name == "teacher" or (
+                r.name == "mixed" and r.off_policy == "teacher"))
         self.student = student
         r = cfg.regime
         # Rollout reuse: one rollout batch feeds minibatches x epochs optimizer steps (None: a fresh
