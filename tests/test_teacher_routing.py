@@ -336,6 +336,34 @@ def test_a_default_cache_needs_only_the_rows_of_the_default_teacher(teachers, ro
         torch.testing.assert_close(c[k], a[k], atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.slow
+def test_two_processes_route_as_one_and_sum_each_teachers_tokens(teachers, routed_data, tmp_path):
+    """DDP on CPU (2 processes, gloo) against 1 process with the same global batch: the same fkl loss
+    curve and the same per-teacher token totals (summed over the processes)."""
+    import os
+    import subprocess
+    import sys
+
+    from test_distributed import _free_port, _train_lines
+
+    curves = {}
+    for n, bs in ((1, 8), (2, 4)):
+        out = tmp_path / f"p{n}"
+        overrides = [f"output_dir={out}", f"optim.batch_size={bs}", "objective.name=fkl", "max_steps=3",
+                     f"data.train={routed_data}", "log.progress=false", "save.every=0", "data.eval_fraction=0",
+                     "log.eval_every=0", "data.max_length=48", *(f"teacher.named.{k}.path={p}" for k, p in teachers.items())]
+        launch = ([sys.executable] if n == 1 else
+                  [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
+                   "configs/accelerate/cpu-2proc.yaml", "--num_processes", "2", "--main_process_port", str(_free_port())])
+        res = subprocess.run([*launch, "-m", "hpd.apps.cli", "train", "configs/tiny.yaml", *overrides], capture_output=True,
+                             text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert res.returncode == 0, res.stderr[-3000:]
+        curves[n] = _train_lines(out)
+    for a, b in zip(curves[1], curves[2]):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
+        assert [b[f"routed_tokens_{k}"] for k in ("default", "a", "b")] == [a[f"routed_tokens_{k}"] for k in ("default", "a", "b")]
+
+
 @pytest.mark.engine
 @pytest.mark.slow
 def test_a_served_teacher_as_one_route_trains_as_that_teacher_online(teacher_server, routed_data, tmp_path):
