@@ -216,6 +216,20 @@ def test_hpd_train_with_a_routed_file_logs_each_teachers_tokens_and_resumes_exac
     assert [r for r in again if r["type"] == "train"][-1]["routed_tokens_b"] == last["routed_tokens_b"]
 
 
+def test_rows_that_name_no_teacher_train_as_a_run_without_named_teachers(teachers, tmp_path):
+    """examples/tiny.jsonl has no teacher column: every row goes to the default teacher, and the run
+    equals the same run without teacher.named (the routing adds nothing but its bookkeeping)."""
+    from safetensors.torch import load_file
+    from hpd.trainer import train
+
+    plain = train(load_config("configs/tiny.yaml", [f"output_dir={tmp_path / 'plain'}", *FAST, "max_steps=3"]))
+    routed = train(_cfg(tmp_path / "routed", Path(DATA), teachers, "max_steps=3"))
+    a, c = load_file(str(plain / "final" / "model.safetensors")), load_file(str(routed / "final" / "model.safetensors"))
+    assert all(torch.equal(a[k], c[k]) for k in a)
+    last = [r for r in map(json.loads, (routed / "metrics.jsonl").read_text().splitlines()) if r["type"] == "train"][-1]
+    assert last["routed_tokens_a"] == last["routed_tokens_b"] == 0 and last["routed_tokens_default"] > 0
+
+
 def test_packed_batches_route_as_padded_ones(teachers, routed_data, tmp_path):
     from hpd.trainer import train
 
