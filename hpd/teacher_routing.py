@@ -227,7 +227,7 @@ class NamedTeachers:
         from hpd.vocab import resolve_shared_vocab, teacher_vocab_size
 
         t = cfg.teacher
-        self.cfg, self.device, self.objective = cfg, device, objective
+        self.cfg, self.device, self.objective, self.log = cfg, device, objective, log
         rows = vocab_rows(student)
         student_name = f"the student ({cfg.student.path})"
         self.entries: list[dict[str, Any]] = []  # name, kind, what, the loaded thing, shared vocabulary, exact?
@@ -295,6 +295,9 @@ class NamedTeachers:
         cfg, names = self.cfg, [DEFAULT] + [e["name"] for e in self.entries]
         routes = {split: route_rows(examples, names, default is not None, cfg.data.teacher_column)
                   for split, examples in data.items()}
+        self.rows = {n: routes["train"].count(i) for i, n in enumerate(names) if i or default is not None}
+        self.log("training rows per teacher: " + ", ".join(f"{n} {k}" for n, k in self.rows.items())
+                 + "".join(f"; warning: teacher '{n}' teaches no training row" for n, k in self.rows.items() if not k))
         sources: list[TeacherSource | None] = [default]
         for i, e in enumerate(self.entries, start=1):
             if e["kind"] == "path":

@@ -514,6 +514,7 @@ class Trainer:
                 lambda prompts, completions: make_batch(prompts, completions, pad_id=self.pad_id,
                                                         vocab_size=self.vocab_size, device=device),
                 self.vocab_size, self.pad_id)
+            self.data_info["teacher_rows"] = self.named.rows
         if cfg.data.streaming:  # the sampler holds each batch's examples: it is the training data
             self.sampler = self.train_data = StreamSampler(cfg.data.train, self.tokenizer, cfg.data,
                                                            batch_size=cfg.optim.batch_size, seed=cfg.seed,

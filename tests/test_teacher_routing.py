@@ -196,6 +196,8 @@ def test_hpd_train_with_a_routed_file_logs_each_teachers_tokens_and_resumes_exac
     recs = [json.loads(line) for line in (whole / "metrics.jsonl").read_text().splitlines()]
     info = recs[0]
     assert info["teachers"] == {"a": {"path": str(teachers["a"])}, "b": {"path": str(teachers["b"])}}
+    rows = info["teacher_rows"]  # the 84 training rows (96 less the held-out eighth), about a third each
+    assert list(rows) == ["default", "a", "b"] and sum(rows.values()) == 84 and min(rows.values()) > 20
     assert "named" in (whole / "config.yaml").read_text()
     card = (whole / "final" / "README.md").read_text()  # the model card names every teacher
     assert f"default: tiny; a: {teachers['a']}; b: {teachers['b']}" in card
