@@ -50,6 +50,7 @@ class MicroBatch:
     row_labels: torch.Tensor | None = None
     teacher_positions: torch.Tensor | None = None  # OPSD, packed: the teacher sequences' position_ids
     teacher_request: Any = None  # the served teacher's answer on its way (a Future, with teacher.server)
+    teacher_routes: Any = None  # a teacher per row (teacher.named): the split and each teacher's sub-batch
 
 
 def make_batch(prompts: list[list[int]], completions: list[list[int]], *, pad_id: int, vocab_size: int | None,

@@ -54,6 +54,7 @@ __all__ = [
     "ModelConfig",
     "StudentConfig",
     "TeacherConfig",
+    "NamedTeacher",
     "OpsdConfig",
     "DataConfig",
     "ObjectiveConfig",
@@ -71,6 +72,7 @@ __all__ = [
     "save_config",
     "config_help",
     "iter_fields",
+    "mapping_fields",
     "ALIASES",
 ]
 
@@ -79,6 +81,7 @@ __all__ = [
 OBJECTIVE_NAMES = tuple(OBJECTIVES)
 OBJECTIVE_PARAM_FIELDS: dict[str, dict[str, str]] = {n: param_fields(c) for n, c in OBJECTIVES.items() if c.params}
 
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"  # the keys of a mapping field (teacher.named): names for metrics and files
 INT_MAX = 2**63 - 1  # the largest int any field takes (an int64)
 # The most parameters a 'tiny' model may have: beyond, building it would exhaust memory, not fail.
 TINY_MAX_PARAMETERS = 2 * 10**9
@@ -96,8 +99,8 @@ def field_(default: Any, help: str, **checks: Any) -> Any:
     unknown = set(checks) - _CHECK_KEYS
     if unknown:  # a typo in a check would otherwise silently disable it
         raise TypeError(f"unknown field checks {sorted(unknown)}; allowed: {sorted(_CHECK_KEYS)}")
-    if isinstance(default, list):  # a list field (each item checked): every Config gets its own copy
-        return field(default_factory=lambda: list(default), metadata={"help": help, **checks})
+    if isinstance(default, (list, dict)):  # a list or mapping field: every Config gets its own copy
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **checks})
     return field(default=default, metadata={"help": help, **checks})
 
 
@@ -173,8 +176,29 @@ class StudentConfig(ModelConfig):
 
 
 @dataclass
+class NamedTeacher:
+    """One teacher of `teacher.named`: exactly one of a model, a teacher cache or servers."""
+
+    path: str | None = field_(None, "A Hugging Face model directory or Hub id, run online (teacher.dtype, "
+                              "teacher.trust_remote_code apply).", nonempty=True)
+    cache: str | None = field_(None, "A teacher cache built by `hpd cache-teacher` over the rows it teaches.",
+                               nonempty=True)
+    server: str | None = field_(None, "Teacher inference servers, URL[,URL...] (the teacher.server_* settings "
+                                "apply).", nonempty=True)
+
+    def source(self) -> tuple[str, str]:
+        """(kind, value): ("path", DIR), ("cache", DIR) or ("server", URLS); assumes one is set."""
+        return next((k, v) for k in ("path", "cache", "server") if (v := getattr(self, k)) is not None)
+
+
+@dataclass
 class TeacherConfig(ModelConfig):
     """The teacher model (frozen)."""
+
+    def __post_init__(self):
+        # A mapping read from YAML or a dict arrives as plain dicts: each becomes a NamedTeacher.
+        if isinstance(self.named, dict):
+            self.named = {k: NamedTeacher(**v) if isinstance(v, dict) else v for k, v in self.named.items()}
 
     path: str = field_(
         "tiny",
@@ -236,6 +260,15 @@ class TeacherConfig(ModelConfig):
         "or teacher.server (teacher.path then names the teacher's tokenizer); regime.name dataset "
         "or student (docs/objectives.md).",
     )
+    named: dict[str, NamedTeacher] = field_(
+        {},
+        "A teacher per row: named teachers, each {path: DIR} (a model run online), {cache: DIR} or "
+        "{server: URL[,URL...]}, e.g. `named: {math: {path: models/math}, chat: {server: http://b:8000}}` "
+        "(override: teacher.named.math.path=DIR). Each training row names its teacher in the column "
+        "data.teacher_column; rows without it are taught by this section's own teacher (path, cache or "
+        "server; its name is 'default'), or refused when teacher.path=none. Every teacher is checked "
+        "against the student's tokenizer and vocabulary at start (docs/guides/teachers.md).",
+    )
 
 
 @dataclass
@@ -294,6 +327,12 @@ class DataConfig:
     )
     shuffle_buffer: int = field_(
         10000, "data.streaming: rows held for the seeded shuffle of the stream (0 = the source's order).", min=0
+    )
+    teacher_column: str = field_(
+        "teacher",
+        "With teacher.named: the row key naming the row's teacher (one of teacher.named, or 'default'); "
+        "a row without it (or null) is taught by the default teacher.",
+        nonempty=True,
     )
     pack_length: int = field_(
         0,
@@ -739,7 +778,10 @@ def _field_type(tp: Any, meta: dict[str, Any]) -> Any:
         constraints["le"] = INT_MAX  # seeds and counts end up in int64 tensors and C longs
     if meta.get("nonempty"):
         constraints["pattern"] = r"\S"  # at least one non-blank character
-    if meta.get("import_path"):
+    if typing.get_origin(inner) is dict:  # a mapping of names to a small section (teacher.named)
+        key_t, value_t = typing.get_args(inner)
+        inner = dict[Annotated[key_t, Field(pattern=NAME_PATTERN)], _model_of(value_t)]
+    elif meta.get("import_path"):
         inner = Annotated[inner, AfterValidator(_objective_name)]
     elif "choices" in meta and typing.get_origin(inner) is list:
         inner = list[Literal[tuple(meta["choices"])]]  # a list field: each item one of the choices
@@ -798,8 +840,13 @@ def _message(err: Any) -> str:
         msg = f"{key}: must be {_describe_checks(meta)}, got {value!r}"
         hint = _suggest(str(value), [str(c) for c in meta["choices"]]) if "choices" in meta else None
         return msg + (f" (did you mean {hint!r}?)" if hint else "")
+    if kind == "string_pattern_mismatch" and tp is Any:  # a key of a mapping field (teacher.named)
+        return f"{key.rpartition('.')[0]}: {value!r} is not a name (letters, digits, '_', '.', '-'; a letter or digit first)"
     if kind == "string_pattern_mismatch":
         return f"{key}: must not be empty"
+    if kind == "extra_forbidden":
+        parent = key.rpartition(".")[0]
+        return f"{key}: unknown key; {parent} takes {', '.join(sorted(_mapping_keys(parent)))}"
     if kind == "finite_number":
         return f"{key}: expected a finite float, got {value!r}"
     if kind == "value_error":
@@ -810,8 +857,38 @@ def _message(err: Any) -> str:
 
 
 def _field_of(key: str) -> tuple[Any, dict[str, Any]]:
-    """(type, metadata) of a dotted key."""
-    return _field_table().get(key, (Any, {}))
+    """(type, metadata) of a dotted key (an entry of a mapping field: `teacher.named.NAME.path`, its
+    value's field)."""
+    found = _field_table().get(key)
+    if found is None and (parent := _mapping_field(key)) is not None:
+        rest = key[len(parent) + 1:].split(".")
+        value_t = typing.get_args(_split_optional(_field_table()[parent][0])[0])[1]
+        if len(rest) == 2 and rest[1] in _hints(value_t):
+            f = next(f for f in dataclasses.fields(value_t) if f.name == rest[1])
+            return _hints(value_t)[rest[1]], dict(f.metadata)
+    return found or (Any, {})
+
+
+def _mapping_field(key: str) -> str | None:
+    """The mapping field (`teacher.named`) that a longer dotted key lies under, else None."""
+    for k, (tp, _meta) in _field_table().items():
+        if key.startswith(k + ".") and typing.get_origin(_split_optional(tp)[0]) is dict:
+            return k
+    return None
+
+
+def mapping_fields() -> list[str]:
+    """The dotted keys of the fields whose value is a mapping of names (`teacher.named`): compared,
+    saved and shown as one value."""
+    return [k for k, (tp, _meta) in _field_table().items() if typing.get_origin(_split_optional(tp)[0]) is dict]
+
+
+def _mapping_keys(parent: str) -> list[str]:
+    """The keys of one entry of the mapping field that `parent` (`teacher.named.NAME`) lies in."""
+    field_key = _mapping_field(parent)
+    if field_key is None:
+        return []
+    return [f.name for f in dataclasses.fields(typing.get_args(_split_optional(_field_table()[field_key][0])[0])[1])]
 
 
 def _type_error(key: str, tp: Any, value: Any) -> HPDError:
@@ -964,6 +1041,17 @@ def _set(data: dict[str, Any], key: str, value: Any, *, raw: str | None = None, 
             f"{key!r} is a section, not a value{where}: set its keys one by one, e.g. {example}=..."
         )
     spelled, key = key, _canonical(key, where)
+    parent = _mapping_field(key) if key not in _all_keys() else None
+    if parent is not None:  # teacher.named.NAME.path=DIR: one entry's key
+        section, _, leaf = parent.rpartition(".")
+        name, _, sub = key[len(parent) + 1:].partition(".")
+        if not sub or "." in sub:
+            raise HPDError(f"{key!r}{where}: set one key of one entry, e.g. {parent}.NAME.{_mapping_keys(parent + '.x')[0]}=...")
+        entries = (data[section] if section else data).setdefault(leaf, {})
+        if not isinstance(entries.get(name, {}), dict):
+            entries[name] = dataclasses.asdict(entries[name])
+        entries.setdefault(name, {})[sub] = _prepare(key, value, raw)
+        return
     if key not in _all_keys():
         raise _unknown_key(key, where)
     if seen is not None:
@@ -998,7 +1086,7 @@ def _flatten(d: Any, where: str) -> list[tuple[str, Any]]:
                     f"(e.g. `{k}:` then indented `key: value` lines), got {v!r}{where}"
                 )
             for sk, sv in v.items():
-                if isinstance(sv, dict):
+                if isinstance(sv, dict) and _mapping_field(f"{k}.{sk}.x") != f"{k}.{sk}":
                     raise _unknown_key(f"{k}.{sk}.{next(iter(sv), '')}".rstrip("."), where)
                 items.append((f"{k}.{sk}", sv))
         elif isinstance(v, dict):
@@ -1047,7 +1135,7 @@ def _cross_checks(cfg: Config) -> list[str]:
             if bad:
                 problems.append(f"teacher.server ({cfg.teacher.server}): {why}")
     needs_teacher = objective_class(cfg.objective.name).needs_teacher
-    if no_teacher and needs_teacher and cfg.teacher.cache is None and not self_regime and not served:
+    if no_teacher and needs_teacher and cfg.teacher.cache is None and not self_regime and not served and not cfg.teacher.named:
         problems.append(
             f"teacher.path: 'none' is allowed only with objective.name=sft, teacher.cache or regime.name=self "
             f"(objective.name is {cfg.objective.name!r}); name a teacher model, set teacher.cache, or use sft"
@@ -1135,6 +1223,7 @@ def _cross_checks(cfg: Config) -> list[str]:
                 "make it smaller, or load a real model with path=DIR"
             )
     problems += _reuse_checks(cfg)
+    problems += _named_checks(cfg)
     report_to = cfg.log.report_to
     if "none" in report_to and len(set(report_to)) > 1:
         problems.append(f"log.report_to: 'none' means no tracker, but it lists {report_to}: give 'none' alone, "
@@ -1148,6 +1237,43 @@ def _cross_checks(cfg: Config) -> list[str]:
             f"data.eval_fraction ({cfg.data.eval_fraction}) splits train only when data.eval is "
             f"null, but data.eval is {cfg.data.eval!r}; set one of them"
         )
+    return problems
+
+
+def _named_checks(cfg: Config) -> list[str]:
+    """A teacher per row (teacher.named): each entry one source, and what routing does not combine with."""
+    named, problems = cfg.teacher.named, []
+    if not named:
+        return problems
+    for name, t in named.items():
+        given = [k for k in ("path", "cache", "server") if getattr(t, k) is not None]
+        if len(given) != 1:
+            problems.append(f"teacher.named.{name}: give exactly one of path, cache or server, got "
+                            f"{', '.join(given) or 'none'}")
+        elif t.path is not None and t.path.strip().lower() in ("tiny", "none"):
+            problems.append(f"teacher.named.{name}.path: {t.path!r} is not a model; name a model directory or Hub id")
+        if t.cache is not None and cfg.regime.name != "dataset":
+            problems.append(f"teacher.named.{name}.cache holds the teacher on the data's sequences only, but "
+                            f"regime.name is {cfg.regime.name!r}: use regime.name=dataset")
+        if t.server is not None and cfg.objective.temperature != 1.0:
+            problems.append(f"teacher.named.{name}.server: a server returns log-probabilities at temperature 1: "
+                            "set objective.temperature=1")
+    if "default" in named:
+        problems.append("teacher.named: 'default' names the teacher of the teacher section (path, cache or "
+                        "server), the one of rows without a teacher; call this one otherwise")
+    if any(t.server is not None for t in named.values()) and cfg.teacher.server_exact_samples and cfg.data.packing:
+        problems.append("teacher.named: teacher.server_exact_samples does not work with data.packing yet: set one "
+                        "of them to false")
+    for bad, why in ((cfg.regime.name == "self", "regime.name=self: the student is its own teacher"),
+                     (cfg.regime.name == "teacher" or (cfg.regime.name == "mixed" and cfg.regime.off_policy == "teacher"),
+                      "teacher generations would come from one teacher: write each teacher's answers with `hpd "
+                      "generate` and train on them with regime.name=dataset"),
+                     (cfg.teacher.cross_tokenizer, "teacher.cross_tokenizer=true: every teacher must share the "
+                                                   "student's tokenizer"),
+                     (cfg.data.streaming, "data.streaming=true: the rows' teachers are read with the data at start; "
+                                          "set data.streaming=false")):
+        if bad:
+            problems.append(f"teacher.named ({', '.join(named)}) does not work with {why}")
     return problems
 
 
@@ -1273,6 +1399,8 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
 def _yaml_scalar(value: Any) -> str:
     # Dump inside a flow list so YAML quotes what needs quoting ('on', '1e-3' strings...) and no
     # document-end marker is added; then strip the brackets.
+    if isinstance(value, dict):  # a mapping field's entries (teacher.named) as plain mappings
+        value = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in value.items()}
     text = yaml.safe_dump([value], default_flow_style=True, width=10_000).strip()
     return text[1:-1]
 

@@ -552,6 +552,9 @@ class EncodedExample:
     truncated: bool
     source: str
     teacher_prompt_ids: list[int] | None = None
+    # The value of the row's data.teacher_column as read (None when absent): the name of its teacher
+    # with teacher.named (`hpd.teacher_routing` checks it).
+    teacher: Any = None
 
 
 def _input_ids(encoded: Any) -> list[int]:
@@ -737,8 +740,12 @@ def encode_file(path: str, tokenizer: Any, settings: Any,
                                     messages_field=settings.messages_field, on_bad_row=settings.on_bad_row)
     encoded = encode_dataset(examples, tokenizer, max_length=settings.max_length, chat_template=settings.chat_template,
                              stats=stats)
+    kept = [ex for ex in examples if ex.completion]  # encode_dataset drops exactly the others
+    column = getattr(settings, "teacher_column", None)
+    if column is not None:
+        for enc, ex in zip(encoded, kept, strict=True):
+            enc.teacher = ex.extra.get(column)
     if teacher_tokenizer is not None:
-        kept = [ex for ex in examples if ex.completion]  # encode_dataset drops exactly the others
         add_teacher_prompts(encoded, kept, teacher_tokenizer, settings)
     return encoded, stats
 

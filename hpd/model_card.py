@@ -29,6 +29,15 @@ _EVAL_KEYS = ("value", "kl", "ce", "agreement", "entropy")
 
 
 def _teacher(cfg: Config) -> str:
+    if cfg.teacher.named:  # a teacher per row: every one by name
+        default = None if cfg.teacher.path == "none" and not (cfg.teacher.cache or cfg.teacher.server) \
+            else _one_teacher(cfg)
+        named = [f"{n}: {t.source()[1]}" + ("" if t.path else f" ({t.source()[0]})") for n, t in cfg.teacher.named.items()]
+        return "; ".join(([f"default: {default}"] if default else []) + named)
+    return _one_teacher(cfg)
+
+
+def _one_teacher(cfg: Config) -> str:
     if cfg.regime.name == "self":
         return f"self ({cfg.student.path} with privileged context, OPSD)"
     if cfg.teacher.cache:

@@ -31,7 +31,7 @@ from typing import Any
 
 import yaml
 
-from hpd.config import Config, config_to_dict
+from hpd.config import Config, config_to_dict, mapping_fields
 from hpd.errors import HPDError
 from hpd.schedule import lr_lambda
 
@@ -62,7 +62,7 @@ NOT_COMPARED = frozenset({"output_dir", "resume"})
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
-        if isinstance(v, dict):
+        if isinstance(v, dict) and f"{prefix}{k}" not in mapping_fields():  # teacher.named is one value
             out.update(_flat(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v

@@ -57,7 +57,10 @@ def check_output_dir(path: Path) -> None:
 def run_inputs(cfg) -> dict[str, str | None]:
     """The paths a run reads, by config key: what its output_dir must not hold."""
     return {"student.path": cfg.student.path, "teacher.path": cfg.teacher.path, "teacher.cache": cfg.teacher.cache,
-            "data.train": cfg.data.train, "data.eval": cfg.data.eval}
+            "data.train": cfg.data.train, "data.eval": cfg.data.eval,
+            # a teacher per row: each named teacher's model directory or cache (servers are no paths)
+            **{f"teacher.named.{n}.{k}": v for n, t in cfg.teacher.named.items() for k, v in (t.source(),)
+               if k != "server"}}
 
 
 def check_run_paths(cfg) -> None:

@@ -215,6 +215,12 @@ class TeacherSource:
         """What this source has to report in the logged metrics (e.g. positions it could not score)."""
         return {}
 
+    def step_counts(self) -> dict[str, float]:
+        """Counts of the training batches viewed since the last call (the same keys, in the same order,
+        at every call, on every process), reset by the call: the trainer sums them over processes into
+        the run's cumulative totals, logged every step (e.g. the tokens each routed teacher taught)."""
+        return {}
+
     def state_dict(self) -> dict[str, Any] | None:
         """What a checkpoint must hold to continue this source (None: nothing)."""
         return None

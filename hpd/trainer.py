@@ -77,6 +77,7 @@ from hpd.metrics_file import MetricsLog
 from hpd.run_dir import RunDirLock, check_run_paths, describe_holder
 from hpd.served import TeacherServers
 from hpd.teacher_cache import TeacherCache
+from hpd.teacher_routing import DEFAULT, NamedTeachers, cache_rows
 from hpd.cross_tokenizer import CachedCrossTokenizerTeacher, CrossTokenizerTeacher, ServedCrossTokenizerTeacher
 from hpd.teachers import (
     CachedTeacher, ModelTeacher, OPSDTeacher, SelfTeacher, ServedTeacher, TeacherSource, prompt_ending_mismatches,
@@ -466,8 +467,10 @@ class Trainer:
         if self.cache is not None:
             self.cache.check_run(temperature=self.objective.temperature, support=self.objective.support,
                                  objective=self.objective.name)
-            self.train_rows = self.cache.rows_of(self.train_data, "training", cfg.data)
-            self.eval_rows = self.cache.rows_of(self.eval_data, "evaluation", cfg.data) if self.eval_data else []
+            # With a teacher per row the cache holds the rows of the default teacher only.
+            mine = (lambda e: e.teacher in (None, DEFAULT)) if cfg.teacher.named else None
+            self.train_rows = cache_rows(self.cache, self.train_data, "training", cfg.data, mine)
+            self.eval_rows = cache_rows(self.cache, self.eval_data, "evaluation", cfg.data, mine)
             self.data_info["teacher_cache"] = str(self.cache.path)
         elif cfg.teacher.server is not None:
             self.servers = TeacherServers(cfg.teacher.server, timeout=cfg.teacher.server_timeout,
@@ -476,15 +479,27 @@ class Trainer:
                 self.served_vocab = self._check_servers(cfg, student, teacher_tok)
             else:
                 self.vocab_size = self._check_servers(cfg, student)
-        elif teacher is None and self.objective.needs_teacher and not self.self_distill:
+        elif teacher is None and self.objective.needs_teacher and not self.self_distill and not cfg.teacher.named:
             raise HPDError(f"objective '{cfg.objective.name}' needs a teacher: set teacher.path")
         self.pad_id = self.tokenizer.pad_token_id
+        # A teacher per row (teacher.named): the named teachers loaded and checked against the student
+        # here, with the default teacher (the teacher section's, if any) one vocabulary for the loss.
+        self.named = NamedTeachers(cfg, student, self.tokenizer, self.objective, self.acc.device, self.log) \
+            if cfg.teacher.named else None
+        if self.named is not None:
+            default_exists = teacher is not None or self.cache is not None or self.servers is not None
+            self.vocab_size = self.named.vocab_size(self.vocab_size if default_exists else None,
+                                                    default_exact=self.cache is not None or self.servers is not None)
+            self.data_info["teachers"] = self.named.describe()
 
         device = self.acc.device
         check_supported(cfg, self.acc.distributed_type)
         r = cfg.regime
-        self.teacher = place_teacher(teacher, self.acc, log=self.log, sampled_by_main=r.name == "teacher" or (
-            r.name == "mixed" and r.off_policy == "teacher"))
+        if self.named is not None and teacher is not None:  # a replica, as the named ones (`NamedTeachers`)
+            self.teacher = teacher.to(device)
+        else:
+            self.teacher = place_teacher(teacher, self.acc, log=self.log, sampled_by_main=r.name == "teacher" or (
+                r.name == "mixed" and r.off_policy == "teacher"))
         self.student = student
         r = cfg.regime
         # Rollout reuse: one rollout batch feeds minibatches x epochs optimizer steps (None: a fresh
@@ -520,6 +535,13 @@ class Trainer:
                                                         chunk_size=cfg.objective.chunk_size or DEFAULT_CHUNK_SIZE)
         elif self.teacher is not None:
             self.teacher_source = ModelTeacher(self.teacher)
+        if self.named is not None:  # one source over them all: the step still asks only it
+            self.teacher_source = self.named.router(
+                self.teacher_source, {"train": self.train_data, "eval": self.eval_data},
+                lambda prompts, completions: make_batch(prompts, completions, pad_id=self.pad_id,
+                                                        vocab_size=self.vocab_size, device=device),
+                self.vocab_size, self.pad_id)
+            self.data_info["teacher_rows"] = self.named.rows
         if cfg.data.streaming:  # the sampler holds each batch's examples: it is the training data
             self.sampler = self.train_data = StreamSampler(cfg.data.train, self.tokenizer, cfg.data,
                                                            batch_size=cfg.optim.batch_size, seed=cfg.seed,
@@ -536,6 +558,8 @@ class Trainer:
         # and cpu_s (this process's CPU time: the cost figure that stays comparable when other jobs
         # share the cores).
         self.totals = {"elapsed_s": 0.0, "cpu_s": 0.0, "teacher_tokens_total": 0.0, "generated_tokens_total": 0.0}
+        if self.teacher_source is not None:  # the source's own counts (a routed teacher's tokens per teacher)
+            self.totals.update(self.teacher_source.step_counts())
         # Where each step's responses come from (the regime); the step only asks it.
         generations = (Path(cfg.regime.teacher_cache) if cfg.regime.teacher_cache
                        else self.run_dir.parent / "teacher_generations")
@@ -991,13 +1015,16 @@ class Trainer:
             value_sum += res["output"].value
         max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else float("inf")
         grad_norm = acc.clip_grad_norm_(self.unwrapped.parameters(), max_norm)
-        costs = torch.tensor([float(teacher_tokens), float(generated)], device=acc.device)
+        source_counts = self.teacher_source.step_counts() if self.teacher_source is not None else {}
+        costs = torch.tensor([float(teacher_tokens), float(generated), *source_counts.values()], device=acc.device)
         totals = torch.cat([torch.stack([loss_sum, value_sum]).float(), costs])
         if self.world > 1:
             totals = acc.reduce(totals, "sum")
         loss, value, gnorm = float(totals[0]), float(totals[1]), float(grad_norm)
         self.totals["teacher_tokens_total"] += float(totals[2])
         self.totals["generated_tokens_total"] += float(totals[3])
+        for i, key in enumerate(source_counts):
+            self.totals[key] += float(totals[4 + i])
         if not (math.isfinite(loss) and math.isfinite(gnorm)):
             self.optimizer.zero_grad(set_to_none=True)
             self.bad_in_row += 1

@@ -47,7 +47,8 @@ from torch import Tensor
 from hpd.errors import HPDError
 from hpd.vocab import resolve_shared_vocab
 from hpd.objectives.tensors import (
-    IGNORE_INDEX, ObjectiveOutput, TeacherChunk, TokenWeights, bucket_logq, kl, refuse_unshifted_labels, upcast,
+    IGNORE_INDEX, ObjectiveOutput, TeacherChunk, TeacherParts, TokenWeights, bucket_logq, kl, merge_weights,
+    refuse_unshifted_labels, upcast,
 )
 from hpd.objectives.clip import RatioClip, RolloutWeights
 from hpd.objectives.head import LMHead, LogitTransform, as_lm_head
@@ -358,12 +359,22 @@ class _Plan:
         if self.obj.support == "pair":
             sample = self.sample[sl] if self.sample is not None else _inverse_cdf_sample(logq, self.uniform[sl])
         teacher = self.teacher_chunk(self.pos[sl], y)
-        score = getattr(self.teacher, "score", None)
+        if isinstance(teacher, TeacherParts):  # a teacher per row: each part weighed by its own teacher
+            parts = [(rows, self._weigh(logq[rows], chunk, y[rows], None if sample is None else sample[rows], pos, view))
+                     for rows, chunk, pos, view in teacher.parts]
+            return merge_weights(parts, logq.shape[0], self.V, y)
+        return self._weigh(logq, teacher, y, sample, self.pos[sl], self.teacher)
+
+    def _weigh(self, logq: Tensor, teacher: TeacherChunk | None, y: Tensor, sample: Tensor | None, pos: Tensor,
+               view) -> TokenWeights:
+        """The objective's weights at C positions from their teacher chunk (`pos (C,)`: the positions in
+        `view`, the teacher view they came from, which may score samples outside its top-K); records stats."""
+        score = getattr(view, "score", None)
         if sample is not None and teacher is not None and teacher.is_topk and score is not None:
             exact = teacher.at(sample)  # exact inside the top-K; the samples outside it are asked for
             outside = teacher.outside_topk(sample)
             if bool(outside.any()):
-                exact[outside] = score(self.pos[sl][outside], sample[outside]).to(exact)
+                exact[outside] = score(pos[outside], sample[outside]).to(exact)
             teacher = teacher.with_exact(sample, exact)
         tw = self.obj.weights(logq, teacher, y, sample)
         ce = -logq.gather(1, y[:, None]).squeeze(1)

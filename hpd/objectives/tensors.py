@@ -180,6 +180,47 @@ class TeacherChunk:
         return torch.where(found, value, estimate.to(value.dtype))
 
 
+@dataclass
+class TeacherParts:
+    """The teacher at C positions given in parts, each by a teacher of its own (a teacher per row,
+    `hpd.teacher_routing`): the objective weighs each part with its own teacher, exactly as that
+    teacher alone would, and `merge_weights` puts the parts' weights back in position order.
+
+    parts: `(rows (C_i,) long, the part's TeacherChunk, its positions (C_i,) in its own teacher's
+    view, that view)` for disjoint `rows` covering 0..C-1.
+    """
+
+    parts: list
+
+
+def merge_weights(parts: list[tuple[Tensor, TokenWeights]], C: int, V: int, labels: Tensor) -> TokenWeights:
+    """One `TokenWeights` of C positions from those of disjoint row sets `(rows (C_i,), weights)`.
+
+    Vocabulary weights `(C_i, V)` stay so; when every part weighs a few tokens `(C_i, K_i)`, the
+    narrower parts are padded to the widest with zero weights at the sequence token `labels (C,)`
+    (a zero weight adds nothing to the surrogate or its gradient); a mix of both becomes `(C, V)`.
+    """
+    ref = parts[0][1].weights
+    value = torch.empty(C, dtype=parts[0][1].value.dtype, device=ref.device)
+    for rows, tw in parts:
+        value[rows] = tw.value
+    if all(tw.tokens is not None for _, tw in parts):
+        K = max(tw.tokens.shape[1] for _, tw in parts)
+        weights = torch.zeros(C, K, dtype=ref.dtype, device=ref.device)
+        tokens = labels[:, None].expand(C, K).clone()
+        for rows, tw in parts:
+            k = tw.tokens.shape[1]
+            weights[rows, :k], tokens[rows, :k] = tw.weights.to(ref.dtype), tw.tokens
+        return TokenWeights(weights, tokens, value)
+    weights = torch.zeros(C, V, dtype=ref.dtype, device=ref.device)
+    for rows, tw in parts:
+        if tw.tokens is None:
+            weights[rows] = tw.weights.to(ref.dtype)
+        else:  # a sparse part among vocabulary ones: its weights added at its tokens
+            weights[rows] = weights[rows].scatter_add(1, tw.tokens, tw.weights.to(ref.dtype))
+    return TokenWeights(weights, None, value)
+
+
 def bucket_logq(logq: Tensor, ids: Tensor) -> Tensor:
     """The student as K + 1 categories: `logq (C, V)` at `ids (C, K)` plus the rest, `(C, K + 1)`."""
     tail = logq.scatter(1, ids, float("-inf")).logsumexp(-1)
