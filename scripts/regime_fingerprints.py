@@ -15,7 +15,10 @@ the output before a change and compare after it:
 CPU) before the refactor of issue 14, and checked after each of its steps; re-recorded after the
 merge of issue 17, whose two new fields of the metrics' info line (`fsdp`,
 `student_parameters_local`) changed the metrics hashes only (every weight hash, and the metrics
-hashes without those two fields, were unchanged). Bitwise results depend
+hashes without those two fields, were unchanged); re-recorded on main 8429aea before the relayout
+of issue 34 item 4: the `code` record of every run (provenance, one more line) and the info line's
+new numeric fields (`train_skipped`, `train_truncated`, ...) changed the metrics hashes only (every
+weight hash unchanged). Bitwise results depend
 on the torch build and the hardware: on another machine, record a "before" there.
 """
 
