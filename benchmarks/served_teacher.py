@@ -60,8 +60,8 @@ def main() -> None:
     from hpd.engine import EngineServer
     from hpd.models import load_model
     from hpd.objectives import get_objective
-    from hpd.served import TeacherServers, exact_scorer, topk_teacher
-    from hpd.teacher_cache import TeacherCache, build_teacher_cache
+    from hpd.teachers.served import TeacherServers, exact_scorer, topk_teacher
+    from hpd.teachers.cache import TeacherCache, build_teacher_cache
     from hpd.trainer import train as run_training
 
     out = args.out

@@ -86,7 +86,7 @@ def recipe_configs(args) -> dict:
         cached_extra = [f"student.path={student_dir}", "student.init_from_teacher=null"]
     cache_dir = out / f"cache-k{args.top_k}"
     if not (cache_dir / "manifest.json").is_file():
-        from hpd.teacher_cache import build_teacher_cache
+        from hpd.teachers.cache import build_teacher_cache
 
         probe = cfg("probe", "hpd")
         build_teacher_cache(teacher, [train], cache_dir, top_k=args.top_k, data=probe.data,

@@ -32,7 +32,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     args = ap.parse_args()
 
-    import hpd.teacher_cache as tc
+    import hpd.teachers.cache as tc
     from hpd.apps.experiments import read_records
     from hpd.trainer import train
 

@@ -402,7 +402,7 @@ def main() -> None:
         initial_student(args)
         files = [args.data]
     if "hpd cached" in methods and not (args.out / f"cache-k{args.top_k}" / "manifest.json").is_file():
-        from hpd.teacher_cache import build_teacher_cache
+        from hpd.teachers.cache import build_teacher_cache
 
         cfg = method_config(args, "hpd online")
         build_teacher_cache(args.teacher, files, args.out / f"cache-k{args.top_k}", top_k=args.top_k,

@@ -60,8 +60,8 @@ from hpd.objectives import (
 )
 from hpd.packing import check_packing
 from hpd.regimes import derive_seed
-from hpd.teacher_cache import TeacherCache
-from hpd.teachers import ModelTeacher, TeacherSource
+from hpd.teachers.cache import TeacherCache
+from hpd.teachers.sources import ModelTeacher, TeacherSource
 from hpd.vocab import teacher_vocab_size
 
 METRIC_PREFIX = "hpd/"

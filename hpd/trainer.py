@@ -75,10 +75,10 @@ from hpd.schedule import lr_lambda
 from hpd.resume import RUN_NEUTRAL_KEYS, check_changes, config_changes, record_history, saved_config, schedule_note
 from hpd.metrics_file import MetricsLog
 from hpd.run_dir import RunDirLock, check_run_paths, describe_holder
-from hpd.served import TeacherServers
-from hpd.teacher_cache import TeacherCache
-from hpd.cross_tokenizer import CrossTokenizerTeacher
-from hpd.teachers import (
+from hpd.teachers.served import TeacherServers
+from hpd.teachers.cache import TeacherCache
+from hpd.teachers.cross_tokenizer import CrossTokenizerTeacher
+from hpd.teachers.sources import (
     CachedTeacher, ModelTeacher, OPSDTeacher, SelfTeacher, ServedTeacher, TeacherSource, prompt_ending_mismatches,
 )
 from hpd.trackers import finish_trackers, make_trackers, resolve_trackers, start_trackers, tracker_values
@@ -192,7 +192,7 @@ def load_models(cfg: Config, cache: TeacherCache | None = None, *, with_teacher_
     and the vocabulary is the one the cache is normalized over. With `teacher.server` it is not
     loaded either: the served model is checked against the student in `Trainer._setup`. The student is wrapped with LoRA
     adapters when `student.lora_rank > 0`. With `regime.name=self` there is no teacher model: the
-    student is its own teacher (`hpd.teachers.SelfTeacher`).
+    student is its own teacher (`hpd.teachers.sources.SelfTeacher`).
     """
     teacher, tokenizer = None, None
     if cache is not None:
@@ -229,7 +229,7 @@ def load_models(cfg: Config, cache: TeacherCache | None = None, *, with_teacher_
     if cfg.objective.chunk_size > 0:
         lm_head_of(student, hint="set objective.chunk_size=0 (the loss then reads the student's own logits)")
     if teacher is not None:
-        # across tokenizers the two are lined up by byte offsets (hpd.cross_tokenizer): no shared vocabulary
+        # across tokenizers the two are lined up by byte offsets (hpd.teachers.cross_tokenizer): no shared vocabulary
         vocab_size = teacher_vocab_size(vocab_rows(student), vocab_rows(teacher), s_tok, tokenizer,
                                         student=f"the student ({cfg.student.path})",
                                         teacher=f"the teacher ({cfg.teacher.path})",

@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     os.chdir(REPO)
     from hpd.config import DataConfig, load_config
     from hpd.models import load_model, save_model
-    from hpd.teacher_cache import build_teacher_cache
+    from hpd.teachers.cache import build_teacher_cache
     from hpd.trainer import train
 
     names = args.only or list(CASES)

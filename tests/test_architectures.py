@@ -10,7 +10,7 @@ from its config class, and either `lm_head_of` refuses it by name (`REFUSED`), o
 
 - the student's view (`lm_head_of(model).logits(final_hidden_states(...))`) and its chunked loss
   (against the reference loss on the model's logits);
-- the online teacher's view (`hpd.teachers.teacher_view`, a `HeadTeacher`);
+- the online teacher's view (`hpd.teachers.sources.teacher_view`, a `HeadTeacher`);
 - the Trainer integrations' view (the LM head's input captured by `_CaptureHidden`);
 - the teacher cache (built from the saved model) for the transform-bearing architectures and llama.
 
@@ -215,7 +215,7 @@ def test_every_hidden_state_view_gives_the_models_logits(model_type):
         b = obj.chunked(hidden, head, teacher, labels, chunk_size=3).loss
     assert float(b) == pytest.approx(float(a), rel=1e-5, abs=1e-6)
     # The online teacher's view.
-    from hpd.teachers import teacher_view
+    from hpd.teachers.sources import teacher_view
 
     view = teacher_view(model, ids, mask, chunked=True)
     pos = (labels.reshape(-1) != -100).nonzero().squeeze(1)
@@ -235,7 +235,7 @@ def test_the_teacher_cache_holds_the_models_log_probabilities(model_type, tmp_pa
     from hpd.config import DataConfig
     from hpd.data import build_batch, encode_file
     from hpd.models import save_model
-    from hpd.teacher_cache import TeacherCache, build_teacher_cache
+    from hpd.teachers.cache import TeacherCache, build_teacher_cache
     from hpd.tokenizer import byte_tokenizer
 
     model, tok = built(model_type), byte_tokenizer()

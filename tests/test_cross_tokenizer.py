@@ -11,7 +11,7 @@ from hypothesis import given, settings, strategies as st
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from hpd.cross_tokenizer import (
+from hpd.teachers.cross_tokenizer import (
     CrossTokenizerView, EOS_MARKER, align_response, joint_spans, special_markers, token_bytes, token_map,
 )
 from hpd.errors import HPDError
@@ -199,7 +199,7 @@ def _tiny(tok, seed, **kw):
 def test_hpd_across_tokenizers_equals_hand_computation(bpe, byte_tok):
     """One HPD loss through CrossTokenizerTeacher's view equals the weights computed by hand from full logits."""
     from hpd.batches import make_batch
-    from hpd.cross_tokenizer import CrossTokenizerTeacher
+    from hpd.teachers.cross_tokenizer import CrossTokenizerTeacher
     from hpd.data import EncodedExample
 
     student, teacher = _tiny(byte_tok, 1), _tiny(bpe, 2)
@@ -258,7 +258,7 @@ def test_hpd_across_tokenizers_equals_hand_computation(bpe, byte_tok):
 
 def test_vocab_objectives_refused_across_tokenizers(bpe, byte_tok):
     chunk = CrossTokenizerView  # the chunk raises with a message naming uld
-    from hpd.cross_tokenizer import CrossTokenizerChunk
+    from hpd.teachers.cross_tokenizer import CrossTokenizerChunk
     c = CrossTokenizerChunk(torch.zeros(1, 5), torch.zeros(1), torch.zeros(1, dtype=torch.long), torch.zeros(3, dtype=torch.long))
     with pytest.raises(HPDError, match="uld"):
         get_objective("fkl").weights(torch.zeros(1, 3), c, torch.zeros(1, dtype=torch.long), None)

@@ -20,7 +20,7 @@ from hpd.integrations import DistillationTrainer, HPDLoss, trainer_rows
 from hpd.models import load_model, save_model, shared_vocab_size
 from hpd.objectives import get_objective, shift_labels
 from hpd.regimes import derive_seed
-from hpd.teachers import teacher_view
+from hpd.teachers.sources import teacher_view
 from hpd.trainer import DistillationLoss
 
 pytestmark = [pytest.mark.usefixtures("single_torch_thread"),
@@ -209,7 +209,7 @@ def test_a_second_loss_is_refused(models, tmp_path):
 
 
 def test_a_teacher_cache_in_the_trainer_gives_the_online_teachers_loss(models, tmp_path):
-    from hpd.teacher_cache import build_teacher_cache
+    from hpd.teachers.cache import build_teacher_cache
 
     teacher, student0, tok = models
     teacher_dir = save_model(teacher, tok, tmp_path / "teacher")

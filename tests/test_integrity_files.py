@@ -309,7 +309,7 @@ CACHE_RUN = ["data.max_length=48", "log.progress=false", "log.tensorboard=off", 
 @pytest.fixture
 def cache_dir(tmp_path, monkeypatch) -> Path:
     from hpd.config import DataConfig
-    from hpd.teacher_cache import build_teacher_cache
+    from hpd.teachers.cache import build_teacher_cache
 
     monkeypatch.chdir(ROOT)
     return build_teacher_cache("hpd/assets/teacher", ["examples/tiny.jsonl"], tmp_path / "cache", top_k=4,
@@ -380,7 +380,7 @@ def test_a_damaged_cache_is_one_error_line_not_a_traceback(cache_dir, tmp_path, 
 
 
 def test_an_intact_cache_trains_and_each_shard_is_hashed_once_per_process(cache_dir, tmp_path, monkeypatch):
-    import hpd.teacher_cache as tc
+    import hpd.teachers.cache as tc
 
     calls = []
     real = tc.file_sha256
@@ -421,7 +421,7 @@ def test_a_second_cache_teacher_into_the_same_directory_is_refused(tmp_path, mon
 
 
 def test_cache_teacher_after_a_kill_during_force_puts_the_old_cache_back_and_cleans_up(tmp_path, monkeypatch):
-    from hpd.teacher_cache import TeacherCache
+    from hpd.teachers.cache import TeacherCache
 
     monkeypatch.chdir(ROOT)
     out = tmp_path / "cache"

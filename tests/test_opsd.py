@@ -15,7 +15,7 @@ from hpd.config import load_config
 from hpd.data import Example, build_batch, encode_self_distillation, load_examples, privileged_prompt
 from hpd.errors import HPDError
 from hpd.models import apply_lora, load_model, save_model
-from hpd.teachers import SelfTeacher, aligned_positions, prompt_ending_mismatches, teacher_view
+from hpd.teachers.sources import SelfTeacher, aligned_positions, prompt_ending_mismatches, teacher_view
 from hpd.tokenizer import byte_tokenizer
 
 TEMPLATE = load_config(None).opsd.teacher_template

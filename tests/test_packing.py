@@ -22,7 +22,7 @@ from hpd.models import load_model, save_model, shared_vocab_size
 from hpd.objectives import get_objective
 from hpd.packing import Packing, check_packing
 from hpd.regimes import derive_seed
-from hpd.teachers import ModelTeacher
+from hpd.teachers.sources import ModelTeacher
 from hpd.trainer import DistillationLoss, train
 
 pytestmark = [pytest.mark.usefixtures("single_torch_thread"),
@@ -142,7 +142,7 @@ def test_packed_self_distillation_ends_with_the_padded_runs_weights(tmp_path):
 
 
 def test_packed_training_from_a_teacher_cache_ends_with_the_padded_runs_weights(tmp_path):
-    from hpd.teacher_cache import build_teacher_cache
+    from hpd.teachers.cache import build_teacher_cache
 
     model, tok = load_model("tiny", tiny={"num_layers": 2, "hidden_size": 64, "intermediate_size": 128}, seed=7)
     teacher_dir = save_model(model, tok, tmp_path / "teacher")

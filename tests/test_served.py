@@ -1,4 +1,4 @@
-"""The served teacher (`teacher.server`, `hpd.served`) and the cache built by engines, against a real vLLM.
+"""The served teacher (`teacher.server`, `hpd.teachers.served`) and the cache built by engines, against a real vLLM.
 
 The engine tests start vLLM on 127.0.0.1 with the bundled teacher (the `teacher_server` fixture,
 tests/conftest.py; skipped with a message naming `make engine` when its environment is absent) and
@@ -24,7 +24,7 @@ from hpd.config import DataConfig, load_config
 from hpd.data import build_batch, encode_file
 from hpd.engine import free_port
 from hpd.errors import HPDError
-from hpd.served import ServerError, TeacherServers, parse_prompt_logprobs, topk_teacher
+from hpd.teachers.served import ServerError, TeacherServers, parse_prompt_logprobs, topk_teacher
 
 TEACHER = "hpd/assets/teacher"
 STUDENT = "hpd/assets/students/llama-2x96"
@@ -271,7 +271,7 @@ def test_served_teacher_gives_the_in_process_loss_and_gradient(name, top_k, exac
     second request: the loss and gradient equal the in-process teacher's to fp32 tolerance."""
     from hpd.models import load_model
     from hpd.objectives import get_objective
-    from hpd.served import exact_scorer
+    from hpd.teachers.served import exact_scorer
 
     examples, tok = _examples()
     logits, b = _in_process(examples, tok)
@@ -389,7 +389,7 @@ def test_another_tokenizer_or_vocabulary_is_refused_naming_both_sides(teacher_se
 def test_a_cache_built_by_one_or_two_servers_equals_the_in_process_cache(teacher_server, proxy, tmp_path):
     """The same positions and top-K tokens; log-probabilities within 1e-4 (the engine's fp32
     numerics), the tail mass within 1e-4; two servers share the batches and build the same cache."""
-    from hpd.teacher_cache import TeacherCache, build_teacher_cache
+    from hpd.teachers.cache import TeacherCache, build_teacher_cache
 
     kw = dict(top_k=8, data=DataConfig(max_length=64), dtype="float32", batch_size=8, log=None)
     local = TeacherCache(build_teacher_cache(TEACHER, [DATA], tmp_path / "local", **kw))

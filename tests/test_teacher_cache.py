@@ -20,7 +20,7 @@ from hpd.data import build_batch, encode_file
 from hpd.errors import HPDError
 from hpd.models import load_model, save_model
 from hpd.objectives import OBJECTIVES, get_objective
-from hpd.teacher_cache import TeacherCache, build_teacher_cache, sequence_hash
+from hpd.teachers.cache import TeacherCache, build_teacher_cache, sequence_hash
 
 DATA = "examples/tiny.jsonl"
 MAX_LEN = 48

@@ -590,7 +590,7 @@ def cache_teacher_cmd(
                                                     if config is not None else [])
         if not files:
             raise HPDError("name the data: --data FILE (repeat for the eval file), or --config RUN.yaml")
-        from hpd.teacher_cache import build_teacher_cache
+        from hpd.teachers.cache import build_teacher_cache
 
         path = build_teacher_cache(teacher, files, out, top_k=top_k, data=cfg.data,
                                    temperature=temperature if temperature is not None else cfg.objective.temperature,

@@ -23,7 +23,7 @@ Two paths share all of that and differ only in how the gradient is obtained:
 The teacher may be given as logits `(B, T, V)`, as a `HeadTeacher` (its hidden states and LM
 head: chunked alike, so neither model's full logits exist), for one-hot objectives as a
 `GatheredTeacher` holding log-probabilities at a few tokens per position, or as a `TopKTeacher`
-read from a teacher cache (`hpd.teacher_cache`): exact at the sequence token, top-K plus one tail
+read from a teacher cache (`hpd.teachers.cache`): exact at the sequence token, top-K plus one tail
 bucket elsewhere.
 
     >>> import torch

@@ -22,7 +22,7 @@ max_length or template is found before training, and says what differs) and hand
 `hpd.objectives.TopKTeacher` per batch.
 
     >>> from hpd.config import DataConfig
-    >>> from hpd.teacher_cache import TeacherCache, build_teacher_cache
+    >>> from hpd.teachers.cache import TeacherCache, build_teacher_cache
     >>> out = build_teacher_cache("hpd/assets/teacher", ["examples/tiny.jsonl"], "/tmp/hpd-doc-cache",
     ...                           top_k=8, data=DataConfig(max_length=64), overwrite=True, log=None)
     >>> cache = TeacherCache(out)
@@ -113,7 +113,7 @@ def build_teacher_cache(teacher: str | os.PathLike, data_files: Sequence[str | o
     shard_positions: positions per shard file (shards hold whole examples).
     device:          where the teacher runs: "auto" (this process's GPU under `accelerate launch`,
                      else the first GPU if there is one, else the CPU), "cpu", "cuda", "cuda:1", ...
-    servers:         teacher inference servers (`URL[,URL...]` or a `hpd.served.TeacherServers`)
+    servers:         teacher inference servers (`URL[,URL...]` or a `hpd.teachers.served.TeacherServers`)
                      that score the sequences instead of a model here (the batches spread over them;
                      `teacher` then only gives the tokenizer and the fingerprint); temperature 1 only.
     """
@@ -160,7 +160,7 @@ def _build(teacher: str, data_files: Sequence[str | os.PathLike], out: Path, pro
     served = None
     if servers is not None:
         from hpd.models import load_saved_tokenizer
-        from hpd.served import TeacherServers
+        from hpd.teachers.served import TeacherServers
 
         if abs(temperature - 1.0) > 1e-12:
             raise HPDError(f"teacher servers return log-probabilities at temperature 1, not {temperature:g}: "

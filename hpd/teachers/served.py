@@ -22,7 +22,7 @@ What it guards against:
 a micro-batch's request on a thread (so it runs while the student computes on earlier batches),
 `view` waits for it.
 
-    >>> from hpd.served import parse_urls
+    >>> from hpd.teachers.served import parse_urls
     >>> parse_urls("http://b:8000, http://c:8000/")
     ['http://b:8000', 'http://c:8000']
 """

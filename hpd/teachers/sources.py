@@ -6,7 +6,7 @@ indices)` adds to a micro-batch what the source reads (the privileged sequences,
 `after_step()` runs after each optimizer step (the EMA), and `state_dict()` / `load_state_dict()`
 carry its state through checkpoints. Four implementations: `ModelTeacher` (a teacher model run
 online), `CachedTeacher` (a top-K cache built by `hpd cache-teacher`), `ServedTeacher` (a teacher
-behind inference servers, `hpd.served`) and `OPSDTeacher` (the student shown a privileged context). A new source is one new class with these five methods.
+behind inference servers, `hpd.teachers.served`) and `OPSDTeacher` (the student shown a privileged context). A new source is one new class with these five methods.
 
 On-policy self-distillation (OPSD, arXiv 2601.18734) needs no second model: the same network,
 shown a privileged context (a verified reference solution before the question), teaches its own
@@ -28,7 +28,7 @@ needs beyond the ordinary teacher:
 
     >>> import torch
     >>> from hpd.models import load_model
-    >>> from hpd.teachers import SelfTeacher, aligned_positions
+    >>> from hpd.teachers.sources import SelfTeacher, aligned_positions
     >>> model, tok = load_model("tiny", tiny={"num_layers": 1, "hidden_size": 32})
     >>> teacher = SelfTeacher(model, "frozen")
     >>> ids = torch.tensor([tok.encode("hello")]); mask = torch.ones_like(ids)
@@ -245,7 +245,7 @@ class ModelTeacher(TeacherSource):
 
 
 class CachedTeacher(TeacherSource):
-    """A teacher read from a top-K cache (`hpd.teacher_cache.TeacherCache`): no forward pass.
+    """A teacher read from a top-K cache (`hpd.teachers.cache.TeacherCache`): no forward pass.
 
     rows: the cache row of every example of each split (`{"train": [...], "eval": [...]}`).
     """
@@ -304,7 +304,7 @@ class OPSDTeacher(TeacherSource):
 
 
 class ServedTeacher(TeacherSource):
-    """A teacher behind inference servers (`teacher.server`; `hpd.served.TeacherServers`): the cache's
+    """A teacher behind inference servers (`teacher.server`; `hpd.teachers.served.TeacherServers`): the cache's
     semantics (`TopKTeacher`: exact at the sequence token, top-K plus a tail elsewhere) with no model
     here. A micro-batch's request leaves in `prepare` (on a thread, so it overlaps the student's
     compute on the batches before it) and is awaited in `view`."""
@@ -320,7 +320,7 @@ class ServedTeacher(TeacherSource):
         self.exact_samples = exact_samples  # hpd's samples outside the top-K asked for exactly (a second request)
 
     def _fetch(self, sequences: list[list[int]], T: int):
-        from hpd.served import exact_scorer, topk_teacher
+        from hpd.teachers.served import exact_scorer, topk_teacher
 
         return topk_teacher(self.servers.score(sequences, self.top_k), T, self.top_k, self.vocab_size,
                             score=exact_scorer(self.servers, sequences, T) if self.exact_samples else None)

@@ -12,14 +12,14 @@ their boundaries agree (docs/objectives.md, "Across tokenizers"):
   text, and for each student token the teacher token starting at the same byte (the same
   context for both) and, where the student token is one joint span by itself, the teacher
   tokens spelling exactly its bytes.
-- `CrossTokenizerTeacher` (a `hpd.teachers.TeacherSource`) and `CrossTokenizerView` (its
+- `CrossTokenizerTeacher` (a `hpd.teachers.sources.TeacherSource`) and `CrossTokenizerView` (its
   `TeacherView`): the online teacher runs on its own tokenization; HPD, orkl and sft read the
   teacher's log-probability of a student token as the sum of the log-probabilities of the teacher
   tokens spelling it; `uld` reads the teacher's next-token distribution over its own vocabulary.
   A source that already has the teacher's per-token log-probabilities over its own tokenization
   (a served teacher's prompt log-probabilities) builds the same view from `align_response`.
 
-    >>> from hpd.cross_tokenizer import joint_spans
+    >>> from hpd.teachers.cross_tokenizer import joint_spans
     >>> joint_spans([1, 2, 1], [3, 1])   # byte lengths of student and teacher tokens
     [(0, 2, 0, 1, 0, 3), (2, 3, 1, 2, 3, 4)]
 """
@@ -40,7 +40,7 @@ from hpd.models import final_hidden_states, lm_head_of
 from hpd.objectives import IGNORE_INDEX, TeacherChunk, TeacherView
 from hpd.objectives.base import upcast
 from hpd.objectives.head import IDENTITY, LogitTransform
-from hpd.teachers import TeacherSource
+from hpd.teachers.sources import TeacherSource
 from hpd.tokenizer import _bytes_to_unicode
 
 # A special token's "bytes": 0xFF never occurs in UTF-8 text, so a marker matches only the same
@@ -363,7 +363,7 @@ class CrossTokenizerView(TeacherView):
 
 
 class CrossTokenizerTeacher(TeacherSource):
-    """An online teacher with another tokenizer: a `hpd.teachers.TeacherSource`.
+    """An online teacher with another tokenizer: a `hpd.teachers.sources.TeacherSource`.
 
     `prepare` re-tokenizes each response's text with the teacher (`align_response`), builds the
     teacher's sequences (its own prompt: `EncodedExample.teacher_prompt_ids`, the prompt rendered
