@@ -80,7 +80,7 @@ def accuracy(model_dir: Path | str, *, privileged: bool = False, n: int = N_EVAL
     from hpd.apps.evaluate import wilson_interval
     from hpd.models import load_model
     from hpd.data import privileged_prompt
-    from hpd.rollout import generate_text
+    from hpd.responses.rollout import generate_text
     from hpd.apps.tasks import get_task
 
     task = get_task(TASK)

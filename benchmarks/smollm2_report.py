@@ -50,7 +50,7 @@ from hpd.files import atomic_write_text
 from hpd.models import init_from_teacher, load_model
 from hpd.objectives import get_objective
 from hpd.objectives.base import reduce_metrics
-from hpd.rollout import encode_prompts, generate_completions
+from hpd.responses.rollout import encode_prompts, generate_completions
 
 METHOD_ORDER = ("hpd", "fkl", "sft")
 

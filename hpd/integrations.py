@@ -59,7 +59,7 @@ from hpd.objectives import (
     DEFAULT_CHUNK_SIZE, IGNORE_INDEX, Objective, ObjectiveOutput, get_objective, resolve_shared_vocab, shift_labels,
 )
 from hpd.packing import check_packing
-from hpd.regimes import derive_seed
+from hpd.responses.regimes import derive_seed
 from hpd.teachers.cache import TeacherCache
 from hpd.teachers.sources import ModelTeacher, TeacherSource
 from hpd.vocab import teacher_vocab_size
@@ -138,12 +138,12 @@ def on_policy_refusal(objective: str | Objective, params: dict[str, Any], regime
 
     The Trainer integrations distill on the batches the Trainer gives; rollouts of the student
     (on-policy GKD: `mixed`, `student`), teacher generations and self-distillation are `hpd train`'s
-    regimes (`hpd.regimes`), which generate, cache and seed them.
+    regimes (`hpd.responses.regimes`), which generate, cache and seed them.
 
         >>> print(on_policy_refusal("jsd", {"beta": 0.5}, "mixed", 0.5))  # doctest: +ELLIPSIS
         the Trainer integration distills on the Trainer's own batches ...: hpd train CONFIG objective.name=jsd objective.beta=0.5 regime.name=mixed regime.mixed_lambda=0.5
     """
-    from hpd.regimes import REGIMES
+    from hpd.responses.regimes import REGIMES
 
     if regime not in REGIMES:
         return HPDError(f"unknown regime {regime!r}: the Trainer integration takes 'dataset'; hpd train takes "

@@ -36,7 +36,7 @@ from typing import Any
 
 from hpd.data import EncodedExample, LoadStats, encode_example, iter_rows, parse_rows
 from hpd.errors import HPDError
-from hpd.regimes import derive_seed
+from hpd.responses.regimes import derive_seed
 
 
 def shuffled(rows: Iterator[Any], buffer: int, seed: int) -> Iterator[Any]:

@@ -3,9 +3,9 @@
 One optimizer step, top to bottom:
 
     checkpoint / evaluate when due
-    responses: the run's `ResponseSource` (`hpd.regimes`: dataset | teacher | student | self |
+    responses: the run's `ResponseSource` (`hpd.responses.regimes`: dataset | teacher | student | self |
       mixed) names the step's regime and gives each micro-batch's completions (rollouts sampled
-      through a `hpd.rollout.GenerationBackend`)
+      through a `hpd.responses.rollout.GenerationBackend`)
       [rollout reuse, regime.minibatches x epochs > 1: a new rollout batch every M x E steps, its
       objective weights fixed then (`DistillationLoss(fix_weights=True)`); the steps between
       train on their share of it through the PPO-clipped weights (`hpd.objectives.clip`)]
@@ -69,8 +69,8 @@ from hpd.objectives import (
     COMMON_PARAMS, DEFAULT_CHUNK_SIZE, Objective, ObjectiveOutput, RatioClip, RolloutWeights, TeacherView,
     objective_class, param_fields, rollout_weights,
 )
-from hpd.regimes import ResponseSource, derive_seed, has_rollouts, response_source, rollout_bias
-from hpd.backends import select_backend
+from hpd.responses.regimes import ResponseSource, derive_seed, has_rollouts, response_source, rollout_bias
+from hpd.responses.backends import select_backend
 from hpd.schedule import lr_lambda
 from hpd.resume import RUN_NEUTRAL_KEYS, check_changes, config_changes, record_history, saved_config, schedule_note
 from hpd.metrics_file import MetricsLog

@@ -19,7 +19,7 @@ from hpd.errors import HPDError
 from hpd.integrations import DistillationTrainer, HPDLoss, trainer_rows
 from hpd.models import load_model, save_model, shared_vocab_size
 from hpd.objectives import get_objective, shift_labels
-from hpd.regimes import derive_seed
+from hpd.responses.regimes import derive_seed
 from hpd.teachers.sources import teacher_view
 from hpd.trainer import DistillationLoss
 

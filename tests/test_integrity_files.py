@@ -124,7 +124,7 @@ def test_generate_resumes_from_a_partial_with_repeated_and_cut_batches_to_a_clea
 def test_a_second_generate_into_the_same_output_is_refused_and_writes_nothing(prompts, tmp_path):
     out = tmp_path / "gen.jsonl"
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time\nfrom hpd.generation_cache import GenerationCache\n"
+        "import sys, time\nfrom hpd.responses.generation_cache import GenerationCache\n"
         f"c = GenerationCache({str(out)!r}, 'k')\n"
         "with c.writing():\n    print('held', flush=True)\n    time.sleep(60)\n")],
         env=env(), stdout=subprocess.PIPE, text=True)
@@ -170,7 +170,7 @@ def test_generate_on_a_full_disk_is_one_error_line_and_keeps_finished_batches(pr
 
 def test_edited_teacher_regime_generations_are_generated_again(tmp_path):
     from hpd.models import load_model
-    from hpd.regimes import SamplingSettings, teacher_generations
+    from hpd.responses.regimes import SamplingSettings, teacher_generations
 
     model, tok = load_model("tiny", tiny={"num_layers": 1, "hidden_size": 32}, seed=0)
     prompts = [tok.encode("1+1=")[:4], tok.encode("2+2=")[:4]]
@@ -554,7 +554,7 @@ def test_on_bad_row_skip_skips_a_row_with_a_lone_surrogate(tmp_path, monkeypatch
 
 def test_generate_refuses_a_prompt_longer_than_the_context(tmp_path):
     from hpd.models import load_model
-    from hpd.rollout import generate_text
+    from hpd.responses.rollout import generate_text
 
     model, tok = load_model("tiny", tiny={"num_layers": 1, "hidden_size": 32, "max_positions": 16}, seed=0)
     with pytest.raises(HPDError, match="prompt 1 is 40 tokens, longer than the model's context of 16 tokens"):

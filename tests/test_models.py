@@ -14,7 +14,7 @@ from hpd.models import (
     save_model,
     shared_vocab_size,
 )
-from hpd.rollout import generate_completions
+from hpd.responses.rollout import generate_completions
 from hpd.tokenizer import byte_tokenizer
 
 TINY = {"num_layers": 1, "hidden_size": 32, "num_heads": 4}

@@ -21,7 +21,7 @@ from hpd.errors import HPDError
 from hpd.models import load_model, save_model, shared_vocab_size
 from hpd.objectives import get_objective
 from hpd.packing import Packing, check_packing
-from hpd.regimes import derive_seed
+from hpd.responses.regimes import derive_seed
 from hpd.teachers.sources import ModelTeacher
 from hpd.trainer import DistillationLoss, train
 

@@ -10,7 +10,7 @@ import torch
 from hpd.config import load_config
 from hpd.errors import HPDError
 from hpd.objectives import RatioClip, RolloutWeights, get_objective, rollout_weights
-from hpd.regimes import rollout_bias
+from hpd.responses.regimes import rollout_bias
 from hpd.trainer import Trainer, train
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")

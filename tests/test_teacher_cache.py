@@ -367,9 +367,9 @@ def test_teacher_generations_are_cached_with_generate_then_cache_teacher_then_tr
 
 
 def test_generate_leaves_empty_answers_out_and_says_so(tmp_path, monkeypatch):
-    import hpd.rollout
+    import hpd.responses.rollout
 
-    monkeypatch.setattr(hpd.rollout, "generate_text", lambda model, tok, prompts, **kw: ["", "4", "  "][: len(prompts)])
+    monkeypatch.setattr(hpd.responses.rollout, "generate_text", lambda model, tok, prompts, **kw: ["", "4", "  "][: len(prompts)])
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("a", "2+2=", "c")))
     out = tmp_path / "gen.jsonl"

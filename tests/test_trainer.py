@@ -25,7 +25,7 @@ from hpd.checkpoint import latest_checkpoint
 from hpd.apps.cli import app
 from hpd.config import config_to_dict, load_config
 from hpd.errors import HPDError
-from hpd.regimes import step_regime
+from hpd.responses.regimes import step_regime
 from hpd.trainer import train
 
 OBJECTIVES = ("sft", "fkl", "rkl", "jsd", "skl", "srkl", "tvd", "akl", "todi", "abkl", "orkl", "hpd")
@@ -556,12 +556,12 @@ def test_teacher_generations_are_generated_once_and_reused(monkeypatch, tiny_tea
     completions = json.loads(files[0].read_text())["completions"]
     assert len(completions) == 84 and all(1 <= len(c) <= 8 for c in completions)
 
-    import hpd.regimes
+    import hpd.responses.regimes
 
     def no_generation(*args, **kwargs):
         raise AssertionError("teacher generations were generated again")
 
-    monkeypatch.setattr(hpd.regimes, "rollout", no_generation)
+    monkeypatch.setattr(hpd.responses.regimes, "rollout", no_generation)
     train(config(tmp_path / "b", *common, teacher=tiny_teacher))
     assert sorted(p for p in cache.iterdir() if p.suffix == ".json") == files and files[0].stat().st_mtime_ns == stamp
     info = [r for r in read_metrics(tmp_path / "b") if r["type"] == "info"][0]

@@ -300,7 +300,7 @@ def _traces(data_dir: Path, gold_train: Path, s: BenchSettings, name: str = "tra
         if not (Path(s.writer) / "config.json").is_file():
             raise HPDError(f"no trace writer at {s.writer}: build it with `bash scripts/build_students.sh`")
         from hpd.models import load_model
-        from hpd.rollout import generate_text
+        from hpd.responses.rollout import generate_text
         from hpd.apps.verifiers import get_verifier
 
         rows = _read_rows(gold_train)

@@ -206,7 +206,7 @@ def generate(
         from hpd.files import check_output
 
         check_output(out, {"--prompts": prompts, "--model": model}, what="--out", directory=False)
-        from hpd.generation_cache import GenerationCache
+        from hpd.responses.generation_cache import GenerationCache
 
         cache = GenerationCache(out, _generation_key(model, digest, settings))
         try:
@@ -235,7 +235,7 @@ def _generate_into(cache: Any, model: str, prompts: Path, settings: dict[str, An
     from hpd.data import load_examples
     from hpd.models import load_model
     from hpd.progress import Progress
-    from hpd.rollout import generate_text
+    from hpd.responses.rollout import generate_text
 
     examples, _stats = load_examples(str(prompts), require_completion=False, on_bad_row=on_bad_row,
                                      skip_hint="pass --on-bad-row skip")

@@ -1,7 +1,7 @@
 """Evaluate a model on verifiable problems: generate answers, verify them, report accuracy with a CI.
 
 One routine, `evaluate_rows`, does it for any rows and verifier: it generates one completion per
-row's prompt with `hpd.rollout.generate_text` (chat-templated when the tokenizer has a template,
+row's prompt with `hpd.responses.rollout.generate_text` (chat-templated when the tokenizer has a template,
 greedy by default), scores them with the verifier (`hpd.apps.verifiers`) and returns an `EvalResult`
 with the accuracy, a 95% Wilson interval, the per-row verdicts (`.verdicts`, in input order) and
 one record per row. `evaluate_model` runs it on `n` held-out items of a bundled task (`hpd.apps.tasks`),
@@ -34,7 +34,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from hpd.errors import HPDError
 from hpd.files import check_output
 from hpd.progress import Progress
-from hpd.rollout import generate_text
+from hpd.responses.rollout import generate_text
 from hpd.stats import Z_95, wilson_interval  # noqa: F401  (re-exported: hpd.apps.evaluate.wilson_interval)
 from hpd.apps.tasks import Task, get_task, task_row
 from hpd.apps.verifiers import TaskVerifier, Verifier, get_verifier

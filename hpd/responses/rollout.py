@@ -11,11 +11,11 @@ settings, seed)` plus the hook `after_optimizer_step(model)`); `HFGenerate` is t
 Face `generate` in the training process. A backend that serves generation elsewhere (e.g. vLLM
 holding its own copy of the weights) is one new class: it syncs the student's new weights in
 `after_optimizer_step`, which the trainer calls after every optimizer step it takes: `VLLMGenerate`
-(`hpd.vllm_generate`, a vLLM server on the student's weights) is that, chosen by `hpd.backends.select_backend`
+(`hpd.responses.vllm_generate`, a vLLM server on the student's weights) is that, chosen by `hpd.responses.backends.select_backend`
 (`regime.backend`).
 
     >>> from hpd.models import load_model
-    >>> from hpd.rollout import generate_completions, generate_text
+    >>> from hpd.responses.rollout import generate_completions, generate_text
     >>> model, tok = load_model("tiny", tiny={"num_layers": 1, "hidden_size": 32})
     >>> outs = generate_completions(model, tok, [tok.encode("hi"), tok.encode("hello")],
     ...                             max_new_tokens=5, seed=0)
@@ -159,7 +159,7 @@ class GenerationBackend:
 
     def generate(self, model, tokenizer, prompt_ids: list[list[int]], settings, *, seed: int) -> list[list[int]]:
         """One completion per prompt (new ids only, through the first eos), sampled as `settings`
-        (`hpd.regimes.SamplingSettings`) say; a pure function of the weights, prompts and `seed`."""
+        (`hpd.responses.regimes.SamplingSettings`) say; a pure function of the weights, prompts and `seed`."""
         raise NotImplementedError
 
     def after_optimizer_step(self, model) -> None:

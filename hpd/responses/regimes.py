@@ -18,9 +18,9 @@ records), `prepare(...)` runs once before training (the teacher's generations), 
 `completions(examples, indices, step=, micro=)` gives a micro-batch's responses (None: the data's
 own) with the number of tokens sampled for them. `response_source(cfg, ...)` builds the run's
 source from its config; the trainer only calls these methods. Rollouts are sampled through a
-`hpd.rollout.GenerationBackend`.
+`hpd.responses.rollout.GenerationBackend`.
 
-    >>> from hpd.regimes import step_regime
+    >>> from hpd.responses.regimes import step_regime
     >>> [step_regime("mixed", 0.5, "dataset", seed=0, step=k) for k in range(4)]
     ['student', 'student', 'student', 'dataset']
 """
@@ -36,9 +36,9 @@ from typing import Any, Callable, Sequence
 import torch
 
 from hpd.fingerprints import model_fingerprint
-from hpd.generation_cache import GenerationCache
+from hpd.responses.generation_cache import GenerationCache
 from hpd.seeds import derive_seed
-from hpd.rollout import GenerationBackend, HFGenerate
+from hpd.responses.rollout import GenerationBackend, HFGenerate
 
 REGIMES = ("dataset", "teacher", "student", "mixed", "self")
 
@@ -71,7 +71,7 @@ def rollout(model, tokenizer, prompts: list[list[int]], settings: SamplingSettin
             max_length: int, backend: GenerationBackend | None = None) -> list[list[int]]:
     """Sample one completion per prompt from `model` (no gradient), cut to fit `max_length`.
 
-    backend: how to sample (default: Hugging Face `generate`, `hpd.rollout.HFGenerate`)."""
+    backend: how to sample (default: Hugging Face `generate`, `hpd.responses.rollout.HFGenerate`)."""
     outs = (backend or HFGenerate()).generate(model, tokenizer, prompts, settings, seed=seed)
     return [fit_completion(p, c, max_length) for p, c in zip(prompts, outs)]
 

@@ -1,6 +1,6 @@
 """Student rollouts sampled by a vLLM server, the student's weights pushed to it after each step.
 
-`VLLMGenerate` is a `hpd.rollout.GenerationBackend` (`regime.backend=vllm`). vLLM lives in its own
+`VLLMGenerate` is a `hpd.responses.rollout.GenerationBackend` (`regime.backend=vllm`). vLLM lives in its own
 environment (`make engine`: its pins conflict with the project's), so the backend talks to a vLLM
 server process over HTTP rather than importing vLLM:
 
@@ -12,7 +12,7 @@ server process over HTTP rather than importing vLLM:
 - rollouts: one `/v1/completions` request per prompt (token-id prompt, the sampling settings,
   the stop ids HF `generate` stops at, and a seed derived from the call's seed and the prompt's
   index), sent together so that the engine batches them; the completion's token ids come back
-  through the first stop token, as `hpd.rollout.generate_completions` returns them;
+  through the first stop token, as `hpd.responses.rollout.generate_completions` returns them;
 - the weight sync: after an optimizer step the backend marks the served weights stale; the next
   rollout first writes the student's weights (a LoRA student's merged into a copy) as one
   safetensors file atomically, asks the server to re-read them (`POST /collective_rpc
@@ -24,7 +24,7 @@ What is checked against the real engine (tests/test_vllm_rollouts.py): greedy ro
 do, and after an optimizer step the rollouts are the updated student's. Only on CPUs so far; on a
 GPU the server is started the same way and takes `regime.vllm_gpu_memory` of it (not yet run).
 
-    >>> from hpd.vllm_generate import per_prompt_seeds
+    >>> from hpd.responses.vllm_generate import per_prompt_seeds
     >>> a = per_prompt_seeds(7, 3)
     >>> a == per_prompt_seeds(7, 3), len(set(a)), a[:2] == per_prompt_seeds(8, 3)[:2]
     (True, 3, False)
@@ -48,7 +48,7 @@ import torch
 from hpd.engine import INSTALL_HINT, EngineServer, engine_python
 from hpd.errors import HPDError
 from hpd.files import atomic_write, atomic_write_text
-from hpd.rollout import GenerationBackend, HFGenerate, _eos_ids
+from hpd.responses.rollout import GenerationBackend, HFGenerate, _eos_ids
 from hpd.seeds import derive_seed
 
 WEIGHTS_FILE = "model.safetensors"

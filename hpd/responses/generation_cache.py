@@ -1,7 +1,7 @@
 """Generated completions kept on disk under a key, reused while the key holds and the bytes match.
 
 One cache for both users of generations made ahead of training: the teacher regime (the teacher's
-completion of every training prompt, `hpd.regimes.TeacherGenerations`) and `hpd generate` (a JSONL
+completion of every training prompt, `hpd.responses.regimes.TeacherGenerations`) and `hpd generate` (a JSONL
 of completions for any prompts file). The key names what made the output (the model, the prompts,
 the sampling settings). The output is written with its record `OUT.key` (the key, the output's size
 and sha256: `hpd.files.write_keyed`), so an output cut, edited or replaced by another run is not
@@ -12,7 +12,7 @@ by their index, so a repeated or cut line neither duplicates nor drops rows. Wri
 OUT waits or is refused, and the holder removes what a killed writer left.
 
     >>> import tempfile, pathlib
-    >>> from hpd.generation_cache import GenerationCache
+    >>> from hpd.responses.generation_cache import GenerationCache
     >>> out = pathlib.Path(tempfile.mkdtemp()) / "gen.jsonl"
     >>> cache = GenerationCache(out, "k1")
     >>> cache.fresh()
