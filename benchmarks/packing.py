@@ -47,8 +47,8 @@ DATA = {
 def forward_tokens(lengths: list[int], batch: int, steps: int, seed: int, pack_length: int | None) -> tuple[float, float]:
     """(tokens through the forward per step, padding share of them) over the micro-batches `hpd
     train` draws (`EpochSampler`, same seed); pack_length None = padded."""
-    from hpd.data import EpochSampler
-    from hpd.packing import Packing
+    from hpd.data.rows import EpochSampler
+    from hpd.data.packing import Packing
 
     s = EpochSampler(len(lengths), batch, seed=seed)
     forward = real = 0
@@ -114,7 +114,7 @@ def main() -> None:
 
 def table(a, tmp: Path) -> None:
     from hpd.config import DataConfig
-    from hpd.data import encode_file
+    from hpd.data.rows import encode_file
     from hpd.tokenizer import byte_tokenizer
 
     lines = ["| data | rows | mean / max row (tokens) | layout | forward tokens / step | padding share | "

@@ -38,7 +38,7 @@ import torch  # noqa: E402
 from hpd.apps.bench import BenchSettings, gold_data  # noqa: E402
 from hpd.apps.demo import BUNDLED_TEACHER, TASKS  # noqa: E402
 from hpd.config import load_config  # noqa: E402
-from hpd.data import load_examples  # noqa: E402
+from hpd.data.rows import load_examples  # noqa: E402
 from hpd.files import atomic_write_text  # noqa: E402
 from hpd.models import load_model  # noqa: E402
 from hpd.responses.regimes import SamplingSettings  # noqa: E402

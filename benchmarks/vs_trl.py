@@ -157,7 +157,7 @@ def run_gkd(args, method: str) -> dict:
     from datasets import Dataset
     from trl.experimental.gkd import GKDConfig, GKDTrainer
 
-    from hpd.data import IGNORE_INDEX, EpochSampler, batch_for_generation, build_batch
+    from hpd.data.rows import IGNORE_INDEX, EpochSampler, batch_for_generation, build_batch
     from hpd.trainer import load_data, load_models
 
     cfg = method_config(args, "hpd online")  # models, data and optimizer settings of the hpd runs

@@ -52,13 +52,13 @@ import torch
 import transformers
 from torch import Tensor, nn
 
-from hpd.batches import MicroBatch
+from hpd.data.batches import MicroBatch
 from hpd.errors import HPDError
 from hpd.models import lm_head_of, load_model, vocab_rows
 from hpd.objectives import (
     DEFAULT_CHUNK_SIZE, IGNORE_INDEX, Objective, ObjectiveOutput, get_objective, resolve_shared_vocab, shift_labels,
 )
-from hpd.packing import check_packing
+from hpd.data.packing import check_packing
 from hpd.responses.regimes import derive_seed
 from hpd.teachers.cache import TeacherCache
 from hpd.teachers.sources import ModelTeacher, TeacherSource
@@ -173,7 +173,7 @@ def trainer_rows(path: str | os.PathLike, tokenizer, data: Any = None) -> list[d
     turns them into a dataset for `Trainer` or `SFTTrainer`.
     """
     from hpd.config import DataConfig
-    from hpd.data import encode_file
+    from hpd.data.rows import encode_file
 
     encoded, _ = encode_file(str(path), tokenizer, data if data is not None else DataConfig())
     return [{"input_ids": list(e.prompt_ids) + list(e.completion_ids),

@@ -610,7 +610,7 @@ def final_hidden_states(
 
     `lm_head_of(model).logits(...)` maps them to the logits `model(...)` returns, so a loss can
     project a chunk of positions at a time. With `position_ids` (B, T) the batch is packed
-    (`hpd.packing`): the attention mask is dropped so the model keeps attention within each row.
+    (`hpd.data.packing`): the attention mask is dropped so the model keeps attention within each row.
     """
     out = _decoder_of(model)(input_ids=input_ids, **model_inputs(attention_mask, position_ids), use_cache=False)
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]

@@ -9,7 +9,7 @@ One optimizer step, top to bottom:
       [rollout reuse, regime.minibatches x epochs > 1: a new rollout batch every M x E steps, its
       objective weights fixed then (`DistillationLoss(fix_weights=True)`); the steps between
       train on their share of it through the PPO-clipped weights (`hpd.objectives.clip`)]
-    this process's micro-batches (`hpd.batches.MicroBatch`), each prepared by the run's
+    this process's micro-batches (`hpd.data.batches.MicroBatch`), each prepared by the run's
       `TeacherSource` (`hpd.teachers`: a teacher model, a top-K cache, or the OPSD self-teacher)
     global count N of active tokens over all micro-batches and processes
     per micro-batch: teacher view (no grad) -> student forward + objective (chunked) -> backward
@@ -44,22 +44,22 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from hpd.batches import MicroBatch, make_batch
+from hpd.data.batches import MicroBatch, make_batch
 from hpd.checkpoint import (
     STATE, clean_leftovers, latest_checkpoint, load_rng_state, load_student_weights, load_trainer_state, resolve_resume,
     load_state, save_checkpoint, save_state, space_error,
 )
 from hpd.config import Config, config_to_dict, load_config, save_config
-from hpd.data import EncodedExample, EpochSampler, encode_file, encode_self_distillation, load_examples
+from hpd.data.rows import EncodedExample, EpochSampler, encode_file, encode_self_distillation, load_examples
 from hpd.distributed import (
     check_supported, is_fsdp, load_local_state, local_numel, local_state, make_accelerator, place_teacher, shard_name,
 )
 from hpd.errors import DivergedError, HPDError
 from hpd.model_card import model_card
 from hpd.hub import resolve_model_path
-from hpd.packing import check_packing
+from hpd.data.packing import check_packing
 from hpd.progress import Progress
-from hpd.streaming import StreamSampler, check_streaming
+from hpd.data.streaming import StreamSampler, check_streaming
 from hpd.provenance import code_record
 from hpd.models import (
     apply_lora, enable_gradient_checkpointing, final_hidden_states, init_from_teacher, lm_head_of, load_model, model_inputs,
@@ -120,7 +120,7 @@ class DistillationLoss(nn.Module):
                 rollout: RolloutWeights | None = None, fix_weights: bool = False,
                 position_ids: torch.Tensor | None = None) -> dict[str, Any]:
         """input_ids, attention_mask, labels: `(B, T)`; teacher: a `TeacherView` (or logits `(B, T, V)`) or None;
-        position_ids: `(B, T)` of a packed batch (`hpd.packing`), else None.
+        position_ids: `(B, T)` of a packed batch (`hpd.data.packing`), else None.
 
         Reused rollouts: `fix_weights=True` (at rollout time, no gradient) returns the objective's
         weights under the current student as `{"rollout": RolloutWeights, "output": ...}`; a later
@@ -267,7 +267,7 @@ def load_data(cfg: Config, tokenizer, teacher_tokenizer=None) -> tuple[list[Enco
         def encode(path):
             return encode_file(path, tokenizer, d, teacher_tokenizer=teacher_tokenizer)
 
-    if d.streaming:  # read as training goes (hpd.streaming.StreamSampler)
+    if d.streaming:  # read as training goes (hpd.data.streaming.StreamSampler)
         train, info = [], {"train_streaming": True}
     else:
         train, stats = encode(d.train)

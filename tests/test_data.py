@@ -8,16 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from hpd.data import (
-    EpochSampler,
-    Example,
-    LoadStats,
-    batch_for_generation,
-    build_batch,
-    encode_dataset,
-    encode_example,
-    encode_prompt,
-    load_examples,
+from hpd.data.rows import (
+    EpochSampler, Example, LoadStats, batch_for_generation, build_batch, encode_dataset, encode_example, encode_prompt, load_examples,
 )
 from hpd.errors import HPDError
 from hpd.tokenizer import byte_tokenizer

@@ -1,4 +1,4 @@
-"""Every command reads every data source `hpd train` reads, through its one reader (`hpd.data.load_examples`).
+"""Every command reads every data source `hpd train` reads, through its one reader (`hpd.data.rows.load_examples`).
 
 `hpd generate`, `hpd eval --data`, `hpd cache-teacher` and `hpd bench --train/--test` on messages
 JSONL, prompt/completion JSONL (plain and TRL's list style), JSON, Parquet and saved datasets
@@ -214,7 +214,7 @@ def test_a_bad_row_in_bench_is_a_one_line_error_naming_the_users_file_and_line(s
 def test_bench_reads_the_users_field_names_and_its_runs_read_its_copies(sources, tmp_path):
     from hpd.apps.bench import BenchSettings, build_conditions, run_spec
     from hpd.config import load_config
-    from hpd.data import load_examples
+    from hpd.data.rows import load_examples
 
     path = tmp_path / "q.jsonl"
     path.write_text("".join(json.dumps({"question": r["prompt"], "solution": r["completion"]}) + "\n" for r in ROWS))

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from hpd.config import load_config
-from hpd.data import Example, build_batch, encode_self_distillation, load_examples, privileged_prompt
+from hpd.data.rows import Example, build_batch, encode_self_distillation, load_examples, privileged_prompt
 from hpd.errors import HPDError
 from hpd.models import apply_lora, load_model, save_model
 from hpd.teachers.sources import SelfTeacher, aligned_positions, prompt_ending_mismatches, teacher_view
@@ -82,7 +82,7 @@ def test_a_row_without_the_privileged_field_is_an_error_or_skipped():
     rows = [{"prompt": QUESTION, "reference": REF}, {"prompt": "no reference here", "completion": "x"}]
     with pytest.raises(HPDError, match=r"row1: field 'reference'.*missing"):
         encode(rows)
-    from hpd.data import LoadStats
+    from hpd.data.rows import LoadStats
 
     stats = LoadStats()
     _, out = encode(rows, on_bad_row="skip", stats=stats)

@@ -1,4 +1,4 @@
-"""Sequence packing (`data.packing`, `hpd.packing`): packed rows train exactly as padded ones.
+"""Sequence packing (`data.packing`, `hpd.data.packing`): packed rows train exactly as padded ones.
 
 The references are the padded paths: the same rows, the same loss module, the same teacher; the
 packed batch must give the same loss and gradients (fp32 rounding apart) and, after a few steps of
@@ -15,12 +15,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hpd.batches import make_batch
+from hpd.data.batches import make_batch
 from hpd.config import DataConfig, load_config
 from hpd.errors import HPDError
 from hpd.models import load_model, save_model, shared_vocab_size
 from hpd.objectives import get_objective
-from hpd.packing import Packing, check_packing
+from hpd.data.packing import Packing, check_packing
 from hpd.responses.regimes import derive_seed
 from hpd.teachers.sources import ModelTeacher
 from hpd.trainer import DistillationLoss, train

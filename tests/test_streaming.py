@@ -1,4 +1,4 @@
-"""Streaming training data (`data.streaming`, `hpd.streaming`): lazy, shuffled, and resumable.
+"""Streaming training data (`data.streaming`, `hpd.data.streaming`): lazy, shuffled, and resumable.
 
 The reference for resumption is the uninterrupted streamed run: a run stopped after a checkpoint
 (its later checkpoints and final weights removed, as a kill leaves it) and resumed must end with
@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from hpd.config import DataConfig, load_config
 from hpd.errors import HPDError
-from hpd.streaming import StreamSampler, shuffled
+from hpd.data.streaming import StreamSampler, shuffled
 from hpd.tokenizer import byte_tokenizer
 from hpd.trainer import train
 

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from hpd.apps.cli import app
 from hpd.config import DataConfig, load_config
-from hpd.data import build_batch, encode_file
+from hpd.data.rows import build_batch, encode_file
 from hpd.errors import HPDError
 from hpd.models import load_model, save_model
 from hpd.objectives import OBJECTIVES, get_objective

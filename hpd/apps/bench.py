@@ -377,7 +377,7 @@ def heldout_data(data_dir: Path, tasks: list[str], n: int, name: str) -> Path:
 def manifest_settings(s: BenchSettings) -> dict[str, Any]:
     """What shapes OUT's data files and teaches its runs (hpd.apps.bench_manifest): settings, a
     user's files by content, and the weights of the teacher, the data-making models and the starts."""
-    from hpd.data import data_digest
+    from hpd.data.rows import data_digest
     from hpd.fingerprints import weights_fingerprint
 
     # The weights alone: a config.json may gain keys that change nothing (hpd.portable's).

@@ -148,7 +148,7 @@ def _output_row(example: Any, completion: str) -> dict[str, Any]:
     """The input row (prompt or chat messages, plus its other fields) with the completion.
 
     Chat prompts are written as `messages` ending with the generated assistant turn, so the file
-    loads back with `hpd.data.load_examples` as training data (e.g. teacher generations).
+    loads back with `hpd.data.rows.load_examples` as training data (e.g. teacher generations).
     """
     row = dict(getattr(example, "extra", None) or {})
     if isinstance(example.prompt, list):
@@ -232,7 +232,7 @@ def _generate_into(cache: Any, model: str, prompts: Path, settings: dict[str, An
         return
     if out.exists() and problem != "it was made with other inputs or settings":
         typer.echo(f"{out} is not reused ({problem}): generating it again", err=True)
-    from hpd.data import load_examples
+    from hpd.data.rows import load_examples
     from hpd.models import load_model
     from hpd.progress import Progress
     from hpd.responses.rollout import generate_text
@@ -285,11 +285,11 @@ def _on_bad_row(mode: str) -> str:
 
 
 def _prompts_digest(prompts: Path) -> bytes:
-    """The prompts' content: a file's bytes, a saved dataset's files (`hpd.data.data_digest`); a
+    """The prompts' content: a file's bytes, a saved dataset's files (`hpd.data.rows.data_digest`); a
     missing one is an error here, before any model is resolved."""
     import hashlib
 
-    from hpd.data import data_digest
+    from hpd.data.rows import data_digest
 
     if prompts.is_file():  # a file's key as before saved datasets were read (its caches stay valid)
         return hashlib.sha256(prompts.read_bytes()).digest()

@@ -252,7 +252,7 @@ class Rows(list):
 def load_rows(path: str | os.PathLike[str], *, prompt_field: str = "prompt", completion_field: str = "completion",
               messages_field: str = "messages", on_bad_row: str = "error", require_completion: bool = False,
               skip_hint: str = "pass --on-bad-row skip") -> Rows:
-    """The rows of a data source as dicts `{"prompt", "completion", ...}`, read by `hpd.data.load_examples`
+    """The rows of a data source as dicts `{"prompt", "completion", ...}`, read by `hpd.data.rows.load_examples`
     (the reader of `hpd train`: every format, its row errors naming the file and line).
 
     A chat row's `prompt` is its messages before the last assistant turn, its `completion` that turn
@@ -260,7 +260,7 @@ def load_rows(path: str | os.PathLike[str], *, prompt_field: str = "prompt", com
     (`data.prompt_field`, ...); the dicts use the plain names, so a file written from them reads back
     with the default settings.
     """
-    from hpd.data import load_examples
+    from hpd.data.rows import load_examples
 
     examples, stats = load_examples(os.fspath(path), prompt_field=prompt_field, completion_field=completion_field,
                                     messages_field=messages_field, on_bad_row=on_bad_row,

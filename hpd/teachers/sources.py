@@ -48,7 +48,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from hpd.data import build_batch
+from hpd.data.rows import build_batch
 from hpd.errors import HPDError
 from hpd.models import final_hidden_states, is_peft_model, lm_head_of, model_inputs
 from hpd.objectives import IGNORE_INDEX, HeadTeacher, TeacherView
@@ -68,7 +68,7 @@ def teacher_view(teacher: nn.Module | None, input_ids: Tensor, attention_mask: T
 
     input_ids, attention_mask: `(B, T')` the teacher's sequences. index: `(B, T)` optional, the
     teacher position aligned with each student position (see `aligned_positions`); the view is then
-    `(B, T, .)` like the student's. position_ids: `(B, T')` of a packed batch (`hpd.packing`), the
+    `(B, T, .)` like the student's. position_ids: `(B, T')` of a packed batch (`hpd.data.packing`), the
     same packing the student sees. The head is detached, so it keeps the weights of this moment
     even if the parameters are swapped or stepped afterwards.
     """
@@ -201,7 +201,7 @@ class TeacherSource:
     parameters: int = 0  # the teacher model's parameter count (logged; 0 when no separate model runs)
 
     def prepare(self, batch, examples: Sequence[Any], split: str, indices: Sequence[int]) -> None:
-        """Add to `batch` (an `hpd.batches.MicroBatch` of `examples`, rows `indices` of the `split`
+        """Add to `batch` (an `hpd.data.batches.MicroBatch` of `examples`, rows `indices` of the `split`
         data, "train" or "eval") what `view` reads, and its `teacher_tokens` (forward cost)."""
 
     def view(self, batch) -> TeacherView:

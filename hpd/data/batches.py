@@ -6,7 +6,7 @@ then adds what its view needs (the privileged sequences of OPSD, the cache rows 
 cache) in `prepare`.
 
     >>> import torch
-    >>> from hpd.batches import make_batch
+    >>> from hpd.data.batches import make_batch
     >>> b = make_batch([[5, 6]], [[7, 8, 9]], pad_id=0, vocab_size=None, device=torch.device("cpu"))
     >>> b.labels.tolist(), b.num_active
     ([[-100, 7, 8, 9, -100]], 3)
@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 
-from hpd.data import build_batch
+from hpd.data.rows import build_batch
 from hpd.objectives import IGNORE_INDEX
-from hpd.packing import Packing
+from hpd.data.packing import Packing
 
 
 @dataclass
@@ -42,7 +42,7 @@ class MicroBatch:
     teacher_mask: torch.Tensor | None = None
     teacher_index: torch.Tensor | None = None
     cache_rows: list[int] | None = None  # the teacher-cache rows of its sequences (with teacher.cache)
-    # Packed (data.packing, `hpd.packing`): the tensors above are `(R, W)`, the rows end to end;
+    # Packed (data.packing, `hpd.data.packing`): the tensors above are `(R, W)`, the rows end to end;
     # position_ids restart per row, packing says where each row sits, row_labels are the labels `(B, T)`
     # of the padded rows (what a teacher cache is read with).
     position_ids: torch.Tensor | None = None
@@ -57,7 +57,7 @@ def make_batch(prompts: list[list[int]], completions: list[list[int]], *, pad_id
     """Prompts + completions as a `MicroBatch` on `device`; labels past `vocab_size` are ignored.
 
     pack: the rows end to end in packed rows of `pack_length` tokens at most (0: the longest row's
-    length), positions restarted per row (`hpd.packing.Packing`)."""
+    length), positions restarted per row (`hpd.data.packing.Packing`)."""
     b = build_batch(prompts, completions, pad_id=pad_id)
     labels = b["labels"]
     if vocab_size is not None:

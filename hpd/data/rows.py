@@ -8,7 +8,7 @@ never shift again. `EpochSampler` gives a seeded, resumable order of examples th
 same way across any number of data-parallel ranks.
 
     >>> import json, tempfile, os
-    >>> from hpd.data import load_examples, encode_dataset, build_batch
+    >>> from hpd.data.rows import load_examples, encode_dataset, build_batch
     >>> from hpd.tokenizer import byte_tokenizer
     >>> d = tempfile.mkdtemp(); path = os.path.join(d, "train.jsonl")
     >>> with open(path, "w") as f:
@@ -393,9 +393,9 @@ def _iter_rows(path: str) -> Iterator[_Located]:
         yield from _iter_saved_dataset(base, split, path)
         return
     if not os.path.exists(path):
-        from hpd.hub_data import is_hub_id, iter_hub_rows
+        from hpd.data.hub import is_hub_id, iter_hub_rows
 
-        if is_hub_id(path):  # org/name[:config][:split] and no local path of that name (hpd.hub_data)
+        if is_hub_id(path):  # org/name[:config][:split] and no local path of that name (hpd.data.hub)
             yield from iter_hub_rows(path)
             return
     _check_exists(path)
@@ -455,7 +455,7 @@ def iter_rows(path: str, *, streaming: bool = False) -> Iterator[_Located]:
     streamed with `streaming=True`): `(location for messages, source tag, row or row error)`."""
     path = os.fspath(path)
     if streaming and not os.path.exists(path):
-        from hpd.hub_data import is_hub_id, iter_hub_rows
+        from hpd.data.hub import is_hub_id, iter_hub_rows
 
         if is_hub_id(path):
             return iter_hub_rows(path, streaming=True)
@@ -482,7 +482,7 @@ def data_digest(path: str | os.PathLike) -> str:
     path = os.fspath(path)
     base, split = _split_path(path)
     if not os.path.exists(base):
-        from hpd.hub_data import hub_digest, is_hub_id
+        from hpd.data.hub import hub_digest, is_hub_id
 
         if is_hub_id(path):  # a Hub dataset: the fingerprint datasets keeps of its content
             return hub_digest(path)

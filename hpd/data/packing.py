@@ -10,13 +10,13 @@ block-diagonal causal mask for `eager`, `sdpa` and `flex_attention`, the varlen 
 refused (`check_packing`), as is a model whose packed forward differs from its padded one (a probe
 at set-up).
 
-Labels stay as `hpd.data.build_batch` shifts them, row by row: a row's last position predicts
+Labels stay as `hpd.data.rows.build_batch` shifts them, row by row: a row's last position predicts
 nothing, so no target crosses a row boundary, and the active positions keep their batch order, so
 the loss, its normalization (the global token count) and the draws of sampled objectives are those
 of the padded batch.
 
     >>> import torch
-    >>> from hpd.packing import Packing
+    >>> from hpd.data.packing import Packing
     >>> p = Packing([3, 2, 4], width=5)   # rows of 3, 2 and 4 tokens, at most 5 per packed row
     >>> p.bins, p.position_ids().tolist()
     ([[0, 1], [2]], [[0, 1, 2, 0, 1], [0, 1, 2, 3, 0]])
