@@ -78,7 +78,7 @@ def accuracy(model_dir: Path | str, *, privileged: bool = False, n: int = N_EVAL
     import torch
 
     from hpd.apps.evaluate import wilson_interval
-    from hpd.models import load_model
+    from hpd.models.loading import load_model
     from hpd.data.rows import privileged_prompt
     from hpd.responses.rollout import generate_text
     from hpd.apps.tasks import get_task

@@ -115,7 +115,7 @@ def main() -> None:
 def table(a, tmp: Path) -> None:
     from hpd.config import DataConfig
     from hpd.data.rows import encode_file
-    from hpd.tokenizer import byte_tokenizer
+    from hpd.models.tokenizer import byte_tokenizer
 
     lines = ["| data | rows | mean / max row (tokens) | layout | forward tokens / step | padding share | "
              "trained tokens / CPU s | speed-up (CPU) | trained tokens / s (wall) | speed-up (wall) |",

@@ -58,7 +58,7 @@ def main() -> None:
     from hpd.data.rows import build_batch, encode_file
     from hpd.apps.demo import BUNDLED_TEACHER, student_config, write_task_data
     from hpd.engine import EngineServer
-    from hpd.models import load_model
+    from hpd.models.loading import load_model
     from hpd.objectives import get_objective
     from hpd.teachers.served import TeacherServers, exact_scorer, topk_teacher
     from hpd.teachers.cache import TeacherCache, build_teacher_cache

@@ -47,7 +47,7 @@ from hpd.apps.tasks.capitals import TEMPLATES, countries
 from hpd.config import load_config
 from hpd.data.rows import build_batch, encode_file, load_examples
 from hpd.files import atomic_write_text
-from hpd.models import init_from_teacher, load_model
+from hpd.models.loading import init_from_teacher, load_model
 from hpd.objectives import get_objective
 from hpd.objectives.base import reduce_metrics
 from hpd.responses.rollout import encode_prompts, generate_completions

@@ -40,7 +40,7 @@ from hpd.apps.demo import BUNDLED_TEACHER, TASKS  # noqa: E402
 from hpd.config import load_config  # noqa: E402
 from hpd.data.rows import load_examples  # noqa: E402
 from hpd.files import atomic_write_text  # noqa: E402
-from hpd.models import load_model  # noqa: E402
+from hpd.models.loading import load_model  # noqa: E402
 from hpd.responses.regimes import SamplingSettings  # noqa: E402
 from hpd.responses.rollout import HFGenerate, encode_prompts  # noqa: E402
 from hpd.trainer import Trainer  # noqa: E402

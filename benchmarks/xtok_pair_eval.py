@@ -20,7 +20,7 @@ import torch
 def score(model_dir: str, data: str, max_length: int, batch_size: int) -> dict[str, float]:
     from hpd.config import DataConfig
     from hpd.data.rows import build_batch, encode_file
-    from hpd.models import load_model
+    from hpd.models.loading import load_model
 
     model, tok = load_model(model_dir)
     model.eval()

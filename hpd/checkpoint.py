@@ -57,7 +57,7 @@ MANIFEST = "manifest.json"
 LEGACY_STATE_FILE = "trainer_state.pt"
 FORMAT = 2
 # Leftovers of an interrupted write or prune: checkpoints/.tmp-step-*, checkpoints/.trash-*, and
-# the temporary siblings of final/ (hpd.models.save_model).
+# the temporary siblings of final/ (hpd.models.loading.save_model).
 _LEFTOVER = re.compile(r"^(\.tmp-step-\d{8}|\.trash-.+)$")
 _FINAL_LEFTOVER = re.compile(r"^\.final\.(tmp|old)-[0-9a-f]+$")
 
@@ -413,7 +413,7 @@ def load_student_weights(model: torch.nn.Module, ckpt: Path) -> None:
     state: dict[str, torch.Tensor] = {}
     for f in files:
         state.update(load_file(str(f)))
-    from hpd.models import is_peft_model
+    from hpd.models.loading import is_peft_model
 
     if is_peft_model(model):  # a LoRA student's checkpoint holds its adapters only
         from peft import set_peft_model_state_dict

@@ -14,7 +14,7 @@ Three ways to name "the same model", each kept because caches on disk are keyed 
 
 and `tokenizer_fingerprint(tokenizer)`: the vocabulary (token -> id).
 
-    >>> from hpd.models import load_model
+    >>> from hpd.models.loading import load_model
     >>> from hpd.fingerprints import model_fingerprint
     >>> m, _ = load_model("tiny", tiny={"num_layers": 1, "hidden_size": 32}, seed=0)
     >>> model_fingerprint(m) == model_fingerprint(load_model("tiny", tiny={"num_layers": 1, "hidden_size": 32}, seed=0)[0])
@@ -62,7 +62,7 @@ def weights_fingerprint(path: str | os.PathLike, *, with_config: bool = True) ->
 
     with_config=False hashes what the model has learned alone: the key of `hpd bench`'s record of
     its models, which must not change when config.json only gains keys that change nothing (the
-    legacy RoPE keys `hpd.portable` adds)."""
+    legacy RoPE keys `hpd.models.portable` adds)."""
     p = Path(path)
     files = [p] if p.is_file() else sorted(
         f for f in p.iterdir() if f.suffix in _WEIGHT_SUFFIXES or (with_config and f.name == "config.json"))

@@ -28,7 +28,7 @@ with the `hpd train` command that runs it.
     >>> import torch
     >>> from transformers import TrainingArguments
     >>> from hpd.integrations import DistillationTrainer
-    >>> from hpd.models import load_model
+    >>> from hpd.models.loading import load_model
     >>> teacher, tok = load_model("tiny", tiny={"num_layers": 1, "hidden_size": 32}, seed=1)
     >>> student, _ = load_model("tiny", tiny={"num_layers": 1, "hidden_size": 32}, seed=2)
     >>> ids = tok("question: 2+2? answer: 4")["input_ids"]
@@ -54,7 +54,7 @@ from torch import Tensor, nn
 
 from hpd.data.batches import MicroBatch
 from hpd.errors import HPDError
-from hpd.models import lm_head_of, load_model, vocab_rows
+from hpd.models.loading import lm_head_of, load_model, vocab_rows
 from hpd.objectives import (
     DEFAULT_CHUNK_SIZE, IGNORE_INDEX, Objective, ObjectiveOutput, get_objective, resolve_shared_vocab, shift_labels,
 )

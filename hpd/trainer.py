@@ -55,15 +55,14 @@ from hpd.distributed import (
     check_supported, is_fsdp, load_local_state, local_numel, local_state, make_accelerator, place_teacher, shard_name,
 )
 from hpd.errors import DivergedError, HPDError
-from hpd.model_card import model_card
-from hpd.hub import resolve_model_path
+from hpd.models.model_card import model_card
+from hpd.models.hub import resolve_model_path
 from hpd.data.packing import check_packing
 from hpd.progress import Progress
 from hpd.data.streaming import StreamSampler, check_streaming
 from hpd.provenance import code_record
-from hpd.models import (
-    apply_lora, enable_gradient_checkpointing, final_hidden_states, init_from_teacher, lm_head_of, load_model, model_inputs,
-    save_model, vocab_rows,
+from hpd.models.loading import (
+    apply_lora, enable_gradient_checkpointing, final_hidden_states, init_from_teacher, lm_head_of, load_model, model_inputs, save_model, vocab_rows,
 )
 from hpd.objectives import (
     COMMON_PARAMS, DEFAULT_CHUNK_SIZE, Objective, ObjectiveOutput, RatioClip, RolloutWeights, TeacherView,

@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     os.chdir(REPO)
     from hpd.config import DataConfig, load_config
-    from hpd.models import load_model, save_model
+    from hpd.models.loading import load_model, save_model
     from hpd.teachers.cache import build_teacher_cache
     from hpd.trainer import train
 

@@ -174,9 +174,11 @@ def rewrite_text(text: str, m: Mapping) -> tuple[str, list[str]]:
         return text, warnings
 
     # 1. `from hpd.old import a, b as c` (one line or parenthesized): one import per defining module.
+    # (also inside code strings: "...\\nfrom hpd.data import x\\n...", or after `; `)
     imp = re.compile(
-        rf"^(?P<indent>[ \t]*(?:(?:>>>|\.\.\.) )?)from (?P<mod>{'|'.join(re.escape(o) for o in olds)}) import "
-        r"(?P<names>\([^)]*\)|[^\n#]*?)(?P<tail>[ \t]*(?:#[^\n]*)?)$", re.M)
+        r"(?P<indent>^[ \t]*(?:(?:>>>|\.\.\.) )?|(?<=\\n)|(?<=; ))"
+        rf"from (?P<mod>{'|'.join(re.escape(o) for o in olds)}) import "
+        r"(?P<names>\([^)]*\)|\w+(?: as \w+)?(?:[ \t]*,[ \t]*\w+(?: as \w+)?)*)", re.M)
 
     def fix_import(match: re.Match) -> str:
         old, indent = match["mod"], match["indent"]
@@ -188,15 +190,16 @@ def rewrite_text(text: str, m: Mapping) -> tuple[str, list[str]]:
         for item in items:
             groups.setdefault(m.target(old, item.split(" as ")[0].strip()), []).append(item)
         parenthesized = match["names"].strip().startswith("(")
+        in_string = match.start() > 0 and indent == "" and match.string[match.start() - 1] != "\n"
         lines = []
         for mod, names in groups.items():
             line = f"{indent}from {mod} import {', '.join(names)}"
             if parenthesized and len(line) > 120:
-                body = ", ".join(names)
-                line = f"{indent}from {mod} import (\n{indent}    {body},\n{indent})"
+                line = f"{indent}from {mod} import (\n{indent}    {', '.join(names)},\n{indent})"
             lines.append(line)
-        lines[-1] += match["tail"]
-        return "\n".join(lines)
+        sep = "; " if match.string[max(0, match.start() - 2):match.start()] == "; " else (
+            "\\n" if in_string else "\n")
+        return sep.join(lines)
 
     text = imp.sub(fix_import, text)
 

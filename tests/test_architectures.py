@@ -1,7 +1,7 @@
 """Every causal-LM architecture transformers can build: hpd's hidden-state views give its logits.
 
 The memory-lean paths never call the model's forward for logits: they take its final hidden
-states and apply `hpd.models.lm_head_of(model)` (weight, bias and the model's logit transform:
+states and apply `hpd.models.loading.lm_head_of(model)` (weight, bias and the model's logit transform:
 Gemma 2's softcap, Granite's `logits_scaling`, Cohere's `logit_scale`, ...). For each model type of
 transformers' `MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`, a tiny random model (seed 0, 2 layers, width
 32, the byte tokenizer's 264 rows, head weights scaled up so a softcap bites) is built offline
@@ -32,7 +32,7 @@ from transformers import AutoModelForCausalLM, CONFIG_MAPPING  # noqa: E402
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES  # noqa: E402
 
 from hpd.errors import HPDError  # noqa: E402
-from hpd.models import _LOGIT_TRANSFORMS, final_hidden_states, lm_head_of  # noqa: E402
+from hpd.models.loading import _LOGIT_TRANSFORMS, final_hidden_states, lm_head_of  # noqa: E402
 from hpd.objectives import get_objective  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
@@ -234,9 +234,9 @@ def test_every_hidden_state_view_gives_the_models_logits(model_type):
 def test_the_teacher_cache_holds_the_models_log_probabilities(model_type, tmp_path):
     from hpd.config import DataConfig
     from hpd.data.rows import build_batch, encode_file
-    from hpd.models import save_model
+    from hpd.models.loading import save_model
     from hpd.teachers.cache import TeacherCache, build_teacher_cache
-    from hpd.tokenizer import byte_tokenizer
+    from hpd.models.tokenizer import byte_tokenizer
 
     model, tok = built(model_type), byte_tokenizer()
     teacher_dir = save_model(model, tok, tmp_path / "teacher")
@@ -313,7 +313,7 @@ def test_an_unknown_logit_transform_is_refused_by_name():
 
 def test_hpd_train_refuses_such_a_teacher_before_the_run_starts(tmp_path, repo_root, monkeypatch):
     from hpd.config import load_config
-    from hpd.models import load_model, save_model
+    from hpd.models.loading import load_model, save_model
     from hpd.trainer import train
 
     monkeypatch.chdir(repo_root)

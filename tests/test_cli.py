@@ -181,7 +181,7 @@ def test_eval_then_generate_on_the_same_model_reuses_the_generation_cache(tmp_pa
     # so evaluating between two generations leaves the first one valid; new weights invalidate it.
     import os
 
-    from hpd.models import load_model, save_model
+    from hpd.models.loading import load_model, save_model
 
     monkeypatch.chdir(tmp_path)
     model_dir = save_model(*load_model("tiny", tiny={"num_layers": 1, "hidden_size": 32}), tmp_path / "m")

@@ -16,7 +16,7 @@ from hpd.teachers.cross_tokenizer import (
 )
 from hpd.errors import HPDError
 from hpd.objectives import IGNORE_INDEX, get_objective
-from hpd.tokenizer import CHAT_TEMPLATE, SPECIAL_TOKENS, byte_tokenizer
+from hpd.models.tokenizer import CHAT_TEMPLATE, SPECIAL_TOKENS, byte_tokenizer
 
 SHIPPED = "examples/tiny.jsonl"
 
@@ -191,7 +191,7 @@ def test_uld_matches_hand_computation():
 
 
 def _tiny(tok, seed, **kw):
-    from hpd.models import build_tiny_model
+    from hpd.models.loading import build_tiny_model
     return build_tiny_model(tok, seed=seed, dtype=torch.float32, num_layers=1, hidden_size=32, num_heads=2,
                             intermediate_size=64, **kw).eval()
 
@@ -277,7 +277,7 @@ def test_config_refuses_cross_tokenizer_misuse():
 
 def test_train_refuses_another_tokenizer_without_the_flag_and_runs_with_it(bpe, tmp_path):
     """`hpd train` with a BPE teacher and the byte-level tiny student: refused, then one cross-tokenizer step per objective."""
-    from hpd.models import save_model
+    from hpd.models.loading import save_model
     from hpd.trainer import train
 
     tdir, sdir = tmp_path / "teacher", tmp_path / "student"

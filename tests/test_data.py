@@ -12,7 +12,7 @@ from hpd.data.rows import (
     EpochSampler, Example, LoadStats, batch_for_generation, build_batch, encode_dataset, encode_example, encode_prompt, load_examples,
 )
 from hpd.errors import HPDError
-from hpd.tokenizer import byte_tokenizer
+from hpd.models.tokenizer import byte_tokenizer
 
 ROWS = [
     {"prompt": "2+2=", "completion": "4", "reference": "four"},

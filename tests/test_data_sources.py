@@ -45,7 +45,7 @@ def sources(tmp_path_factory):
     datasets.Dataset.from_list(chat).save_to_disk(str(d / "saved"))
     datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS[:3]),
                           "test": datasets.Dataset.from_list(ROWS)}).save_to_disk(str(d / "dict"))
-    from hpd.models import load_model, save_model
+    from hpd.models.loading import load_model, save_model
 
     teacher, tok = load_model("tiny", tiny={"num_layers": 1, "hidden_size": 32, "intermediate_size": 64}, seed=1)
     save_model(teacher, tok, d / "teacher")

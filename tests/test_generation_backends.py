@@ -13,7 +13,7 @@ import torch
 
 from hpd.config import load_config
 from hpd.errors import HPDError
-from hpd.models import apply_lora, load_model
+from hpd.models.loading import apply_lora, load_model
 from hpd.responses.regimes import SamplingSettings
 from hpd.responses.backends import select_backend
 from hpd.responses.rollout import HFGenerate

@@ -17,7 +17,7 @@ from hpd.config import DataConfig
 from hpd.data.rows import build_batch
 from hpd.errors import HPDError
 from hpd.integrations import DistillationTrainer, HPDLoss, trainer_rows
-from hpd.models import load_model, save_model, shared_vocab_size
+from hpd.models.loading import load_model, save_model, shared_vocab_size
 from hpd.objectives import get_objective, shift_labels
 from hpd.responses.regimes import derive_seed
 from hpd.teachers.sources import teacher_view
@@ -114,7 +114,7 @@ def test_a_trainer_step_gives_hpd_trains_loss_and_gradients(models, tmp_path, na
 
 def test_a_lora_student_in_the_trainer_gets_hpd_trains_gradients(models, tmp_path):
     pytest.importorskip("peft")
-    from hpd.models import apply_lora
+    from hpd.models.loading import apply_lora
 
     teacher, student0, tok = models
     prompts, completions = _tokens(tok)

@@ -574,8 +574,8 @@ def test_skipped_rows_are_reported_on_the_console(tmp_path, capsys):
 
 
 def _model_dir(tmp_path: Path, name: str, pad_in_config: int | None = None, pad_token: str | None = None) -> Path:
-    from hpd.models import build_tiny_model
-    from hpd.tokenizer import byte_tokenizer
+    from hpd.models.loading import build_tiny_model
+    from hpd.models.tokenizer import byte_tokenizer
 
     tok = byte_tokenizer()
     model = build_tiny_model(tok, num_layers=1, hidden_size=32, num_heads=4)

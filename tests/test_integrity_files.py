@@ -169,7 +169,7 @@ def test_generate_on_a_full_disk_is_one_error_line_and_keeps_finished_batches(pr
 
 
 def test_edited_teacher_regime_generations_are_generated_again(tmp_path):
-    from hpd.models import load_model
+    from hpd.models.loading import load_model
     from hpd.responses.regimes import SamplingSettings, teacher_generations
 
     model, tok = load_model("tiny", tiny={"num_layers": 1, "hidden_size": 32}, seed=0)
@@ -198,7 +198,7 @@ def tree(root: Path) -> dict[str, bytes]:
 
 @pytest.fixture
 def saved_model(tmp_path) -> Path:
-    from hpd.models import load_model
+    from hpd.models.loading import load_model
 
     model, tok = load_model("tiny", tiny={"num_layers": 1, "hidden_size": 32}, seed=0)
     out = tmp_path / "out" / "final"
@@ -553,7 +553,7 @@ def test_on_bad_row_skip_skips_a_row_with_a_lone_surrogate(tmp_path, monkeypatch
 
 
 def test_generate_refuses_a_prompt_longer_than_the_context(tmp_path):
-    from hpd.models import load_model
+    from hpd.models.loading import load_model
     from hpd.responses.rollout import generate_text
 
     model, tok = load_model("tiny", tiny={"num_layers": 1, "hidden_size": 32, "max_positions": 16}, seed=0)

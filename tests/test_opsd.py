@@ -14,9 +14,9 @@ import torch
 from hpd.config import load_config
 from hpd.data.rows import Example, build_batch, encode_self_distillation, load_examples, privileged_prompt
 from hpd.errors import HPDError
-from hpd.models import apply_lora, load_model, save_model
+from hpd.models.loading import apply_lora, load_model, save_model
 from hpd.teachers.sources import SelfTeacher, aligned_positions, prompt_ending_mismatches, teacher_view
-from hpd.tokenizer import byte_tokenizer
+from hpd.models.tokenizer import byte_tokenizer
 
 TEMPLATE = load_config(None).opsd.teacher_template
 REF = "7+5=12. 12*2=24. Answer: 24"

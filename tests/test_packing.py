@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from hpd.data.batches import make_batch
 from hpd.config import DataConfig, load_config
 from hpd.errors import HPDError
-from hpd.models import load_model, save_model, shared_vocab_size
+from hpd.models.loading import load_model, save_model, shared_vocab_size
 from hpd.objectives import get_objective
 from hpd.data.packing import Packing, check_packing
 from hpd.responses.regimes import derive_seed
@@ -91,7 +91,7 @@ def test_a_packed_batch_gives_the_padded_loss_and_gradients(arch, chunk_size, ob
 
 def test_the_packed_forward_without_restarted_positions_would_differ():
     """The equality above is not vacuous: the same packed row read as one sequence gives other states."""
-    from hpd.models import final_hidden_states
+    from hpd.models.loading import final_hidden_states
 
     model, tok = load_model("tiny", tiny=TINY, seed=1)
     prompts, completions = _rows(tok)

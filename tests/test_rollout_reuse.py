@@ -275,7 +275,7 @@ def test_biased_rollouts_warn_when_allowed(overrides, tmp_path, capsys):
 
 
 def test_no_guard_without_rollouts_or_with_unbiased_ones(tmp_path):
-    from hpd.models import load_model
+    from hpd.models.loading import load_model
 
     model, _ = load_model("tiny", tiny={"num_layers": 1, "hidden_size": 32})
     assert rollout_bias(config(tmp_path, "regime.name=dataset", "regime.top_p=0.5"), model) == []

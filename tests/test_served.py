@@ -220,14 +220,14 @@ def proxy(teacher_server):
 
 
 def _examples(n=6):
-    from hpd.models import load_saved_tokenizer
+    from hpd.models.loading import load_saved_tokenizer
 
     tok = load_saved_tokenizer(TEACHER)
     return encode_file(DATA, tok, DataConfig(max_length=64))[0][:n], tok
 
 
 def _in_process(examples, tok):
-    from hpd.models import load_model
+    from hpd.models.loading import load_model
 
     model = load_model(TEACHER, dtype="float32")[0]
     b = build_batch([e.prompt_ids for e in examples], [e.completion_ids for e in examples], pad_id=tok.pad_token_id)
@@ -269,7 +269,7 @@ def test_the_served_view_is_the_in_process_teachers(teacher_server):
 def test_served_teacher_gives_the_in_process_loss_and_gradient(name, top_k, exact, teacher_server):
     """K = V (a complete teacher), or hpd at K = 8 with its samples outside the top-8 scored by a
     second request: the loss and gradient equal the in-process teacher's to fp32 tolerance."""
-    from hpd.models import load_model
+    from hpd.models.loading import load_model
     from hpd.objectives import get_objective
     from hpd.teachers.served import exact_scorer
 
@@ -359,7 +359,7 @@ def test_a_failing_server_stops_the_run_with_its_name_and_the_run_resumes_exactl
 
 @engine
 def test_another_tokenizer_or_vocabulary_is_refused_naming_both_sides(teacher_server, tmp_path):
-    from hpd.models import load_saved_tokenizer
+    from hpd.models.loading import load_saved_tokenizer
 
     tok = load_saved_tokenizer(TEACHER)
     pool = TeacherServers(teacher_server.url)

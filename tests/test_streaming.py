@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from hpd.config import DataConfig, load_config
 from hpd.errors import HPDError
 from hpd.data.streaming import StreamSampler, shuffled
-from hpd.tokenizer import byte_tokenizer
+from hpd.models.tokenizer import byte_tokenizer
 from hpd.trainer import train
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")

@@ -240,8 +240,8 @@ def test_rerun_after_a_kill_before_the_first_checkpoint_starts_a_clean_log(tiny_
 
 def _student_dir_with_other_tokenizer(tmp_path: Path) -> Path:
     """A tiny student whose tokenizer has 20 extra tokens (283; model vocab 288)."""
-    from hpd.models import build_tiny_model
-    from hpd.tokenizer import byte_tokenizer
+    from hpd.models.loading import build_tiny_model
+    from hpd.models.tokenizer import byte_tokenizer
 
     tok = byte_tokenizer()
     tok.add_tokens([f"<extra{i}>" for i in range(20)])
@@ -254,8 +254,8 @@ def _student_dir_with_other_tokenizer(tmp_path: Path) -> Path:
 
 def _teacher_dir_with_byte_tokenizer(tmp_path: Path) -> Path:
     """A tiny teacher saved as a HF directory with the byte tokenizer (263 tokens; model vocab 264)."""
-    from hpd.models import build_tiny_model
-    from hpd.tokenizer import byte_tokenizer
+    from hpd.models.loading import build_tiny_model
+    from hpd.models.tokenizer import byte_tokenizer
 
     tok = byte_tokenizer()
     out = tmp_path / "teacher-263"

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from hpd.config import config_help, load_config
 from hpd.errors import HPDError
-from hpd.models import load_model, save_model
+from hpd.models.loading import load_model, save_model
 from hpd.trainer import objective_from_config, train
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")

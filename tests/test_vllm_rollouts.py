@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from hpd.config import load_config
-from hpd.models import apply_lora, load_model
+from hpd.models.loading import apply_lora, load_model
 from hpd.responses.regimes import SamplingSettings
 from hpd.responses.rollout import encode_prompts, generate_completions
 from hpd.trainer import Trainer

@@ -299,7 +299,7 @@ def _traces(data_dir: Path, gold_train: Path, s: BenchSettings, name: str = "tra
     if not out.is_file():
         if not (Path(s.writer) / "config.json").is_file():
             raise HPDError(f"no trace writer at {s.writer}: build it with `bash scripts/build_students.sh`")
-        from hpd.models import load_model
+        from hpd.models.loading import load_model
         from hpd.responses.rollout import generate_text
         from hpd.apps.verifiers import get_verifier
 
@@ -380,7 +380,7 @@ def manifest_settings(s: BenchSettings) -> dict[str, Any]:
     from hpd.data.rows import data_digest
     from hpd.fingerprints import weights_fingerprint
 
-    # The weights alone: a config.json may gain keys that change nothing (hpd.portable's).
+    # The weights alone: a config.json may gain keys that change nothing (hpd.models.portable's).
     weights = functools.partial(weights_fingerprint, with_config=False)
     m: dict[str, Any] = {"data.n_val": s.n_val, "teacher": weights(s.teacher)}
     if s.user_train is not None:

@@ -200,7 +200,7 @@ def generate(
         if _on_bad_row(on_bad_row) == "skip":  # which rows are generated for: part of what OUT is
             settings["on_bad_row"] = "skip"
         digest = _prompts_digest(prompts)
-        from hpd.hub import resolve_model_path
+        from hpd.models.hub import resolve_model_path
 
         model = resolve_model_path(model)  # a Hub id -> its local snapshot, whose files the cache key stamps
         from hpd.files import check_output
@@ -233,7 +233,7 @@ def _generate_into(cache: Any, model: str, prompts: Path, settings: dict[str, An
     if out.exists() and problem != "it was made with other inputs or settings":
         typer.echo(f"{out} is not reused ({problem}): generating it again", err=True)
     from hpd.data.rows import load_examples
-    from hpd.models import load_model
+    from hpd.models.loading import load_model
     from hpd.progress import Progress
     from hpd.responses.rollout import generate_text
 
@@ -331,7 +331,7 @@ def convert(
         check_output(out_dir, {"GGUF_FILE": gguf_file}, what="OUT_DIR")
         if out_dir.exists() and not force:
             raise HPDError(f"'{out_dir}' already exists: choose another OUT_DIR or add --force")
-        from hpd.models import convert_gguf
+        from hpd.models.loading import convert_gguf
 
         written = convert_gguf(gguf_file, out_dir, dtype=dtype)
         typer.echo(f"wrote {written}")

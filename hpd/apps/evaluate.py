@@ -9,7 +9,7 @@ as rows checked by the task's own verifier. `eval_cli` / `eval_data_cli` are wha
 --task` / `hpd eval --data` run.
 
     >>> from hpd.apps.evaluate import evaluate_model, evaluate_rows
-    >>> from hpd.models import load_model
+    >>> from hpd.models.loading import load_model
     >>> model, tok = load_model("tiny", tiny={"num_layers": 1, "hidden_size": 32})
     >>> result = evaluate_model(model, tok, "dialogue", n=4, max_new_tokens=8)
     >>> result.n, 0.0 <= result.accuracy <= 1.0, len(result.records)
@@ -110,7 +110,7 @@ def evaluate_rows(
             raise HPDError(f"row {i} (0-based) has no 'prompt' (a string, or chat messages) to generate from")
     verifier.check_rows(rows, sources)
     if isinstance(model, (str, os.PathLike)):
-        from hpd.models import load_model
+        from hpd.models.loading import load_model
 
         model, tokenizer = load_model(str(model))
     budgets = [max_new_tokens or verifier.max_new_tokens(row) or DEFAULT_MAX_NEW_TOKENS for row in rows]
@@ -216,7 +216,7 @@ def eval_cli(
     max_new_tokens: int | None = None,
 ) -> EvalResult:
     """Load a model, evaluate it on `task`, print the one-line summary and write the records."""
-    from hpd.models import load_model
+    from hpd.models.loading import load_model
 
     task_obj = get_task(task)  # fail on a bad task name before the (slow) model load
     task_obj.preflight()

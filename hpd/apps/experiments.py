@@ -99,7 +99,7 @@ def evaluate_on_tasks(model_dir: str | Path, tasks: list[str], *, n: int, seed: 
                       out_dir: Path | None = None) -> dict[str, dict[str, float]]:
     """Held-out accuracy of a model on each task: {task: {accuracy, ci_low, ci_high, n, correct}}."""
     from hpd.apps.evaluate import evaluate_model, write_records
-    from hpd.models import load_model
+    from hpd.models.loading import load_model
 
     model, tokenizer = load_model(str(model_dir))
     model.eval()

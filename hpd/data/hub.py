@@ -1,7 +1,7 @@
 """Hugging Face Hub datasets as data: `org/name`, `org/name:split` or `org/name:config:split`.
 
 Any data option (`data.train`, `data.eval`, the files of `hpd cache-teacher`, ...) may name a Hub
-dataset instead of a file. A local file or directory of that name always wins (as `hpd.hub` does
+dataset instead of a file. A local file or directory of that name always wins (as `hpd.models.hub` does
 for models), and a name ending in a data-file extension (`.jsonl`, `.json`, `.parquet`) is always a
 file. The dataset is read with `datasets.load_dataset`, which honours `HF_DATASETS_OFFLINE` /
 `HF_HUB_OFFLINE` (offline: the datasets cache, `HF_DATASETS_CACHE`, default `$HF_HOME/datasets`,

@@ -9,7 +9,7 @@ same way across any number of data-parallel ranks.
 
     >>> import json, tempfile, os
     >>> from hpd.data.rows import load_examples, encode_dataset, build_batch
-    >>> from hpd.tokenizer import byte_tokenizer
+    >>> from hpd.models.tokenizer import byte_tokenizer
     >>> d = tempfile.mkdtemp(); path = os.path.join(d, "train.jsonl")
     >>> with open(path, "w") as f:
     ...     _ = f.write(json.dumps({"prompt": "2+2=", "completion": "4"}) + "\\n")

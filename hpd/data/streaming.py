@@ -15,7 +15,7 @@ resumed run sees the very rows an uninterrupted one sees.
 
     >>> import json, tempfile, os
     >>> from hpd.config import DataConfig
-    >>> from hpd.tokenizer import byte_tokenizer
+    >>> from hpd.models.tokenizer import byte_tokenizer
     >>> path = os.path.join(tempfile.mkdtemp(), "train.jsonl")
     >>> with open(path, "w") as f:
     ...     f.writelines(json.dumps({"prompt": f"{i}+1=", "completion": str(i + 1)}) + "\\n" for i in range(5))

@@ -14,7 +14,7 @@ holding its own copy of the weights) is one new class: it syncs the student's ne
 (`hpd.responses.vllm_generate`, a vLLM server on the student's weights) is that, chosen by `hpd.responses.backends.select_backend`
 (`regime.backend`).
 
-    >>> from hpd.models import load_model
+    >>> from hpd.models.loading import load_model
     >>> from hpd.responses.rollout import generate_completions, generate_text
     >>> model, tok = load_model("tiny", tiny={"num_layers": 1, "hidden_size": 32})
     >>> outs = generate_completions(model, tok, [tok.encode("hi"), tok.encode("hello")],

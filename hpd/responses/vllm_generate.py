@@ -121,7 +121,7 @@ def merged_state_dict(model) -> dict[str, torch.Tensor]:
     """The weights to serve, under the Hugging Face checkpoint names: a LoRA student's adapters merged
     into a copy of it (the student itself untouched); tensors sharing memory (tied embeddings) copied
     apart, as a safetensors file cannot hold them twice."""
-    from hpd.models import is_peft_model
+    from hpd.models.loading import is_peft_model
 
     if is_peft_model(model):
         with torch.no_grad():
@@ -199,7 +199,7 @@ class VLLMGenerate(GenerationBackend):
     # ---- the server and its weights ----
 
     def _start(self, model) -> None:
-        from hpd.models import is_peft_model
+        from hpd.models.loading import is_peft_model
 
         self._dir = tempfile.TemporaryDirectory(prefix="hpd-vllm-")
         weights = Path(self._dir.name) / "model"

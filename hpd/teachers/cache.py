@@ -118,7 +118,7 @@ def build_teacher_cache(teacher: str | os.PathLike, data_files: Sequence[str | o
                      `teacher` then only gives the tokenizer and the fingerprint); temperature 1 only.
     """
     from hpd.config import DataConfig
-    from hpd.hub import resolve_model_path
+    from hpd.models.hub import resolve_model_path
 
     data = data if data is not None else DataConfig()
     if dtype not in LOGP_DTYPES:
@@ -151,7 +151,7 @@ def _build(teacher: str, data_files: Sequence[str | os.PathLike], out: Path, pro
            servers: Any, log: Callable[[str], None] | None) -> Path:
     """`build_teacher_cache`'s work, under the lock on `out`'s builders."""
     from hpd.data.rows import build_batch, encode_file
-    from hpd.models import final_hidden_states, lm_head_of, load_model
+    from hpd.models.loading import final_hidden_states, lm_head_of, load_model
     from hpd.progress import Progress
 
     if out.exists() and not overwrite:
@@ -159,7 +159,7 @@ def _build(teacher: str, data_files: Sequence[str | os.PathLike], out: Path, pro
     t0 = time.perf_counter()
     served = None
     if servers is not None:
-        from hpd.models import load_saved_tokenizer
+        from hpd.models.loading import load_saved_tokenizer
         from hpd.teachers.served import TeacherServers
 
         if abs(temperature - 1.0) > 1e-12:
@@ -563,7 +563,7 @@ class TeacherCache:
 
     def tokenizer(self):
         """The teacher's tokenizer, saved with the cache (for students that have none of their own)."""
-        from hpd.models import load_saved_tokenizer
+        from hpd.models.loading import load_saved_tokenizer
 
         tok = load_saved_tokenizer(self.path / "tokenizer")
         if tok.pad_token is None:
@@ -614,7 +614,7 @@ class TeacherCache:
                                f"({m['teacher']['path']}, weights changed or another model): rebuild the cache with "
                                "`hpd cache-teacher --teacher DIR ...`, or point teacher.path at that teacher")
         if "logit_transform" not in m:  # built before hpd applied the teacher's logit transform
-            from hpd.models import logit_transform_field
+            from hpd.models.loading import logit_transform_field
 
             config = Path(m["teacher"]["path"]) / "config.json"
             try:

@@ -36,12 +36,12 @@ from torch import Tensor, nn
 
 from hpd.data.rows import build_batch
 from hpd.errors import HPDError
-from hpd.models import final_hidden_states, lm_head_of
+from hpd.models.loading import final_hidden_states, lm_head_of
 from hpd.objectives import IGNORE_INDEX, TeacherChunk, TeacherView
 from hpd.objectives.base import upcast
 from hpd.objectives.head import IDENTITY, LogitTransform
 from hpd.teachers.sources import TeacherSource
-from hpd.tokenizer import _bytes_to_unicode
+from hpd.models.tokenizer import _bytes_to_unicode
 
 # A special token's "bytes": 0xFF never occurs in UTF-8 text, so a marker matches only the same
 # special (the end of the response matches the teacher's eos, whatever the two are called).

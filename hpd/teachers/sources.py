@@ -27,7 +27,7 @@ needs beyond the ordinary teacher:
   full fine-tune keeps one extra copy and a LoRA student only a copy of its adapters.
 
     >>> import torch
-    >>> from hpd.models import load_model
+    >>> from hpd.models.loading import load_model
     >>> from hpd.teachers.sources import SelfTeacher, aligned_positions
     >>> model, tok = load_model("tiny", tiny={"num_layers": 1, "hidden_size": 32})
     >>> teacher = SelfTeacher(model, "frozen")
@@ -50,7 +50,7 @@ from torch import Tensor, nn
 
 from hpd.data.rows import build_batch
 from hpd.errors import HPDError
-from hpd.models import final_hidden_states, is_peft_model, lm_head_of, model_inputs
+from hpd.models.loading import final_hidden_states, is_peft_model, lm_head_of, model_inputs
 from hpd.objectives import IGNORE_INDEX, HeadTeacher, TeacherView
 
 TEACHER_WEIGHTS = ("frozen", "ema", "live")

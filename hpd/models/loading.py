@@ -1,14 +1,14 @@
 """Load, build and save the student and teacher models; vocabulary alignment; LM-head access.
 
 Models come from four places: `"tiny"` (a random Llama built from a config, with the byte
-tokenizer of `hpd.tokenizer`; nothing is downloaded), a local Hugging Face directory, a GGUF
-file (needs `pip install gguf`), or a Hub id (`org/name`, through the HF cache: `hpd.hub`).
+tokenizer of `hpd.models.tokenizer`; nothing is downloaded), a local Hugging Face directory, a GGUF
+file (needs `pip install gguf`), or a Hub id (`org/name`, through the HF cache: `hpd.models.hub`).
 Models go out as plain HF directories, written atomically.
 `lm_head_of` and `final_hidden_states` let the losses compute logits chunk by chunk instead of
 holding a (B, T, V) tensor.
 
     >>> import torch
-    >>> from hpd.models import load_model, lm_head_of, final_hidden_states, shared_vocab_size
+    >>> from hpd.models.loading import load_model, lm_head_of, final_hidden_states, shared_vocab_size
     >>> model, tok = load_model("tiny", tiny={"num_layers": 1, "hidden_size": 32})
     >>> model.config.vocab_size, len(tok)  # rounded up to a multiple of 8
     (264, 263)
@@ -44,7 +44,7 @@ from transformers import (
 
 from hpd.errors import HPDError
 from hpd.files import replace_dir
-from hpd.hub import resolve_model_path
+from hpd.models.hub import resolve_model_path
 from hpd.objectives.head import IDENTITY, LMHead, LogitTransform
 from hpd.vocab import resolve_shared_vocab
 
@@ -180,7 +180,7 @@ def load_model(
     role: str = "",
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load `(model, tokenizer)` from "tiny", a local HF directory, a `.gguf` file, or a Hugging
-    Face Hub id (`org/name`, resolved to a local snapshot by `hpd.hub.resolve_model_path`: the HF
+    Face Hub id (`org/name`, resolved to a local snapshot by `hpd.models.hub.resolve_model_path`: the HF
     cache, downloaded into it when the Hub is reachable). The tokenizer gets a pad token
     (its eos) when it has none, since batching needs one; a pad id beyond the model's embedding
     rows is an error. `role` ("student", "teacher") names the model in messages.
@@ -188,7 +188,7 @@ def load_model(
     who = f"{role} " if role else ""
     torch_dtype = _resolve_dtype(dtype)
     if path == "tiny":
-        from hpd.tokenizer import byte_tokenizer
+        from hpd.models.tokenizer import byte_tokenizer
 
         unknown = sorted(set(tiny or {}) - set(_TINY_KEYS))
         if unknown:
@@ -378,11 +378,11 @@ def save_model(
     state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write `model` (safetensors + config + generation config) and `tokenizer` to `out_dir`
-    atomically, loadable by transformers 4.4x-4.5x and 5.x alike (`hpd.portable`).
+    atomically, loadable by transformers 4.4x-4.5x and 5.x alike (`hpd.models.portable`).
 
     dtype: the weights' dtype on disk (float32/fp32, bfloat16/bf16, float16/fp16); None = the
     model's own. `model` itself is left as it is (a cast copy is written).
-    card: the text of the model card, written as `README.md` (`hpd.model_card`).
+    card: the text of the model card, written as `README.md` (`hpd.models.model_card`).
 
     state_dict: the weights to write instead of the model's own (the gathered full weights of a
     model whose parameters are sharded over processes).
@@ -424,7 +424,7 @@ def save_model(
             GenerationConfig.from_model_config(model.config).save_pretrained(str(tmp))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        from hpd.portable import make_portable
+        from hpd.models.portable import make_portable
 
         make_portable(tmp)
         if card is not None:

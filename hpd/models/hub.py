@@ -1,6 +1,6 @@
 """Where a model named by the user lives on disk: a local path, or a Hugging Face Hub id.
 
-`resolve_model_path` is the one place a model name becomes a path: `hpd.models.load_model` calls
+`resolve_model_path` is the one place a model name becomes a path: `hpd.models.loading.load_model` calls
 it (so the student, the teacher, `hpd generate`, `hpd eval` and `hpd cache-teacher` all take Hub
 ids), and so does whatever fingerprints a model's files. A name that is a local file or directory,
 or one of the special names ('tiny', 'none', 'teacher'), is returned as it is. A name shaped like

@@ -5,7 +5,7 @@ vocabulary file has to be downloaded; seven special tokens follow (ids 256..262)
 standard `transformers.PreTrainedTokenizerFast` that saves to `tokenizer.json` and reloads with
 `AutoTokenizer.from_pretrained`.
 
-    >>> from hpd.tokenizer import byte_tokenizer
+    >>> from hpd.models.tokenizer import byte_tokenizer
     >>> tok = byte_tokenizer()
     >>> tok.encode("hé")
     [104, 195, 169]

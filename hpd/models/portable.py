@@ -13,7 +13,7 @@ loads there *wrongly* or not at all:
   tokens under the key 4.x reads (`additional_special_tokens`; 5.x reads it too), and copy the
   chat template into the file (4.x before 4.47 reads it only there).
 
-`make_portable(dir)` rewrites the two files in place; `hpd.models.save_model` calls it on every
+`make_portable(dir)` rewrites the two files in place; `hpd.models.loading.save_model` calls it on every
 model it writes (`final/`, `hpd convert`, exported teachers). `tests/test_portable.py` loads such
 a directory under transformers 4.57 (a separate environment) and compares the logits.
 
