@@ -65,7 +65,7 @@ def forward_tokens(lengths: list[int], batch: int, steps: int, seed: int, pack_l
 
 def run(data: str, pack_length: int | None, out: Path, a) -> dict:
     from hpd.config import load_config
-    from hpd.trainer import train
+    from hpd.training.trainer import train
 
     overrides = [f"output_dir={out}", f"data.train={data}", "data.eval_fraction=0", f"data.max_length={a.max_length}",
                  f"data.packing={str(pack_length is not None).lower()}", f"data.pack_length={pack_length or 0}",

@@ -62,7 +62,7 @@ def main() -> None:
     from hpd.objectives import get_objective
     from hpd.teachers.served import TeacherServers, exact_scorer, topk_teacher
     from hpd.teachers.cache import TeacherCache, build_teacher_cache
-    from hpd.trainer import train as run_training
+    from hpd.training.trainer import train as run_training
 
     out = args.out
     out.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,6 @@
 """Cost of one training step, method by method, in process CPU seconds: is hpd lean?
 
-For a recipe, builds one `hpd.trainer.Trainer` per method on the same data and seed (so step i
+For a recipe, builds one `hpd.training.trainer.Trainer` per method on the same data and seed (so step i
 sees the same batch in every method) and times, step by step in turn (so a neighbour's load hits
 every method alike), after warm-up:
 
@@ -117,7 +117,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-    from hpd.trainer import Trainer
+    from hpd.training.trainer import Trainer
 
     cfgs = recipe_configs(args)
     trainers = {name: Trainer(c) for name, c in cfgs.items()}

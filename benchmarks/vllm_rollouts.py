@@ -43,7 +43,7 @@ from hpd.files import atomic_write_text  # noqa: E402
 from hpd.models.loading import load_model  # noqa: E402
 from hpd.responses.regimes import SamplingSettings  # noqa: E402
 from hpd.responses.rollout import HFGenerate, encode_prompts  # noqa: E402
-from hpd.trainer import Trainer  # noqa: E402
+from hpd.training.trainer import Trainer  # noqa: E402
 from hpd.responses.vllm_generate import VLLMGenerate, group_cpu_seconds  # noqa: E402
 
 STUDENTS = {"llama-3x128": ROOT / "hpd" / "assets" / "students" / "llama-3x128", "teacher-size": BUNDLED_TEACHER}

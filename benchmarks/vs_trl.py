@@ -12,7 +12,7 @@ Methods (each trains in its own subprocess, one torch thread, so that its memory
 - `sft`      plain SFT of the student on the same data (the floor of any step).
 
 Same for all: the bundled teacher (`hpd/assets/teacher`) and the demo's default student (same
-initial weights: both trainers get the model `hpd.trainer.load_models` builds), the demo's
+initial weights: both trainers get the model `hpd.training.setup.load_models` builds), the demo's
 training file, batch size, learning rate, warm-up + cosine schedule to 10%, AdamW, clipping, and
 the same batches in the same order (TRL's dataset is our sampler's stream, read sequentially).
 
@@ -123,7 +123,7 @@ def initial_student(args) -> None:
 
 
 def run_hpd(args, method: str) -> dict:
-    from hpd.trainer import Trainer
+    from hpd.training.trainer import Trainer
 
     trainer = Trainer(method_config(args, method))
     rss0 = reset_peak_rss()
@@ -158,7 +158,7 @@ def run_gkd(args, method: str) -> dict:
     from trl.experimental.gkd import GKDConfig, GKDTrainer
 
     from hpd.data.rows import IGNORE_INDEX, EpochSampler, batch_for_generation, build_batch
-    from hpd.trainer import load_data, load_models
+    from hpd.training.setup import load_data, load_models
 
     cfg = method_config(args, "hpd online")  # models, data and optimizer settings of the hpd runs
     student, teacher, tok, _ = load_models(cfg)

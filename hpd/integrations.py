@@ -349,7 +349,7 @@ class HFDistillation:
 
     def pop_metrics(self, split: str, accelerator=None) -> dict[str, float]:
         """The objective's value and metrics since the last call, token means over every process."""
-        from hpd.trainer import global_metrics
+        from hpd.training.step import global_metrics
 
         acc = self._pending.pop(split, None)
         processes = 1 if accelerator is None else accelerator.num_processes

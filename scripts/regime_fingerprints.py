@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     from hpd.config import DataConfig, load_config
     from hpd.models.loading import load_model, save_model
     from hpd.teachers.cache import build_teacher_cache
-    from hpd.trainer import train
+    from hpd.training.trainer import train
 
     names = args.only or list(CASES)
     unknown = [n for n in names if n not in CASES]

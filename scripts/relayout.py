@@ -60,7 +60,7 @@ PACKAGES: dict[str, dict[str, list[str]]] = {
         "model_card": ["model_card"],
     },
     "training": {
-        "trainer": ["trainer", "setup"],
+        "trainer": ["trainer", "setup", "step"],
         "checkpoint": ["checkpoint"],
         "resume": ["resume"],
         "run_dir": ["run_dir"],
@@ -131,6 +131,7 @@ class Mapping:
         self.new: dict[str, list[str]] = {}   # "hpd.data" -> ["hpd.data.rows", ...] (existing ones)
         self.owners: dict[str, dict[str, str]] = {}
         self.submodules: dict[str, set[str]] = {}  # "hpd.data" -> {"rows", ...}: already-new suffixes
+        self.primaries: set[str] = set()  # "hpd.data.rows": the first part of a split module
         for package, modules in PACKAGES.items():
             for old, news in modules.items():
                 if (ROOT / "hpd" / f"{old}.py").exists():
@@ -144,10 +145,19 @@ class Mapping:
                 for mod in reversed(existing):  # the first module wins a name defined twice
                     owners.update(dict.fromkeys(defined_names(module_path(mod)), mod))
                 self.owners[key] = owners
+                if len(existing) > 1:  # the old module was split: its first part may still be named
+                    self.new[existing[0]] = existing  # for a name that moved on to a sibling
+                    self.owners[existing[0]] = owners
+                    self.primaries.add(existing[0])
             pkg = ROOT / "hpd" / package
             if pkg.is_dir():
                 self.submodules[f"hpd.{package}"] = {p.stem for p in pkg.glob("*.py")} | {
                     p.name for p in pkg.iterdir() if (p / "__init__.py").exists()}
+
+    def stays(self, old: str, name: str | None) -> bool:
+        """Whether `old.name` is already right: `old` is the first part of a split module and `name`
+        is not defined in one of the other parts."""
+        return old in self.primaries and self.target(old, name) == old
 
     def target(self, old: str, name: str | None) -> str:
         if name is not None and name in self.owners[old]:
@@ -186,6 +196,8 @@ def rewrite_text(text: str, m: Mapping) -> tuple[str, list[str]]:
         items = [i.strip() for i in raw.replace("\n", " ").split(",") if i.strip()]
         if len(items) == 1 and items[0].split(" as ")[0].strip() in m.submodules.get(old, ()):
             return match.group(0)  # `from hpd.data import rows`: already new
+        if all(m.stays(old, i.split(" as ")[0].strip()) for i in items):
+            return match.group(0)
         groups: dict[str, list[str]] = {}
         for item in items:
             groups.setdefault(m.target(old, item.split(" as ")[0].strip()), []).append(item)
@@ -210,6 +222,8 @@ def rewrite_text(text: str, m: Mapping) -> tuple[str, list[str]]:
         old, attr = match[1], match[2]
         if attr is not None and attr in m.submodules.get(old, ()):
             return match.group(0)  # hpd.data.rows...: already new
+        if m.stays(old, attr):
+            return match.group(0)
         if attr is None and old in m.submodules and not _imports_module(match):
             return match.group(0)  # bare `hpd.data`: the package now (an `import hpd.data as d` is rewritten)
         mod = m.target(old, attr)
@@ -219,6 +233,8 @@ def rewrite_text(text: str, m: Mapping) -> tuple[str, list[str]]:
 
     # 3. file paths: hpd/old.py -> hpd/package/new.py (the first new module).
     for old, news in m.new.items():
+        if old in m.primaries:
+            continue
         old_path = old.replace(".", "/") + ".py"
         text = re.sub(rf"(?<![\w/.]){re.escape(old_path)}", news[0].replace(".", "/") + ".py", text)
 

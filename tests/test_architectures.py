@@ -314,7 +314,7 @@ def test_an_unknown_logit_transform_is_refused_by_name():
 def test_hpd_train_refuses_such_a_teacher_before_the_run_starts(tmp_path, repo_root, monkeypatch):
     from hpd.config import load_config
     from hpd.models.loading import load_model, save_model
-    from hpd.trainer import train
+    from hpd.training.trainer import train
 
     monkeypatch.chdir(repo_root)
     model, tok = load_model("tiny", tiny={"num_layers": 1, "hidden_size": 32}, seed=1)

@@ -278,7 +278,7 @@ def test_config_refuses_cross_tokenizer_misuse():
 def test_train_refuses_another_tokenizer_without_the_flag_and_runs_with_it(bpe, tmp_path):
     """`hpd train` with a BPE teacher and the byte-level tiny student: refused, then one cross-tokenizer step per objective."""
     from hpd.models.loading import save_model
-    from hpd.trainer import train
+    from hpd.training.trainer import train
 
     tdir, sdir = tmp_path / "teacher", tmp_path / "student"
     save_model(_tiny(bpe, 3), bpe, tdir)

@@ -17,7 +17,7 @@ from hpd.models.loading import apply_lora, load_model
 from hpd.responses.regimes import SamplingSettings
 from hpd.responses.backends import select_backend
 from hpd.responses.rollout import HFGenerate
-from hpd.trainer import Trainer
+from hpd.training.trainer import Trainer
 from hpd.responses.vllm_generate import VLLMGenerate, merged_state_dict
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")

@@ -105,7 +105,7 @@ def test_a_local_path_of_the_same_name_wins(hub_cache, tmp_path, monkeypatch):
 
 def test_hpd_train_trains_on_a_hub_id_offline(hub_cache, tmp_path, monkeypatch, repo_root):
     from hpd.config import load_config
-    from hpd.trainer import train
+    from hpd.training.trainer import train
 
     monkeypatch.chdir(repo_root)
     out = tmp_path / "run"
@@ -137,7 +137,7 @@ def test_a_hub_dataset_streams_and_a_resumed_stream_sees_the_same_rows(hub_cache
     from safetensors.torch import load_file
 
     from hpd.config import load_config
-    from hpd.trainer import train
+    from hpd.training.trainer import train
 
     monkeypatch.chdir(repo_root)
     common = ["max_steps=8", "log.progress=false", "log.tensorboard=off", "save.every=3", "save.keep_last=5",

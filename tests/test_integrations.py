@@ -1,6 +1,6 @@
 """hpd inside Hugging Face loops: `DistillationTrainer`, `HPDLoss` (compute_loss_func), TRL's SFTTrainer.
 
-The reference is `hpd train`'s own loss module (`hpd.trainer.DistillationLoss`) on the batch
+The reference is `hpd train`'s own loss module (`hpd.training.step.DistillationLoss`) on the batch
 `hpd.data.rows.build_batch` makes of the same (prompt, completion) tokens: aligned labels built
 from the tokens, not from the shift under test. Tiny random models, nothing downloaded.
 """
@@ -21,7 +21,7 @@ from hpd.models.loading import load_model, save_model, shared_vocab_size
 from hpd.objectives import get_objective, shift_labels
 from hpd.responses.regimes import derive_seed
 from hpd.teachers.sources import teacher_view
-from hpd.trainer import DistillationLoss
+from hpd.training.step import DistillationLoss
 
 pytestmark = [pytest.mark.usefixtures("single_torch_thread"),
               pytest.mark.filterwarnings("ignore::FutureWarning"), pytest.mark.filterwarnings("ignore::UserWarning")]

@@ -210,7 +210,7 @@ def saved_model(tmp_path) -> Path:
 @pytest.mark.parametrize("key", ["student.path", "teacher.path", "data.train", "teacher.cache"])
 def test_a_run_refuses_an_output_dir_that_holds_one_of_its_inputs(saved_model, tmp_path, key, monkeypatch):
     from hpd.config import load_config
-    from hpd.trainer import train
+    from hpd.training.trainer import train
 
     monkeypatch.chdir(ROOT)
     out = saved_model.parent
@@ -232,8 +232,8 @@ def test_a_run_refuses_an_output_dir_that_holds_one_of_its_inputs(saved_model, t
 @pytest.mark.parametrize("where", ["root", "home"])
 def test_a_run_refuses_a_filesystem_root_or_home_before_writing_anything(tmp_path, monkeypatch, where):
     from hpd.config import load_config
-    from hpd.run_dir import RunDirLock
-    from hpd.trainer import train
+    from hpd.training.run_dir import RunDirLock
+    from hpd.training.trainer import train
 
     monkeypatch.chdir(ROOT)
     home = tmp_path / "home"
@@ -318,7 +318,7 @@ def cache_dir(tmp_path, monkeypatch) -> Path:
 
 def train_with_cache(cache: Path, out: Path, *extra: str) -> Path:
     from hpd.config import load_config
-    from hpd.trainer import train
+    from hpd.training.trainer import train
 
     return train(load_config("configs/tiny.yaml", [*CACHE_RUN, f"teacher.cache={cache}", f"output_dir={out}", *extra]))
 
@@ -451,7 +451,7 @@ def test_a_resume_appends_to_metrics_and_reads_like_an_uninterrupted_run(tmp_pat
     from hpd.apps.experiments import last_step, read_records
     from hpd.apps.plots import read_metrics
     from hpd.config import load_config
-    from hpd.trainer import train
+    from hpd.training.trainer import train
 
     monkeypatch.chdir(ROOT)
     ref = train(load_config(RUN[0], [*METRICS_RUN, f"output_dir={tmp_path / 'ref'}"]))
@@ -480,7 +480,7 @@ def test_a_resume_appends_to_metrics_and_reads_like_an_uninterrupted_run(tmp_pat
 def test_a_fresh_start_over_old_metrics_keeps_the_lines_and_reads_only_the_new_run(tmp_path, monkeypatch):
     from hpd.apps.experiments import read_records
     from hpd.config import load_config
-    from hpd.trainer import train
+    from hpd.training.trainer import train
 
     monkeypatch.chdir(ROOT)
     run = tmp_path / "run"
@@ -520,7 +520,7 @@ def test_values_out_of_range_are_one_error_line_before_anything_is_built(overrid
 
 def test_a_large_seed_in_range_trains(tmp_path, monkeypatch):
     from hpd.config import load_config
-    from hpd.trainer import train
+    from hpd.training.trainer import train
 
     monkeypatch.chdir(ROOT)
     train(load_config(RUN[0], [*RUN[1:], f"seed={2**62}", f"output_dir={tmp_path / 'run'}"]))
@@ -542,7 +542,7 @@ def test_a_lone_surrogate_in_a_row_is_one_error_naming_the_line(tmp_path, monkey
 def test_on_bad_row_skip_skips_a_row_with_a_lone_surrogate(tmp_path, monkeypatch):
     from hpd.apps.experiments import read_records
     from hpd.config import load_config
-    from hpd.trainer import train
+    from hpd.training.trainer import train
 
     monkeypatch.chdir(ROOT)
     data = tmp_path / "d.jsonl"

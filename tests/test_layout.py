@@ -39,7 +39,7 @@ def _imported_names(path: Path) -> set[str]:
 
 def test_the_library_is_what_we_think():
     modules = library_modules()
-    for core in ("hpd.trainer", "hpd.config", "hpd.objectives.surrogate", "hpd.teachers", "hpd.responses.regimes"):
+    for core in ("hpd.training.trainer", "hpd.config", "hpd.objectives.surrogate", "hpd.teachers", "hpd.responses.regimes"):
         assert core in modules
     assert not any(m.startswith("hpd.apps") for m in modules)
 

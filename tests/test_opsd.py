@@ -305,13 +305,13 @@ def _at_root(monkeypatch, repo_root):
 
 
 def _run(out: Path, *overrides: str):
-    from hpd.trainer import train
+    from hpd.training.trainer import train
 
     return train(load_config("configs/tiny.yaml", [*FAST, f"output_dir={out}", *overrides]))
 
 
 def _records(run_dir: Path, kind="train"):
-    from hpd.metrics_file import read_records
+    from hpd.training.metrics_file import read_records
 
     return read_records(run_dir / "metrics.jsonl", kind)
 

@@ -23,7 +23,8 @@ from hpd.objectives import get_objective
 from hpd.data.packing import Packing, check_packing
 from hpd.responses.regimes import derive_seed
 from hpd.teachers.sources import ModelTeacher
-from hpd.trainer import DistillationLoss, train
+from hpd.training.step import DistillationLoss
+from hpd.training.trainer import train
 
 pytestmark = [pytest.mark.usefixtures("single_torch_thread"),
               pytest.mark.filterwarnings("ignore::FutureWarning"), pytest.mark.filterwarnings("ignore::UserWarning")]

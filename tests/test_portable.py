@@ -126,7 +126,7 @@ def test_saved_model_has_a_generation_config_with_its_special_tokens(tmp_path):
 
 def test_final_has_a_model_card_with_hf_front_matter(tmp_path, repo_root, monkeypatch):
     from hpd.config import load_config
-    from hpd.trainer import train
+    from hpd.training.trainer import train
 
     monkeypatch.chdir(repo_root)
     teacher = save_model(*load_model("tiny", tiny={"num_layers": 1, "hidden_size": 32}, seed=3), tmp_path / "teacher")

@@ -312,7 +312,8 @@ def test_init_from_teacher_config_errors(overrides, match):
 
 
 def test_train_a_student_initialised_from_the_teacher(tmp_path):
-    from hpd.trainer import resolve_mixed_precision, train
+    from hpd.training.setup import resolve_mixed_precision
+    from hpd.training.trainer import train
 
     out = tmp_path / "run"
     cfg = load_config("configs/tiny.yaml", [

@@ -11,7 +11,7 @@ from hpd.config import load_config
 from hpd.errors import HPDError
 from hpd.objectives import RatioClip, RolloutWeights, get_objective, rollout_weights
 from hpd.responses.regimes import rollout_bias
-from hpd.trainer import Trainer, train
+from hpd.training.trainer import Trainer, train
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -35,7 +35,7 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def train_records(run_dir: Path) -> list[dict]:
-    from hpd.metrics_file import read_records
+    from hpd.training.metrics_file import read_records
 
     return read_records(Path(run_dir) / "metrics.jsonl", "train")
 

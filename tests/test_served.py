@@ -300,7 +300,7 @@ def test_served_teacher_gives_the_in_process_loss_and_gradient(name, top_k, exac
 @engine
 def test_training_with_a_served_teacher_records_it_and_resumes_exactly(teacher_server, tmp_path, monkeypatch):
     from conftest import interrupted_at_step
-    from hpd.trainer import train
+    from hpd.training.trainer import train
 
     common = ["objective.name=hpd", "max_steps=6", "save.every=3", "teacher.server_top_k=8",
               "teacher.server_exact_samples=true"]
@@ -326,12 +326,12 @@ def test_a_failing_server_stops_the_run_with_its_name_and_the_run_resumes_exactl
     """The proxy turns bad after step 4: the run stops before any step trains on the bad answer
     (an error naming the server), keeps its step-3 checkpoint, and resumed against the good server
     ends with the weights of a run that never failed."""
-    import hpd.trainer
-    from hpd.trainer import train
+    import hpd.training.trainer
+    from hpd.training.trainer import train
 
     common = ["objective.name=hpd", "max_steps=6", "save.every=3", "teacher.server_timeout=1.5",
               "teacher.server_retries=1"]
-    real_step = hpd.trainer.Trainer.train_step
+    real_step = hpd.training.trainer.Trainer.train_step
     steps_taken = []
 
     def turns_bad(self):
@@ -341,7 +341,7 @@ def test_a_failing_server_stops_the_run_with_its_name_and_the_run_resumes_exactl
         steps_taken.append(self.step + 1)
         return out
 
-    monkeypatch.setattr(hpd.trainer.Trainer, "train_step", turns_bad)
+    monkeypatch.setattr(hpd.training.trainer.Trainer, "train_step", turns_bad)
     run = tmp_path / "run"
     with pytest.raises(HPDError, match=rf"{proxy.url}: .*{match}"):
         train(_cfg(run, proxy.url, *common))
@@ -350,7 +350,7 @@ def test_a_failing_server_stops_the_run_with_its_name_and_the_run_resumes_exactl
     # answer is bad never finishes, and steps 1-4 trained on good answers.
     assert steps_taken in ([1, 2, 3, 4], [1, 2, 3, 4, 5])
     assert [p.name for p in (run / "checkpoints").glob("step-*")] == ["step-00000003"] and not (run / "final").exists()
-    monkeypatch.setattr(hpd.trainer.Trainer, "train_step", real_step)
+    monkeypatch.setattr(hpd.training.trainer.Trainer, "train_step", real_step)
     whole = train(_cfg(tmp_path / "whole", teacher_server.url, *common))
     resumed = train(_cfg(run, teacher_server.url, *common))  # the server is back (elsewhere: teacher.server is run-neutral)
     a, c = _weights(whole), _weights(resumed)
@@ -380,7 +380,7 @@ def test_another_tokenizer_or_vocabulary_is_refused_naming_both_sides(teacher_se
     with pytest.raises(HPDError, match=rf"teacher server {teacher_server.url} serves .*teacher, whose tokenizer reads "
                                        r"the probe text .* as other token ids than the student \(.*student\)'s "
                                        r"\(first difference at token \d+: served \[.*\], student \[.*\]\)"):
-        from hpd.trainer import train
+        from hpd.training.trainer import train
 
         train(_cfg(tmp_path / "run", teacher_server.url, f"student.path={other}", "max_steps=1"))
 
@@ -415,7 +415,7 @@ def test_a_cache_built_by_one_or_two_servers_equals_the_in_process_cache(teacher
 @engine
 def test_a_packed_run_with_a_served_teacher_trains_as_the_padded_one(teacher_server, tmp_path):
     """The servers score whole rows; the view is packed like the batch, so packing changes nothing."""
-    from hpd.trainer import train
+    from hpd.training.trainer import train
 
     common = ["objective.name=hpd", "max_steps=3", "teacher.server_top_k=8"]
     padded = _weights(train(_cfg(tmp_path / "padded", teacher_server.url, *common)))

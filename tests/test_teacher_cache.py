@@ -223,22 +223,22 @@ def _cfg(out, teacher_dir, *extra):
 
 def _no_teacher_loading(monkeypatch):
     """The trainer may build the tiny student, never load the teacher."""
-    import hpd.trainer
+    import hpd.training.setup
 
-    real = hpd.trainer.load_model
+    real = hpd.training.setup.load_model
 
     def guarded(path, **kw):
         if path != "tiny":
             raise AssertionError(f"the teacher was loaded from {path}")
         return real(path, **kw)
 
-    monkeypatch.setattr(hpd.trainer, "load_model", guarded)
+    monkeypatch.setattr(hpd.training.setup, "load_model", guarded)
 
 
 @pytest.mark.parametrize("objective", ["hpd", "fkl"])
 def test_training_with_a_cache_never_loads_the_teacher_and_the_loss_falls(objective, tiny_teacher, trained_cache,
                                                                          tmp_path, monkeypatch):
-    from hpd.trainer import train
+    from hpd.training.trainer import train
 
     _no_teacher_loading(monkeypatch)
     run = train(_cfg(tmp_path / "run", tiny_teacher, f"teacher.cache={trained_cache}", f"objective.name={objective}",
@@ -257,7 +257,7 @@ def test_training_with_a_cache_never_loads_the_teacher_and_the_loss_falls(object
 
 
 def test_training_with_a_complete_cache_equals_training_with_the_teacher(teacher_dir, exact_cache, tmp_path):
-    from hpd.trainer import train
+    from hpd.training.trainer import train
 
     common = ["objective.name=hpd", "max_steps=4", "data.eval_fraction=0.125"]
     online = train(_cfg(tmp_path / "online", teacher_dir, *common))
@@ -271,7 +271,7 @@ def test_training_with_a_complete_cache_equals_training_with_the_teacher(teacher
 
 def test_resume_with_a_cache_equals_an_uninterrupted_run(teacher_dir, k8_cache, tmp_path, monkeypatch):
     from conftest import interrupted_at_step
-    from hpd.trainer import train
+    from hpd.training.trainer import train
 
     common = [f"teacher.cache={k8_cache}", "objective.name=hpd", "max_steps=6", "save.every=3"]
     whole = train(_cfg(tmp_path / "whole", teacher_dir, *common))
@@ -296,7 +296,7 @@ def test_resume_with_a_cache_equals_an_uninterrupted_run(teacher_dir, k8_cache, 
 ])
 def test_a_cache_that_does_not_fit_the_run_is_an_error_that_says_what_differs(extra, match, teacher_dir, k8_cache,
                                                                               tmp_path, repo_root):
-    from hpd.trainer import Trainer
+    from hpd.training.trainer import Trainer
 
     other = tmp_path / "other.jsonl"
     other.write_text('{"prompt": "1+1=", "completion": "2"}\n{"prompt": "2+2=", "completion": "4"}\n')
@@ -307,7 +307,7 @@ def test_a_cache_that_does_not_fit_the_run_is_an_error_that_says_what_differs(ex
 
 
 def test_cache_errors_for_another_teacher_and_a_cache_without_topk(teacher_dir, tmp_path):
-    from hpd.trainer import Trainer
+    from hpd.training.trainer import Trainer
 
     k0 = build(teacher_dir, tmp_path / "k0", top_k=0)
     # sft and orkl need only the sequence token; hpd and fkl need the top-K.
@@ -345,7 +345,7 @@ def test_cache_teacher_command_builds_a_cache_the_trainer_reads(teacher_dir, tmp
 def test_teacher_generations_are_cached_with_generate_then_cache_teacher_then_trained_on(teacher_dir, tmp_path,
                                                                                           monkeypatch):
     """The README's recipe for the teacher regime's data with a cache: generate, cache, train (dataset)."""
-    from hpd.trainer import train
+    from hpd.training.trainer import train
 
     runner = CliRunner()
     prompts = tmp_path / "p.jsonl"

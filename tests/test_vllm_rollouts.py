@@ -26,7 +26,7 @@ from hpd.config import load_config
 from hpd.models.loading import apply_lora, load_model
 from hpd.responses.regimes import SamplingSettings
 from hpd.responses.rollout import encode_prompts, generate_completions
-from hpd.trainer import Trainer
+from hpd.training.trainer import Trainer
 from hpd.engine import INSTALL_HINT, engine_python
 from hpd.responses.vllm_generate import VLLMGenerate
 

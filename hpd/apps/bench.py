@@ -70,7 +70,7 @@ from typing import Any
 from hpd.apps.recipe import BUNDLED_TEACHER, STUDENT_OVERRIDES, TASKS
 from hpd.errors import DivergedError, HPDError
 from hpd.files import atomic_write_text
-from hpd.progress import format_duration
+from hpd.training.progress import format_duration
 
 STUDENTS_DIR = Path(__file__).resolve().parents[1] / "assets" / "students"
 LONG_TEACHER = Path(__file__).resolve().parents[1] / "assets" / "long-teacher"

@@ -102,10 +102,10 @@ def train(
         if dry_run:
             typer.echo(cfg.to_yaml(), nl=False)
             return
-        from hpd.run_dir import check_run_paths
+        from hpd.training.run_dir import check_run_paths
 
         check_run_paths(cfg)  # at once, before the heavy imports (the trainer checks again)
-        from hpd.trainer import train as run_training  # heavy: torch, transformers, accelerate
+        from hpd.training.trainer import train as run_training  # heavy: torch, transformers, accelerate
 
         run_dir = run_training(cfg)
         if os.environ.get("RANK", "0") == "0":  # one line, not one per process
@@ -234,7 +234,7 @@ def _generate_into(cache: Any, model: str, prompts: Path, settings: dict[str, An
         typer.echo(f"{out} is not reused ({problem}): generating it again", err=True)
     from hpd.data.rows import load_examples
     from hpd.models.loading import load_model
-    from hpd.progress import Progress
+    from hpd.training.progress import Progress
     from hpd.responses.rollout import generate_text
 
     examples, _stats = load_examples(str(prompts), require_completion=False, on_bad_row=on_bad_row,
@@ -648,7 +648,7 @@ def main() -> None:
         sys.exit(130)
     finally:
         if "torch.distributed" in sys.modules:  # only a command that used torch can have started a group
-            from hpd.distributed import end_process_group
+            from hpd.training.distributed import end_process_group
 
             end_process_group()
 

@@ -33,7 +33,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from hpd.errors import HPDError
 from hpd.files import check_output
-from hpd.progress import Progress
+from hpd.training.progress import Progress
 from hpd.responses.rollout import generate_text
 from hpd.stats import Z_95, wilson_interval  # noqa: F401  (re-exported: hpd.apps.evaluate.wilson_interval)
 from hpd.apps.tasks import Task, get_task, task_row
@@ -93,7 +93,7 @@ def evaluate_rows(
     max_new_tokens: the budget of every row; None: the verifier's per row (a task's), else
                     `DEFAULT_MAX_NEW_TOKENS`. `temperature=0` is greedy decoding.
     Rows are checked (prompt, the verifier's fields) before the model is loaded or run.
-    progress:       show the generation's progress with an ETA on stderr (`hpd.progress`).
+    progress:       show the generation's progress with an ETA on stderr (`hpd.training.progress`).
     """
     if isinstance(verifier, str):
         verifier = get_verifier(verifier)

@@ -27,8 +27,8 @@ from typing import Any
 
 from hpd.config import Config, save_config
 from hpd.errors import HPDError
-from hpd.metrics_file import read_records as metrics_records
-from hpd.progress import Progress
+from hpd.training.metrics_file import read_records as metrics_records
+from hpd.training.progress import Progress
 
 
 def last_step(run_dir: Path) -> int:
@@ -45,7 +45,7 @@ def run_slug(label: str) -> str:
 
 
 def read_records(run_dir: Path, kind: str = "train") -> list[dict[str, Any]]:
-    """The records of one type of a run's metrics.jsonl, as the run stands (`hpd.metrics_file`)."""
+    """The records of one type of a run's metrics.jsonl, as the run stands (`hpd.training.metrics_file`)."""
     return metrics_records(Path(run_dir) / "metrics.jsonl", kind)
 
 

@@ -152,7 +152,7 @@ def _build(teacher: str, data_files: Sequence[str | os.PathLike], out: Path, pro
     """`build_teacher_cache`'s work, under the lock on `out`'s builders."""
     from hpd.data.rows import build_batch, encode_file
     from hpd.models.loading import final_hidden_states, lm_head_of, load_model
-    from hpd.progress import Progress
+    from hpd.training.progress import Progress
 
     if out.exists() and not overwrite:
         raise HPDError(f"'{out}' already exists: choose another --out, or pass --force to replace it")
@@ -243,7 +243,7 @@ def _build(teacher: str, data_files: Sequence[str | os.PathLike], out: Path, pro
                    for order in [sorted(range(s, e), key=length)] for k in range(0, len(order), batch_size)]
         mine = sum(e - s for j, (s, e) in enumerate(shard_bounds) if j % procs.world == procs.rank)
         pad_id = tokenizer.pad_token_id
-        # On stderr, with an ETA (hpd.progress), on the main process (its share of the shards); quiet
+        # On stderr, with an ETA (hpd.training.progress), on the main process (its share of the shards); quiet
         # when log is None.
         progress = Progress(mine, "cache-teacher" + (f" (process 0 of {procs.world})" if procs.world > 1 else ""),
                             unit="sequence", enabled=log is not None and procs.is_main)

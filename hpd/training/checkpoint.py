@@ -9,7 +9,7 @@ A checkpoint is a directory `RUN_DIR/checkpoints/step-00000100/` holding
     rng-rank{r}.safetensors      torch (and cuda) RNG states of process r
     rollouts-rank{r}.*           with rollout reuse, mid-batch: process r's rollout batch (json + safetensors)
     shards/rank{r}.*             FSDP runs only, instead of model/ and the optimizer moments: process
-                                 r's slice of the student and of the optimizer state (hpd.distributed)
+                                 r's slice of the student and of the optimizer state (hpd.training.distributed)
     config.yaml                  the resolved config of the run
     manifest.json                size and sha256 of every file above, written last
 
@@ -27,7 +27,7 @@ Checkpoints of hpd before this format (`trainer_state.pt`, `rng-rank*.pt`) are l
 such a file is refused with a message.
 
     >>> import tempfile, pathlib, torch
-    >>> from hpd.checkpoint import load_state, save_state
+    >>> from hpd.training.checkpoint import load_state, save_state
     >>> d = pathlib.Path(tempfile.mkdtemp())
     >>> save_state({"step": 3, "moments": {0: torch.ones(2)}, "betas": (0.9, 0.999)}, d, "state")
     >>> load_state(d, "state")

@@ -8,7 +8,7 @@ gloo and ignores the FSDP settings, so here the same FSDP2 path (accelerate's
 `fsdp2_prepare_model`, the plugin read from the launcher's environment) is switched on for CPUs
 too: the tests run on CPUs exactly the wrapping a GPU run does.
 
-The wrapping unit is the student's decoder layer: `hpd.trainer.DistillationLoss` exposes the
+The wrapping unit is the student's decoder layer: `hpd.training.step.DistillationLoss` exposes the
 student's `_no_split_modules`, so accelerate's transformer auto-wrap shards every layer on its own
 and the rest (embeddings, final norm, LM head) in the root unit. Under DDP the attribute is unused.
 
@@ -23,7 +23,7 @@ process's slice of every student parameter and of the optimizer state (plain ten
 written and read by that process alone; `final/` is gathered to a plain HF directory on rank 0.
 Resume needs the number of processes the checkpoint was written with.
 
-    >>> from hpd.distributed import fsdp_requested
+    >>> from hpd.training.distributed import fsdp_requested
     >>> fsdp_requested({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"})
     True
 """

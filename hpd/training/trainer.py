@@ -17,7 +17,7 @@ One optimizer step, top to bottom:
       the sources' per-step hooks (generation backend weight sync, the self-teacher's EMA)
     log: loss terms, objective metrics, agreement / KL / entropy, grad norm, lr, tokens/s
 
-The step never asks which regime or which kind of teacher it runs: `_setup` builds the two
+The step never asks which regime or which kind of teacher it runs: `hpd.training.setup` builds the two
 sources from the config once.
 
 Everything random is a pure function of (seed, step, micro-batch, rank) or of a state saved in the
@@ -25,7 +25,7 @@ checkpoint, so a killed run resumed from its last checkpoint ends with the weigh
 uninterrupted run would have.
 
     >>> from hpd.config import load_config
-    >>> from hpd.trainer import train
+    >>> from hpd.training.trainer import train
     >>> cfg = load_config("configs/tiny.yaml", ["output_dir=/tmp/hpd-doc", "max_steps=2", "log.progress=false"])
     >>> run_dir = train(cfg)  # doctest: +SKIP
 """
@@ -33,125 +33,37 @@ uninterrupted run would have.
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 from hpd.data.batches import MicroBatch, make_batch
-from hpd.checkpoint import (
-    STATE, clean_leftovers, latest_checkpoint, load_rng_state, load_student_weights, load_trainer_state, resolve_resume,
-    load_state, save_checkpoint, save_state, space_error,
+from hpd.training.checkpoint import (
+    STATE, latest_checkpoint, load_rng_state, load_student_weights, load_trainer_state, load_state, save_checkpoint, save_state, space_error,
 )
 from hpd.config import Config, config_to_dict, load_config, save_config
-from hpd.data.rows import EncodedExample, EpochSampler, encode_file, encode_self_distillation, load_examples
-from hpd.distributed import (
-    check_supported, is_fsdp, load_local_state, local_numel, local_state, make_accelerator, place_teacher, shard_name,
-)
+from hpd.data.rows import EncodedExample
+from hpd.training.distributed import is_fsdp, load_local_state, local_numel, local_state, make_accelerator, shard_name
 from hpd.errors import DivergedError, HPDError
 from hpd.models.model_card import model_card
-from hpd.models.hub import resolve_model_path
-from hpd.data.packing import check_packing
-from hpd.progress import Progress
-from hpd.data.streaming import StreamSampler, check_streaming
+from hpd.training.progress import Progress
 from hpd.provenance import code_record
-from hpd.models.loading import (
-    apply_lora, enable_gradient_checkpointing, final_hidden_states, init_from_teacher, lm_head_of, load_model, model_inputs, save_model, vocab_rows,
-)
-from hpd.objectives import (
-    COMMON_PARAMS, DEFAULT_CHUNK_SIZE, Objective, ObjectiveOutput, RatioClip, RolloutWeights, TeacherView,
-    objective_class, param_fields, rollout_weights,
-)
-from hpd.responses.regimes import ResponseSource, derive_seed, has_rollouts, response_source, rollout_bias
-from hpd.responses.backends import select_backend
-from hpd.schedule import lr_lambda
-from hpd.resume import RUN_NEUTRAL_KEYS, check_changes, config_changes, record_history, saved_config, schedule_note
-from hpd.metrics_file import MetricsLog
-from hpd.run_dir import RunDirLock, check_run_paths, describe_holder
-from hpd.teachers.served import TeacherServers
-from hpd.teachers.cache import TeacherCache
-from hpd.teachers.cross_tokenizer import CrossTokenizerTeacher
-from hpd.teachers.sources import (
-    CachedTeacher, ModelTeacher, OPSDTeacher, SelfTeacher, ServedTeacher, TeacherSource, prompt_ending_mismatches,
-)
-from hpd.trackers import finish_trackers, make_trackers, resolve_trackers, start_trackers, tracker_values
-from hpd.vocab import resolve_shared_vocab, teacher_vocab_size
-
-
-# --------------------------------------------------------------------------------------------
-# The distillation step as a module, so DDP/FSDP wrap the student forward *and* the loss.
-# --------------------------------------------------------------------------------------------
-
-
-class DistillationLoss(nn.Module):
-    """Student forward + objective for one micro-batch.
-
-    The loss is computed inside `forward` so that data-parallel wrappers see every use of the
-    student's parameters (the LM head is used by the chunked loss, not by the decoder).
-    """
-
-    def __init__(self, student: nn.Module, objective: Objective, *, chunk_size: int, vocab_size: int | None,
-                 clip: RatioClip | None = None):
-        super().__init__()
-        self.student = student
-        self.objective = objective
-        self.chunk_size = chunk_size
-        self.vocab_size = vocab_size
-        self.clip = clip
-        if chunk_size > 0:  # refused now, by name, rather than at the first step
-            lm_head_of(student, hint="set objective.chunk_size=0 (the loss then reads the student's own logits)")
-
-    @property
-    def _no_split_modules(self) -> list[str] | None:
-        """The student's decoder layer classes: FSDP's transformer auto-wrap shards each on its own
-        (without this it finds none and wraps the whole run as one unit: no sharding)."""
-        names = getattr(self.student, "_no_split_modules", None)
-        return sorted(names) if names else None
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, teacher: Any, *,
-                num_tokens: torch.Tensor, generator: torch.Generator | None, diagnostics: bool,
-                rollout: RolloutWeights | None = None, fix_weights: bool = False,
-                position_ids: torch.Tensor | None = None) -> dict[str, Any]:
-        """input_ids, attention_mask, labels: `(B, T)`; teacher: a `TeacherView` (or logits `(B, T, V)`) or None;
-        position_ids: `(B, T)` of a packed batch (`hpd.data.packing`), else None.
-
-        Reused rollouts: `fix_weights=True` (at rollout time, no gradient) returns the objective's
-        weights under the current student as `{"rollout": RolloutWeights, "output": ...}`; a later
-        step passes them back as `rollout` (teacher None) and gets their clipped PPO loss."""
-        kw = dict(generator=generator, num_tokens=num_tokens, vocab_size=self.vocab_size, diagnostics=diagnostics)
-        if fix_weights:
-            with torch.no_grad():
-                hidden = final_hidden_states(self.student, input_ids, attention_mask, position_ids)
-                fixed, out = rollout_weights(self.objective, hidden, lm_head_of(self.student), teacher, labels,
-                                             chunk_size=self.chunk_size or DEFAULT_CHUNK_SIZE, **kw)
-            return {"rollout": fixed, "output": out}
-        if rollout is not None:
-            kw.update(rollout=rollout, clip=self.clip)
-        if self.chunk_size > 0:
-            hidden = final_hidden_states(self.student, input_ids, attention_mask, position_ids)
-            out = self.objective.chunked(hidden, lm_head_of(self.student), teacher, labels, chunk_size=self.chunk_size, **kw)
-        else:
-            logits = self.student(input_ids=input_ids, **model_inputs(attention_mask, position_ids), use_cache=False).logits
-            out = self.objective(logits, teacher, labels, **kw)
-        return {"loss": out.loss, "output": out}
-
-
-# --------------------------------------------------------------------------------------------
-# Set-up: everything is loaded and checked before the run directory is touched.
-# --------------------------------------------------------------------------------------------
-
-
-def resolve_mixed_precision(name: str) -> str:
-    """optim.mixed_precision with `auto` resolved: bf16 on a CUDA GPU with bf16 support, else no."""
-    if name != "auto":
-        return name
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+from hpd.models.loading import save_model
+from hpd.objectives import ObjectiveOutput, RolloutWeights, TeacherView
+from hpd.responses.regimes import derive_seed
+from hpd.training.schedule import lr_lambda
+from hpd.training.resume import RUN_NEUTRAL_KEYS, record_history
+from hpd.training.metrics_file import MetricsLog
+from hpd.training.run_dir import RunDirLock, check_run_paths
+from hpd.training.trackers import finish_trackers, make_trackers, resolve_trackers, start_trackers, tracker_values
+from hpd.training.setup import resolve_mixed_precision, setup_run
+from hpd.training.step import global_metrics
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -163,199 +75,6 @@ def peak_memory_mb(device: torch.device) -> float:
 
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return rss / (2**20 if sys.platform == "darwin" else 2**10)
-
-
-def objective_from_config(cfg: Config) -> Objective:
-    """The objective the config's `objective` section names, with its parameters and the CE mix."""
-    o = cfg.objective
-    cls = objective_class(o.name)
-    params = {name: getattr(o, name) for name in COMMON_PARAMS}
-    # A user's objective may declare parameters the config has no field for: they keep their defaults.
-    params.update({name: getattr(o, key) for name, key in param_fields(cls).items() if hasattr(o, key)})
-    return cls(**params)
-
-
-def _tiny_kwargs(m) -> dict[str, int]:
-    return dict(arch=m.tiny_arch, num_layers=m.tiny_layers, hidden_size=m.tiny_hidden, num_heads=m.tiny_heads,
-                intermediate_size=m.tiny_intermediate, max_positions=m.tiny_max_positions)
-
-
-def load_models(cfg: Config, cache: TeacherCache | None = None, *, with_teacher_tokenizer: bool = False):
-    """(student, teacher or None, tokenizer, shared vocabulary size), and the teacher's tokenizer
-    last when `with_teacher_tokenizer` (None without a teacher model).
-
-    With `teacher.cross_tokenizer` the two tokenizers may differ (a tiny student keeps its own
-    byte-level one) and no vocabulary is shared: the loss runs over the student's.
-
-    With a teacher `cache` the teacher is not loaded: a tiny student takes the cache's tokenizer,
-    and the vocabulary is the one the cache is normalized over. With `teacher.server` it is not
-    loaded either: the served model is checked against the student in `Trainer._setup`. The student is wrapped with LoRA
-    adapters when `student.lora_rank > 0`. With `regime.name=self` there is no teacher model: the
-    student is its own teacher (`hpd.teachers.sources.SelfTeacher`).
-    """
-    teacher, tokenizer = None, None
-    if cache is not None:
-        tokenizer = cache.tokenizer() if cfg.student.path == "tiny" else None
-    elif cfg.teacher.server is None and cfg.teacher.path.strip().lower() != "none":
-        seed = cfg.teacher.init_seed if cfg.teacher.init_seed is not None else derive_seed(cfg.seed, "teacher") % 2**31
-        teacher, tokenizer = load_model(cfg.teacher.path, dtype=cfg.teacher.dtype, trust_remote_code=cfg.teacher.trust_remote_code,
-                                        tiny=_tiny_kwargs(cfg.teacher) if cfg.teacher.path == "tiny" else None, seed=seed,
-                                        role="teacher")
-    seed = cfg.student.init_seed if cfg.student.init_seed is not None else cfg.seed
-    if cfg.student.init_from_teacher is not None:
-        student, s_tok = init_from_teacher(teacher, cfg.student.init_from_teacher, dtype=cfg.student.dtype), tokenizer
-    else:
-        own = cfg.student.path != "tiny" or cfg.teacher.cross_tokenizer
-        student, s_tok = load_model(cfg.student.path, tokenizer=None if own else tokenizer,
-                                    dtype=cfg.student.dtype, trust_remote_code=cfg.student.trust_remote_code,
-                                    tiny=_tiny_kwargs(cfg.student) if cfg.student.path == "tiny" else None, seed=seed,
-                                    role="student")
-    vocab_size = None
-    if cache is not None:
-        cache.check_run(tokenizer=s_tok if s_tok is not tokenizer else None,
-                        teacher_path=resolve_model_path(cfg.teacher.path, download=False)  # checked when at hand
-                        if cfg.teacher.path not in ("tiny", "none") else None)
-        rows = vocab_rows(student)
-        shared = resolve_shared_vocab(rows, cache.vocab_size, len(s_tok)) if rows != cache.vocab_size else rows
-        if shared != cache.vocab_size:
-            raise HPDError(f"the teacher cache is normalized over {cache.vocab_size} tokens but the student shares "
-                           f"{shared} with it: rebuild the cache with --vocab-size {shared}")
-        vocab_size = cache.vocab_size
-    # Heads whose logits hpd's hidden-state views cannot reproduce are refused here, by name: the
-    # teacher's view is always its head; the student's only with the chunked loss.
-    if teacher is not None:
-        lm_head_of(teacher)
-    if cfg.objective.chunk_size > 0:
-        lm_head_of(student, hint="set objective.chunk_size=0 (the loss then reads the student's own logits)")
-    if teacher is not None:
-        # across tokenizers the two are lined up by byte offsets (hpd.teachers.cross_tokenizer): no shared vocabulary
-        vocab_size = teacher_vocab_size(vocab_rows(student), vocab_rows(teacher), s_tok, tokenizer,
-                                        student=f"the student ({cfg.student.path})",
-                                        teacher=f"the teacher ({cfg.teacher.path})",
-                                        cross_tokenizer=cfg.teacher.cross_tokenizer)
-        teacher.requires_grad_(False).eval()
-    if cfg.student.gradient_checkpointing:
-        enable_gradient_checkpointing(student)
-    if cfg.student.lora_rank > 0:
-        student = apply_lora(student, rank=cfg.student.lora_rank, alpha=cfg.student.lora_alpha,
-                             dropout=cfg.student.lora_dropout, seed=derive_seed(seed, "lora") % 2**31)
-    if with_teacher_tokenizer:
-        return student, teacher, s_tok, vocab_size, tokenizer if teacher is not None else None
-    return student, teacher, s_tok, vocab_size
-
-
-def load_data(cfg: Config, tokenizer, teacher_tokenizer=None) -> tuple[list[EncodedExample], list[EncodedExample], dict[str, Any]]:
-    """Encoded train and eval examples, and the counts worth logging (rows, skipped, truncated).
-
-    With `teacher_tokenizer` (cross-tokenizer runs) each example also gets the teacher's own prompt.
-    """
-    d = cfg.data
-    if cfg.regime.name == "self":
-        # (question, privileged text) rows: the completion field is optional, the privileged one is not.
-        kw = dict(prompt_field=d.prompt_field, completion_field=d.completion_field, messages_field=d.messages_field,
-                  on_bad_row=d.on_bad_row, require_completion=False)
-        o = cfg.opsd
-
-        def encode(path):
-            examples, stats = load_examples(path, **kw)
-            return encode_self_distillation(examples, tokenizer, privileged_field=o.privileged_field,
-                                            teacher_template=o.teacher_template, completion_field=d.completion_field,
-                                            max_length=d.max_length, chat_template=d.chat_template,
-                                            on_bad_row=d.on_bad_row, stats=stats), stats
-    else:
-        def encode(path):
-            return encode_file(path, tokenizer, d, teacher_tokenizer=teacher_tokenizer)
-
-    if d.streaming:  # read as training goes (hpd.data.streaming.StreamSampler)
-        train, info = [], {"train_streaming": True}
-    else:
-        train, stats = encode(d.train)
-        info = {"train_rows": stats.rows, "train_skipped": stats.skipped, "train_truncated": stats.truncated,
-                "skip_reasons": stats.skip_reasons[:5]}
-    evals: list[EncodedExample] = []
-    if d.eval:
-        evals, es = encode(d.eval)
-        info.update(eval_rows=es.rows, eval_skipped=es.skipped, eval_truncated=es.truncated)
-    elif d.eval_fraction > 0:
-        g = torch.Generator().manual_seed(derive_seed(cfg.seed, "eval-split"))
-        order = torch.randperm(len(train), generator=g).tolist()
-        n_eval = max(1, int(round(len(train) * d.eval_fraction)))
-        if n_eval >= len(train):
-            raise HPDError(f"data.eval_fraction={d.eval_fraction} leaves no training rows out of {len(train)}")
-        evals = [train[i] for i in order[:n_eval]]
-        train = [train[i] for i in sorted(order[n_eval:])]
-        info.update(eval_rows=len(evals))
-    return train, evals, info
-
-
-def make_optimizer(cfg: Config, student: nn.Module):
-    decay, no_decay = [], []
-    for p in student.parameters():
-        if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    # The fused kernel does the update of all tensors in one pass (the per-tensor loop was ~15% of a
-    # SmolLM2 student's CPU step); it is what HF's Trainer uses by default too.
-    opt = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=(cfg.optim.adam_beta1, cfg.optim.adam_beta2),
-                            fused=cfg.optim.fused_adamw or None)
-    # The scheduler is stepped by hand once per optimizer step (accelerate's wrapper would step it
-    # once per process).
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
-    return opt, sched
-
-
-# --------------------------------------------------------------------------------------------
-# Logging
-# --------------------------------------------------------------------------------------------
-
-
-def global_metrics(outputs: list[ObjectiveOutput], accelerator) -> dict[str, float]:
-    """Token-weighted metrics over this step's micro-batches on every process."""
-    local: dict[str, list[float]] = {}
-    for o in outputs:
-        # One host read per micro-batch for all of its statistics, not one per number.
-        keys = [(name, kind) for name in o.sums for kind in ("sums", "counts", "mins", "maxs") if name in getattr(o, kind)]
-        if not keys:
-            continue
-        values = dict(zip(keys, torch.stack([getattr(o, kind)[name].double() for name, kind in keys]).tolist()))
-        for name in o.sums:
-            e = local.setdefault(name, [0.0, 0.0, math.inf, -math.inf, 0.0])  # sum, count, min, max, extreme?
-            e[0] += values[name, "sums"]
-            e[1] += values[name, "counts"]
-            if name in o.mins:
-                e[2] = min(e[2], values[name, "mins"])
-                e[3] = max(e[3], values[name, "maxs"])
-                e[4] = 1.0
-    if accelerator.num_processes > 1:
-        from accelerate.utils import gather_object
-
-        merged: dict[str, list[float]] = {}
-        for part in gather_object([local]):
-            for name, e in part.items():
-                m = merged.setdefault(name, [0.0, 0.0, math.inf, -math.inf, 0.0])
-                m[0] += e[0]; m[1] += e[1]; m[2] = min(m[2], e[2]); m[3] = max(m[3], e[3]); m[4] = max(m[4], e[4])
-        local = merged
-    out: dict[str, float] = {}
-    for name, (s, c, lo, hi, extreme) in local.items():
-        mean = s / c if c > 0 else math.nan
-        if extreme:
-            out[f"{name}_mean"], out[f"{name}_min"], out[f"{name}_max"] = mean, lo if c else math.nan, hi if c else math.nan
-        else:
-            out[name] = mean
-    return out
-
-
-# --------------------------------------------------------------------------------------------
-# The run
-# --------------------------------------------------------------------------------------------
-
-
-def steps_for_epochs(epochs: float, rows: int, rows_per_process_step: int, processes: int = 1) -> int:
-    """Optimizer steps of `epochs` passes over `rows` training rows, each step taking
-    `rows_per_process_step` (batch x accumulation) rows on each of `processes` processes."""
-    if rows < 1:
-        raise HPDError("epochs needs training rows to count passes over, and the data has none")
-    return max(1, math.ceil(epochs * rows / (rows_per_process_step * processes)))
 
 
 class Trainer:
@@ -381,7 +100,7 @@ class Trainer:
         self.lock = RunDirLock(self.run_dir) if self.is_main else None
         stale = self.lock.acquire() if self.lock is not None else None
         try:
-            self._setup(cfg, stale)
+            setup_run(self, cfg, stale)  # models, data, checks, resume, the sources: hpd.training.setup
         except BaseException:
             self.close(cleanup=True)  # a run that never started leaves the directory as it found it
             raise
@@ -397,136 +116,7 @@ class Trainer:
         if self.lock is not None:
             self.lock.release(cleanup=cleanup)
 
-    def _setup(self, cfg: Config, stale: dict | None) -> None:
-        if self.is_main:
-            if stale is not None:
-                self.log(f"taking over {self.run_dir}: the run that held it ({describe_holder(stale)}) ended "
-                         "without releasing it (killed?)")
-            removed = clean_leftovers(self.run_dir)
-            if removed:
-                self.log(f"removed what an interrupted checkpoint write or prune left: {', '.join(removed)}")
-            self.resume_from = resolve_resume(cfg.resume, self.run_dir, warn=self.log)
-        self.acc.wait_for_everyone()
-        if not self.is_main:  # the main process has removed damaged checkpoints by now
-            self.resume_from = resolve_resume(cfg.resume, self.run_dir, warn=lambda _msg: None)
-        # Everything a user can get wrong is checked here, before anything but the lock is written.
-        # A teacher cache replaces the teacher: it is checked against this run's data, tokenizer,
-        # temperature and objective here, and the teacher model is never built.
-        self.cache = TeacherCache(cfg.teacher.cache) if cfg.teacher.cache else None
-        student, teacher, self.tokenizer, self.vocab_size, teacher_tok = load_models(cfg, self.cache,
-                                                                                     with_teacher_tokenizer=True)
-        self._check_rollout_bias(cfg, student)
-        if cfg.data.packing:  # before any data is read: a model that cannot keep packed rows apart stops here
-            check_packing(student, "student")
-            if teacher is not None:
-                check_packing(teacher, "teacher")
-        if cfg.data.streaming:
-            check_streaming(cfg)
-        self.train_data, self.eval_data, self.data_info = load_data(
-            cfg, self.tokenizer, teacher_tok if cfg.teacher.cross_tokenizer else None)
-        if cfg.epochs is not None:  # before the resume check and the schedule, which both read max_steps
-            cfg.max_steps = steps_for_epochs(cfg.epochs, len(self.train_data), cfg.optim.batch_size * cfg.optim.grad_accum,
-                                             self.world)
-            self.log(f"epochs={cfg.epochs:g} over {len(self.train_data)} training rows: max_steps={cfg.max_steps}")
-        # A resume continues the run its checkpoint belongs to: a config that changes that run is
-        # refused unless resume_allow_changes=true (hpd.resume).
-        self._resume_state: dict[str, Any] | None = None
-        self._resume_changes: dict[str, tuple[Any, Any]] = {}
-        self._schedule_note: str | None = None
-        if self.resume_from is not None:
-            state = load_trainer_state(self.resume_from)
-            saved = saved_config(self.resume_from)
-            changes = config_changes(saved, cfg)
-            check_changes(changes, cfg, self.resume_from, state["step"])
-            self._resume_state, self._resume_changes = state, changes
-            self._schedule_note = schedule_note(saved, cfg, state["scheduler"].get("last_epoch", state["step"]))
-
-        self.objective = objective_from_config(cfg)
-        self.self_distill = cfg.regime.name == "self"
-        self.train_rows = self.eval_rows = None
-        self.servers: TeacherServers | None = None
-        if self.cache is not None:
-            self.cache.check_run(temperature=self.objective.temperature, support=self.objective.support,
-                                 objective=self.objective.name)
-            self.train_rows = self.cache.rows_of(self.train_data, "training", cfg.data)
-            self.eval_rows = self.cache.rows_of(self.eval_data, "evaluation", cfg.data) if self.eval_data else []
-            self.data_info["teacher_cache"] = str(self.cache.path)
-        elif cfg.teacher.server is not None:
-            self.servers = TeacherServers(cfg.teacher.server, timeout=cfg.teacher.server_timeout,
-                                          retries=cfg.teacher.server_retries, log=self.log)
-            self.vocab_size = self._check_servers(cfg, student)
-        elif teacher is None and self.objective.needs_teacher and not self.self_distill:
-            raise HPDError(f"objective '{cfg.objective.name}' needs a teacher: set teacher.path")
-        self.pad_id = self.tokenizer.pad_token_id
-
-        device = self.acc.device
-        check_supported(cfg, self.acc.distributed_type)
-        r = cfg.regime
-        self.teacher = place_teacher(teacher, self.acc, log=self.log, sampled_by_main=r.name == "teacher" or (
-            r.name == "mixed" and r.off_policy == "teacher"))
-        self.student = student
-        r = cfg.regime
-        # Rollout reuse: one rollout batch feeds minibatches x epochs optimizer steps (None: a fresh
-        # rollout every step, the plain on-policy path).
-        self.reuse = (r.minibatches, r.epochs) if r.minibatches * r.epochs > 1 else None
-        self.rollouts: dict[str, Any] | None = None  # the rollout batch in use: its step and micro-batches
-        self.module = DistillationLoss(student, self.objective, chunk_size=cfg.objective.chunk_size, vocab_size=self.vocab_size,
-                                       clip=RatioClip(r.clip_low, r.clip_high, r.dual_clip) if self.reuse else None)
-        optimizer, self.scheduler = make_optimizer(cfg, student)
-        self.module, self.optimizer = self.acc.prepare(self.module, optimizer)
-        # The one place that knows the kinds of teacher: the step below only asks the source.
-        self.teacher_source: TeacherSource | None = None
-        if self.cache is not None:
-            self.teacher_source = CachedTeacher(self.cache, {"train": self.train_rows, "eval": self.eval_rows}, device)
-        elif self.self_distill:
-            self.teacher_source = OPSDTeacher(SelfTeacher(self.unwrapped, cfg.opsd.teacher_weights, cfg.opsd.ema_decay),
-                                              self.pad_id, device)
-            self._check_prompt_endings()
-        elif self.servers is not None:
-            self.teacher_source = ServedTeacher(self.servers, cfg.teacher.server_top_k, self.vocab_size, device,
-                                                temperature=self.objective.temperature,
-                                                exact_samples=cfg.teacher.server_exact_samples)
-        elif self.teacher is not None and cfg.teacher.cross_tokenizer:
-            self.teacher_source = CrossTokenizerTeacher(self.teacher, teacher_tok, self.tokenizer, device,
-                                                        whole_spans=self.objective.support != "vocab",
-                                                        chunk_size=cfg.objective.chunk_size or DEFAULT_CHUNK_SIZE)
-        elif self.teacher is not None:
-            self.teacher_source = ModelTeacher(self.teacher)
-        if cfg.data.streaming:  # the sampler holds each batch's examples: it is the training data
-            self.sampler = self.train_data = StreamSampler(cfg.data.train, self.tokenizer, cfg.data,
-                                                           batch_size=cfg.optim.batch_size, seed=cfg.seed,
-                                                           num_replicas=self.world, rank=self.rank)
-            self.sampler.check()
-        else:
-            self.sampler = EpochSampler(len(self.train_data), cfg.optim.batch_size, seed=cfg.seed,
-                                        num_replicas=self.world, rank=self.rank)
-        self.step = 0
-        self.bad_in_row = 0
-        # Cumulative costs, kept across resumes: training wall time, tokens through the teacher's
-        # forward (for the objective, not for logging diagnostics), tokens sampled from the student,
-        # and cpu_s (this process's CPU time: the cost figure that stays comparable when other jobs
-        # share the cores).
-        self.totals = {"elapsed_s": 0.0, "cpu_s": 0.0, "teacher_tokens_total": 0.0, "generated_tokens_total": 0.0}
-        # Where each step's responses come from (the regime); the step only asks it.
-        generations = (Path(cfg.regime.teacher_cache) if cfg.regime.teacher_cache
-                       else self.run_dir.parent / "teacher_generations")
-        self.responses: ResponseSource = response_source(cfg, student=self.unwrapped, teacher=self.teacher,
-                                                         tokenizer=self.tokenizer, train_data=self.train_data,
-                                                         rank=self.rank, cache_dir=generations,
-                                                         backend=self._generation_backend(cfg) if has_rollouts(cfg) else None)
-        self._gen: torch.Generator | None = None
-        self._ahead: dict[tuple[int, tuple[int, ...]], MicroBatch] = {}  # the next step's batches, prepared early
-        self._save_due = False  # a checkpoint postponed out of a run of non-finite steps
-
     # ---- helpers ----
-
-    @staticmethod
-    def _generation_backend(cfg: Config):
-        r = cfg.regime
-        # A rollout is at most max_new_tokens after a prompt of at most data.max_length tokens.
-        return select_backend(r.backend, url=r.vllm_url, python=r.vllm_python, args=r.vllm_args,
-                              max_model_len=cfg.data.max_length + r.max_new_tokens,
-                              gpu_memory_utilization=r.vllm_gpu_memory)
 
     @property
     def has_teacher(self) -> bool:
@@ -539,35 +129,6 @@ class Trainer:
     @property
     def unwrapped(self) -> nn.Module:
         return self.acc.unwrap_model(self.module).student
-
-    def _check_servers(self, cfg: Config, student: nn.Module) -> int:
-        """The vocabulary the served teacher and the student share; `HPDError` when the servers serve
-        another tokenizer or vocabulary than the student's (both named). Recorded in the run's info."""
-        rows = vocab_rows(student)
-        info = self.servers.check(self.tokenizer, None, cfg.teacher.server_top_k, student=f"the student ({cfg.student.path})",
-                                  guess=rows)
-        served = info["vocab_size"]
-        shared = resolve_shared_vocab(rows, served, len(self.tokenizer)) if rows != served else rows
-        if shared != served:
-            raise HPDError(f"teacher server {self.servers.urls[0]} serves {info['models'][0]} with {served} vocabulary "
-                           f"rows, the student ({cfg.student.path}) has {rows} and its tokenizer {len(self.tokenizer)} "
-                           f"tokens: they share {shared}, but a served teacher is normalized over all {served}")
-        self.data_info["teacher_server"] = info
-        self.log(f"teacher served by {', '.join(f'{u} ({m})' for u, m in zip(info['servers'], info['models']))}: "
-                 f"vocabulary {served}, top-{info['top_k']} per position")
-        return served
-
-    def _check_prompt_endings(self) -> None:
-        """Warn when the teacher template makes the first response token follow another context."""
-        rows = self.train_data
-        bad = prompt_ending_mismatches([e.prompt_ids for e in rows], [e.teacher_prompt_ids for e in rows])
-        self.data_info["teacher_prompt_ending_mismatches"] = len(bad)
-        if bad:
-            e = rows[bad[0]]
-            self.log(f"warning: in {len(bad)} of {len(rows)} rows the teacher's prompt ends with another token than "
-                     f"the student's, so their first response token follows different contexts (e.g. {e.source}: "
-                     f"student ...{self.tokenizer.decode(e.prompt_ids[-12:])!r}, teacher "
-                     f"...{self.tokenizer.decode(e.teacher_prompt_ids[-12:])!r}); end opsd.teacher_template with {{prompt}}")
 
     def _examples_batch(self, examples: list[EncodedExample], indices: list[int], split: str,
                         completions: list[list[int]] | None = None) -> MicroBatch:
@@ -607,21 +168,6 @@ class Trainer:
         for micro in range(self.cfg.optim.grad_accum):
             idx = next(peek)
             self._ahead[(micro, tuple(idx))] = self._examples_batch([self.train_data[i] for i in idx], idx, "train")
-
-    def _check_rollout_bias(self, cfg: Config, student: nn.Module) -> None:
-        """Refuse (or with regime.allow_biased_rollouts, warn about) rollouts that are not samples of
-        the loss distribution, for the objectives whose weights assume they are (orkl, hpd); warn
-        for the others, whose weights are exact at every prefix the rollouts reach."""
-        causes = rollout_bias(cfg, student)
-        if not causes:
-            return
-        cls = objective_class(cfg.objective.name)
-        sampled = cls.support != "vocab" and cls.needs_teacher
-        if sampled and not cfg.regime.allow_biased_rollouts:
-            raise HPDError(f"objective '{cfg.objective.name}' assumes its rollouts are samples of the student's loss "
-                           f"distribution, but {'; '.join(causes)} (or set regime.allow_biased_rollouts=true to train "
-                           "on them anyway)")
-        self.log(f"warning: the rollouts are not samples of the loss distribution: {'; '.join(causes)}")
 
     def _reused_micro_batches(self, diagnostics: bool) -> tuple[list[MicroBatch], list[RolloutWeights], int, int, dict]:
         """This step's share of the current rollout batch (rolled out first when a new one is due):
@@ -883,7 +429,7 @@ class Trainer:
         if skipped:
             reasons = self.data_info.get("skip_reasons") or ["?"]
             self.log(f"skipped {skipped} malformed data rows (data.on_bad_row=skip), e.g. {reasons[0]}")
-        # A bar on a terminal, a line every 30 s in a log (hpd.progress); labelled by what trains.
+        # A bar on a terminal, a line every 30 s in a log (hpd.training.progress); labelled by what trains.
         progress = Progress(cfg.max_steps, f"{cfg.objective.name} ({cfg.regime.name})", unit="step", initial=self.step,
                             enabled=self.is_main and cfg.log.progress)
         try:

@@ -9,7 +9,7 @@ takes it and says whose it was. `release(cleanup=True)` also removes what `acqui
 (for a run that stopped before writing anything).
 
     >>> import tempfile, pathlib
-    >>> from hpd.run_dir import RunDirLock
+    >>> from hpd.training.run_dir import RunDirLock
     >>> run = pathlib.Path(tempfile.mkdtemp()) / "run"
     >>> lock = RunDirLock(run)
     >>> lock.acquire() is None       # no earlier holder to report

@@ -10,7 +10,7 @@ which the resumed run makes again) drop out, as do all lines before a fresh star
 kill is skipped, and the next append starts on a line of its own.
 
     >>> import json, tempfile, pathlib
-    >>> from hpd.metrics_file import MetricsLog, read_records
+    >>> from hpd.training.metrics_file import MetricsLog, read_records
     >>> run = pathlib.Path(tempfile.mkdtemp())
     >>> log = MetricsLog(run, enabled=True, resume_step=None)
     >>> for step in (1, 2, 3):
@@ -73,7 +73,7 @@ def _append(path: Path, text: str) -> None:
 
 class MetricsLog:
     """metrics.jsonl of a run (appended to by the main process), each line also handed to
-    `log_to(record)` (the run's experiment trackers, `hpd.trackers`) when given.
+    `log_to(record)` (the run's experiment trackers, `hpd.training.trackers`) when given.
 
     resume_step: the step of the checkpoint the run resumes from, None for a run from the start."""
 

@@ -12,7 +12,7 @@ change without the flag: the learning-rate schedule is then recomputed over the 
 after at the resume step.
 
     >>> from hpd.config import Config, config_to_dict
-    >>> from hpd.resume import config_changes
+    >>> from hpd.training.resume import config_changes
     >>> old, new = config_to_dict(Config()), Config()
     >>> new.optim.lr, new.log.progress = 0.01, False
     >>> config_changes(old, new)
@@ -33,7 +33,7 @@ import yaml
 
 from hpd.config import Config, config_to_dict
 from hpd.errors import HPDError
-from hpd.schedule import lr_lambda
+from hpd.training.schedule import lr_lambda
 
 # Keys that never alter the weights a run ends with: where the run lives, what is logged and how
 # often, how often and how many checkpoints are kept, when a diverging run gives up, and where
