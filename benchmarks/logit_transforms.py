@@ -52,7 +52,8 @@ def build(model_type: str, extra: dict, seed: int, out: Path, gain: float = 1.0)
 def kl_to_teacher(student_dir: Path, teacher_dir: Path) -> float:
     """Mean KL(teacher || student) over the response tokens of examples/tiny.jsonl, from the models' logits."""
     from hpd.config import DataConfig
-    from hpd.data.rows import build_batch, encode_file
+    from hpd.data.collate import build_batch
+    from hpd.data.encode import encode_file
     from hpd.models.loading import load_model
 
     student, tok = load_model(str(student_dir))

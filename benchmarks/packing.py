@@ -47,7 +47,7 @@ DATA = {
 def forward_tokens(lengths: list[int], batch: int, steps: int, seed: int, pack_length: int | None) -> tuple[float, float]:
     """(tokens through the forward per step, padding share of them) over the micro-batches `hpd
     train` draws (`EpochSampler`, same seed); pack_length None = padded."""
-    from hpd.data.rows import EpochSampler
+    from hpd.data.order import EpochSampler
     from hpd.data.packing import Packing
 
     s = EpochSampler(len(lengths), batch, seed=seed)
@@ -114,7 +114,7 @@ def main() -> None:
 
 def table(a, tmp: Path) -> None:
     from hpd.config import DataConfig
-    from hpd.data.rows import encode_file
+    from hpd.data.encode import encode_file
     from hpd.models.tokenizer import byte_tokenizer
 
     lines = ["| data | rows | mean / max row (tokens) | layout | forward tokens / step | padding share | "

@@ -55,7 +55,8 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    from hpd.data.rows import build_batch, encode_file
+    from hpd.data.collate import build_batch
+    from hpd.data.encode import encode_file
     from hpd.apps.demo import BUNDLED_TEACHER, student_config, write_task_data
     from hpd.engine import EngineServer
     from hpd.models.loading import load_model

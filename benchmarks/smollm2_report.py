@@ -45,7 +45,9 @@ from hpd.apps.experiments import read_records
 from hpd.apps.tasks import get_task
 from hpd.apps.tasks.capitals import TEMPLATES, countries
 from hpd.config import load_config
-from hpd.data.rows import build_batch, encode_file, load_examples
+from hpd.data.collate import build_batch
+from hpd.data.encode import encode_file
+from hpd.data.rows import load_examples
 from hpd.files import atomic_write_text
 from hpd.models.loading import init_from_teacher, load_model
 from hpd.objectives import get_objective

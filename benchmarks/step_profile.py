@@ -123,7 +123,7 @@ def main() -> None:
     trainers = {name: Trainer(c) for name, c in cfgs.items()}
     hpd = trainers["hpd"]
     # The teacher forward alone, on the batches the trainers draw: a sampler of its own, same seed.
-    from hpd.data.rows import EpochSampler
+    from hpd.data.order import EpochSampler
 
     sampler = EpochSampler(len(hpd.train_data), hpd.cfg.optim.batch_size, seed=hpd.cfg.seed)
 

@@ -173,7 +173,7 @@ def trainer_rows(path: str | os.PathLike, tokenizer, data: Any = None) -> list[d
     turns them into a dataset for `Trainer` or `SFTTrainer`.
     """
     from hpd.config import DataConfig
-    from hpd.data.rows import encode_file
+    from hpd.data.encode import encode_file
 
     encoded, _ = encode_file(str(path), tokenizer, data if data is not None else DataConfig())
     return [{"input_ids": list(e.prompt_ids) + list(e.completion_ids),

@@ -9,7 +9,7 @@ what still names an old path; nothing already new is touched.
     python scripts/relayout.py --check          # exit 1 listing the files that still name an old path
 
 An old module may have been split into several (`hpd.data` -> `hpd.data.rows`, `hpd.data.encode`,
-`hpd.data.collate`): a name is sent to the new module that defines it (found by parsing the new
+`hpd.data.collate`, `hpd.data.order`): a name is sent to the new module that defines it (found by parsing the new
 modules), `from hpd.data import a, b` becomes one import per defining module, and a bare module
 reference goes to the first. Rewritten: dotted paths (`hpd.teacher_cache.build_teacher_cache`,
 `"hpd.trainer.load_models"` monkeypatch targets, `import hpd.checkpoint as ck`), `from` imports
@@ -46,7 +46,7 @@ PACKAGES: dict[str, dict[str, list[str]]] = {
         "generation_cache": ["generation_cache"],
     },
     "data": {
-        "data": ["rows", "encode", "collate"],
+        "data": ["rows", "encode", "collate", "order"],
         "hub_data": ["hub"],
         "streaming": ["streaming"],
         "packing": ["packing"],

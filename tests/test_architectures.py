@@ -233,7 +233,8 @@ def test_every_hidden_state_view_gives_the_models_logits(model_type):
 @pytest.mark.parametrize("model_type", ["gemma2", "granite", "cohere", "llama"])
 def test_the_teacher_cache_holds_the_models_log_probabilities(model_type, tmp_path):
     from hpd.config import DataConfig
-    from hpd.data.rows import build_batch, encode_file
+    from hpd.data.collate import build_batch
+    from hpd.data.encode import encode_file
     from hpd.models.loading import save_model
     from hpd.teachers.cache import TeacherCache, build_teacher_cache
     from hpd.models.tokenizer import byte_tokenizer

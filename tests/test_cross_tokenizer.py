@@ -200,7 +200,7 @@ def test_hpd_across_tokenizers_equals_hand_computation(bpe, byte_tok):
     """One HPD loss through CrossTokenizerTeacher's view equals the weights computed by hand from full logits."""
     from hpd.data.batches import make_batch
     from hpd.teachers.cross_tokenizer import CrossTokenizerTeacher
-    from hpd.data.rows import EncodedExample
+    from hpd.data.encode import EncodedExample
 
     student, teacher = _tiny(byte_tok, 1), _tiny(bpe, 2)
     texts = [("Add: 4+5", "9 nine"), ("Reverse: cat", "tac")]

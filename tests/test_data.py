@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from hpd.data.rows import (
-    EpochSampler, Example, LoadStats, batch_for_generation, build_batch, encode_dataset, encode_example, encode_prompt, load_examples,
-)
+from hpd.data.order import EpochSampler
+from hpd.data.rows import Example, LoadStats, load_examples
+from hpd.data.collate import batch_for_generation, build_batch
+from hpd.data.encode import encode_dataset, encode_example, encode_prompt
 from hpd.errors import HPDError
 from hpd.models.tokenizer import byte_tokenizer
 

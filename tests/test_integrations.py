@@ -1,7 +1,7 @@
 """hpd inside Hugging Face loops: `DistillationTrainer`, `HPDLoss` (compute_loss_func), TRL's SFTTrainer.
 
 The reference is `hpd train`'s own loss module (`hpd.training.step.DistillationLoss`) on the batch
-`hpd.data.rows.build_batch` makes of the same (prompt, completion) tokens: aligned labels built
+`hpd.data.collate.build_batch` makes of the same (prompt, completion) tokens: aligned labels built
 from the tokens, not from the shift under test. Tiny random models, nothing downloaded.
 """
 
@@ -14,7 +14,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from hpd.config import DataConfig
-from hpd.data.rows import build_batch
+from hpd.data.collate import build_batch
 from hpd.errors import HPDError
 from hpd.integrations import DistillationTrainer, HPDLoss, trainer_rows
 from hpd.models.loading import load_model, save_model, shared_vocab_size

@@ -12,7 +12,9 @@ import pytest
 import torch
 
 from hpd.config import load_config
-from hpd.data.rows import Example, build_batch, encode_self_distillation, load_examples, privileged_prompt
+from hpd.data.rows import Example, load_examples
+from hpd.data.collate import build_batch
+from hpd.data.encode import encode_self_distillation, privileged_prompt
 from hpd.errors import HPDError
 from hpd.models.loading import apply_lora, load_model, save_model
 from hpd.teachers.sources import SelfTeacher, aligned_positions, prompt_ending_mismatches, teacher_view

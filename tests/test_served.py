@@ -21,7 +21,8 @@ import pytest
 import torch
 
 from hpd.config import DataConfig, load_config
-from hpd.data.rows import build_batch, encode_file
+from hpd.data.collate import build_batch
+from hpd.data.encode import encode_file
 from hpd.engine import free_port
 from hpd.errors import HPDError
 from hpd.teachers.served import ServerError, TeacherServers, parse_prompt_logprobs, topk_teacher

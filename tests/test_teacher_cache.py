@@ -16,7 +16,8 @@ from typer.testing import CliRunner
 
 from hpd.apps.cli import app
 from hpd.config import DataConfig, load_config
-from hpd.data.rows import build_batch, encode_file
+from hpd.data.collate import build_batch
+from hpd.data.encode import encode_file
 from hpd.errors import HPDError
 from hpd.models.loading import load_model, save_model
 from hpd.objectives import OBJECTIVES, get_objective

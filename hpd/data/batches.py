@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from hpd.data.rows import build_batch
+from hpd.data.collate import build_batch
 from hpd.objectives import IGNORE_INDEX
 from hpd.data.packing import Packing
 

@@ -10,7 +10,7 @@ block-diagonal causal mask for `eager`, `sdpa` and `flex_attention`, the varlen 
 refused (`check_packing`), as is a model whose packed forward differs from its padded one (a probe
 at set-up).
 
-Labels stay as `hpd.data.rows.build_batch` shifts them, row by row: a row's last position predicts
+Labels stay as `hpd.data.collate.build_batch` shifts them, row by row: a row's last position predicts
 nothing, so no target crosses a row boundary, and the active positions keep their batch order, so
 the loss, its normalization (the global token count) and the draws of sampled objectives are those
 of the padded batch.

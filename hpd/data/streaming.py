@@ -6,7 +6,7 @@ through a seeded shuffle buffer of `data.shuffle_buffer` rows (0: the source's o
 parsed and tokenized when it is reached; at the end of the source the next epoch reads it again
 with the buffer seeded anew. Only the current batch's examples are held.
 
-`StreamSampler` stands where `hpd.data.rows.EpochSampler` stands in the trainer: each call takes the
+`StreamSampler` stands where `hpd.data.order.EpochSampler` stands in the trainer: each call takes the
 next global batch (`batch_size x processes` examples) from the stream and returns this process's
 indices (running numbers of the stream), whose examples `stream[i]` gives. Its state (epoch and
 the number of rows the shuffle buffer has handed out) is saved in checkpoints; a restored sampler
@@ -34,7 +34,8 @@ import random
 from collections.abc import Iterator
 from typing import Any
 
-from hpd.data.rows import EncodedExample, LoadStats, encode_example, iter_rows, parse_rows
+from hpd.data.encode import EncodedExample, encode_example
+from hpd.data.rows import LoadStats, iter_rows, parse_rows
 from hpd.errors import HPDError
 from hpd.responses.regimes import derive_seed
 

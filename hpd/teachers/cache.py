@@ -1,7 +1,7 @@
 """A cached teacher: run the teacher once over the training sequences, train without it.
 
 `build_teacher_cache` (`hpd cache-teacher`) tokenizes the data exactly as training does
-(`hpd.data.rows.encode_file`), runs the teacher over every sequence once and stores, at each response
+(`hpd.data.encode.encode_file`), runs the teacher over every sequence once and stores, at each response
 position (where the sequence has a label):
 
 - the teacher's log-probability of the sequence token (float32: one-hot objectives are exact),
@@ -84,7 +84,7 @@ def sequence_hash(prompt_ids: Sequence[int], completion_ids: Sequence[int]) -> i
 
 
 def _response_span(prompt_ids: Sequence[int], completion_ids: Sequence[int]) -> tuple[int, int]:
-    """(first position, number of positions) that carry a label in `hpd.data.rows.build_batch`."""
+    """(first position, number of positions) that carry a label in `hpd.data.collate.build_batch`."""
     start = max(len(prompt_ids) - 1, 0)
     return start, max(len(prompt_ids) + len(completion_ids) - 1 - start, 0)
 
@@ -150,7 +150,8 @@ def _build(teacher: str, data_files: Sequence[str | os.PathLike], out: Path, pro
            shard_positions: int, chunk_size: int, overwrite: bool, trust_remote_code: bool, device: str,
            servers: Any, log: Callable[[str], None] | None) -> Path:
     """`build_teacher_cache`'s work, under the lock on `out`'s builders."""
-    from hpd.data.rows import build_batch, encode_file
+    from hpd.data.collate import build_batch
+    from hpd.data.encode import encode_file
     from hpd.models.loading import final_hidden_states, lm_head_of, load_model
     from hpd.training.progress import Progress
 

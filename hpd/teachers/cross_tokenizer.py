@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from hpd.data.rows import build_batch
+from hpd.data.collate import build_batch
 from hpd.errors import HPDError
 from hpd.models.loading import final_hidden_states, lm_head_of
 from hpd.objectives import IGNORE_INDEX, TeacherChunk, TeacherView

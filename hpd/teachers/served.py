@@ -318,7 +318,7 @@ class TeacherServers:
 def topk_teacher(scored: Sequence[Scored], T: int, top_k: int, vocab_size: int, temperature: float = 1.0,
                  score: Callable | None = None):
     """The `TopKTeacher` `(B, T)` / `(B, T, K)` of a right-padded batch whose row b is the scored
-    sequence b (position p of the batch predicts token p+1, as in `hpd.data.rows.build_batch`); `score`:
+    sequence b (position p of the batch predicts token p+1, as in `hpd.data.collate.build_batch`); `score`:
     see `TopKTeacher` (`exact_scorer` makes one)."""
     from hpd.objectives import TopKTeacher
 

@@ -48,7 +48,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from hpd.data.rows import build_batch
+from hpd.data.collate import build_batch
 from hpd.errors import HPDError
 from hpd.models.loading import final_hidden_states, is_peft_model, lm_head_of, model_inputs
 from hpd.objectives import IGNORE_INDEX, HeadTeacher, TeacherView

@@ -25,7 +25,9 @@ from torch import nn
 from hpd.data.batches import MicroBatch
 from hpd.training.checkpoint import clean_leftovers, load_trainer_state, resolve_resume
 from hpd.config import Config
-from hpd.data.rows import EncodedExample, EpochSampler, encode_file, encode_self_distillation, load_examples
+from hpd.data.encode import EncodedExample, encode_file, encode_self_distillation
+from hpd.data.order import EpochSampler
+from hpd.data.rows import load_examples
 from hpd.training.distributed import check_supported, place_teacher
 from hpd.errors import HPDError
 from hpd.models.hub import resolve_model_path

@@ -48,7 +48,7 @@ from hpd.training.checkpoint import (
     STATE, latest_checkpoint, load_rng_state, load_student_weights, load_trainer_state, load_state, save_checkpoint, save_state, space_error,
 )
 from hpd.config import Config, config_to_dict, load_config, save_config
-from hpd.data.rows import EncodedExample
+from hpd.data.encode import EncodedExample
 from hpd.training.distributed import is_fsdp, load_local_state, local_numel, local_state, make_accelerator, shard_name
 from hpd.errors import DivergedError, HPDError
 from hpd.models.model_card import model_card
