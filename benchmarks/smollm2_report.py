@@ -49,7 +49,8 @@ from hpd.data.collate import build_batch
 from hpd.data.encode import encode_file
 from hpd.data.rows import load_examples
 from hpd.files import atomic_write_text
-from hpd.models.loading import init_from_teacher, load_model
+from hpd.models.from_teacher import init_from_teacher
+from hpd.models.loading import load_model
 from hpd.objectives import get_objective
 from hpd.objectives.base import reduce_metrics
 from hpd.responses.rollout import encode_prompts, generate_completions

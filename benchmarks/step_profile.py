@@ -80,7 +80,7 @@ def recipe_configs(args) -> dict:
         teacher = Path(args.teacher_dir)
         sft_extra = []  # the student is built from the teacher's layers; sft never runs its forward
         # A cached run never loads the teacher, so its student (the same layers) is built once here.
-        from hpd.models.loading import save_student_from_teacher
+        from hpd.models.from_teacher import save_student_from_teacher
 
         student_dir = save_student_from_teacher(str(teacher), "every:3", out / "student-every3")
         cached_extra = [f"student.path={student_dir}", "student.init_from_teacher=null"]

@@ -111,7 +111,7 @@ def method_config(args, method: str):
 def initial_student(args) -> None:
     """The real-model recipe's initial student, saved once as a plain HF directory."""
     from hpd.config import load_config
-    from hpd.models.loading import save_student_from_teacher
+    from hpd.models.from_teacher import save_student_from_teacher
 
     s = load_config(args.config).student
     save_student_from_teacher(str(args.teacher), s.init_from_teacher, args.out / "student0", dtype=s.dtype)

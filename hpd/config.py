@@ -1104,7 +1104,7 @@ def _cross_checks(cfg: Config) -> list[str]:
         problems.append(
             f"student.init_from_teacher ({init!r}) needs the teacher's weights, but with teacher.cache "
             "set the teacher is never loaded: build the student once with "
-            "hpd.models.loading.save_student_from_teacher(TEACHER, LAYERS, DIR) and pass DIR as student.path"
+            "hpd.models.from_teacher.save_student_from_teacher(TEACHER, LAYERS, DIR) and pass DIR as student.path"
         )
     if init is not None and cfg.student.path not in ("tiny", "teacher"):
         problems.append(

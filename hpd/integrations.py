@@ -54,7 +54,8 @@ from torch import Tensor, nn
 
 from hpd.data.batches import MicroBatch
 from hpd.errors import HPDError
-from hpd.models.loading import lm_head_of, load_model, vocab_rows
+from hpd.models.head import lm_head_of
+from hpd.models.loading import load_model, vocab_rows
 from hpd.objectives import (
     DEFAULT_CHUNK_SIZE, IGNORE_INDEX, Objective, ObjectiveOutput, get_objective, resolve_shared_vocab, shift_labels,
 )

@@ -231,6 +231,15 @@ def rewrite_text(text: str, m: Mapping) -> tuple[str, list[str]]:
 
     text = dotted.sub(fix_dotted, text)
 
+    # 2b. monkeypatch.setattr(hpd.old, "name", ...): the module that defines the name now.
+    def fix_setattr(match: re.Match) -> str:
+        module, name = match[2], match[3]
+        if module not in m.new or m.stays(module, name):
+            return match.group(0)
+        return f'{match[1]}{m.target(module, name)}, "{name}"'
+
+    text = re.sub(r'(setattr\()(hpd(?:\.\w+)+), "(\w+)"', fix_setattr, text)
+
     # 3. file paths: hpd/old.py -> hpd/package/new.py (the first new module).
     for old, news in m.new.items():
         if old in m.primaries:

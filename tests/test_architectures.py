@@ -1,7 +1,7 @@
 """Every causal-LM architecture transformers can build: hpd's hidden-state views give its logits.
 
 The memory-lean paths never call the model's forward for logits: they take its final hidden
-states and apply `hpd.models.loading.lm_head_of(model)` (weight, bias and the model's logit transform:
+states and apply `hpd.models.head.lm_head_of(model)` (weight, bias and the model's logit transform:
 Gemma 2's softcap, Granite's `logits_scaling`, Cohere's `logit_scale`, ...). For each model type of
 transformers' `MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`, a tiny random model (seed 0, 2 layers, width
 32, the byte tokenizer's 264 rows, head weights scaled up so a softcap bites) is built offline
@@ -32,7 +32,7 @@ from transformers import AutoModelForCausalLM, CONFIG_MAPPING  # noqa: E402
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES  # noqa: E402
 
 from hpd.errors import HPDError  # noqa: E402
-from hpd.models.loading import _LOGIT_TRANSFORMS, final_hidden_states, lm_head_of  # noqa: E402
+from hpd.models.head import _LOGIT_TRANSFORMS, final_hidden_states, lm_head_of  # noqa: E402
 from hpd.objectives import get_objective  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")

@@ -6,9 +6,8 @@ import pytest
 import torch
 
 from hpd.errors import HPDError
-from hpd.models.loading import (
-    build_tiny_model, final_hidden_states, lm_head_of, load_model, save_model, shared_vocab_size,
-)
+from hpd.models.loading import build_tiny_model, load_model, save_model, shared_vocab_size
+from hpd.models.head import final_hidden_states, lm_head_of
 from hpd.responses.rollout import generate_completions
 from hpd.models.tokenizer import byte_tokenizer
 

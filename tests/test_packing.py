@@ -92,7 +92,7 @@ def test_a_packed_batch_gives_the_padded_loss_and_gradients(arch, chunk_size, ob
 
 def test_the_packed_forward_without_restarted_positions_would_differ():
     """The equality above is not vacuous: the same packed row read as one sequence gives other states."""
-    from hpd.models.loading import final_hidden_states
+    from hpd.models.head import final_hidden_states
 
     model, tok = load_model("tiny", tiny=TINY, seed=1)
     prompts, completions = _rows(tok)

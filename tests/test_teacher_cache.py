@@ -128,7 +128,7 @@ def test_complete_cache_gives_the_online_teachers_loss_and_gradient(name, teache
         for teacher in (online, cached):
             g = torch.Generator().manual_seed(11)
             if chunk:
-                from hpd.models.loading import final_hidden_states, lm_head_of
+                from hpd.models.head import final_hidden_states, lm_head_of
 
                 hidden = final_hidden_states(student, ids, mask)
                 out = obj.chunked(hidden, lm_head_of(student), teacher, labels, chunk_size=16, generator=g)
@@ -163,12 +163,12 @@ def test_build_is_atomic_and_refuses_to_overwrite(teacher_dir, tmp_path, monkeyp
     with pytest.raises(HPDError, match="already exists: choose another --out, or pass --force"):
         build(teacher_dir, out, top_k=4)
     before = (out / "manifest.json").read_text()
-    import hpd.models.loading
+    import hpd.models.head
 
     def boom(*a, **k):
         raise RuntimeError("teacher forward failed")
 
-    monkeypatch.setattr(hpd.models.loading, "final_hidden_states", boom)
+    monkeypatch.setattr(hpd.models.head, "final_hidden_states", boom)
     with pytest.raises(RuntimeError, match="teacher forward failed"):
         build(teacher_dir, out, top_k=4, overwrite=True)
     assert (out / "manifest.json").read_text() == before  # the old cache is untouched
@@ -177,15 +177,15 @@ def test_build_is_atomic_and_refuses_to_overwrite(teacher_dir, tmp_path, monkeyp
 
 
 def test_the_teacher_runs_on_the_device_asked_and_a_bad_device_is_a_clear_error(teacher_dir, tmp_path, monkeypatch):
-    import hpd.models.loading
+    import hpd.models.head
 
-    seen, real = [], hpd.models.loading.final_hidden_states
+    seen, real = [], hpd.models.head.final_hidden_states
 
     def spy(model, input_ids, attention_mask):
         seen.append((next(model.parameters()).device.type, input_ids.device.type))
         return real(model, input_ids, attention_mask)
 
-    monkeypatch.setattr(hpd.models.loading, "final_hidden_states", spy)
+    monkeypatch.setattr(hpd.models.head, "final_hidden_states", spy)
     expected = "cuda" if torch.cuda.is_available() else "cpu"  # auto: the GPU when there is one
     build(teacher_dir, tmp_path / "auto", top_k=4)
     assert seen and set(seen) == {(expected, expected)}

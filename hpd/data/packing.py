@@ -126,7 +126,7 @@ def check_packing(model: nn.Module, role: str = "student") -> None:
     packed and padded) must give the same final hidden states: a model whose code ignores
     position_ids or builds its own mask fails here rather than training on leaked attention.
     """
-    from hpd.models.loading import final_hidden_states
+    from hpd.models.head import final_hidden_states
 
     config = getattr(model, "config", None)
     impl = getattr(config, "_attn_implementation", None)

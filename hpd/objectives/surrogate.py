@@ -197,7 +197,7 @@ class HeadTeacher(TeacherView):
 
     hidden: `(B, T, H)` final (normed) hidden states; weight: `(V, H)`; bias: `(V,)` or None;
     transform: what the model applies to `h @ W.T + b` (`LogitTransform`; None: nothing).
-    `HeadTeacher.of(hidden, head)` builds one from an `LMHead` (`hpd.models.loading.lm_head_of`).
+    `HeadTeacher.of(hidden, head)` builds one from an `LMHead` (`hpd.models.head.lm_head_of`).
     """
 
     hidden: Tensor
@@ -541,7 +541,7 @@ def chunked_objective_loss(obj: Objective, hidden: Tensor, lm_head_weight: Tenso
     """The memory-lean path: same loss and gradients as `objective_loss(obj, head.logits(hidden), ...)`.
 
     hidden:         `(B, T, H)` the student's final hidden states (gradients flow into them).
-    lm_head_weight: the student's LM head: an `LMHead` (`hpd.models.loading.lm_head_of(model)`: weight,
+    lm_head_weight: the student's LM head: an `LMHead` (`hpd.models.head.lm_head_of(model)`: weight,
                     bias and the model's logit transform), or its weight `(V_s, H)` alone (then
                     logits = h @ W.T + b with lm_head_bias `(V_s,)` or None).
     chunk_size:     active positions per chunk; peak extra memory is about a few `(chunk_size, V)`

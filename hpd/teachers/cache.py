@@ -152,7 +152,8 @@ def _build(teacher: str, data_files: Sequence[str | os.PathLike], out: Path, pro
     """`build_teacher_cache`'s work, under the lock on `out`'s builders."""
     from hpd.data.collate import build_batch
     from hpd.data.encode import encode_file
-    from hpd.models.loading import final_hidden_states, lm_head_of, load_model
+    from hpd.models.head import final_hidden_states, lm_head_of
+    from hpd.models.loading import load_model
     from hpd.training.progress import Progress
 
     if out.exists() and not overwrite:
@@ -615,7 +616,7 @@ class TeacherCache:
                                f"({m['teacher']['path']}, weights changed or another model): rebuild the cache with "
                                "`hpd cache-teacher --teacher DIR ...`, or point teacher.path at that teacher")
         if "logit_transform" not in m:  # built before hpd applied the teacher's logit transform
-            from hpd.models.loading import logit_transform_field
+            from hpd.models.head import logit_transform_field
 
             config = Path(m["teacher"]["path"]) / "config.json"
             try:

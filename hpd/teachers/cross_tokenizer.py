@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from hpd.data.collate import build_batch
 from hpd.errors import HPDError
-from hpd.models.loading import final_hidden_states, lm_head_of
+from hpd.models.head import final_hidden_states, lm_head_of
 from hpd.objectives import IGNORE_INDEX, TeacherChunk, TeacherView
 from hpd.objectives.base import upcast
 from hpd.objectives.head import IDENTITY, LogitTransform

@@ -50,7 +50,8 @@ from torch import Tensor, nn
 
 from hpd.data.collate import build_batch
 from hpd.errors import HPDError
-from hpd.models.loading import final_hidden_states, is_peft_model, lm_head_of, model_inputs
+from hpd.models.head import final_hidden_states, lm_head_of, model_inputs
+from hpd.models.loading import is_peft_model
 from hpd.objectives import IGNORE_INDEX, HeadTeacher, TeacherView
 
 TEACHER_WEIGHTS = ("frozen", "ema", "live")

@@ -119,7 +119,7 @@ def shard_teacher(teacher: nn.Module, acc) -> nn.Module:
     final norm, LM head: a small part of a large model) stays a replica on each.
 
     The layers only, because hpd reads the teacher through its decoder and its LM head's weight
-    (`hpd.models.loading.final_hidden_states`, `lm_head_of`), not through the model's forward: a root unit
+    (`hpd.models.head.final_hidden_states`, `lm_head_of`), not through the model's forward: a root unit
     around the whole model would never be gathered. Every process must run the teacher's forward in
     step (one call per micro-batch on all of them), which the training step does; a teacher one
     process samples from alone must stay a replica.

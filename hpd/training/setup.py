@@ -33,9 +33,9 @@ from hpd.errors import HPDError
 from hpd.models.hub import resolve_model_path
 from hpd.data.packing import check_packing
 from hpd.data.streaming import StreamSampler, check_streaming
-from hpd.models.loading import (
-    apply_lora, enable_gradient_checkpointing, init_from_teacher, lm_head_of, load_model, vocab_rows,
-)
+from hpd.models.loading import apply_lora, load_model, vocab_rows
+from hpd.models.head import enable_gradient_checkpointing, lm_head_of
+from hpd.models.from_teacher import init_from_teacher
 from hpd.objectives import COMMON_PARAMS, DEFAULT_CHUNK_SIZE, Objective, RatioClip, objective_class, param_fields
 from hpd.responses.regimes import ResponseSource, derive_seed, has_rollouts, response_source, rollout_bias
 from hpd.responses.backends import select_backend

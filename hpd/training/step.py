@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hpd.models.loading import final_hidden_states, lm_head_of, model_inputs
+from hpd.models.head import final_hidden_states, lm_head_of, model_inputs
 from hpd.objectives import DEFAULT_CHUNK_SIZE, Objective, ObjectiveOutput, RatioClip, RolloutWeights, rollout_weights
 
 
