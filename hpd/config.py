@@ -1,5 +1,9 @@
 """Typed run configuration: flat dataclasses, YAML files and ``key=value`` overrides.
 
+Over 600 lines: one flat dataclass per config section, each key with its help text and range
+(the command line, the YAML reference and the checks are derived from them); the conversion and
+the checks across sections read them all.
+
 A run is described by one `Config`: a few top-level fields plus one flat section per concern
 (`student`, `teacher`, `data`, `objective`, `regime`, `optim`, `log`, `save`). Every field carries
 its help text and its allowed values in the dataclass field metadata, so one generic `validate()`

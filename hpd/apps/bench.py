@@ -1,5 +1,9 @@
 """`hpd bench`: which objective should I use on my data? A tuned, seeded, paired protocol.
 
+Over 600 lines: the protocol reads as one piece (its settings, the starts and data conditions,
+the runs and their scoring), and every part is used only here; what other modules use is apart
+already (`bench_run`, `bench_report`, `bench_manifest`, `bench_archive`).
+
 The protocol, for every condition (a student start x a data condition) and every method:
 
 1. **Learning-rate grid** (seed 0): each method trains once per rate of `lr_grid` (multiples of the

@@ -1,5 +1,9 @@
 """The ``hpd`` command line: train, plot, generate, convert, config, cache-teacher, serve-teacher, eval, data, demo, bench.
 
+Over 600 lines: one function per `hpd` command, most of each its typed options and their help
+(the command line is derived from them); the work of every command lives in the library or in
+another application module.
+
     hpd config --out my.yaml                       # a commented default config to edit
     hpd train my.yaml optim.lr=3e-4 max_steps=20   # train; key=value overrides any config key
     hpd train --help                               # every config key, its type, default, range

@@ -1,5 +1,9 @@
 """The one routine that turns an objective's token weights into a loss.
 
+Over 600 lines: the teacher views and the one loss routine that reads them change together
+(each view gives the routine its own chunker, the routine's plan reads the views' fields); apart,
+each would import the other's private pieces.
+
     L = -(1/N) sum_t sum_{v in S_t} sg(w_t(v)) log q(v | x<t)
 
 It does, once for every objective: the cross-entropy mix `ce_weight * CE(y) + kd_weight * D`

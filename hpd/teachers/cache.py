@@ -1,5 +1,9 @@
 """A cached teacher: run the teacher once over the training sequences, train without it.
 
+Over 600 lines: the builder and the reader share one on-disk format (the shards, the manifest's
+fields, the fingerprints, the digests) and each checks what the other writes: one module keeps the
+format in one place.
+
 `build_teacher_cache` (`hpd cache-teacher`) tokenizes the data exactly as training does
 (`hpd.data.encode.encode_file`), runs the teacher over every sequence once and stores, at each response
 position (where the sequence has a label):
