@@ -157,7 +157,7 @@ def run_gkd(args, method: str) -> dict:
     from datasets import Dataset
     from trl.experimental.gkd import GKDConfig, GKDTrainer
 
-    from hpd.data.rows import IGNORE_INDEX
+    from hpd.objectives import IGNORE_INDEX
     from hpd.data.order import EpochSampler
     from hpd.data.collate import batch_for_generation, build_batch
     from hpd.training.setup import load_data, load_models

@@ -113,6 +113,15 @@ def move(package: str) -> None:
             print(f"moved hpd/{old}.py -> {dst.relative_to(ROOT)}")
 
 
+def imported_names(path: Path) -> set[str]:
+    """The names a module binds at top level by importing them (a name others may import from it)."""
+    names: set[str] = set()
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            names.update((a.asname or a.name).split(".")[0] for a in node.names)
+    return names
+
+
 def defined_names(path: Path) -> set[str]:
     """The names a module defines at top level (not the ones it imports)."""
     names: set[str] = set()
@@ -143,7 +152,11 @@ class Mapping:
                 key = f"hpd.{old}"
                 self.new[key] = existing
                 owners: dict[str, str] = {}
-                for mod in reversed(existing):  # the first module wins a name defined twice
+                # A name goes to the part that defines it (the first, if several do), else to a part
+                # that imports it (a name the old module re-exported, e.g. IGNORE_INDEX).
+                for mod in reversed(existing):
+                    owners.update(dict.fromkeys(imported_names(module_path(mod)), mod))
+                for mod in reversed(existing):
                     owners.update(dict.fromkeys(defined_names(module_path(mod)), mod))
                 self.owners[key] = owners
                 if len(existing) > 1:  # the old module was split: its first part may still be named
