@@ -64,7 +64,7 @@ def main() -> None:
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     from hpd.apps.experiments import evaluate_on_tasks, run_configs
-    from hpd.teacher_cache import TeacherCache, build_teacher_cache
+    from hpd.teachers.cache import TeacherCache, build_teacher_cache
 
     out = args.out
     train, eval_ = write_task_data(out, args.per_task, max(args.n_eval, 30), args.seed)

@@ -35,8 +35,8 @@ ARCHS = {  # model_type -> the transform set as real checkpoints set it
 def build(model_type: str, extra: dict, seed: int, out: Path, gain: float = 1.0) -> Path:
     from transformers import AutoModelForCausalLM, CONFIG_MAPPING
 
-    from hpd.models import save_model
-    from hpd.tokenizer import byte_tokenizer
+    from hpd.models.loading import save_model
+    from hpd.models.tokenizer import byte_tokenizer
 
     config = CONFIG_MAPPING[model_type](vocab_size=264, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                         num_key_value_heads=2, intermediate_size=128, head_dim=16,
@@ -52,8 +52,9 @@ def build(model_type: str, extra: dict, seed: int, out: Path, gain: float = 1.0)
 def kl_to_teacher(student_dir: Path, teacher_dir: Path) -> float:
     """Mean KL(teacher || student) over the response tokens of examples/tiny.jsonl, from the models' logits."""
     from hpd.config import DataConfig
-    from hpd.data import build_batch, encode_file
-    from hpd.models import load_model
+    from hpd.data.collate import build_batch
+    from hpd.data.encode import encode_file
+    from hpd.models.loading import load_model
 
     student, tok = load_model(str(student_dir))
     teacher, _ = load_model(str(teacher_dir))

@@ -52,7 +52,7 @@ def write_data(out: Path, n_pretrain: int = N_PRETRAIN, n_train: int = N_TRAIN) 
 
     `answer` and `meta` are what the math task's verifier reads (the GRPO reward of opsd_vs_grpo.py).
     """
-    from hpd.data import privileged_prompt
+    from hpd.data.encode import privileged_prompt
     from hpd.apps.tasks import get_task
 
     data = out / "data"
@@ -78,9 +78,9 @@ def accuracy(model_dir: Path | str, *, privileged: bool = False, n: int = N_EVAL
     import torch
 
     from hpd.apps.evaluate import wilson_interval
-    from hpd.models import load_model
-    from hpd.data import privileged_prompt
-    from hpd.rollout import generate_text
+    from hpd.models.loading import load_model
+    from hpd.data.encode import privileged_prompt
+    from hpd.responses.rollout import generate_text
     from hpd.apps.tasks import get_task
 
     task = get_task(TASK)

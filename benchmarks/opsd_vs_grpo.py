@@ -105,7 +105,7 @@ def train_grpo(a, run_dir: Path, seed: int, lr: float) -> None:
 
     from hpd.apps.tasks import get_task
     from hpd.apps.verifiers import TaskVerifier, VerifierReward
-    from hpd.data import EpochSampler
+    from hpd.data.order import EpochSampler
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     cfg = hpd_cfg(a, "grpo", ROLLOUT, [], lr, seed)  # the optimizer settings of the hpd runs

@@ -47,8 +47,8 @@ DATA = {
 def forward_tokens(lengths: list[int], batch: int, steps: int, seed: int, pack_length: int | None) -> tuple[float, float]:
     """(tokens through the forward per step, padding share of them) over the micro-batches `hpd
     train` draws (`EpochSampler`, same seed); pack_length None = padded."""
-    from hpd.data import EpochSampler
-    from hpd.packing import Packing
+    from hpd.data.order import EpochSampler
+    from hpd.data.packing import Packing
 
     s = EpochSampler(len(lengths), batch, seed=seed)
     forward = real = 0
@@ -65,7 +65,7 @@ def forward_tokens(lengths: list[int], batch: int, steps: int, seed: int, pack_l
 
 def run(data: str, pack_length: int | None, out: Path, a) -> dict:
     from hpd.config import load_config
-    from hpd.trainer import train
+    from hpd.training.trainer import train
 
     overrides = [f"output_dir={out}", f"data.train={data}", "data.eval_fraction=0", f"data.max_length={a.max_length}",
                  f"data.packing={str(pack_length is not None).lower()}", f"data.pack_length={pack_length or 0}",
@@ -114,8 +114,8 @@ def main() -> None:
 
 def table(a, tmp: Path) -> None:
     from hpd.config import DataConfig
-    from hpd.data import encode_file
-    from hpd.tokenizer import byte_tokenizer
+    from hpd.data.encode import encode_file
+    from hpd.models.tokenizer import byte_tokenizer
 
     lines = ["| data | rows | mean / max row (tokens) | layout | forward tokens / step | padding share | "
              "trained tokens / CPU s | speed-up (CPU) | trained tokens / s (wall) | speed-up (wall) |",

@@ -55,14 +55,15 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    from hpd.data import build_batch, encode_file
+    from hpd.data.collate import build_batch
+    from hpd.data.encode import encode_file
     from hpd.apps.demo import BUNDLED_TEACHER, student_config, write_task_data
     from hpd.engine import EngineServer
-    from hpd.models import load_model
+    from hpd.models.loading import load_model
     from hpd.objectives import get_objective
-    from hpd.served import TeacherServers, exact_scorer, topk_teacher
-    from hpd.teacher_cache import TeacherCache, build_teacher_cache
-    from hpd.trainer import train as run_training
+    from hpd.teachers.served import TeacherServers, exact_scorer, topk_teacher
+    from hpd.teachers.cache import TeacherCache, build_teacher_cache
+    from hpd.training.trainer import train as run_training
 
     out = args.out
     out.mkdir(parents=True, exist_ok=True)

@@ -106,7 +106,7 @@ CACHE=$R/cache-$($PY -c "import hashlib,sys; print(hashlib.sha256(open(sys.argv[
 
 # 5. The students (the teacher's layers, written once), then every method on each, one run at a time.
 for cut in $CUTS; do
-    $PY -c "import sys; from hpd.models import save_student_from_teacher as s; s(sys.argv[1], sys.argv[2], sys.argv[3])" \
+    $PY -c "import sys; from hpd.models.from_teacher import save_student_from_teacher as s; s(sys.argv[1], sys.argv[2], sys.argv[3])" \
         "$TEACHER" "$cut" "$R/students/${cut/:/}"
 done
 flock -u 9

@@ -45,12 +45,15 @@ from hpd.apps.experiments import read_records
 from hpd.apps.tasks import get_task
 from hpd.apps.tasks.capitals import TEMPLATES, countries
 from hpd.config import load_config
-from hpd.data import build_batch, encode_file, load_examples
+from hpd.data.collate import build_batch
+from hpd.data.encode import encode_file
+from hpd.data.rows import load_examples
 from hpd.files import atomic_write_text
-from hpd.models import init_from_teacher, load_model
+from hpd.models.from_teacher import init_from_teacher
+from hpd.models.loading import load_model
 from hpd.objectives import get_objective
 from hpd.objectives.base import reduce_metrics
-from hpd.rollout import encode_prompts, generate_completions
+from hpd.responses.rollout import encode_prompts, generate_completions
 
 METHOD_ORDER = ("hpd", "fkl", "sft")
 

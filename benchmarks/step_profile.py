@@ -1,6 +1,6 @@
 """Cost of one training step, method by method, in process CPU seconds: is hpd lean?
 
-For a recipe, builds one `hpd.trainer.Trainer` per method on the same data and seed (so step i
+For a recipe, builds one `hpd.training.trainer.Trainer` per method on the same data and seed (so step i
 sees the same batch in every method) and times, step by step in turn (so a neighbour's load hits
 every method alike), after warm-up:
 
@@ -80,13 +80,13 @@ def recipe_configs(args) -> dict:
         teacher = Path(args.teacher_dir)
         sft_extra = []  # the student is built from the teacher's layers; sft never runs its forward
         # A cached run never loads the teacher, so its student (the same layers) is built once here.
-        from hpd.models import save_student_from_teacher
+        from hpd.models.from_teacher import save_student_from_teacher
 
         student_dir = save_student_from_teacher(str(teacher), "every:3", out / "student-every3")
         cached_extra = [f"student.path={student_dir}", "student.init_from_teacher=null"]
     cache_dir = out / f"cache-k{args.top_k}"
     if not (cache_dir / "manifest.json").is_file():
-        from hpd.teacher_cache import build_teacher_cache
+        from hpd.teachers.cache import build_teacher_cache
 
         probe = cfg("probe", "hpd")
         build_teacher_cache(teacher, [train], cache_dir, top_k=args.top_k, data=probe.data,
@@ -117,13 +117,13 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-    from hpd.trainer import Trainer
+    from hpd.training.trainer import Trainer
 
     cfgs = recipe_configs(args)
     trainers = {name: Trainer(c) for name, c in cfgs.items()}
     hpd = trainers["hpd"]
     # The teacher forward alone, on the batches the trainers draw: a sampler of its own, same seed.
-    from hpd.data import EpochSampler
+    from hpd.data.order import EpochSampler
 
     sampler = EpochSampler(len(hpd.train_data), hpd.cfg.optim.batch_size, seed=hpd.cfg.seed)
 

@@ -32,9 +32,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     args = ap.parse_args()
 
-    import hpd.teacher_cache as tc
+    import hpd.teachers.cache as tc
     from hpd.apps.experiments import read_records
-    from hpd.trainer import train
+    from hpd.training.trainer import train
 
     train_file, eval_file = write_task_data(args.out, args.per_task, 50, seed=0)
     cache = args.out / "cache"

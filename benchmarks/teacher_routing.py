@@ -36,8 +36,8 @@ def main() -> None:
     import torch
 
     from hpd.apps.experiments import read_records
-    from hpd.teacher_cache import build_teacher_cache
-    from hpd.trainer import train
+    from hpd.teachers.cache import build_teacher_cache
+    from hpd.training.trainer import train
 
     torch.set_num_threads(1)
     train_file, eval_file = write_task_data(args.out, args.per_task, 30, seed=0)

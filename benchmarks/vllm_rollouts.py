@@ -38,13 +38,13 @@ import torch  # noqa: E402
 from hpd.apps.bench import BenchSettings, gold_data  # noqa: E402
 from hpd.apps.demo import BUNDLED_TEACHER, TASKS  # noqa: E402
 from hpd.config import load_config  # noqa: E402
-from hpd.data import load_examples  # noqa: E402
+from hpd.data.rows import load_examples  # noqa: E402
 from hpd.files import atomic_write_text  # noqa: E402
-from hpd.models import load_model  # noqa: E402
-from hpd.regimes import SamplingSettings  # noqa: E402
-from hpd.rollout import HFGenerate, encode_prompts  # noqa: E402
-from hpd.trainer import Trainer  # noqa: E402
-from hpd.vllm_generate import VLLMGenerate, group_cpu_seconds  # noqa: E402
+from hpd.models.loading import load_model  # noqa: E402
+from hpd.responses.regimes import SamplingSettings  # noqa: E402
+from hpd.responses.rollout import HFGenerate, encode_prompts  # noqa: E402
+from hpd.training.trainer import Trainer  # noqa: E402
+from hpd.responses.vllm_generate import VLLMGenerate, group_cpu_seconds  # noqa: E402
 
 STUDENTS = {"llama-3x128": ROOT / "hpd" / "assets" / "students" / "llama-3x128", "teacher-size": BUNDLED_TEACHER}
 BATCH, NEW_TOKENS, MAX_LENGTH = 32, 64, 160

@@ -12,7 +12,7 @@ Methods (each trains in its own subprocess, one torch thread, so that its memory
 - `sft`      plain SFT of the student on the same data (the floor of any step).
 
 Same for all: the bundled teacher (`hpd/assets/teacher`) and the demo's default student (same
-initial weights: both trainers get the model `hpd.trainer.load_models` builds), the demo's
+initial weights: both trainers get the model `hpd.training.setup.load_models` builds), the demo's
 training file, batch size, learning rate, warm-up + cosine schedule to 10%, AdamW, clipping, and
 the same batches in the same order (TRL's dataset is our sampler's stream, read sequentially).
 
@@ -111,7 +111,7 @@ def method_config(args, method: str):
 def initial_student(args) -> None:
     """The real-model recipe's initial student, saved once as a plain HF directory."""
     from hpd.config import load_config
-    from hpd.models import save_student_from_teacher
+    from hpd.models.from_teacher import save_student_from_teacher
 
     s = load_config(args.config).student
     save_student_from_teacher(str(args.teacher), s.init_from_teacher, args.out / "student0", dtype=s.dtype)
@@ -123,7 +123,7 @@ def initial_student(args) -> None:
 
 
 def run_hpd(args, method: str) -> dict:
-    from hpd.trainer import Trainer
+    from hpd.training.trainer import Trainer
 
     trainer = Trainer(method_config(args, method))
     rss0 = reset_peak_rss()
@@ -157,8 +157,10 @@ def run_gkd(args, method: str) -> dict:
     from datasets import Dataset
     from trl.experimental.gkd import GKDConfig, GKDTrainer
 
-    from hpd.data import IGNORE_INDEX, EpochSampler, batch_for_generation, build_batch
-    from hpd.trainer import load_data, load_models
+    from hpd.objectives import IGNORE_INDEX
+    from hpd.data.order import EpochSampler
+    from hpd.data.collate import batch_for_generation, build_batch
+    from hpd.training.setup import load_data, load_models
 
     cfg = method_config(args, "hpd online")  # models, data and optimizer settings of the hpd runs
     student, teacher, tok, _ = load_models(cfg)
@@ -402,7 +404,7 @@ def main() -> None:
         initial_student(args)
         files = [args.data]
     if "hpd cached" in methods and not (args.out / f"cache-k{args.top_k}" / "manifest.json").is_file():
-        from hpd.teacher_cache import build_teacher_cache
+        from hpd.teachers.cache import build_teacher_cache
 
         cfg = method_config(args, "hpd online")
         build_teacher_cache(args.teacher, files, args.out / f"cache-k{args.top_k}", top_k=args.top_k,

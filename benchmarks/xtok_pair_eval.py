@@ -19,8 +19,9 @@ import torch
 
 def score(model_dir: str, data: str, max_length: int, batch_size: int) -> dict[str, float]:
     from hpd.config import DataConfig
-    from hpd.data import build_batch, encode_file
-    from hpd.models import load_model
+    from hpd.data.collate import build_batch
+    from hpd.data.encode import encode_file
+    from hpd.models.loading import load_model
 
     model, tok = load_model(model_dir)
     model.eval()

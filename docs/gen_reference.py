@@ -50,12 +50,32 @@ def library_modules() -> list[str]:
     return sorted(names)
 
 
+def summary(name: str) -> str:
+    """The first line of a module's docstring, read from its source (nothing is imported)."""
+    import ast
+
+    path = ROOT.joinpath(*name.split("."))
+    path = path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+    doc = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8"))) or ""
+    return doc.split("\n\n")[0].replace("\n", " ")
+
+
 def api_pages() -> dict[str, str]:
+    """One page per module; the index groups them by folder (the order of a step), each module
+    with the first line of its docstring."""
     pages = {}
-    index = ["# Python API\n", "Generated from the docstrings, one page per module.\n"]
+    index = ["# Python API\n", "Generated from the docstrings, one page per module, grouped by folder.\n"]
+    groups: dict[str, list[str]] = {}
     for name in library_modules():
         pages[f"reference/api/{name}.md"] = f"# `{name}`\n\n::: {name}\n"
-        index.append(f"- [`{name}`](api/{name}.md)")
+        parts = name.split(".")
+        package = ".".join(parts[:2]) if len(parts) > 2 or (ROOT / "hpd" / parts[1]).is_dir() else "hpd"
+        groups.setdefault(package, []).append(name)
+    # The library in the order of a step, then the applications.
+    order = ["hpd", "hpd.data", "hpd.responses", "hpd.teachers", "hpd.models", "hpd.objectives", "hpd.training"]
+    for package, names in sorted(groups.items(), key=lambda kv: (order.index(kv[0]) if kv[0] in order else len(order), kv[0])):
+        index.append(f"\n## `{package}`\n")
+        index.extend(f"- [`{n}`](api/{n}.md): {summary(n)}" for n in names)
     pages["reference/api.md"] = "\n".join(index) + "\n"
     return pages
 

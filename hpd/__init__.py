@@ -18,7 +18,7 @@ __all__ = ["HPDError", "get_objective", "OBJECTIVES", "__version__"]
 def __getattr__(name):
     # The trainer pulls in transformers/accelerate: import it only when asked for.
     if name == "train":
-        from hpd.trainer import train
+        from hpd.training.trainer import train
 
         return train
     raise AttributeError(name)

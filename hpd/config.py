@@ -1,5 +1,9 @@
 """Typed run configuration: flat dataclasses, YAML files and ``key=value`` overrides.
 
+Over 600 lines: one flat dataclass per config section, each key with its help text and range
+(the command line, the YAML reference and the checks are derived from them); the conversion and
+the checks across sections read them all.
+
 A run is described by one `Config`: a few top-level fields plus one flat section per concern
 (`student`, `teacher`, `data`, `objective`, `regime`, `optim`, `log`, `save`). Every field carries
 its help text and its allowed values in the dataclass field metadata, so one generic `validate()`
@@ -1194,7 +1198,7 @@ def _cross_checks(cfg: Config) -> list[str]:
         problems.append(
             f"student.init_from_teacher ({init!r}) needs the teacher's weights, but with teacher.cache "
             "set the teacher is never loaded: build the student once with "
-            "hpd.models.save_student_from_teacher(TEACHER, LAYERS, DIR) and pass DIR as student.path"
+            "hpd.models.from_teacher.save_student_from_teacher(TEACHER, LAYERS, DIR) and pass DIR as student.path"
         )
     if init is not None and cfg.student.path not in ("tiny", "teacher"):
         problems.append(

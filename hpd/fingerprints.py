@@ -14,7 +14,7 @@ Three ways to name "the same model", each kept because caches on disk are keyed 
 
 and `tokenizer_fingerprint(tokenizer)`: the vocabulary (token -> id).
 
-    >>> from hpd.models import load_model
+    >>> from hpd.models.loading import load_model
     >>> from hpd.fingerprints import model_fingerprint
     >>> m, _ = load_model("tiny", tiny={"num_layers": 1, "hidden_size": 32}, seed=0)
     >>> model_fingerprint(m) == model_fingerprint(load_model("tiny", tiny={"num_layers": 1, "hidden_size": 32}, seed=0)[0])
@@ -27,7 +27,9 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import Sequence
 
+import numpy as np
 import torch
 
 from hpd.errors import HPDError
@@ -62,7 +64,7 @@ def weights_fingerprint(path: str | os.PathLike, *, with_config: bool = True) ->
 
     with_config=False hashes what the model has learned alone: the key of `hpd bench`'s record of
     its models, which must not change when config.json only gains keys that change nothing (the
-    legacy RoPE keys `hpd.portable` adds)."""
+    legacy RoPE keys `hpd.models.portable` adds)."""
     p = Path(path)
     files = [p] if p.is_file() else sorted(
         f for f in p.iterdir() if f.suffix in _WEIGHT_SUFFIXES or (with_config and f.name == "config.json"))
@@ -104,3 +106,12 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 __all__ = ["hash_files", "model_content_hash", "model_fingerprint", "tokenizer_fingerprint", "weights_fingerprint"]
+
+
+def sequence_hash(prompt_ids: Sequence[int], completion_ids: Sequence[int]) -> int:
+    """A 63-bit hash of one example's token ids (the prompt/completion split included): the key a
+    teacher cache finds an example's rows by (`hpd.teachers.cache`)."""
+    h = hashlib.blake2b(digest_size=8)
+    h.update(np.asarray([len(prompt_ids)], dtype=np.int64).tobytes())
+    h.update(np.asarray(list(prompt_ids) + list(completion_ids), dtype=np.int64).tobytes())
+    return int.from_bytes(h.digest(), "little") & ((1 << 63) - 1)

@@ -28,7 +28,7 @@ with the `hpd train` command that runs it.
     >>> import torch
     >>> from transformers import TrainingArguments
     >>> from hpd.integrations import DistillationTrainer
-    >>> from hpd.models import load_model
+    >>> from hpd.models.loading import load_model
     >>> teacher, tok = load_model("tiny", tiny={"num_layers": 1, "hidden_size": 32}, seed=1)
     >>> student, _ = load_model("tiny", tiny={"num_layers": 1, "hidden_size": 32}, seed=2)
     >>> ids = tok("question: 2+2? answer: 4")["input_ids"]
@@ -52,16 +52,17 @@ import torch
 import transformers
 from torch import Tensor, nn
 
-from hpd.batches import MicroBatch
+from hpd.data.batches import MicroBatch
 from hpd.errors import HPDError
-from hpd.models import lm_head_of, load_model, vocab_rows
+from hpd.models.head import lm_head_of
+from hpd.models.loading import load_model, vocab_rows
 from hpd.objectives import (
     DEFAULT_CHUNK_SIZE, IGNORE_INDEX, Objective, ObjectiveOutput, get_objective, resolve_shared_vocab, shift_labels,
 )
-from hpd.packing import check_packing
-from hpd.regimes import derive_seed
-from hpd.teacher_cache import TeacherCache
-from hpd.teachers import ModelTeacher, TeacherSource
+from hpd.data.packing import check_packing
+from hpd.responses.regimes import derive_seed
+from hpd.teachers.cache import TeacherCache
+from hpd.teachers.sources import ModelTeacher, TeacherSource
 from hpd.vocab import teacher_vocab_size
 
 METRIC_PREFIX = "hpd/"
@@ -138,12 +139,12 @@ def on_policy_refusal(objective: str | Objective, params: dict[str, Any], regime
 
     The Trainer integrations distill on the batches the Trainer gives; rollouts of the student
     (on-policy GKD: `mixed`, `student`), teacher generations and self-distillation are `hpd train`'s
-    regimes (`hpd.regimes`), which generate, cache and seed them.
+    regimes (`hpd.responses.regimes`), which generate, cache and seed them.
 
         >>> print(on_policy_refusal("jsd", {"beta": 0.5}, "mixed", 0.5))  # doctest: +ELLIPSIS
         the Trainer integration distills on the Trainer's own batches ...: hpd train CONFIG objective.name=jsd objective.beta=0.5 regime.name=mixed regime.mixed_lambda=0.5
     """
-    from hpd.regimes import REGIMES
+    from hpd.responses.regimes import REGIMES
 
     if regime not in REGIMES:
         return HPDError(f"unknown regime {regime!r}: the Trainer integration takes 'dataset'; hpd train takes "
@@ -173,7 +174,7 @@ def trainer_rows(path: str | os.PathLike, tokenizer, data: Any = None) -> list[d
     turns them into a dataset for `Trainer` or `SFTTrainer`.
     """
     from hpd.config import DataConfig
-    from hpd.data import encode_file
+    from hpd.data.encode import encode_file
 
     encoded, _ = encode_file(str(path), tokenizer, data if data is not None else DataConfig())
     return [{"input_ids": list(e.prompt_ids) + list(e.completion_ids),
@@ -349,7 +350,7 @@ class HFDistillation:
 
     def pop_metrics(self, split: str, accelerator=None) -> dict[str, float]:
         """The objective's value and metrics since the last call, token means over every process."""
-        from hpd.trainer import global_metrics
+        from hpd.training.step import global_metrics
 
         acc = self._pending.pop(split, None)
         processes = 1 if accelerator is None else accelerator.num_processes

@@ -1,7 +1,7 @@
 """What code made a run: hpd's version and a digest of its source, the git commit where hpd runs
 from a checkout, and the versions of torch and transformers.
 
-Settings and model weights are checked before a run is reused (`hpd.resume`, `hpd bench`'s
+Settings and model weights are checked before a run is reused (`hpd.training.resume`, `hpd bench`'s
 record), but the code is not: a bench that resumes after the code changed, or whose run processes
 import a working tree that is being edited, can put runs of two versions in one table. So every
 training start writes `code_record()` to the run's metrics.jsonl (a `code` record), the bench adds

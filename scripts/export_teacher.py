@@ -1,6 +1,6 @@
 """Copy a trained model directory into the package as the bundled teacher, weights in bfloat16.
 
-bfloat16 halves the size shipped in the repository; `hpd.models.load_model` loads it back as
+bfloat16 halves the size shipped in the repository; `hpd.models.loading.load_model` loads it back as
 float32 (the accuracy in the README is measured on the exported copy).
 
     python scripts/export_teacher.py runs/teacher/final hpd/assets/teacher
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 
-from hpd.models import load_model, save_model
+from hpd.models.loading import load_model, save_model
 
 
 def main(src: str, dst: str) -> None:

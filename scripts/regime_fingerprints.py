@@ -15,7 +15,10 @@ the output before a change and compare after it:
 CPU) before the refactor of issue 14, and checked after each of its steps; re-recorded after the
 merge of issue 17, whose two new fields of the metrics' info line (`fsdp`,
 `student_parameters_local`) changed the metrics hashes only (every weight hash, and the metrics
-hashes without those two fields, were unchanged). Bitwise results depend
+hashes without those two fields, were unchanged); re-recorded on main 8429aea before the relayout
+of issue 34 item 4: the `code` record of every run (provenance, one more line) and the info line's
+new numeric fields (`train_skipped`, `train_truncated`, ...) changed the metrics hashes only (every
+weight hash unchanged). Bitwise results depend
 on the torch build and the hardware: on another machine, record a "before" there.
 """
 
@@ -92,9 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     os.chdir(REPO)
     from hpd.config import DataConfig, load_config
-    from hpd.models import load_model, save_model
-    from hpd.teacher_cache import build_teacher_cache
-    from hpd.trainer import train
+    from hpd.models.loading import load_model, save_model
+    from hpd.teachers.cache import build_teacher_cache
+    from hpd.training.trainer import train
 
     names = args.only or list(CASES)
     unknown = [n for n in names if n not in CASES]

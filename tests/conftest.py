@@ -69,7 +69,7 @@ def tiny_teacher(tmp_path_factory, repo_root) -> Path:
     is meaningful.
     """
     from hpd.config import load_config
-    from hpd.trainer import train
+    from hpd.training.trainer import train
 
     run_dir = tmp_path_factory.mktemp("teacher") / "run"
     with pytest.MonkeyPatch.context() as mp, one_torch_thread():
@@ -125,18 +125,18 @@ def teacher_server(start_engine, repo_root):
 def interrupted_at_step(monkeypatch, step: int) -> Iterator[None]:
     """Inside the block a run is interrupted (KeyboardInterrupt) as it starts optimizer step
     `step` (1-based), after the steps before it and their checkpoints; after it, runs train again."""
-    import hpd.trainer
+    import hpd.training.trainer
 
-    real_step = hpd.trainer.Trainer.train_step
+    real_step = hpd.training.trainer.Trainer.train_step
 
     def dies(self):
         if self.step == step - 1:
             raise KeyboardInterrupt
         return real_step(self)
 
-    monkeypatch.setattr(hpd.trainer.Trainer, "train_step", dies)
+    monkeypatch.setattr(hpd.training.trainer.Trainer, "train_step", dies)
     try:
         with pytest.raises(KeyboardInterrupt):
             yield
     finally:
-        monkeypatch.setattr(hpd.trainer.Trainer, "train_step", real_step)
+        monkeypatch.setattr(hpd.training.trainer.Trainer, "train_step", real_step)

@@ -1,7 +1,7 @@
 """Every causal-LM architecture transformers can build: hpd's hidden-state views give its logits.
 
 The memory-lean paths never call the model's forward for logits: they take its final hidden
-states and apply `hpd.models.lm_head_of(model)` (weight, bias and the model's logit transform:
+states and apply `hpd.models.head.lm_head_of(model)` (weight, bias and the model's logit transform:
 Gemma 2's softcap, Granite's `logits_scaling`, Cohere's `logit_scale`, ...). For each model type of
 transformers' `MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`, a tiny random model (seed 0, 2 layers, width
 32, the byte tokenizer's 264 rows, head weights scaled up so a softcap bites) is built offline
@@ -10,7 +10,7 @@ from its config class, and either `lm_head_of` refuses it by name (`REFUSED`), o
 
 - the student's view (`lm_head_of(model).logits(final_hidden_states(...))`) and its chunked loss
   (against the reference loss on the model's logits);
-- the online teacher's view (`hpd.teachers.teacher_view`, a `HeadTeacher`);
+- the online teacher's view (`hpd.teachers.sources.teacher_view`, a `HeadTeacher`);
 - the Trainer integrations' view (the LM head's input captured by `_CaptureHidden`);
 - the teacher cache (built from the saved model, or refused by name): by default for the
   transform-bearing architectures and llama, for every buildable one in the slow sweep
@@ -34,7 +34,7 @@ from transformers import AutoModelForCausalLM, CONFIG_MAPPING  # noqa: E402
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES  # noqa: E402
 
 from hpd.errors import HPDError  # noqa: E402
-from hpd.models import _LOGIT_TRANSFORMS, final_hidden_states, lm_head_of  # noqa: E402
+from hpd.models.head import _LOGIT_TRANSFORMS, final_hidden_states, lm_head_of  # noqa: E402
 from hpd.objectives import get_objective  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
@@ -217,7 +217,7 @@ def test_every_hidden_state_view_gives_the_models_logits(model_type):
         b = obj.chunked(hidden, head, teacher, labels, chunk_size=3).loss
     assert float(b) == pytest.approx(float(a), rel=1e-5, abs=1e-6)
     # The online teacher's view.
-    from hpd.teachers import teacher_view
+    from hpd.teachers.sources import teacher_view
 
     view = teacher_view(model, ids, mask, chunked=True)
     pos = (labels.reshape(-1) != -100).nonzero().squeeze(1)
@@ -247,10 +247,11 @@ def test_the_teacher_cache_holds_the_models_log_probabilities(model_type, tmp_pa
     """The cache built from the saved model holds its log-probabilities (K = V, float32) to 1e-5, or
     the builder refuses it by name as `lm_head_of` does."""
     from hpd.config import DataConfig
-    from hpd.data import build_batch, encode_file
-    from hpd.models import save_model
-    from hpd.teacher_cache import TeacherCache, build_teacher_cache
-    from hpd.tokenizer import byte_tokenizer
+    from hpd.data.collate import build_batch
+    from hpd.data.encode import encode_file
+    from hpd.models.loading import save_model
+    from hpd.teachers.cache import TeacherCache, build_teacher_cache
+    from hpd.models.tokenizer import byte_tokenizer
 
     model, tok = built(model_type), byte_tokenizer()
     if isinstance(model, Exception):
@@ -288,7 +289,7 @@ def test_the_teacher_cache_holds_the_models_log_probabilities(model_type, tmp_pa
     del m["logit_transform"]
     manifest.write_text(json.dumps(m))
     old = TeacherCache(cache.path)
-    from hpd.models import logit_transform_field
+    from hpd.models.head import logit_transform_field
 
     if logit_transform_field(json.loads((teacher_dir / "config.json").read_text())) is None:
         old.check_run()
@@ -340,8 +341,8 @@ def test_an_unknown_logit_transform_is_refused_by_name():
 
 def test_hpd_train_refuses_such_a_teacher_before_the_run_starts(tmp_path, repo_root, monkeypatch):
     from hpd.config import load_config
-    from hpd.models import load_model, save_model
-    from hpd.trainer import train
+    from hpd.models.loading import load_model, save_model
+    from hpd.training.trainer import train
 
     monkeypatch.chdir(repo_root)
     model, tok = load_model("tiny", tiny={"num_layers": 1, "hidden_size": 32}, seed=1)

@@ -265,7 +265,7 @@ def test_an_archive_made_in_another_checkout_is_restored_in_this_one(tmp_path):
 def test_a_report_from_the_archive_does_not_write_the_traces_again(tmp_path, monkeypatch):
     import shutil
 
-    import hpd.rollout
+    import hpd.responses.rollout
 
     keep = tmp_path / "kept"
     s = _fast(tmp_path, data=["traces"], train_per_task=6, archive=keep)
@@ -279,7 +279,7 @@ def test_a_report_from_the_archive_does_not_write_the_traces_again(tmp_path, mon
     def no_generation(*a, **k):
         raise AssertionError("the writer generated again")
 
-    monkeypatch.setattr(hpd.rollout, "generate_text", no_generation)
+    monkeypatch.setattr(hpd.responses.rollout, "generate_text", no_generation)
     report = _fast(tmp_path, data=["traces"], train_per_task=6, archive=keep, report_only=True)
     assert (run_bench(report) / "results.md").read_text() == table
     assert not (out / "data" / "traces" / "train.jsonl").exists()

@@ -57,7 +57,7 @@ def test_train_calls_the_trainer_with_the_resolved_config(tmp_path, monkeypatch)
         seen.append(cfg)
         return tmp_path / "run"
 
-    monkeypatch.setitem(sys.modules, "hpd.trainer", types.SimpleNamespace(train=fake_train))
+    monkeypatch.setitem(sys.modules, "hpd.training.trainer", types.SimpleNamespace(train=fake_train))
     cfg = tmp_path / "c.yaml"
     cfg.write_text("max_steps: 3\noptim:\n  lr: 0.5\n")
     result = invoke("train", str(cfg), "optim.lr=3e-4", "regime.name=mixed")
@@ -68,7 +68,7 @@ def test_train_calls_the_trainer_with_the_resolved_config(tmp_path, monkeypatch)
 
 
 def test_train_dry_run_prints_resolved_yaml_without_training(tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "hpd.trainer", None)  # importing it would fail
+    monkeypatch.setitem(sys.modules, "hpd.training.trainer", None)  # importing it would fail
     cfg = tmp_path / "c.yaml"
     cfg.write_text("max_steps: 3\n")
     result = invoke("train", str(cfg), "seed=9", "--dry-run")
@@ -181,7 +181,7 @@ def test_eval_then_generate_on_the_same_model_reuses_the_generation_cache(tmp_pa
     # so evaluating between two generations leaves the first one valid; new weights invalidate it.
     import os
 
-    from hpd.models import load_model, save_model
+    from hpd.models.loading import load_model, save_model
 
     monkeypatch.chdir(tmp_path)
     model_dir = save_model(*load_model("tiny", tiny={"num_layers": 1, "hidden_size": 32}), tmp_path / "m")

@@ -11,12 +11,11 @@ from hypothesis import given, settings, strategies as st
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from hpd.cross_tokenizer import (
-    CrossTokenizerView, EOS_MARKER, align_response, joint_spans, special_markers, token_bytes, token_map,
-)
+from hpd.teachers.cross_tokenizer import CrossTokenizerView
+from hpd.teachers.alignment import EOS_MARKER, align_response, joint_spans, special_markers, token_bytes, token_map
 from hpd.errors import HPDError
 from hpd.objectives import IGNORE_INDEX, get_objective
-from hpd.tokenizer import CHAT_TEMPLATE, SPECIAL_TOKENS, byte_tokenizer
+from hpd.models.tokenizer import CHAT_TEMPLATE, SPECIAL_TOKENS, byte_tokenizer
 
 SHIPPED = "examples/tiny.jsonl"
 
@@ -196,16 +195,16 @@ def test_uld_matches_hand_computation():
 
 
 def _tiny(tok, seed, **kw):
-    from hpd.models import build_tiny_model
+    from hpd.models.loading import build_tiny_model
     return build_tiny_model(tok, seed=seed, dtype=torch.float32, num_layers=1, hidden_size=32, num_heads=2,
                             intermediate_size=64, **kw).eval()
 
 
 def test_hpd_across_tokenizers_equals_hand_computation(bpe, byte_tok):
     """One HPD loss through CrossTokenizerTeacher's view equals the weights computed by hand from full logits."""
-    from hpd.batches import make_batch
-    from hpd.cross_tokenizer import CrossTokenizerTeacher
-    from hpd.data import EncodedExample
+    from hpd.data.batches import make_batch
+    from hpd.teachers.cross_tokenizer import CrossTokenizerTeacher
+    from hpd.data.encode import EncodedExample
 
     student, teacher = _tiny(byte_tok, 1), _tiny(bpe, 2)
     texts = [("Add: 4+5", "9 nine"), ("Reverse: cat", "tac")]
@@ -263,7 +262,7 @@ def test_hpd_across_tokenizers_equals_hand_computation(bpe, byte_tok):
 
 def test_vocab_objectives_refused_across_tokenizers(bpe, byte_tok):
     chunk = CrossTokenizerView  # the chunk raises with a message naming uld
-    from hpd.cross_tokenizer import CrossTokenizerChunk
+    from hpd.teachers.cross_tokenizer import CrossTokenizerChunk
     c = CrossTokenizerChunk(torch.zeros(1, 5), torch.zeros(1), torch.zeros(1, dtype=torch.long), torch.zeros(3, dtype=torch.long))
     with pytest.raises(HPDError, match="uld"):
         get_objective("fkl").weights(torch.zeros(1, 3), c, torch.zeros(1, dtype=torch.long), None)
@@ -282,8 +281,8 @@ def test_config_refuses_cross_tokenizer_misuse():
 
 def test_train_refuses_another_tokenizer_without_the_flag_and_runs_with_it(bpe, tmp_path):
     """`hpd train` with a BPE teacher and the byte-level tiny student: refused, then one cross-tokenizer step per objective."""
-    from hpd.models import save_model
-    from hpd.trainer import train
+    from hpd.models.loading import save_model
+    from hpd.training.trainer import train
 
     tdir, sdir = tmp_path / "teacher", tmp_path / "student"
     save_model(_tiny(bpe, 3), bpe, tdir)
@@ -319,8 +318,8 @@ def test_cross_tokenizer_refuses_a_teacher_it_cannot_line_up(extra, match):
 def _pair(bpe, tmp_path):
     """A BPE teacher and a byte-level student, saved; the student's examples with their teacher prompts."""
     from hpd.config import DataConfig
-    from hpd.data import encode_file
-    from hpd.models import save_model
+    from hpd.data.encode import encode_file
+    from hpd.models.loading import save_model
 
     teacher, student = _tiny(bpe, 3), _tiny(byte_tokenizer(), 4)
     tdir = save_model(teacher, bpe, tmp_path / "teacher")
@@ -330,7 +329,7 @@ def _pair(bpe, tmp_path):
 
 
 def _loss_and_grad(student, source, examples, rows, name, samples_seed=0, **batch_kw):
-    from hpd.batches import make_batch
+    from hpd.data.batches import make_batch
 
     tok = byte_tokenizer()
     batch = make_batch([e.prompt_ids for e in examples], [e.completion_ids for e in examples], pad_id=tok.pad_token_id,
@@ -353,9 +352,9 @@ def test_a_cache_across_tokenizers_gives_the_online_loss_and_gradient(bpe, tmp_p
     """Built with --student over the teacher's own tokens, K = V_t in float32: the loss and the student's
     gradients equal the online cross-tokenizer teacher's to fp32 tolerance, for every objective that runs
     across tokenizers."""
-    from hpd.cross_tokenizer import CachedCrossTokenizerTeacher, CrossTokenizerTeacher
+    from hpd.teachers.cross_tokenizer import CachedCrossTokenizerTeacher, CrossTokenizerTeacher
     from hpd.config import DataConfig
-    from hpd.teacher_cache import TeacherCache, build_teacher_cache
+    from hpd.teachers.cache import TeacherCache, build_teacher_cache
 
     teacher, student, tdir, _, examples = _pair(bpe, tmp_path)
     cache = TeacherCache(build_teacher_cache(tdir, [SHIPPED], tmp_path / "cache", top_k=10**6, dtype="float32",
@@ -381,9 +380,9 @@ def test_a_cache_across_tokenizers_gives_the_online_loss_and_gradient(bpe, tmp_p
 def test_a_topk_cache_across_tokenizers_reads_y_exactly_and_estimates_samples_from_the_tail(bpe, tmp_path):
     """K = 8: orkl (the sequence token only) equals the online teacher; hpd reads a sample's teacher
     token from the top-K when it is there (exact) and from the tail spread evenly otherwise (counted)."""
-    from hpd.cross_tokenizer import CachedCrossTokenizerTeacher, CrossTokenizerTeacher
+    from hpd.teachers.cross_tokenizer import CachedCrossTokenizerTeacher, CrossTokenizerTeacher
     from hpd.config import DataConfig
-    from hpd.teacher_cache import TeacherCache, build_teacher_cache
+    from hpd.teachers.cache import TeacherCache, build_teacher_cache
 
     teacher, student, tdir, _, examples = _pair(bpe, tmp_path)
     cache = TeacherCache(build_teacher_cache(tdir, [SHIPPED], tmp_path / "cache", top_k=8, dtype="float32",
@@ -396,7 +395,7 @@ def test_a_topk_cache_across_tokenizers_reads_y_exactly_and_estimates_samples_fr
     assert float(c.loss) == pytest.approx(float(a.loss), rel=1e-5)
     # hpd, chunk by chunk: the cached teacher at every student token equals the online one where the
     # mapped teacher token is the teacher's own or in its top-8, and the tail estimate elsewhere.
-    from hpd.batches import make_batch
+    from hpd.data.batches import make_batch
 
     tok = byte_tokenizer()
     views = []
@@ -429,7 +428,7 @@ def test_a_topk_cache_across_tokenizers_reads_y_exactly_and_estimates_samples_fr
 
 def test_a_cache_across_tokenizers_is_refused_for_another_teacher_tokenizer_or_mode(bpe, tmp_path, spm):
     from hpd.config import DataConfig
-    from hpd.teacher_cache import TeacherCache, build_teacher_cache
+    from hpd.teachers.cache import TeacherCache, build_teacher_cache
 
     _, _, tdir, _, _ = _pair(bpe, tmp_path)
     cache = TeacherCache(build_teacher_cache(tdir, [SHIPPED], tmp_path / "cache", top_k=4, data=DataConfig(max_length=64),
@@ -455,8 +454,8 @@ def test_train_from_a_cache_across_tokenizers_equals_the_online_run(bpe, tmp_pat
     from typer.testing import CliRunner
 
     from hpd.apps.cli import app
-    from hpd.models import save_model
-    from hpd.trainer import train
+    from hpd.models.loading import save_model
+    from hpd.training.trainer import train
 
     _, _, tdir, sdir, _ = _pair(bpe, tmp_path)
     base = {"student": {"path": str(sdir)}, "teacher": {"path": str(tdir), "cross_tokenizer": True},
@@ -490,8 +489,8 @@ def test_train_from_a_cache_across_tokenizers_equals_the_online_run(bpe, tmp_pat
 def test_packed_and_streamed_runs_across_tokenizers(bpe, tmp_path):
     """data.packing: the maps are packed like the labels, so a packed step gives the padded step's loss and
     gradients; data.streaming: the teacher prompts come with each streamed example, and training runs."""
-    from hpd.cross_tokenizer import CrossTokenizerTeacher
-    from hpd.trainer import train
+    from hpd.teachers.cross_tokenizer import CrossTokenizerTeacher
+    from hpd.training.trainer import train
 
     teacher, student, tdir, sdir, examples = _pair(bpe, tmp_path)
     examples = examples[:5]

@@ -8,19 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from hpd.data import (
-    EpochSampler,
-    Example,
-    LoadStats,
-    batch_for_generation,
-    build_batch,
-    encode_dataset,
-    encode_example,
-    encode_prompt,
-    load_examples,
-)
+from hpd.data.order import EpochSampler
+from hpd.data.rows import Example, LoadStats, load_examples
+from hpd.data.collate import batch_for_generation, build_batch
+from hpd.data.encode import encode_dataset, encode_example, encode_prompt
 from hpd.errors import HPDError
-from hpd.tokenizer import byte_tokenizer
+from hpd.models.tokenizer import byte_tokenizer
 
 ROWS = [
     {"prompt": "2+2=", "completion": "4", "reference": "four"},

@@ -1,4 +1,4 @@
-"""Every command reads every data source `hpd train` reads, through its one reader (`hpd.data.load_examples`).
+"""Every command reads every data source `hpd train` reads, through its one reader (`hpd.data.rows.load_examples`).
 
 `hpd generate`, `hpd eval --data`, `hpd cache-teacher` and `hpd bench --train/--test` on messages
 JSONL, prompt/completion JSONL (plain and TRL's list style), JSON, Parquet and saved datasets
@@ -45,7 +45,7 @@ def sources(tmp_path_factory):
     datasets.Dataset.from_list(chat).save_to_disk(str(d / "saved"))
     datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS[:3]),
                           "test": datasets.Dataset.from_list(ROWS)}).save_to_disk(str(d / "dict"))
-    from hpd.models import load_model, save_model
+    from hpd.models.loading import load_model, save_model
 
     teacher, tok = load_model("tiny", tiny={"num_layers": 1, "hidden_size": 32, "intermediate_size": 64}, seed=1)
     save_model(teacher, tok, d / "teacher")
@@ -214,7 +214,7 @@ def test_a_bad_row_in_bench_is_a_one_line_error_naming_the_users_file_and_line(s
 def test_bench_reads_the_users_field_names_and_its_runs_read_its_copies(sources, tmp_path):
     from hpd.apps.bench import BenchSettings, build_conditions, run_spec
     from hpd.config import load_config
-    from hpd.data import load_examples
+    from hpd.data.rows import load_examples
 
     path = tmp_path / "q.jsonl"
     path.write_text("".join(json.dumps({"question": r["prompt"], "solution": r["completion"]}) + "\n" for r in ROWS))

@@ -10,9 +10,9 @@ import hpd.apps.evaluate as ev
 from hpd.errors import HPDError
 from hpd.apps.evaluate import EvalResult, eval_cli, evaluate_model, wilson_interval, write_records
 from hpd.apps.evaluate import eval_out
-from hpd.models import build_tiny_model, save_model
+from hpd.models.loading import build_tiny_model, save_model
 from hpd.apps.tasks import get_task
-from hpd.tokenizer import byte_tokenizer
+from hpd.models.tokenizer import byte_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hpd.checkpoint import latest_checkpoint, load_state
+from hpd.training.checkpoint import latest_checkpoint, load_state
 
 ROOT = Path(__file__).resolve().parents[1]
 ACCELERATE = str(Path(sys.executable).parent / "accelerate")
@@ -59,7 +59,7 @@ def _train(processes: int, overrides: list[str]) -> None:
 
 
 def _metrics(run: Path) -> list[dict]:
-    from hpd.metrics_file import read_records
+    from hpd.training.metrics_file import read_records
 
     return read_records(run / "metrics.jsonl")  # as the run stands: restart markers applied
 
@@ -182,7 +182,7 @@ def test_killed_fsdp_run_resumes_to_the_uninterrupted_fsdp_run(tmp_path):
 ])
 def test_what_fsdp_does_not_do_yet_is_refused_with_a_message(override, kind, message):
     from hpd.config import load_config
-    from hpd.distributed import check_supported
+    from hpd.training.distributed import check_supported
     from hpd.errors import HPDError
 
     cfg = load_config(str(ROOT / "configs/tiny.yaml"), [override])

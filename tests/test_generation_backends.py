@@ -13,12 +13,12 @@ import torch
 
 from hpd.config import load_config
 from hpd.errors import HPDError
-from hpd.models import apply_lora, load_model
-from hpd.regimes import SamplingSettings
-from hpd.backends import select_backend
-from hpd.rollout import HFGenerate
-from hpd.trainer import Trainer
-from hpd.vllm_generate import VLLMGenerate, merged_state_dict
+from hpd.models.loading import apply_lora, load_model
+from hpd.responses.regimes import SamplingSettings
+from hpd.responses.backends import select_backend
+from hpd.responses.rollout import HFGenerate
+from hpd.training.trainer import Trainer
+from hpd.responses.vllm_generate import VLLMGenerate, merged_state_dict
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 MISSING = "/nonexistent/.venv-vllm/bin/python"

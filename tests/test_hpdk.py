@@ -242,7 +242,7 @@ def test_a_cache_without_top_k_and_bad_topk_values_are_refused():
 
 def test_the_config_key_is_objective_hpdk_topk(repo_root):
     from hpd.config import load_config
-    from hpd.trainer import objective_from_config
+    from hpd.training.setup import objective_from_config
 
     cfg = load_config(repo_root / "configs/tiny.yaml", ["objective.name=hpdk", "objective.hpdk_topk=4"])
     obj = objective_from_config(cfg)

@@ -1,4 +1,4 @@
-"""Hub dataset ids as data (`hpd.hub_data`), read offline from a datasets cache built here.
+"""Hub dataset ids as data (`hpd.data.hub`), read offline from a datasets cache built here.
 
 Nothing is downloaded: `hub_cache` writes a tiny dataset into a temporary datasets cache exactly
 where `datasets.load_dataset("acme/tiny-chat")` leaves a Hub dataset (`<cache>/acme___tiny-chat/
@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from hpd.data import load_examples
+from hpd.data.rows import load_examples
 from hpd.errors import HPDError
-from hpd.hub_data import is_hub_id, parse_hub_id
+from hpd.data.hub import is_hub_id, parse_hub_id
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -105,7 +105,7 @@ def test_a_local_path_of_the_same_name_wins(hub_cache, tmp_path, monkeypatch):
 
 def test_hpd_train_trains_on_a_hub_id_offline(hub_cache, tmp_path, monkeypatch, repo_root):
     from hpd.config import load_config
-    from hpd.trainer import train
+    from hpd.training.trainer import train
 
     monkeypatch.chdir(repo_root)
     out = tmp_path / "run"
@@ -137,7 +137,7 @@ def test_a_hub_dataset_streams_and_a_resumed_stream_sees_the_same_rows(hub_cache
     from safetensors.torch import load_file
 
     from hpd.config import load_config
-    from hpd.trainer import train
+    from hpd.training.trainer import train
 
     monkeypatch.chdir(repo_root)
     common = ["max_steps=8", "log.progress=false", "log.tensorboard=off", "save.every=3", "save.keep_last=5",
@@ -159,7 +159,7 @@ def test_a_hub_dataset_streams_and_a_resumed_stream_sees_the_same_rows(hub_cache
 
 
 def test_a_hub_dataset_has_a_content_key_for_caches(hub_cache):
-    from hpd.data import data_digest
+    from hpd.data.rows import data_digest
 
     key = data_digest("acme/tiny-chat")
     assert len(key) == 24 and key == data_digest("acme/tiny-chat") and key != data_digest("acme/tiny-chat:test")

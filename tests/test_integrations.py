@@ -1,7 +1,7 @@
 """hpd inside Hugging Face loops: `DistillationTrainer`, `HPDLoss` (compute_loss_func), TRL's SFTTrainer.
 
-The reference is `hpd train`'s own loss module (`hpd.trainer.DistillationLoss`) on the batch
-`hpd.data.build_batch` makes of the same (prompt, completion) tokens: aligned labels built
+The reference is `hpd train`'s own loss module (`hpd.training.step.DistillationLoss`) on the batch
+`hpd.data.collate.build_batch` makes of the same (prompt, completion) tokens: aligned labels built
 from the tokens, not from the shift under test. Tiny random models, nothing downloaded.
 """
 
@@ -14,14 +14,14 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from hpd.config import DataConfig
-from hpd.data import build_batch
+from hpd.data.collate import build_batch
 from hpd.errors import HPDError
 from hpd.integrations import DistillationTrainer, HPDLoss, trainer_rows
-from hpd.models import load_model, save_model, shared_vocab_size
+from hpd.models.loading import load_model, save_model, shared_vocab_size
 from hpd.objectives import get_objective, shift_labels
-from hpd.regimes import derive_seed
-from hpd.teachers import teacher_view
-from hpd.trainer import DistillationLoss
+from hpd.responses.regimes import derive_seed
+from hpd.teachers.sources import teacher_view
+from hpd.training.step import DistillationLoss
 
 pytestmark = [pytest.mark.usefixtures("single_torch_thread"),
               pytest.mark.filterwarnings("ignore::FutureWarning"), pytest.mark.filterwarnings("ignore::UserWarning")]
@@ -114,7 +114,7 @@ def test_a_trainer_step_gives_hpd_trains_loss_and_gradients(models, tmp_path, na
 
 def test_a_lora_student_in_the_trainer_gets_hpd_trains_gradients(models, tmp_path):
     pytest.importorskip("peft")
-    from hpd.models import apply_lora
+    from hpd.models.loading import apply_lora
 
     teacher, student0, tok = models
     prompts, completions = _tokens(tok)
@@ -209,7 +209,7 @@ def test_a_second_loss_is_refused(models, tmp_path):
 
 
 def test_a_teacher_cache_in_the_trainer_gives_the_online_teachers_loss(models, tmp_path):
-    from hpd.teacher_cache import build_teacher_cache
+    from hpd.teachers.cache import build_teacher_cache
 
     teacher, student0, tok = models
     teacher_dir = save_model(teacher, tok, tmp_path / "teacher")

@@ -31,15 +31,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from hpd.checkpoint import (
-    MANIFEST, _discard, checkpoint_dirs, clean_leftovers, latest_checkpoint, load_state, prune, save_state,
-    verify_checkpoint,
+from hpd.training.checkpoint import (
+    MANIFEST, _discard, checkpoint_dirs, clean_leftovers, latest_checkpoint, load_state, prune, save_state, verify_checkpoint,
 )
 from hpd.apps.cli import app
 from hpd.config import load_config
 from hpd.errors import HPDError
-from hpd.run_dir import HOLDER_FILE, LOCK_FILE, RunDirLock
-from hpd.trainer import lr_lambda, train
+from hpd.training.run_dir import HOLDER_FILE, LOCK_FILE, RunDirLock
+from hpd.training.trainer import lr_lambda, train
 
 runner = CliRunner()
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
@@ -83,7 +82,7 @@ def snapshot(directory: Path) -> dict[str, tuple[int, int]]:
 
 
 def records(run_dir: Path) -> list[dict]:
-    from hpd.metrics_file import read_records
+    from hpd.training.metrics_file import read_records
 
     return read_records(run_dir / "metrics.jsonl")  # as the run stands: restart markers applied
 
@@ -468,7 +467,7 @@ def test_leftovers_of_an_interrupted_write_or_prune_are_cleaned_on_start(run, ca
 def test_a_kill_during_pruning_never_leaves_a_half_deleted_checkpoint(run, monkeypatch):
     """Deleting is rename-then-delete: interrupted after the first file, the checkpoint is already
     out of the list, and the next start removes the rest."""
-    import hpd.checkpoint as ck
+    import hpd.training.checkpoint as ck
 
     real_rmtree = shutil.rmtree
 
@@ -574,8 +573,8 @@ def test_skipped_rows_are_reported_on_the_console(tmp_path, capsys):
 
 
 def _model_dir(tmp_path: Path, name: str, pad_in_config: int | None = None, pad_token: str | None = None) -> Path:
-    from hpd.models import build_tiny_model
-    from hpd.tokenizer import byte_tokenizer
+    from hpd.models.loading import build_tiny_model
+    from hpd.models.tokenizer import byte_tokenizer
 
     tok = byte_tokenizer()
     model = build_tiny_model(tok, num_layers=1, hidden_size=32, num_heads=4)

@@ -124,7 +124,7 @@ def test_generate_resumes_from_a_partial_with_repeated_and_cut_batches_to_a_clea
 def test_a_second_generate_into_the_same_output_is_refused_and_writes_nothing(prompts, tmp_path):
     out = tmp_path / "gen.jsonl"
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time\nfrom hpd.generation_cache import GenerationCache\n"
+        "import sys, time\nfrom hpd.responses.generation_cache import GenerationCache\n"
         f"c = GenerationCache({str(out)!r}, 'k')\n"
         "with c.writing():\n    print('held', flush=True)\n    time.sleep(60)\n")],
         env=env(), stdout=subprocess.PIPE, text=True)
@@ -169,8 +169,8 @@ def test_generate_on_a_full_disk_is_one_error_line_and_keeps_finished_batches(pr
 
 
 def test_edited_teacher_regime_generations_are_generated_again(tmp_path):
-    from hpd.models import load_model
-    from hpd.regimes import SamplingSettings, teacher_generations
+    from hpd.models.loading import load_model
+    from hpd.responses.regimes import SamplingSettings, teacher_generations
 
     model, tok = load_model("tiny", tiny={"num_layers": 1, "hidden_size": 32}, seed=0)
     prompts = [tok.encode("1+1=")[:4], tok.encode("2+2=")[:4]]
@@ -198,7 +198,7 @@ def tree(root: Path) -> dict[str, bytes]:
 
 @pytest.fixture
 def saved_model(tmp_path) -> Path:
-    from hpd.models import load_model
+    from hpd.models.loading import load_model
 
     model, tok = load_model("tiny", tiny={"num_layers": 1, "hidden_size": 32}, seed=0)
     out = tmp_path / "out" / "final"
@@ -210,7 +210,7 @@ def saved_model(tmp_path) -> Path:
 @pytest.mark.parametrize("key", ["student.path", "teacher.path", "data.train", "teacher.cache"])
 def test_a_run_refuses_an_output_dir_that_holds_one_of_its_inputs(saved_model, tmp_path, key, monkeypatch):
     from hpd.config import load_config
-    from hpd.trainer import train
+    from hpd.training.trainer import train
 
     monkeypatch.chdir(ROOT)
     out = saved_model.parent
@@ -232,8 +232,8 @@ def test_a_run_refuses_an_output_dir_that_holds_one_of_its_inputs(saved_model, t
 @pytest.mark.parametrize("where", ["root", "home"])
 def test_a_run_refuses_a_filesystem_root_or_home_before_writing_anything(tmp_path, monkeypatch, where):
     from hpd.config import load_config
-    from hpd.run_dir import RunDirLock
-    from hpd.trainer import train
+    from hpd.training.run_dir import RunDirLock
+    from hpd.training.trainer import train
 
     monkeypatch.chdir(ROOT)
     home = tmp_path / "home"
@@ -309,7 +309,7 @@ CACHE_RUN = ["data.max_length=48", "log.progress=false", "log.tensorboard=off", 
 @pytest.fixture
 def cache_dir(tmp_path, monkeypatch) -> Path:
     from hpd.config import DataConfig
-    from hpd.teacher_cache import build_teacher_cache
+    from hpd.teachers.cache import build_teacher_cache
 
     monkeypatch.chdir(ROOT)
     return build_teacher_cache("hpd/assets/teacher", ["examples/tiny.jsonl"], tmp_path / "cache", top_k=4,
@@ -318,7 +318,7 @@ def cache_dir(tmp_path, monkeypatch) -> Path:
 
 def train_with_cache(cache: Path, out: Path, *extra: str) -> Path:
     from hpd.config import load_config
-    from hpd.trainer import train
+    from hpd.training.trainer import train
 
     return train(load_config("configs/tiny.yaml", [*CACHE_RUN, f"teacher.cache={cache}", f"output_dir={out}", *extra]))
 
@@ -380,7 +380,7 @@ def test_a_damaged_cache_is_one_error_line_not_a_traceback(cache_dir, tmp_path, 
 
 
 def test_an_intact_cache_trains_and_each_shard_is_hashed_once_per_process(cache_dir, tmp_path, monkeypatch):
-    import hpd.teacher_cache as tc
+    import hpd.teachers.cache as tc
 
     calls = []
     real = tc.file_sha256
@@ -421,7 +421,7 @@ def test_a_second_cache_teacher_into_the_same_directory_is_refused(tmp_path, mon
 
 
 def test_cache_teacher_after_a_kill_during_force_puts_the_old_cache_back_and_cleans_up(tmp_path, monkeypatch):
-    from hpd.teacher_cache import TeacherCache
+    from hpd.teachers.cache import TeacherCache
 
     monkeypatch.chdir(ROOT)
     out = tmp_path / "cache"
@@ -451,7 +451,7 @@ def test_a_resume_appends_to_metrics_and_reads_like_an_uninterrupted_run(tmp_pat
     from hpd.apps.experiments import last_step, read_records
     from hpd.apps.plots import read_metrics
     from hpd.config import load_config
-    from hpd.trainer import train
+    from hpd.training.trainer import train
 
     monkeypatch.chdir(ROOT)
     ref = train(load_config(RUN[0], [*METRICS_RUN, f"output_dir={tmp_path / 'ref'}"]))
@@ -480,7 +480,7 @@ def test_a_resume_appends_to_metrics_and_reads_like_an_uninterrupted_run(tmp_pat
 def test_a_fresh_start_over_old_metrics_keeps_the_lines_and_reads_only_the_new_run(tmp_path, monkeypatch):
     from hpd.apps.experiments import read_records
     from hpd.config import load_config
-    from hpd.trainer import train
+    from hpd.training.trainer import train
 
     monkeypatch.chdir(ROOT)
     run = tmp_path / "run"
@@ -520,7 +520,7 @@ def test_values_out_of_range_are_one_error_line_before_anything_is_built(overrid
 
 def test_a_large_seed_in_range_trains(tmp_path, monkeypatch):
     from hpd.config import load_config
-    from hpd.trainer import train
+    from hpd.training.trainer import train
 
     monkeypatch.chdir(ROOT)
     train(load_config(RUN[0], [*RUN[1:], f"seed={2**62}", f"output_dir={tmp_path / 'run'}"]))
@@ -542,7 +542,7 @@ def test_a_lone_surrogate_in_a_row_is_one_error_naming_the_line(tmp_path, monkey
 def test_on_bad_row_skip_skips_a_row_with_a_lone_surrogate(tmp_path, monkeypatch):
     from hpd.apps.experiments import read_records
     from hpd.config import load_config
-    from hpd.trainer import train
+    from hpd.training.trainer import train
 
     monkeypatch.chdir(ROOT)
     data = tmp_path / "d.jsonl"
@@ -553,8 +553,8 @@ def test_on_bad_row_skip_skips_a_row_with_a_lone_surrogate(tmp_path, monkeypatch
 
 
 def test_generate_refuses_a_prompt_longer_than_the_context(tmp_path):
-    from hpd.models import load_model
-    from hpd.rollout import generate_text
+    from hpd.models.loading import load_model
+    from hpd.responses.rollout import generate_text
 
     model, tok = load_model("tiny", tiny={"num_layers": 1, "hidden_size": 32, "max_positions": 16}, seed=0)
     with pytest.raises(HPDError, match="prompt 1 is 40 tokens, longer than the model's context of 16 tokens"):

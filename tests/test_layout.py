@@ -1,7 +1,10 @@
 """The library never imports the applications (`hpd.apps`): checked on the import graph at run
 time and on every import statement in the source, including the lazy ones inside functions. No
 module imports itself back through others (no import cycle), and the old paths of the moved
-applications are gone."""
+applications are gone. The folders show the flow of a step (`hpd.teachers`, `hpd.responses`,
+`hpd.data`, `hpd.models`, `hpd.training`, `hpd.objectives`): the top level holds only what every
+layer shares, a subpackage's `__init__` re-exports nothing (no shims), and no module grows past
+600 lines without its docstring saying why."""
 
 from __future__ import annotations
 
@@ -39,7 +42,7 @@ def _imported_names(path: Path) -> set[str]:
 
 def test_the_library_is_what_we_think():
     modules = library_modules()
-    for core in ("hpd.trainer", "hpd.config", "hpd.objectives.surrogate", "hpd.teachers", "hpd.regimes"):
+    for core in ("hpd.training.trainer", "hpd.config", "hpd.objectives.surrogate", "hpd.teachers.sources", "hpd.responses.regimes"):
         assert core in modules
     assert not any(m.startswith("hpd.apps") for m in modules)
 
@@ -171,3 +174,57 @@ def test_no_import_cycles():
     cycles = import_cycles(import_graph())
     assert cycles == [], "import cycles (move the shared piece into a module both import): " + "; ".join(
         " <-> ".join(c) for c in cycles)
+
+
+# The top level: what every layer shares, and the way in from a user's own loop. A new module goes
+# into the subpackage of the step it serves (see docs/architecture.md).
+TOP_LEVEL = {"_lazy", "config", "engine", "errors", "files", "fingerprints", "integrations", "provenance", "seeds",
+             "stats", "version", "vocab"}
+PACKAGES = {"apps", "data", "models", "objectives", "responses", "teachers", "training"}
+MAX_LINES = 600
+REASON = "Over 600 lines:"  # how a module's docstring gives its reason
+
+
+def test_the_top_level_holds_only_the_shared_modules():
+    found = {m.name: m.ispkg for m in pkgutil.iter_modules(hpd.__path__)}
+    assert {n for n, pkg in found.items() if not pkg} == TOP_LEVEL, (
+        "put a new module into the subpackage of the step it serves (teachers, responses, data, models, training)")
+    assert {n for n, pkg in found.items() if pkg} == PACKAGES
+
+
+def test_the_subpackages_re_export_nothing():
+    # A package's __init__ is its docstring: importing `hpd.data` loads no module of it, and every
+    # name is imported from the module that defines it (no second path to keep alive).
+    # `hpd.objectives` is the exception: its __init__ is the registry of the objectives.
+    offenders = []
+    for package in sorted(PACKAGES - {"objectives", "apps"}):
+        tree = ast.parse((ROOT / "hpd" / package / "__init__.py").read_text(encoding="utf-8"))
+        if any(not (isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)) for node in tree.body):
+            offenders.append(package)
+    assert offenders == [], f"hpd.{offenders[0]}/__init__.py holds code: import from the module that defines it"
+
+
+def long_modules(root: Path = ROOT) -> dict[str, int]:
+    """Modules over MAX_LINES lines whose docstring does not say why (a paragraph starting with REASON)."""
+    out = {}
+    for path in sorted((root / "hpd").rglob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        lines = text.count("\n") + (not text.endswith("\n"))
+        doc = ast.get_docstring(ast.parse(text)) or ""
+        if lines > MAX_LINES and not any(p.strip().startswith(REASON) for p in doc.split("\n\n")):
+            out[str(path.relative_to(root))] = lines
+    return out
+
+
+def test_long_modules_are_caught_unless_they_say_why(tmp_path):
+    (tmp_path / "hpd").mkdir()
+    body = "x = 1\n" * MAX_LINES
+    (tmp_path / "hpd" / "short.py").write_text('"""Short."""\n' + "x = 1\n" * (MAX_LINES - 1))
+    (tmp_path / "hpd" / "long.py").write_text('"""Long."""\n' + body)
+    (tmp_path / "hpd" / "said.py").write_text(f'"""Long.\n\n{REASON} one table.\n"""\n' + body)
+    assert long_modules(tmp_path) == {"hpd/long.py": MAX_LINES + 1}
+
+
+def test_no_module_is_over_600_lines_without_a_reason():
+    assert long_modules() == {}, (f"split these modules, or start a paragraph of the docstring with "
+                                  f"'{REASON}' and the reason: {long_modules()}")

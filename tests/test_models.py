@@ -6,16 +6,10 @@ import pytest
 import torch
 
 from hpd.errors import HPDError
-from hpd.models import (
-    build_tiny_model,
-    final_hidden_states,
-    lm_head_of,
-    load_model,
-    save_model,
-    shared_vocab_size,
-)
-from hpd.rollout import generate_completions
-from hpd.tokenizer import byte_tokenizer
+from hpd.models.loading import build_tiny_model, load_model, save_model, shared_vocab_size
+from hpd.models.head import final_hidden_states, lm_head_of
+from hpd.responses.rollout import generate_completions
+from hpd.models.tokenizer import byte_tokenizer
 
 TINY = {"num_layers": 1, "hidden_size": 32, "num_heads": 4}
 
@@ -232,7 +226,7 @@ def test_a_hub_id_loads_from_a_populated_cache_offline(tok, tmp_path):
     save_model(model, tok, repo / "snapshots" / rev)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(rev)
-    probe = ("import json, torch\nfrom hpd.models import load_model\n"
+    probe = ("import json, torch\nfrom hpd.models.loading import load_model\n"
              "m, t = load_model('hpd-test/tiny-llama', role='student')\n"
              "print(json.dumps({'path': m.name_or_path, 'sum': float(sum(p.double().sum() for p in m.parameters())), "
              "'vocab': len(t)}))")
@@ -262,7 +256,7 @@ def test_a_hub_id_absent_from_the_cache_offline_is_a_clear_user_error(tmp_path):
 
 
 def test_hub_ids_are_told_from_local_paths(tmp_path, monkeypatch):
-    from hpd.hub import looks_like_hub_id, resolve_model_path
+    from hpd.models.hub import looks_like_hub_id, resolve_model_path
 
     assert looks_like_hub_id("Qwen/Qwen2.5-0.5B-Instruct") and looks_like_hub_id("HuggingFaceTB/SmolLM2-135M")
     for name in ("tiny", "model", "./a/b", "/abs/x", "a/b/c", "../x", "a/b.gguf", "org/--x"):

@@ -12,11 +12,13 @@ import pytest
 import torch
 
 from hpd.config import load_config
-from hpd.data import Example, build_batch, encode_self_distillation, load_examples, privileged_prompt
+from hpd.data.rows import Example, load_examples
+from hpd.data.collate import build_batch
+from hpd.data.encode import encode_self_distillation, privileged_prompt
 from hpd.errors import HPDError
-from hpd.models import apply_lora, load_model, save_model
-from hpd.teachers import SelfTeacher, aligned_positions, prompt_ending_mismatches, teacher_view
-from hpd.tokenizer import byte_tokenizer
+from hpd.models.loading import apply_lora, load_model, save_model
+from hpd.teachers.sources import SelfTeacher, aligned_positions, prompt_ending_mismatches, teacher_view
+from hpd.models.tokenizer import byte_tokenizer
 
 TEMPLATE = load_config(None).opsd.teacher_template
 REF = "7+5=12. 12*2=24. Answer: 24"
@@ -82,7 +84,7 @@ def test_a_row_without_the_privileged_field_is_an_error_or_skipped():
     rows = [{"prompt": QUESTION, "reference": REF}, {"prompt": "no reference here", "completion": "x"}]
     with pytest.raises(HPDError, match=r"row1: field 'reference'.*missing"):
         encode(rows)
-    from hpd.data import LoadStats
+    from hpd.data.rows import LoadStats
 
     stats = LoadStats()
     _, out = encode(rows, on_bad_row="skip", stats=stats)
@@ -305,13 +307,13 @@ def _at_root(monkeypatch, repo_root):
 
 
 def _run(out: Path, *overrides: str):
-    from hpd.trainer import train
+    from hpd.training.trainer import train
 
     return train(load_config("configs/tiny.yaml", [*FAST, f"output_dir={out}", *overrides]))
 
 
 def _records(run_dir: Path, kind="train"):
-    from hpd.metrics_file import read_records
+    from hpd.training.metrics_file import read_records
 
     return read_records(run_dir / "metrics.jsonl", kind)
 

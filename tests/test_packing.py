@@ -1,4 +1,4 @@
-"""Sequence packing (`data.packing`, `hpd.packing`): packed rows train exactly as padded ones.
+"""Sequence packing (`data.packing`, `hpd.data.packing`): packed rows train exactly as padded ones.
 
 The references are the padded paths: the same rows, the same loss module, the same teacher; the
 packed batch must give the same loss and gradients (fp32 rounding apart) and, after a few steps of
@@ -15,15 +15,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hpd.batches import make_batch
+from hpd.data.batches import make_batch
 from hpd.config import DataConfig, load_config
 from hpd.errors import HPDError
-from hpd.models import load_model, save_model, shared_vocab_size
+from hpd.models.loading import load_model, save_model, shared_vocab_size
 from hpd.objectives import get_objective
-from hpd.packing import Packing, check_packing
-from hpd.regimes import derive_seed
-from hpd.teachers import ModelTeacher
-from hpd.trainer import DistillationLoss, train
+from hpd.data.packing import Packing, check_packing
+from hpd.responses.regimes import derive_seed
+from hpd.teachers.sources import ModelTeacher
+from hpd.training.step import DistillationLoss
+from hpd.training.trainer import train
 
 pytestmark = [pytest.mark.usefixtures("single_torch_thread"),
               pytest.mark.filterwarnings("ignore::FutureWarning"), pytest.mark.filterwarnings("ignore::UserWarning")]
@@ -91,7 +92,7 @@ def test_a_packed_batch_gives_the_padded_loss_and_gradients(arch, chunk_size, ob
 
 def test_the_packed_forward_without_restarted_positions_would_differ():
     """The equality above is not vacuous: the same packed row read as one sequence gives other states."""
-    from hpd.models import final_hidden_states
+    from hpd.models.head import final_hidden_states
 
     model, tok = load_model("tiny", tiny=TINY, seed=1)
     prompts, completions = _rows(tok)
@@ -142,7 +143,7 @@ def test_packed_self_distillation_ends_with_the_padded_runs_weights(tmp_path):
 
 
 def test_packed_training_from_a_teacher_cache_ends_with_the_padded_runs_weights(tmp_path):
-    from hpd.teacher_cache import build_teacher_cache
+    from hpd.teachers.cache import build_teacher_cache
 
     model, tok = load_model("tiny", tiny={"num_layers": 2, "hidden_size": 64, "intermediate_size": 128}, seed=7)
     teacher_dir = save_model(model, tok, tmp_path / "teacher")

@@ -18,8 +18,8 @@ import torch
 import yaml
 
 from hpd.errors import HPDError
-from hpd.models import load_model, save_model
-from hpd.tokenizer import byte_tokenizer
+from hpd.models.loading import load_model, save_model
+from hpd.models.tokenizer import byte_tokenizer
 
 TF4_PYTHON = Path(os.environ.get("HPD_TF4_PYTHON", "/work/venv-tf4/bin/python"))
 TEXT = "<|user|>Start at 17, times 4.<|end|><|assistant|>17*4=68. Answer: 68"
@@ -126,7 +126,7 @@ def test_saved_model_has_a_generation_config_with_its_special_tokens(tmp_path):
 
 def test_final_has_a_model_card_with_hf_front_matter(tmp_path, repo_root, monkeypatch):
     from hpd.config import load_config
-    from hpd.trainer import train
+    from hpd.training.trainer import train
 
     monkeypatch.chdir(repo_root)
     teacher = save_model(*load_model("tiny", tiny={"num_layers": 1, "hidden_size": 32}, seed=3), tmp_path / "teacher")
@@ -182,7 +182,7 @@ def test_every_shipped_model_is_portable():
     """What `make_portable` writes, in every model directory the project ships (so a user on
     transformers 4.x can load the bundled teacher and students as they are)."""
     from hpd.apps.bench import STUDENTS_DIR
-    from hpd.portable import _TOKENIZER_CLASSES
+    from hpd.models.portable import _TOKENIZER_CLASSES
 
     dirs = sorted(p.parent for p in STUDENTS_DIR.parent.rglob("config.json"))
     assert len(dirs) >= 7

@@ -1,4 +1,4 @@
-"""Progress of the long commands (hpd.progress): lines with an ETA in a log, a labelled bar on a
+"""Progress of the long commands (hpd.training.progress): lines with an ETA in a log, a labelled bar on a
 terminal, and what train, generate, eval and cache-teacher show."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from hpd.apps.cli import app
 from hpd.config import load_config
-from hpd.progress import Progress, format_duration
+from hpd.training.progress import Progress, format_duration
 
 
 class _Terminal(io.StringIO):
@@ -22,7 +22,7 @@ class _Terminal(io.StringIO):
 
 def _clock(monkeypatch) -> list[float]:
     now = [0.0]
-    monkeypatch.setattr("hpd.progress.time.monotonic", lambda: now[0])
+    monkeypatch.setattr("hpd.training.progress.time.monotonic", lambda: now[0])
     return now
 
 
@@ -74,7 +74,7 @@ def test_durations_read_at_a_glance(seconds, text):
 
 
 def test_training_shows_progress_labelled_by_objective_and_regime(tmp_path, repo_root, monkeypatch, capsys):
-    from hpd.trainer import train
+    from hpd.training.trainer import train
 
     monkeypatch.chdir(repo_root)
     cfg = load_config("configs/tiny.yaml", [f"output_dir={tmp_path / 'run'}", "max_steps=3", "log.progress=true",

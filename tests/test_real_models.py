@@ -15,10 +15,8 @@ from typer.testing import CliRunner
 from hpd.apps.cli import app
 from hpd.config import load_config
 from hpd.errors import HPDError
-from hpd.models import (
-    convert_gguf, find_package_gguf, init_from_teacher, load_model, parse_layer_spec, save_model,
-    shared_vocab_size,
-)
+from hpd.models.loading import convert_gguf, find_package_gguf, load_model, save_model, shared_vocab_size
+from hpd.models.from_teacher import init_from_teacher, parse_layer_spec
 
 runner = CliRunner()
 
@@ -280,7 +278,7 @@ def test_vocab_padding_alignment_on_a_smollm2_shaped_pair():
 
 
 def test_a_student_saved_from_the_teacher_is_the_one_init_from_teacher_builds(teacher, tmp_path):
-    from hpd.models import save_student_from_teacher
+    from hpd.models.from_teacher import save_student_from_teacher
 
     model, tok = teacher
     teacher_dir = save_model(model, tok, tmp_path / "teacher")
@@ -313,7 +311,8 @@ def test_init_from_teacher_config_errors(overrides, match):
 
 
 def test_train_a_student_initialised_from_the_teacher(tmp_path):
-    from hpd.trainer import resolve_mixed_precision, train
+    from hpd.training.setup import resolve_mixed_precision
+    from hpd.training.trainer import train
 
     out = tmp_path / "run"
     cfg = load_config("configs/tiny.yaml", [

@@ -11,7 +11,7 @@ import pytest
 
 from hpd.apps.recipe_data import capitals_prompts, write_prompts, write_train
 from hpd.apps.tasks.capitals import CAPITALS, TEMPLATES, countries, mentions
-from hpd.data import load_examples
+from hpd.data.rows import load_examples
 from hpd.errors import HPDError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from hpd.errors import HPDError
-from hpd.models import build_tiny_model
-from hpd.rollout import encode_prompts, generate_completions, generate_text
-from hpd.tokenizer import byte_tokenizer
+from hpd.models.loading import build_tiny_model
+from hpd.responses.rollout import encode_prompts, generate_completions, generate_text
+from hpd.models.tokenizer import byte_tokenizer
 
 PROMPTS = ["a", "hello world", "xyz", "The quick brown fox jumps", "日本"]
 

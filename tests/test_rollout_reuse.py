@@ -10,8 +10,8 @@ import torch
 from hpd.config import load_config
 from hpd.errors import HPDError
 from hpd.objectives import RatioClip, RolloutWeights, get_objective, rollout_weights
-from hpd.regimes import rollout_bias
-from hpd.trainer import Trainer, train
+from hpd.responses.regimes import rollout_bias
+from hpd.training.trainer import Trainer, train
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -35,7 +35,7 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def train_records(run_dir: Path) -> list[dict]:
-    from hpd.metrics_file import read_records
+    from hpd.training.metrics_file import read_records
 
     return read_records(Path(run_dir) / "metrics.jsonl", "train")
 
@@ -275,7 +275,7 @@ def test_biased_rollouts_warn_when_allowed(overrides, tmp_path, capsys):
 
 
 def test_no_guard_without_rollouts_or_with_unbiased_ones(tmp_path):
-    from hpd.models import load_model
+    from hpd.models.loading import load_model
 
     model, _ = load_model("tiny", tiny={"num_layers": 1, "hidden_size": 32})
     assert rollout_bias(config(tmp_path, "regime.name=dataset", "regime.top_p=0.5"), model) == []

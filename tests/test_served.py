@@ -1,4 +1,4 @@
-"""The served teacher (`teacher.server`, `hpd.served`) and the cache built by engines, against a real vLLM.
+"""The served teacher (`teacher.server`, `hpd.teachers.served`) and the cache built by engines, against a real vLLM.
 
 The engine tests start vLLM on 127.0.0.1 with the bundled teacher (the `teacher_server` fixture,
 tests/conftest.py; skipped with a message naming `make engine` when its environment is absent) and
@@ -21,10 +21,11 @@ import pytest
 import torch
 
 from hpd.config import DataConfig, load_config
-from hpd.data import build_batch, encode_file
+from hpd.data.collate import build_batch
+from hpd.data.encode import encode_file
 from hpd.engine import free_port
 from hpd.errors import HPDError
-from hpd.served import ServerError, TeacherServers, parse_prompt_logprobs, topk_teacher
+from hpd.teachers.served import ServerError, TeacherServers, parse_prompt_logprobs, topk_teacher
 
 TEACHER = "hpd/assets/teacher"
 STUDENT = "hpd/assets/students/llama-2x96"
@@ -220,14 +221,14 @@ def proxy(teacher_server):
 
 
 def _examples(n=6):
-    from hpd.models import load_saved_tokenizer
+    from hpd.models.loading import load_saved_tokenizer
 
     tok = load_saved_tokenizer(TEACHER)
     return encode_file(DATA, tok, DataConfig(max_length=64))[0][:n], tok
 
 
 def _in_process(examples, tok):
-    from hpd.models import load_model
+    from hpd.models.loading import load_model
 
     model = load_model(TEACHER, dtype="float32")[0]
     b = build_batch([e.prompt_ids for e in examples], [e.completion_ids for e in examples], pad_id=tok.pad_token_id)
@@ -269,9 +270,9 @@ def test_the_served_view_is_the_in_process_teachers(teacher_server):
 def test_served_teacher_gives_the_in_process_loss_and_gradient(name, top_k, exact, teacher_server):
     """K = V (a complete teacher), or hpd at K = 8 with its samples outside the top-8 scored by a
     second request: the loss and gradient equal the in-process teacher's to fp32 tolerance."""
-    from hpd.models import load_model
+    from hpd.models.loading import load_model
     from hpd.objectives import get_objective
-    from hpd.served import exact_scorer
+    from hpd.teachers.served import exact_scorer
 
     examples, tok = _examples()
     logits, b = _in_process(examples, tok)
@@ -300,7 +301,7 @@ def test_served_teacher_gives_the_in_process_loss_and_gradient(name, top_k, exac
 @engine
 def test_training_with_a_served_teacher_records_it_and_resumes_exactly(teacher_server, tmp_path, monkeypatch):
     from conftest import interrupted_at_step
-    from hpd.trainer import train
+    from hpd.training.trainer import train
 
     common = ["objective.name=hpd", "max_steps=6", "save.every=3", "teacher.server_top_k=8",
               "teacher.server_exact_samples=true"]
@@ -326,12 +327,12 @@ def test_a_failing_server_stops_the_run_with_its_name_and_the_run_resumes_exactl
     """The proxy turns bad after step 4: the run stops before any step trains on the bad answer
     (an error naming the server), keeps its step-3 checkpoint, and resumed against the good server
     ends with the weights of a run that never failed."""
-    import hpd.trainer
-    from hpd.trainer import train
+    import hpd.training.trainer
+    from hpd.training.trainer import train
 
     common = ["objective.name=hpd", "max_steps=6", "save.every=3", "teacher.server_timeout=1.5",
               "teacher.server_retries=1"]
-    real_step = hpd.trainer.Trainer.train_step
+    real_step = hpd.training.trainer.Trainer.train_step
     steps_taken = []
 
     def turns_bad(self):
@@ -341,7 +342,7 @@ def test_a_failing_server_stops_the_run_with_its_name_and_the_run_resumes_exactl
         steps_taken.append(self.step + 1)
         return out
 
-    monkeypatch.setattr(hpd.trainer.Trainer, "train_step", turns_bad)
+    monkeypatch.setattr(hpd.training.trainer.Trainer, "train_step", turns_bad)
     run = tmp_path / "run"
     with pytest.raises(HPDError, match=rf"{proxy.url}: .*{match}"):
         train(_cfg(run, proxy.url, *common))
@@ -350,7 +351,7 @@ def test_a_failing_server_stops_the_run_with_its_name_and_the_run_resumes_exactl
     # answer is bad never finishes, and steps 1-4 trained on good answers.
     assert steps_taken in ([1, 2, 3, 4], [1, 2, 3, 4, 5])
     assert [p.name for p in (run / "checkpoints").glob("step-*")] == ["step-00000003"] and not (run / "final").exists()
-    monkeypatch.setattr(hpd.trainer.Trainer, "train_step", real_step)
+    monkeypatch.setattr(hpd.training.trainer.Trainer, "train_step", real_step)
     whole = train(_cfg(tmp_path / "whole", teacher_server.url, *common))
     resumed = train(_cfg(run, teacher_server.url, *common))  # the server is back (elsewhere: teacher.server is run-neutral)
     a, c = _weights(whole), _weights(resumed)
@@ -359,7 +360,7 @@ def test_a_failing_server_stops_the_run_with_its_name_and_the_run_resumes_exactl
 
 @engine
 def test_another_tokenizer_or_vocabulary_is_refused_naming_both_sides(teacher_server, tmp_path):
-    from hpd.models import load_saved_tokenizer
+    from hpd.models.loading import load_saved_tokenizer
 
     tok = load_saved_tokenizer(TEACHER)
     pool = TeacherServers(teacher_server.url)
@@ -380,7 +381,7 @@ def test_another_tokenizer_or_vocabulary_is_refused_naming_both_sides(teacher_se
     with pytest.raises(HPDError, match=rf"teacher server {teacher_server.url} serves .*teacher, whose tokenizer reads "
                                        r"the probe text .* as other token ids than the student \(.*student\)'s "
                                        r"\(first difference at token \d+: served \[.*\], student \[.*\]\)"):
-        from hpd.trainer import train
+        from hpd.training.trainer import train
 
         train(_cfg(tmp_path / "run", teacher_server.url, f"student.path={other}", "max_steps=1"))
 
@@ -389,7 +390,7 @@ def test_another_tokenizer_or_vocabulary_is_refused_naming_both_sides(teacher_se
 def test_a_cache_built_by_one_or_two_servers_equals_the_in_process_cache(teacher_server, proxy, tmp_path):
     """The same positions and top-K tokens; log-probabilities within 1e-4 (the engine's fp32
     numerics), the tail mass within 1e-4; two servers share the batches and build the same cache."""
-    from hpd.teacher_cache import TeacherCache, build_teacher_cache
+    from hpd.teachers.cache import TeacherCache, build_teacher_cache
 
     kw = dict(top_k=8, data=DataConfig(max_length=64), dtype="float32", batch_size=8, log=None)
     local = TeacherCache(build_teacher_cache(TEACHER, [DATA], tmp_path / "local", **kw))
@@ -415,7 +416,7 @@ def test_a_cache_built_by_one_or_two_servers_equals_the_in_process_cache(teacher
 @engine
 def test_a_packed_run_with_a_served_teacher_trains_as_the_padded_one(teacher_server, tmp_path):
     """The servers score whole rows; the view is packed like the batch, so packing changes nothing."""
-    from hpd.trainer import train
+    from hpd.training.trainer import train
 
     common = ["objective.name=hpd", "max_steps=3", "teacher.server_top_k=8"]
     padded = _weights(train(_cfg(tmp_path / "padded", teacher_server.url, *common)))
@@ -434,7 +435,7 @@ def _bpe_student(tmp_path=None):
     bpe = train_bpe()
     student = _tiny(bpe, 4)
     if tmp_path is not None:
-        from hpd.models import save_model
+        from hpd.models.loading import save_model
 
         save_model(student, bpe, tmp_path / "bpe-student")
     return student, bpe
@@ -447,9 +448,9 @@ def test_a_served_teacher_across_tokenizers_gives_the_online_loss_and_gradient(t
     tokenizer, the engine's prompt log-probabilities over them lined up as online. K = V: hpd's loss and
     gradient equal the online cross-tokenizer teacher's; K = 8 with the samples outside the top-8 asked
     for by a second request: equal too (without it the tail estimate is used; the fractions are printed)."""
-    from hpd.batches import make_batch
-    from hpd.cross_tokenizer import CrossTokenizerTeacher, ServedCrossTokenizerTeacher
-    from hpd.models import load_model, load_saved_tokenizer
+    from hpd.data.batches import make_batch
+    from hpd.teachers.cross_tokenizer import CrossTokenizerTeacher, ServedCrossTokenizerTeacher
+    from hpd.models.loading import load_model, load_saved_tokenizer
     from hpd.objectives import get_objective
 
     student, bpe = _bpe_student()
@@ -489,7 +490,7 @@ def test_a_served_teacher_across_tokenizers_gives_the_online_loss_and_gradient(t
 def test_training_with_a_served_teacher_across_tokenizers(teacher_server, tmp_path):
     """`hpd train teacher.server=URL teacher.cross_tokenizer=true teacher.path=TOKENIZER_DIR` with a BPE
     student: checked against the teacher's tokenizer, trains; the student's tokenizer as teacher.path is refused."""
-    from hpd.trainer import train
+    from hpd.training.trainer import train
 
     _bpe_student(tmp_path)
     common = [f"student.path={tmp_path / 'bpe-student'}", "teacher.cross_tokenizer=true", "objective.name=hpd",
@@ -502,7 +503,7 @@ def test_training_with_a_served_teacher_across_tokenizers(teacher_server, tmp_pa
     with pytest.raises(HPDError, match="reads the probe text .* as other token ids than the teacher tokenizer"):
         train(_cfg(tmp_path / "refused", teacher_server.url, *common, f"teacher.path={tmp_path / 'bpe-student'}"))
     # A cache across tokenizers built by the server holds the one built from the model here.
-    from hpd.teacher_cache import TeacherCache, build_teacher_cache
+    from hpd.teachers.cache import TeacherCache, build_teacher_cache
 
     kw = dict(top_k=8, data=DataConfig(max_length=64), dtype="float32", student=tmp_path / "bpe-student", log=None)
     local = TeacherCache(build_teacher_cache(TEACHER, [DATA], tmp_path / "local", **kw))

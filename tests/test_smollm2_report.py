@@ -32,7 +32,7 @@ def _measured(res: subprocess.CompletedProcess) -> list[str]:
 
 def test_kept_rows_are_reused_outlive_their_weights_and_a_retrained_run_is_measured_again(tmp_path, tiny_teacher, repo_root):
     from hpd.config import load_config
-    from hpd.trainer import train
+    from hpd.training.trainer import train
 
     runs, keep = tmp_path / "runs", tmp_path / "keep"
     run = runs / "every2" / "hpd"

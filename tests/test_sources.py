@@ -1,5 +1,5 @@
 """The small interfaces the training step is made of: response sources over a generation backend,
-the generation cache, and teacher views (`hpd.regimes`, `hpd.rollout`, `hpd.generation_cache`,
+the generation cache, and teacher views (`hpd.responses.regimes`, `hpd.responses.rollout`, `hpd.responses.generation_cache`,
 `hpd.objectives.surrogate`)."""
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import torch
 
 from hpd.config import load_config
 from hpd.errors import HPDError
-from hpd.generation_cache import GenerationCache
+from hpd.responses.generation_cache import GenerationCache
 from hpd.objectives import HeadTeacher, LogitsTeacher, as_teacher_view, get_objective
-from hpd.regimes import MixedResponses, StudentRollouts, response_source, step_regime
-from hpd.rollout import GenerationBackend
+from hpd.responses.regimes import MixedResponses, StudentRollouts, response_source, step_regime
+from hpd.responses.rollout import GenerationBackend
 
 
 class FakeBackend(GenerationBackend):

@@ -1,4 +1,4 @@
-"""Streaming training data (`data.streaming`, `hpd.streaming`): lazy, shuffled, and resumable.
+"""Streaming training data (`data.streaming`, `hpd.data.streaming`): lazy, shuffled, and resumable.
 
 The reference for resumption is the uninterrupted streamed run: a run stopped after a checkpoint
 (its later checkpoints and final weights removed, as a kill leaves it) and resumed must end with
@@ -18,9 +18,9 @@ from safetensors.torch import load_file
 
 from hpd.config import DataConfig, load_config
 from hpd.errors import HPDError
-from hpd.streaming import StreamSampler, shuffled
-from hpd.tokenizer import byte_tokenizer
-from hpd.trainer import train
+from hpd.data.streaming import StreamSampler, shuffled
+from hpd.models.tokenizer import byte_tokenizer
+from hpd.training.trainer import train
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -90,7 +90,7 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
 
 
 def _losses(run: Path) -> list[tuple[int, float]]:
-    from hpd.metrics_file import read_records  # metrics.jsonl is appended to: read as the run stands
+    from hpd.training.metrics_file import read_records  # metrics.jsonl is appended to: read as the run stands
 
     return [(r["step"], r["loss"]) for r in read_records(run / "metrics.jsonl", "train")]
 
@@ -117,7 +117,7 @@ def test_a_streamed_run_resumed_from_a_checkpoint_ends_with_the_uninterrupted_we
 
 
 def test_what_needs_the_whole_data_is_refused_with_streaming(tmp_path):
-    from hpd.trainer import Trainer
+    from hpd.training.trainer import Trainer
 
     for extra, why in ((["epochs=1"], "epochs"), (["data.eval_fraction=0.1"], "eval_fraction"),
                        (["regime.name=teacher"], "regime teacher")):

@@ -375,7 +375,7 @@ def test_get_task_names_params_and_errors():
 
 
 def test_mixed_dataset_and_jsonl_rows(tmp_path):
-    from hpd.data import load_examples
+    from hpd.data.rows import load_examples
 
     mix = mixed_dataset({"math": 30, "code": 20, "dialogue": 10}, split="train", seed=0)
     assert len(mix) == 60

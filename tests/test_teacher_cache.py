@@ -16,11 +16,13 @@ from typer.testing import CliRunner
 
 from hpd.apps.cli import app
 from hpd.config import DataConfig, load_config
-from hpd.data import build_batch, encode_file
+from hpd.data.collate import build_batch
+from hpd.data.encode import encode_file
 from hpd.errors import HPDError
-from hpd.models import load_model, save_model
+from hpd.models.loading import load_model, save_model
 from hpd.objectives import OBJECTIVES, get_objective
-from hpd.teacher_cache import TeacherCache, build_teacher_cache, sequence_hash
+from hpd.fingerprints import sequence_hash
+from hpd.teachers.cache import TeacherCache, build_teacher_cache
 
 DATA = "examples/tiny.jsonl"
 MAX_LEN = 48
@@ -127,7 +129,7 @@ def test_complete_cache_gives_the_online_teachers_loss_and_gradient(name, teache
         for teacher in (online, cached):
             g = torch.Generator().manual_seed(11)
             if chunk:
-                from hpd.models import final_hidden_states, lm_head_of
+                from hpd.models.head import final_hidden_states, lm_head_of
 
                 hidden = final_hidden_states(student, ids, mask)
                 out = obj.chunked(hidden, lm_head_of(student), teacher, labels, chunk_size=16, generator=g)
@@ -162,12 +164,12 @@ def test_build_is_atomic_and_refuses_to_overwrite(teacher_dir, tmp_path, monkeyp
     with pytest.raises(HPDError, match="already exists: choose another --out, or pass --force"):
         build(teacher_dir, out, top_k=4)
     before = (out / "manifest.json").read_text()
-    import hpd.models
+    import hpd.models.head
 
     def boom(*a, **k):
         raise RuntimeError("teacher forward failed")
 
-    monkeypatch.setattr(hpd.models, "final_hidden_states", boom)
+    monkeypatch.setattr(hpd.models.head, "final_hidden_states", boom)
     with pytest.raises(RuntimeError, match="teacher forward failed"):
         build(teacher_dir, out, top_k=4, overwrite=True)
     assert (out / "manifest.json").read_text() == before  # the old cache is untouched
@@ -176,15 +178,15 @@ def test_build_is_atomic_and_refuses_to_overwrite(teacher_dir, tmp_path, monkeyp
 
 
 def test_the_teacher_runs_on_the_device_asked_and_a_bad_device_is_a_clear_error(teacher_dir, tmp_path, monkeypatch):
-    import hpd.models
+    import hpd.models.head
 
-    seen, real = [], hpd.models.final_hidden_states
+    seen, real = [], hpd.models.head.final_hidden_states
 
     def spy(model, input_ids, attention_mask):
         seen.append((next(model.parameters()).device.type, input_ids.device.type))
         return real(model, input_ids, attention_mask)
 
-    monkeypatch.setattr(hpd.models, "final_hidden_states", spy)
+    monkeypatch.setattr(hpd.models.head, "final_hidden_states", spy)
     expected = "cuda" if torch.cuda.is_available() else "cpu"  # auto: the GPU when there is one
     build(teacher_dir, tmp_path / "auto", top_k=4)
     assert seen and set(seen) == {(expected, expected)}
@@ -223,22 +225,22 @@ def _cfg(out, teacher_dir, *extra):
 
 def _no_teacher_loading(monkeypatch):
     """The trainer may build the tiny student, never load the teacher."""
-    import hpd.trainer
+    import hpd.training.setup
 
-    real = hpd.trainer.load_model
+    real = hpd.training.setup.load_model
 
     def guarded(path, **kw):
         if path != "tiny":
             raise AssertionError(f"the teacher was loaded from {path}")
         return real(path, **kw)
 
-    monkeypatch.setattr(hpd.trainer, "load_model", guarded)
+    monkeypatch.setattr(hpd.training.setup, "load_model", guarded)
 
 
 @pytest.mark.parametrize("objective", ["hpd", "fkl"])
 def test_training_with_a_cache_never_loads_the_teacher_and_the_loss_falls(objective, tiny_teacher, trained_cache,
                                                                          tmp_path, monkeypatch):
-    from hpd.trainer import train
+    from hpd.training.trainer import train
 
     _no_teacher_loading(monkeypatch)
     run = train(_cfg(tmp_path / "run", tiny_teacher, f"teacher.cache={trained_cache}", f"objective.name={objective}",
@@ -257,7 +259,7 @@ def test_training_with_a_cache_never_loads_the_teacher_and_the_loss_falls(object
 
 
 def test_training_with_a_complete_cache_equals_training_with_the_teacher(teacher_dir, exact_cache, tmp_path):
-    from hpd.trainer import train
+    from hpd.training.trainer import train
 
     common = ["objective.name=hpd", "max_steps=4", "data.eval_fraction=0.125"]
     online = train(_cfg(tmp_path / "online", teacher_dir, *common))
@@ -271,7 +273,7 @@ def test_training_with_a_complete_cache_equals_training_with_the_teacher(teacher
 
 def test_resume_with_a_cache_equals_an_uninterrupted_run(teacher_dir, k8_cache, tmp_path, monkeypatch):
     from conftest import interrupted_at_step
-    from hpd.trainer import train
+    from hpd.training.trainer import train
 
     common = [f"teacher.cache={k8_cache}", "objective.name=hpd", "max_steps=6", "save.every=3"]
     whole = train(_cfg(tmp_path / "whole", teacher_dir, *common))
@@ -296,7 +298,7 @@ def test_resume_with_a_cache_equals_an_uninterrupted_run(teacher_dir, k8_cache, 
 ])
 def test_a_cache_that_does_not_fit_the_run_is_an_error_that_says_what_differs(extra, match, teacher_dir, k8_cache,
                                                                               tmp_path, repo_root):
-    from hpd.trainer import Trainer
+    from hpd.training.trainer import Trainer
 
     other = tmp_path / "other.jsonl"
     other.write_text('{"prompt": "1+1=", "completion": "2"}\n{"prompt": "2+2=", "completion": "4"}\n')
@@ -307,7 +309,7 @@ def test_a_cache_that_does_not_fit_the_run_is_an_error_that_says_what_differs(ex
 
 
 def test_cache_errors_for_another_teacher_and_a_cache_without_topk(teacher_dir, tmp_path):
-    from hpd.trainer import Trainer
+    from hpd.training.trainer import Trainer
 
     k0 = build(teacher_dir, tmp_path / "k0", top_k=0)
     # sft and orkl need only the sequence token; hpd and fkl need the top-K.
@@ -345,7 +347,7 @@ def test_cache_teacher_command_builds_a_cache_the_trainer_reads(teacher_dir, tmp
 def test_teacher_generations_are_cached_with_generate_then_cache_teacher_then_trained_on(teacher_dir, tmp_path,
                                                                                           monkeypatch):
     """The README's recipe for the teacher regime's data with a cache: generate, cache, train (dataset)."""
-    from hpd.trainer import train
+    from hpd.training.trainer import train
 
     runner = CliRunner()
     prompts = tmp_path / "p.jsonl"
@@ -367,9 +369,9 @@ def test_teacher_generations_are_cached_with_generate_then_cache_teacher_then_tr
 
 
 def test_generate_leaves_empty_answers_out_and_says_so(tmp_path, monkeypatch):
-    import hpd.rollout
+    import hpd.responses.rollout
 
-    monkeypatch.setattr(hpd.rollout, "generate_text", lambda model, tok, prompts, **kw: ["", "4", "  "][: len(prompts)])
+    monkeypatch.setattr(hpd.responses.rollout, "generate_text", lambda model, tok, prompts, **kw: ["", "4", "  "][: len(prompts)])
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("a", "2+2=", "c")))
     out = tmp_path / "gen.jsonl"

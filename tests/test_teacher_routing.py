@@ -1,4 +1,4 @@
-"""A teacher per row (`teacher.named`, `data.teacher_column`, `hpd.teacher_routing`).
+"""A teacher per row (`teacher.named`, `data.teacher_column`, `hpd.teachers.routing`).
 
 Two random tiny teachers saved to disk (no training needed: routing must reproduce whatever each
 teacher computes), a copy of examples/tiny.jsonl whose rows name them; everything runs in seconds.
@@ -14,15 +14,16 @@ import torch
 from typer.testing import CliRunner
 
 from hpd.apps.cli import app
-from hpd.batches import make_batch
+from hpd.data.batches import make_batch
 from hpd.config import DataConfig, load_config
-from hpd.data import encode_file
+from hpd.data.encode import encode_file
 from hpd.errors import HPDError
-from hpd.models import final_hidden_states, lm_head_of, load_model, save_model
+from hpd.models.head import final_hidden_states, lm_head_of
+from hpd.models.loading import load_model, save_model
 from hpd.objectives import get_objective
-from hpd.teacher_cache import TeacherCache, build_teacher_cache
-from hpd.teacher_routing import RoutedTeacher
-from hpd.teachers import CachedTeacher, ModelTeacher
+from hpd.teachers.cache import TeacherCache, build_teacher_cache
+from hpd.teachers.routing import RoutedTeacher
+from hpd.teachers.sources import CachedTeacher, ModelTeacher
 
 DATA = "examples/tiny.jsonl"
 MAX_LEN = 48
@@ -184,7 +185,7 @@ def test_an_online_and_a_cached_teacher_in_one_batch_each_keep_their_own_semanti
 def test_hpd_train_with_a_routed_file_logs_each_teachers_tokens_and_resumes_exactly(teachers, routed_data, tmp_path,
                                                                                    monkeypatch):
     from conftest import interrupted_at_step
-    from hpd.trainer import train
+    from hpd.training.trainer import train
 
     cfg = _cfg(tmp_path / "whole", routed_data, teachers, "objective.name=hpd", "max_steps=4", "save.every=2")
     path = tmp_path / "run.yaml"
@@ -222,7 +223,7 @@ def test_rows_that_name_no_teacher_train_as_a_run_without_named_teachers(teacher
     """examples/tiny.jsonl has no teacher column: every row goes to the default teacher, and the run
     equals the same run without teacher.named (the routing adds nothing but its bookkeeping)."""
     from safetensors.torch import load_file
-    from hpd.trainer import train
+    from hpd.training.trainer import train
 
     plain = train(load_config("configs/tiny.yaml", [f"output_dir={tmp_path / 'plain'}", *FAST, "max_steps=3"]))
     routed = train(_cfg(tmp_path / "routed", Path(DATA), teachers, "max_steps=3"))
@@ -233,7 +234,7 @@ def test_rows_that_name_no_teacher_train_as_a_run_without_named_teachers(teacher
 
 
 def test_packed_batches_route_as_padded_ones(teachers, routed_data, tmp_path):
-    from hpd.trainer import train
+    from hpd.training.trainer import train
 
     losses = []
     for packing in ("false", "true"):
@@ -245,7 +246,7 @@ def test_packed_batches_route_as_padded_ones(teachers, routed_data, tmp_path):
 
 
 def test_a_row_naming_an_unknown_teacher_is_refused_naming_the_row_and_the_teachers(teachers, routed_data, tmp_path):
-    from hpd.trainer import Trainer
+    from hpd.training.trainer import Trainer
 
     rows = routed_data.read_text().splitlines()
     rows[4] = json.dumps({**json.loads(rows[4]), "teacher": "c"})
@@ -262,7 +263,7 @@ def test_a_row_naming_an_unknown_teacher_is_refused_naming_the_row_and_the_teach
 
 
 def test_a_named_teacher_of_another_vocabulary_is_refused_at_start_by_name(teachers, routed_data, tmp_path):
-    from hpd.trainer import Trainer
+    from hpd.training.trainer import Trainer
 
     model, tok = load_model("tiny", tiny=TINY, seed=9)
     tok.add_tokens(["<extra>"])
@@ -297,7 +298,7 @@ def test_the_named_teachers_config_reads_yaml_and_overrides_and_refuses_what_rou
 def test_a_resume_with_other_named_teachers_is_a_change_of_the_run(tmp_path):
     """teacher.named is compared as one value: a teacher added, removed or moved changes the run."""
     from hpd.config import config_to_dict
-    from hpd.resume import RUN_NEUTRAL_KEYS, config_changes
+    from hpd.training.resume import RUN_NEUTRAL_KEYS, config_changes
 
     before = load_config(None, ["teacher.named.a.path=x"])
     for extra in (["teacher.named.a.path=x", "teacher.named.c.path=y"], ["teacher.named.a.path=z"], []):
@@ -317,7 +318,7 @@ def test_a_named_cache_of_a_teacher_trains_as_that_teacher_online(teachers, rout
     """Teacher b as a complete cache (K = V) among online teachers: the run ends with the weights of
     the run where b runs online (fp32 tolerance), and b's rows cost no teacher forward."""
     from safetensors.torch import load_file
-    from hpd.trainer import train
+    from hpd.training.trainer import train
 
     runs = {}
     for how, b in (("online", f"teacher.named.b.path={teachers['b']}"), ("cache", f"teacher.named.b.cache={b_exact_cache}")):
@@ -337,7 +338,7 @@ def test_a_default_cache_needs_only_the_rows_of_the_default_teacher(teachers, ro
     """teacher.cache as the default teacher, built over the rows that name no teacher alone: the run
     reads it for those rows only and ends as the run with that teacher online."""
     from safetensors.torch import load_file
-    from hpd.trainer import train
+    from hpd.training.trainer import train
 
     own = tmp_path / "default-rows.jsonl"
     own.write_text("".join(line + "\n" for line in routed_data.read_text().splitlines()
@@ -387,7 +388,7 @@ def test_a_served_teacher_as_one_route_trains_as_that_teacher_online(teacher_ser
     those of `a` and the default: the run ends with the weights of the all-online run (to the
     engine's fp32 numerics) and the servers and model are recorded."""
     from safetensors.torch import load_file
-    from hpd.trainer import train
+    from hpd.training.trainer import train
 
     teacher, student = "hpd/assets/teacher", "hpd/assets/students/llama-2x96"
     common = [f"output_dir={tmp_path}", f"data.train={routed_data}", *FAST, "data.max_length=64", "objective.name=fkl",

@@ -3,7 +3,7 @@
 import pytest
 from transformers import AutoTokenizer
 
-from hpd.tokenizer import SPECIAL_TOKENS, byte_tokenizer
+from hpd.models.tokenizer import SPECIAL_TOKENS, byte_tokenizer
 
 TEXTS = [
     "hello world",

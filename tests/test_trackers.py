@@ -14,8 +14,8 @@ import pytest
 
 from hpd.config import load_config
 from hpd.errors import HPDError
-from hpd.trackers import resolve_trackers, tracker_values
-from hpd.trainer import Trainer, train
+from hpd.training.trackers import resolve_trackers, tracker_values
+from hpd.training.trainer import Trainer, train
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -76,7 +76,7 @@ def test_wandb_offline_writes_its_run_dir_without_network(tmp_path, repo_root, m
 
 
 def test_report_to_resolution_and_a_missing_package(monkeypatch):
-    import hpd.trackers as trackers
+    import hpd.training.trackers as trackers
 
     monkeypatch.setattr(trackers, "_installed", lambda name: name != "wandb")
     assert resolve_trackers([], "auto") == ["tensorboard"]  # installed and nothing named: the old default
@@ -92,7 +92,7 @@ def test_report_to_resolution_and_a_missing_package(monkeypatch):
 
 
 def test_a_missing_tracker_stops_the_run_before_anything_is_written(tmp_path, monkeypatch, repo_root):
-    import hpd.trackers as trackers
+    import hpd.training.trackers as trackers
 
     monkeypatch.chdir(repo_root)
     monkeypatch.setattr(trackers, "_installed", lambda name: False)

@@ -1,7 +1,7 @@
 """End-to-end tests of `hpd train` on tiny models and examples/tiny.jsonl (CPU, seconds each).
 
 A tiny teacher is trained once per session with SFT (`tiny_teacher` in conftest.py); students are
-distilled from it. Runs go through `hpd.trainer.train` in-process, except where the command line
+distilled from it. Runs go through `hpd.training.trainer.train` in-process, except where the command line
 or a killed process is the point.
 """
 
@@ -21,12 +21,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from hpd.checkpoint import latest_checkpoint
+from hpd.training.checkpoint import latest_checkpoint
 from hpd.apps.cli import app
 from hpd.config import config_to_dict, load_config
 from hpd.errors import HPDError
-from hpd.regimes import step_regime
-from hpd.trainer import train
+from hpd.responses.regimes import step_regime
+from hpd.training.trainer import train
 
 OBJECTIVES = ("sft", "fkl", "rkl", "jsd", "skl", "srkl", "tvd", "akl", "todi", "abkl", "orkl", "hpd")
 REGIMES = ("dataset", "teacher", "student", "mixed")
@@ -73,7 +73,7 @@ def config(out: Path, *overrides: str, teacher: Path | str | None = None):
 
 def read_metrics(run_dir: Path) -> list[dict]:
     """The records of RUN_DIR/metrics.jsonl."""
-    from hpd.metrics_file import read_records
+    from hpd.training.metrics_file import read_records
 
     return read_records(Path(run_dir) / "metrics.jsonl")  # as the run stands: restart markers applied
 
@@ -240,8 +240,8 @@ def test_rerun_after_a_kill_before_the_first_checkpoint_starts_a_clean_log(tiny_
 
 def _student_dir_with_other_tokenizer(tmp_path: Path) -> Path:
     """A tiny student whose tokenizer has 20 extra tokens (283; model vocab 288)."""
-    from hpd.models import build_tiny_model
-    from hpd.tokenizer import byte_tokenizer
+    from hpd.models.loading import build_tiny_model
+    from hpd.models.tokenizer import byte_tokenizer
 
     tok = byte_tokenizer()
     tok.add_tokens([f"<extra{i}>" for i in range(20)])
@@ -254,8 +254,8 @@ def _student_dir_with_other_tokenizer(tmp_path: Path) -> Path:
 
 def _teacher_dir_with_byte_tokenizer(tmp_path: Path) -> Path:
     """A tiny teacher saved as a HF directory with the byte tokenizer (263 tokens; model vocab 264)."""
-    from hpd.models import build_tiny_model
-    from hpd.tokenizer import byte_tokenizer
+    from hpd.models.loading import build_tiny_model
+    from hpd.models.tokenizer import byte_tokenizer
 
     tok = byte_tokenizer()
     out = tmp_path / "teacher-263"
@@ -451,7 +451,8 @@ def test_documented_tiny_command_works_as_written(tmp_path, repo_root):
 
 def _poison_objective_from(monkeypatch, bad_steps):
     """Make the objective's token weights NaN on the optimizer steps (0-based) in `bad_steps`."""
-    import hpd.trainer as trainer_mod
+    import hpd.training.setup as setup_mod
+    import hpd.training.trainer as trainer_mod
 
     state = {"step": -1}
     original_step = trainer_mod.Trainer.train_step
@@ -463,7 +464,7 @@ def _poison_objective_from(monkeypatch, bad_steps):
         finally:
             state["step"] = -1  # evaluations stay finite
 
-    original_objective = trainer_mod.objective_from_config
+    original_objective = setup_mod.objective_from_config
 
     def objective_from_config(cfg):
         obj = original_objective(cfg)
@@ -480,7 +481,7 @@ def _poison_objective_from(monkeypatch, bad_steps):
         return poisoned
 
     monkeypatch.setattr(trainer_mod.Trainer, "train_step", train_step)
-    monkeypatch.setattr(trainer_mod, "objective_from_config", objective_from_config)
+    monkeypatch.setattr(setup_mod, "objective_from_config", objective_from_config)
 
 
 def test_nan_loss_skips_the_step_and_logs_it(monkeypatch, tiny_teacher, tmp_path):
@@ -519,7 +520,7 @@ def test_bad_steps_before_any_checkpoint_say_so(monkeypatch, tiny_teacher, tmp_p
 
 def test_no_checkpoint_is_written_inside_a_run_of_non_finite_steps(monkeypatch, tiny_teacher, tmp_path, capsys):
     """Steps 4-6 are non-finite: the checkpoints due at 4 and 6 wait for the next finite step (7)."""
-    from hpd.checkpoint import checkpoint_dirs
+    from hpd.training.checkpoint import checkpoint_dirs
 
     _poison_objective_from(monkeypatch, lambda step: 3 <= step <= 5)
     cfg = config(tmp_path / "run", "max_steps=9", "save.every=2", "save.keep_last=10", "optim.max_bad_steps=5",
@@ -556,12 +557,12 @@ def test_teacher_generations_are_generated_once_and_reused(monkeypatch, tiny_tea
     completions = json.loads(files[0].read_text())["completions"]
     assert len(completions) == 84 and all(1 <= len(c) <= 8 for c in completions)
 
-    import hpd.regimes
+    import hpd.responses.regimes
 
     def no_generation(*args, **kwargs):
         raise AssertionError("teacher generations were generated again")
 
-    monkeypatch.setattr(hpd.regimes, "rollout", no_generation)
+    monkeypatch.setattr(hpd.responses.regimes, "rollout", no_generation)
     train(config(tmp_path / "b", *common, teacher=tiny_teacher))
     assert sorted(p for p in cache.iterdir() if p.suffix == ".json") == files and files[0].stat().st_mtime_ns == stamp
     info = [r for r in read_metrics(tmp_path / "b") if r["type"] == "info"][0]
@@ -585,7 +586,7 @@ def test_mixed_regime_draws_are_logged_seeded_and_about_lambda(tiny_teacher, tmp
 
 
 def test_objective_from_config_passes_parameters_and_the_ce_mix():
-    from hpd.trainer import objective_from_config
+    from hpd.training.setup import objective_from_config
 
     cfg = load_config(None, ["objective.name=akl", "objective.mu=0.7", "objective.ce_weight=1", "objective.kd_weight=0.1"])
     obj = objective_from_config(cfg)
@@ -610,7 +611,7 @@ def test_a_mixed_run_logs_both_terms_and_learns(tiny_teacher, tmp_path):
 
 
 def test_a_run_ending_inside_a_streak_writes_final_but_no_final_checkpoint(monkeypatch, tiny_teacher, tmp_path, capsys):
-    from hpd.checkpoint import checkpoint_dirs
+    from hpd.training.checkpoint import checkpoint_dirs
 
     _poison_objective_from(monkeypatch, lambda step: step >= 7)  # steps 8 and 9 of 9
     train(config(tmp_path / "run", "max_steps=9", "save.every=4", "optim.max_bad_steps=5", teacher=tiny_teacher))
@@ -624,7 +625,8 @@ def test_gradient_checkpointing_recomputes_and_gives_the_same_loss_and_gradients
     # The chunked loss (chunk_size > 0) on an hpd objective, one micro-batch, with and without
     # student.gradient_checkpointing: the same loss and gradients, and the decoder layers really
     # run twice (forward, then recomputed in backward) only with it.
-    from hpd.trainer import DistillationLoss, load_models, objective_from_config
+    from hpd.training.step import DistillationLoss
+    from hpd.training.setup import load_models, objective_from_config
 
     results = {}
     for checkpointing in (False, True):
@@ -659,7 +661,7 @@ def test_gradient_checkpointing_recomputes_and_gives_the_same_loss_and_gradients
 
 
 def test_epochs_set_max_steps_from_the_rows_and_resume_keeps_them(tmp_path, capsys):
-    from hpd.trainer import steps_for_epochs
+    from hpd.training.setup import steps_for_epochs
 
     assert steps_for_epochs(2, 10, 4) == 5 and steps_for_epochs(1, 10, 4, processes=2) == 2
     assert steps_for_epochs(0.01, 10, 4) == 1

@@ -10,8 +10,9 @@ from safetensors.torch import load_file
 
 from hpd.config import config_help, load_config
 from hpd.errors import HPDError
-from hpd.models import load_model, save_model
-from hpd.trainer import objective_from_config, train
+from hpd.models.loading import load_model, save_model
+from hpd.training.setup import objective_from_config
+from hpd.training.trainer import train
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 

@@ -23,12 +23,12 @@ import pytest
 import torch
 
 from hpd.config import load_config
-from hpd.models import apply_lora, load_model
-from hpd.regimes import SamplingSettings
-from hpd.rollout import encode_prompts, generate_completions
-from hpd.trainer import Trainer
+from hpd.models.loading import apply_lora, load_model
+from hpd.responses.regimes import SamplingSettings
+from hpd.responses.rollout import encode_prompts, generate_completions
+from hpd.training.trainer import Trainer
 from hpd.engine import INSTALL_HINT, engine_python
-from hpd.vllm_generate import VLLMGenerate
+from hpd.responses.vllm_generate import VLLMGenerate
 
 ASSETS = Path(__file__).resolve().parents[1] / "hpd" / "assets"
 TEACHER = ASSETS / "teacher"  # Llama, head_dim 48

@@ -3,7 +3,7 @@
 `cli` (the `hpd` command), `tasks` (seeded verifiable tasks and the code sandbox), `verifiers`
 (answer checkers for any data file), `evaluate` (generate-and-verify), `plots` (training-dynamics
 figures) and `experiments` (runs side by side). They import the library; the library
-(`hpd.trainer`, `hpd.objectives`, ...) never imports them (tests/test_layout.py checks it).
+(`hpd.training.trainer`, `hpd.objectives`, ...) never imports them (tests/test_layout.py checks it).
 
     >>> from hpd.apps.tasks import get_task
     >>> get_task("capitals").name

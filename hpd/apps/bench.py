@@ -1,5 +1,9 @@
 """`hpd bench`: which objective should I use on my data? A tuned, seeded, paired protocol.
 
+Over 600 lines: the protocol reads as one piece (its settings, the starts and data conditions,
+the runs and their scoring), and every part is used only here; what other modules use is apart
+already (`bench_run`, `bench_report`, `bench_manifest`, `bench_archive`).
+
 The protocol, for every condition (a student start x a data condition) and every method:
 
 1. **Learning-rate grid** (seed 0): each method trains once per rate of `lr_grid` (multiples of the
@@ -70,7 +74,7 @@ from typing import Any
 from hpd.apps.recipe import BUNDLED_TEACHER, STUDENT_OVERRIDES, TASKS
 from hpd.errors import DivergedError, HPDError
 from hpd.files import atomic_write_text
-from hpd.progress import format_duration
+from hpd.training.progress import format_duration
 
 STUDENTS_DIR = Path(__file__).resolve().parents[1] / "assets" / "students"
 LONG_TEACHER = Path(__file__).resolve().parents[1] / "assets" / "long-teacher"
@@ -299,8 +303,8 @@ def _traces(data_dir: Path, gold_train: Path, s: BenchSettings, name: str = "tra
     if not out.is_file():
         if not (Path(s.writer) / "config.json").is_file():
             raise HPDError(f"no trace writer at {s.writer}: build it with `bash scripts/build_students.sh`")
-        from hpd.models import load_model
-        from hpd.rollout import generate_text
+        from hpd.models.loading import load_model
+        from hpd.responses.rollout import generate_text
         from hpd.apps.verifiers import get_verifier
 
         rows = _read_rows(gold_train)
@@ -377,10 +381,10 @@ def heldout_data(data_dir: Path, tasks: list[str], n: int, name: str) -> Path:
 def manifest_settings(s: BenchSettings) -> dict[str, Any]:
     """What shapes OUT's data files and teaches its runs (hpd.apps.bench_manifest): settings, a
     user's files by content, and the weights of the teacher, the data-making models and the starts."""
-    from hpd.data import data_digest
+    from hpd.data.rows import data_digest
     from hpd.fingerprints import weights_fingerprint
 
-    # The weights alone: a config.json may gain keys that change nothing (hpd.portable's).
+    # The weights alone: a config.json may gain keys that change nothing (hpd.models.portable's).
     weights = functools.partial(weights_fingerprint, with_config=False)
     m: dict[str, Any] = {"data.n_val": s.n_val, "teacher": weights(s.teacher)}
     if s.user_train is not None:

@@ -12,7 +12,7 @@ with runs trained on the old one. Two checks prevent it:
   whose value differs from the recorded one for any key both know is refused, with the keys
   (old -> new). New keys (a start or condition added later) are recorded, not refused.
 - **Each reused run** (finished, or recorded as failed) is compared with the config the bench
-  would give it now (`hpd.resume.config_changes`); a difference in a key that alters the run, or
+  would give it now (`hpd.training.resume.config_changes`); a difference in a key that alters the run, or
   in `max_steps`, is refused with the run and the keys.
 
     >>> import tempfile, pathlib
@@ -75,7 +75,7 @@ def check_manifest(out: Path, current: dict[str, Any], flag: str = "--out") -> N
             saved = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise HPDError(f"{path} is not valid JSON ({e}): restore it, or use another --out") from None
-    from hpd.resume import format_changes
+    from hpd.training.resume import format_changes
 
     differs = {k: (saved[k], v) for k, v in current.items() if k in saved and saved[k] != v}
     if differs:
@@ -92,7 +92,7 @@ def check_reused_runs(specs: Iterable[Any]) -> None:
 
     specs: `hpd.apps.bench.RunSpec`s (their `run_dir` and `overrides`)."""
     from hpd.config import load_config
-    from hpd.resume import config_changes, format_changes, run_altering, saved_config
+    from hpd.training.resume import config_changes, format_changes, run_altering, saved_config
 
     for sp in specs:
         run_dir = Path(sp.run_dir)

@@ -1,5 +1,9 @@
 """The ``hpd`` command line: train, plot, generate, convert, config, cache-teacher, serve-teacher, eval, data, demo, bench.
 
+Over 600 lines: one function per `hpd` command, most of each its typed options and their help
+(the command line is derived from them); the work of every command lives in the library or in
+another application module.
+
     hpd config --out my.yaml                       # a commented default config to edit
     hpd train my.yaml optim.lr=3e-4 max_steps=20   # train; key=value overrides any config key
     hpd train --help                               # every config key, its type, default, range
@@ -102,10 +106,10 @@ def train(
         if dry_run:
             typer.echo(cfg.to_yaml(), nl=False)
             return
-        from hpd.run_dir import check_run_paths
+        from hpd.training.run_dir import check_run_paths
 
         check_run_paths(cfg)  # at once, before the heavy imports (the trainer checks again)
-        from hpd.trainer import train as run_training  # heavy: torch, transformers, accelerate
+        from hpd.training.trainer import train as run_training  # heavy: torch, transformers, accelerate
 
         run_dir = run_training(cfg)
         if os.environ.get("RANK", "0") == "0":  # one line, not one per process
@@ -148,7 +152,7 @@ def _output_row(example: Any, completion: str) -> dict[str, Any]:
     """The input row (prompt or chat messages, plus its other fields) with the completion.
 
     Chat prompts are written as `messages` ending with the generated assistant turn, so the file
-    loads back with `hpd.data.load_examples` as training data (e.g. teacher generations).
+    loads back with `hpd.data.rows.load_examples` as training data (e.g. teacher generations).
     """
     row = dict(getattr(example, "extra", None) or {})
     if isinstance(example.prompt, list):
@@ -200,13 +204,13 @@ def generate(
         if _on_bad_row(on_bad_row) == "skip":  # which rows are generated for: part of what OUT is
             settings["on_bad_row"] = "skip"
         digest = _prompts_digest(prompts)
-        from hpd.hub import resolve_model_path
+        from hpd.models.hub import resolve_model_path
 
         model = resolve_model_path(model)  # a Hub id -> its local snapshot, whose files the cache key stamps
         from hpd.files import check_output
 
         check_output(out, {"--prompts": prompts, "--model": model}, what="--out", directory=False)
-        from hpd.generation_cache import GenerationCache
+        from hpd.responses.generation_cache import GenerationCache
 
         cache = GenerationCache(out, _generation_key(model, digest, settings))
         try:
@@ -232,10 +236,10 @@ def _generate_into(cache: Any, model: str, prompts: Path, settings: dict[str, An
         return
     if out.exists() and problem != "it was made with other inputs or settings":
         typer.echo(f"{out} is not reused ({problem}): generating it again", err=True)
-    from hpd.data import load_examples
-    from hpd.models import load_model
-    from hpd.progress import Progress
-    from hpd.rollout import generate_text
+    from hpd.data.rows import load_examples
+    from hpd.models.loading import load_model
+    from hpd.training.progress import Progress
+    from hpd.responses.rollout import generate_text
 
     examples, _stats = load_examples(str(prompts), require_completion=False, on_bad_row=on_bad_row,
                                      skip_hint="pass --on-bad-row skip")
@@ -285,11 +289,11 @@ def _on_bad_row(mode: str) -> str:
 
 
 def _prompts_digest(prompts: Path) -> bytes:
-    """The prompts' content: a file's bytes, a saved dataset's files (`hpd.data.data_digest`); a
+    """The prompts' content: a file's bytes, a saved dataset's files (`hpd.data.rows.data_digest`); a
     missing one is an error here, before any model is resolved."""
     import hashlib
 
-    from hpd.data import data_digest
+    from hpd.data.rows import data_digest
 
     if prompts.is_file():  # a file's key as before saved datasets were read (its caches stay valid)
         return hashlib.sha256(prompts.read_bytes()).digest()
@@ -331,7 +335,7 @@ def convert(
         check_output(out_dir, {"GGUF_FILE": gguf_file}, what="OUT_DIR")
         if out_dir.exists() and not force:
             raise HPDError(f"'{out_dir}' already exists: choose another OUT_DIR or add --force")
-        from hpd.models import convert_gguf
+        from hpd.models.loading import convert_gguf
 
         written = convert_gguf(gguf_file, out_dir, dtype=dtype)
         typer.echo(f"wrote {written}")
@@ -595,7 +599,7 @@ def cache_teacher_cmd(
                                                     if config is not None else [])
         if not files:
             raise HPDError("name the data: --data FILE (repeat for the eval file), or --config RUN.yaml")
-        from hpd.teacher_cache import build_teacher_cache
+        from hpd.teachers.cache import build_teacher_cache
 
         path = build_teacher_cache(teacher, files, out, top_k=top_k, data=cfg.data,
                                    temperature=temperature if temperature is not None else cfg.objective.temperature,
@@ -655,7 +659,7 @@ def main() -> None:
         sys.exit(130)
     finally:
         if "torch.distributed" in sys.modules:  # only a command that used torch can have started a group
-            from hpd.distributed import end_process_group
+            from hpd.training.distributed import end_process_group
 
             end_process_group()
 

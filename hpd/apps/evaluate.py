@@ -1,7 +1,7 @@
 """Evaluate a model on verifiable problems: generate answers, verify them, report accuracy with a CI.
 
 One routine, `evaluate_rows`, does it for any rows and verifier: it generates one completion per
-row's prompt with `hpd.rollout.generate_text` (chat-templated when the tokenizer has a template,
+row's prompt with `hpd.responses.rollout.generate_text` (chat-templated when the tokenizer has a template,
 greedy by default), scores them with the verifier (`hpd.apps.verifiers`) and returns an `EvalResult`
 with the accuracy, a 95% Wilson interval, the per-row verdicts (`.verdicts`, in input order) and
 one record per row. `evaluate_model` runs it on `n` held-out items of a bundled task (`hpd.apps.tasks`),
@@ -9,7 +9,7 @@ as rows checked by the task's own verifier. `eval_cli` / `eval_data_cli` are wha
 --task` / `hpd eval --data` run.
 
     >>> from hpd.apps.evaluate import evaluate_model, evaluate_rows
-    >>> from hpd.models import load_model
+    >>> from hpd.models.loading import load_model
     >>> model, tok = load_model("tiny", tiny={"num_layers": 1, "hidden_size": 32})
     >>> result = evaluate_model(model, tok, "dialogue", n=4, max_new_tokens=8)
     >>> result.n, 0.0 <= result.accuracy <= 1.0, len(result.records)
@@ -33,8 +33,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from hpd.errors import HPDError
 from hpd.files import check_output
-from hpd.progress import Progress
-from hpd.rollout import generate_text
+from hpd.training.progress import Progress
+from hpd.responses.rollout import generate_text
 from hpd.stats import Z_95, wilson_interval  # noqa: F401  (re-exported: hpd.apps.evaluate.wilson_interval)
 from hpd.apps.tasks import Task, get_task, task_row
 from hpd.apps.verifiers import TaskVerifier, Verifier, get_verifier
@@ -93,7 +93,7 @@ def evaluate_rows(
     max_new_tokens: the budget of every row; None: the verifier's per row (a task's), else
                     `DEFAULT_MAX_NEW_TOKENS`. `temperature=0` is greedy decoding.
     Rows are checked (prompt, the verifier's fields) before the model is loaded or run.
-    progress:       show the generation's progress with an ETA on stderr (`hpd.progress`).
+    progress:       show the generation's progress with an ETA on stderr (`hpd.training.progress`).
     """
     if isinstance(verifier, str):
         verifier = get_verifier(verifier)
@@ -110,7 +110,7 @@ def evaluate_rows(
             raise HPDError(f"row {i} (0-based) has no 'prompt' (a string, or chat messages) to generate from")
     verifier.check_rows(rows, sources)
     if isinstance(model, (str, os.PathLike)):
-        from hpd.models import load_model
+        from hpd.models.loading import load_model
 
         model, tokenizer = load_model(str(model))
     budgets = [max_new_tokens or verifier.max_new_tokens(row) or DEFAULT_MAX_NEW_TOKENS for row in rows]
@@ -216,7 +216,7 @@ def eval_cli(
     max_new_tokens: int | None = None,
 ) -> EvalResult:
     """Load a model, evaluate it on `task`, print the one-line summary and write the records."""
-    from hpd.models import load_model
+    from hpd.models.loading import load_model
 
     task_obj = get_task(task)  # fail on a bad task name before the (slow) model load
     task_obj.preflight()
@@ -252,7 +252,7 @@ class Rows(list):
 def load_rows(path: str | os.PathLike[str], *, prompt_field: str = "prompt", completion_field: str = "completion",
               messages_field: str = "messages", on_bad_row: str = "error", require_completion: bool = False,
               skip_hint: str = "pass --on-bad-row skip") -> Rows:
-    """The rows of a data source as dicts `{"prompt", "completion", ...}`, read by `hpd.data.load_examples`
+    """The rows of a data source as dicts `{"prompt", "completion", ...}`, read by `hpd.data.rows.load_examples`
     (the reader of `hpd train`: every format, its row errors naming the file and line).
 
     A chat row's `prompt` is its messages before the last assistant turn, its `completion` that turn
@@ -260,7 +260,7 @@ def load_rows(path: str | os.PathLike[str], *, prompt_field: str = "prompt", com
     (`data.prompt_field`, ...); the dicts use the plain names, so a file written from them reads back
     with the default settings.
     """
-    from hpd.data import load_examples
+    from hpd.data.rows import load_examples
 
     examples, stats = load_examples(os.fspath(path), prompt_field=prompt_field, completion_field=completion_field,
                                     messages_field=messages_field, on_bad_row=on_bad_row,

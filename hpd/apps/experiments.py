@@ -27,8 +27,8 @@ from typing import Any
 
 from hpd.config import Config, save_config
 from hpd.errors import HPDError
-from hpd.metrics_file import read_records as metrics_records
-from hpd.progress import Progress
+from hpd.training.metrics_file import read_records as metrics_records
+from hpd.training.progress import Progress
 
 
 def last_step(run_dir: Path) -> int:
@@ -45,7 +45,7 @@ def run_slug(label: str) -> str:
 
 
 def read_records(run_dir: Path, kind: str = "train") -> list[dict[str, Any]]:
-    """The records of one type of a run's metrics.jsonl, as the run stands (`hpd.metrics_file`)."""
+    """The records of one type of a run's metrics.jsonl, as the run stands (`hpd.training.metrics_file`)."""
     return metrics_records(Path(run_dir) / "metrics.jsonl", kind)
 
 
@@ -99,7 +99,7 @@ def evaluate_on_tasks(model_dir: str | Path, tasks: list[str], *, n: int, seed: 
                       out_dir: Path | None = None) -> dict[str, dict[str, float]]:
     """Held-out accuracy of a model on each task: {task: {accuracy, ci_low, ci_high, n, correct}}."""
     from hpd.apps.evaluate import evaluate_model, write_records
-    from hpd.models import load_model
+    from hpd.models.loading import load_model
 
     model, tokenizer = load_model(str(model_dir))
     model.eval()

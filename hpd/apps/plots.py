@@ -44,7 +44,7 @@ from typing import Any, Iterable, Sequence
 
 from hpd.errors import HPDError
 from hpd.files import atomic_write
-from hpd.metrics_file import RESTART, read_records
+from hpd.training.metrics_file import RESTART, read_records
 
 __all__ = ["QUANTITIES", "DYNAMICS", "OBJECTIVE_OWN", "DIAGNOSTICS", "RunMetrics", "read_metrics", "read_accuracy",
            "plot_runs", "ema"]
@@ -123,7 +123,7 @@ def read_metrics(run_dir: str | os.PathLike[str]) -> RunMetrics:
             f"(its output_dir), which holds metrics.jsonl"
         )
     # (kind, quantity) -> {step: value}, from the records as the run stands (a resumed run's
-    # restart markers applied, `hpd.metrics_file`); a dict, so a step logged twice draws no zigzag.
+    # restart markers applied, `hpd.training.metrics_file`); a dict, so a step logged twice draws no zigzag.
     points: dict[tuple[str, str], dict[int, float]] = {}
     lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
     bad_inner: list[int] = []

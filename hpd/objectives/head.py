@@ -5,7 +5,7 @@ returning it: Gemma 2 caps it (`c * tanh(z / c)`, `final_logit_softcapping`), Gr
 (`logits_scaling`), Cohere multiplies it (`logit_scale`). `LogitTransform` is that step,
 `z -> c * tanh(s * z / c)` (or `s * z` without a cap), and `LMHead` holds it with the weight and
 bias, so every memory-lean path (the student's chunked loss, the teacher's `HeadTeacher`, the
-teacher cache) computes the logits the model itself returns. `hpd.models.lm_head_of(model)` reads
+teacher cache) computes the logits the model itself returns. `hpd.models.head.lm_head_of(model)` reads
 them off a model (or refuses one whose head does something else).
 
     >>> import torch

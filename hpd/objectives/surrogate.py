@@ -1,5 +1,9 @@
 """The one routine that turns an objective's token weights into a loss.
 
+Over 600 lines: the teacher views and the one loss routine that reads them change together
+(each view gives the routine its own chunker, the routine's plan reads the views' fields); apart,
+each would import the other's private pieces.
+
     L = -(1/N) sum_t sum_{v in S_t} sg(w_t(v)) log q(v | x<t)
 
 It does, once for every objective: the cross-entropy mix `ce_weight * CE(y) + kd_weight * D`
@@ -23,7 +27,7 @@ Two paths share all of that and differ only in how the gradient is obtained:
 The teacher may be given as logits `(B, T, V)`, as a `HeadTeacher` (its hidden states and LM
 head: chunked alike, so neither model's full logits exist), for one-hot objectives as a
 `GatheredTeacher` holding log-probabilities at a few tokens per position, or as a `TopKTeacher`
-read from a teacher cache (`hpd.teacher_cache`): exact at the sequence token, top-K plus one tail
+read from a teacher cache (`hpd.teachers.cache`): exact at the sequence token, top-K plus one tail
 bucket elsewhere.
 
     >>> import torch
@@ -198,7 +202,7 @@ class HeadTeacher(TeacherView):
 
     hidden: `(B, T, H)` final (normed) hidden states; weight: `(V, H)`; bias: `(V,)` or None;
     transform: what the model applies to `h @ W.T + b` (`LogitTransform`; None: nothing).
-    `HeadTeacher.of(hidden, head)` builds one from an `LMHead` (`hpd.models.lm_head_of`).
+    `HeadTeacher.of(hidden, head)` builds one from an `LMHead` (`hpd.models.head.lm_head_of`).
     """
 
     hidden: Tensor
@@ -552,7 +556,7 @@ def chunked_objective_loss(obj: Objective, hidden: Tensor, lm_head_weight: Tenso
     """The memory-lean path: same loss and gradients as `objective_loss(obj, head.logits(hidden), ...)`.
 
     hidden:         `(B, T, H)` the student's final hidden states (gradients flow into them).
-    lm_head_weight: the student's LM head: an `LMHead` (`hpd.models.lm_head_of(model)`: weight,
+    lm_head_weight: the student's LM head: an `LMHead` (`hpd.models.head.lm_head_of(model)`: weight,
                     bias and the model's logit transform), or its weight `(V_s, H)` alone (then
                     logits = h @ W.T + b with lm_head_bias `(V_s,)` or None).
     chunk_size:     active positions per chunk; peak extra memory is about a few `(chunk_size, V)`

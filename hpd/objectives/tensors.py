@@ -183,7 +183,7 @@ class TeacherChunk:
 @dataclass
 class TeacherParts:
     """The teacher at C positions given in parts, each by a teacher of its own (a teacher per row,
-    `hpd.teacher_routing`): the objective weighs each part with its own teacher, exactly as that
+    `hpd.teachers.routing`): the objective weighs each part with its own teacher, exactly as that
     teacher alone would, and `merge_weights` puts the parts' weights back in position order.
 
     parts: `(rows (C_i,) long, the part's TeacherChunk, its positions (C_i,) in its own teacher's
