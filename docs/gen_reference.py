@@ -72,7 +72,7 @@ def api_pages() -> dict[str, str]:
         package = ".".join(parts[:2]) if len(parts) > 2 or (ROOT / "hpd" / parts[1]).is_dir() else "hpd"
         groups.setdefault(package, []).append(name)
     # The library in the order of a step, then the applications.
-    order = ["hpd", "hpd.data", "hpd.responses", "hpd.teachers", "hpd.models", "hpd.objectives", "hpd.training"]
+    order = ["hpd", "hpd.configuration", "hpd.data", "hpd.responses", "hpd.teachers", "hpd.models", "hpd.objectives", "hpd.training"]
     for package, names in sorted(groups.items(), key=lambda kv: (order.index(kv[0]) if kv[0] in order else len(order), kv[0])):
         index.append(f"\n## `{package}`\n")
         index.extend(f"- [`{n}`](api/{n}.md): {summary(n)}" for n in names)

@@ -1,14 +1,14 @@
 """Typed run configuration: flat dataclasses, YAML files and ``key=value`` overrides.
 
 Over 600 lines: one flat dataclass per config section, each key with its help text and range
-(the command line, the YAML reference and the checks are derived from them); the conversion and
-the checks across sections read them all.
+(the command line, the YAML reference and the checks are derived from them); the machinery that
+reads them lives in `hpd.configuration`, this module is the sections and the entry points.
 
 A run is described by one `Config`: a few top-level fields plus one flat section per concern
 (`student`, `teacher`, `data`, `objective`, `regime`, `optim`, `log`, `save`). Every field carries
-its help text and its allowed values in the dataclass field metadata, so one generic `validate()`
-checks everything and `config_help()` documents everything from the same source (it is what
-`hpd train --help` prints).
+its help text and its allowed values in the dataclass field metadata (`field_`), so one generic
+`validate()` checks everything and `config_help()` documents everything from the same source (it is
+what `hpd train --help` prints).
 
     >>> from hpd.config import load_config
     >>> cfg = load_config(None, ["optim.lr=3e-4", "max_steps=20", "data.eval=null"])
@@ -23,35 +23,29 @@ Values from YAML files and overrides are converted to the field's type (an int i
 float field, ``'1e-3'`` is read as a float, ``null``/``none`` means None for optional fields) and a
 wrong type, a value out of range or an unknown choice raises `HPDError` naming the dotted key.
 
-The conversion and checks run on pydantic v2: a model derived from the dataclasses (each field's
-range, choices and help declared once, in `field_`) converts the values and collects every type,
-range and choice error, which this module turns into one-line messages. We chose pydantic over
-OmegaConf because it checks ranges and choices itself (OmegaConf checks only types) and is already
-a dependency of transformers; the dataclasses stay plain, so a `Config` is built, compared and
-edited as before, and only the help text, the did-you-mean hints and the commented YAML are ours.
+Where each part lives: the field tables and `field_` in `hpd.configuration.fields`; the conversion
+and range checks on pydantic v2 (a model derived from these dataclasses) in
+`hpd.configuration.schema`; keys, aliases (`hpd.configuration.keys.ALIASES`), overrides and YAML
+files in `hpd.configuration.keys`; the rules across sections in `hpd.configuration.checks`; the
+YAML written and the help text in `hpd.configuration.render`. The dataclasses stay plain, so a
+`Config` is built, compared and edited as any dataclass.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import functools
-import math
 import os
-import textwrap
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Iterable, Iterator, Literal
+from typing import Any, Iterable, Iterator
 
-import yaml
-
-from hpd.errors import HPDError
-from hpd.objectives import OBJECTIVES, Param, config_params, objective_class, param_fields
-
-if TYPE_CHECKING:  # pydantic is imported where the schema is built (`hpd train --help` never needs it)
-    from pydantic import BaseModel
+from hpd.configuration import keys, render
+from hpd.configuration.checks import cross_checks
+from hpd.configuration.fields import field_, is_section, top_fields
+from hpd.configuration.fields import iter_fields as _iter_fields
+from hpd.configuration.fields import mapping_fields as _mapping_fields
+from hpd.configuration.schema import problems, raise_problems
+from hpd.objectives import OBJECTIVES, Param, config_params, param_fields
 
 __all__ = [
     "Config",
@@ -68,7 +62,6 @@ __all__ = [
     "SaveConfig",
     "OBJECTIVE_NAMES",
     "OBJECTIVE_PARAM_FIELDS",
-    "field_",
     "validate",
     "load_config",
     "config_from_dict",
@@ -77,35 +70,12 @@ __all__ = [
     "config_help",
     "iter_fields",
     "mapping_fields",
-    "ALIASES",
 ]
 
 # Derived from the objectives' registry (`hpd.objectives.OBJECTIVES`), where each objective
 # declares its parameters once: the names, and each objective's parameters -> their config fields.
 OBJECTIVE_NAMES = tuple(OBJECTIVES)
 OBJECTIVE_PARAM_FIELDS: dict[str, dict[str, str]] = {n: param_fields(c) for n, c in OBJECTIVES.items() if c.params}
-
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"  # the keys of a mapping field (teacher.named): names for metrics and files
-INT_MAX = 2**63 - 1  # the largest int any field takes (an int64)
-# The most parameters a 'tiny' model may have: beyond, building it would exhaust memory, not fail.
-TINY_MAX_PARAMETERS = 2 * 10**9
-
-_CHECK_KEYS = {"choices", "min", "max", "min_exclusive", "max_exclusive", "nonempty", "import_path"}
-
-
-def field_(default: Any, help: str, **checks: Any) -> Any:
-    """A dataclass field with its help text and checks in the metadata.
-
-    checks: ``choices=[...]``, ``min=x``, ``max=y``, ``min_exclusive=True`` / ``max_exclusive=True``
-    (make the bound strict), ``nonempty=True`` (strings), ``import_path=True`` (besides the choices, a
-    user's objective class as ``module:Class``). None values of optional fields skip them.
-    """
-    unknown = set(checks) - _CHECK_KEYS
-    if unknown:  # a typo in a check would otherwise silently disable it
-        raise TypeError(f"unknown field checks {sorted(unknown)}; allowed: {sorted(_CHECK_KEYS)}")
-    if isinstance(default, (list, dict)):  # a list or mapping field: every Config gets its own copy
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **checks})
-    return field(default=default, metadata={"help": help, **checks})
 
 
 # --------------------------------------------------------------------------------------------
@@ -650,42 +620,12 @@ class Config:
 
     def to_yaml(self, comments: bool = False) -> str:
         """The config as YAML (``comments=True`` adds each field's help as a comment)."""
-        return _to_yaml(self, comments=comments)
+        return render.to_yaml(self, comments=comments)
 
 
 # --------------------------------------------------------------------------------------------
-# Introspection
+# Entry points
 # --------------------------------------------------------------------------------------------
-
-_NONE_WORDS = {"null", "none", "~", ""}
-
-
-@functools.cache
-def _hints(cls: type) -> dict[str, Any]:
-    # Annotations are strings (from __future__ import annotations); resolve them once per class.
-    return typing.get_type_hints(cls)
-
-
-def _is_section(tp: Any) -> bool:
-    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
-
-
-def _split_optional(tp: Any) -> tuple[Any, bool]:
-    """(inner type, is_optional) for `X | None` / `Optional[X]`; (tp, False) otherwise."""
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(args) == 1 and len(typing.get_args(tp)) == 2:
-            return args[0], True
-    return tp, False
-
-
-def _sections() -> dict[str, type]:
-    return {f.name: t for f, t in _top_fields() if _is_section(t)}
-
-
-def _top_fields() -> list[tuple[dataclasses.Field, Any]]:
-    hints = _hints(Config)
-    return [(f, hints[f.name]) for f in dataclasses.fields(Config)]
 
 
 def iter_fields(cfg: Config | None = None) -> Iterator[tuple[str, dataclasses.Field, Any, Any]]:
@@ -693,621 +633,13 @@ def iter_fields(cfg: Config | None = None) -> Iterator[tuple[str, dataclasses.Fi
 
     With ``cfg=None`` the values are the defaults.
     """
-    cfg = Config() if cfg is None else cfg
-    for f, tp in _top_fields():
-        value = getattr(cfg, f.name)
-        if _is_section(tp):
-            sub_hints = _hints(tp)
-            for sf in dataclasses.fields(tp):
-                yield f"{f.name}.{sf.name}", sf, sub_hints[sf.name], getattr(value, sf.name)
-        else:
-            yield f.name, f, tp, value
-
-
-@functools.cache
-def _field_table() -> dict[str, tuple[Any, dict[str, Any]]]:
-    """dotted key -> (type, metadata: help and checks) of every leaf field."""
-    return {key: (tp, dict(f.metadata)) for key, f, tp, _value in iter_fields()}
-
-
-def _all_keys() -> list[str]:
-    return list(_field_table())
-
-
-def _type_name(tp: Any) -> str:
-    inner, optional = _split_optional(tp)
-    name = getattr(inner, "__name__", str(inner))
-    return f"{name} | None" if optional else name
-
-
-def _describe_checks(meta: dict[str, Any]) -> str:
-    """'(0, 1]', '>= 1', 'one of a|b' ... for help texts and error messages."""
-    if "choices" in meta:
-        return "one of " + "|".join(str(c) for c in meta["choices"]) + (" or module:Class" if meta.get("import_path") else "")
-    lo, hi = meta.get("min"), meta.get("max")
-    lo_x, hi_x = meta.get("min_exclusive", False), meta.get("max_exclusive", False)
-    if lo is not None and hi is not None:
-        return f"{'(' if lo_x else '['}{lo:g}, {hi:g}{')' if hi_x else ']'}"
-    if lo is not None:
-        return f"{'>' if lo_x else '>='} {lo:g}"
-    if hi is not None:
-        return f"{'<' if hi_x else '<='} {hi:g}"
-    return ""
-
-
-def _suggest(word: str, options: Iterable[str]) -> str | None:
-    """The closest option to a misspelt word, or None."""
-    options = list(options)
-    leaf = word.rsplit(".", 1)[-1]
-    # A right key in the wrong place (`lr:` at top level) is a common slip: match the leaf name.
-    same_leaf = [o for o in options if o.rsplit(".", 1)[-1] == leaf]
-    if len(same_leaf) >= 1 and word not in options:
-        return same_leaf[0]
-    close = difflib.get_close_matches(word, options, n=1, cutoff=0.6)
-    if close:
-        return close[0]
-    by_leaf = {o.rsplit(".", 1)[-1]: o for o in options}
-    close = difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.75)
-    return by_leaf[close[0]] if close else None
-
-
-# --------------------------------------------------------------------------------------------
-# The schema: a pydantic model derived from the dataclasses above
-# --------------------------------------------------------------------------------------------
-
-
-def _objective_name(value: str) -> str:
-    """objective.name: a registered name, or a user's class by import path (checked by importing it)."""
-    if ":" in value:
-        objective_class(value)  # HPDError (a ValueError) says what is wrong with the path
-    elif value not in OBJECTIVES:
-        from pydantic_core import PydanticCustomError
-
-        raise PydanticCustomError("choice", "not a registered objective")
-    return value
-
-
-def _field_type(tp: Any, meta: dict[str, Any]) -> Any:
-    """The pydantic type of one field: its Python type with the range/choice/non-empty checks of
-    its metadata as constraints (inside `Optional`, so that None skips them)."""
-    from pydantic import AfterValidator, Field
-
-    inner, optional = _split_optional(tp)
-    constraints: dict[str, Any] = {}
-    if meta.get("min") is not None:
-        constraints["gt" if meta.get("min_exclusive") else "ge"] = meta["min"]
-    if meta.get("max") is not None:
-        constraints["lt" if meta.get("max_exclusive") else "le"] = meta["max"]
-    elif inner is int:
-        constraints["le"] = INT_MAX  # seeds and counts end up in int64 tensors and C longs
-    if meta.get("nonempty"):
-        constraints["pattern"] = r"\S"  # at least one non-blank character
-    if typing.get_origin(inner) is dict:  # a mapping of names to a small section (teacher.named)
-        key_t, value_t = typing.get_args(inner)
-        inner = dict[Annotated[key_t, Field(pattern=NAME_PATTERN)], _model_of(value_t)]
-    elif meta.get("import_path"):
-        inner = Annotated[inner, AfterValidator(_objective_name)]
-    elif "choices" in meta and typing.get_origin(inner) is list:
-        inner = list[Literal[tuple(meta["choices"])]]  # a list field: each item one of the choices
-    elif "choices" in meta:
-        inner = Literal[tuple(meta["choices"])]
-    typed = Annotated[inner, Field(**constraints)] if constraints else inner
-    return typed | None if optional else typed
-
-
-def _model_of(cls: type) -> type[BaseModel]:
-    """A pydantic model with the fields (types, checks, defaults) of the dataclass `cls`."""
-    from pydantic import ConfigDict, Field, create_model
-
-    hints = _hints(cls)
-    fields: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):
-        tp = hints[f.name]
-        if _is_section(tp):
-            fields[f.name] = (_model_of(tp), ...)
-        else:
-            default = f.default if f.default is not dataclasses.MISSING else Field(default_factory=f.default_factory)
-            fields[f.name] = (_field_type(tp, dict(f.metadata)), default)
-    config = ConfigDict(extra="forbid", allow_inf_nan=False)
-    return create_model(cls.__name__, __config__=config, **fields)
-
-
-@functools.cache
-def _schema() -> type[BaseModel]:
-    # Built on first use, not at import: `hpd train --help` reads only the dataclasses.
-    return _model_of(Config)
-
-
-def _problems(data: dict[str, Any], strict: bool) -> tuple[Any, list[str]]:
-    """Validate a nested plain dict against the schema: (the validated model or None, messages).
-
-    strict: types must already be right (a config built in Python); otherwise pydantic converts
-    (``'1e-3'`` -> 0.001, ``'yes'`` -> True, 30.0 -> 30), after `_prepare` has applied our own rules.
-    """
-    from pydantic import ValidationError
-
-    try:
-        return _schema().model_validate(data, strict=strict), []
-    except ValidationError as e:
-        return None, [_message(err) for err in e.errors()]
-
-
-def _message(err: Any) -> str:
-    """One pydantic error -> our one-line message naming the dotted key, the rule and the value."""
-    # An item of a list field is located by its index: the message names the field.
-    key = ".".join(str(part) for part in err["loc"] if not isinstance(part, int))
-    kind, value = err["type"], err["input"]
-    tp, meta = _field_of(key)
-    if kind == "less_than_equal" and meta.get("max") is None:
-        return f"{key}: must be at most {INT_MAX} (an int64), got {value!r}"
-    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal", "choice", "literal_error"):
-        msg = f"{key}: must be {_describe_checks(meta)}, got {value!r}"
-        hint = _suggest(str(value), [str(c) for c in meta["choices"]]) if "choices" in meta else None
-        return msg + (f" (did you mean {hint!r}?)" if hint else "")
-    if kind == "string_pattern_mismatch" and tp is Any:  # a key of a mapping field (teacher.named)
-        return f"{key.rpartition('.')[0]}: {value!r} is not a name (letters, digits, '_', '.', '-'; a letter or digit first)"
-    if kind == "string_pattern_mismatch":
-        return f"{key}: must not be empty"
-    if kind == "extra_forbidden":
-        parent = key.rpartition(".")[0]
-        return f"{key}: unknown key; {parent} takes {', '.join(sorted(_mapping_keys(parent)))}"
-    if kind == "finite_number":
-        return f"{key}: expected a finite float, got {value!r}"
-    if kind == "value_error":
-        return f"{key}: {err['ctx']['error']}"
-    if kind in ("model_type", "dataclass_type"):
-        return f"{key}: expected a mapping of {key}.* keys, got {value!r}"
-    return str(_type_error(key, tp, value))
-
-
-def _field_of(key: str) -> tuple[Any, dict[str, Any]]:
-    """(type, metadata) of a dotted key (an entry of a mapping field: `teacher.named.NAME.path`, its
-    value's field)."""
-    found = _field_table().get(key)
-    if found is None and (parent := _mapping_field(key)) is not None:
-        rest = key[len(parent) + 1:].split(".")
-        value_t = typing.get_args(_split_optional(_field_table()[parent][0])[0])[1]
-        if len(rest) == 2 and rest[1] in _hints(value_t):
-            f = next(f for f in dataclasses.fields(value_t) if f.name == rest[1])
-            return _hints(value_t)[rest[1]], dict(f.metadata)
-    return found or (Any, {})
-
-
-def _mapping_field(key: str) -> str | None:
-    """The mapping field (`teacher.named`) that a longer dotted key lies under, else None."""
-    for k, (tp, _meta) in _field_table().items():
-        if key.startswith(k + ".") and typing.get_origin(_split_optional(tp)[0]) is dict:
-            return k
-    return None
+    return _iter_fields(Config, cfg)
 
 
 def mapping_fields() -> list[str]:
     """The dotted keys of the fields whose value is a mapping of names (`teacher.named`): compared,
     saved and shown as one value."""
-    return [k for k, (tp, _meta) in _field_table().items() if typing.get_origin(_split_optional(tp)[0]) is dict]
-
-
-def _mapping_keys(parent: str) -> list[str]:
-    """The keys of one entry of the mapping field that `parent` (`teacher.named.NAME`) lies in."""
-    field_key = _mapping_field(parent)
-    if field_key is None:
-        return []
-    return [f.name for f in dataclasses.fields(typing.get_args(_split_optional(_field_table()[field_key][0])[0])[1])]
-
-
-def _type_error(key: str, tp: Any, value: Any) -> HPDError:
-    inner, optional = _split_optional(tp)
-    article = {int: "an int", float: "a float", bool: "a bool (true/false)", str: "a string"}
-    what = article.get(inner, getattr(inner, "__name__", str(inner)))
-    if typing.get_origin(inner) is list:
-        what = "a list ([a, b] in YAML, a,b in an override)"
-    if optional:
-        what += " or null"
-    return HPDError(f"{key}: expected {what}, got {value!r}")
-
-
-def _prepare(key: str, value: Any, raw: str | None) -> Any:
-    """Our reading of a YAML / override value where it differs from pydantic's lax conversion.
-
-    raw: the override's text after '=' (None for values from a file or a dict).
-    """
-    tp, meta = _field_of(key)
-    inner, optional = _split_optional(tp)
-    # 'none' is a word only for optional fields: teacher.path=none stays the string 'none'.
-    if optional and (value is None or (isinstance(value, str) and value.strip().lower() in _NONE_WORDS)):
-        return None
-    if inner is str and value is not None:
-        if raw is not None:
-            # Overrides: take the text as typed (`output_dir=2024` stays '2024', `tensorboard=off`
-            # stays 'off'), unless it was quoted on purpose.
-            text = raw.strip()
-            return text[1:-1] if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"" else text
-        if isinstance(value, bool):
-            # YAML 1.1 reads unquoted on/off/yes/no as booleans (`tensorboard: off`,
-            # `mixed_precision: no`): map them back to the word when it is one of the choices.
-            words = ("on", "yes", "true") if value else ("off", "no", "false")
-            for word in words:
-                if word in meta.get("choices", ()):
-                    return word
-            raise HPDError(
-                f"{key}: expected a string, got {value!r} (YAML reads unquoted yes/no/on/off as "
-                f"booleans: quote the value)"
-            )
-        return str(value) if isinstance(value, (int, float)) else value
-    if typing.get_origin(inner) is list:
-        # `log.report_to=wandb,mlflow` (or a YAML string): comma-separated items
-        if isinstance(value, str):
-            return [item.strip() for item in value.split(",") if item.strip()]
-        return value
-    if inner in (int, float) and isinstance(value, bool):
-        raise _type_error(key, tp, value)  # pydantic reads True as 1; a step count never is
-    if inner is int and isinstance(value, str):
-        try:  # '1e3' -> 1000 (YAML 1.1 reads an exponent without a dot as a string)
-            number = float(value)
-        except ValueError:
-            return value
-        return int(number) if math.isfinite(number) and number.is_integer() else value
-    if inner is float and isinstance(value, int):
-        return float(value)  # so that range messages show 0.0, as the value will be stored
-    return value
-
-
-# --------------------------------------------------------------------------------------------
-# Setting values
-# --------------------------------------------------------------------------------------------
-
-
-def _unknown_key(key: str, where: str) -> HPDError:
-    spellings = _alias_spellings()
-    hint = _suggest(key, [*_all_keys(), *spellings])
-    hint = spellings.get(hint, hint)  # a close alias points at the key it stands for
-    msg = f"unknown config key {key!r}{where}"
-    if hint:
-        msg += f"; did you mean {hint!r}?"
-    return HPDError(msg + " `hpd train --help` lists every key")
-
-
-# --------------------------------------------------------------------------------------------
-# Aliases: the names Hugging Face users type
-# --------------------------------------------------------------------------------------------
-
-# TrainingArguments' names -> our keys. Each is accepted on its own (`learning_rate: 3e-4`,
-# `learning_rate=3e-4`) and inside the section of its key (`optim.learning_rate`). An alias whose
-# key this version lacks is refused by name.
-ALIASES: dict[str, str] = {
-    "learning_rate": "optim.lr",
-    "per_device_train_batch_size": "optim.batch_size",
-    "gradient_accumulation_steps": "optim.grad_accum",
-    "lr_scheduler_type": "optim.schedule",
-    "gradient_checkpointing": "student.gradient_checkpointing",
-    "num_train_epochs": "epochs",
-    "logging_steps": "log.every",
-    "eval_steps": "log.eval_every",
-    "report_to": "log.report_to",
-    "save_steps": "save.every",
-    "save_total_limit": "save.keep_last",
-}
-
-# Names we refuse with the reason, since no key means the same.
-_NOT_ALIASES: dict[str, str] = {}
-
-
-@functools.cache
-def _alias_spellings() -> dict[str, str]:
-    """Every accepted spelling of an alias (bare, and dotted under its key's section) -> its key."""
-    out: dict[str, str] = {}
-    for alias, key in ALIASES.items():
-        out[alias] = key
-        section = key.rpartition(".")[0]
-        if section:
-            out[f"{section}.{alias}"] = key
-    return out
-
-
-def _canonical(key: str, where: str) -> str:
-    """The config key that `key` names: itself, or the key of an alias (HPDError for an alias
-    this version has no key for, or a refused name)."""
-    if key in _field_table():
-        return key
-    target = _alias_spellings().get(key)
-    if target is None:
-        reason = _NOT_ALIASES.get(key.rpartition(".")[2])
-        if reason:
-            raise HPDError(f"{key!r}{where}: {reason}")
-        return key
-    if target not in _field_table():
-        raise HPDError(f"{key!r}{where} stands for {target!r}, which this version of hpd does not have")
-    return target
-
-
-def _same_value(a: Any, b: Any) -> bool:
-    """Whether two values read from YAML mean the same (`3e-4` is a string in YAML 1.1, 0.0003 a float)."""
-    if a == b:
-        return True
-    try:
-        return float(a) == float(b)
-    except (TypeError, ValueError):
-        return False
-
-
-def _set(data: dict[str, Any], key: str, value: Any, *, raw: str | None = None, where: str = "",
-         seen: dict[str, tuple[str, Any]] | None = None) -> None:
-    """Set the dotted `key` (or an alias of one) of the nested plain dict `data` (a config's
-    values) to `value`.
-
-    seen: canonical key -> (spelling, value) of what this layer (one file, or the overrides) set
-    so far; a key set under two spellings (an alias and its key) to different values is an error.
-    """
-    sections = _sections()
-    if key in sections:
-        example = f"{key}.{dataclasses.fields(sections[key])[0].name}"
-        raise HPDError(
-            f"{key!r} is a section, not a value{where}: set its keys one by one, e.g. {example}=..."
-        )
-    spelled, key = key, _canonical(key, where)
-    parent = _mapping_field(key) if key not in _all_keys() else None
-    if parent is not None:  # teacher.named.NAME.path=DIR: one entry's key
-        section, _, leaf = parent.rpartition(".")
-        name, _, sub = key[len(parent) + 1:].partition(".")
-        if not sub or "." in sub:
-            raise HPDError(f"{key!r}{where}: set one key of one entry, e.g. {parent}.NAME.{_mapping_keys(parent + '.x')[0]}=...")
-        entries = (data[section] if section else data).setdefault(leaf, {})
-        if not isinstance(entries.get(name, {}), dict):
-            entries[name] = dataclasses.asdict(entries[name])
-        entries.setdefault(name, {})[sub] = _prepare(key, value, raw)
-        return
-    if key not in _all_keys():
-        raise _unknown_key(key, where)
-    if seen is not None:
-        before = seen.get(key)
-        if before is not None and before[0] != spelled and not _same_value(before[1], value):
-            raise HPDError(f"{before[0]!r} ({before[1]!r}) and {spelled!r} ({value!r}) both set {key!r}{where}: "
-                           f"keep one of them")
-        seen[key] = (spelled, value)
-    section, _, leaf = key.rpartition(".")
-    (data[section] if section else data)[leaf] = _prepare(key, value, raw)
-
-
-def _flatten(d: Any, where: str) -> list[tuple[str, Any]]:
-    """Nested mapping -> [(dotted_key, value)]; sections must be mappings."""
-    if d is None:
-        return []
-    if not isinstance(d, dict):
-        raise HPDError(
-            f"config{where} must be a mapping of keys to values (like `max_steps: 20`), "
-            f"got {type(d).__name__}"
-        )
-    sections = _sections()
-    items: list[tuple[str, Any]] = []
-    for k, v in d.items():
-        k = str(k)
-        if k in sections:
-            if v is None:
-                continue  # an empty section (`optim:`) keeps the defaults
-            if not isinstance(v, dict):
-                raise HPDError(
-                    f"{k}: expected a mapping of {k}.* keys "
-                    f"(e.g. `{k}:` then indented `key: value` lines), got {v!r}{where}"
-                )
-            for sk, sv in v.items():
-                if isinstance(sv, dict) and _mapping_field(f"{k}.{sk}.x") != f"{k}.{sk}":
-                    raise _unknown_key(f"{k}.{sk}.{next(iter(sv), '')}".rstrip("."), where)
-                items.append((f"{k}.{sk}", sv))
-        elif isinstance(v, dict):
-            raise _unknown_key(k, where)
-        else:
-            items.append((k, v))
-    return items
-
-
-# --------------------------------------------------------------------------------------------
-# Validation
-# --------------------------------------------------------------------------------------------
-
-
-# The objectives that work across tokenizers (teacher.cross_tokenizer=true): those that read the
-# teacher at the student's own tokens (per aligned text span), and ULD.
-XTOK_OBJECTIVES = ("hpd", "orkl", "sft", "uld")
-
-
-def _cross_checks(cfg: Config) -> list[str]:
-    """Rules that involve more than one field."""
-    problems: list[str] = []
-    no_teacher = cfg.teacher.path.strip().lower() == "none"
-    self_regime = cfg.regime.name == "self"
-    if cfg.teacher.cache is not None and cfg.regime.name != "dataset":
-        problems.append(
-            f"teacher.cache holds the teacher on the data's sequences only, but regime.name is "
-            f"{cfg.regime.name!r} (new sequences need the teacher itself): use regime.name=dataset, "
-            f"or set teacher.cache=null"
-            + (". For teacher-generated data with a cache, write it once with `hpd generate --model TEACHER "
-               "--prompts FILE --out GEN.jsonl`, cache it with `hpd cache-teacher --data GEN.jsonl`, and train "
-               "on GEN.jsonl with regime.name=dataset" if cfg.regime.name == "teacher" else "")
-        )
-    served = cfg.teacher.server is not None
-    if served:
-        for bad, why in ((cfg.teacher.cache is not None, "teacher.cache is set too: choose one"),
-                         (self_regime, "regime.name=self: the student is its own teacher"),
-                         (cfg.regime.name == "teacher" or (cfg.regime.name == "mixed" and cfg.regime.off_policy == "teacher"),
-                          "teacher generations need the teacher model here: use regime.name=dataset or student"),
-                         (cfg.student.init_from_teacher is not None, "student.init_from_teacher needs the teacher's weights"),
-                         (cfg.objective.temperature != 1.0, "a server returns log-probabilities at temperature 1: "
-                                                             "set objective.temperature=1"),
-                         # the exact scorer reads positions of the padded rows, not of a packed batch
-                         (cfg.teacher.server_exact_samples and cfg.data.packing,
-                          "teacher.server_exact_samples does not work with data.packing yet: set one of them to false")):
-            if bad:
-                problems.append(f"teacher.server ({cfg.teacher.server}): {why}")
-    needs_teacher = objective_class(cfg.objective.name).needs_teacher
-    if no_teacher and needs_teacher and cfg.teacher.cache is None and not self_regime and not served and not cfg.teacher.named:
-        problems.append(
-            f"teacher.path: 'none' is allowed only with objective.name=sft, teacher.cache or regime.name=self "
-            f"(objective.name is {cfg.objective.name!r}); name a teacher model, set teacher.cache, or use sft"
-        )
-    if self_regime and not no_teacher:
-        problems.append(
-            f"regime.name=self: the student is its own teacher, but teacher.path is "
-            f"{cfg.teacher.path!r}; set teacher.path=none"
-        )
-    if self_regime and not needs_teacher:
-        problems.append(
-            "regime.name=self with objective.name=sft: sft never reads the teacher; for SFT on "
-            "the reference solutions use regime.name=dataset with data.completion_field set to them"
-        )
-    if cfg.teacher.cross_tokenizer:
-        if cfg.objective.name not in XTOK_OBJECTIVES:
-            problems.append(
-                f"teacher.cross_tokenizer=true: objective '{cfg.objective.name}' needs one vocabulary for both "
-                f"models; across tokenizers use one of {', '.join(XTOK_OBJECTIVES)} (uld for a vocabulary-sized loss)"
-            )
-        if cfg.teacher.cache is None and (no_teacher or cfg.teacher.path.strip() == "tiny") and served:
-            problems.append("teacher.cross_tokenizer=true with teacher.server tokenizes the teacher's sequences here: "
-                            "set teacher.path to a directory holding the served teacher's tokenizer")
-        elif cfg.teacher.cache is None and no_teacher and not served:
-            problems.append("teacher.cross_tokenizer=true needs a teacher: teacher.path, teacher.cache (built with "
-                            "`hpd cache-teacher --student DIR`) or teacher.server")
-        if cfg.regime.name not in ("dataset", "student"):
-            problems.append(
-                f"teacher.cross_tokenizer=true works with regime.name dataset or student, not {cfg.regime.name!r}: "
-                "write teacher answers once with `hpd generate --model TEACHER` and train on them with regime.name=dataset"
-            )
-        if cfg.student.init_from_teacher is not None:
-            problems.append("teacher.cross_tokenizer=true: student.init_from_teacher builds the student with the "
-                            "teacher's tokenizer; load a student of its own tokenizer instead")
-    template = cfg.opsd.teacher_template
-    for slot in ("{privileged}", "{prompt}"):
-        if self_regime and template.count(slot) != 1:
-            problems.append(
-                f"opsd.teacher_template must hold {slot} exactly once, got {template!r}"
-            )
-    if no_teacher and (
-        cfg.regime.name == "teacher"
-        or (cfg.regime.name == "mixed" and cfg.regime.off_policy == "teacher")
-    ):
-        problems.append(
-            "regime: teacher generations need a teacher, but teacher.path is 'none'; "
-            "name a teacher model or use regime.name=dataset"
-        )
-    init = cfg.student.init_from_teacher
-    if init is not None and no_teacher:
-        problems.append(
-            f"student.init_from_teacher ({init!r}) builds the student from the teacher, but "
-            "teacher.path is 'none'; name a teacher model or set student.init_from_teacher=null"
-        )
-    if init is not None and cfg.teacher.cache is not None:
-        problems.append(
-            f"student.init_from_teacher ({init!r}) needs the teacher's weights, but with teacher.cache "
-            "set the teacher is never loaded: build the student once with "
-            "hpd.models.from_teacher.save_student_from_teacher(TEACHER, LAYERS, DIR) and pass DIR as student.path"
-        )
-    if init is not None and cfg.student.path not in ("tiny", "teacher"):
-        problems.append(
-            f"student.path ({cfg.student.path!r}) and student.init_from_teacher ({init!r}) both "
-            "say where the student comes from: set student.path=teacher, or "
-            "student.init_from_teacher=null to load student.path"
-        )
-    if init is None and cfg.student.path == "teacher":
-        problems.append(
-            "student.path=teacher needs student.init_from_teacher, the teacher layers to keep "
-            "(e.g. every:3, spread:10, or 0,5,9)"
-        )
-    for section in ("student", "teacher"):
-        model: ModelConfig = getattr(cfg, section)
-        if model.path == "tiny" and model.tiny_hidden % model.tiny_heads:
-            problems.append(
-                f"{section}.tiny_hidden ({model.tiny_hidden}) must be divisible by "
-                f"{section}.tiny_heads ({model.tiny_heads})"
-            )
-        h, i = model.tiny_hidden, model.tiny_intermediate
-        n = model.tiny_layers * (4 * h * h + 3 * h * i) + 2 * 512 * h  # attention, MLP, embeddings and head
-        if model.path == "tiny" and n > TINY_MAX_PARAMETERS:
-            problems.append(
-                f"{section}: the 'tiny' model of tiny_layers={model.tiny_layers}, tiny_hidden={h}, "
-                f"tiny_intermediate={i} would have about {n:.2g} parameters (at most {TINY_MAX_PARAMETERS:.0g}): "
-                "make it smaller, or load a real model with path=DIR"
-            )
-    problems += _reuse_checks(cfg)
-    problems += _named_checks(cfg)
-    report_to = cfg.log.report_to
-    if "none" in report_to and len(set(report_to)) > 1:
-        problems.append(f"log.report_to: 'none' means no tracker, but it lists {report_to}: give 'none' alone, "
-                        "or the trackers without it")
-    if "tensorboard" in report_to and cfg.log.tensorboard == "off":
-        problems.append("log.report_to lists tensorboard but log.tensorboard is off: drop one of them")
-    if len(set(report_to)) != len(report_to):
-        problems.append(f"log.report_to lists a tracker twice: {report_to}")
-    if cfg.data.eval is not None and cfg.data.eval_fraction > 0:
-        problems.append(
-            f"data.eval_fraction ({cfg.data.eval_fraction}) splits train only when data.eval is "
-            f"null, but data.eval is {cfg.data.eval!r}; set one of them"
-        )
-    return problems
-
-
-def _named_checks(cfg: Config) -> list[str]:
-    """A teacher per row (teacher.named): each entry one source, and what routing does not combine with."""
-    named, problems = cfg.teacher.named, []
-    if not named:
-        return problems
-    for name, t in named.items():
-        given = [k for k in ("path", "cache", "server") if getattr(t, k) is not None]
-        if len(given) != 1:
-            problems.append(f"teacher.named.{name}: give exactly one of path, cache or server, got "
-                            f"{', '.join(given) or 'none'}")
-        elif t.path is not None and t.path.strip().lower() in ("tiny", "none"):
-            problems.append(f"teacher.named.{name}.path: {t.path!r} is not a model; name a model directory or Hub id")
-        if t.cache is not None and cfg.regime.name != "dataset":
-            problems.append(f"teacher.named.{name}.cache holds the teacher on the data's sequences only, but "
-                            f"regime.name is {cfg.regime.name!r}: use regime.name=dataset")
-        if t.server is not None and cfg.objective.temperature != 1.0:
-            problems.append(f"teacher.named.{name}.server: a server returns log-probabilities at temperature 1: "
-                            "set objective.temperature=1")
-    if "default" in named:
-        problems.append("teacher.named: 'default' names the teacher of the teacher section (path, cache or "
-                        "server), the one of rows without a teacher; call this one otherwise")
-    if any(t.server is not None for t in named.values()) and cfg.teacher.server_exact_samples and cfg.data.packing:
-        problems.append("teacher.named: teacher.server_exact_samples does not work with data.packing yet: set one "
-                        "of them to false")
-    for bad, why in ((cfg.regime.name == "self", "regime.name=self: the student is its own teacher"),
-                     (cfg.regime.name == "teacher" or (cfg.regime.name == "mixed" and cfg.regime.off_policy == "teacher"),
-                      "teacher generations would come from one teacher: write each teacher's answers with `hpd "
-                      "generate` and train on them with regime.name=dataset"),
-                     (cfg.teacher.cross_tokenizer, "teacher.cross_tokenizer=true: every teacher must share the "
-                                                   "student's tokenizer"),
-                     (cfg.data.streaming, "data.streaming=true: the rows' teachers are read with the data at start; "
-                                          "set data.streaming=false")):
-        if bad:
-            problems.append(f"teacher.named ({', '.join(named)}) does not work with {why}")
-    return problems
-
-
-def _reuse_checks(cfg: Config) -> list[str]:
-    """Rollout reuse (regime.minibatches x regime.epochs > 1) and its clip range."""
-    r, problems = cfg.regime, []
-    if 0 < r.dual_clip <= 1:
-        problems.append(f"regime.dual_clip must be > 1 (or 0 = off), got {r.dual_clip}")
-    if r.minibatches * r.epochs == 1:
-        return problems
-    rollouts = r.name == "student" or (r.name == "self" and cfg.opsd.response == "rollout")
-    if not rollouts:
-        problems.append(
-            f"regime.minibatches={r.minibatches} regime.epochs={r.epochs} reuse student rollouts, but "
-            f"regime.name={r.name!r}{' with opsd.response=reference' if r.name == 'self' else ''} has none"
-            f"{' (mixed draws its regime per step)' if r.name == 'mixed' else ''}: use regime.name=student "
-            "(or self with opsd.response=rollout), or set both to 1")
-    if objective_class(cfg.objective.name).support == "vocab":
-        problems.append(
-            f"regime.minibatches/epochs > 1 clip the ratio of sampled tokens, but objective.name="
-            f"{cfg.objective.name!r} weighs the whole vocabulary: reuse rollouts with orkl or hpd, or set "
-            "regime.minibatches=1 regime.epochs=1")
-    return problems
-
-
-def _raise(problems: list[str]) -> None:
-    if len(problems) == 1:
-        raise HPDError(problems[0])
-    if problems:
-        raise HPDError(f"{len(problems)} config problems:\n  " + "\n  ".join(problems))
+    return _mapping_fields(Config)
 
 
 def validate(cfg: Config) -> Config:
@@ -1318,54 +650,16 @@ def validate(cfg: Config) -> Config:
     """
     if not isinstance(cfg, Config):
         raise TypeError(f"validate() expects a Config, got {type(cfg).__name__}")
-    _raise([f"{f.name}: expected a {tp.__name__}, got {getattr(cfg, f.name)!r}"
-            for f, tp in _top_fields() if _is_section(tp) and not isinstance(getattr(cfg, f.name), tp)])
-    _raise(_problems(config_to_dict(cfg), strict=True)[1])
-    _raise(_cross_checks(cfg))  # they assume well-typed fields
+    raise_problems([f"{f.name}: expected a {tp.__name__}, got {getattr(cfg, f.name)!r}"
+                    for f, tp in top_fields(Config) if is_section(tp) and not isinstance(getattr(cfg, f.name), tp)])
+    raise_problems(problems(Config, config_to_dict(cfg), strict=True)[1])
+    raise_problems(cross_checks(cfg))  # they assume well-typed fields
     return cfg
-
-
-# --------------------------------------------------------------------------------------------
-# Loading and saving
-# --------------------------------------------------------------------------------------------
-
-
-def _parse_override(text: str) -> tuple[str, Any, str]:
-    if "=" not in text:
-        raise HPDError(
-            f"override {text!r} must look like key=value, e.g. optim.lr=3e-4 or max_steps=20"
-        )
-    key, raw = text.split("=", 1)
-    key = key.strip()
-    if not key:
-        raise HPDError(f"override {text!r} has no key before '=', e.g. optim.lr=3e-4")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
-        value = raw  # not valid YAML on its own (e.g. 'a: b'): let the field type decide
-    return key, value, raw
-
-
-def _build(d: Any, where: str, overrides: Iterable[str]) -> Config:
-    """Defaults <- the mapping `d` <- the overrides, converted and checked by the schema."""
-    data = config_to_dict(Config())
-    seen: dict[str, tuple[str, Any]] = {}
-    for key, value in _flatten(d, where):
-        _set(data, key, value, where=where, seen=seen)
-    seen = {}  # an override replaces what the file set, under any spelling
-    for text in overrides:
-        key, value, raw = _parse_override(text)
-        _set(data, key, value, raw=raw, where=f" (in override {text!r})", seen=seen)
-    model, problems = _problems(data, strict=False)
-    _raise(problems)
-    values = model.model_dump()
-    sections = {name: cls(**values.pop(name)) for name, cls in _sections().items()}
-    return validate(Config(**values, **sections))
 
 
 def config_from_dict(d: dict[str, Any] | None, overrides: Iterable[str] = ()) -> Config:
     """Build and validate a Config from a (nested or dotted-key) mapping plus overrides."""
-    return _build(d, "", overrides)
+    return validate(keys.build(Config, d, "", overrides))
 
 
 def load_config(path: str | os.PathLike[str] | None, overrides: Iterable[str] = ()) -> Config:
@@ -1374,25 +668,8 @@ def load_config(path: str | os.PathLike[str] | None, overrides: Iterable[str] = 
     Raises HPDError for a missing/malformed file, an unknown key (with the closest valid key),
     a value of the wrong type, out of range or not among the choices.
     """
-    data, where = None, ""
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise HPDError(
-                f"config file '{p}' not found; pass the path of a YAML file "
-                f"(`hpd config --out {p}` writes a default one)"
-            )
-        try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except yaml.YAMLError as e:
-            raise HPDError(f"config file '{p}' is not valid YAML: {e}") from None
-        if data is None:
-            raise HPDError(
-                f"config file '{p}' is empty (no settings): write the keys you want in it "
-                f"(`hpd config --out {p}` writes a default one)"
-            )
-        where = f" (in {p})"
-    return _build(data, where, overrides)
+    data, where = keys.read_file(path) if path is not None else (None, "")
+    return validate(keys.build(Config, data, where, overrides))
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:
@@ -1400,43 +677,11 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def _yaml_scalar(value: Any) -> str:
-    # Dump inside a flow list so YAML quotes what needs quoting ('on', '1e-3' strings...) and no
-    # document-end marker is added; then strip the brackets.
-    if isinstance(value, dict):  # a mapping field's entries (teacher.named) as plain mappings
-        value = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in value.items()}
-    text = yaml.safe_dump([value], default_flow_style=True, width=10_000).strip()
-    return text[1:-1]
-
-
-def _to_yaml(cfg: Config, comments: bool = False) -> str:
-    if not comments:
-        return yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=False)
-    lines = [
-        "# hpd run config. Every key is optional (defaults shown); override any with key=value,",
-        "# e.g. `hpd train this.yaml optim.lr=3e-4 max_steps=20`. `hpd train --help` explains all.",
-    ]
-    current_section = None
-    for key, f, _tp, value in iter_fields(cfg):
-        section, _, leaf = key.rpartition(".")
-        if section and section != current_section:
-            current_section = section
-            lines += ["", f"{section}:  # {_sections()[section].__doc__.strip()}"]
-        indent = "  " if section else ""
-        checks = _describe_checks(f.metadata)
-        comment = f.metadata["help"] + (f" ({checks})" if checks else "")
-        lines += textwrap.wrap(
-            comment, width=96, initial_indent=f"{indent}# ", subsequent_indent=f"{indent}#   "
-        )
-        lines.append(f"{indent}{leaf}: {_yaml_scalar(value)}")
-    return "\n".join(lines) + "\n"
-
-
 def save_config(cfg: Config, path: str | os.PathLike[str], comments: bool = False) -> Path:
     """Write the config as YAML atomically (temp file + rename: never a half-written file)."""
     from hpd.files import atomic_write_text
 
-    return atomic_write_text(path, _to_yaml(cfg, comments=comments))
+    return atomic_write_text(path, render.to_yaml(cfg, comments=comments))
 
 
 def config_help(width: int = 88) -> str:
@@ -1444,29 +689,4 @@ def config_help(width: int = 88) -> str:
 
     Printed by `hpd train --help`; line breaks are meant to be kept as they are.
     """
-    lines = [
-        "Config keys (YAML file sections, or key=value overrides such as optim.lr=3e-4 or",
-        "max_steps=20; null/none sets an optional key to None):",
-    ]
-    current = None
-    for key, f, tp, value in iter_fields():
-        section = key.rpartition(".")[0] or "top level"
-        if section != current:
-            current = section
-            if section == "top level":
-                lines += ["", "top level:"]
-            else:
-                doc = _sections()[section].__doc__.strip().rstrip(".")
-                lines += ["", f"{section}:  {doc}"]
-        checks = _describe_checks(f.metadata)
-        default = "null" if value is None else _yaml_scalar(value)
-        head = f"  {key}  ({_type_name(tp)}, default {default}{'; ' + checks if checks else ''})"
-        lines.append(head)
-        lines += textwrap.wrap(
-            f.metadata["help"], width=width, initial_indent="      ", subsequent_indent="      "
-        )
-    lines += ["", "Hugging Face names (aliases): each is accepted for its key, on its own or under the key's",
-              "section (learning_rate=3e-4 or optim.learning_rate=3e-4); setting both to different values",
-              "is an error."]
-    lines += [f"  {alias}  ->  {key}" for alias, key in ALIASES.items() if key in _field_table()]
-    return "\n".join(lines)
+    return render.config_help(Config, width)

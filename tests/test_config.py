@@ -375,7 +375,7 @@ def test_num_train_epochs_sets_epochs_and_epochs_is_checked():
 
 
 def test_every_alias_names_a_key_or_is_refused_naming_it():
-    from hpd.config import ALIASES
+    from hpd.configuration.keys import ALIASES
 
     keys = {key for key, *_ in iter_fields()}
     help_text = config_help()

@@ -180,7 +180,7 @@ def test_no_import_cycles():
 # into the subpackage of the step it serves (see docs/architecture.md).
 TOP_LEVEL = {"_lazy", "config", "engine", "errors", "files", "fingerprints", "integrations", "provenance", "seeds",
              "stats", "version", "vocab"}
-PACKAGES = {"apps", "data", "models", "objectives", "responses", "teachers", "training"}
+PACKAGES = {"apps", "configuration", "data", "models", "objectives", "responses", "teachers", "training"}
 MAX_LINES = 600
 REASON = "Over 600 lines:"  # how a module's docstring gives its reason
 
