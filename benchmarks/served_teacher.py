@@ -21,7 +21,7 @@ group, from /proc): on a shared machine they are the figures that compare, not t
 `--recipe smollm2 --model DIR` measures part 1 (and the request table of part 2) at the SmolLM2
 shape instead (configs/smollm2-135m-to-10l.yaml: the 30-layer SmolLM2-135M-Instruct teacher in
 DIR, served; a 10-layer student made of every third of its layers, `save_student_from_teacher`;
-batch 4, max_length 160, the recipe's chat answers), the methods run in turn `--rounds` times so
+batch 4, max_length 160, the recipe's chat answers, the first 4 x --steps of them), the methods run in turn `--rounds` times so
 that a change of load falls on all of them.
 
 Needs the engine (`make engine`). Prints the tables and writes OUT/results.md and OUT/results.json.
@@ -40,18 +40,11 @@ import time
 from pathlib import Path
 
 
-def group_cpu_s(pgid: int) -> float:
-    """CPU seconds (user + system) of every live process in process group `pgid` (an engine)."""
-    total = 0.0
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                f = Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(f[2]) == pgid:
-                total += (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
-    return total
+def group_cpu_seconds(pgid: int) -> float:
+    """The engine's CPU seconds (its process group; imported late: torch after OMP_NUM_THREADS is set)."""
+    from hpd.vllm_generate import group_cpu_seconds as cpu
+
+    return cpu(pgid)
 
 
 def _step_stats(run_dir: Path, warmup: int) -> dict:
@@ -78,11 +71,11 @@ def _wire_table(pool, url_pgid: int, seqs, forward_s: float, ks=(0, 8, 32)) -> d
     for k in ks:
         before, times, client, server = pool.bytes_received, [], [], []
         for _ in range(3):
-            c, g, t = time.process_time(), group_cpu_s(url_pgid), time.perf_counter()
+            c, g, t = time.process_time(), group_cpu_seconds(url_pgid), time.perf_counter()
             pool.score(seqs, k)
             times.append(time.perf_counter() - t)
             client.append(time.process_time() - c)
-            server.append(group_cpu_s(url_pgid) - g)
+            server.append(group_cpu_seconds(url_pgid) - g)
         wire[k] = {"request_s": statistics.median(times), "client_cpu_s": statistics.median(client),
                    "server_cpu_s": statistics.median(server),
                    "bytes_per_token": (pool.bytes_received - before) / 3 / scored_tokens}
@@ -126,7 +119,11 @@ def smollm2(args) -> None:
     out.mkdir(parents=True, exist_ok=True)
     root = Path(__file__).resolve().parents[1]
     student = save_student_from_teacher(str(model), "every:3", out / "student-10l")
-    train, eval_ = SMOL_DATA / "teacher_chat_train.jsonl", SMOL_DATA / "teacher_chat_heldout.jsonl"
+    # The rows the runs read (steps x batch 4, one epoch), so that the cache covers no more than they need.
+    train, eval_ = out / "data" / "train.jsonl", SMOL_DATA / "teacher_chat_heldout.jsonl"
+    train.parent.mkdir(exist_ok=True)
+    rows = (SMOL_DATA / "teacher_chat_train.jsonl").read_text().splitlines(keepends=True)[:4 * args.steps]
+    train.write_text("".join(rows))
 
     def cfg(name, extra):
         return load_config(str(root / "configs" / "smollm2-135m-to-10l.yaml"), [
@@ -159,11 +156,11 @@ def smollm2(args) -> None:
             row = {}
             for label, (name, extra) in methods.items():
                 run = out / "runs" / f"{name}-r{r}"
-                g = group_cpu_s(server.proc.pid)
+                g = group_cpu_seconds(server.proc.pid)
                 if not (run / "final").is_dir():
                     run_training(cfg(f"{name}-r{r}", extra))
                 row[label] = _step_stats(run, args.warmup) | {
-                    "server_cpu_s_per_step": (group_cpu_s(server.proc.pid) - g) / args.steps if "served" in name else None}
+                    "server_cpu_s_per_step": (group_cpu_seconds(server.proc.pid) - g) / args.steps if "served" in name else None}
                 print(f"round {r} {label}: {row[label]}", flush=True)
             rounds.append(row)
         results["rounds"] = rounds
@@ -206,6 +203,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--rounds", type=int, default=2, help="times each condition runs, in turn with the others")
     ap.add_argument("--recipe", choices=["bundled", "smollm2"], default="bundled")
+    ap.add_argument("--parts", default="steps,topk,cache", help="the bundled recipe's parts to run: steps (1), "
+                    "topk (2 and 3), cache (4)")
+    ap.add_argument("--skip-exact", action="store_true", help="leave out the exact-samples run of part 1")
     ap.add_argument("--model", default=None, help="--recipe smollm2: the SmolLM2-135M-Instruct model directory")
     args = ap.parse_args()
     os.environ["OMP_NUM_THREADS"] = "1"
@@ -229,6 +229,7 @@ def main() -> None:
 
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
+    parts = set(args.parts.split(","))
     train, eval_ = write_task_data(out, args.per_task, 30, args.seed)
     K = args.top_k
 
@@ -248,30 +249,31 @@ def main() -> None:
             build_teacher_cache(BUNDLED_TEACHER, [train, eval_], cache_dir, top_k=K, data=probe.data, log=None)
 
         # 1. step times
-        methods = {
-            "sft (no teacher)": ("sft", "sft", ["teacher.path=none"]),
-            "hpd, teacher in process": ("hpd-online", "hpd", []),
-            f"hpd, cache (K={K})": ("hpd-cache", "hpd", [f"teacher.cache={cache_dir}"]),
-            f"hpd, served (K={K}, prefetch)": ("hpd-served", "hpd", ["teacher.path=none", f"teacher.server={server.url}",
-                                                                    f"teacher.server_top_k={K}"]),
-            f"hpd, served (K={K}, exact samples)": ("hpd-served-exact", "hpd", [
-                "teacher.path=none", f"teacher.server={server.url}", f"teacher.server_top_k={K}",
-                "teacher.server_exact_samples=true"]),
-        }
-        # In turn, `--rounds` times (the exact-samples run, ten times the others' cost, once).
-        steps: dict[str, list[dict]] = {label: [] for label in methods}
-        for r in range(args.rounds):
-            for label, (name, objective, extra) in methods.items():
-                if "exact" in name and r:
-                    continue
-                run = out / "runs" / f"{name}-r{r}"
-                g = group_cpu_s(server.proc.pid)
-                if not (run / "final").is_dir():
-                    run_training(cfg(f"{name}-r{r}", objective, extra))
-                steps[label].append(_step_stats(run, args.warmup) | {
-                    "server_cpu_s_per_step": (group_cpu_s(server.proc.pid) - g) / args.steps if "served" in name else None})
-                print(f"round {r} {label}: {steps[label][-1]}", flush=True)
-        results["steps"] = steps
+        if "steps" in parts:
+            methods = {
+                "sft (no teacher)": ("sft", "sft", ["teacher.path=none"]),
+                "hpd, teacher in process": ("hpd-online", "hpd", []),
+                f"hpd, cache (K={K})": ("hpd-cache", "hpd", [f"teacher.cache={cache_dir}"]),
+                f"hpd, served (K={K}, prefetch)": ("hpd-served", "hpd", ["teacher.path=none", f"teacher.server={server.url}",
+                                                                        f"teacher.server_top_k={K}"]),
+                f"hpd, served (K={K}, exact samples)": ("hpd-served-exact", "hpd", [
+                    "teacher.path=none", f"teacher.server={server.url}", f"teacher.server_top_k={K}",
+                    "teacher.server_exact_samples=true"]),
+            }
+            # In turn, `--rounds` times (the exact-samples run, ten times the others' cost, once).
+            steps: dict[str, list[dict]] = {label: [] for label in methods}
+            for r in range(args.rounds):
+                for label, (name, objective, extra) in methods.items():
+                    if "exact" in name and (r or args.skip_exact):
+                        continue
+                    run = out / "runs" / f"{name}-r{r}"
+                    g = group_cpu_seconds(server.proc.pid)
+                    if not (run / "final").is_dir():
+                        run_training(cfg(f"{name}-r{r}", objective, extra))
+                    steps[label].append(_step_stats(run, args.warmup) | {
+                        "server_cpu_s_per_step": (group_cpu_seconds(server.proc.pid) - g) / args.steps if "served" in name else None})
+                    print(f"round {r} {label}: {steps[label][-1]}", flush=True)
+            results["steps"] = steps
 
         # 2. one request of the recipe's batch, and the in-process forward of it
         teacher, tok = load_model(str(BUNDLED_TEACHER), dtype="float32")
@@ -285,88 +287,93 @@ def main() -> None:
         results["wire"] = _wire_table(pool, server.proc.pid, seqs, forward_s)
 
         # 3. y_hat outside the top-K: the loss and gradient of one batch against the in-process teacher
-        student = load_model("hpd/assets/students/llama-2x96", dtype="float32")[0]
-        params = list(student.parameters())
-        obj = get_objective("hpd")
-        ids, mask, labels = b["input_ids"], b["attention_mask"], b["labels"]
+        if "topk" in parts:
+            student = load_model("hpd/assets/students/llama-2x96", dtype="float32")[0]
+            params = list(student.parameters())
+            obj = get_objective("hpd")
+            ids, mask, labels = b["input_ids"], b["attention_mask"], b["labels"]
 
-        def loss_grad(view):
-            o = obj(student(input_ids=ids, attention_mask=mask).logits, view, labels,
-                    generator=torch.Generator().manual_seed(5))
-            g = torch.cat([x.flatten() for x in torch.autograd.grad(o.loss, params)])
-            return o, g
+            def loss_grad(view):
+                o = obj(student(input_ids=ids, attention_mask=mask).logits, view, labels,
+                        generator=torch.Generator().manual_seed(5))
+                g = torch.cat([x.flatten() for x in torch.autograd.grad(o.loss, params)])
+                return o, g
 
-        ref, gref = loss_grad(logits)
-        topk_rows = {}
-        for k, exact in ((8, False), (32, False), (64, False), (8, True)):
-            view = topk_teacher(pool.score(seqs, k), ids.shape[1], k, 264,
-                                score=exact_scorer(pool, seqs, ids.shape[1]) if exact else None)
-            o, g = loss_grad(view)
-            topk_rows[f"{k}, exact samples" if exact else k] = {"frac_sample_outside_topk": float(o.metrics.get("frac_sample_outside_topk", float("nan"))),
-                            "loss_rel_diff": abs(float(o.loss.detach()) - float(ref.loss.detach())) / abs(float(ref.loss.detach())),
-                            "grad_rel_diff": float((g - gref).norm() / gref.norm()),
-                            "grad_cosine": float(torch.nn.functional.cosine_similarity(g, gref, dim=0))}
-        results["outside_topk"] = topk_rows
+            ref, gref = loss_grad(logits)
+            topk_rows = {}
+            for k, exact in ((8, False), (32, False), (64, False), (8, True)):
+                view = topk_teacher(pool.score(seqs, k), ids.shape[1], k, 264,
+                                    score=exact_scorer(pool, seqs, ids.shape[1]) if exact else None)
+                o, g = loss_grad(view)
+                topk_rows[f"{k}, exact samples" if exact else k] = {"frac_sample_outside_topk": float(o.metrics.get("frac_sample_outside_topk", float("nan"))),
+                                "loss_rel_diff": abs(float(o.loss.detach()) - float(ref.loss.detach())) / abs(float(ref.loss.detach())),
+                                "grad_rel_diff": float((g - gref).norm() / gref.norm()),
+                                "grad_cosine": float(torch.nn.functional.cosine_similarity(g, gref, dim=0))}
+            results["outside_topk"] = topk_rows
 
         # 4. the cache by engines: one server, two servers, in process
-        n = args.cache_examples
-        data = [train]
-        if n:
-            sub = out / "data" / f"cache-{n}.jsonl"
-            sub.write_text("".join(train.read_text().splitlines(keepends=True)[:n]))
-            data = [sub]
-        # The second engine (on CPU 0) is up throughout and idle outside its builds; the conditions run
-        # in turn, `--rounds` times, so that a change of load falls on each.
-        builds: dict[str, list[dict]] = {"in process (1 core)": [], "1 server": [], "2 servers": []}
-        with EngineServer(BUNDLED_TEACHER, cpus="0", log=out / "engine-b.log", **serve_kw) as second:
-            engines = [server.proc.pid, second.proc.pid]
-            for r in range(args.rounds):
-                for label, urls, cpus in (("in process (1 core)", None, {0}), ("1 server", server.url, {0}),
-                                          ("2 servers", [server.url, second.url], {0, 1})):
-                    os.sched_setaffinity(0, cpus)
-                    g = [group_cpu_s(p) for p in engines]
-                    c, t = time.process_time(), time.perf_counter()
-                    build_teacher_cache(BUNDLED_TEACHER, data, out / f"cache-{label.split()[0]}", top_k=K, data=probe.data,
-                                        batch_size=32, overwrite=True, log=None, servers=urls)
-                    builds[label].append({"wall_s": time.perf_counter() - t, "client_cpu_s": time.process_time() - c,
-                                          "server_cpu_s": sum(group_cpu_s(p) for p in engines) - sum(g)})
-                    print(f"cache build round {r} {label}: {builds[label][-1]}", flush=True)
-            os.sched_setaffinity(0, {0})
-        c1, c2 = TeacherCache(out / "cache-1"), TeacherCache(out / "cache-2")
-        wall = {k: statistics.fmean(b["wall_s"] for b in v) for k, v in builds.items()}
-        results["cache"] = {"sequences": c1.manifest["examples"], "positions": c1.manifest["positions"],
-                            "builds": builds, "seconds": wall, "speedup_2_servers": wall["1 server"] / wall["2 servers"],
-                            "speedup_2_servers_by_round": [a["wall_s"] / b["wall_s"] for a, b in
-                                                           zip(builds["1 server"], builds["2 servers"])],
-                            "same_label_logp": bool(np.array_equal(
-                                np.concatenate([s[3]["label_logp"] for s in c1._shards]),
-                                np.concatenate([s[3]["label_logp"] for s in c2._shards])))}
+        if "cache" in parts:
+            n = args.cache_examples
+            data = [train]
+            if n:
+                sub = out / "data" / f"cache-{n}.jsonl"
+                sub.write_text("".join(train.read_text().splitlines(keepends=True)[:n]))
+                data = [sub]
+            # The second engine (on CPU 0) is up throughout and idle outside its builds; the conditions run
+            # in turn, `--rounds` times, so that a change of load falls on each.
+            builds: dict[str, list[dict]] = {"in process (1 core)": [], "1 server": [], "2 servers": []}
+            with EngineServer(BUNDLED_TEACHER, cpus="0", log=out / "engine-b.log", **serve_kw) as second:
+                engines = [server.proc.pid, second.proc.pid]
+                for r in range(args.rounds):
+                    for label, urls, cpus in (("in process (1 core)", None, {0}), ("1 server", server.url, {0}),
+                                              ("2 servers", [server.url, second.url], {0, 1})):
+                        os.sched_setaffinity(0, cpus)
+                        g = [group_cpu_seconds(p) for p in engines]
+                        c, t = time.process_time(), time.perf_counter()
+                        build_teacher_cache(BUNDLED_TEACHER, data, out / f"cache-{label.split()[0]}", top_k=K, data=probe.data,
+                                            batch_size=32, overwrite=True, log=None, servers=urls)
+                        builds[label].append({"wall_s": time.perf_counter() - t, "client_cpu_s": time.process_time() - c,
+                                              "server_cpu_s": sum(group_cpu_seconds(p) for p in engines) - sum(g)})
+                        print(f"cache build round {r} {label}: {builds[label][-1]}", flush=True)
+                os.sched_setaffinity(0, {0})
+            c1, c2 = TeacherCache(out / "cache-1"), TeacherCache(out / "cache-2")
+            wall = {k: statistics.fmean(b["wall_s"] for b in v) for k, v in builds.items()}
+            results["cache"] = {"sequences": c1.manifest["examples"], "positions": c1.manifest["positions"],
+                                "builds": builds, "seconds": wall, "speedup_2_servers": wall["1 server"] / wall["2 servers"],
+                                "speedup_2_servers_by_round": [a["wall_s"] / b["wall_s"] for a, b in
+                                                               zip(builds["1 server"], builds["2 servers"])],
+                                "same_label_logp": bool(np.array_equal(
+                                    np.concatenate([s[3]["label_logp"] for s in c1._shards]),
+                                    np.concatenate([s[3]["label_logp"] for s in c2._shards])))}
+
 
     lines = [f"Bundled recipe: batch {probe.optim.batch_size}, data.max_length {probe.data.max_length}, {args.steps} steps "
              f"(the steps after the first {args.warmup}), {args.rounds} rounds of the methods in turn; trainer on CPU 0 "
-             f"(1 thread), vLLM {serve_kw} on CPU 1; engine start {results['engine_start_s']} s.", "",
-             "| method | round | median step s | mean step s | x sft (mean, same round) | trainer CPU s / step | "
-             "server CPU s / step | y_hat outside top-K |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for label, runs in steps.items():
+             f"(1 thread), vLLM {serve_kw} on CPU 1; engine start {results['engine_start_s']} s."]
+    if "steps" in results:
+        lines += ["", "| method | round | median step s | mean step s | x sft (mean, same round) | trainer CPU s / step | "
+                  "server CPU s / step | y_hat outside top-K |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for label, runs in results.get("steps", {}).items():
         for r, s in enumerate(runs):
             frac, server_cpu = s["frac_sample_outside_topk"], s["server_cpu_s_per_step"]
-            sft = steps["sft (no teacher)"][r]["mean_step_s"]
+            sft = results["steps"]["sft (no teacher)"][r]["mean_step_s"]
             lines.append(f"| {label} | {r} | {s['median_step_s']:.3f} | {s['mean_step_s']:.3f} | {s['mean_step_s'] / sft:.2f} | "
                          f"{s['cpu_s_per_step']:.3f} | {'' if server_cpu is None else f'{server_cpu:.3f}'} | "
                          f"{'' if frac is None else f'{frac:.4f}'} |")
-    lines += _wire_lines(results["wire"])
-    lines += ["", "HPD on one batch, served top-K vs the in-process teacher (same draws):", "",
-              "| K | y_hat outside top-K | loss rel. diff | grad rel. diff | grad cosine |", "|---:|---:|---:|---:|---:|"]
-    for k, v in topk_rows.items():
-        lines.append(f"| {k} | {v['frac_sample_outside_topk']:.4f} | {v['loss_rel_diff']:.2e} | {v['grad_rel_diff']:.2e} | "
-                     f"{v['grad_cosine']:.6f} |")
-    c = results["cache"]
-    lines += ["", f"Cache build (top-{K}, {c['sequences']} sequences, {c['positions']} positions), {args.rounds} rounds in "
+    if "topk" in parts:
+        lines += _wire_lines(results["wire"])
+        lines += ["", "HPD on one batch, served top-K vs the in-process teacher (same draws):", "",
+                  "| K | y_hat outside top-K | loss rel. diff | grad rel. diff | grad cosine |", "|---:|---:|---:|---:|---:|"]
+        for k, v in results["outside_topk"].items():
+            lines.append(f"| {k} | {v['frac_sample_outside_topk']:.4f} | {v['loss_rel_diff']:.2e} | {v['grad_rel_diff']:.2e} | "
+                         f"{v['grad_cosine']:.6f} |")
+    c = results.get("cache")
+    lines += [] if c is None else ["", f"Cache build (top-{K}, {c['sequences']} sequences, {c['positions']} positions), {args.rounds} rounds in "
                   f"turn; 2 servers / 1 server speed-up {c['speedup_2_servers']:.2f}x (by round: "
                   + ", ".join(f"{x:.2f}x" for x in c["speedup_2_servers_by_round"])
                   + f"); label log-probs identical: {c['same_label_logp']}", "",
               "| build | round | wall s | client CPU s | servers' CPU s |", "|---|---:|---:|---:|---:|"]
-    for label, runs in c["builds"].items():
+    for label, runs in (c or {}).get("builds", {}).items():
         for r, b in enumerate(runs):
             lines.append(f"| {label} | {r} | {b['wall_s']:.1f} | {b['client_cpu_s']:.1f} | {b['server_cpu_s']:.1f} |")
     table = "\n".join(lines)

@@ -198,7 +198,8 @@ class Proxy:
                 elif scoring and mode == "garble":
                     doc = json.loads(out)
                     pl = doc["choices"][0]["prompt_logprobs"]
-                    pl[len(pl) // 2] = {k: v for k, v in list(pl[len(pl) // 2].items())[1:]}
+                    # the last position: a response's, which the client reads (it skips the prompt's)
+                    pl[-1] = {k: v for k, v in list(pl[-1].items())[1:]}
                     out = json.dumps(doc).encode()
                 elif scoring and mode == "slow":
                     time.sleep(proxy.delay)
