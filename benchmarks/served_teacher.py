@@ -120,10 +120,11 @@ def smollm2(args) -> None:
     root = Path(__file__).resolve().parents[1]
     student = save_student_from_teacher(str(model), "every:3", out / "student-10l")
     # The rows the runs read (steps x batch 4, one epoch), so that the cache covers no more than they need.
-    train, eval_ = out / "data" / "train.jsonl", SMOL_DATA / "teacher_chat_heldout.jsonl"
+    # (The eval file is checked against the cache too, though no run evaluates: 4 held-out rows.)
+    train, eval_ = out / "data" / "train.jsonl", out / "data" / "eval.jsonl"
     train.parent.mkdir(exist_ok=True)
-    rows = (SMOL_DATA / "teacher_chat_train.jsonl").read_text().splitlines(keepends=True)[:4 * args.steps]
-    train.write_text("".join(rows))
+    for dst, src, n in ((train, "teacher_chat_train.jsonl", 4 * args.steps), (eval_, "teacher_chat_heldout.jsonl", 4)):
+        dst.write_text("".join((SMOL_DATA / src).read_text().splitlines(keepends=True)[:n]))
 
     def cfg(name, extra):
         return load_config(str(root / "configs" / "smollm2-135m-to-10l.yaml"), [
@@ -136,12 +137,15 @@ def smollm2(args) -> None:
     results: dict = {"settings": vars(args) | {"out": str(out), "model": str(model), "student": str(student)}}
     serve_kw = dict(max_model_len=256, max_logprobs=64, threads=1, kv_cache_gib=0.5)
     t0 = time.perf_counter()
-    with EngineServer(model, cpus="1", log=out / "engine.log", **serve_kw) as server:
+    server = EngineServer(model, cpus="1", log=out / "engine.log", **serve_kw)
+    if args.engine_in_process:
+        server.engine_in_process()
+    with server:
         results["engine_start_s"] = round(time.perf_counter() - t0, 1)
         cache_dir = out / f"cache-k{K}"
         if not (cache_dir / "manifest.json").is_file():
             t = time.perf_counter()
-            build_teacher_cache(str(model), [train], cache_dir, top_k=K, data=probe.data, batch_size=16, log=None,
+            build_teacher_cache(str(model), [train, eval_], cache_dir, top_k=K, data=probe.data, batch_size=16, log=None,
                                 servers=server.url)
             results["cache_build_s"] = time.perf_counter() - t
         methods = {
@@ -175,7 +179,7 @@ def smollm2(args) -> None:
     lines = [f"SmolLM2 shape: {model.name} (30 layers) served, a 10-layer student (every:3), batch "
              f"{probe.optim.batch_size}, data.max_length {probe.data.max_length}; {args.steps} steps a run (the steps after "
              f"the first {args.warmup}), {args.rounds} rounds of the methods in turn; trainer on CPU 0 (1 thread), "
-             f"vLLM {serve_kw} on CPU 1; engine start {results['engine_start_s']} s.", "",
+             f"vLLM {serve_kw}{' with its core in process' if args.engine_in_process else ''} on CPU 1; engine start {results['engine_start_s']} s.", "",
              "| method | round | median step s | mean step s | x sft (mean, same round) | trainer CPU s / step | "
              "server CPU s / step |", "|---|---:|---:|---:|---:|---:|---:|"]
     for label in labels:
@@ -206,6 +210,8 @@ def main() -> None:
     ap.add_argument("--parts", default="steps,topk,cache", help="the bundled recipe's parts to run: steps (1), "
                     "topk (2 and 3), cache (4)")
     ap.add_argument("--skip-exact", action="store_true", help="leave out the exact-samples run of part 1")
+    ap.add_argument("--engine-in-process", action="store_true",
+                    help="run the engines' core in the server's process (EngineServer.engine_in_process)")
     ap.add_argument("--model", default=None, help="--recipe smollm2: the SmolLM2-135M-Instruct model directory")
     args = ap.parse_args()
     os.environ["OMP_NUM_THREADS"] = "1"
@@ -242,7 +248,10 @@ def main() -> None:
     results: dict = {"settings": vars(args) | {"out": str(out)}}
     serve_kw = dict(max_model_len=256, max_logprobs=64, threads=1, kv_cache_gib=0.25)
     t0 = time.perf_counter()
-    with EngineServer(BUNDLED_TEACHER, cpus="1", log=out / "engine-a.log", **serve_kw) as server:
+    server = EngineServer(BUNDLED_TEACHER, cpus="1", log=out / "engine-a.log", **serve_kw)
+    if args.engine_in_process:
+        server.engine_in_process()
+    with server:
         results["engine_start_s"] = round(time.perf_counter() - t0, 1)
         cache_dir = out / f"cache-k{K}"
         if not (cache_dir / "manifest.json").is_file():
@@ -322,7 +331,10 @@ def main() -> None:
             # The second engine (on CPU 0) is up throughout and idle outside its builds; the conditions run
             # in turn, `--rounds` times, so that a change of load falls on each.
             builds: dict[str, list[dict]] = {"in process (1 core)": [], "1 server": [], "2 servers": []}
-            with EngineServer(BUNDLED_TEACHER, cpus="0", log=out / "engine-b.log", **serve_kw) as second:
+            second = EngineServer(BUNDLED_TEACHER, cpus="0", log=out / "engine-b.log", **serve_kw)
+            if args.engine_in_process:
+                second.engine_in_process()
+            with second:
                 engines = [server.proc.pid, second.proc.pid]
                 for r in range(args.rounds):
                     for label, urls, cpus in (("in process (1 core)", None, {0}), ("1 server", server.url, {0}),
@@ -349,7 +361,7 @@ def main() -> None:
 
     lines = [f"Bundled recipe: batch {probe.optim.batch_size}, data.max_length {probe.data.max_length}, {args.steps} steps "
              f"(the steps after the first {args.warmup}), {args.rounds} rounds of the methods in turn; trainer on CPU 0 "
-             f"(1 thread), vLLM {serve_kw} on CPU 1; engine start {results['engine_start_s']} s."]
+             f"(1 thread), vLLM {serve_kw}{' with its core in process' if args.engine_in_process else ''} on CPU 1; engine start {results['engine_start_s']} s."]
     if "steps" in results:
         lines += ["", "| method | round | median step s | mean step s | x sft (mean, same round) | trainer CPU s / step | "
                   "server CPU s / step | y_hat outside top-K |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
