@@ -154,6 +154,7 @@ class TeacherServers:
         self.vocab_size: int | None = None
         self.log = log or (lambda _m: None)
         self._next = itertools.count()
+        self._in_flight = [0] * len(self.urls)  # requests on each server now (`_with_retries` picks the least busy)
         self._local = threading.local()
         self._lock = threading.Lock()
         self.bytes_received = 0
@@ -226,20 +227,32 @@ class TeacherServers:
 
     def _with_retries(self, what: str, fn: Callable[[str], Any]) -> Any:
         """`fn(url)` on the pool's servers in turn until one succeeds; `HPDError` naming them if none does."""
-        start = next(self._next)
+        n = len(self.urls)
+        with self._lock:
+            # The first try goes to the server with the fewest requests in flight (ties in turn): a
+            # server that answers faster takes more of the work, rather than every other request.
+            turn = next(self._next)
+            start = min(((turn + i) % n for i in range(n)), key=lambda j: self._in_flight[j])
         failures = []
         for attempt in range(self.retries + 1):
-            url = self.urls[(start + attempt) % len(self.urls)]
+            j = (start + attempt) % n
+            url = self.urls[j]
+            with self._lock:
+                self._in_flight[j] += 1
             try:
                 return fn(url)
             except ServerError as e:
                 failures.append(f"{url}: {e}")
+                error = e
                 if not e.retry:
                     break
-                if attempt < self.retries:
-                    wait = self.backoff * 2 ** attempt
-                    self.log(f"teacher server {url}: {e}; retrying in {wait:g} s")
-                    time.sleep(wait)
+            finally:
+                with self._lock:
+                    self._in_flight[j] -= 1
+            if attempt < self.retries:
+                wait = self.backoff * 2 ** attempt
+                self.log(f"teacher server {url}: {error}; retrying in {wait:g} s")
+                time.sleep(wait)
         raise HPDError(f"the teacher server failed {what} after {len(failures)} tries ({'; '.join(failures[-3:])}); "
                        f"check that it is running ({SERVE_HINT}), or raise teacher.server_timeout / "
                        "teacher.server_retries")

@@ -154,6 +154,24 @@ def test_a_server_that_is_down_is_an_error_naming_it_after_the_retries():
     assert time.monotonic() - t0 < 5
 
 
+def test_a_pool_sends_more_requests_to_the_server_that_answers_faster(monkeypatch):
+    """The least busy server takes the next request: with one server ten times slower, the fast
+    one answers most of them (sent in turn, each would take half, and the slow one would set the pace)."""
+    pool = TeacherServers(["http://fast:1", "http://slow:1"], workers_per_server=2)
+    served = []
+
+    def score_on(url, sequences, top_k, first=None):
+        time.sleep(0.01 if "fast" in url else 0.1)
+        served.append(url)
+        return [None] * len(sequences)
+
+    monkeypatch.setattr(pool, "_score_on", score_on)
+    for f in [pool.submit(pool.score, [[1, 2]], 2) for _ in range(40)]:
+        f.result()
+    assert len(served) == 40 and served.count("http://fast:1") >= 30, served  # in turn: 20 each
+    assert pool._in_flight == [0, 0]
+
+
 @pytest.mark.parametrize("extra,match", [
     (["objective.temperature=2"], r"teacher.server .*temperature 1: set objective.temperature=1"),
     (["teacher.cache=somewhere"], r"teacher.server .*teacher.cache is set too"),
