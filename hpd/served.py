@@ -15,7 +15,7 @@ What it guards against:
   with the student's, and the servers of a pool with each other; a mismatch names both sides;
 - a server down, slow or answering garbage: a timeout per request, retries with exponential
   backoff on the next server of the pool, every answer checked (a sequence token's
-  log-probability at every position, K tokens ranked 1..K, finite log-probabilities <= 0) before
+  log-probability at every position read, K tokens ranked 1..K, finite log-probabilities <= 0) before
   anything is built from it; a server that stays down is an `HPDError` naming it.
 
 `ServedTeacher` (`teacher.server=URL[,URL...]`) is the trainer's `TeacherSource`: `prepare` sends
@@ -140,7 +140,7 @@ def parse_prompt_logprobs(entries: Any, seq: Sequence[int], top_k: int, first: i
 
 
 class TeacherServers:
-    """A pool of teacher servers, asked in turn (see the module docstring).
+    """A pool of teacher servers, each request sent to the least busy (see the module docstring).
 
     timeout: seconds a request may take; retries: further tries (each on the next server, after
     `backoff * 2**i` seconds) before the pool gives up.
@@ -226,7 +226,8 @@ class TeacherServers:
         return out
 
     def _with_retries(self, what: str, fn: Callable[[str], Any]) -> Any:
-        """`fn(url)` on the pool's servers in turn until one succeeds; `HPDError` naming them if none does."""
+        """`fn(url)` on the pool's servers, the least busy first and then the next in turn, until one
+        succeeds; `HPDError` naming them if none does."""
         n = len(self.urls)
         with self._lock:
             # The first try goes to the server with the fewest requests in flight (ties in turn): a
