@@ -129,6 +129,16 @@ class EngineServer:
                                f"its log ({self.log_path}):\n{self.log_tail()}")
             time.sleep(1.0)
 
+    def engine_in_process(self) -> EngineServer:
+        """Run the engine core in the server's process (on a CPU): as separate processes, its worker
+        busy-polls its queue for a second after every request, a core taken from whatever shares it
+        (measured: 0.9 CPU s per idle 5 s, against 0.04 in-process). `VLLM_ENABLE_V1_MULTIPROCESSING`
+        set in the environment wins. Call before `start`."""
+        self.env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        if self.env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0":
+            self.command += ["--distributed-executor-backend", "uni"]
+        return self
+
     def log_tail(self, lines: int = 20) -> str:
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])

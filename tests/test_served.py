@@ -77,6 +77,20 @@ def test_an_answer_becomes_the_cache_semantics_label_topk_and_tail():
     assert float(t.label_logprobs[0, 1]) == pytest.approx(np.log(0.05)) and float(t.label_logprobs[0, 3]) == 0
 
 
+def test_an_answer_read_from_a_position_on_equals_the_whole_answer_there_and_zero_before():
+    """`first`: the cache and the trainer read only the response's positions; the prompt's are
+    neither read (not even checked) nor filled (zero, as padding)."""
+    seq = [1, 2, 3, 4]
+    entries = [None, _entry({2: np.log(0.5), 7: np.log(0.3)}), _entry({5: np.log(0.6), 6: np.log(0.2), 3: np.log(0.05)}),
+               _entry({4: np.log(0.9), 1: np.log(0.01)})]
+    whole = parse_prompt_logprobs(entries, seq, top_k=2)
+    part = parse_prompt_logprobs([None, "not read", *entries[2:]], seq, top_k=2, first=1)
+    for name in ("label_logp", "topk_ids", "topk_logp", "tail"):
+        got, ref = getattr(part, name), getattr(whole, name)
+        assert got.shape == ref.shape and np.array_equal(got[1:], ref[1:]) and not got[0].any(), name
+    assert part.topk_ids[2].tolist() == [4, 1] and part.label_logp[1] == pytest.approx(np.log(0.05))
+
+
 def test_hpd_reads_samples_outside_the_topk_from_score_exactly():
     """A top-2 teacher with `score` (here the exact log-probabilities of a teacher in memory) gives
     hpd the loss and gradient of the full teacher; without it, the tail estimate differs."""
@@ -121,6 +135,10 @@ def test_hpd_reads_samples_outside_the_topk_from_score_exactly():
     ([None, _entry({2: 0.5, 7: -2.0}), _entry({3: -0.1, 4: -2.0})], r"not finite numbers <= 0"),
     ([None, {"2": {"logprob": "x"}, "7": {"rank": 1}}, _entry({3: -0.1, 4: -2.0})], r"without a numeric logprob"),
     ("garbage", r"has str entries"),
+    ([None, {"2": {"logprob": -0.1, "rank": 1}, "7": {"logprob": -2.0, "rank": 1}}, _entry({3: -0.1, 4: -2.0})],
+     r"position 1: ranks \[1, 1\] are not a top-2"),                                          # a rank twice
+    ([None, {"2": {"logprob": -0.1, "rank": 0}, "7": {"logprob": -2.0, "rank": 1}}, _entry({3: -0.1, 4: -2.0})],
+     r"position 1: ranks \[0, 1\] are not a top-2"),
 ])
 def test_a_malformed_answer_is_refused(entries, match):
     with pytest.raises(ServerError, match=match):
@@ -135,6 +153,24 @@ def test_a_server_that_is_down_is_an_error_naming_it_after_the_retries():
                                         r"hpd serve-teacher"):
         pool.score([[1, 2, 3]], top_k=2)
     assert time.monotonic() - t0 < 5
+
+
+def test_a_pool_sends_more_requests_to_the_server_that_answers_faster(monkeypatch):
+    """The least busy server takes the next request: with one server ten times slower, the fast
+    one answers most of them (sent in turn, each would take half, and the slow one would set the pace)."""
+    pool = TeacherServers(["http://fast:1", "http://slow:1"], workers_per_server=2)
+    served = []
+
+    def score_on(url, sequences, top_k, first=None):
+        time.sleep(0.01 if "fast" in url else 0.1)
+        served.append(url)
+        return [None] * len(sequences)
+
+    monkeypatch.setattr(pool, "_score_on", score_on)
+    for f in [pool.submit(pool.score, [[1, 2]], 2) for _ in range(40)]:
+        f.result()
+    assert len(served) == 40 and served.count("http://fast:1") >= 30, served  # in turn: 20 each
+    assert pool._in_flight == [0, 0]
 
 
 @pytest.mark.parametrize("extra,match", [
@@ -181,7 +217,8 @@ class Proxy:
                 elif scoring and mode == "garble":
                     doc = json.loads(out)
                     pl = doc["choices"][0]["prompt_logprobs"]
-                    pl[len(pl) // 2] = {k: v for k, v in list(pl[len(pl) // 2].items())[1:]}
+                    # the last position: a response's, which the client reads (it skips the prompt's)
+                    pl[-1] = {k: v for k, v in list(pl[-1].items())[1:]}
                     out = json.dumps(doc).encode()
                 elif scoring and mode == "slow":
                     time.sleep(proxy.delay)

@@ -108,12 +108,7 @@ def rollout_server(model_dir: Path, *, python: Path, dtype: str, max_model_len: 
                           extra_args=args + shlex.split(extra_args), log=log)
     server.env["VLLM_SERVER_DEV_MODE"] = "1"
     if gpu_memory_utilization is None:
-        # The engine in the server's process: as separate processes, the worker busy-polls its
-        # queue for a second after every request, a core taken from the trainer (measured: 0.9 CPU
-        # s per idle 5 s, against 0.04 in-process).
-        server.env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        if server.env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0":
-            server.command += ["--distributed-executor-backend", "uni"]
+        server.engine_in_process()  # its busy-polling worker would take a core from the trainer
     return server
 
 

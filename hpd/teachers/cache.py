@@ -298,7 +298,8 @@ def _build(teacher: str, data_files: Sequence[str | os.PathLike], out: Path, pro
 
         def score_served(idx: list[int]):
             """`score_model`'s result from the servers (one request per batch)."""
-            got = served.score([list(seqs[i][0]) + list(seqs[i][1]) for i in idx], K)
+            got = served.score([list(seqs[i][0]) + list(seqs[i][1]) for i in idx], K,
+                               first=[spans[i][0] for i in idx])  # the response's positions only are read
             parts = [(g.label_logp[s:s + n], g.tail[s:s + n], g.topk_ids[s:s + n], g.topk_logp[s:s + n])
                      for i, g in zip(idx, got) for s, n in [spans[i]]]
             return tuple(np.concatenate([p[k] for p in parts]) for k in range(4))

@@ -326,10 +326,11 @@ class ServedTeacher(TeacherSource):
         self.servers, self.top_k, self.vocab_size, self.device = servers, min(top_k, vocab_size), vocab_size, device
         self.exact_samples = exact_samples  # hpd's samples outside the top-K asked for exactly (a second request)
 
-    def _fetch(self, sequences: list[list[int]], T: int):
+    def _fetch(self, sequences: list[list[int]], T: int, first: list[int] | None = None):
         from hpd.teachers.served import exact_scorer, topk_teacher
 
-        return topk_teacher(self.servers.score(sequences, self.top_k), T, self.top_k, self.vocab_size,
+        # The prompt's positions are left zero, as padding is: no loss reads them (`build_batch`'s labels).
+        return topk_teacher(self.servers.score(sequences, self.top_k, first), T, self.top_k, self.vocab_size,
                             score=exact_scorer(self.servers, sequences, T) if self.exact_samples else None)
 
     def prepare(self, batch, examples, split, indices) -> None:
@@ -337,7 +338,8 @@ class ServedTeacher(TeacherSource):
         sequences = [list(p) + list(c) for p, c in zip(batch.prompts, batch.completions)]
         # The servers score whole rows: the view is of the padded rows `(B, T)`, packed like the batch in `view`.
         T = int((batch.row_labels if batch.packing is not None else batch.input_ids).shape[1])
-        batch.teacher_request = self.servers.submit(self._fetch, sequences, T)
+        first = [max(len(p) - 1, 0) for p in batch.prompts]  # position len(prompt) - 1 predicts the first response token
+        batch.teacher_request = self.servers.submit(self._fetch, sequences, T, first)
 
     def view(self, batch):
         view = batch.teacher_request.result()
