@@ -52,10 +52,11 @@ def _val(run: Path) -> float | None:
     return json.loads(p.read_text())["accuracy"] if p.is_file() else None
 
 
-def _picked(rates: dict[str, dict[int, Path]], seed0: int, base: float) -> str | None:
-    """The rate of the best seed-0 validation score (ties: nearest the base rate); None until all are scored."""
-    scored = [(_val(seeds[seed0]), -abs(math.log(float(r) / base)), r) for r, seeds in rates.items() if seed0 in seeds]
-    if not scored or any(v is None for v, _, _ in scored):
+def _picked(rates: dict[str, dict[int, Path]], grid: list[str], seed0: int, base: float) -> str | None:
+    """The grid rate of the best seed-0 validation score (ties: nearest the base rate); None until all are scored."""
+    scored = [(_val(rates[r][seed0]) if seed0 in rates.get(r, {}) else None, -abs(math.log(float(r) / base)), r)
+              for r in grid]
+    if any(v is None for v, _, _ in scored):
         return None
     return max(scored)[2]
 
@@ -67,12 +68,18 @@ def _steps_right(rows: list[dict], ev: dict) -> float | None:
     return statistics.fmean(xs) if xs else None
 
 
+def _pct(x: float | None) -> float | None:
+    return None if x is None else 100 * x
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", default="runs/task-teacher")
     ap.add_argument("--base-lr", type=float, default=5e-4, help="the grid's base rate (ties go to the rate nearest it)")
+    ap.add_argument("--lr-grid", default="0.333 1", help="the grid's multipliers of --base-lr (the script's LR_GRID)")
     ap.add_argument("--seed0", type=int, default=0)
     a = ap.parse_args()
+    grid = [f"{a.base_lr * float(m):.2e}" for m in a.lr_grid.split()]  # the run directories' names, as the script writes them
     R = Path(a.runs)
     test_rows = [json.loads(x) for x in (R / "data" / "test.jsonl").read_text().splitlines() if x.strip()]
     print(f"# A task teacher and its pruned students ({R})\n")
@@ -84,7 +91,7 @@ def main() -> None:
         task = test_rows[0].get("meta", {})
         print(f"Teacher (SmolLM2-135M-Instruct after SFT, 30 layers): {k}/{n} = {100 * k / n:.1f}% "
               f"[{100 * lo:.1f}, {100 * hi:.1f}] of the test problems (math, {task.get('steps')} steps); steps right "
-              f"{_fmt(100 * (_steps_right(test_rows, teacher) or float('nan')), '.1f')}%.")
+              f"{_fmt(_pct(_steps_right(test_rows, teacher)), '.1f')}%.")
     else:
         print("Teacher: not scored yet.")
     stats = R / "data" / "train.stats.json"
@@ -99,7 +106,7 @@ def main() -> None:
         picked, summaries, grids = {}, {}, {}
         for m in methods:
             rates = _runs_of(cut_dir / m)
-            picked[m] = _picked(rates, a.seed0, a.base_lr)
+            picked[m] = _picked(rates, grid, a.seed0, a.base_lr)
             grids[m] = {r: _val(seeds[a.seed0]) if a.seed0 in seeds else None for r, seeds in rates.items()}
             chosen = rates.get(picked[m] or "", {})
             summaries[m] = {seed: s for seed, d in chosen.items() if (s := run_summary(_spec(m, d, picked[m], seed)))}
@@ -109,14 +116,14 @@ def main() -> None:
         layers = {"every3": 10, "every2": 15}.get(cut_dir.name, "?")
         print(f"## {cut_dir.name} ({layers} layers)\n")
         print("| method | val accuracy per rate | rate picked | test accuracy per seed | mean | of the teacher's | "
-              "vs HPD (points) | steps right | speed vs teacher | CPU s to 90% of best | CPU s per run | target |")
+              "vs HPD (points) | steps right % | speed vs teacher (x) | CPU s to 90% of best | CPU s per run | target |")
         print("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for m in methods:
             runs = summaries[m]
             accs = [runs[s]["accuracy"] for s in sorted(runs)]
             mean = statistics.fmean(accs) if accs else None
             frac = mean / t_acc if mean is not None and t_acc else None
-            grid = ", ".join(f"{r}: {_fmt(100 * v if v is not None else None, '.1f')}" for r, v in sorted(grids[m].items()))
+            val_cells = ", ".join(f"{r}: {_fmt(_pct(v), '.1f')}" for r, v in sorted(grids[m].items()))
             evs = [json.loads((_runs_of(cut_dir / m)[picked[m]][s] / "eval-test.json").read_text()) for s in sorted(runs)]
             steps = [x for x in (_steps_right(test_rows, ev) for ev in evs) if x is not None]
             sp = cut_dir / m / "speed.json"
@@ -129,9 +136,9 @@ def main() -> None:
             target = "-" if frac is None or speed is None else (
                 "yes" if frac >= TARGET_FRACTION and speed >= TARGET_SPEED else "no")
             vs = paired_diff(runs, summaries.get("hpd", {})) if m != "hpd" and summaries.get("hpd") else ""
-            print(f"| {m} | {grid or '-'} | {picked[m] or '-'} | {', '.join(f'{100 * x:.1f}' for x in accs) or '-'} | "
+            print(f"| {m} | {val_cells or '-'} | {picked[m] or '-'} | {', '.join(f'{100 * x:.1f}' for x in accs) or '-'} | "
                   f"{_fmt(100 * mean if mean is not None else None, '.1f')} | {_fmt(frac, '.2f')} | {vs} | "
-                  f"{_fmt(100 * statistics.fmean(steps) if steps else None, '.1f')} | {_fmt(speed, '.2f')}x | {to90} | "
+                  f"{_fmt(100 * statistics.fmean(steps) if steps else None, '.1f')} | {_fmt(speed, '.2f')} | {to90} | "
                   f"{_fmt(cpu, '.0f')} | {target} |")
         print()
         if summaries.get("hpd"):
