@@ -20,8 +20,9 @@
 #   python benchmarks/task_teacher_report.py --runs runs/task-teacher      # the table, any time
 #
 # Stages (each skipped when its output exists, each resumable): 1 task data; 2 the writer's SFT;
-# 3 the teacher's SFT; 4 the teacher's accuracy (test and validation; the script stops if it is
-# below MIN_TEACHER); 5 the off-policy data (the writer's answers, wrong share); 6 the students
+# 3 the off-policy data (the writer's answers, wrong share: known before the teacher's hours);
+# 4 the teacher's SFT; 5 the teacher's accuracy (test and validation; the script stops if it is
+# below MIN_TEACHER); 6 the students
 # (the teacher's layers) and the teacher cache; 7 the seed-0 grid of every method (each scored on
 # validation, on test, and on the first N_CURVE test problems at every quarter of its run), then
 # the picked rate's other seeds; 8 generation speed of each method's picked student against the
@@ -110,11 +111,17 @@ if [ -z "$WRITER" ]; then
     WRITER=$R/writer/final
 fi
 
-# 3-4. The teacher, and its accuracy on held-out problems (the students' ceiling).
-stage "3 teacher SFT ($TEACHER_STEPS steps)"
+# 3. Off-policy data: the writer's sampled answers (T=1), right or wrong, to the students' prompts.
+stage "3 off-policy data (writer $WRITER)"
+$HPD generate --model "$WRITER" --prompts "$D/student_prompts.jsonl" --out "$D/writer_answers.jsonl" \
+    --temperature 1 --max-new-tokens "$MAX_NEW" --batch-size 16 --seed 0
+$TT offpolicy --answers "$D/writer_answers.jsonl" --out "$D/train.jsonl" --stats "$D/train.stats.json" --writer "$WRITER"
+
+# 4-5. The teacher, and its accuracy on held-out problems (the students' ceiling).
+stage "4 teacher SFT ($TEACHER_STEPS steps)"
 sft "$R/teacher" "$D/teacher_sft.jsonl" "$TEACHER_STEPS"
 TEACHER=$R/teacher/final
-stage "4 teacher eval"
+stage "5 teacher eval"
 $TT score --model "$TEACHER" --rows "$D/test.jsonl" --out "$R/teacher/eval-test.json"
 $TT score --model "$TEACHER" --rows "$D/val.jsonl" --out "$R/teacher/eval-val.json"
 $PY - "$R/teacher/eval-test.json" "$MIN_TEACHER" <<'PY'
@@ -125,12 +132,6 @@ if acc < float(sys.argv[2]):
              "train it longer (delete R/teacher/final and R/teacher/eval-*.json, rerun with a larger TEACHER_STEPS and "
              "TEACHER_ARGS=resume_allow_changes=true: it continues from its last checkpoint) or set MIN_TEACHER=0 to go on")
 PY
-
-# 5. Off-policy data: the writer's sampled answers (T=1), right or wrong, to the students' prompts.
-stage "5 off-policy data (writer $WRITER)"
-$HPD generate --model "$WRITER" --prompts "$D/student_prompts.jsonl" --out "$D/writer_answers.jsonl" \
-    --temperature 1 --max-new-tokens "$MAX_NEW" --batch-size 16 --seed 0
-$TT offpolicy --answers "$D/writer_answers.jsonl" --out "$D/train.jsonl" --stats "$D/train.stats.json" --writer "$WRITER"
 
 # 6. The students (the teacher's layers) and the teacher cache, named by the training file's hash.
 stage "6 students and teacher cache"
