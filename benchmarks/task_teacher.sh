@@ -18,6 +18,8 @@
 #   bash benchmarks/task_teacher.sh                        # ~7.7 CPU-hours of one core; rerun to resume
 #   nohup nice -n 10 bash benchmarks/task_teacher.sh > runs/task-teacher.log 2>&1 &
 #   python benchmarks/task_teacher_report.py --runs runs/task-teacher      # the table, any time
+# bash reads a script as it runs it: to edit this file while a run goes on, run a copy placed in
+# runs/ (`cp benchmarks/task_teacher.sh runs/ && bash runs/task_teacher.sh`: it finds the repo root).
 #
 # Stages (each skipped when its output exists, each resumable): 1 task data; 2 the writer's SFT;
 # 3 the off-policy data (the writer's answers, wrong share: known before the teacher's hours);
