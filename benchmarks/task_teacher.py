@@ -15,6 +15,9 @@ can be rerun to resume:
   checkpoints (they are the size of the model and its optimizer state).
 - `pick`: the grid rate whose seed-0 run scores best on validation (ties: the one nearest the
   base rate, as `hpd bench`), printed.
+- `keep`: copy what the report reads (data, scores, metrics, configs, speeds; no weights) into a
+  directory of the repository, so a fresh clone prints the tables without training
+  (`task_teacher_report.py --runs KEEP`).
 - `speed`: greedy generation tokens/s of a student and of the teacher, timed one after the other
   in one process on the same prompts (`smollm2_report.generation`), written once.
 
@@ -159,6 +162,29 @@ def cmd_speed(a: argparse.Namespace) -> None:
     print(json.dumps(result))
 
 
+# What the report reads, relative to the runs directory: no weights, no checkpoints, no cache.
+# The gold SFT slices are left out: `data` rebuilds them deterministically (the test asserts it).
+KEPT = ("data/student_prompts.jsonl", "data/val.jsonl", "data/test.jsonl", "data/writer_answers.jsonl*",
+        "data/train.jsonl", "data/*.json", "teacher/eval-*.json", "*/metrics.jsonl", "*/config.yaml",
+        "every*/*/speed.json", "every*/*/lr*-s*/eval-*.json", "every*/*/lr*-s*/metrics.jsonl",
+        "every*/*/lr*-s*/config.yaml")
+
+
+def cmd_keep(a: argparse.Namespace) -> None:
+    runs, keep = Path(a.runs), Path(a.to)
+    copied = 0
+    for pattern in KEPT:
+        for src in sorted(runs.glob(pattern)):
+            if src.name.endswith(".partial") or not src.is_file():
+                continue
+            dst = keep / src.relative_to(runs)
+            if not dst.is_file() or dst.read_bytes() != src.read_bytes():
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src, dst)
+                copied += 1
+    print(f"kept {copied} changed files of {runs} in {keep}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -188,6 +214,9 @@ def main() -> None:
     p.add_argument("--base", type=float, required=True)
     p.add_argument("--seed", default="0")
     p.add_argument("rates", nargs="+")
+    p = sub.add_parser("keep")
+    p.add_argument("--runs", required=True)
+    p.add_argument("--to", required=True)
     p = sub.add_parser("speed")
     p.add_argument("--model", required=True)
     p.add_argument("--teacher", required=True)
@@ -197,7 +226,7 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=128)
     a = ap.parse_args()
     {"data": cmd_data, "offpolicy": cmd_offpolicy, "score": cmd_score, "curve": cmd_curve, "pick": cmd_pick,
-     "speed": cmd_speed}[a.cmd](a)
+     "keep": cmd_keep, "speed": cmd_speed}[a.cmd](a)
 
 
 if __name__ == "__main__":

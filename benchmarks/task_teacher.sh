@@ -44,7 +44,9 @@
 # N_WRITER / WRITER_STEPS (or WRITER: a model directory that writes the data instead), N_STUDENT /
 # EPOCHS / BATCH, N_VAL / N_TEST / N_CURVE (problems scored), MIN_TEACHER, CUTS, METHODS (labels
 # of `hpd bench`'s table, hpd.apps.bench.METHODS), BASE_LR and LR_GRID (multipliers of it, as
-# `hpd bench --lr-grid`), SEEDS, TOP_K, PY. Extra arguments go to every student's `hpd train`.
+# `hpd bench --lr-grid`), SEEDS, TOP_K, KEEP (where the report's inputs are kept, in the
+# repository: `python benchmarks/task_teacher_report.py --runs KEEP` prints the tables on a fresh
+# clone), PY. Extra arguments go to every student's `hpd train`.
 # Smoke run (tens of minutes): R=runs/tt-smoke N_TEACHER=16 TEACHER_STEPS=2 N_WRITER=8 WRITER_STEPS=1 \
 #   N_STUDENT=8 EPOCHS=1 N_VAL=4 N_TEST=8 N_CURVE=4 MIN_TEACHER=0 bash benchmarks/task_teacher.sh
 set -euo pipefail
@@ -78,6 +80,7 @@ BASE_LR=${BASE_LR:-5e-4}
 LR_GRID=${LR_GRID:-"0.333 1"}
 SEEDS=${SEEDS:-"0 1"}
 TOP_K=${TOP_K:-32}
+KEEP=${KEEP:-benchmarks/results/task-teacher}   # what outlives R: data, scores, metrics (task_teacher.py keep)
 MAX_LEN=320          # prompt (~80 tokens with the chat template) + a 216-token answer budget + slack
 MAX_NEW=216          # the task's own generation budget at 12 steps (16 x steps + 24)
 method_spec() {
@@ -118,6 +121,7 @@ stage "3 off-policy data (writer $WRITER)"
 $HPD generate --model "$WRITER" --prompts "$D/student_prompts.jsonl" --out "$D/writer_answers.jsonl" \
     --temperature 1 --max-new-tokens "$MAX_NEW" --batch-size 16 --seed 0
 $TT offpolicy --answers "$D/writer_answers.jsonl" --out "$D/train.jsonl" --stats "$D/train.stats.json" --writer "$WRITER"
+$TT keep --runs "$R" --to "$KEEP"
 
 # 4-5. The teacher, and its accuracy on held-out problems (the students' ceiling).
 stage "4 teacher SFT ($TEACHER_STEPS steps)"
@@ -126,6 +130,7 @@ TEACHER=$R/teacher/final
 stage "5 teacher eval"
 $TT score --model "$TEACHER" --rows "$D/test.jsonl" --out "$R/teacher/eval-test.json"
 $TT score --model "$TEACHER" --rows "$D/val.jsonl" --out "$R/teacher/eval-val.json"
+$TT keep --runs "$R" --to "$KEEP"
 $PY - "$R/teacher/eval-test.json" "$MIN_TEACHER" <<'PY'
 import json, sys
 acc = json.load(open(sys.argv[1]))["accuracy"]
@@ -168,6 +173,7 @@ run() {
         $TT score --model "$out/final" --rows "$D/val.jsonl" --out "$out/eval-val.json"
         $TT curve --run "$out" --rows "$D/test.jsonl" --n "$N_CURVE" --steps "$STEPS"
     fi
+    $TT keep --runs "$R" --to "$KEEP"
 }
 EXTRA=("$@")
 for cut in $CUTS; do
@@ -183,4 +189,6 @@ for cut in $CUTS; do
     done
 done
 stage "done"
+$TT keep --runs "$R" --to "$KEEP"
 $PY benchmarks/task_teacher_report.py --runs "$R" | tee "$R/report.md"
+cp "$R/report.md" "$KEEP/report.md"
