@@ -8,8 +8,8 @@
 # data: a weaker model (SmolLM2 after a short SFT, the "writer") answers the students' prompts,
 # sampled at T=1, its mistakes kept (the share wrong is measured and printed). HPD, FKL, SFT and
 # the tuned bench's strongest off-policy baseline (AKL run as its authors run it, CE + 0.1 AKL:
-# the one that beat HPD with an interval above zero in the most conditions and works from a
-# teacher cache) train on it many epochs over a modest set, through the teacher's top-K cache,
+# of the baselines that work from a teacher cache, the one that led HPD with an interval at or
+# above zero in the most conditions: pretrained-gold, scratch-gold, scratch-traces) train on it many epochs over a modest set, through the teacher's top-K cache,
 # with the bench's protocol: every method at the same rate grid, seed 0 at each rate, the rate
 # picked on validation accuracy, seed 1 at the picked rate; accuracy by the task's verifier on
 # held-out problems; generation speed against the teacher; CPU seconds to 90% of the best;
@@ -24,8 +24,7 @@
 # Stages (each skipped when its output exists, each resumable): 1 task data; 2 the writer's SFT;
 # 3 the off-policy data (the writer's answers, wrong share: known before the teacher's hours);
 # 4 the teacher's SFT; 5 the teacher's accuracy (test and validation; the script stops if it is
-# below MIN_TEACHER); 6 the students
-# (the teacher's layers) and the teacher cache; 7 the seed-0 grid of every method (each scored on
+# below MIN_TEACHER); 6 the students (the teacher's layers) and the teacher cache; 7 the seed-0 grid of every method (each scored on
 # validation, on test, and on the first N_CURVE test problems at every quarter of its run), then
 # the picked rate's other seeds; 8 generation speed of each method's picked student against the
 # teacher. `hpd train` resumes an interrupted run from its last checkpoint (resume=auto).
