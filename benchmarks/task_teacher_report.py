@@ -1,0 +1,151 @@
+"""The table of benchmarks/task_teacher.sh (issue 37, item 2), markdown on stdout, from what has finished.
+
+Per student (a cut of the teacher's layers) and method, at the rate its seed-0 validation score
+picks (the same grid for every method):
+- test accuracy by the task's verifier, per seed and mean, and as a fraction of the teacher's
+  (greedy, the same held-out problems);
+- the paired difference against HPD (points, 95% bootstrap interval over problems and seeds,
+  `hpd.apps.bench_report.paired_diff`), and the share of steps right (the math task's graded score);
+- generation speed against the teacher (`speed.json`: greedy tokens/s, one process, same prompts);
+- CPU seconds to 90% of the best: the first checkpoint of the seed-0 curve (every quarter of the
+  run, on the first N_CURVE test problems) that reaches 90% of the best final curve score of the
+  cut's methods, as in `hpd bench`;
+- whether it meets the target a user would care about: >= 90% of the teacher's accuracy at
+  >= 1.7x its speed;
+and HPD's diagnostics (`hpd.apps.bench_report.hpd_diagnostics`). Runs still missing show as "-".
+
+    python benchmarks/task_teacher_report.py --runs runs/task-teacher
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+from pathlib import Path
+
+from hpd.apps.bench import RunSpec
+from hpd.apps.bench_report import _fmt, curve, hpd_diagnostics, paired_diff, run_summary
+from hpd.apps.verifiers import TaskVerifier
+from hpd.stats import wilson_interval
+
+TARGET_FRACTION, TARGET_SPEED = 0.9, 1.7
+
+
+def _runs_of(method_dir: Path) -> dict[str, dict[int, Path]]:
+    """rate -> seed -> run directory, from the `lrRATE-sSEED` names."""
+    out: dict[str, dict[int, Path]] = {}
+    for d in sorted(method_dir.glob("lr*-s*")):
+        if d.is_dir():
+            rate, seed = d.name[2:].rsplit("-s", 1)
+            out.setdefault(rate, {})[int(seed)] = d
+    return out
+
+
+def _spec(method: str, run: Path, rate: str, seed: int) -> RunSpec:
+    return RunSpec("task-teacher", method, float(rate), seed, run, (), ())
+
+
+def _val(run: Path) -> float | None:
+    p = run / "eval-val.json"
+    return json.loads(p.read_text())["accuracy"] if p.is_file() else None
+
+
+def _picked(rates: dict[str, dict[int, Path]], grid: list[str], seed0: int, base: float) -> str | None:
+    """The grid rate of the best seed-0 validation score (ties: nearest the base rate); None until all are scored."""
+    scored = [(_val(rates[r][seed0]) if seed0 in rates.get(r, {}) else None, -abs(math.log(float(r) / base)), r)
+              for r in grid]
+    if any(v is None for v, _, _ in scored):
+        return None
+    return max(scored)[2]
+
+
+def _steps_right(rows: list[dict], ev: dict) -> float | None:
+    v = TaskVerifier()
+    xs = [v.partial_credit(r, c) for r, c in zip(rows, ev.get("completions") or [])]
+    xs = [x for x in xs if x is not None]
+    return statistics.fmean(xs) if xs else None
+
+
+def _pct(x: float | None) -> float | None:
+    return None if x is None else 100 * x
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", default="runs/task-teacher")
+    ap.add_argument("--base-lr", type=float, default=5e-4, help="the grid's base rate (ties go to the rate nearest it)")
+    ap.add_argument("--lr-grid", default="0.333 1", help="the grid's multipliers of --base-lr (the script's LR_GRID)")
+    ap.add_argument("--seed0", type=int, default=0)
+    a = ap.parse_args()
+    grid = [f"{a.base_lr * float(m):.2e}" for m in a.lr_grid.split()]  # the run directories' names, as the script writes them
+    R = Path(a.runs)
+    test_rows = [json.loads(x) for x in (R / "data" / "test.jsonl").read_text().splitlines() if x.strip()]
+    print(f"# A task teacher and its pruned students ({R})\n")
+    t_path = R / "teacher" / "eval-test.json"
+    teacher = json.loads(t_path.read_text()) if t_path.is_file() else None
+    if teacher:
+        n, k = len(teacher["verdicts"]), sum(teacher["verdicts"])
+        lo, hi = wilson_interval(k, n)
+        task = test_rows[0].get("meta", {})
+        print(f"Teacher (SmolLM2-135M-Instruct after SFT, 30 layers): {k}/{n} = {100 * k / n:.1f}% "
+              f"[{100 * lo:.1f}, {100 * hi:.1f}] of the test problems (math, {task.get('steps')} steps); steps right "
+              f"{_fmt(_pct(_steps_right(test_rows, teacher)), '.1f')}%.")
+    else:
+        print("Teacher: not scored yet.")
+    stats = R / "data" / "train.stats.json"
+    if stats.is_file():
+        s = json.loads(stats.read_text())
+        print(f"Off-policy data: {s['rows']} answers of the writer ({s['writer']}), sampled at T=1, mistakes kept: "
+              f"{s['wrong']} wrong ({100 * s['wrong_share']:.1f}%); {100 * s['steps_right']:.1f}% of steps right.")
+    print()
+    t_acc = teacher["accuracy"] if teacher else None
+    for cut_dir in sorted(p for p in R.glob("every*") if p.is_dir()):
+        methods = sorted((p.name for p in cut_dir.iterdir() if p.is_dir()), key=lambda m: (m != "hpd", m))
+        picked, summaries, grids = {}, {}, {}
+        for m in methods:
+            rates = _runs_of(cut_dir / m)
+            picked[m] = _picked(rates, grid, a.seed0, a.base_lr)
+            grids[m] = {r: _val(seeds[a.seed0]) if a.seed0 in seeds else None for r, seeds in rates.items()}
+            chosen = rates.get(picked[m] or "", {})
+            summaries[m] = {seed: s for seed, d in chosen.items() if (s := run_summary(_spec(m, d, picked[m], seed)))}
+        finals = {m: curve(_spec(m, _runs_of(cut_dir / m)[picked[m]][a.seed0], picked[m], a.seed0))
+                  for m in methods if picked[m] and a.seed0 in _runs_of(cut_dir / m).get(picked[m], {})}
+        best = max((pts[-1][1] for pts in finals.values() if pts), default=None)
+        layers = {"every3": 10, "every2": 15}.get(cut_dir.name, "?")
+        print(f"## {cut_dir.name} ({layers} layers)\n")
+        print("| method | val accuracy per rate | rate picked | test accuracy per seed | mean | of the teacher's | "
+              "vs HPD (points) | steps right % | speed vs teacher (x) | CPU s to 90% of best | CPU s per run | target |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for m in methods:
+            runs = summaries[m]
+            accs = [runs[s]["accuracy"] for s in sorted(runs)]
+            mean = statistics.fmean(accs) if accs else None
+            frac = mean / t_acc if mean is not None and t_acc else None
+            val_cells = ", ".join(f"{r}: {_fmt(_pct(v), '.1f')}" for r, v in sorted(grids[m].items()))
+            evs = [json.loads((_runs_of(cut_dir / m)[picked[m]][s] / "eval-test.json").read_text()) for s in sorted(runs)]
+            steps = [x for x in (_steps_right(test_rows, ev) for ev in evs) if x is not None]
+            sp = cut_dir / m / "speed.json"
+            speed = json.loads(sp.read_text())["ratio"] if sp.is_file() else None
+            to90 = "-"
+            if best is not None and finals.get(m):
+                hit = next((rec for _, acc, rec in finals[m] if acc >= 0.9 * best), None)
+                to90 = _fmt(hit.get("cpu_s"), ".0f") if hit else "not reached"
+            cpu = statistics.fmean([r["cpu_s"] for r in runs.values() if r.get("cpu_s")] or [float("nan")])
+            target = "-" if frac is None or speed is None else (
+                "yes" if frac >= TARGET_FRACTION and speed >= TARGET_SPEED else "no")
+            vs = paired_diff(runs, summaries.get("hpd", {})) if m != "hpd" and summaries.get("hpd") else ""
+            print(f"| {m} | {val_cells or '-'} | {picked[m] or '-'} | {', '.join(f'{100 * x:.1f}' for x in accs) or '-'} | "
+                  f"{_fmt(100 * mean if mean is not None else None, '.1f')} | {_fmt(frac, '.2f')} | {vs} | "
+                  f"{_fmt(100 * statistics.fmean(steps) if steps else None, '.1f')} | {_fmt(speed, '.2f')} | {to90} | "
+                  f"{_fmt(cpu, '.0f')} | {target} |")
+        print()
+        if summaries.get("hpd"):
+            print(hpd_diagnostics({f"{cut_dir.name} hpd (lr {picked['hpd']})": summaries["hpd"]}))
+    print(f"Target: a student that keeps >= {TARGET_FRACTION:.0%} of the teacher's accuracy at >= {TARGET_SPEED}x "
+          "its generation speed. Accuracy is greedy, on the test problems; the rate is picked on validation.")
+
+
+if __name__ == "__main__":
+    main()
