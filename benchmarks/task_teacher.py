@@ -146,7 +146,7 @@ def cmd_speed(a: argparse.Namespace) -> None:
     sys.path.insert(0, str(Path(__file__).parent))
     from smollm2_report import generation
 
-    from hpd.models import load_model
+    from hpd.models.loading import load_model
 
     torch.set_num_threads(1)
     prompts = [r["prompt"] for r in _read(Path(a.prompts))[: a.n]]

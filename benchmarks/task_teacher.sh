@@ -163,7 +163,7 @@ TEACHER=$R/teacher/final
 # 6. The students (the teacher's layers) and the teacher cache, named by the training file's hash.
 stage "6 students and teacher cache"
 for cut in $CUTS; do
-    $PY -c "import sys; from hpd.models import save_student_from_teacher as s; s(sys.argv[1], sys.argv[2], sys.argv[3])" \
+    $PY -c "import sys; from hpd.models.from_teacher import save_student_from_teacher as s; s(sys.argv[1], sys.argv[2], sys.argv[3])" \
         "$TEACHER" "$cut" "$R/students/${cut/:/}"
 done
 CACHE=$R/cache-$($PY -c "import hashlib,sys; print(hashlib.sha256(open(sys.argv[1],'rb').read()).hexdigest()[:12])" "$D/train.jsonl")
