@@ -140,8 +140,8 @@ def smollm2(args) -> None:
     serve_kw = dict(max_model_len=256, max_logprobs=64, threads=1, kv_cache_gib=0.5)
     t0 = time.perf_counter()
     server = EngineServer(model, cpus="1", log=out / "engine.log", **serve_kw)
-    if args.engine_in_process:
-        server.engine_in_process()
+    if args.worker_in_engine_core:
+        server.worker_in_engine_core()
     with server:
         results["engine_start_s"] = round(time.perf_counter() - t0, 1)
         cache_dir = out / f"cache-k{K}"
@@ -181,7 +181,7 @@ def smollm2(args) -> None:
     lines = [f"SmolLM2 shape: {model.name} (30 layers) served, a 10-layer student (every:3), batch "
              f"{probe.optim.batch_size}, data.max_length {probe.data.max_length}; {args.steps} steps a run (the steps after "
              f"the first {args.warmup}), {args.rounds} rounds of the methods in turn; trainer on CPU 0 (1 thread), "
-             f"vLLM {serve_kw}{' with its core in process' if args.engine_in_process else ''} on CPU 1; engine start {results['engine_start_s']} s.", "",
+             f"vLLM {serve_kw}{' with its worker in the engine core' if args.worker_in_engine_core else ''} on CPU 1; engine start {results['engine_start_s']} s.", "",
              "| method | round | median step s | mean step s | x sft (mean, same round) | trainer CPU s / step | "
              "server CPU s / step |", "|---|---:|---:|---:|---:|---:|---:|"]
     for label in labels:
@@ -212,8 +212,8 @@ def main() -> None:
     ap.add_argument("--parts", default="steps,topk,cache", help="the bundled recipe's parts to run: steps (1), "
                     "topk (2 and 3), cache (4)")
     ap.add_argument("--skip-exact", action="store_true", help="leave out the exact-samples run of part 1")
-    ap.add_argument("--engine-in-process", action="store_true",
-                    help="run the engines' core in the server's process (EngineServer.engine_in_process)")
+    ap.add_argument("--worker-in-engine-core", action="store_true",
+                    help="run the model worker inside the engine-core process (EngineServer.worker_in_engine_core)")
     ap.add_argument("--model", default=None, help="--recipe smollm2: the SmolLM2-135M-Instruct model directory")
     args = ap.parse_args()
     os.environ["OMP_NUM_THREADS"] = "1"
@@ -252,8 +252,8 @@ def main() -> None:
     serve_kw = dict(max_model_len=256, max_logprobs=64, threads=1, kv_cache_gib=0.25)
     t0 = time.perf_counter()
     server = EngineServer(BUNDLED_TEACHER, cpus="1", log=out / "engine-a.log", **serve_kw)
-    if args.engine_in_process:
-        server.engine_in_process()
+    if args.worker_in_engine_core:
+        server.worker_in_engine_core()
     with server:
         results["engine_start_s"] = round(time.perf_counter() - t0, 1)
         cache_dir = out / f"cache-k{K}"
@@ -335,8 +335,8 @@ def main() -> None:
             # in turn, `--rounds` times, so that a change of load falls on each.
             builds: dict[str, list[dict]] = {"in process (1 core)": [], "1 server": [], "2 servers": []}
             second = EngineServer(BUNDLED_TEACHER, cpus="0", log=out / "engine-b.log", **serve_kw)
-            if args.engine_in_process:
-                second.engine_in_process()
+            if args.worker_in_engine_core:
+                second.worker_in_engine_core()
             with second:
                 engines = [server.proc.pid, second.proc.pid]
                 for r in range(args.rounds):
@@ -364,7 +364,7 @@ def main() -> None:
 
     lines = [f"Bundled recipe: batch {probe.optim.batch_size}, data.max_length {probe.data.max_length}, {args.steps} steps "
              f"(the steps after the first {args.warmup}), {args.rounds} rounds of the methods in turn; trainer on CPU 0 "
-             f"(1 thread), vLLM {serve_kw}{' with its core in process' if args.engine_in_process else ''} on CPU 1; engine start {results['engine_start_s']} s."]
+             f"(1 thread), vLLM {serve_kw}{' with its worker in the engine core' if args.worker_in_engine_core else ''} on CPU 1; engine start {results['engine_start_s']} s."]
     if "steps" in results:
         lines += ["", "| method | round | median step s | mean step s | x sft (mean, same round) | trainer CPU s / step | "
                   "server CPU s / step | y_hat outside top-K |", "|---|---:|---:|---:|---:|---:|---:|---:|"]

@@ -23,6 +23,7 @@ With the engine installed (`make engine`):
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -129,11 +130,13 @@ class EngineServer:
                                f"its log ({self.log_path}):\n{self.log_tail()}")
             time.sleep(1.0)
 
-    def engine_in_process(self) -> EngineServer:
-        """Run the engine core in the server's process (on a CPU): as separate processes, its worker
-        busy-polls its queue for a second after every request, a core taken from whatever shares it
-        (measured: 0.9 CPU s per idle 5 s, against 0.04 in-process). `VLLM_ENABLE_V1_MULTIPROCESSING`
-        set in the environment wins. Call before `start`."""
+    def worker_in_engine_core(self) -> EngineServer:
+        """Run the model inside vLLM's engine-core process (its `uni` executor; on a CPU): by default
+        the engine core hands each batch to a worker process of its own, and the two busy-poll their
+        shared queue for about a second after every request, a core taken from whatever shares it
+        (measured: 0.9 CPU s per idle 5 s, against 0.04 with the worker inside). The API server
+        process stays separate. `VLLM_ENABLE_V1_MULTIPROCESSING` set in the environment wins. Call
+        before `start`."""
         self.env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         if self.env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0":
             self.command += ["--distributed-executor-backend", "uni"]
@@ -186,9 +189,16 @@ def _group_alive(pgid: int) -> bool:
         return True
 
 
-def serve(model: str, *, host: str, port: int, **kwargs) -> None:
-    """Run a teacher server in the foreground until interrupted (`hpd serve-teacher`)."""
+def serve(model: str, *, host: str, port: int, worker_in_core: bool | None = None, **kwargs) -> None:
+    """Run a teacher server in the foreground until interrupted (`hpd serve-teacher`).
+
+    worker_in_core: the model inside the engine-core process (`EngineServer.worker_in_engine_core`);
+    None: on a machine without `nvidia-smi` (a CPU engine, where a separate worker's busy-polling
+    costs about a third of the server's CPU per answer, benchmarks/RESULTS.md), not on a GPU machine.
+    """
     server = EngineServer(model, host=host, port=port, **kwargs)
+    if worker_in_core if worker_in_core is not None else shutil.which("nvidia-smi") is None:
+        server.worker_in_engine_core()
 
     def interrupted(*_):
         raise KeyboardInterrupt

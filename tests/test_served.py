@@ -549,3 +549,61 @@ def test_training_with_a_served_teacher_across_tokenizers(teacher_server, tmp_pa
     assert np.array_equal(served.hashes, local.hashes) and np.array_equal(served.offsets, local.offsets)
     got, ref = (np.concatenate([sh[3]["label_logp"] for sh in c._shards]) for c in (served, local))
     assert np.abs(got - ref).max() < 1e-4
+
+
+@engine
+def test_serve_teacher_serves_with_the_model_in_the_engine_core_until_interrupted(repo_root):
+    """`hpd serve-teacher` on a CPU machine: prints its URL once the engine answers, scores a
+    token-id prompt there, runs the model inside vLLM's engine-core process (no `VLLM::Worker`
+    process busy-polling beside it, as vLLM starts one by default), and a Ctrl-C ends every
+    process it started."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import psutil
+    import requests
+
+    from hpd.engine import engine_python
+
+    if engine_python(required=False) is None:
+        pytest.skip("the vLLM engine environment is absent: build it with `make engine` (or set HPD_ENGINE_PYTHON)")
+    if __import__("shutil").which("nvidia-smi"):
+        pytest.skip("on a GPU machine the engine core runs as vLLM starts it")
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hpd.apps.cli", "serve-teacher", TEACHER, "--host", "127.0.0.1", "--port", str(port),
+         "--max-model-len", "256", "--max-logprobs", "8", "--threads", "1", "--kv-cache-gib", "0.25",
+         "--engine-arg=--enforce-eager"],
+        cwd=repo_root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        env={**os.environ, "PYTHONPATH": str(repo_root)})
+    started: list[psutil.Process] = []
+    try:
+        lines = []
+        deadline = time.monotonic() + 600
+        for line in proc.stdout:  # the engine's own log goes to a file; these are hpd's lines
+            lines.append(line)
+            if "serving" in line or time.monotonic() > deadline:
+                break
+        assert any(f"http://127.0.0.1:{port}" in ln for ln in lines), "".join(lines)
+        started = psutil.Process(proc.pid).children(recursive=True)
+        names = [" ".join(p.cmdline()) + " " + p.name() for p in started]
+        assert any("vllm.entrypoints.openai.api_server" in n for n in names), names
+        assert any("EngineCore" in n for n in names), names
+        assert not any("VLLM::Worker" in n for n in names), names
+        model = requests.get(f"http://127.0.0.1:{port}/v1/models", timeout=30).json()["data"][0]["id"]
+        answer = requests.post(f"http://127.0.0.1:{port}/v1/completions", timeout=120, json={
+            "model": model, "prompt": [1, 72, 105, 33], "max_tokens": 1, "prompt_logprobs": 0}).json()
+        logprobs = answer["choices"][0]["prompt_logprobs"]
+        assert len(logprobs) == 4 and logprobs[0] is None
+        assert all(float(next(iter(p.values()))["logprob"]) <= 0 for p in logprobs[1:])
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    gone, alive = psutil.wait_procs(started, timeout=30)
+    assert not alive, [p.pid for p in alive]

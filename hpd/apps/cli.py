@@ -628,17 +628,22 @@ def serve_teacher_cmd(
     cpus: Optional[str] = typer.Option(None, "--cpus", metavar="LIST", help="Pin the engine to these CPUs (taskset -c LIST)."),
     kv_cache_gib: Optional[float] = typer.Option(None, "--kv-cache-gib", metavar="GIB", min=0.01,
                                                  help="The engine's KV cache in GiB [default: the engine's]."),
+    engine_arg: Optional[list[str]] = typer.Option(None, "--engine-arg", metavar="ARG",
+                                                   help="One more argument for vLLM's server, as it spells it "
+                                                        "(repeatable: --engine-arg=--enforce-eager)."),
 ) -> None:
     """Serve a teacher model with vLLM (from `make engine`'s environment) for `teacher.server=URL`.
 
     Prints the URL once the engine answers; runs until interrupted (Ctrl-C ends the engine's
     processes). Train on another machine with: hpd train RUN.yaml teacher.server=http://THIS_HOST:PORT
+    On a machine without a GPU the model runs inside vLLM's engine-core process (a worker process of
+    its own would busy-poll beside it).
     """
     with _user_errors():
         from hpd.engine import serve
 
         serve(str(model), host=host, port=port, max_model_len=max_model_len, max_logprobs=max_logprobs, dtype=dtype,
-              threads=threads, cpus=cpus, kv_cache_gib=kv_cache_gib)
+              threads=threads, cpus=cpus, kv_cache_gib=kv_cache_gib, extra_args=list(engine_arg or []))
 
 
 # --------------------------------------------------------------------------------------------

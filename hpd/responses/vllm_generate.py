@@ -108,7 +108,7 @@ def rollout_server(model_dir: Path, *, python: Path, dtype: str, max_model_len: 
                           extra_args=args + shlex.split(extra_args), log=log)
     server.env["VLLM_SERVER_DEV_MODE"] = "1"
     if gpu_memory_utilization is None:
-        server.engine_in_process()  # its busy-polling worker would take a core from the trainer
+        server.worker_in_engine_core()  # its busy-polling worker would take a core from the trainer
     return server
 
 
