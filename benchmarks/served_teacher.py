@@ -47,6 +47,15 @@ def group_cpu_seconds(pgid: int) -> float:
     return cpu(pgid)
 
 
+def _engine(model, log: Path, args, serve_kw: dict):
+    """The teacher's engine on CPU 1 (a context manager: started on entry, stopped on exit), with the
+    model worker in the engine-core process when `--worker-in-engine-core`."""
+    from hpd.engine import EngineServer
+
+    server = EngineServer(model, cpus="1", log=log, **serve_kw)
+    return server.worker_in_engine_core() if args.worker_in_engine_core else server
+
+
 def _step_stats(run_dir: Path, warmup: int) -> dict:
     recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in recs if r["type"] == "train"]
@@ -110,7 +119,6 @@ def smollm2(args) -> None:
     from hpd.config import load_config
     from hpd.data.collate import build_batch
     from hpd.data.encode import encode_file
-    from hpd.engine import EngineServer
     from hpd.models.loading import load_model
     from hpd.models.from_teacher import save_student_from_teacher
     from hpd.teachers.served import TeacherServers
@@ -139,10 +147,7 @@ def smollm2(args) -> None:
     results: dict = {"settings": vars(args) | {"out": str(out), "model": str(model), "student": str(student)}}
     serve_kw = dict(max_model_len=256, max_logprobs=64, threads=1, kv_cache_gib=0.5)
     t0 = time.perf_counter()
-    server = EngineServer(model, cpus="1", log=out / "engine.log", **serve_kw)
-    if args.worker_in_engine_core:
-        server.worker_in_engine_core()
-    with server:
+    with _engine(model, out / "engine.log", args, serve_kw) as server:
         results["engine_start_s"] = round(time.perf_counter() - t0, 1)
         cache_dir = out / f"cache-k{K}"
         if not (cache_dir / "manifest.json").is_file():
@@ -251,10 +256,7 @@ def main() -> None:
     results: dict = {"settings": vars(args) | {"out": str(out)}}
     serve_kw = dict(max_model_len=256, max_logprobs=64, threads=1, kv_cache_gib=0.25)
     t0 = time.perf_counter()
-    server = EngineServer(BUNDLED_TEACHER, cpus="1", log=out / "engine-a.log", **serve_kw)
-    if args.worker_in_engine_core:
-        server.worker_in_engine_core()
-    with server:
+    with _engine(BUNDLED_TEACHER, out / "engine-a.log", args, serve_kw) as server:
         results["engine_start_s"] = round(time.perf_counter() - t0, 1)
         cache_dir = out / f"cache-k{K}"
         if not (cache_dir / "manifest.json").is_file():
