@@ -197,7 +197,9 @@ def serve(model: str, *, host: str, port: int, worker_in_core: bool | None = Non
     costs about a third of the server's CPU per answer, benchmarks/RESULTS.md), not on a GPU machine.
     """
     server = EngineServer(model, host=host, port=port, **kwargs)
-    if worker_in_core if worker_in_core is not None else shutil.which("nvidia-smi") is None:
+    if worker_in_core is None:
+        worker_in_core = shutil.which("nvidia-smi") is None
+    if worker_in_core:
         server.worker_in_engine_core()
 
     def interrupted(*_):

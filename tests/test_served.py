@@ -558,6 +558,7 @@ def test_serve_teacher_serves_with_the_model_in_the_engine_core_until_interrupte
     process busy-polling beside it, as vLLM starts one by default), and a Ctrl-C ends every
     process it started."""
     import os
+    import shutil
     import signal
     import subprocess
     import sys
@@ -569,7 +570,7 @@ def test_serve_teacher_serves_with_the_model_in_the_engine_core_until_interrupte
 
     if engine_python(required=False) is None:
         pytest.skip("the vLLM engine environment is absent: build it with `make engine` (or set HPD_ENGINE_PYTHON)")
-    if __import__("shutil").which("nvidia-smi"):
+    if shutil.which("nvidia-smi"):
         pytest.skip("on a GPU machine the engine core runs as vLLM starts it")
     port = free_port()
     proc = subprocess.Popen(

@@ -741,4 +741,4 @@ class TeacherCache:
         return TopKTeacher(label_lp, ids, lp, tail, self.vocab_size, self.temperature)
 
 
-__all__ = ["FORMAT", "TeacherCache", "build_teacher_cache", "sequence_hash", "teacher_fingerprint", "tokenizer_fingerprint"]
+__all__ = ["FORMAT", "TeacherCache", "build_teacher_cache", "teacher_fingerprint", "tokenizer_fingerprint"]

@@ -30,7 +30,6 @@ a micro-batch's request on a thread (so it runs while the student computes on ea
 from __future__ import annotations
 
 import itertools
-import math
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
