@@ -86,7 +86,7 @@ ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 def home_page() -> str:
     """The README, the project's front door, as the site's home page (its links made site-relative)."""
     text = (ROOT / "README.md").read_text(encoding="utf-8")
-    return text.replace("](docs/", "](").replace("](benchmarks/RESULTS.md)", "](results.md)")
+    return text.replace("](docs/", "](").replace("](benchmarks/RESULTS.md", "](results.md")
 
 
 def results_page() -> str:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
-from hpd.apps.demo import BUNDLED_TEACHER, DEMO_BASELINE, TASKS, DemoSettings, run_demo
+from hpd.apps.demo import BUNDLED_TEACHER, DEMO_BASELINE, READINGS, TASKS, DemoSettings, run_demo
 from hpd.errors import HPDError
 
 
@@ -29,6 +30,7 @@ def test_demo_runs_end_to_end(tmp_path, repo_root, monkeypatch):
     assert rows[-1]["paired"].count("[") == 1
     text = (out / "results.md").read_text()
     assert "| student hpd |" in text and "paired-bootstrap interval" in text
+    assert READINGS in text
     assert (out / "plots" / "dynamics.png").stat().st_size > 0
     assert not list((out / "runs").rglob("eval-curve-step*.json"))  # the demo scores final students only
     # A second demo reuses the finished runs: nothing is trained again.
@@ -47,3 +49,12 @@ def test_demo_runs_end_to_end(tmp_path, repo_root, monkeypatch):
 def test_demo_without_teacher_says_how_to_build_one(tmp_path):
     with pytest.raises(HPDError, match="scripts/build_teacher.sh"):
         run_demo(DemoSettings(out_dir=tmp_path, teacher=tmp_path / "nope"))
+
+
+def test_the_demo_points_at_a_heading_of_the_results(repo_root):
+    """The closing line's link is a heading of benchmarks/RESULTS.md (slugged as the docs site and
+    GitHub slug it), so a renamed section cannot leave the demo pointing nowhere."""
+    path, anchor = READINGS.split("#")
+    headings = [line.lstrip("#").strip() for line in (repo_root / path).read_text().splitlines() if line.startswith("## ")]
+    slugs = {re.sub(r"[^a-z0-9 -]", "", h.lower()).replace(" ", "-") for h in headings}
+    assert anchor in slugs

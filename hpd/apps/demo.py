@@ -43,6 +43,10 @@ if TYPE_CHECKING:  # only for the annotation: hpd.apps.bench imports this module
 # benchmark table (benchmarks/RESULTS.md, start `pretrained`, data `gold`), each at its tuned rate.
 DEMO_BASELINE = "sft"
 DEMO_RATES = {"hpd": 1e-3, "sft": 1e-3}
+# Where the demo's closing line sends the reader: the one table of where HPD's claims hold in this
+# project's measurements (tiny and real weights, short and many epochs). tests/test_demo.py checks
+# that the heading exists.
+READINGS = "benchmarks/RESULTS.md#where-hpds-claims-hold-and-where-they-do-not"
 
 
 @dataclass
@@ -132,13 +136,15 @@ def _demo(s: DemoSettings, bs: BenchSettings, out: Path, t_start: float) -> Path
         [{"name": r["name"], "eval": _per_task(r["runs"]), "seeds": len(r["runs"])} for r in rows] + [{"paired": diff}], indent=2))
     atomic_write_text(out / "results.md", (
         f"# hpd demo\n\nTeacher {s.teacher}; student start `{start.name}`; {s.steps} steps (batch 32) on the same gold data; "
-        f"held-out accuracy on {s.n_eval} problems per task (greedy), mean over seeds.\n\n{table}\n\n{summary}\n"))
+        f"held-out accuracy on {s.n_eval} problems per task (greedy), mean over seeds.\n\n{table}\n\n{summary}\n\n"
+        f"Where HPD's claims hold and where they do not, at every scale measured: {READINGS}\n"))
     print()
     print(table)
     print()
     print(summary)
     print(f"[demo] done in {total:.0f} s. Table: {out / 'results.md'}; plots: {out / 'plots'} ({len(plots)} figures); "
           f"students: {specs['hpd'][1][0].run_dir / 'final'}")
+    print(f"[demo] where HPD's claims hold and where they do not, at every scale measured: {READINGS}")
     return out
 
 
