@@ -134,17 +134,18 @@ def _demo(s: DemoSettings, bs: BenchSettings, out: Path, t_start: float) -> Path
                f"with its 95% paired-bootstrap interval: {diff}")
     atomic_write_text(out / "results.json", json.dumps(
         [{"name": r["name"], "eval": _per_task(r["runs"]), "seeds": len(r["runs"])} for r in rows] + [{"paired": diff}], indent=2))
+    readings = f"Where HPD's claims hold and where they do not, at every scale measured: {READINGS}"
     atomic_write_text(out / "results.md", (
         f"# hpd demo\n\nTeacher {s.teacher}; student start `{start.name}`; {s.steps} steps (batch 32) on the same gold data; "
         f"held-out accuracy on {s.n_eval} problems per task (greedy), mean over seeds.\n\n{table}\n\n{summary}\n\n"
-        f"Where HPD's claims hold and where they do not, at every scale measured: {READINGS}\n"))
+        f"{readings}\n"))
     print()
     print(table)
     print()
     print(summary)
     print(f"[demo] done in {total:.0f} s. Table: {out / 'results.md'}; plots: {out / 'plots'} ({len(plots)} figures); "
           f"students: {specs['hpd'][1][0].run_dir / 'final'}")
-    print(f"[demo] where HPD's claims hold and where they do not, at every scale measured: {READINGS}")
+    print(f"[demo] {readings}")
     return out
 
 
