@@ -166,7 +166,7 @@ def cmd_speed(a: argparse.Namespace) -> None:
 # The gold SFT slices are left out: `data` rebuilds them deterministically (the test asserts it).
 KEPT = ("data/student_prompts.jsonl", "data/val.jsonl", "data/test.jsonl", "data/writer_answers.jsonl*",
         "data/train.jsonl", "data/*.json", "teacher/eval-*.json", "*/metrics.jsonl", "*/config.yaml",
-        "every*/*/speed.json", "every*/*/lr*-s*/eval-*.json", "every*/*/lr*-s*/metrics.jsonl",
+        "every*/eval-start-*.json", "every*/*/speed.json", "every*/*/lr*-s*/eval-*.json", "every*/*/lr*-s*/metrics.jsonl",
         "every*/*/lr*-s*/config.yaml")
 
 

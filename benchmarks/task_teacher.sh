@@ -24,7 +24,7 @@
 # Stages (each skipped when its output exists, each resumable): 1 task data; 2 the writer's SFT;
 # 3 the off-policy data (the writer's answers, wrong share: known before the teacher's hours);
 # 4 the teacher's SFT; 5 the teacher's accuracy (test and validation; below MIN_TEACHER it trains
-# on, TEACHER_MORE steps at a time, and stops past TEACHER_MAX_STEPS); 6 the students (the teacher's layers) and the teacher cache; 7 the seed-0 grid of every method (each scored on
+# on, TEACHER_MORE steps at a time, and stops past TEACHER_MAX_STEPS); 6 the students (the teacher's layers, scored before training) and the teacher cache; 7 the seed-0 grid of every method (each scored on
 # validation, on test, and on the first N_CURVE test problems at every quarter of its run), then
 # the picked rate's other seeds; 8 generation speed of each method's picked student against the
 # teacher. `hpd train` resumes an interrupted run from its last checkpoint (resume=auto).
@@ -165,6 +165,8 @@ stage "6 students and teacher cache"
 for cut in $CUTS; do
     $PY -c "import sys; from hpd.models.from_teacher import save_student_from_teacher as s; s(sys.argv[1], sys.argv[2], sys.argv[3])" \
         "$TEACHER" "$cut" "$R/students/${cut/:/}"
+    # The pruned student before any training: where every method starts (the bench's "start" row).
+    $TT score --model "$R/students/${cut/:/}" --rows "$D/test.jsonl" --out "$R/${cut/:/}/eval-start-test.json"
 done
 CACHE=$R/cache-$($PY -c "import hashlib,sys; print(hashlib.sha256(open(sys.argv[1],'rb').read()).hexdigest()[:12])" "$D/train.jsonl")
 [ -f "$CACHE/manifest.json" ] || $HPD cache-teacher --config "$CONFIG" --teacher "$TEACHER" --data "$D/train.jsonl" \

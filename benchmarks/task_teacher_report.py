@@ -10,6 +10,7 @@ picks (the same grid for every method):
 - CPU seconds to 90% of the best: the first checkpoint of the seed-0 curve (every quarter of the
   run, on the first N_CURVE test problems) that reaches 90% of the best final curve score of the
   cut's methods, as in `hpd bench`;
+- the pruned student's score before training (`eval-start-test.json`), where every method starts;
 - whether it meets the target a user would care about: >= 90% of the teacher's accuracy at
   >= 1.7x its speed;
 and HPD's diagnostics (`hpd.apps.bench_report.hpd_diagnostics`). Runs still missing show as "-".
@@ -115,6 +116,13 @@ def main() -> None:
         best = max((pts[-1][1] for pts in finals.values() if pts), default=None)
         layers = {"every3": 10, "every2": 15}.get(cut_dir.name, "?")
         print(f"## {cut_dir.name} ({layers} layers)\n")
+        start_path = cut_dir / "eval-start-test.json"
+        if start_path.is_file():  # the pruned student before training: where every method starts
+            start = json.loads(start_path.read_text())
+            n, k = len(start["verdicts"]), sum(start["verdicts"])
+            lo, hi = wilson_interval(k, n)
+            print(f"Before training (the teacher's layers, pruned): {k}/{n} = {100 * k / n:.1f}% [{100 * lo:.1f}, "
+                  f"{100 * hi:.1f}]; steps right {_fmt(_pct(_steps_right(test_rows, start)), '.1f')}%.\n")
         print("| method | val accuracy per rate | rate picked | test accuracy per seed | mean | of the teacher's | "
               "vs HPD (points) | steps right % | speed vs teacher (x) | CPU s to 90% of best | CPU s per run | target |")
         print("|---|---|---|---|---|---|---|---|---|---|---|---|")

@@ -81,14 +81,15 @@ def test_keep_copies_what_the_report_reads_and_no_weights(repo_root, tmp_path):
     run = runs / "every3" / "hpd" / "lr5.00e-04-s0"
     for rel, text in (("data/test.jsonl", "{}\n"), ("data/teacher_sft.jsonl", "{}\n"), ("teacher/eval-test.json", "{}"),
                       ("teacher/final/config.json", "{}"), ("every3/hpd/speed.json", "{}"),
+                      ("every3/eval-start-test.json", "{}"),
                       ("every3/hpd/lr5.00e-04-s0/eval-curve-step3.json", "{}"), ("every3/hpd/lr5.00e-04-s0/metrics.jsonl", "{}\n"),
                       ("every3/hpd/lr5.00e-04-s0/final/model.safetensors", "w"),
                       ("every3/hpd/lr5.00e-04-s0/checkpoints/step-1/model/config.json", "{}")):
         (runs / rel).parent.mkdir(parents=True, exist_ok=True)
         (runs / rel).write_text(text)
-    assert "kept 5 changed files" in _tt(repo_root, "keep", "--runs", str(runs), "--to", str(keep)).stdout
+    assert "kept 6 changed files" in _tt(repo_root, "keep", "--runs", str(runs), "--to", str(keep)).stdout
     kept = sorted(str(p.relative_to(keep)) for p in keep.rglob("*") if p.is_file())
-    assert kept == ["data/test.jsonl", "every3/hpd/lr5.00e-04-s0/eval-curve-step3.json",
+    assert kept == ["data/test.jsonl", "every3/eval-start-test.json", "every3/hpd/lr5.00e-04-s0/eval-curve-step3.json",
                     "every3/hpd/lr5.00e-04-s0/metrics.jsonl", "every3/hpd/speed.json", "teacher/eval-test.json"]
     (run / "metrics.jsonl").write_text("{}\n{}\n")
     assert "kept 1 changed files" in _tt(repo_root, "keep", "--runs", str(runs), "--to", str(keep)).stdout
