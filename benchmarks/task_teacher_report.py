@@ -73,6 +73,14 @@ def _pct(x: float | None) -> float | None:
     return None if x is None else 100 * x
 
 
+def _score_line(rows: list[dict], ev: dict) -> str:
+    """`k/n = x% [Wilson 95%]; steps right y%` of one scored file (`eval-*.json`)."""
+    n, k = len(ev["verdicts"]), sum(ev["verdicts"])
+    lo, hi = wilson_interval(k, n)
+    return (f"{k}/{n} = {100 * k / n:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}]; steps right "
+            f"{_fmt(_pct(_steps_right(rows, ev)), '.1f')}%")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", default="runs/task-teacher")
@@ -87,12 +95,9 @@ def main() -> None:
     t_path = R / "teacher" / "eval-test.json"
     teacher = json.loads(t_path.read_text()) if t_path.is_file() else None
     if teacher:
-        n, k = len(teacher["verdicts"]), sum(teacher["verdicts"])
-        lo, hi = wilson_interval(k, n)
         task = test_rows[0].get("meta", {})
-        print(f"Teacher (SmolLM2-135M-Instruct after SFT, 30 layers): {k}/{n} = {100 * k / n:.1f}% "
-              f"[{100 * lo:.1f}, {100 * hi:.1f}] of the test problems (math, {task.get('steps')} steps); steps right "
-              f"{_fmt(_pct(_steps_right(test_rows, teacher)), '.1f')}%.")
+        print(f"Teacher (SmolLM2-135M-Instruct after SFT, 30 layers), on the test problems (math, {task.get('steps')} "
+              f"steps): {_score_line(test_rows, teacher)}.")
     else:
         print("Teacher: not scored yet.")
     stats = R / "data" / "train.stats.json"
@@ -119,10 +124,7 @@ def main() -> None:
         start_path = cut_dir / "eval-start-test.json"
         if start_path.is_file():  # the pruned student before training: where every method starts
             start = json.loads(start_path.read_text())
-            n, k = len(start["verdicts"]), sum(start["verdicts"])
-            lo, hi = wilson_interval(k, n)
-            print(f"Before training (the teacher's layers, pruned): {k}/{n} = {100 * k / n:.1f}% [{100 * lo:.1f}, "
-                  f"{100 * hi:.1f}]; steps right {_fmt(_pct(_steps_right(test_rows, start)), '.1f')}%.\n")
+            print(f"Before training (the teacher's layers, pruned): {_score_line(test_rows, start)}.\n")
         print("| method | val accuracy per rate | rate picked | test accuracy per seed | mean | of the teacher's | "
               "vs HPD (points) | steps right % | speed vs teacher (x) | CPU s to 90% of best | CPU s per run | target |")
         print("|---|---|---|---|---|---|---|---|---|---|---|---|")
