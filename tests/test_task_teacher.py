@@ -93,3 +93,17 @@ def test_keep_copies_what_the_report_reads_and_no_weights(repo_root, tmp_path):
                     "every3/hpd/lr5.00e-04-s0/metrics.jsonl", "every3/hpd/speed.json", "teacher/eval-test.json"]
     (run / "metrics.jsonl").write_text("{}\n{}\n")
     assert "kept 1 changed files" in _tt(repo_root, "keep", "--runs", str(runs), "--to", str(keep)).stdout
+
+
+def test_report_rebuilds_from_the_kept_results_without_training(repo_root):
+    """A fresh clone prints the task teacher's tables from `benchmarks/results/task-teacher` alone."""
+    res = subprocess.run([sys.executable, str(repo_root / "benchmarks" / "task_teacher_report.py"),
+                          "--runs", str(repo_root / "benchmarks" / "results" / "task-teacher")],
+                         capture_output=True, text=True, cwd=repo_root, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = res.stdout
+    assert "281/300 = 93.7% [90.3, 95.9]; steps right 98.3%" in out  # the teacher, scored once, kept
+    assert "Before training (the teacher's layers, pruned): 0/300 = 0.0%" in out
+    assert "252 wrong (84.0%)" in out
+    hpd_row = next(line for line in out.splitlines() if line.startswith("| hpd |"))
+    assert "| 1.67e-04 | 3.0" in hpd_row  # validation's pick, then its seed-0 test accuracy first
