@@ -62,10 +62,17 @@ def _picked(rates: dict[str, dict[int, Path]], grid: list[str], seed0: int, base
     return max(scored)[2]
 
 
-def _steps_right(rows: list[dict], ev: dict) -> float | None:
+def _graded(rows: list[dict], ev: dict) -> list[float | None] | None:
+    """Per-problem share of steps right (`TaskVerifier.partial_credit`) of a scored file's answers."""
+    answers = ev.get("completions")
+    if answers is None:
+        return None
     v = TaskVerifier()
-    xs = [v.partial_credit(r, c) for r, c in zip(rows, ev.get("completions") or [])]
-    xs = [x for x in xs if x is not None]
+    return [v.partial_credit(r, c) for r, c in zip(rows, answers)]
+
+
+def _steps_right(rows: list[dict], ev: dict) -> float | None:
+    xs = [x for x in (_graded(rows, ev) or []) if x is not None]
     return statistics.fmean(xs) if xs else None
 
 
@@ -110,12 +117,14 @@ def main() -> None:
     for cut_dir in sorted(p for p in R.glob("every*") if p.is_dir()):
         methods = sorted((p.name for p in cut_dir.iterdir() if p.is_dir()), key=lambda m: (m != "hpd", m))
         picked, summaries, grids = {}, {}, {}
+        grade = lambda ev: _graded(test_rows, ev)  # noqa: E731
         for m in methods:
             rates = _runs_of(cut_dir / m)
             picked[m] = _picked(rates, grid, a.seed0, a.base_lr)
             grids[m] = {r: _val(seeds[a.seed0]) if a.seed0 in seeds else None for r, seeds in rates.items()}
             chosen = rates.get(picked[m] or "", {})
-            summaries[m] = {seed: s for seed, d in chosen.items() if (s := run_summary(_spec(m, d, picked[m], seed)))}
+            summaries[m] = {seed: s for seed, d in chosen.items()
+                            if (s := run_summary(_spec(m, d, picked[m], seed), grade=grade))}
         finals = {m: curve(_spec(m, _runs_of(cut_dir / m)[picked[m]][a.seed0], picked[m], a.seed0))
                   for m in methods if picked[m] and a.seed0 in _runs_of(cut_dir / m).get(picked[m], {})}
         best = max((pts[-1][1] for pts in finals.values() if pts), default=None)
@@ -126,16 +135,16 @@ def main() -> None:
             start = json.loads(start_path.read_text())
             print(f"Before training (the teacher's layers, pruned): {_score_line(test_rows, start)}.\n")
         print("| method | val accuracy per rate | rate picked | test accuracy per seed | mean | of the teacher's | "
-              "vs HPD (points) | steps right % | speed vs teacher (x) | CPU s to 90% of best | CPU s per run | target |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+              "vs HPD (points) | steps right % | steps right vs HPD | speed vs teacher (x) | CPU s to 90% of best | "
+              "CPU s per run | target |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for m in methods:
             runs = summaries[m]
             accs = [runs[s]["accuracy"] for s in sorted(runs)]
             mean = statistics.fmean(accs) if accs else None
             frac = mean / t_acc if mean is not None and t_acc else None
             val_cells = ", ".join(f"{r}: {_fmt(_pct(v), '.1f')}" for r, v in sorted(grids[m].items()))
-            evs = [json.loads((_runs_of(cut_dir / m)[picked[m]][s] / "eval-test.json").read_text()) for s in sorted(runs)]
-            steps = [x for x in (_steps_right(test_rows, ev) for ev in evs) if x is not None]
+            steps = [statistics.fmean(xs) for r in runs.values() if (xs := [x for x in r["partial"] or [] if x is not None])]
             sp = cut_dir / m / "speed.json"
             speed = json.loads(sp.read_text())["ratio"] if sp.is_file() else None
             to90 = "-"
@@ -145,12 +154,28 @@ def main() -> None:
             cpu = statistics.fmean([r["cpu_s"] for r in runs.values() if r.get("cpu_s")] or [float("nan")])
             target = "-" if frac is None or speed is None else (
                 "yes" if frac >= TARGET_FRACTION and speed >= TARGET_SPEED else "no")
-            vs = paired_diff(runs, summaries.get("hpd", {})) if m != "hpd" and summaries.get("hpd") else ""
+            ref = summaries.get("hpd") if m != "hpd" else None
+            vs, vs_steps = (paired_diff(runs, ref), paired_diff(runs, ref, key="partial")) if ref else ("", "")
             print(f"| {m} | {val_cells or '-'} | {picked[m] or '-'} | {', '.join(f'{100 * x:.1f}' for x in accs) or '-'} | "
                   f"{_fmt(100 * mean if mean is not None else None, '.1f')} | {_fmt(frac, '.2f')} | {vs} | "
-                  f"{_fmt(100 * statistics.fmean(steps) if steps else None, '.1f')} | {_fmt(speed, '.2f')} | {to90} | "
+                  f"{_fmt(100 * statistics.fmean(steps) if steps else None, '.1f')} | {vs_steps} | {_fmt(speed, '.2f')} | {to90} | "
                   f"{_fmt(cpu, '.0f')} | {target} |")
         print()
+        # The seed-0 grid behind the picks: near the floor, 100 validation problems separate little.
+        print(f"Seed {a.seed0} at every rate: validation accuracy % / test accuracy % / test steps right %:\n")
+        print("| method | " + " | ".join(grid) + " |")
+        print("|---|" + "---:|" * len(grid))
+        for m in methods:
+            cells = []
+            for r in grid:
+                d = _runs_of(cut_dir / m).get(r, {}).get(a.seed0)
+                ev_path = d / "eval-test.json" if d else None
+                ev = json.loads(ev_path.read_text()) if ev_path and ev_path.is_file() else None
+                mark = "*" if r == picked[m] else ""
+                cells.append("-" if ev is None else f"{_fmt(_pct(_val(d)), '.1f')} / {100 * ev['accuracy']:.1f} / "
+                             f"{_fmt(_pct(_steps_right(test_rows, ev)), '.1f')}{mark}")
+            print(f"| {m} | " + " | ".join(cells) + " |")
+        print("\n* = the rate validation accuracy picks (ties: the base rate).\n")
         if summaries.get("hpd"):
             print(hpd_diagnostics({f"{cut_dir.name} hpd (lr {picked['hpd']})": summaries["hpd"]}))
     print(f"Target: a student that keeps >= {TARGET_FRACTION:.0%} of the teacher's accuracy at >= {TARGET_SPEED}x "
