@@ -21,14 +21,14 @@ and HPD's diagnostics (`hpd.apps.bench_report.hpd_diagnostics`). Runs still miss
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import statistics
 from pathlib import Path
 
-from hpd.apps.bench import RunSpec
+from hpd.apps.bench import RunSpec, graded_scores
 from hpd.apps.bench_report import _fmt, curve, hpd_diagnostics, paired_diff, run_summary
-from hpd.apps.verifiers import TaskVerifier
 from hpd.stats import wilson_interval
 
 TARGET_FRACTION, TARGET_SPEED = 0.9, 1.7
@@ -62,30 +62,33 @@ def _picked(rates: dict[str, dict[int, Path]], grid: list[str], seed0: int, base
     return max(scored)[2]
 
 
-def _graded(rows: list[dict], ev: dict) -> list[float | None] | None:
-    """Per-problem share of steps right (`TaskVerifier.partial_credit`) of a scored file's answers."""
+def _graded(rows_file: Path, ev: dict) -> list[float | None] | None:
+    """Per-problem share of steps right of a scored file's answers to `rows_file` (the bench's
+    `graded_scores`: the task verifier's partial credit; an error if they answer another file)."""
     answers = ev.get("completions")
-    if answers is None:
-        return None
-    v = TaskVerifier()
-    return [v.partial_credit(r, c) for r, c in zip(rows, answers)]
+    return None if answers is None else graded_scores(answers, rows_file, "task")
 
 
-def _steps_right(rows: list[dict], ev: dict) -> float | None:
-    xs = [x for x in (_graded(rows, ev) or []) if x is not None]
+def _mean_graded(xs: list[float | None] | None) -> float | None:
+    """Mean over the graded problems (None: ungraded), or None where none is graded."""
+    xs = [x for x in xs or [] if x is not None]
     return statistics.fmean(xs) if xs else None
+
+
+def _steps_right(rows_file: Path, ev: dict) -> float | None:
+    return _mean_graded(_graded(rows_file, ev))
 
 
 def _pct(x: float | None) -> float | None:
     return None if x is None else 100 * x
 
 
-def _score_line(rows: list[dict], ev: dict) -> str:
+def _score_line(rows_file: Path, ev: dict) -> str:
     """`k/n = x% [Wilson 95%]; steps right y%` of one scored file (`eval-*.json`)."""
     n, k = len(ev["verdicts"]), sum(ev["verdicts"])
     lo, hi = wilson_interval(k, n)
     return (f"{k}/{n} = {100 * k / n:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}]; steps right "
-            f"{_fmt(_pct(_steps_right(rows, ev)), '.1f')}%")
+            f"{_fmt(_pct(_steps_right(rows_file, ev)), '.1f')}%")
 
 
 def main() -> None:
@@ -97,14 +100,16 @@ def main() -> None:
     a = ap.parse_args()
     grid = [f"{a.base_lr * float(m):.2e}" for m in a.lr_grid.split()]  # the run directories' names, as the script writes them
     R = Path(a.runs)
-    test_rows = [json.loads(x) for x in (R / "data" / "test.jsonl").read_text().splitlines() if x.strip()]
+    test_file = R / "data" / "test.jsonl"
+    test_rows = [json.loads(x) for x in test_file.read_text().splitlines() if x.strip()]
+    grade = functools.partial(_graded, test_file)
     print(f"# A task teacher and its pruned students ({R})\n")
     t_path = R / "teacher" / "eval-test.json"
     teacher = json.loads(t_path.read_text()) if t_path.is_file() else None
     if teacher:
         task = test_rows[0].get("meta", {})
         print(f"Teacher (SmolLM2-135M-Instruct after SFT, 30 layers), on the test problems (math, {task.get('steps')} "
-              f"steps): {_score_line(test_rows, teacher)}.")
+              f"steps): {_score_line(test_file, teacher)}.")
     else:
         print("Teacher: not scored yet.")
     stats = R / "data" / "train.stats.json"
@@ -116,24 +121,24 @@ def main() -> None:
     t_acc = teacher["accuracy"] if teacher else None
     for cut_dir in sorted(p for p in R.glob("every*") if p.is_dir()):
         methods = sorted((p.name for p in cut_dir.iterdir() if p.is_dir()), key=lambda m: (m != "hpd", m))
+        runs_of = {m: _runs_of(cut_dir / m) for m in methods}
         picked, summaries, grids = {}, {}, {}
-        grade = lambda ev: _graded(test_rows, ev)  # noqa: E731
         for m in methods:
-            rates = _runs_of(cut_dir / m)
+            rates = runs_of[m]
             picked[m] = _picked(rates, grid, a.seed0, a.base_lr)
             grids[m] = {r: _val(seeds[a.seed0]) if a.seed0 in seeds else None for r, seeds in rates.items()}
             chosen = rates.get(picked[m] or "", {})
             summaries[m] = {seed: s for seed, d in chosen.items()
                             if (s := run_summary(_spec(m, d, picked[m], seed), grade=grade))}
-        finals = {m: curve(_spec(m, _runs_of(cut_dir / m)[picked[m]][a.seed0], picked[m], a.seed0))
-                  for m in methods if picked[m] and a.seed0 in _runs_of(cut_dir / m).get(picked[m], {})}
+        finals = {m: curve(_spec(m, runs_of[m][picked[m]][a.seed0], picked[m], a.seed0))
+                  for m in methods if picked[m] and a.seed0 in runs_of[m].get(picked[m], {})}
         best = max((pts[-1][1] for pts in finals.values() if pts), default=None)
         layers = {"every3": 10, "every2": 15}.get(cut_dir.name, "?")
         print(f"## {cut_dir.name} ({layers} layers)\n")
         start_path = cut_dir / "eval-start-test.json"
         if start_path.is_file():  # the pruned student before training: where every method starts
             start = json.loads(start_path.read_text())
-            print(f"Before training (the teacher's layers, pruned): {_score_line(test_rows, start)}.\n")
+            print(f"Before training (the teacher's layers, pruned): {_score_line(test_file, start)}.\n")
         print("| method | val accuracy per rate | rate picked | test accuracy per seed | mean | of the teacher's | "
               "vs HPD (points) | steps right % | steps right vs HPD | speed vs teacher (x) | CPU s to 90% of best | "
               "CPU s per run | target |")
@@ -144,7 +149,7 @@ def main() -> None:
             mean = statistics.fmean(accs) if accs else None
             frac = mean / t_acc if mean is not None and t_acc else None
             val_cells = ", ".join(f"{r}: {_fmt(_pct(v), '.1f')}" for r, v in sorted(grids[m].items()))
-            steps = [statistics.fmean(xs) for r in runs.values() if (xs := [x for x in r["partial"] or [] if x is not None])]
+            steps = [x for r in runs.values() if (x := _mean_graded(r["partial"])) is not None]
             sp = cut_dir / m / "speed.json"
             speed = json.loads(sp.read_text())["ratio"] if sp.is_file() else None
             to90 = "-"
@@ -168,12 +173,12 @@ def main() -> None:
         for m in methods:
             cells = []
             for r in grid:
-                d = _runs_of(cut_dir / m).get(r, {}).get(a.seed0)
+                d = runs_of[m].get(r, {}).get(a.seed0)
                 ev_path = d / "eval-test.json" if d else None
                 ev = json.loads(ev_path.read_text()) if ev_path and ev_path.is_file() else None
                 mark = "*" if r == picked[m] else ""
-                cells.append("-" if ev is None else f"{_fmt(_pct(_val(d)), '.1f')} / {100 * ev['accuracy']:.1f} / "
-                             f"{_fmt(_pct(_steps_right(test_rows, ev)), '.1f')}{mark}")
+                cells.append("-" if ev is None else f"{_fmt(_pct(grids[m].get(r)), '.1f')} / {100 * ev['accuracy']:.1f} / "
+                             f"{_fmt(_pct(_steps_right(test_file, ev)), '.1f')}{mark}")
             print(f"| {m} | " + " | ".join(cells) + " |")
         print("\n* = the rate validation accuracy picks (ties: the base rate).\n")
         if summaries.get("hpd"):
