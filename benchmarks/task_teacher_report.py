@@ -1,7 +1,8 @@
 """The table of benchmarks/task_teacher.sh (issue 37, item 2), markdown on stdout, from what has finished.
 
 Per student (a cut of the teacher's layers) and method, at the rate its seed-0 validation score
-picks (the same grid for every method):
+picks (the same grid for every method; one table per criterion, as `hpd bench` tunes long math
+chains: validation accuracy, and validation steps right, `--criteria`):
 - test accuracy by the task's verifier, per seed and mean, and as a fraction of the teacher's
   (greedy, the same held-out problems);
 - the paired difference against HPD (points, 95% bootstrap interval over problems and seeds,
@@ -23,11 +24,10 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import math
 import statistics
 from pathlib import Path
 
-from hpd.apps.bench import RunSpec, graded_scores
+from hpd.apps.bench import TUNING, RunSpec, best_rate, graded_scores, validation_score
 from hpd.apps.bench_report import _fmt, curve, hpd_diagnostics, paired_diff, run_summary
 from hpd.stats import wilson_interval
 
@@ -48,18 +48,19 @@ def _spec(method: str, run: Path, rate: str, seed: int) -> RunSpec:
     return RunSpec("task-teacher", method, float(rate), seed, run, (), ())
 
 
-def _val(run: Path) -> float | None:
+def _val(run: Path, on: str, val_file: Path) -> float | None:
+    """A seed-0 run's validation score by criterion `on` (`hpd.apps.bench.validation_score`), None until scored."""
     p = run / "eval-val.json"
-    return json.loads(p.read_text())["accuracy"] if p.is_file() else None
+    return validation_score(json.loads(p.read_text()), on, val_file, "task") if p.is_file() else None
 
 
-def _picked(rates: dict[str, dict[int, Path]], grid: list[str], seed0: int, base: float) -> str | None:
-    """The grid rate of the best seed-0 validation score (ties: nearest the base rate); None until all are scored."""
-    scored = [(_val(rates[r][seed0]) if seed0 in rates.get(r, {}) else None, -abs(math.log(float(r) / base)), r)
-              for r in grid]
-    if any(v is None for v, _, _ in scored):
+def _picked(val: dict[str, float | None], grid: list[str], base: float) -> str | None:
+    """The grid rate of the best seed-0 validation score (`hpd.apps.bench.best_rate`: ties go to the
+    rate nearest the base rate); None until every rate is scored."""
+    if any(val.get(r) is None for r in grid):
         return None
-    return max(scored)[2]
+    picked = best_rate({float(r): val[r] for r in grid}, base)
+    return next(r for r in grid if float(r) == picked)
 
 
 def _graded(rows_file: Path, ev: dict) -> list[float | None] | None:
@@ -97,6 +98,8 @@ def main() -> None:
     ap.add_argument("--base-lr", type=float, default=5e-4, help="the grid's base rate (ties go to the rate nearest it)")
     ap.add_argument("--lr-grid", default="0.333 1", help="the grid's multipliers of --base-lr (the script's LR_GRID)")
     ap.add_argument("--seed0", type=int, default=0)
+    ap.add_argument("--criteria", default="accuracy graded",
+                    help="what picks the rate, one table each (the script's CRITERIA; hpd.apps.bench.TUNING)")
     a = ap.parse_args()
     grid = [f"{a.base_lr * float(m):.2e}" for m in a.lr_grid.split()]  # the run directories' names, as the script writes them
     R = Path(a.runs)
@@ -119,55 +122,69 @@ def main() -> None:
               f"{s['wrong']} wrong ({100 * s['wrong_share']:.1f}%); {100 * s['steps_right']:.1f}% of steps right.")
     print()
     t_acc = teacher["accuracy"] if teacher else None
+    val_file = R / "data" / "val.jsonl"
+    criteria = a.criteria.split()
+    mark = {"accuracy": "*", "graded": "+"}
+    curve_scores = {"accuracy": lambda ev: ev["accuracy"],
+                    "graded": lambda ev: _mean_graded(graded_scores(ev["completions"], test_file, "task", first=True))
+                    if ev.get("completions") is not None else None}
     for cut_dir in sorted(p for p in R.glob("every*") if p.is_dir()):
         methods = sorted((p.name for p in cut_dir.iterdir() if p.is_dir()), key=lambda m: (m != "hpd", m))
         runs_of = {m: _runs_of(cut_dir / m) for m in methods}
-        picked, summaries, grids = {}, {}, {}
-        for m in methods:
-            rates = runs_of[m]
-            picked[m] = _picked(rates, grid, a.seed0, a.base_lr)
-            grids[m] = {r: _val(seeds[a.seed0]) if a.seed0 in seeds else None for r, seeds in rates.items()}
-            chosen = rates.get(picked[m] or "", {})
-            summaries[m] = {seed: s for seed, d in chosen.items()
-                            if (s := run_summary(_spec(m, d, picked[m], seed), grade=grade))}
-        finals = {m: curve(_spec(m, runs_of[m][picked[m]][a.seed0], picked[m], a.seed0))
-                  for m in methods if picked[m] and a.seed0 in runs_of[m].get(picked[m], {})}
-        best = max((pts[-1][1] for pts in finals.values() if pts), default=None)
+        grids = {on: {m: {r: _val(seeds[a.seed0], on, val_file) if a.seed0 in seeds else None
+                          for r, seeds in runs_of[m].items()} for m in methods} for on in criteria}
+        picks = {on: {m: _picked(grids[on][m], grid, a.base_lr) for m in methods} for on in criteria}
+
+        @functools.cache
+        def summaries_at(m: str, rate: str | None) -> dict[int, dict]:
+            return {seed: s for seed, d in runs_of[m].get(rate or "", {}).items()
+                    if (s := run_summary(_spec(m, d, rate, seed), grade=grade))}
+
         layers = {"every3": 10, "every2": 15}.get(cut_dir.name, "?")
         print(f"## {cut_dir.name} ({layers} layers)\n")
         start_path = cut_dir / "eval-start-test.json"
         if start_path.is_file():  # the pruned student before training: where every method starts
             start = json.loads(start_path.read_text())
             print(f"Before training (the teacher's layers, pruned): {_score_line(test_file, start)}.\n")
-        print("| method | val accuracy per rate | rate picked | test accuracy per seed | mean | of the teacher's | "
-              "vs HPD (points) | steps right % | steps right vs HPD | speed vs teacher (x) | CPU s to 90% of best | "
-              "CPU s per run | target |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-        for m in methods:
-            runs = summaries[m]
-            accs = [runs[s]["accuracy"] for s in sorted(runs)]
-            mean = statistics.fmean(accs) if accs else None
-            frac = mean / t_acc if mean is not None and t_acc else None
-            val_cells = ", ".join(f"{r}: {_fmt(_pct(v), '.1f')}" for r, v in sorted(grids[m].items()))
-            steps = [x for r in runs.values() if (x := _mean_graded(r["partial"])) is not None]
-            sp = cut_dir / m / "speed.json"
-            speed = json.loads(sp.read_text())["ratio"] if sp.is_file() else None
-            to90 = "-"
-            if best is not None and finals.get(m):
-                hit = next((rec for _, acc, rec in finals[m] if acc >= 0.9 * best), None)
-                to90 = _fmt(hit.get("cpu_s"), ".0f") if hit else "not reached"
-            cpu = statistics.fmean([r["cpu_s"] for r in runs.values() if r.get("cpu_s")] or [float("nan")])
-            target = "-" if frac is None or speed is None else (
-                "yes" if frac >= TARGET_FRACTION and speed >= TARGET_SPEED else "no")
-            ref = summaries.get("hpd") if m != "hpd" else None
-            vs, vs_steps = (paired_diff(runs, ref), paired_diff(runs, ref, key="partial")) if ref else ("", "")
-            print(f"| {m} | {val_cells or '-'} | {picked[m] or '-'} | {', '.join(f'{100 * x:.1f}' for x in accs) or '-'} | "
-                  f"{_fmt(100 * mean if mean is not None else None, '.1f')} | {_fmt(frac, '.2f')} | {vs} | "
-                  f"{_fmt(100 * statistics.fmean(steps) if steps else None, '.1f')} | {vs_steps} | {_fmt(speed, '.2f')} | {to90} | "
-                  f"{_fmt(cpu, '.0f')} | {target} |")
-        print()
+        for on in criteria:
+            picked = picks[on]
+            summaries = {m: summaries_at(m, picked[m]) for m in methods}
+            finals = {m: curve(_spec(m, runs_of[m][picked[m]][a.seed0], picked[m], a.seed0), score=curve_scores[on])
+                      for m in methods if picked[m] and a.seed0 in runs_of[m].get(picked[m], {})}
+            best = max((pts[-1][1] for pts in finals.values() if pts), default=None)
+            print(f"Tuned on {TUNING[on]}: each method at the rate of the grid with the best seed-{a.seed0} score "
+                  f"({mark[on]} below); CPU s to 90% of the best {'accuracy' if on == 'accuracy' else 'steps right'}.\n")
+            short = "accuracy" if on == "accuracy" else "steps right"
+            print(f"| method | val {short} per rate | rate picked | test accuracy per seed | mean | of the teacher's | "
+                  "vs HPD (points) | steps right % | steps right vs HPD | speed vs teacher (x) | CPU s to 90% of best | "
+                  "CPU s per run | target |")
+            print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+            for m in methods:
+                runs = summaries[m]
+                accs = [runs[s]["accuracy"] for s in sorted(runs)]
+                mean = statistics.fmean(accs) if accs else None
+                frac = mean / t_acc if mean is not None and t_acc else None
+                val_cells = ", ".join(f"{r}: {_fmt(_pct(v), '.1f')}" for r, v in sorted(grids[on][m].items()))
+                steps = [x for r in runs.values() if (x := _mean_graded(r["partial"])) is not None]
+                sp = cut_dir / m / "speed.json"
+                speed = json.loads(sp.read_text())["ratio"] if sp.is_file() else None
+                to90 = "-"
+                if best is not None and finals.get(m):
+                    hit = next((rec for _, acc, rec in finals[m] if acc >= 0.9 * best), None)
+                    to90 = _fmt(hit.get("cpu_s"), ".0f") if hit else "not reached"
+                cpu = statistics.fmean([r["cpu_s"] for r in runs.values() if r.get("cpu_s")] or [float("nan")])
+                target = "-" if frac is None or speed is None else (
+                    "yes" if frac >= TARGET_FRACTION and speed >= TARGET_SPEED else "no")
+                ref = summaries.get("hpd") if m != "hpd" else None
+                vs, vs_steps = (paired_diff(runs, ref), paired_diff(runs, ref, key="partial")) if ref else ("", "")
+                print(f"| {m} | {val_cells or '-'} | {picked[m] or '-'} | {', '.join(f'{100 * x:.1f}' for x in accs) or '-'} | "
+                      f"{_fmt(100 * mean if mean is not None else None, '.1f')} | {_fmt(frac, '.2f')} | {vs} | "
+                      f"{_fmt(100 * statistics.fmean(steps) if steps else None, '.1f')} | {vs_steps} | {_fmt(speed, '.2f')} | "
+                      f"{to90} | {_fmt(cpu, '.0f')} | {target} |")
+            print()
         # The seed-0 grid behind the picks: near the floor, 100 validation problems separate little.
-        print(f"Seed {a.seed0} at every rate: validation accuracy % / test accuracy % / test steps right %:\n")
+        print(f"Seed {a.seed0} at every rate: validation accuracy % / validation steps right % / test accuracy % / "
+              "test steps right %:\n")
         print("| method | " + " | ".join(grid) + " |")
         print("|---|" + "---:|" * len(grid))
         for m in methods:
@@ -176,13 +193,17 @@ def main() -> None:
                 d = runs_of[m].get(r, {}).get(a.seed0)
                 ev_path = d / "eval-test.json" if d else None
                 ev = json.loads(ev_path.read_text()) if ev_path and ev_path.is_file() else None
-                mark = "*" if r == picked[m] else ""
-                cells.append("-" if ev is None else f"{_fmt(_pct(grids[m].get(r)), '.1f')} / {100 * ev['accuracy']:.1f} / "
-                             f"{_fmt(_pct(_steps_right(test_file, ev)), '.1f')}{mark}")
+                marks = "".join(mark[on] for on in criteria if picks[on][m] == r)
+                vals = " / ".join(_fmt(_pct(grids[on][m].get(r)), ".1f") for on in ("accuracy", "graded") if on in grids)
+                cells.append("-" if ev is None else f"{vals} / {100 * ev['accuracy']:.1f} / "
+                             f"{_fmt(_pct(_steps_right(test_file, ev)), '.1f')}{marks}")
             print(f"| {m} | " + " | ".join(cells) + " |")
-        print("\n* = the rate validation accuracy picks (ties: the base rate).\n")
-        if summaries.get("hpd"):
-            print(hpd_diagnostics({f"{cut_dir.name} hpd (lr {picked['hpd']})": summaries["hpd"]}))
+        print("\n" + "; ".join(f"{mark[on]} = the rate {TUNING[on]} picks" for on in criteria)
+              + " (ties: the base rate).\n")
+        hpd_picks = dict.fromkeys(picks[on].get("hpd") for on in criteria)
+        diag = {f"{cut_dir.name} hpd (lr {r})": summaries_at("hpd", r) for r in hpd_picks if r and summaries_at("hpd", r)}
+        if diag:
+            print(hpd_diagnostics(diag))
     print(f"Target: a student that keeps >= {TARGET_FRACTION:.0%} of the teacher's accuracy at >= {TARGET_SPEED}x "
           "its generation speed. Accuracy is greedy, on the test problems; the rate is picked on validation.")
 

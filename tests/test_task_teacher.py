@@ -1,6 +1,6 @@
 """benchmarks/task_teacher.py's stages that need no model: the data slices are disjoint, the
 off-policy file keeps the writer's answers and counts its mistakes with the task's verifier, the
-rate pick follows the bench's rule, and the curve's last point is the final test score's head."""
+rate pick follows the bench's rule (on accuracy or on steps right), and the curve's last point is the final test score's head."""
 
 from __future__ import annotations
 
@@ -51,7 +51,14 @@ def test_data_slices_are_disjoint_and_offpolicy_counts_the_writers_mistakes(repo
     assert [r["completion"] for r in train][0] == r0 and all("reference" not in r for r in train)
 
 
+def _val_rows(repo_root) -> list[dict]:
+    return _rows(repo_root / "benchmarks" / "results" / "task-teacher" / "data" / "val.jsonl")[:4]
+
+
 def test_pick_takes_the_best_validation_rate_and_ties_go_to_the_base(repo_root, tmp_path):
+    rows = tmp_path / "val.jsonl"
+    rows.write_text("".join(json.dumps(r) + "\n" for r in _val_rows(repo_root)))
+
     def val(rate: str, acc: float) -> None:
         run = tmp_path / f"lr{rate}-s0"
         run.mkdir(exist_ok=True)
@@ -59,10 +66,42 @@ def test_pick_takes_the_best_validation_rate_and_ties_go_to_the_base(repo_root, 
 
     val("1.67e-04", 0.40)
     val("5.00e-04", 0.30)
-    pick = lambda: _tt(repo_root, "pick", "--runs", str(tmp_path), "--base", "5e-4", "1.67e-04", "5.00e-04").stdout.strip()  # noqa: E731
+    pick = lambda: _tt(repo_root, "pick", "--runs", str(tmp_path), "--rows", str(rows), "--base", "5e-4",  # noqa: E731
+                       "1.67e-04", "5.00e-04").stdout.strip()
     assert pick() == "1.67e-04"
     val("5.00e-04", 0.40)
     assert pick() == "5.00e-04"
+
+
+def test_pick_on_steps_right_grades_the_kept_validation_answers(repo_root, tmp_path):
+    """`--on graded` picks by the mean share of steps right of each rate's kept answers (the bench's
+    second criterion), which can differ from accuracy's pick: here one rate solves a problem outright
+    and writes nothing else, the other gets most steps of every chain right and no final answer."""
+    rows = _val_rows(repo_root)
+    (tmp_path / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    right = rows[0]["completion"]
+    halves = [" ".join(r["completion"].split(" ")[:8]) for r in rows]  # the first steps, no "Answer:"
+
+    def val(rate: str, answers: list[str], acc: float) -> None:
+        run = tmp_path / f"lr{rate}-s0"
+        run.mkdir(exist_ok=True)
+        (run / "eval-val.json").write_text(json.dumps({"accuracy": acc, "completions": answers}))
+
+    val("1.67e-04", [right, "", "", ""], 0.25)
+    val("5.00e-04", halves, 0.0)
+
+    def pick(on: str) -> str:
+        return _tt(repo_root, "pick", "--runs", str(tmp_path), "--rows", str(tmp_path / "val.jsonl"), "--on", on,
+                   "--base", "5e-4", "1.67e-04", "5.00e-04").stdout.strip()
+
+    assert pick("accuracy") == "1.67e-04"
+    assert pick("graded") == "5.00e-04"
+    # Answers kept for another file are an error, not a silently truncated score.
+    val("5.00e-04", halves[:3], 0.0)
+    res = subprocess.run([sys.executable, str(repo_root / "benchmarks" / "task_teacher.py"), "pick", "--runs",
+                          str(tmp_path), "--rows", str(tmp_path / "val.jsonl"), "--on", "graded", "--base", "5e-4",
+                          "1.67e-04", "5.00e-04"], capture_output=True, text=True, cwd=repo_root, timeout=120)
+    assert res.returncode != 0 and "3 kept answers for the 4 problems" in res.stderr
 
 
 def test_curve_last_point_is_the_head_of_the_final_test_score(repo_root, tmp_path):
@@ -107,3 +146,7 @@ def test_report_rebuilds_from_the_kept_results_without_training(repo_root):
     assert "252 wrong (84.0%)" in out
     hpd_row = next(line for line in out.splitlines() if line.startswith("| hpd |"))
     assert "| 1.67e-04 | 3.0" in hpd_row  # validation's pick, then its seed-0 test accuracy first
+    # The second table: each rate picked on validation steps right, as the bench tunes long chains.
+    graded = out[out.index("Tuned on validation steps right"):]
+    hpd_graded = next(line for line in graded.splitlines() if line.startswith("| hpd |"))
+    assert "| 1.67e-04: 8.3, 5.00e-04: 17.0 | 5.00e-04 | 5.7" in hpd_graded

@@ -717,33 +717,46 @@ def tuning_criteria(cond: Condition, s: BenchSettings) -> list[str]:
     return ["accuracy"]
 
 
-def _val_score(cond: Condition, spec: RunSpec, s: BenchSettings, on: str) -> float | None:
-    """Seed 0's validation score at one grid rate: accuracy, or the mean graded score of its kept answers."""
-    path = eval_file(spec.run_dir, "val")
-    if not path.is_file():
-        return None
-    ev = json.loads(path.read_text())
+def validation_score(ev: dict[str, Any], on: str, rows_file: Path, verifier: str,
+                     answer_pattern: str | None = None) -> float | None:
+    """A scored validation file's score by criterion `on` (a key of `TUNING`): its accuracy, or the
+    mean graded score of its kept answers to `rows_file` (None where they are not kept or none is graded)."""
+    if on not in TUNING:
+        raise HPDError(f"unknown tuning criterion {on!r}; choose from: {', '.join(TUNING)}")
     if on == "accuracy":
         return ev["accuracy"]
     if ev.get("completions") is None:
         return None
-    graded = [x for x in graded_scores(ev["completions"], cond.val, cond.verifier, s.answer_pattern) or [] if x is not None]
+    graded = [x for x in graded_scores(ev["completions"], rows_file, verifier, answer_pattern) or [] if x is not None]
     return statistics.fmean(graded) if graded else None
 
 
+def best_rate(scores: dict[float, float | None], base: float) -> float | None:
+    """The rate of the best score (ties: the rate nearest `base` on a log scale), or None where none
+    is scored. The one pick rule of every tuned table (`hpd bench`, benchmarks/task_teacher*.py)."""
+    scored = [(a, -abs(math.log(lr / base)), lr) for lr, a in scores.items() if a is not None]
+    return max(scored)[2] if scored else None
+
+
+def _val_score(cond: Condition, spec: RunSpec, s: BenchSettings, on: str) -> float | None:
+    """Seed 0's validation score at one grid rate (`validation_score`), None until it is scored."""
+    path = eval_file(spec.run_dir, "val")
+    if not path.is_file():
+        return None
+    return validation_score(json.loads(path.read_text()), on, cond.val, cond.verifier, s.answer_pattern)
+
+
 def tuned_lr(cond: Condition, method: str, s: BenchSettings, on: str = "accuracy") -> tuple[float, dict[float, float | None]]:
-    """The grid rate with the best validation score `on` (a key of `TUNING`; ties: the one nearest
-    the base rate), and every grid rate's score."""
+    """The grid rate with the best validation score `on` (a key of `TUNING`; `best_rate`; the base
+    rate until one is scored), and every grid rate's score."""
     if on not in TUNING:
         raise HPDError(f"unknown tuning criterion {on!r}; choose from: {', '.join(TUNING)}")
     scores = {}
     for mult in s.lr_grid:
         lr = cond.start.lr * mult
         scores[lr] = _val_score(cond, run_spec(cond, method, lr, s.seeds[0], s), s, on)
-    scored = [(a, -abs(math.log(lr / cond.start.lr)), lr) for lr, a in scores.items() if a is not None]
-    if not scored:
-        return cond.start.lr, scores
-    return max(scored)[2], scores
+    picked = best_rate(scores, cond.start.lr)
+    return (cond.start.lr if picked is None else picked), scores
 
 
 def plan_rates(cond: Condition, s: BenchSettings) -> list[RunSpec]:
