@@ -124,6 +124,8 @@ def main() -> None:
     t_acc = teacher["accuracy"] if teacher else None
     val_file = R / "data" / "val.jsonl"
     criteria = a.criteria.split()
+    if not criteria or any(on not in TUNING for on in criteria):
+        ap.error(f"--criteria {a.criteria!r}: name one or more of {', '.join(TUNING)}")
     mark = {"accuracy": "*", "graded": "+"}
     curve_scores = {"accuracy": lambda ev: ev["accuracy"],
                     "graded": lambda ev: _mean_graded(graded_scores(ev["completions"], test_file, "task", first=True))
@@ -183,8 +185,8 @@ def main() -> None:
                       f"{to90} | {_fmt(cpu, '.0f')} | {target} |")
             print()
         # The seed-0 grid behind the picks: near the floor, 100 validation problems separate little.
-        print(f"Seed {a.seed0} at every rate: validation accuracy % / validation steps right % / test accuracy % / "
-              "test steps right %:\n")
+        val_names = " / ".join(f"validation {'accuracy' if on == 'accuracy' else 'steps right'} %" for on in criteria)
+        print(f"Seed {a.seed0} at every rate: {val_names} / test accuracy % / test steps right %:\n")
         print("| method | " + " | ".join(grid) + " |")
         print("|---|" + "---:|" * len(grid))
         for m in methods:
@@ -194,7 +196,7 @@ def main() -> None:
                 ev_path = d / "eval-test.json" if d else None
                 ev = json.loads(ev_path.read_text()) if ev_path and ev_path.is_file() else None
                 marks = "".join(mark[on] for on in criteria if picks[on][m] == r)
-                vals = " / ".join(_fmt(_pct(grids[on][m].get(r)), ".1f") for on in ("accuracy", "graded") if on in grids)
+                vals = " / ".join(_fmt(_pct(grids[on][m].get(r)), ".1f") for on in criteria)
                 cells.append("-" if ev is None else f"{vals} / {100 * ev['accuracy']:.1f} / "
                              f"{_fmt(_pct(_steps_right(test_file, ev)), '.1f')}{marks}")
             print(f"| {m} | " + " | ".join(cells) + " |")

@@ -5,6 +5,7 @@ rate pick follows the bench's rule (on accuracy or on steps right), and the curv
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -150,3 +151,15 @@ def test_report_rebuilds_from_the_kept_results_without_training(repo_root):
     graded = out[out.index("Tuned on validation steps right"):]
     hpd_graded = next(line for line in graded.splitlines() if line.startswith("| hpd |"))
     assert "| 1.67e-04: 8.3, 5.00e-04: 17.0 | 5.00e-04 | 5.7" in hpd_graded
+
+
+def test_script_refuses_an_unknown_criterion_before_any_work(repo_root, tmp_path):
+    """A misspelt CRITERIA stops the script at once (exit 2, the choices named), before it writes a
+    file, not at the pick after hours of training."""
+    runs = tmp_path / "runs"
+    env = {**os.environ, "R": str(runs), "CRITERIA": "accuracy steps", "PY": sys.executable}
+    res = subprocess.run(["bash", str(repo_root / "benchmarks" / "task_teacher.sh")], capture_output=True, text=True,
+                         cwd=tmp_path, env=env, timeout=120)
+    assert res.returncode == 2
+    assert "CRITERIA names 'steps'; choose from: accuracy graded" in res.stderr
+    assert not runs.exists()
