@@ -34,6 +34,7 @@ import statistics
 import sys
 from pathlib import Path
 
+from hpd.apps.bench import TUNING, best_rate, eval_file, score_model, validation_score
 from hpd.apps.tasks import get_task, task_row
 from hpd.files import atomic_write_text
 
@@ -91,7 +92,6 @@ def cmd_offpolicy(a: argparse.Namespace) -> None:
 
 
 def _score(model: Path, rows: str, n: int | None) -> dict:
-    from hpd.apps.bench import score_model
     from hpd.provenance import code_record
 
     return {**score_model(model, rows, "task", None, n), "code": code_record()}
@@ -106,8 +106,6 @@ def cmd_score(a: argparse.Namespace) -> None:
 
 
 def cmd_curve(a: argparse.Namespace) -> None:
-    from hpd.apps.bench import eval_file
-
     run = Path(a.run)
     for ckpt in sorted((run / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1])):
         step = int(ckpt.name.split("-")[1])
@@ -127,8 +125,6 @@ def cmd_curve(a: argparse.Namespace) -> None:
 
 
 def cmd_pick(a: argparse.Namespace) -> None:
-    from hpd.apps.bench import best_rate, validation_score
-
     scores = {}
     for lr in a.rates:
         path = Path(a.runs) / f"lr{lr}-s{a.seed}" / "eval-val.json"
@@ -219,7 +215,7 @@ def main() -> None:
     p.add_argument("--base", type=float, required=True)
     p.add_argument("--seed", default="0")
     p.add_argument("--rows", required=True, help="the validation rows (graded: each answer's steps right)")
-    p.add_argument("--on", choices=("accuracy", "graded"), default="accuracy",
+    p.add_argument("--on", choices=tuple(TUNING), default="accuracy",
                    help="validation accuracy, or the mean share of steps right (hpd.apps.bench.TUNING)")
     p.add_argument("rates", nargs="+")
     p = sub.add_parser("keep")

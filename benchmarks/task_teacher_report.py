@@ -27,8 +27,8 @@ import json
 import statistics
 from pathlib import Path
 
-from hpd.apps.bench import TUNING, RunSpec, best_rate, graded_scores, validation_score
-from hpd.apps.bench_report import _fmt, curve, hpd_diagnostics, paired_diff, run_summary
+from hpd.apps.bench import TUNING, RunSpec, best_rate, graded_scores, mean_graded, validation_score
+from hpd.apps.bench_report import _fmt, curve, curve_score, hpd_diagnostics, paired_diff, run_summary
 from hpd.stats import wilson_interval
 
 TARGET_FRACTION, TARGET_SPEED = 0.9, 1.7
@@ -70,14 +70,8 @@ def _graded(rows_file: Path, ev: dict) -> list[float | None] | None:
     return None if answers is None else graded_scores(answers, rows_file, "task")
 
 
-def _mean_graded(xs: list[float | None] | None) -> float | None:
-    """Mean over the graded problems (None: ungraded), or None where none is graded."""
-    xs = [x for x in xs or [] if x is not None]
-    return statistics.fmean(xs) if xs else None
-
-
 def _steps_right(rows_file: Path, ev: dict) -> float | None:
-    return _mean_graded(_graded(rows_file, ev))
+    return mean_graded(_graded(rows_file, ev))
 
 
 def _pct(x: float | None) -> float | None:
@@ -127,9 +121,7 @@ def main() -> None:
     if not criteria or any(on not in TUNING for on in criteria):
         ap.error(f"--criteria {a.criteria!r}: name one or more of {', '.join(TUNING)}")
     mark = {"accuracy": "*", "graded": "+"}
-    curve_scores = {"accuracy": lambda ev: ev["accuracy"],
-                    "graded": lambda ev: _mean_graded(graded_scores(ev["completions"], test_file, "task", first=True))
-                    if ev.get("completions") is not None else None}
+    short = {"accuracy": "accuracy", "graded": "steps right"}  # TUNING's criteria, in a table's words
     for cut_dir in sorted(p for p in R.glob("every*") if p.is_dir()):
         methods = sorted((p.name for p in cut_dir.iterdir() if p.is_dir()), key=lambda m: (m != "hpd", m))
         runs_of = {m: _runs_of(cut_dir / m) for m in methods}
@@ -151,13 +143,13 @@ def main() -> None:
         for on in criteria:
             picked = picks[on]
             summaries = {m: summaries_at(m, picked[m]) for m in methods}
-            finals = {m: curve(_spec(m, runs_of[m][picked[m]][a.seed0], picked[m], a.seed0), score=curve_scores[on])
+            score = curve_score(on, test_file, "task")
+            finals = {m: curve(_spec(m, runs_of[m][picked[m]][a.seed0], picked[m], a.seed0), score=score)
                       for m in methods if picked[m] and a.seed0 in runs_of[m].get(picked[m], {})}
             best = max((pts[-1][1] for pts in finals.values() if pts), default=None)
             print(f"Tuned on {TUNING[on]}: each method at the rate of the grid with the best seed-{a.seed0} score "
-                  f"({mark[on]} below); CPU s to 90% of the best {'accuracy' if on == 'accuracy' else 'steps right'}.\n")
-            short = "accuracy" if on == "accuracy" else "steps right"
-            print(f"| method | val {short} per rate | rate picked | test accuracy per seed | mean | of the teacher's | "
+                  f"({mark[on]} below); CPU s to 90% of the best {short[on]}.\n")
+            print(f"| method | val {short[on]} per rate | rate picked | test accuracy per seed | mean | of the teacher's | "
                   "vs HPD (points) | steps right % | steps right vs HPD | speed vs teacher (x) | CPU s to 90% of best | "
                   "CPU s per run | target |")
             print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -167,7 +159,7 @@ def main() -> None:
                 mean = statistics.fmean(accs) if accs else None
                 frac = mean / t_acc if mean is not None and t_acc else None
                 val_cells = ", ".join(f"{r}: {_fmt(_pct(v), '.1f')}" for r, v in sorted(grids[on][m].items()))
-                steps = [x for r in runs.values() if (x := _mean_graded(r["partial"])) is not None]
+                steps = [x for r in runs.values() if (x := mean_graded(r["partial"])) is not None]
                 sp = cut_dir / m / "speed.json"
                 speed = json.loads(sp.read_text())["ratio"] if sp.is_file() else None
                 to90 = "-"
@@ -185,7 +177,7 @@ def main() -> None:
                       f"{to90} | {_fmt(cpu, '.0f')} | {target} |")
             print()
         # The seed-0 grid behind the picks: near the floor, 100 validation problems separate little.
-        val_names = " / ".join(f"validation {'accuracy' if on == 'accuracy' else 'steps right'} %" for on in criteria)
+        val_names = " / ".join(f"validation {short[on]} %" for on in criteria)
         print(f"Seed {a.seed0} at every rate: {val_names} / test accuracy % / test steps right %:\n")
         print("| method | " + " | ".join(grid) + " |")
         print("|---|" + "---:|" * len(grid))

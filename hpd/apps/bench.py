@@ -701,6 +701,12 @@ def graded_scores(answers: list[str], rows_file: Path, verifier: str, answer_pat
     return scores if any(x is not None for x in scores) else None
 
 
+def mean_graded(scores: list[float | None] | None) -> float | None:
+    """The mean of `graded_scores` over the problems the verifier grades, or None where it grades none."""
+    xs = [x for x in scores or [] if x is not None]
+    return statistics.fmean(xs) if xs else None
+
+
 # What picks a method's rate on validation. `graded` is added where the verifier grades every
 # validation problem (long math chains): there whole-chain accuracy sits at the floor for small
 # students, and a grid rate would be chosen on a problem or two.
@@ -727,8 +733,7 @@ def validation_score(ev: dict[str, Any], on: str, rows_file: Path, verifier: str
         return ev["accuracy"]
     if ev.get("completions") is None:
         return None
-    graded = [x for x in graded_scores(ev["completions"], rows_file, verifier, answer_pattern) or [] if x is not None]
-    return statistics.fmean(graded) if graded else None
+    return mean_graded(graded_scores(ev["completions"], rows_file, verifier, answer_pattern))
 
 
 def best_rate(scores: dict[float, float | None], base: float) -> float | None:

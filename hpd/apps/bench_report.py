@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from hpd.apps.bench import (
-    REFERENCE, TUNING, BenchSettings, Condition, RunSpec, eval_file, graded_scores, run_spec, tuned_lr, tuning_criteria,
+    REFERENCE, TUNING, BenchSettings, Condition, RunSpec, eval_file, graded_scores, mean_graded, run_spec, tuned_lr,
+    tuning_criteria,
 )
 from hpd.files import atomic_write_text
 
@@ -127,14 +128,13 @@ def curve(spec: RunSpec, score: Callable[[dict], float | None] | None = None) ->
     return sorted(points, key=lambda p: p[0])
 
 
-def curve_score(cond: Condition, s: BenchSettings, on: str) -> Callable[[dict], float | None]:
-    """How a checkpoint of the curve is scored in the table tuned `on`: accuracy, or the mean graded score."""
+def curve_score(on: str, rows_file: Path, verifier: str, answer_pattern: str | None = None) -> Callable[[dict], float | None]:
+    """How a checkpoint of the curve (answers to the first rows of `rows_file`) is scored in the table
+    tuned `on`: accuracy, or the mean graded score."""
     def graded(ev: dict) -> float | None:
         if ev.get("completions") is None:
             return None
-        xs = [x for x in graded_scores(ev["completions"], cond.test, cond.verifier, s.answer_pattern, first=True) or []
-              if x is not None]
-        return statistics.fmean(xs) if xs else None
+        return mean_graded(graded_scores(ev["completions"], rows_file, verifier, answer_pattern, first=True))
     return (lambda ev: ev["accuracy"]) if on == "accuracy" else graded
 
 
@@ -247,7 +247,7 @@ def condition_tables(cond: Condition, s: BenchSettings) -> str:
             cols += ["val acc lost across grid" if on == "accuracy" else "val steps right lost across grid",
                      "CPU s to 90% best", "teacher tok to 90%", "student gen tok to 90%"]
         out = [f"| method | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
-        score = curve_score(cond, s, on) if on is not None else None
+        score = curve_score(on, cond.test, cond.verifier, s.answer_pattern) if on is not None else None
         best = _best_curve(cond, s, rates_on[on], score) if on is not None else None
         for m in s.methods:
             runs = chosen[m]
